@@ -1,0 +1,213 @@
+//! Per-GPU training memory: model states (exact byte counts per precision, optimizer and ZeRO
+//! stage) plus activations and overhead from the coefficient table.
+//!
+//! Everything the fit calibrates is linear in the coefficients:
+//! `peak = (1 + frag) * (fixed_states + half_copy * half_copy_bytes + sum_i c_i * feature_i) + const`,
+//! so [`FitTerms`] exposes exactly those terms to `fit/`.
+
+use crate::coeffs::{ActivationCoeffs, Coefficients};
+use crate::error::input_err;
+use crate::plan::params;
+use crate::spec::transformer::Head;
+use crate::spec::{ModelSpec, TrainSpec};
+use serde::Serialize;
+
+/// Activation feature element counts for one step on one rank (batch included).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Features {
+    /// b*s*h summed over the layers whose activations are live at the peak
+    pub bsh: f64,
+    /// b*s*f over the same layers
+    pub bsf: f64,
+    /// b*a*s^2 over the same layers
+    pub bas2: f64,
+    /// b*s*V for an LM head (b*classes for a classifier, b*h for a pooler)
+    pub bsv: f64,
+    /// b*s*h*L block inputs kept under checkpointing (0 without)
+    pub ckpt_bsh: f64,
+    /// CNN: sum of op-output elements
+    pub conv: f64,
+    /// elements of the input batch of images (CNN, ViT)
+    pub input: f64,
+}
+
+impl Features {
+    pub fn activation_bytes(&self, a: &ActivationCoeffs) -> f64 {
+        self.bsh * a.c_h.value
+            + self.bsf * a.c_f.value
+            + self.bas2 * a.c_att.value
+            + self.bsv * a.c_logits.value
+            + self.ckpt_bsh * a.c_ckpt.value
+            + self.conv * a.c_conv.value
+            + self.input * a.c_input.value
+    }
+}
+
+/// Activation features of a model at a training configuration.
+pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features> {
+    let b = train.batch as f64;
+    match model {
+        ModelSpec::Transformer(t) => {
+            let s = t.effective_seq(train.seq, train.image) as f64;
+            let (h, f, a) = (t.hidden as f64, t.ffn as f64, t.heads as f64);
+            let l = t.layers as f64;
+            // With full checkpointing only one block's activations exist at a time (during its
+            // recompute), on top of every block's stored input.
+            let live = if train.checkpointing.is_on() { 1.0 } else { l };
+            let head = match t.head {
+                Head::Lm => s * t.vocab as f64,
+                Head::Pooler => h,
+                Head::Classifier { classes } => classes as f64,
+            };
+            let input = t
+                .patch
+                .map(|p| (p.channels * train.image * train.image) as f64)
+                .unwrap_or(0.0);
+            Ok(Features {
+                bsh: live * b * s * h,
+                bsf: live * b * s * f,
+                bas2: live * b * a * s * s,
+                bsv: b * head,
+                ckpt_bsh: if train.checkpointing.is_on() {
+                    b * s * h * l
+                } else {
+                    0.0
+                },
+                conv: 0.0,
+                input: b * input,
+            })
+        }
+        ModelSpec::Cnn(c) => {
+            if train.checkpointing.is_on() {
+                return input_err(
+                    "checkpointing",
+                    "full checkpointing is modelled for transformer blocks only; accepted none for CNNs",
+                );
+            }
+            let walk = c.walk(train.image)?;
+            Ok(Features {
+                conv: b * walk.out_elems as f64,
+                input: b * (c.in_channels * train.image * train.image) as f64,
+                ..Features::default()
+            })
+        }
+    }
+}
+
+/// Model-state bytes on one rank, before the fitted half-copy coefficient is applied.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StateBytes {
+    pub weights: f64,
+    /// the 2-byte/param compute copy of mixed precision (scaled by `half_copy`)
+    pub half_copy: f64,
+    pub gradients: f64,
+    /// optimizer moments, plus the fp32 master copy in pure half precision
+    pub optimizer: f64,
+}
+
+impl StateBytes {
+    pub fn fixed(&self) -> f64 {
+        self.weights + self.gradients + self.optimizer
+    }
+}
+
+/// Exact state bytes: DESIGN.md "Model states" and Rajbhandari et al. 2020 for ZeRO sharding.
+pub fn state_bytes(params: u64, train: &TrainSpec) -> StateBytes {
+    let p = params as f64;
+    let n = train.gpus as f64;
+    let shard = |bytes: f64, from_stage: u8| {
+        if train.zero_stage >= from_stage {
+            bytes / n
+        } else {
+            bytes
+        }
+    };
+    let prec = train.precision;
+    let (weights, half_copy, gradients) = if prec.is_pure_half() {
+        (2.0 * p, 0.0, 2.0 * p)
+    } else if prec.is_mixed() {
+        (4.0 * p, 2.0 * p, 4.0 * p)
+    } else {
+        (4.0 * p, 0.0, 4.0 * p)
+    };
+    let master = if prec.is_pure_half() { 4.0 * p } else { 0.0 };
+    let optimizer = 4.0 * p * train.optimizer.states_per_param() as f64 + master;
+    StateBytes {
+        weights: shard(weights, 3),
+        half_copy: shard(half_copy, 3),
+        gradients: shard(gradients, 2),
+        optimizer: shard(optimizer, 1),
+    }
+}
+
+/// The terms of the linear memory model for one configuration (what the fit regresses on).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct FitTerms {
+    pub params: u64,
+    pub states: StateBytes,
+    pub features: Features,
+}
+
+pub fn fit_terms(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<FitTerms> {
+    let params = params::count(model);
+    Ok(FitTerms {
+        params,
+        states: state_bytes(params, train),
+        features: features(model, train)?,
+    })
+}
+
+/// Per-GPU memory, bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct MemoryBreakdown {
+    pub weights: u64,
+    pub gradients: u64,
+    pub optimizer: u64,
+    pub activations: u64,
+    pub overhead: u64,
+    pub total: u64,
+}
+
+impl MemoryBreakdown {
+    pub fn states(&self) -> u64 {
+        self.weights + self.gradients + self.optimizer
+    }
+}
+
+/// Memory for one rank under the given coefficient table.
+pub fn breakdown(
+    terms: &FitTerms,
+    model: &ModelSpec,
+    train: &TrainSpec,
+    coeffs: &Coefficients,
+) -> MemoryBreakdown {
+    let mode = coeffs.mode(model.family(), train.precision);
+    let s = terms.states;
+    let weights = (s.weights + mode.activation.half_copy.value * s.half_copy).round() as u64;
+    let gradients = s.gradients.round() as u64;
+    let optimizer = s.optimizer.round() as u64;
+    let activations = terms.features.activation_bytes(&mode.activation).round() as u64;
+    let states = weights + gradients + optimizer;
+    let overhead = (mode.overhead.frag.value * (states + activations) as f64
+        + mode.overhead.const_bytes.value)
+        .round() as u64;
+    MemoryBreakdown {
+        weights,
+        gradients,
+        optimizer,
+        activations,
+        overhead,
+        total: states + activations + overhead,
+    }
+}
+
+/// Validates the inputs, then computes the per-rank breakdown.
+pub fn estimate(
+    model: &ModelSpec,
+    train: &TrainSpec,
+    coeffs: &Coefficients,
+) -> anyhow::Result<MemoryBreakdown> {
+    model.validate_for(train)?;
+    let terms = fit_terms(model, train)?;
+    Ok(breakdown(&terms, model, train, coeffs))
+}

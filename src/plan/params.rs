@@ -1,0 +1,89 @@
+//! Exact parameter counts, itemised, for transformers and CNNs.
+
+use crate::spec::transformer::{FfnKind, Head, NormKind, TransformerSpec};
+use crate::spec::ModelSpec;
+use serde::Serialize;
+
+/// Parameter count of a transformer, split the way people reason about it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct TransformerParams {
+    /// token, position, token-type embeddings, embedding norm; ViT: patch conv, class token, positions
+    pub embedding: u64,
+    /// attention projections of one block
+    pub attention_per_layer: u64,
+    /// feed-forward of one block
+    pub mlp_per_layer: u64,
+    /// the norms of one block
+    pub norms_per_layer: u64,
+    pub final_norm: u64,
+    /// LM head (0 when tied), pooler or classifier
+    pub head: u64,
+    pub total: u64,
+    /// weights that take part in a matrix multiply per token (FLOP count): block linears plus
+    /// the head's projection (a tied LM head still multiplies), ViT patch projection.
+    pub matmul: u64,
+}
+
+fn norm_params(kind: NormKind, h: u64) -> u64 {
+    match kind {
+        NormKind::Layernorm => 2 * h,
+        NormKind::Rmsnorm => h,
+    }
+}
+
+pub fn transformer(t: &TransformerSpec) -> TransformerParams {
+    let h = t.hidden;
+    let b = |n: u64| if t.bias { n } else { 0 };
+    let kv = t.kv_heads * t.head_dim();
+    let attn_w = h * h + 2 * h * kv + h * h;
+    let attention_per_layer = attn_w + b(h + 2 * kv + h);
+    let (mlp_w, mlp_b) = match t.ffn_kind {
+        FfnKind::Gelu => (2 * h * t.ffn, t.ffn + h),
+        FfnKind::Swiglu => (3 * h * t.ffn, 2 * t.ffn + h),
+    };
+    let mlp_per_layer = mlp_w + b(mlp_b);
+    let norms_per_layer = 2 * norm_params(t.norm, h);
+    let norm_h = norm_params(t.norm, h);
+    let (embedding, patch_w) = match &t.patch {
+        Some(p) => {
+            let conv_w = p.channels * p.patch * p.patch * h;
+            // conv weight + bias, class token, one position per patch and the class token
+            (conv_w + h + h + p.seq_for(p.image) * h, conv_w)
+        }
+        None => (
+            (t.vocab + t.max_positions + t.type_vocab) * h
+                + if t.embedding_norm { norm_h } else { 0 },
+            0,
+        ),
+    };
+    let final_norm = if t.final_norm { norm_h } else { 0 };
+    let (head, head_matmul) = match t.head {
+        Head::Lm => (if t.tied_embeddings { 0 } else { t.vocab * h }, t.vocab * h),
+        Head::Pooler => (h * h + h, h * h),
+        Head::Classifier { classes } => (h * classes + classes, h * classes),
+    };
+    let per_layer = attention_per_layer + mlp_per_layer + norms_per_layer;
+    TransformerParams {
+        embedding,
+        attention_per_layer,
+        mlp_per_layer,
+        norms_per_layer,
+        final_norm,
+        head,
+        total: embedding + t.layers * per_layer + final_norm + head,
+        matmul: t.layers * (attn_w + mlp_w) + head_matmul + patch_w,
+    }
+}
+
+/// Exact trainable parameter count.
+pub fn count(model: &ModelSpec) -> u64 {
+    match model {
+        ModelSpec::Transformer(t) => transformer(t).total,
+        ModelSpec::Cnn(c) => c.params(),
+    }
+}
+
+/// The brief's approximation 12*L*d^2 (attention 4d^2 + MLP 8d^2 per layer, embeddings ignored).
+pub fn seed_approx(t: &TransformerSpec) -> u64 {
+    12 * t.layers * t.hidden * t.hidden
+}

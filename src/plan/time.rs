@@ -1,0 +1,47 @@
+//! Training FLOPs per step and the step-time model `t = FLOPs * recompute / R + t0`.
+
+use crate::plan::params;
+use crate::spec::{ModelSpec, TrainSpec};
+use serde::Serialize;
+
+/// FLOPs of one training step (forward + backward), without recompute.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StepFlops {
+    /// 6 * matmul params * tokens (CNN: 6 * MACs * batch; 2 per MAC, x3 for forward + backward)
+    pub dense: f64,
+    /// 12 * L * b * s^2 * h: QK^T and AV, forward and backward
+    pub attention: f64,
+    /// one extra forward pass, added under full checkpointing: (dense + attention) / 3
+    pub recompute: f64,
+}
+
+impl StepFlops {
+    pub fn total(&self) -> f64 {
+        self.dense + self.attention
+    }
+}
+
+pub fn step_flops(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<StepFlops> {
+    let b = train.batch as f64;
+    let (dense, attention) = match model {
+        ModelSpec::Transformer(t) => {
+            let s = t.effective_seq(train.seq, train.image) as f64;
+            let p = params::transformer(t).matmul as f64;
+            (
+                6.0 * p * b * s,
+                12.0 * t.layers as f64 * b * s * s * t.hidden as f64,
+            )
+        }
+        ModelSpec::Cnn(c) => (6.0 * c.walk(train.image)?.macs as f64 * b, 0.0),
+    };
+    let recompute = if train.checkpointing.is_on() {
+        (dense + attention) / 3.0
+    } else {
+        0.0
+    };
+    Ok(StepFlops {
+        dense,
+        attention,
+        recompute,
+    })
+}

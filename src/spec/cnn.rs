@@ -1,0 +1,422 @@
+//! CNN shape: a small layer language (conv, batchnorm, relu, pooling, linear, residual blocks),
+//! shape inference over it, and the ResNet/VGG builders used by presets and the harness.
+
+use crate::error::{check_range, input_err};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolKind {
+    Max,
+    Avg,
+}
+
+/// One layer. Residual blocks nest: `body` and `shortcut` are layer lists whose outputs are added,
+/// then passed through ReLU (the torchvision ResNet convention).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "type")]
+pub enum CnnLayer {
+    Conv {
+        k_h: u64,
+        k_w: u64,
+        c_in: u64,
+        c_out: u64,
+        #[serde(default = "one")]
+        stride: u64,
+        #[serde(default)]
+        padding: u64,
+        #[serde(default = "yes")]
+        bias: bool,
+    },
+    Batchnorm {
+        channels: u64,
+    },
+    Relu,
+    Pool {
+        kind: PoolKind,
+        k: u64,
+        #[serde(default = "one")]
+        stride: u64,
+        #[serde(default)]
+        padding: u64,
+    },
+    /// Adaptive average/max pooling to a fixed `out` x `out` grid.
+    Adaptivepool {
+        kind: PoolKind,
+        out: u64,
+    },
+    Flatten,
+    Linear {
+        d_in: u64,
+        d_out: u64,
+        #[serde(default = "yes")]
+        bias: bool,
+    },
+    Residual {
+        body: Vec<CnnLayer>,
+        #[serde(default)]
+        shortcut: Vec<CnnLayer>,
+    },
+}
+
+fn one() -> u64 {
+    1
+}
+fn yes() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CnnSpec {
+    pub name: String,
+    pub in_channels: u64,
+    pub classes: u64,
+    pub layers: Vec<CnnLayer>,
+}
+
+/// Activation shape (channels, height, width) or a flat vector (features).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    Map { c: u64, h: u64, w: u64 },
+    Flat(u64),
+}
+
+impl Shape {
+    pub fn elems(&self) -> u64 {
+        match *self {
+            Shape::Map { c, h, w } => c * h * w,
+            Shape::Flat(n) => n,
+        }
+    }
+}
+
+/// Per-image element counts gathered by walking the network once.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CnnWalk {
+    /// Sum over every op output (conv, bn, relu, pool, linear, residual add) of its elements.
+    pub out_elems: u64,
+    /// Multiply-accumulates of one forward pass (conv + linear).
+    pub macs: u64,
+}
+
+fn conv_out(size: u64, k: u64, stride: u64, pad: u64, field: &str) -> anyhow::Result<u64> {
+    if size + 2 * pad < k {
+        return input_err(
+            field,
+            format!(
+                "kernel {k} is larger than the padded input {}; use a larger image",
+                size + 2 * pad
+            ),
+        );
+    }
+    Ok((size + 2 * pad - k) / stride + 1)
+}
+
+impl CnnLayer {
+    pub fn params(&self) -> u64 {
+        match self {
+            CnnLayer::Conv {
+                k_h,
+                k_w,
+                c_in,
+                c_out,
+                bias,
+                ..
+            } => k_h * k_w * c_in * c_out + if *bias { *c_out } else { 0 },
+            // weight and bias; running mean/var are buffers, not parameters.
+            CnnLayer::Batchnorm { channels } => 2 * channels,
+            CnnLayer::Linear { d_in, d_out, bias } => d_in * d_out + if *bias { *d_out } else { 0 },
+            CnnLayer::Residual { body, shortcut } => {
+                body.iter().chain(shortcut).map(|l| l.params()).sum()
+            }
+            _ => 0,
+        }
+    }
+
+    /// Output shape for an input shape, accumulating element counts and MACs into `walk`.
+    pub fn forward_shape(&self, input: Shape, walk: &mut CnnWalk) -> anyhow::Result<Shape> {
+        let out = match (self, input) {
+            (
+                CnnLayer::Conv {
+                    k_h,
+                    k_w,
+                    c_in,
+                    c_out,
+                    stride,
+                    padding,
+                    ..
+                },
+                Shape::Map { c, h, w },
+            ) => {
+                if *c_in != c {
+                    return input_err(
+                        "conv.c_in",
+                        format!("{c_in} does not match the {c} incoming channels"),
+                    );
+                }
+                check_range("conv.stride", *stride, 1, 64)?;
+                let ho = conv_out(h, *k_h, *stride, *padding, "conv.k_h")?;
+                let wo = conv_out(w, *k_w, *stride, *padding, "conv.k_w")?;
+                walk.macs += c_out * ho * wo * c_in * k_h * k_w;
+                Shape::Map {
+                    c: *c_out,
+                    h: ho,
+                    w: wo,
+                }
+            }
+            (CnnLayer::Batchnorm { channels }, Shape::Map { c, .. }) => {
+                if *channels != c {
+                    return input_err(
+                        "batchnorm.channels",
+                        format!("{channels} does not match the {c} incoming channels"),
+                    );
+                }
+                input
+            }
+            (CnnLayer::Relu, s) => s,
+            (
+                CnnLayer::Pool {
+                    k, stride, padding, ..
+                },
+                Shape::Map { c, h, w },
+            ) => {
+                check_range("pool.stride", *stride, 1, 64)?;
+                Shape::Map {
+                    c,
+                    h: conv_out(h, *k, *stride, *padding, "pool.k")?,
+                    w: conv_out(w, *k, *stride, *padding, "pool.k")?,
+                }
+            }
+            (CnnLayer::Adaptivepool { out, .. }, Shape::Map { c, .. }) => Shape::Map {
+                c,
+                h: *out,
+                w: *out,
+            },
+            (CnnLayer::Flatten, s) => Shape::Flat(s.elems()),
+            (CnnLayer::Linear { d_in, d_out, .. }, Shape::Flat(n)) => {
+                if *d_in != n {
+                    return input_err(
+                        "linear.d_in",
+                        format!("{d_in} does not match the {n} incoming features"),
+                    );
+                }
+                walk.macs += d_in * d_out;
+                Shape::Flat(*d_out)
+            }
+            (CnnLayer::Residual { body, shortcut }, s) => {
+                let a = walk_layers(body, s, walk)?;
+                let b = walk_layers(shortcut, s, walk)?;
+                if a != b {
+                    return input_err(
+                        "residual",
+                        format!("body output {a:?} does not match shortcut output {b:?}"),
+                    );
+                }
+                // The add and the ReLU after it each produce a tensor of the block's output size.
+                walk.out_elems += 2 * a.elems();
+                return Ok(a);
+            }
+            (layer, s) => {
+                return input_err(
+                    "layers",
+                    format!("{} cannot follow a {s:?} activation", layer.kind()),
+                )
+            }
+        };
+        walk.out_elems += out.elems();
+        Ok(out)
+    }
+
+    pub fn kind(&self) -> &'static str {
+        match self {
+            CnnLayer::Conv { .. } => "conv",
+            CnnLayer::Batchnorm { .. } => "batchnorm",
+            CnnLayer::Relu => "relu",
+            CnnLayer::Pool { .. } => "pool",
+            CnnLayer::Adaptivepool { .. } => "adaptivepool",
+            CnnLayer::Flatten => "flatten",
+            CnnLayer::Linear { .. } => "linear",
+            CnnLayer::Residual { .. } => "residual",
+        }
+    }
+}
+
+pub fn walk_layers(layers: &[CnnLayer], input: Shape, walk: &mut CnnWalk) -> anyhow::Result<Shape> {
+    layers
+        .iter()
+        .try_fold(input, |s, l| l.forward_shape(s, walk))
+}
+
+impl CnnSpec {
+    pub fn params(&self) -> u64 {
+        self.layers.iter().map(|l| l.params()).sum()
+    }
+
+    /// Walks the network for one square image of side `image`, checking every shape.
+    pub fn walk(&self, image: u64) -> anyhow::Result<CnnWalk> {
+        let mut walk = CnnWalk::default();
+        let out = walk_layers(
+            &self.layers,
+            Shape::Map {
+                c: self.in_channels,
+                h: image,
+                w: image,
+            },
+            &mut walk,
+        )?;
+        if out != Shape::Flat(self.classes) {
+            return input_err(
+                "layers",
+                format!(
+                    "the network ends in {out:?}; accepted a flat vector of {} classes",
+                    self.classes
+                ),
+            );
+        }
+        Ok(walk)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        check_range("in_channels", self.in_channels, 1, 1 << 12)?;
+        check_range("classes", self.classes, 1, 1 << 24)?;
+        if self.layers.is_empty() {
+            return input_err("layers", "empty; accepted a non-empty layer list");
+        }
+        Ok(())
+    }
+}
+
+fn conv(k: u64, c_in: u64, c_out: u64, stride: u64, padding: u64, bias: bool) -> CnnLayer {
+    CnnLayer::Conv {
+        k_h: k,
+        k_w: k,
+        c_in,
+        c_out,
+        stride,
+        padding,
+        bias,
+    }
+}
+
+fn bn(c: u64) -> CnnLayer {
+    CnnLayer::Batchnorm { channels: c }
+}
+
+/// torchvision-style ResNet. `bottleneck` selects ResNet-50-style 1x1-3x3-1x1 blocks (expansion 4);
+/// `width` is the stem width (64 in the paper), scaled down for CPU sweeps.
+pub fn resnet(name: &str, depths: [u64; 4], bottleneck: bool, width: u64, classes: u64) -> CnnSpec {
+    let expansion = if bottleneck { 4 } else { 1 };
+    let mut layers = vec![
+        conv(7, 3, width, 2, 3, false),
+        bn(width),
+        CnnLayer::Relu,
+        CnnLayer::Pool {
+            kind: PoolKind::Max,
+            k: 3,
+            stride: 2,
+            padding: 1,
+        },
+    ];
+    let mut c_in = width;
+    for (stage, &depth) in depths.iter().enumerate() {
+        let planes = width << stage;
+        let c_out = planes * expansion;
+        for i in 0..depth {
+            let stride = if stage > 0 && i == 0 { 2 } else { 1 };
+            let body = if bottleneck {
+                // torchvision v1.5: the stride sits on the 3x3 conv.
+                vec![
+                    conv(1, c_in, planes, 1, 0, false),
+                    bn(planes),
+                    CnnLayer::Relu,
+                    conv(3, planes, planes, stride, 1, false),
+                    bn(planes),
+                    CnnLayer::Relu,
+                    conv(1, planes, c_out, 1, 0, false),
+                    bn(c_out),
+                ]
+            } else {
+                vec![
+                    conv(3, c_in, planes, stride, 1, false),
+                    bn(planes),
+                    CnnLayer::Relu,
+                    conv(3, planes, planes, 1, 1, false),
+                    bn(planes),
+                ]
+            };
+            let shortcut = if stride != 1 || c_in != c_out {
+                vec![conv(1, c_in, c_out, stride, 0, false), bn(c_out)]
+            } else {
+                vec![]
+            };
+            layers.push(CnnLayer::Residual { body, shortcut });
+            c_in = c_out;
+        }
+    }
+    layers.push(CnnLayer::Adaptivepool {
+        kind: PoolKind::Avg,
+        out: 1,
+    });
+    layers.push(CnnLayer::Flatten);
+    layers.push(CnnLayer::Linear {
+        d_in: c_in,
+        d_out: classes,
+        bias: true,
+    });
+    CnnSpec {
+        name: name.to_string(),
+        in_channels: 3,
+        classes,
+        layers,
+    }
+}
+
+/// VGG-16 (configuration D, no batchnorm) with torchvision's 7x7 adaptive pool and 4096-wide classifier;
+/// `width` is the first stage's channels (64 in the paper), `fc` the classifier width.
+pub fn vgg16(name: &str, width: u64, fc: u64, classes: u64) -> CnnSpec {
+    let stages: [(u64, u64); 5] = [(1, 2), (2, 2), (4, 3), (8, 3), (8, 3)];
+    let mut layers = Vec::new();
+    let mut c_in = 3;
+    for (mult, convs) in stages {
+        let c_out = width * mult;
+        for _ in 0..convs {
+            layers.push(conv(3, c_in, c_out, 1, 1, true));
+            layers.push(CnnLayer::Relu);
+            c_in = c_out;
+        }
+        layers.push(CnnLayer::Pool {
+            kind: PoolKind::Max,
+            k: 2,
+            stride: 2,
+            padding: 0,
+        });
+    }
+    layers.push(CnnLayer::Adaptivepool {
+        kind: PoolKind::Avg,
+        out: 7,
+    });
+    layers.push(CnnLayer::Flatten);
+    layers.push(CnnLayer::Linear {
+        d_in: c_in * 49,
+        d_out: fc,
+        bias: true,
+    });
+    layers.push(CnnLayer::Relu);
+    layers.push(CnnLayer::Linear {
+        d_in: fc,
+        d_out: fc,
+        bias: true,
+    });
+    layers.push(CnnLayer::Relu);
+    layers.push(CnnLayer::Linear {
+        d_in: fc,
+        d_out: classes,
+        bias: true,
+    });
+    CnnSpec {
+        name: name.to_string(),
+        in_channels: 3,
+        classes,
+        layers,
+    }
+}

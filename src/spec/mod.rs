@@ -1,0 +1,66 @@
+//! What is being trained. One set of spec types shared by the planner and the harness.
+
+pub mod cnn;
+pub mod presets;
+pub mod train;
+pub mod transformer;
+
+pub use cnn::CnnSpec;
+pub use train::{Checkpointing, Optimizer, Precision, TrainSpec};
+pub use transformer::TransformerSpec;
+
+use serde::{Deserialize, Serialize};
+
+/// Model family: coefficients are fitted per family because their activation features differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Family {
+    Transformer,
+    Cnn,
+}
+
+impl Family {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Family::Transformer => "transformer",
+            Family::Cnn => "cnn",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase", tag = "family")]
+pub enum ModelSpec {
+    Transformer(TransformerSpec),
+    Cnn(CnnSpec),
+}
+
+impl ModelSpec {
+    pub fn name(&self) -> &str {
+        match self {
+            ModelSpec::Transformer(t) => &t.name,
+            ModelSpec::Cnn(c) => &c.name,
+        }
+    }
+    pub fn family(&self) -> Family {
+        match self {
+            ModelSpec::Transformer(_) => Family::Transformer,
+            ModelSpec::Cnn(_) => Family::Cnn,
+        }
+    }
+    pub fn validate(&self) -> anyhow::Result<()> {
+        match self {
+            ModelSpec::Transformer(t) => t.validate(),
+            ModelSpec::Cnn(c) => c.validate(),
+        }
+    }
+    /// Validates the model together with one training input size.
+    pub fn validate_for(&self, train: &TrainSpec) -> anyhow::Result<()> {
+        self.validate()?;
+        train.validate()?;
+        match self {
+            ModelSpec::Transformer(t) => t.check_seq(train.seq),
+            ModelSpec::Cnn(c) => c.walk(train.image).map(|_| ()),
+        }
+    }
+}

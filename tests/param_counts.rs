@@ -1,0 +1,28 @@
+//! Exact parameter counts against published figures.
+
+use vramcal::plan::params::count;
+use vramcal::spec::presets::preset;
+
+fn params(name: &str) -> u64 {
+    count(&preset(name).unwrap())
+}
+
+#[test]
+fn published_counts_are_exact() {
+    // bert-base-uncased (BertModel), HF gpt2, torchvision vit_l_16, resnet18, resnet50, vgg16,
+    // Llama-2-7b as reported by their model cards / torchvision docs.
+    assert_eq!(params("bert-base"), 109_482_240);
+    assert_eq!(params("gpt2"), 124_439_808);
+    assert_eq!(params("vit-large-16"), 304_326_632);
+    assert_eq!(params("resnet18"), 11_689_512);
+    assert_eq!(params("resnet50"), 25_557_032);
+    assert_eq!(params("vgg16"), 138_357_544);
+    assert_eq!(params("llama2-7b"), 6_738_415_616);
+}
+
+#[test]
+fn more_published_counts() {
+    assert_eq!(params("bert-large"), 335_141_888);
+    assert_eq!(params("gpt2-medium"), 354_823_168);
+    assert_eq!(params("vit-base-16"), 86_567_656);
+}
