@@ -5,5 +5,6 @@ pub mod atomic;
 pub mod cli;
 pub mod coeffs;
 pub mod error;
+pub mod harness;
 pub mod plan;
 pub mod spec;

@@ -1,0 +1,3 @@
+//! The empirical half: real candle layers, real training steps, memory probes, sweeps.
+
+pub mod record;
