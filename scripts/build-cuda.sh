@@ -27,7 +27,7 @@ while [[ $# -gt 0 ]]; do
     case "$1" in
         --check) MODE=check ;;
         --toolkit-only) MODE=toolkit ;;
-        --env) MODE=env ;;
+        --env) MODE="env" ;;
         -h | --help)
             sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
             exit 0
@@ -114,8 +114,14 @@ fetch_toolkit() {
     # A wheel is a zip; unzipping them all into one folder gives a toolkit tree under nvidia/cu13.
     local whl
     for whl in "$dl"/*.whl; do
-        unzip -q -o "$whl" -d "$unpack"
+        if command -v unzip >/dev/null 2>&1; then
+            unzip -q -o "$whl" -d "$unpack"
+        else
+            "$PYTHON" -m zipfile -e "$whl" "$unpack" # no unzip on a minimal image
+        fi
     done
+    # Python's zipfile drops the executable bits; make sure nvcc and its helpers can run either way.
+    chmod u+x "$unpack"/nvidia/cu13/bin/* "$unpack"/nvidia/cu13/nvvm/bin/* 2>/dev/null || true
     # Keep only the toolkit tree; the *.dist-info folders are of no use here.
     rm -rf "$unpack"/*.dist-info
     if [[ ! -x "$unpack/nvidia/cu13/bin/nvcc" ]]; then
@@ -175,7 +181,8 @@ build_stub() {
     src="$(cudarc_dir)"
     if [[ -z "$src" || ! -d "$src/src/driver/sys" ]]; then
         # Fall back to the registry if cargo metadata did not answer (should not happen).
-        src="$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* 2>/dev/null | sort -V | tail -1)"
+        src="$(find "${CARGO_HOME:-$HOME/.cargo}"/registry/src -maxdepth 2 -type d -name 'cudarc-0.19.*' 2>/dev/null |
+            sort -V | tail -1)"
     fi
     if [[ -z "$src" || ! -d "$src/src/driver/sys" ]]; then
         log "error: cudarc source not found (run cargo fetch)"

@@ -2,9 +2,12 @@
 //! Data flow (DESIGN.md): spec -> plan; spec -> harness -> measurements -> fit -> coefficients -> report.
 
 pub mod atomic;
+pub mod bench_summary;
 pub mod cli;
 pub mod coeffs;
 pub mod error;
+pub mod fit;
 pub mod harness;
 pub mod plan;
+pub mod report;
 pub mod spec;

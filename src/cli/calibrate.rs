@@ -1,8 +1,139 @@
-//! PLACEHOLDER: being written; replace this whole file.
+//! `vramcal calibrate --device cpu|cuda:0 [--quick]`: sweep a grid (fresh child per point, with
+//! the sweep's progress bar), fit the table, write the report, and print one summary line.
+//! Outputs: `<data-dir>/<device-id>.csv`, `<calib-dir>/<device-id>.json`,
+//! `<reports-dir>/<device-id>/`.
+
+use crate::coeffs::Coefficients;
+use crate::error::input_err;
+use crate::harness::sweep::{parse_bytes, run_sweep, SweepOptions};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// cpu or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// The quick grid (CPU: under 3 minutes on 2 cores)
+    #[arg(long)]
+    pub quick: bool,
+    /// Grid TOML (default: calibration/grids/<cpu|cuda>[-quick].toml)
+    #[arg(long)]
+    pub grid: Option<PathBuf>,
+    /// Device id used in file names (default: cpu-<arch>, or from the CUDA device name)
+    #[arg(long)]
+    pub device_id: Option<String>,
+    #[arg(long, default_value = "calibration/data")]
+    pub data_dir: PathBuf,
+    #[arg(long, default_value = "calibration")]
+    pub calib_dir: PathBuf,
+    #[arg(long, default_value = "reports")]
+    pub reports_dir: PathBuf,
+    /// Continue an existing CSV, skipping points already measured
+    #[arg(long)]
+    pub resume: bool,
+    /// Skip points the planner predicts above this (bytes, or e.g. 40GB, 16GiB)
+    #[arg(long)]
+    pub max_mem: Option<String>,
+    /// Per-point time limit in seconds
+    #[arg(long, default_value_t = 300)]
+    pub timeout_s: u64,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+/// The device id the sweep will record: CPU `cpu-<arch>`; CUDA asks a child for the device info
+/// (the same probe the sweep uses), so the file names match the rows.
+fn device_id(device: &str) -> anyhow::Result<String> {
+    if device == "cpu" {
+        return Ok(format!("cpu-{}", std::env::consts::ARCH));
+    }
+    if !device.starts_with("cuda") {
+        return input_err(
+            "device",
+            format!("'{device}' is unknown; accepted cpu, cuda:N"),
+        );
+    }
+    let exe = std::env::current_exe()?;
+    let out = Command::new(exe)
+        .args(["measure", "--device-info", "--device", device])
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        anyhow::bail!(
+            "probing {device}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    v["id"]
+        .as_str()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow::anyhow!("device info without an id"))
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let id = match &args.device_id {
+        Some(id) if id.is_empty() || id.contains(['/', '\\']) => {
+            return input_err(
+                "device-id",
+                format!("'{id}' cannot name a file; accepted a non-empty id without slashes"),
+            )
+        }
+        Some(id) => id.clone(),
+        None => device_id(&args.device)?,
+    };
+    let backend = if args.device == "cpu" { "cpu" } else { "cuda" };
+    let grid = args.grid.clone().unwrap_or_else(|| {
+        PathBuf::from(format!(
+            "calibration/grids/{backend}{}.toml",
+            if args.quick { "-quick" } else { "" }
+        ))
+    });
+    if !grid.is_file() {
+        return input_err(
+            "grid",
+            format!(
+                "{} does not exist; accepted a grid TOML file",
+                grid.display()
+            ),
+        );
+    }
+    let csv = args.data_dir.join(format!("{id}.csv"));
+    let table_path = args.calib_dir.join(format!("{id}.json"));
+    let report_dir = args.reports_dir.join(&id);
+
+    let mut opts = SweepOptions::new(&grid, &csv);
+    opts.device = args.device.clone();
+    opts.resume = args.resume;
+    opts.max_mem = args.max_mem.as_deref().map(parse_bytes).transpose()?;
+    opts.timeout_s = args.timeout_s;
+    opts.show_progress = true;
+    let sweep = run_sweep(&opts)?;
+
+    let fitted = super::fit::fit_file(&csv)?;
+    let mut table: Coefficients = fitted.table;
+    if args.device_id.is_some() {
+        table.device_id = id.clone();
+    }
+    table.save(&table_path)?;
+    let (acc, _) =
+        super::report::report_files(&csv, &table, &report_dir, Some(&grid.display().to_string()))?;
+    println!(
+        "calibrated {id}: {} points ({} ok, {} oom, {} error, {} skipped, {} resumed) in {:.0} s; held-out peak MAPE fitted {:.2} % (max {:.2} %) vs seed rule {:.2} % vs literature {:.2} %; step-time MAPE {:.2} %; wrote {}, {}, {}/",
+        sweep.points,
+        sweep.ok,
+        sweep.oom,
+        sweep.error,
+        sweep.skipped,
+        sweep.already_done,
+        sweep.elapsed_s,
+        acc.heldout.mape,
+        acc.heldout.max_abs_pct,
+        acc.seed_formula.mape,
+        acc.literature.mape,
+        acc.time_heldout.mape,
+        csv.display(),
+        table_path.display(),
+        report_dir.display()
+    );
+    Ok(())
 }

@@ -1,8 +1,623 @@
-//! PLACEHOLDER: being written; replace this whole file.
+//! `vramcal estimate`: per-GPU memory breakdown, the brief's rule beside it, host RAM, storage,
+//! step time, fits verdict, `--max-batch`/`--max-seq` and GPU choice; a table or `--json`.
+//!
+//! Numeric flags are taken as text and parsed here, so a bad value (zero, negative, absurd, not
+//! a number) becomes one line naming the flag with exit code 2, never clap's multi-line usage.
+
+use crate::coeffs::Coefficients;
+use crate::error::{check_range, input_err};
+use crate::plan::estimate::{estimate, Estimate, Options};
+use crate::plan::gpus;
+use crate::spec::transformer::{Arch, FfnKind, Head, NormKind, TransformerSpec};
+use crate::spec::{cnn_file, hf_config, presets, ModelSpec, TrainSpec};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+
+/// Boxed so the `Command` enum stays small (clippy::large_enum_variant): the flags below are
+/// about 700 bytes of `Option<String>`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    #[command(flatten)]
+    pub flags: Box<Flags>,
+}
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Flags {
+    /// Preset name (bert-base, gpt2, llama2-7b, vit-large-16, resnet50, ...)
+    #[arg(long)]
+    pub model: Option<String>,
+    /// HuggingFace config.json (BERT, GPT-2, ViT, Llama, Mistral, Qwen2)
+    #[arg(long)]
+    pub hf_config: Option<PathBuf>,
+    /// CNN layer list, TOML or JSON (see presets/custom-cnn.toml)
+    #[arg(long)]
+    pub cnn_file: Option<PathBuf>,
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+    /// Explicit transformer: number of blocks
+    #[arg(long, allow_hyphen_values = true)]
+    pub layers: Option<String>,
+    /// Explicit transformer: hidden size
+    #[arg(long, allow_hyphen_values = true)]
+    pub hidden: Option<String>,
+    /// Explicit transformer: attention heads
+    #[arg(long, allow_hyphen_values = true)]
+    pub heads: Option<String>,
+    /// Explicit transformer: key/value heads (GQA) [default: heads]
+    #[arg(long, allow_hyphen_values = true)]
+    pub kv_heads: Option<String>,
+    /// Explicit transformer: FFN width [default: 4 x hidden]
+    #[arg(long, allow_hyphen_values = true)]
+    pub ffn: Option<String>,
+    /// Explicit transformer: gelu or swiglu
+    #[arg(long, default_value = "gelu")]
+    pub ffn_kind: String,
+    /// Explicit transformer: vocabulary size
+    #[arg(long, allow_hyphen_values = true, default_value = "50257")]
+    pub vocab: String,
+    /// Explicit transformer: learned positions (0 = rotary, no table)
+    #[arg(long, allow_hyphen_values = true, default_value = "0")]
+    pub max_positions: String,
+    /// Explicit transformer: decoder (LM head) or encoder (pooler, or classifier with --classes)
+    #[arg(long, default_value = "decoder")]
+    pub arch: String,
+    /// Explicit transformer: layernorm or rmsnorm
+    #[arg(long, default_value = "layernorm")]
+    pub norm: String,
+    /// Explicit transformer: no biases on the linears
+    #[arg(long)]
+    pub no_bias: bool,
+    /// Explicit transformer: separate (untied) LM head
+    #[arg(long)]
+    pub untied: bool,
+    /// Explicit encoder: classifier head with this many classes
+    #[arg(long, allow_hyphen_values = true)]
+    pub classes: Option<String>,
+
+    /// Per-GPU micro-batch
+    #[arg(long, allow_hyphen_values = true, default_value = "1")]
+    pub batch: String,
+    /// Sequence length (text transformers)
+    #[arg(long, allow_hyphen_values = true, default_value = "512")]
+    pub seq: String,
+    /// Image side (CNNs, ViT)
+    #[arg(long, allow_hyphen_values = true, default_value = "224")]
+    pub image: String,
+    /// fp32, bf16-mixed, fp16-mixed, bf16
+    #[arg(long, default_value = "fp32")]
+    pub precision: String,
+    /// adamw, sgd-momentum, sgd
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    /// none or full
+    #[arg(long, default_value = "none")]
+    pub checkpointing: String,
+    /// ZeRO stage 0-3 (needs --gpus)
+    #[arg(long, allow_hyphen_values = true, default_value = "0")]
+    pub zero: String,
+    /// Data-parallel GPUs
+    #[arg(long, allow_hyphen_values = true)]
+    pub gpus: Option<String>,
+    /// GPU from the catalog (`vramcal gpus`): capacity and peak FLOP/s
+    #[arg(long)]
+    pub gpu: Option<String>,
+    /// GPU memory capacity, e.g. 80GB, 80GiB, 24576MiB (overrides --gpu's)
+    #[arg(long)]
+    pub gpu_mem: Option<String>,
+    /// Largest per-GPU batch that fits the GPU memory
+    #[arg(long)]
+    pub max_batch: bool,
+    /// Largest sequence length that fits the GPU memory
+    #[arg(long)]
+    pub max_seq: bool,
+    /// Coefficient table (default: embedded literature table)
+    #[arg(long)]
+    pub coeffs: Option<PathBuf>,
+    /// Machine-readable output (schema: docs/estimate-schema.md)
+    #[arg(long)]
+    pub json: bool,
+    /// Skip the per-GPU-type choice table
+    #[arg(long)]
+    pub no_gpu_choice: bool,
+
+    /// Host RAM: bytes of one loaded sample [default: seq x 4, or C x H x W for images]
+    #[arg(long)]
+    pub sample_bytes: Option<String>,
+    /// Host RAM: data loader workers
+    #[arg(long, allow_hyphen_values = true, default_value = "4")]
+    pub workers: String,
+    /// Storage: raw dataset size, e.g. 2TB [default: 0, not counted]
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Storage: preprocessing cache as a fraction of the raw data
+    #[arg(long, allow_hyphen_values = true, default_value = "1.0")]
+    pub cache_fraction: String,
+    /// Storage: checkpoints kept
+    #[arg(long, allow_hyphen_values = true, default_value = "10")]
+    pub keep_checkpoints: String,
+}
+
+/// Parses an integer flag, naming it on failure.
+fn parse_int(field: &str, s: &str) -> anyhow::Result<u64> {
+    match s.trim().parse::<u64>() {
+        Ok(n) => Ok(n),
+        Err(_) => input_err(
+            field,
+            format!("'{s}' is not a whole number; accepted a positive integer"),
+        ),
+    }
+}
+
+/// Parses a byte size: "80GB" (1e9), "80GiB" (2^30), "1.5TB", "512MiB", "123" (bytes).
+pub fn parse_size(field: &str, s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1.0,
+        "kb" | "k" => 1e3,
+        "mb" | "m" => 1e6,
+        "gb" | "g" => 1e9,
+        "tb" | "t" => 1e12,
+        "kib" => 1024.0,
+        "mib" => (1u64 << 20) as f64,
+        "gib" => (1u64 << 30) as f64,
+        "tib" => (1u64 << 40) as f64,
+        _ => -1.0,
+    };
+    let value: f64 = num.parse().unwrap_or(-1.0);
+    let bytes = value * mult;
+    if value < 0.0 || mult < 0.0 || !bytes.is_finite() || bytes > 1e18 {
+        return input_err(
+            field,
+            format!("'{s}' is not a size; accepted a number with B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"),
+        );
+    }
+    Ok(bytes.round() as u64)
+}
+
+fn explicit_transformer(a: &Flags) -> anyhow::Result<Option<TransformerSpec>> {
+    let (Some(layers), Some(hidden), Some(heads)) = (&a.layers, &a.hidden, &a.heads) else {
+        if a.layers.is_some() || a.hidden.is_some() || a.heads.is_some() {
+            return input_err(
+                "model",
+                "an explicit transformer needs --layers, --hidden and --heads together",
+            );
+        }
+        return Ok(None);
+    };
+    let hidden = parse_int("hidden", hidden)?;
+    let heads = parse_int("heads", heads)?;
+    let arch = match a.arch.to_ascii_lowercase().as_str() {
+        "decoder" => Arch::Decoder,
+        "encoder" => Arch::Encoder,
+        other => {
+            return input_err(
+                "arch",
+                format!("'{other}' is unknown; accepted decoder, encoder"),
+            )
+        }
+    };
+    let ffn_kind = match a.ffn_kind.to_ascii_lowercase().as_str() {
+        "gelu" => FfnKind::Gelu,
+        "swiglu" => FfnKind::Swiglu,
+        other => {
+            return input_err(
+                "ffn-kind",
+                format!("'{other}' is unknown; accepted gelu, swiglu"),
+            )
+        }
+    };
+    let norm = match a.norm.to_ascii_lowercase().as_str() {
+        "layernorm" => NormKind::Layernorm,
+        "rmsnorm" => NormKind::Rmsnorm,
+        other => {
+            return input_err(
+                "norm",
+                format!("'{other}' is unknown; accepted layernorm, rmsnorm"),
+            )
+        }
+    };
+    let head = match (&a.classes, arch) {
+        (Some(c), _) => Head::Classifier {
+            classes: parse_int("classes", c)?,
+        },
+        (None, Arch::Decoder) => Head::Lm,
+        (None, Arch::Encoder) => Head::Pooler,
+    };
+    Ok(Some(TransformerSpec {
+        name: "custom".into(),
+        arch,
+        layers: parse_int("layers", layers)?,
+        hidden,
+        heads,
+        kv_heads: match &a.kv_heads {
+            Some(k) => parse_int("kv-heads", k)?,
+            None => heads,
+        },
+        ffn: match &a.ffn {
+            Some(f) => parse_int("ffn", f)?,
+            None => 4 * hidden,
+        },
+        ffn_kind,
+        vocab: parse_int("vocab", &a.vocab)?,
+        max_positions: parse_int("max-positions", &a.max_positions)?,
+        type_vocab: 0,
+        norm,
+        bias: !a.no_bias,
+        qkv_bias: false,
+        tied_embeddings: !a.untied,
+        // Encoders follow BERT (post-LN: embedding norm), decoders GPT/Llama (pre-LN: final norm).
+        embedding_norm: arch == Arch::Encoder,
+        final_norm: arch == Arch::Decoder,
+        head,
+        patch: None,
+    }))
+}
+
+/// Exactly one model source: a preset, a config.json, a CNN file or explicit transformer flags.
+pub fn model_from_args(a: &Flags) -> anyhow::Result<ModelSpec> {
+    let explicit = explicit_transformer(a)?;
+    let sources = [
+        a.model.is_some(),
+        a.hf_config.is_some(),
+        a.cnn_file.is_some(),
+        explicit.is_some(),
+    ];
+    if sources.iter().filter(|&&s| s).count() != 1 {
+        return input_err(
+            "model",
+            "give exactly one model; accepted --model PRESET, --hf-config PATH, --cnn-file PATH, or --layers/--hidden/--heads",
+        );
+    }
+    if let Some(name) = &a.model {
+        return presets::preset(name);
+    }
+    if let Some(p) = &a.hf_config {
+        return Ok(ModelSpec::Transformer(hf_config::load(p)?));
+    }
+    if let Some(p) = &a.cnn_file {
+        return Ok(ModelSpec::Cnn(cnn_file::load(p)?));
+    }
+    Ok(ModelSpec::Transformer(explicit.expect("one source is set")))
+}
+
+pub fn train_from_args(a: &Flags) -> anyhow::Result<TrainSpec> {
+    let zero = parse_int("zero", &a.zero)?;
+    check_range("zero", zero, 0, 3)?;
+    let gpus = match &a.gpus {
+        Some(g) => parse_int("gpus", g)?,
+        None if zero > 0 => {
+            return input_err(
+                "gpus",
+                format!("missing: ZeRO stage {zero} shards states over the data-parallel GPUs; accepted --gpus N (N >= 1) with --zero 1-3"),
+            )
+        }
+        None => 1,
+    };
+    let train = TrainSpec {
+        batch: parse_int("batch", &a.batch)?,
+        seq: parse_int("seq", &a.seq)?,
+        image: parse_int("image", &a.image)?,
+        precision: a.precision.parse()?,
+        optimizer: a.optimizer.parse()?,
+        checkpointing: a.checkpointing.parse()?,
+        zero_stage: zero as u8,
+        gpus,
+    };
+    train.validate()?;
+    Ok(train)
+}
+
+fn options_from_args(a: &Flags) -> anyhow::Result<Options> {
+    let gpu = a.gpu.as_deref().map(gpus::find).transpose()?;
+    let capacity_bytes = a
+        .gpu_mem
+        .as_deref()
+        .map(|s| parse_size("gpu-mem", s))
+        .transpose()?;
+    if capacity_bytes == Some(0) {
+        return input_err("gpu-mem", "0 bytes; accepted a positive size such as 80GB");
+    }
+    if (a.max_batch || a.max_seq) && gpu.is_none() && capacity_bytes.is_none() {
+        let flag = if a.max_batch { "max-batch" } else { "max-seq" };
+        return input_err(
+            flag,
+            "needs a memory capacity; accepted with --gpu NAME or --gpu-mem SIZE",
+        );
+    }
+    let cache_fraction: f64 = match a.cache_fraction.trim().parse::<f64>() {
+        Ok(f) if (0.0..=100.0).contains(&f) => f,
+        _ => {
+            return input_err(
+                "cache-fraction",
+                format!(
+                    "'{}' is not a fraction; accepted a number in 0..=100",
+                    a.cache_fraction
+                ),
+            )
+        }
+    };
+    let workers = parse_int("workers", &a.workers)?;
+    check_range("workers", workers, 1, 1024)?;
+    let kept = parse_int("keep-checkpoints", &a.keep_checkpoints)?;
+    check_range("keep-checkpoints", kept, 0, 100_000)?;
+    Ok(Options {
+        gpu,
+        capacity_bytes,
+        sample_bytes: a
+            .sample_bytes
+            .as_deref()
+            .map(|s| parse_size("sample-bytes", s))
+            .transpose()?,
+        workers,
+        dataset_bytes: a
+            .dataset
+            .as_deref()
+            .map(|s| parse_size("dataset", s))
+            .transpose()?
+            .unwrap_or(0),
+        cache_fraction,
+        checkpoints_kept: kept,
+        max_batch: a.max_batch,
+        max_seq: a.max_seq,
+        choose_gpus: !a.no_gpu_choice,
+    })
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let args = *args.flags;
+    let model = model_from_args(&args)?;
+    let train = train_from_args(&args)?;
+    let opts = options_from_args(&args)?;
+    let coeffs = match &args.coeffs {
+        Some(p) => Coefficients::load(p)?,
+        None => Coefficients::literature(),
+    };
+    let est = estimate(&model, &train, &coeffs, &opts)?;
+    let text = if args.json {
+        serde_json::to_string_pretty(&est)? + "\n"
+    } else {
+        render(&est)
+    };
+    write_stdout(&text)
+}
+
+/// Prints, treating a closed pipe (`vramcal estimate ... | head`) as success rather than a panic.
+pub fn write_stdout(text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+/// "12.34 GiB (13,250,000,000 B)"
+fn bytes(b: u64) -> String {
+    format!("{:>10.2} GiB  ({} B)", b as f64 / GIB, thousands(b))
+}
+
+fn thousands(n: u64) -> String {
+    let s = n.to_string();
+    let mut out = String::with_capacity(s.len() + s.len() / 3);
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn secs(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.1} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
+/// The human-readable report: one aligned `label  value` line per figure.
+pub fn render(e: &Estimate) -> String {
+    let mut o = String::new();
+    let t = &e.train;
+    let row = |o: &mut String, label: &str, value: String| {
+        let _ = writeln!(o, "  {label:<28} {value}");
+    };
+    let _ = writeln!(
+        o,
+        "{} ({}), coefficients: {}",
+        e.model,
+        e.family.as_str(),
+        e.coefficients
+    );
+    let input = match e.tokens_per_sample {
+        Some(s) => format!("seq {s}"),
+        None => format!("image {}", t.image),
+    };
+    let _ = writeln!(
+        o,
+        "batch {} per GPU, {input}, {}, {}, checkpointing {}, ZeRO stage {} over {} GPU(s)\n",
+        t.batch, t.precision, t.optimizer, t.checkpointing, t.zero_stage, t.gpus
+    );
+    let _ = writeln!(o, "Parameters");
+    row(&mut o, "exact", thousands(e.params));
+    if let Some(a) = e.params_12ld2 {
+        row(
+            &mut o,
+            "12*L*d^2 (brief)",
+            format!(
+                "{} ({:+.1} %)",
+                thousands(a),
+                (a as f64 / e.params as f64 - 1.0) * 100.0
+            ),
+        );
+    }
+    let m = &e.memory;
+    let _ = writeln!(o, "\nGPU memory per GPU");
+    row(&mut o, "weights", bytes(m.weights));
+    row(&mut o, "gradients", bytes(m.gradients));
+    row(&mut o, "optimizer states", bytes(m.optimizer));
+    row(&mut o, "activations", bytes(m.activations));
+    row(&mut o, "overhead", bytes(m.overhead));
+    row(&mut o, "total (vramcal)", bytes(m.total));
+    row(
+        &mut o,
+        "seed rule P*12 + b*s*h*10",
+        format!(
+            "{}  {:+.1} % vs vramcal",
+            bytes(e.seed_formula_bytes),
+            e.seed_vs_total_pct
+        ),
+    );
+    if let Some(v) = &e.verdict {
+        row(
+            &mut o,
+            "capacity",
+            format!(
+                "{}  {}",
+                bytes(v.capacity_bytes),
+                if v.fits { "FITS" } else { "DOES NOT FIT" }
+            ),
+        );
+    }
+    if let Some(s) = &e.search {
+        if let Some(b) = s.max_batch {
+            row(&mut o, "max batch per GPU", b.to_string());
+        }
+        if let Some(q) = s.max_seq {
+            row(&mut o, "max seq", q.to_string());
+        }
+    }
+    let h = &e.host_ram;
+    let _ = writeln!(o, "\nHost RAM per training process (brief section 2)");
+    row(
+        &mut o,
+        "loader b*sample*workers*3",
+        format!(
+            "{}  (sample {} B, {} workers)",
+            bytes(h.loader_bytes),
+            thousands(h.sample_bytes),
+            h.workers
+        ),
+    );
+    row(&mut o, "2 x parameter bytes", bytes(h.params_bytes));
+    row(&mut o, "recommended (+30 %)", bytes(h.recommended_bytes));
+    row(
+        &mut o,
+        "rule of thumb: 3 x VRAM",
+        bytes(h.rule_of_thumb_bytes),
+    );
+    let s = &e.storage;
+    let _ = writeln!(o, "\nStorage (brief section 3)");
+    row(
+        &mut o,
+        "model file fp32/fp16",
+        format!(
+            "{:.2} / {:.2} GiB",
+            s.model_file.fp32 as f64 / GIB,
+            s.model_file.fp16 as f64 / GIB
+        ),
+    );
+    row(
+        &mut o,
+        "model file int8/int4",
+        format!(
+            "{:.2} / {:.2} GiB",
+            s.model_file.int8 as f64 / GIB,
+            s.model_file.int4 as f64 / GIB
+        ),
+    );
+    row(
+        &mut o,
+        "checkpoint (weights+optim)",
+        bytes(s.checkpoint_bytes),
+    );
+    row(
+        &mut o,
+        "total",
+        format!(
+            "{}  (data {:.2} GiB + cache {:.2} GiB + {} checkpoints)",
+            bytes(s.total_bytes),
+            s.raw_data_bytes as f64 / GIB,
+            s.cache_bytes as f64 / GIB,
+            s.checkpoints_kept
+        ),
+    );
+    if let Some(st) = &e.step_time {
+        let _ = writeln!(o, "\nStep time per GPU ({})", st.rate_source);
+        row(&mut o, "FLOPs per GPU", format!("{:.3e}", st.flops_per_gpu));
+        row(
+            &mut o,
+            "achieved rate",
+            format!("{:.1} TFLOP/s", st.rate_flops_per_s / 1e12),
+        );
+        row(
+            &mut o,
+            "without recompute",
+            secs(st.seconds_without_recompute),
+        );
+        row(&mut o, "with recompute", secs(st.seconds_with_recompute));
+        row(
+            &mut o,
+            "samples/s (all GPUs)",
+            format!("{:.1}", st.samples_per_s),
+        );
+    }
+    if !e.gpu_choice.is_empty() {
+        let _ = writeln!(o, "\nGPU choice (same per-GPU batch; fewest GPUs, then lowest ZeRO stage, then no checkpointing)");
+        let _ = writeln!(
+            o,
+            "  {:<24} {:>6} {:>5} {:>6} {:>12} {:>12}",
+            "GPU", "count", "ZeRO", "ckpt", "GiB per GPU", "step"
+        );
+        for c in &e.gpu_choice {
+            match (c.layout, c.total_bytes) {
+                (Some(l), Some(tot)) => {
+                    let _ = writeln!(
+                        o,
+                        "  {:<24} {:>6} {:>5} {:>6} {:>12.2} {:>12}",
+                        c.name,
+                        l.gpus,
+                        l.zero_stage,
+                        if l.checkpointing { "full" } else { "none" },
+                        tot as f64 / GIB,
+                        c.step_time.map(|s| secs(s.seconds)).unwrap_or_default()
+                    );
+                }
+                _ => {
+                    let _ = writeln!(o, "  {:<24} {:>6}", c.name, "none fits");
+                }
+            }
+        }
+    }
+    let _ = writeln!(o, "\nRecommendation: {}", e.recommendation);
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("x", "80GB").unwrap(), 80_000_000_000);
+        assert_eq!(parse_size("x", "80GiB").unwrap(), 80 << 30);
+        assert_eq!(parse_size("x", "1.5TB").unwrap(), 1_500_000_000_000);
+        assert_eq!(parse_size("x", "512").unwrap(), 512);
+        assert_eq!(parse_size("x", "24 GiB").unwrap(), 24 << 30);
+        assert!(parse_size("x", "80XB").is_err());
+        assert!(parse_size("x", "-1GB").is_err());
+        assert!(parse_size("x", "GB").is_err());
+    }
+
+    #[test]
+    fn thousands_groups() {
+        assert_eq!(thousands(109_482_240), "109,482,240");
+        assert_eq!(thousands(12), "12");
+        assert_eq!(thousands(1000), "1,000");
+    }
 }

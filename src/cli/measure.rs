@@ -1,8 +1,226 @@
-//! PLACEHOLDER: being written; replace this whole file.
+//! `vramcal measure`: one configuration, real training steps, peak memory and step time.
+
+use crate::error::input_err;
+use crate::harness::grid::{input_dims, ModelOverrides};
+use crate::harness::measure::{self, DeviceSpec, MeasureOptions};
+use crate::harness::record::Row;
+use crate::harness::sweep::{fail_key, FAIL_POINT_ENV};
+use crate::spec::presets::preset;
+use crate::spec::{ModelSpec, TrainSpec};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Preset model name (see `vramcal estimate --help`); or give --spec-json
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Full ModelSpec as JSON (what `sweep` passes to its children); replaces --model
+    #[arg(long)]
+    pub spec_json: Option<String>,
+    /// Shape overrides on the preset (transformers)
+    #[arg(long)]
+    pub layers: Option<u64>,
+    #[arg(long)]
+    pub hidden: Option<u64>,
+    #[arg(long)]
+    pub heads: Option<u64>,
+    #[arg(long)]
+    pub ffn: Option<u64>,
+    #[arg(long)]
+    pub vocab: Option<u64>,
+    /// CNN first-stage width override
+    #[arg(long)]
+    pub width: Option<u64>,
+    #[arg(long, default_value_t = 1)]
+    pub batch: u64,
+    /// Sequence length (text transformers; default 512)
+    #[arg(long)]
+    pub seq: Option<u64>,
+    /// Image side in pixels (CNN default 224, ViT its preset's)
+    #[arg(long)]
+    pub image: Option<u64>,
+    /// fp32, bf16-mixed, fp16-mixed, bf16
+    #[arg(long, default_value = "fp32")]
+    pub precision: String,
+    /// adamw, sgd-momentum, sgd
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    /// none, full
+    #[arg(long, default_value = "none")]
+    pub checkpointing: String,
+    /// ZeRO stage 0-3 (simulated: this rank's shard only)
+    #[arg(long, default_value_t = 0)]
+    pub zero: u8,
+    /// Data-parallel GPUs the ZeRO shards divide over
+    #[arg(long, default_value_t = 1)]
+    pub gpus: u64,
+    /// cpu or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value_t = 2)]
+    pub warmup: u32,
+    #[arg(long, default_value_t = 5)]
+    pub repeats: u32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print the row as JSON
+    #[arg(long)]
+    pub json: bool,
+    /// Print the device's identity and memory as JSON and exit (used by `sweep` for CUDA)
+    #[arg(long, hide = true)]
+    pub device_info: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+fn model_of(args: &Args) -> anyhow::Result<ModelSpec> {
+    let ov = ModelOverrides {
+        layers: args.layers,
+        hidden: args.hidden,
+        heads: args.heads,
+        ffn: args.ffn,
+        vocab: args.vocab,
+        width: args.width,
+    };
+    let base = match (&args.spec_json, &args.model) {
+        (Some(j), None) => match serde_json::from_str::<ModelSpec>(j) {
+            Ok(m) => m,
+            Err(e) => return input_err("spec-json", format!("{e}; accepted a ModelSpec as JSON")),
+        },
+        (None, Some(name)) => preset(name)?,
+        (Some(_), Some(_)) => {
+            return input_err("model", "given with --spec-json; accepted one of them")
+        }
+        (None, None) => {
+            return input_err("model", "missing; accepted --model <preset> or --spec-json")
+        }
+    };
+    if ov.is_empty() {
+        Ok(base)
+    } else {
+        ov.apply(&base)
+    }
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let device: DeviceSpec = args.device.parse()?;
+    if args.device_info {
+        let info = measure::device_info(device)?;
+        println!("{}", serde_json::to_string(&info)?);
+        return Ok(());
+    }
+    let model = model_of(&args)?;
+    let (seq, image) = input_dims(&model, args.seq, args.image);
+    let train = TrainSpec {
+        batch: args.batch,
+        seq,
+        image,
+        precision: args.precision.parse()?,
+        optimizer: args.optimizer.parse()?,
+        checkpointing: args.checkpointing.parse()?,
+        zero_stage: args.zero,
+        gpus: args.gpus,
+    };
+    model.validate_for(&train)?;
+    if let Ok(pat) = std::env::var(FAIL_POINT_ENV) {
+        inject_failure(&pat, &fail_key(&model, &train))?;
+    }
+    let opts = MeasureOptions {
+        warmup: args.warmup,
+        repeats: args.repeats,
+        seed: args.seed,
+    };
+    let row = measure::measure(&model, &train, &args.device, &opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&row)?);
+    } else {
+        print!("{}", table(&row));
+    }
+    Ok(())
+}
+
+/// Test hook (see `harness::sweep`): `VRAMCAL_FAIL_POINT=[mode:]substring` fails this point when
+/// its key contains the substring. Modes: none = an ordinary error; `oom:` = an error carrying
+/// CUDA's out-of-memory message; `kill:` = the process SIGKILLs itself, as the OOM killer would;
+/// `hang:` = sleeps until the sweep's timeout kills it.
+fn inject_failure(pattern: &str, key: &str) -> anyhow::Result<()> {
+    let (mode, sub) = match pattern.split_once(':') {
+        Some((m @ ("oom" | "kill" | "hang"), rest)) => (m, rest),
+        _ => ("error", pattern),
+    };
+    if sub.is_empty() || !key.contains(sub) {
+        return Ok(());
+    }
+    match mode {
+        "oom" => {
+            anyhow::bail!("injected: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")")
+        }
+        "kill" => {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &std::process::id().to_string()])
+                .status();
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            anyhow::bail!("injected kill did not arrive")
+        }
+        "hang" => loop {
+            std::thread::sleep(std::time::Duration::from_secs(3600));
+        },
+        _ => anyhow::bail!("injected failure ({FAIL_POINT_ENV}={pattern})"),
+    }
+}
+
+fn mib(b: Option<u64>) -> String {
+    b.map_or("-".into(), |b| {
+        format!("{:.2} MiB", b as f64 / (1u64 << 20) as f64)
+    })
+}
+
+fn ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |v| format!("{v:.2} ms"))
+}
+
+/// Short human-readable summary of a row.
+fn table(r: &Row) -> String {
+    let mut s = String::new();
+    let mut line = |k: &str, v: String| s.push_str(&format!("{k:<16} {v}\n"));
+    line("model", format!("{} ({})", r.model, r.family.as_str()));
+    line(
+        "config",
+        format!(
+            "batch {} seq {} image {} {} ckpt={} {} zero {}/{}",
+            r.batch,
+            r.seq,
+            r.image,
+            r.precision,
+            r.checkpointing,
+            r.optimizer,
+            r.zero_stage,
+            r.gpus
+        ),
+    );
+    line("device", format!("{} ({})", r.device_id, r.device_name));
+    line("status", r.status.as_str().to_string());
+    if !r.error.is_empty() {
+        line("error", r.error.clone());
+    }
+    line("params", r.params.to_string());
+    line("baseline", mib(r.baseline_bytes));
+    line("peak", mib(r.peak_bytes));
+    if r.peak_reserved_bytes.is_some() {
+        line("peak reserved", mib(r.peak_reserved_bytes));
+    }
+    if r.memgetinfo_bytes.is_some() {
+        line("device used", mib(r.memgetinfo_bytes));
+    }
+    if r.nvml_bytes.is_some() {
+        line("nvml process", mib(r.nvml_bytes));
+    }
+    line(
+        "step",
+        format!(
+            "{} median (p10 {}, p90 {}, {} repeats)",
+            ms(r.step_ms_median),
+            ms(r.step_ms_p10),
+            ms(r.step_ms_p90),
+            r.repeats
+        ),
+    );
+    s
 }

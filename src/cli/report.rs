@@ -1,8 +1,66 @@
-//! PLACEHOLDER: being written; replace this whole file.
+//! `vramcal report --data X.csv --coeffs calibration/X.json --out reports/X/`: held-out accuracy
+//! (k-fold by configuration and extrapolation; the folds are refitted from the data, the given
+//! table is what the report documents and draws), README.md, accuracy.json and SVG plots.
+
+use crate::coeffs::Coefficients;
+use crate::fit::split;
+use crate::report::accuracy::Accuracy;
+use crate::report::{write, ReportInput};
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Measurements CSV
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Coefficient table fitted on that CSV (`vramcal fit`)
+    #[arg(long)]
+    pub coeffs: PathBuf,
+    /// Report directory (README.md, accuracy.json, *.svg)
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Grid file the data was measured with, named in the report
+    #[arg(long)]
+    pub grid: Option<String>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+/// Scores and writes the report; returns the accuracy summary and the files written.
+pub fn report_files(
+    data: &Path,
+    table: &Coefficients,
+    out: &Path,
+    grid: Option<&str>,
+) -> anyhow::Result<(Accuracy, Vec<PathBuf>)> {
+    let fitted = super::fit::fit_file(data)?;
+    let (kfold, extrap) = split::evaluate(&fitted.points, &fitted.meta)?;
+    write(
+        out,
+        &ReportInput {
+            points: &fitted.points,
+            excluded: &fitted.excluded,
+            table,
+            kfold: &kfold,
+            extrapolation: &extrap,
+            data_path: &data.display().to_string(),
+            grid,
+        },
+    )
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let table = Coefficients::load(&args.coeffs)?;
+    let (acc, files) = report_files(&args.data, &table, &args.out, args.grid.as_deref())?;
+    println!(
+        "held-out peak MAPE: fitted {:.2} % (max {:.2} %), literature {:.2} %, seed rule {:.2} % on {} points; step time MAPE {:.2} %",
+        acc.heldout.mape, acc.heldout.max_abs_pct, acc.literature.mape, acc.seed_formula.mape, acc.heldout.n, acc.time_heldout.mape
+    );
+    println!(
+        "wrote {}",
+        files
+            .iter()
+            .map(|f| f.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
 }

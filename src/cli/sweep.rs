@@ -1,8 +1,60 @@
-//! PLACEHOLDER: being written; replace this whole file.
+//! `vramcal sweep`: run a grid, each point in a fresh child process, appending rows to a CSV.
+
+use crate::harness::sweep::{parse_bytes, run_sweep, SweepOptions};
+use std::path::PathBuf;
 
 #[derive(Debug, clap::Args)]
-pub struct Args {}
+pub struct Args {
+    /// Grid TOML (format: src/harness/grid.rs; examples in calibration/grids/)
+    #[arg(long)]
+    pub grid: PathBuf,
+    /// CSV to append rows to
+    #[arg(long)]
+    pub out: PathBuf,
+    /// cpu or cuda:N
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Skip points already in --out
+    #[arg(long)]
+    pub resume: bool,
+    /// Skip points the planner predicts above this (bytes, or e.g. 40GB, 16GiB);
+    /// default: CPU half of RAM, CUDA the device's free memory
+    #[arg(long)]
+    pub max_mem: Option<String>,
+    /// Coefficient table for that prediction (default: the literature table)
+    #[arg(long)]
+    pub coeffs: Option<PathBuf>,
+    /// Per-point time limit in seconds; a point over it is recorded as an error
+    #[arg(long, default_value_t = 300)]
+    pub timeout_s: u64,
+    /// Print the summary as JSON
+    #[arg(long)]
+    pub json: bool,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut opts = SweepOptions::new(&args.grid, &args.out);
+    opts.device = args.device;
+    opts.resume = args.resume;
+    opts.max_mem = args.max_mem.as_deref().map(parse_bytes).transpose()?;
+    opts.coeffs = args.coeffs;
+    opts.timeout_s = args.timeout_s;
+    let s = run_sweep(&opts)?;
+    if args.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        println!(
+            "{} points on {}: {} ok, {} oom, {} error, {} skipped, {} already in {} ({:.1} s)",
+            s.points,
+            s.device_id,
+            s.ok,
+            s.oom,
+            s.error,
+            s.skipped,
+            s.already_done,
+            opts.out.display(),
+            s.elapsed_s
+        );
+    }
+    Ok(())
 }

@@ -181,7 +181,12 @@ pub fn breakdown(
     train: &TrainSpec,
     coeffs: &Coefficients,
 ) -> MemoryBreakdown {
-    let mode = coeffs.mode(model.family(), train.precision);
+    breakdown_with_mode(terms, &coeffs.mode(model.family(), train.precision))
+}
+
+/// [`breakdown`] with the (family, precision) coefficients already looked up, so searches that
+/// evaluate many configurations do not clone a `ModeCoeffs` per evaluation.
+pub fn breakdown_with_mode(terms: &FitTerms, mode: &crate::coeffs::ModeCoeffs) -> MemoryBreakdown {
     let s = terms.states;
     let weights = (s.weights + mode.activation.half_copy.value * s.half_copy).round() as u64;
     let gradients = s.gradients.round() as u64;

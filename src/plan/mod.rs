@@ -3,3 +3,10 @@
 pub mod memory;
 pub mod params;
 pub mod time;
+pub mod estimate;
+pub mod gpus;
+pub mod host;
+pub mod search;
+pub mod seed;
+pub mod step_time;
+pub mod storage;

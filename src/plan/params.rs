@@ -36,7 +36,8 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
     let b = |n: u64| if t.bias { n } else { 0 };
     let kv = t.kv_heads * t.head_dim();
     let attn_w = h * h + 2 * h * kv + h * h;
-    let attention_per_layer = attn_w + b(h + 2 * kv + h);
+    let qkv_only = if t.qkv_bias && !t.bias { h + 2 * kv } else { 0 };
+    let attention_per_layer = attn_w + b(h + 2 * kv + h) + qkv_only;
     let (mlp_w, mlp_b) = match t.ffn_kind {
         FfnKind::Gelu => (2 * h * t.ffn, t.ffn + h),
         FfnKind::Swiglu => (3 * h * t.ffn, 2 * t.ffn + h),

@@ -1,6 +1,8 @@
 //! What is being trained. One set of spec types shared by the planner and the harness.
 
 pub mod cnn;
+pub mod cnn_file;
+pub mod hf_config;
 pub mod presets;
 pub mod train;
 pub mod transformer;

@@ -74,6 +74,10 @@ pub struct TransformerSpec {
     pub norm: NormKind,
     /// Biases on the attention and MLP linears.
     pub bias: bool,
+    /// Biases on the q, k and v projections only, where `bias` is false (Qwen2). Ignored when
+    /// `bias` is true; absent in older spec files, which means no such bias.
+    #[serde(default)]
+    pub qkv_bias: bool,
     pub tied_embeddings: bool,
     /// Norm right after the embeddings (BERT, post-LN).
     pub embedding_norm: bool,
@@ -107,7 +111,7 @@ impl TransformerSpec {
         check_range("hidden", self.hidden, 1, MAX_HIDDEN)?;
         check_range("heads", self.heads, 1, self.hidden.max(1))?;
         check_range("ffn", self.ffn, 1, 64 * MAX_HIDDEN)?;
-        if self.hidden % self.heads != 0 {
+        if !self.hidden.is_multiple_of(self.heads) {
             return input_err(
                 "heads",
                 format!(
@@ -117,7 +121,7 @@ impl TransformerSpec {
             );
         }
         check_range("kv_heads", self.kv_heads, 1, self.heads)?;
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return input_err(
                 "kv_heads",
                 format!(

@@ -1,0 +1,12 @@
+//! The capacity brief's rule of thumb ("seed"), the baseline the calibrated model is compared
+//! against: `params*4*3 + batch*seq*hidden*10` bytes. Delegates to the planner's
+//! `plan::seed::seed_bytes` (ViT: seq = effective sequence; CNN: its documented analogue,
+//! image^2 x first-conv width), so the report and `vramcal estimate` show the same baseline.
+
+use crate::plan::params;
+use crate::spec::{ModelSpec, TrainSpec};
+
+/// Seed-rule peak bytes for one configuration, with the exact parameter count.
+pub fn seed_bytes(model: &ModelSpec, train: &TrainSpec) -> f64 {
+    crate::plan::seed::seed_bytes(model, params::count(model), train) as f64
+}

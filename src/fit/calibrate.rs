@@ -1,0 +1,272 @@
+//! From points to a coefficient table: one mode per (family, precision) present in the data.
+//! Each mode is fitted on its own points when they outnumber its unknowns (plus a margin);
+//! otherwise on points pooled over the family's precisions of the same compute width, then over
+//! the whole family; otherwise it stays at the literature values. Every value records its source.
+
+use super::memfit::{self, Origin, COLS};
+use super::points::Point;
+use super::scaled;
+use super::timefit;
+use crate::coeffs::{Coef, Coefficients, ModeCoeffs};
+use crate::plan::memory::breakdown;
+use crate::spec::{Family, Precision};
+use serde_json::json;
+use std::collections::BTreeSet;
+
+/// Equations beyond the unknowns a point set needs before it is fitted alone.
+pub const MARGIN: usize = 3;
+
+/// Identity of the device and the date written into the table.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub device_id: String,
+    pub device_name: String,
+    pub backend: String,
+    pub driver: String,
+    pub date: String,
+}
+
+impl Meta {
+    /// From the rows: the first row's device, the latest timestamp's date (so a refit of the same
+    /// CSV gives the same table).
+    pub fn from_points(points: &[Point]) -> Self {
+        let first = points.first().map(|p| &p.row);
+        let date = points
+            .iter()
+            .map(|p| p.row.timestamp.get(..10).unwrap_or("").to_string())
+            .max()
+            .filter(|d| !d.is_empty())
+            .unwrap_or_else(|| "unknown".into());
+        Meta {
+            device_id: first.map(|r| r.device_id.clone()).unwrap_or_default(),
+            device_name: first.map(|r| r.device_name.clone()).unwrap_or_default(),
+            backend: first.map(|r| r.backend.clone()).unwrap_or_default(),
+            driver: first.map(|r| r.driver.clone()).unwrap_or_default(),
+            date,
+        }
+    }
+}
+
+/// The candidate point sets for a mode, narrowest first, with a label for sources.
+fn scopes<'a>(
+    points: &'a [&'a Point],
+    family: Family,
+    precision: Precision,
+) -> Vec<(String, Vec<&'a Point>)> {
+    let fam: Vec<&Point> = points
+        .iter()
+        .copied()
+        .filter(|p| p.family() == family)
+        .collect();
+    let exact: Vec<&Point> = fam
+        .iter()
+        .copied()
+        .filter(|p| p.precision() == precision)
+        .collect();
+    let width: Vec<&Point> = fam
+        .iter()
+        .copied()
+        .filter(|p| p.precision().compute_bytes() == precision.compute_bytes())
+        .collect();
+    let bits = if precision.compute_bytes() == 4 {
+        "32-bit"
+    } else {
+        "16-bit"
+    };
+    vec![
+        (format!("{}/{}", family.as_str(), precision), exact),
+        (
+            format!("pooled {} {bits} precisions", family.as_str()),
+            width,
+        ),
+        (format!("pooled all {} precisions", family.as_str()), fam),
+    ]
+}
+
+fn literature_mode(family: Family, precision: Precision) -> ModeCoeffs {
+    Coefficients::literature().mode(family, precision)
+}
+
+/// Writes a memory fit's values and sources into a mode.
+fn apply(mode: &mut ModeCoeffs, f: &memfit::MemFit, label: &str, meta: &Meta) {
+    for (k, col) in COLS.iter().enumerate() {
+        let coef = col.coef_mut(mode);
+        let lit_source = coef.source.clone();
+        *coef = match f.origin[k] {
+            Origin::Fitted => Coef::new(f.values[k], format!("fitted on {} points ({label}), {}, {}", f.n, meta.device_id, meta.date)),
+            Origin::Absent => Coef::new(f.values[k], format!("literature (feature absent from the fitted data): {lit_source}")),
+            Origin::Unidentifiable => Coef::new(
+                f.values[k],
+                format!("literature (not identifiable: collinear with other features in the fitted data): {lit_source}"),
+            ),
+        };
+    }
+}
+
+fn record(diag: &mut serde_json::Map<String, serde_json::Value>, label: &str, f: &memfit::MemFit) {
+    diag.insert("memory_scope".into(), json!(label));
+    diag.insert(
+        "relative_standard_error".into(),
+        json!(COLS
+            .iter()
+            .zip(f.rel_se)
+            .filter_map(|(c, se)| Some((c.name(), se?)))
+            .collect::<std::collections::BTreeMap<_, _>>()),
+    );
+    diag.insert("memory_points".into(), json!(f.n));
+    diag.insert(
+        "unidentifiable".into(),
+        json!(COLS
+            .iter()
+            .zip(f.origin)
+            .filter(|(_, o)| *o == Origin::Unidentifiable)
+            .map(|(c, _)| c.name())
+            .collect::<Vec<_>>()),
+    );
+}
+
+/// Fits one mode; returns it with its diagnostics.
+pub fn fit_mode(
+    points: &[&Point],
+    family: Family,
+    precision: Precision,
+    meta: &Meta,
+) -> anyhow::Result<(ModeCoeffs, serde_json::Value)> {
+    let lit = literature_mode(family, precision);
+    let mut mode = lit.clone();
+    let scopes = scopes(points, family, precision);
+    let mut diag = serde_json::Map::new();
+    let enough =
+        |pts: &[&Point]| !pts.is_empty() && pts.len() >= memfit::present(pts).len() + MARGIN;
+    let exact = &scopes[0].1;
+    let (fam_label, fam_pts) = &scopes[2];
+    if let Some((label, pts)) = scopes[..2].iter().find(|(_, pts)| enough(pts)) {
+        // Enough points of this precision (or compute width) for every unknown.
+        let f = memfit::fit(pts, &lit)?;
+        apply(&mut mode, &f, label, meta);
+        record(&mut diag, label, &f);
+    } else if exact.len() >= 2 && enough(fam_pts) && fam_pts.len() > exact.len() {
+        // Few points of its own: the pooled family fit's shape, scaled on this precision.
+        let pooled = memfit::fit(fam_pts, &lit)?;
+        let mut prior = lit.clone();
+        apply(&mut prior, &pooled, fam_label, meta);
+        let (f, alpha) = scaled::fit(exact, &prior)?;
+        let own = format!("{} {} points", exact.len(), precision);
+        for (k, col) in COLS.iter().enumerate() {
+            let prior_coef = col.coef_mut(&mut prior).clone();
+            let source = match col {
+                memfit::Col::Frag | memfit::Col::Const if f.origin[k] == Origin::Fitted => {
+                    format!(
+                        "fitted on {own} around the pooled fit, {}, {}",
+                        meta.device_id, meta.date
+                    )
+                }
+                memfit::Col::Frag | memfit::Col::Const | memfit::Col::HalfCopy => {
+                    format!("from the pooled fit: {}", prior_coef.source)
+                }
+                _ if prior_coef.source.starts_with("fitted") => {
+                    format!(
+                        "pooled fit ({}) x alpha = {alpha:.4} fitted on {own}, {}, {}",
+                        fam_label, meta.device_id, meta.date
+                    )
+                }
+                _ => prior_coef.source.clone(),
+            };
+            *col.coef_mut(&mut mode) = Coef::new(f.values[k], source);
+        }
+        diag.insert(
+            "memory_scope".into(),
+            json!(format!("{fam_label}, activations scaled on {own}")),
+        );
+        diag.insert("activation_scale_alpha".into(), json!(alpha));
+        diag.insert("memory_points".into(), json!(exact.len()));
+    } else if fam_pts.len() >= 2 {
+        // The widest scope, giving up the least important columns (to literature).
+        let f = memfit::fit(fam_pts, &lit)?;
+        apply(&mut mode, &f, fam_label, meta);
+        record(&mut diag, fam_label, &f);
+    } else {
+        diag.insert("memory_scope".into(), json!("literature (too few points)"));
+    }
+    let time_scope = scopes.iter().find(|(_, pts)| {
+        pts.iter()
+            .filter(|p| !p.ckpt() && p.step_s.is_some())
+            .count()
+            >= 3
+    });
+    if let Some((label, pts)) = time_scope {
+        if let Some(t) = timefit::fit(pts)? {
+            let src = format!(
+                "fitted on {} non-checkpointed points ({label}), {}, {}",
+                t.n, meta.device_id, meta.date
+            );
+            mode.time.flops_per_s = Coef::new(t.flops_per_s, src.clone());
+            mode.time.t0_s = Coef::new(t.t0_s, src);
+            if let Some((r, pairs)) = t.recompute {
+                mode.time.recompute_factor = Coef::new(
+                    r,
+                    format!("median of (t_ckpt - t0)/(t_plain - t0) over {pairs} matched pairs ({label}), {}, {}", meta.device_id, meta.date),
+                );
+            }
+            diag.insert("time_scope".into(), json!(label));
+        }
+    }
+    // In-sample residuals of this mode's own points, scored through the planner.
+    let own: Vec<&Point> = points
+        .iter()
+        .copied()
+        .filter(|p| p.family() == family && p.precision() == precision)
+        .collect();
+    let mut table = Coefficients::literature();
+    table.modes = vec![mode.clone()];
+    let mem_err: Vec<f64> = own
+        .iter()
+        .map(|p| {
+            100.0 * (breakdown(&p.terms, &p.model, &p.train, &table).total as f64 - p.peak) / p.peak
+        })
+        .collect();
+    let time_err: Vec<f64> = own
+        .iter()
+        .filter_map(|p| Some(100.0 * (timefit::predict(p, &mode)? - p.step_s?) / p.step_s?))
+        .collect();
+    diag.insert(
+        "in_sample_memory".into(),
+        json!(super::split::Metrics::from_errors(&mem_err)),
+    );
+    diag.insert(
+        "in_sample_time".into(),
+        json!(super::split::Metrics::from_errors(&time_err)),
+    );
+    Ok((mode, serde_json::Value::Object(diag)))
+}
+
+/// Fits a full table on `points`; modes for every (family, precision) present.
+pub fn fit_table(points: &[&Point], meta: &Meta) -> anyhow::Result<Coefficients> {
+    let modes: BTreeSet<(Family, Precision)> =
+        points.iter().map(|p| (p.family(), p.precision())).collect();
+    let mut table = Coefficients {
+        schema: 1,
+        device_id: meta.device_id.clone(),
+        device_name: meta.device_name.clone(),
+        backend: meta.backend.clone(),
+        driver: meta.driver.clone(),
+        date: meta.date.clone(),
+        vramcal_version: env!("CARGO_PKG_VERSION").to_string(),
+        points: points.len() as u64,
+        note: "Fitted by `vramcal fit` from real training-step measurements; modes absent here fall back to the literature table.".into(),
+        modes: Vec::new(),
+        residuals: None,
+    };
+    let mut residuals = serde_json::Map::new();
+    for (family, precision) in modes {
+        let (mode, diag) = fit_mode(points, family, precision, meta)?;
+        residuals.insert(format!("{}/{}", family.as_str(), precision), diag);
+        table.modes.push(mode);
+    }
+    for (mode, diag) in super::transfer::borrowed(points, &table.modes, meta)? {
+        residuals.insert(format!("{}/{}", mode.family.as_str(), mode.precision), diag);
+        table.modes.push(mode);
+    }
+    table.residuals = Some(serde_json::Value::Object(residuals));
+    Ok(table)
+}

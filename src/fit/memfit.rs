@@ -1,0 +1,314 @@
+//! The memory regression. The planner's model is
+//! `peak = (1 + frag) * (fixed + half_copy*H + sum_i c_i*x_i) + const`.
+//!
+//! Parametrisation (linear, non-negative, and with `1 + frag >= 1` built in): the fixed model
+//! states (weights + gradients + optimizer) are exact byte counts that certainly exist at the
+//! peak, so they are moved to the left side with coefficient 1:
+//! `peak - fixed = frag*fixed + k_hc*H + sum_i k_i*x_i + const`, with `k = (1 + frag)*c`.
+//! NNLS then enforces `frag >= 0`, `k >= 0`, `const >= 0`, and the planner's coefficients are
+//! recovered as `c = k / (1 + frag)`.
+//!
+//! A feature that is zero in every point (no CNN in the data, no checkpointing) or that this data
+//! cannot tell apart from the others (e.g. the 2P half copy is exactly 1/8 of AdamW's 16P fixed
+//! states) keeps its literature value; its contribution is subtracted from the target first.
+
+use super::nnls;
+use super::points::Point;
+use crate::coeffs::ModeCoeffs;
+use nalgebra::{DMatrix, DVector};
+
+/// One unknown of the memory regression.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Col {
+    Frag,
+    HalfCopy,
+    H,
+    F,
+    Att,
+    Logits,
+    Ckpt,
+    Conv,
+    Input,
+    Const,
+}
+
+pub const COLS: [Col; 10] = [
+    Col::Frag,
+    Col::HalfCopy,
+    Col::H,
+    Col::F,
+    Col::Att,
+    Col::Logits,
+    Col::Ckpt,
+    Col::Conv,
+    Col::Input,
+    Col::Const,
+];
+
+/// Which column to give up first when the data cannot separate several: the ones the data
+/// usually varies least (the half copy, checkpoint retention) before the core terms.
+const DROP_ORDER: [Col; 10] = [
+    Col::HalfCopy,
+    Col::Ckpt,
+    Col::Input,
+    Col::Logits,
+    Col::Att,
+    Col::F,
+    Col::Conv,
+    Col::H,
+    Col::Frag,
+    Col::Const,
+];
+
+impl Col {
+    pub fn name(self) -> &'static str {
+        match self {
+            Col::Frag => "frag",
+            Col::HalfCopy => "half_copy",
+            Col::H => "c_h",
+            Col::F => "c_f",
+            Col::Att => "c_att",
+            Col::Logits => "c_logits",
+            Col::Ckpt => "c_ckpt",
+            Col::Conv => "c_conv",
+            Col::Input => "c_input",
+            Col::Const => "const_bytes",
+        }
+    }
+
+    /// The regressor of this column for one point.
+    pub fn value(self, p: &Point) -> f64 {
+        let f = &p.terms.features;
+        match self {
+            Col::Frag => p.terms.states.fixed(),
+            Col::HalfCopy => p.terms.states.half_copy,
+            Col::H => f.bsh,
+            Col::F => f.bsf,
+            Col::Att => f.bas2,
+            Col::Logits => f.bsv,
+            Col::Ckpt => f.ckpt_bsh,
+            Col::Conv => f.conv,
+            Col::Input => f.input,
+            Col::Const => 1.0,
+        }
+    }
+
+    /// The coefficient in the planner's units from a mode table.
+    pub fn get(self, m: &ModeCoeffs) -> f64 {
+        let a = &m.activation;
+        match self {
+            Col::Frag => m.overhead.frag.value,
+            Col::HalfCopy => a.half_copy.value,
+            Col::H => a.c_h.value,
+            Col::F => a.c_f.value,
+            Col::Att => a.c_att.value,
+            Col::Logits => a.c_logits.value,
+            Col::Ckpt => a.c_ckpt.value,
+            Col::Conv => a.c_conv.value,
+            Col::Input => a.c_input.value,
+            Col::Const => m.overhead.const_bytes.value,
+        }
+    }
+
+    /// Mutable access to the coefficient with its source.
+    pub fn coef_mut(self, m: &mut ModeCoeffs) -> &mut crate::coeffs::Coef {
+        let a = &mut m.activation;
+        match self {
+            Col::Frag => &mut m.overhead.frag,
+            Col::HalfCopy => &mut a.half_copy,
+            Col::H => &mut a.c_h,
+            Col::F => &mut a.c_f,
+            Col::Att => &mut a.c_att,
+            Col::Logits => &mut a.c_logits,
+            Col::Ckpt => &mut a.c_ckpt,
+            Col::Conv => &mut a.c_conv,
+            Col::Input => &mut a.c_input,
+            Col::Const => &mut m.overhead.const_bytes,
+        }
+    }
+
+    /// Whether (1 + frag) multiplies this term in the planner (everything but const and frag).
+    fn scaled_by_frag(self) -> bool {
+        !matches!(self, Col::Frag | Col::Const)
+    }
+}
+
+/// Where a coefficient's value came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    Fitted,
+    /// the feature is zero in every point
+    Absent,
+    /// collinear with other features in this data
+    Unidentifiable,
+}
+
+#[derive(Debug, Clone)]
+pub struct MemFit {
+    /// coefficient per column of [`COLS`], in the planner's units
+    pub values: [f64; 10],
+    pub origin: [Origin; 10],
+    /// relative standard error of each fitted coefficient (from the weighted residual variance
+    /// and `(A'W'WA)^-1`); large values mean the data barely determines the coefficient
+    pub rel_se: [Option<f64>; 10],
+    pub n: usize,
+}
+
+/// Relative standard errors of a weighted least-squares solution `x` (None where x = 0 or the
+/// problem has no residual degrees of freedom).
+fn relative_se(
+    a: &DMatrix<f64>,
+    y: &DVector<f64>,
+    w: &[f64],
+    x: &DVector<f64>,
+) -> Vec<Option<f64>> {
+    let (m, n) = a.shape();
+    let mut aw = a.clone();
+    let mut r = a * x - y;
+    for i in 0..m {
+        aw.row_mut(i).scale_mut(w[i]);
+        r[i] *= w[i];
+    }
+    if m <= n {
+        return vec![None; n];
+    }
+    let sigma2 = r.norm_squared() / (m - n) as f64;
+    // Unit-norm columns first: A'A of the raw columns spans ~30 orders of magnitude.
+    let norms: Vec<f64> = (0..n).map(|j| aw.column(j).norm().max(1e-300)).collect();
+    for (j, nj) in norms.iter().enumerate() {
+        aw.column_mut(j).unscale_mut(*nj);
+    }
+    let Ok(inv) = (aw.transpose() * &aw).pseudo_inverse(1e-12) else {
+        return vec![None; n];
+    };
+    (0..n)
+        .map(|j| {
+            (x[j] != 0.0).then(|| (sigma2 * inv[(j, j)]).max(0.0).sqrt() / (x[j] * norms[j]).abs())
+        })
+        .collect()
+}
+
+/// Columns with a non-zero regressor somewhere in `points`.
+pub fn present(points: &[&Point]) -> Vec<Col> {
+    COLS.iter()
+        .copied()
+        .filter(|c| points.iter().any(|p| c.value(p) != 0.0))
+        .collect()
+}
+
+fn design(points: &[&Point], cols: &[Col]) -> DMatrix<f64> {
+    DMatrix::from_fn(points.len(), cols.len(), |i, j| cols[j].value(points[i]))
+}
+
+/// Drops columns until the weighted, normalised design has full column rank; returns the kept
+/// and the dropped ones.
+fn identifiable(points: &[&Point], mut cols: Vec<Col>, w: &[f64]) -> (Vec<Col>, Vec<Col>) {
+    let mut dropped = Vec::new();
+    while !cols.is_empty() {
+        if points.len() < cols.len() + 1 {
+            // fewer equations than unknowns (+1 residual degree of freedom): give up the
+            // lowest-priority column
+            let c = *DROP_ORDER
+                .iter()
+                .find(|c| cols.contains(c))
+                .expect("non-empty");
+            cols.retain(|x| *x != c);
+            dropped.push(c);
+            continue;
+        }
+        let (sv, vt) = nnls::scaled_singular(&design(points, &cols), Some(w));
+        let (imin, smin) =
+            sv.iter().enumerate().fold(
+                (0, f64::INFINITY),
+                |a, (i, &s)| if s < a.1 { (i, s) } else { a },
+            );
+        let smax = sv.max();
+        if smax > 0.0 && smin / smax > 1e-7 {
+            break;
+        }
+        // The null direction: drop the first column (in drop order) that takes part in it.
+        let v = vt.row(imin);
+        let vmax = v.amax();
+        let c = *DROP_ORDER
+            .iter()
+            .find(|c| {
+                cols.iter()
+                    .position(|x| x == *c)
+                    .is_some_and(|j| v[j].abs() > 0.2 * vmax)
+            })
+            .expect("null vector has a component");
+        cols.retain(|x| *x != c);
+        dropped.push(c);
+    }
+    (cols, dropped)
+}
+
+/// Fits the memory coefficients on `points`; `lit` supplies the values of columns the data
+/// cannot determine.
+pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
+    anyhow::ensure!(!points.is_empty(), "memory fit: no points");
+    let w: Vec<f64> = points.iter().map(|p| 1.0 / p.peak).collect();
+    let present = present(points);
+    let (cols, dropped) = identifiable(points, present.clone(), &w);
+    let mut values = [0.0; 10];
+    let mut origin = [Origin::Absent; 10];
+    for (k, c) in COLS.iter().enumerate() {
+        values[k] = c.get(lit);
+        if cols.contains(c) {
+            origin[k] = Origin::Fitted;
+        } else if dropped.contains(c) {
+            origin[k] = Origin::Unidentifiable;
+        }
+    }
+    let a = design(points, &cols);
+    let mut rel_se = [None; 10];
+    // Literature terms depend on frag through (1 + frag); two refinements converge (frag is small).
+    for _ in 0..3 {
+        let frag = values[0];
+        let y = DVector::from_iterator(
+            points.len(),
+            points.iter().map(|p| {
+                let mut y = p.peak - p.terms.states.fixed();
+                for (k, c) in COLS.iter().enumerate() {
+                    if origin[k] != Origin::Fitted {
+                        let scale = if c.scaled_by_frag() { 1.0 + frag } else { 1.0 };
+                        let v = if *c == Col::Frag {
+                            values[k] * c.value(p)
+                        } else {
+                            scale * values[k] * c.value(p)
+                        };
+                        y -= v;
+                    }
+                }
+                y
+            }),
+        );
+        let sol = nnls::fit(&a, &y, Some(&w))?;
+        for (j, se) in relative_se(&a, &y, &w, &sol.x).into_iter().enumerate() {
+            rel_se[COLS
+                .iter()
+                .position(|x| *x == cols[j])
+                .expect("known column")] = se;
+        }
+        let frag = cols
+            .iter()
+            .position(|c| *c == Col::Frag)
+            .map(|j| sol.x[j])
+            .unwrap_or(values[0]);
+        for (j, c) in cols.iter().enumerate() {
+            let k = COLS.iter().position(|x| x == c).expect("known column");
+            values[k] = if c.scaled_by_frag() {
+                sol.x[j] / (1.0 + frag)
+            } else {
+                sol.x[j]
+            };
+        }
+        values[0] = frag;
+    }
+    Ok(MemFit {
+        values,
+        origin,
+        rel_se,
+        n: points.len(),
+    })
+}

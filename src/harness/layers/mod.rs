@@ -1,0 +1,10 @@
+//! Real training layers (candle), shaped by the planner's spec types.
+
+pub mod cnn;
+pub mod ops;
+pub mod params;
+pub mod transformer;
+
+pub use cnn::Cnn;
+pub use params::{Ctx, Param, ParamStore};
+pub use transformer::Transformer;

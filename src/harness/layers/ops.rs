@@ -1,0 +1,186 @@
+//! Differentiable building blocks on top of candle ops. candle's fused norm/softmax kernels have no
+//! backward pass and its pooling backward needs kernel == stride, so training uses the composed
+//! versions here.
+
+use super::params::{Ctx, Init, ParamStore};
+use crate::spec::cnn::PoolKind;
+use candle_core::{DType, Result, Tensor, D};
+
+/// Linear layer, weight `[out, in]` (PyTorch layout), optional bias.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    pub w: usize,
+    pub b: Option<usize>,
+    pub d_out: usize,
+}
+
+impl Linear {
+    pub fn new(
+        store: &mut ParamStore,
+        name: &str,
+        d_in: usize,
+        d_out: usize,
+        bias: bool,
+    ) -> anyhow::Result<Self> {
+        let bound = 1.0 / (d_in as f32).sqrt();
+        let w = store.add(
+            format!("{name}.weight"),
+            &[d_out, d_in],
+            Init::Uniform(bound),
+        )?;
+        let b = if bias {
+            Some(store.add(format!("{name}.bias"), &[d_out], Init::Zeros)?)
+        } else {
+            None
+        };
+        Ok(Self { w, b, d_out })
+    }
+
+    /// Applies to the last dimension of `x` (any rank).
+    pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        let w = ctx.w(self.w)?;
+        let dims = x.dims().to_vec();
+        let d_in = dims[dims.len() - 1];
+        let lead = x.elem_count() / d_in;
+        let y = x.reshape((lead, d_in))?.matmul(&w.t()?)?;
+        let y = match self.b {
+            Some(b) => y.broadcast_add(&ctx.w(b)?)?,
+            None => y,
+        };
+        let mut out = dims;
+        *out.last_mut().unwrap() = self.d_out;
+        y.reshape(out)
+    }
+}
+
+/// LayerNorm (weight + bias) or RMSNorm (weight), over the last dimension. Statistics are
+/// computed in fp32 even for half inputs, as autocast does.
+#[derive(Debug, Clone)]
+pub struct Norm {
+    pub w: usize,
+    pub b: Option<usize>,
+}
+
+impl Norm {
+    pub fn new(store: &mut ParamStore, name: &str, dim: usize, rms: bool) -> anyhow::Result<Self> {
+        let w = store.add(format!("{name}.weight"), &[dim], Init::Ones)?;
+        let b = if rms {
+            None
+        } else {
+            Some(store.add(format!("{name}.bias"), &[dim], Init::Zeros)?)
+        };
+        Ok(Self { w, b })
+    }
+
+    pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        let w = ctx.w(self.w)?.to_dtype(x.dtype())?;
+        match self.b {
+            Some(b) => {
+                let b = ctx.w(b)?.to_dtype(x.dtype())?;
+                candle_nn::ops::layer_norm_slow(x, &w, &b, 1e-5)
+            }
+            None => candle_nn::ops::rms_norm_slow(x, &w, 1e-6),
+        }
+    }
+}
+
+/// Softmax over the last dimension, composed of differentiable ops (max-subtracted).
+pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
+    candle_nn::ops::softmax(x, D::Minus1)
+}
+
+/// Pads dims 2 and 3 of an NCHW tensor by `p` on each side with `value` (0 for average pooling,
+/// -inf for max pooling so padding never wins).
+fn pad_hw(x: &Tensor, p: usize, value: f32) -> Result<Tensor> {
+    if p == 0 {
+        return Ok(x.clone());
+    }
+    if value == 0.0 {
+        return x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p);
+    }
+    let (n, c, h, w) = x.dims4()?;
+    let rows = Tensor::full(value, (n, c, p, w), x.device())?.to_dtype(x.dtype())?;
+    let x = Tensor::cat(&[&rows, x, &rows], 2)?;
+    let cols = Tensor::full(value, (n, c, h + 2 * p, p), x.device())?.to_dtype(x.dtype())?;
+    Tensor::cat(&[&cols, &x, &cols], 3)
+}
+
+/// Max/avg pooling with any kernel, stride and padding (PyTorch semantics, average counting the
+/// padding). kernel == stride without padding uses candle's kernels; other shapes (the ResNet stem's
+/// 3x3/2 max pool) combine the k*k strided windows with `maximum`/`add`, because candle's pooling
+/// backward only supports kernel == stride.
+pub fn pool2d(x: &Tensor, kind: PoolKind, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    if k == stride && pad == 0 {
+        return match kind {
+            PoolKind::Max => x.max_pool2d_with_stride(k, stride),
+            PoolKind::Avg => x.avg_pool2d_with_stride(k, stride),
+        };
+    }
+    let fill = match kind {
+        PoolKind::Max => f32::NEG_INFINITY,
+        PoolKind::Avg => 0.0,
+    };
+    let xp = pad_hw(x, pad, fill)?;
+    let (_, _, h, w) = xp.dims4()?;
+    let ho = (h - k) / stride + 1;
+    let wo = (w - k) / stride + 1;
+    let dev = x.device();
+    let index = |start: usize, n: usize| -> Result<Tensor> {
+        let ids: Vec<u32> = (0..n).map(|i| (start + i * stride) as u32).collect();
+        Tensor::from_vec(ids, n, dev)
+    };
+    let mut acc: Option<Tensor> = None;
+    for di in 0..k {
+        let rows = xp.index_select(&index(di, ho)?, 2)?;
+        for dj in 0..k {
+            let win = rows.index_select(&index(dj, wo)?, 3)?;
+            acc = Some(match (acc, kind) {
+                (None, _) => win,
+                (Some(a), PoolKind::Max) => a.maximum(&win)?,
+                (Some(a), PoolKind::Avg) => (a + win)?,
+            });
+        }
+    }
+    let acc = acc.expect("kernel >= 1");
+    match kind {
+        PoolKind::Max => Ok(acc),
+        PoolKind::Avg => acc * (1.0 / (k * k) as f64),
+    }
+}
+
+/// Adaptive pooling to `out` x `out` (PyTorch bins: [floor(i*n/out), ceil((i+1)*n/out))).
+/// Divisible sizes use one pooling kernel; others pool each bin, separably along H then W
+/// (exact for both max and mean because the bins are rectangles).
+pub fn adaptive_pool2d(x: &Tensor, kind: PoolKind, out: usize) -> Result<Tensor> {
+    let (_, _, h, w) = x.dims4()?;
+    if h == w && h % out == 0 {
+        let k = h / out;
+        return pool2d(x, kind, k, k, 0);
+    }
+    let along = |x: &Tensor, dim: usize, n: usize| -> Result<Tensor> {
+        let bins = (0..out)
+            .map(|i| {
+                let start = i * n / out;
+                let end = ((i + 1) * n).div_ceil(out);
+                let win = x.narrow(dim, start, end - start)?;
+                match kind {
+                    PoolKind::Max => win.max_keepdim(dim),
+                    PoolKind::Avg => win.mean_keepdim(dim),
+                }
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&bins, dim)
+    };
+    let x = along(x, 2, h)?;
+    along(&x, 3, w)
+}
+
+/// Cross entropy in fp32 (autocast computes the loss in fp32), mean over rows.
+pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let logits = if logits.dtype() == DType::F32 {
+        logits.clone()
+    } else {
+        logits.to_dtype(DType::F32)?
+    };
+    candle_nn::loss::cross_entropy(&logits, targets)
+}

@@ -1,0 +1,207 @@
+//! Parameter storage shared by the transformer and CNN builders: every trainable tensor is a
+//! candle `Var` registered here by name, so the trainer can count, shard, update and report them
+//! without a second description of the model.
+//!
+//! ZeRO is simulated on one device as rank 0 of `world` ranks. The shard of a parameter is its
+//! first `ceil(rows / world)` rows along dim 0 (a flat slice per tensor, not whole tensors, so that
+//! the shard is within one row per tensor of exactly 1/N even when one embedding dominates).
+//! Stage 3 keeps only those rows resident; [`Ctx::w_raw`] re-materialises the full weight for the
+//! duration of its use by concatenating the resident rows with a freshly allocated fill for the
+//! rows other ranks own (what an all-gather would deliver: the values do not matter for memory).
+
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// How a parameter starts. Values only matter for numerical sanity (finite losses), not memory.
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    /// U(-a, a): linears and convs use a = 1/sqrt(fan_in) (PyTorch's default bound).
+    Uniform(f32),
+    Ones,
+    Zeros,
+}
+
+/// One trainable tensor.
+#[derive(Debug)]
+pub struct Param {
+    pub name: String,
+    /// Resident storage: the full tensor, or only the shard rows under ZeRO stage 3.
+    pub var: Var,
+    /// Logical (full-model) shape.
+    pub shape: Vec<usize>,
+    /// Rows of dim 0 owned by this rank (all rows when not sharded).
+    pub shard_rows: usize,
+}
+
+impl Param {
+    pub fn rows(&self) -> usize {
+        self.shape[0]
+    }
+    pub fn elems(&self) -> u64 {
+        self.shape.iter().map(|&d| d as u64).product()
+    }
+    /// True when the resident Var holds fewer rows than the full tensor (ZeRO-3).
+    pub fn is_partial(&self) -> bool {
+        self.var.dims()[0] < self.rows()
+    }
+}
+
+/// All parameters of a model, in creation order.
+#[derive(Debug)]
+pub struct ParamStore {
+    pub params: Vec<Param>,
+    pub device: Device,
+    /// dtype the Vars are held in (fp32, or bf16 for pure-bf16 training).
+    pub dtype: DType,
+    pub zero_stage: u8,
+    pub world: usize,
+    rng: StdRng,
+}
+
+impl ParamStore {
+    pub fn new(device: &Device, dtype: DType, seed: u64, zero_stage: u8, world: usize) -> Self {
+        Self {
+            params: Vec::new(),
+            device: device.clone(),
+            dtype,
+            zero_stage,
+            world: world.max(1),
+            rng: StdRng::seed_from_u64(seed),
+        }
+    }
+
+    /// Rows of rank 0's shard for a tensor with `rows` rows (all of them below ZeRO stage 1).
+    pub fn shard_rows(&self, rows: usize) -> usize {
+        if self.zero_stage >= 1 {
+            rows.div_ceil(self.world)
+        } else {
+            rows
+        }
+    }
+
+    /// Registers a parameter and returns its index. Values come from the store's seeded RNG.
+    pub fn add(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        init: Init,
+    ) -> anyhow::Result<usize> {
+        let name = name.into();
+        anyhow::ensure!(!shape.is_empty(), "parameter {name} has no dimensions");
+        let shard_rows = self.shard_rows(shape[0]);
+        let resident_rows = if self.zero_stage >= 3 {
+            shard_rows
+        } else {
+            shape[0]
+        };
+        let mut resident = shape.to_vec();
+        resident[0] = resident_rows;
+        let n: usize = resident.iter().product();
+        let values: Vec<f32> = match init {
+            Init::Uniform(a) => (0..n).map(|_| self.rng.gen_range(-a..=a)).collect(),
+            Init::Ones => vec![1.0; n],
+            Init::Zeros => vec![0.0; n],
+        };
+        let t = Tensor::from_vec(values, resident, &self.device)?.to_dtype(self.dtype)?;
+        let var = Var::from_tensor(&t)?;
+        self.params.push(Param {
+            name,
+            var,
+            shape: shape.to_vec(),
+            shard_rows,
+        });
+        Ok(self.params.len() - 1)
+    }
+
+    /// Parameters of the full model, from the logical shapes of the allocated Vars.
+    pub fn total(&self) -> u64 {
+        self.params.iter().map(Param::elems).sum()
+    }
+}
+
+/// Deterministic, fast mask generator (wyrand). Dropout masks must be reproducible so that a
+/// checkpointed block recomputes exactly the forward's mask; candle's CPU RNG cannot be seeded.
+pub struct FastRng(u64);
+
+impl FastRng {
+    pub fn new(seed: u64) -> Self {
+        Self(seed ^ 0x9e37_79b9_7f4a_7c15)
+    }
+    #[inline]
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0xa076_1d64_78bd_642f);
+        let t = (self.0 as u128).wrapping_mul((self.0 ^ 0xe703_7ed1_a0b4_28db) as u128);
+        ((t >> 64) ^ t) as u64
+    }
+}
+
+/// Per-forward context: which dtype to compute in, and the dropout seed of this step.
+pub struct Ctx<'a> {
+    pub store: &'a ParamStore,
+    /// Compute dtype (fp32, or bf16/f16 under mixed or pure half precision).
+    pub dtype: DType,
+    /// Dropout probability; 0 disables dropout.
+    pub dropout: f32,
+    /// Seed of this step's dropout masks: the same seed gives the same masks (recompute).
+    pub seed: u64,
+}
+
+impl<'a> Ctx<'a> {
+    /// The full weight in its storage dtype. Under ZeRO-3 the rows other ranks own are allocated
+    /// for the duration of the use (zeros) and concatenated after the resident shard, so the
+    /// gradient flows only into the shard Var.
+    pub fn w_raw(&self, idx: usize) -> candle_core::Result<Tensor> {
+        let p = &self.store.params[idx];
+        let t = p.var.as_tensor();
+        if !p.is_partial() {
+            return Ok(t.clone());
+        }
+        let mut rest = p.shape.clone();
+        rest[0] -= t.dims()[0];
+        let fill = Tensor::zeros(rest, t.dtype(), t.device())?;
+        Tensor::cat(&[t, &fill], 0)
+    }
+
+    /// The weight cast to the compute dtype (autocast: a differentiable `to_dtype`, so fp32
+    /// Vars receive fp32 gradients).
+    pub fn w(&self, idx: usize) -> candle_core::Result<Tensor> {
+        let t = self.w_raw(idx)?;
+        if t.dtype() == self.dtype {
+            Ok(t)
+        } else {
+            t.to_dtype(self.dtype)
+        }
+    }
+
+    /// Inverted dropout with a mask derived from (step seed, site). The mask is a float tensor
+    /// in the activation's dtype, kept by the multiply for backward (as candle-nn's dropout does).
+    pub fn dropout(&self, x: &Tensor, site: u64) -> candle_core::Result<Tensor> {
+        if self.dropout <= 0.0 {
+            return Ok(x.clone());
+        }
+        let site_seed = self.seed.wrapping_mul(0x100_0000_01b3) ^ site;
+        if !x.device().is_cpu() && x.device().set_seed(site_seed).is_ok() {
+            // Accelerators: the device RNG, reseeded per site, so masks are reproducible
+            // without a host round trip.
+            let r = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+            let keep = r.ge(self.dropout as f64)?.to_dtype(x.dtype())?;
+            return x.mul(&(keep * (1.0 / (1.0 - self.dropout as f64)))?);
+        }
+        let n = x.elem_count();
+        let scale = 1.0 / (1.0 - self.dropout);
+        let threshold = (self.dropout as f64 * u32::MAX as f64) as u32;
+        let mut rng = FastRng::new(site_seed);
+        let mut mask = Vec::with_capacity(n);
+        while mask.len() < n {
+            let r = rng.next_u64();
+            for half in [r as u32, (r >> 32) as u32] {
+                if mask.len() < n {
+                    mask.push(if half >= threshold { scale } else { 0.0 });
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
+}

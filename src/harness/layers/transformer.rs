@@ -1,0 +1,375 @@
+//! A transformer built from the planner's own [`TransformerSpec`]: GPT-2, BERT, Llama and ViT
+//! shapes, with exactly the parameters `plan::params::count` counts.
+//!
+//! The forward pass is split into `embed`, `block(i)` and `head` so the trainer can run blocks
+//! on detached inputs (gradient checkpointing, block-wise gradient release for ZeRO-2/3).
+//! Rotary position embeddings (Llama, `max_positions == 0`) are omitted: they have no parameters
+//! and their elementwise cost is negligible next to the projections.
+
+use super::ops::{softmax_last, Linear, Norm};
+use super::params::{Ctx, Init, ParamStore};
+use crate::spec::transformer::{Arch, FfnKind, Head, NormKind, TransformerSpec};
+use candle_core::{Result, Tensor};
+
+/// Dropout sites within a block (the mask seed is `block * SITES + site`).
+const SITES: u64 = 8;
+
+#[derive(Debug)]
+enum Qkv {
+    /// One `[3h, h]` projection (plain multi-head attention).
+    Fused(Linear),
+    /// Separate projections (grouped-query attention: K and V have `kv_heads` heads).
+    Split { q: Linear, k: Linear, v: Linear },
+}
+
+#[derive(Debug)]
+struct Attention {
+    qkv: Qkv,
+    out: Linear,
+    heads: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    causal: bool,
+}
+
+impl Attention {
+    fn forward(&self, ctx: &Ctx, x: &Tensor, site: u64) -> Result<Tensor> {
+        let (b, s, h) = x.dims3()?;
+        let kv = self.kv_heads * self.head_dim;
+        let (q, k, v) = match &self.qkv {
+            Qkv::Fused(l) => {
+                let qkv = l.forward(ctx, x)?;
+                (
+                    qkv.narrow(2, 0, h)?,
+                    qkv.narrow(2, h, kv)?,
+                    qkv.narrow(2, h + kv, kv)?,
+                )
+            }
+            Qkv::Split { q, k, v } => (q.forward(ctx, x)?, k.forward(ctx, x)?, v.forward(ctx, x)?),
+        };
+        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
+            t.reshape((b, s, n, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = heads(q, self.heads)?;
+        let mut k = heads(k, self.kv_heads)?;
+        let mut v = heads(v, self.kv_heads)?;
+        if self.kv_heads != self.heads {
+            let rep = self.heads / self.kv_heads;
+            let expand = |t: Tensor| -> Result<Tensor> {
+                t.unsqueeze(2)?
+                    .broadcast_as((b, self.kv_heads, rep, s, self.head_dim))?
+                    .reshape((b, self.heads, s, self.head_dim))
+            };
+            k = expand(k)?;
+            v = expand(v)?;
+        }
+        // Scaling q ([b, a, s, d]) rather than the scores ([b, a, s, s]) keeps one fewer
+        // s^2-sized tensor alive for backward (PyTorch's SDPA math path does the same).
+        let q = (q * (1.0 / (self.head_dim as f64).sqrt()))?;
+        let mut scores = q.matmul(&k.t()?)?;
+        if self.causal {
+            let mask: Vec<f32> = (0..s)
+                .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            let mask = Tensor::from_vec(mask, (s, s), x.device())?.to_dtype(scores.dtype())?;
+            scores = scores.broadcast_add(&mask)?;
+        }
+        let probs = ctx.dropout(&softmax_last(&scores)?, site)?;
+        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
+        self.out.forward(ctx, &y)
+    }
+}
+
+#[derive(Debug)]
+enum Mlp {
+    Gelu {
+        fc1: Linear,
+        fc2: Linear,
+    },
+    Swiglu {
+        gate: Linear,
+        up: Linear,
+        down: Linear,
+    },
+}
+
+impl Mlp {
+    fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        match self {
+            Mlp::Gelu { fc1, fc2 } => fc2.forward(ctx, &fc1.forward(ctx, x)?.gelu()?),
+            Mlp::Swiglu { gate, up, down } => {
+                let g = gate.forward(ctx, x)?.silu()?;
+                down.forward(ctx, &(g * up.forward(ctx, x)?)?)
+            }
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    attn: Attention,
+    mlp: Mlp,
+    norm1: Norm,
+    norm2: Norm,
+}
+
+#[derive(Debug)]
+enum Embedding {
+    Tokens {
+        tok: usize,
+        pos: Option<usize>,
+        token_type: Option<usize>,
+        norm: Option<Norm>,
+    },
+    Patches {
+        conv_w: usize,
+        conv_b: usize,
+        cls: usize,
+        pos: usize,
+        patch: usize,
+    },
+}
+
+#[derive(Debug)]
+enum HeadLayer {
+    /// Vocabulary projection; `None` reuses the token embedding (tied).
+    Lm(Option<usize>),
+    Pooler(Linear),
+    Classifier(Linear),
+}
+
+/// The model. Parameters live in the [`ParamStore`]; this holds their indices.
+#[derive(Debug)]
+pub struct Transformer {
+    pub spec: TransformerSpec,
+    embedding: Embedding,
+    blocks: Vec<Block>,
+    final_norm: Option<Norm>,
+    head: HeadLayer,
+}
+
+impl Transformer {
+    pub fn new(spec: &TransformerSpec, store: &mut ParamStore) -> anyhow::Result<Self> {
+        spec.validate()?;
+        let h = spec.hidden as usize;
+        let rms = spec.norm == NormKind::Rmsnorm;
+        let emb_init = Init::Uniform(0.02);
+        let embedding = match &spec.patch {
+            Some(p) => {
+                let (c, k) = (p.channels as usize, p.patch as usize);
+                let bound = 1.0 / ((c * k * k) as f32).sqrt();
+                Embedding::Patches {
+                    conv_w: store.add("embed.patch.weight", &[h, c, k, k], Init::Uniform(bound))?,
+                    conv_b: store.add("embed.patch.bias", &[h], Init::Zeros)?,
+                    cls: store.add("embed.cls", &[1, 1, h], emb_init)?,
+                    pos: store.add("embed.pos", &[p.seq_for(p.image) as usize, h], emb_init)?,
+                    patch: k,
+                }
+            }
+            None => Embedding::Tokens {
+                tok: store.add("embed.tok", &[spec.vocab as usize, h], emb_init)?,
+                pos: (spec.max_positions > 0)
+                    .then(|| store.add("embed.pos", &[spec.max_positions as usize, h], emb_init))
+                    .transpose()?,
+                token_type: (spec.type_vocab > 0)
+                    .then(|| store.add("embed.type", &[spec.type_vocab as usize, h], emb_init))
+                    .transpose()?,
+                norm: spec
+                    .embedding_norm
+                    .then(|| Norm::new(store, "embed.norm", h, rms))
+                    .transpose()?,
+            },
+        };
+        let (a, kvh) = (spec.heads as usize, spec.kv_heads as usize);
+        let head_dim = h / a;
+        let mut blocks = Vec::with_capacity(spec.layers as usize);
+        for i in 0..spec.layers as usize {
+            let n = |s: &str| format!("blocks.{i}.{s}");
+            let qkv = if kvh == a {
+                Qkv::Fused(Linear::new(store, &n("attn.qkv"), h, 3 * h, spec.bias)?)
+            } else {
+                let kv = kvh * head_dim;
+                Qkv::Split {
+                    q: Linear::new(store, &n("attn.q"), h, h, spec.bias)?,
+                    k: Linear::new(store, &n("attn.k"), h, kv, spec.bias)?,
+                    v: Linear::new(store, &n("attn.v"), h, kv, spec.bias)?,
+                }
+            };
+            let attn = Attention {
+                qkv,
+                out: Linear::new(store, &n("attn.out"), h, h, spec.bias)?,
+                heads: a,
+                kv_heads: kvh,
+                head_dim,
+                causal: spec.arch == Arch::Decoder,
+            };
+            let f = spec.ffn as usize;
+            let mlp = match spec.ffn_kind {
+                FfnKind::Gelu => Mlp::Gelu {
+                    fc1: Linear::new(store, &n("mlp.fc1"), h, f, spec.bias)?,
+                    fc2: Linear::new(store, &n("mlp.fc2"), f, h, spec.bias)?,
+                },
+                FfnKind::Swiglu => Mlp::Swiglu {
+                    gate: Linear::new(store, &n("mlp.gate"), h, f, spec.bias)?,
+                    up: Linear::new(store, &n("mlp.up"), h, f, spec.bias)?,
+                    down: Linear::new(store, &n("mlp.down"), f, h, spec.bias)?,
+                },
+            };
+            blocks.push(Block {
+                attn,
+                mlp,
+                norm1: Norm::new(store, &n("norm1"), h, rms)?,
+                norm2: Norm::new(store, &n("norm2"), h, rms)?,
+            });
+        }
+        let final_norm = spec
+            .final_norm
+            .then(|| Norm::new(store, "final_norm", h, rms))
+            .transpose()?;
+        let head = match spec.head {
+            Head::Lm if spec.tied_embeddings => HeadLayer::Lm(None),
+            Head::Lm => HeadLayer::Lm(Some(store.add(
+                "head.lm.weight",
+                &[spec.vocab as usize, h],
+                Init::Uniform(1.0 / (h as f32).sqrt()),
+            )?)),
+            Head::Pooler => HeadLayer::Pooler(Linear::new(store, "head.pooler", h, h, true)?),
+            Head::Classifier { classes } => HeadLayer::Classifier(Linear::new(
+                store,
+                "head.classifier",
+                h,
+                classes as usize,
+                true,
+            )?),
+        };
+        Ok(Self {
+            spec: spec.clone(),
+            embedding,
+            blocks,
+            final_norm,
+            head,
+        })
+    }
+
+    pub fn layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Token ids `[b, s]` (u32) or images `[b, c, H, W]` -> hidden states `[b, s, h]` in the
+    /// compute dtype. Lookups and sums run in the storage dtype (as torch's embedding under
+    /// autocast), then the result is cast.
+    pub fn embed(&self, ctx: &Ctx, input: &Tensor) -> Result<Tensor> {
+        let x = match &self.embedding {
+            Embedding::Tokens {
+                tok,
+                pos,
+                token_type,
+                norm,
+            } => {
+                let (b, s) = input.dims2()?;
+                let w = ctx.w_raw(*tok)?;
+                let h = w.dim(1)?;
+                let mut x = w
+                    .index_select(&input.flatten_all()?, 0)?
+                    .reshape((b, s, h))?;
+                if let Some(p) = pos {
+                    x = x.broadcast_add(&ctx.w_raw(*p)?.narrow(0, 0, s)?)?;
+                }
+                if let Some(t) = token_type {
+                    // every synthetic token has type 0
+                    x = x.broadcast_add(&ctx.w_raw(*t)?.narrow(0, 0, 1)?)?;
+                }
+                let x = x.to_dtype(ctx.dtype)?;
+                match norm {
+                    Some(n) => n.forward(ctx, &x)?,
+                    None => x,
+                }
+            }
+            Embedding::Patches {
+                conv_w,
+                conv_b,
+                cls,
+                pos,
+                patch,
+            } => {
+                let img = input.to_dtype(ctx.dtype)?;
+                let y = img.conv2d(&ctx.w(*conv_w)?, 0, *patch, 1, 1)?;
+                let (b, h, _, _) = y.dims4()?;
+                let y = y.broadcast_add(&ctx.w(*conv_b)?.reshape((1, h, 1, 1))?)?;
+                let y = y.flatten_from(2)?.transpose(1, 2)?;
+                let cls = ctx.w(*cls)?.broadcast_as((b, 1, h))?;
+                let x = Tensor::cat(&[&cls, &y], 1)?;
+                let n = x.dim(1)?;
+                let table = ctx.w(*pos)?;
+                if n > table.dim(0)? {
+                    candle_core::bail!("{n} tokens exceed the {} learned positions", table.dim(0)?);
+                }
+                x.broadcast_add(&table.narrow(0, 0, n)?)?
+            }
+        };
+        ctx.dropout(&x, u64::MAX - 1)
+    }
+
+    /// Block `i`: pre-LN (GPT-2, Llama, ViT) or post-LN when the spec has an embedding norm (BERT).
+    pub fn block(&self, ctx: &Ctx, i: usize, x: &Tensor) -> Result<Tensor> {
+        let blk = &self.blocks[i];
+        let site = i as u64 * SITES;
+        if self.spec.embedding_norm {
+            let a = ctx.dropout(&blk.attn.forward(ctx, x, site)?, site + 1)?;
+            let x = blk.norm1.forward(ctx, &(x + a)?)?;
+            let m = ctx.dropout(&blk.mlp.forward(ctx, &x)?, site + 2)?;
+            blk.norm2.forward(ctx, &(x + m)?)
+        } else {
+            let a = blk.attn.forward(ctx, &blk.norm1.forward(ctx, x)?, site)?;
+            let x = (x + ctx.dropout(&a, site + 1)?)?;
+            let m = blk.mlp.forward(ctx, &blk.norm2.forward(ctx, &x)?)?;
+            x + ctx.dropout(&m, site + 2)?
+        }
+    }
+
+    /// Final norm and head: logits `[rows, classes]` in the compute dtype. LM: one row per token
+    /// (vocabulary logits); pooler/classifier: one row per sequence from the first token.
+    /// `BertModel` has no task head, so the pooler's `tanh(dense(x0))` output is used directly as
+    /// logits over `hidden` classes: the step then trains exactly the parameters BertModel has.
+    pub fn head(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        let x = match &self.final_norm {
+            Some(n) => n.forward(ctx, x)?,
+            None => x.clone(),
+        };
+        match &self.head {
+            HeadLayer::Lm(w) => {
+                let w = match (w, &self.embedding) {
+                    (Some(w), _) => ctx.w(*w)?,
+                    (None, Embedding::Tokens { tok, .. }) => ctx.w(*tok)?,
+                    (None, Embedding::Patches { .. }) => {
+                        candle_core::bail!("a tied LM head needs token embeddings")
+                    }
+                };
+                let (b, s, h) = x.dims3()?;
+                x.reshape((b * s, h))?.matmul(&w.t()?)
+            }
+            HeadLayer::Pooler(l) => l.forward(ctx, &x.narrow(1, 0, 1)?.squeeze(1)?)?.tanh(),
+            HeadLayer::Classifier(l) => l.forward(ctx, &x.narrow(1, 0, 1)?.squeeze(1)?),
+        }
+    }
+
+    /// The whole forward pass (no checkpointing).
+    pub fn forward(&self, ctx: &Ctx, input: &Tensor) -> Result<Tensor> {
+        let mut x = self.embed(ctx, input)?;
+        for i in 0..self.blocks.len() {
+            x = self.block(ctx, i, &x)?;
+        }
+        self.head(ctx, &x)
+    }
+
+    /// Number of classes of the logits (vocabulary, hidden for the pooler, or classes).
+    pub fn classes(&self) -> usize {
+        match self.spec.head {
+            Head::Lm => self.spec.vocab as usize,
+            Head::Pooler => self.spec.hidden as usize,
+            Head::Classifier { classes } => classes as usize,
+        }
+    }
+}

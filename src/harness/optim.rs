@@ -1,0 +1,121 @@
+//! Optimizers over a [`ParamStore`], written here rather than taken from candle-nn because ZeRO
+//! needs states for only this rank's shard and pure-bf16 training needs an fp32 master copy.
+//! Update rules and defaults follow PyTorch: AdamW (lr 1e-3, betas 0.9/0.999, eps 1e-8,
+//! weight decay 1e-2), SGD with momentum 0.9, plain SGD (lr 1e-2).
+//!
+//! ZeRO: with stage >= 1 the states cover only rank 0's shard rows of each parameter and only
+//! those rows are updated (the other rows would arrive by all-gather from the other ranks).
+
+use super::layers::ParamStore;
+use crate::spec::Optimizer;
+use candle_core::{DType, Result, Tensor, Var};
+
+struct State {
+    /// AdamW first moment, or the momentum buffer.
+    m: Option<Var>,
+    /// AdamW second moment.
+    v: Option<Var>,
+    /// fp32 master weights of the shard (pure half precision only).
+    master: Option<Var>,
+}
+
+pub struct Optim {
+    kind: Optimizer,
+    lr: f64,
+    steps: u64,
+    states: Vec<State>,
+}
+
+fn shard_shape(shape: &[usize], rows: usize) -> Vec<usize> {
+    let mut s = shape.to_vec();
+    s[0] = rows;
+    s
+}
+
+impl Optim {
+    /// Allocates the states (fp32) for every parameter's shard.
+    pub fn new(kind: Optimizer, store: &ParamStore) -> Result<Self> {
+        let lr = match kind {
+            Optimizer::AdamW => 1e-3,
+            Optimizer::SgdMomentum | Optimizer::Sgd => 1e-2,
+        };
+        let mut states = Vec::with_capacity(store.params.len());
+        for p in &store.params {
+            let shape = shard_shape(&p.shape, p.shard_rows);
+            let zeros = || Var::zeros(shape.clone(), DType::F32, &store.device);
+            let master = if store.dtype != DType::F32 {
+                let w = p.var.as_tensor().narrow(0, 0, p.shard_rows)?;
+                Some(Var::from_tensor(&w.to_dtype(DType::F32)?)?)
+            } else {
+                None
+            };
+            states.push(State {
+                m: (kind != Optimizer::Sgd).then(zeros).transpose()?,
+                v: (kind == Optimizer::AdamW).then(zeros).transpose()?,
+                master,
+            });
+        }
+        Ok(Self {
+            kind,
+            lr,
+            steps: 0,
+            states,
+        })
+    }
+
+    /// The fp32 master copies (pure half precision only), for inspection.
+    pub fn masters(&self) -> impl Iterator<Item = &Var> {
+        self.states.iter().filter_map(|s| s.master.as_ref())
+    }
+
+    /// Applies one update from `grads` (indexed like `store.params`; full or shard rows).
+    pub fn step(&mut self, store: &ParamStore, grads: &[Option<Tensor>]) -> Result<()> {
+        self.steps += 1;
+        let t = self.steps as i32;
+        for ((p, st), g) in store.params.iter().zip(&self.states).zip(grads) {
+            let Some(g) = g else { continue };
+            let k = p.shard_rows;
+            let g = g.narrow(0, 0, k)?.to_dtype(DType::F32)?;
+            let w = match &st.master {
+                Some(m) => m.as_tensor().clone(),
+                None => p.var.as_tensor().narrow(0, 0, k)?,
+            };
+            let new_w = match self.kind {
+                Optimizer::AdamW => {
+                    let (b1, b2, eps, wd) = (0.9, 0.999, 1e-8, 1e-2);
+                    let m = st.m.as_ref().expect("adam m");
+                    let v = st.v.as_ref().expect("adam v");
+                    let new_m = ((m.as_tensor() * b1)? + (&g * (1.0 - b1))?)?;
+                    let new_v = ((v.as_tensor() * b2)? + (g.sqr()? * (1.0 - b2))?)?;
+                    m.set(&new_m)?;
+                    v.set(&new_v)?;
+                    let m_hat = (new_m / (1.0 - b1.powi(t)))?;
+                    let v_hat = (new_v / (1.0 - b2.powi(t)))?;
+                    let upd = (m_hat / (v_hat.sqrt()? + eps)?)?;
+                    ((&w * (1.0 - self.lr * wd))? - (upd * self.lr)?)?
+                }
+                Optimizer::SgdMomentum => {
+                    let m = st.m.as_ref().expect("momentum buffer");
+                    let new_m = ((m.as_tensor() * 0.9)? + &g)?;
+                    m.set(&new_m)?;
+                    (&w - (new_m * self.lr)?)?
+                }
+                Optimizer::Sgd => (&w - (g * self.lr)?)?,
+            };
+            drop(w);
+            let new_w = match &st.master {
+                Some(m) => {
+                    m.set(&new_w)?;
+                    new_w.to_dtype(p.var.dtype())?
+                }
+                None => new_w,
+            };
+            if k == p.var.dims()[0] {
+                p.var.set(&new_w)?;
+            } else {
+                p.var.as_tensor().slice_set(&new_w, 0, 0)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,433 @@
+//! One real training step: forward, cross-entropy, backward, optimizer update, in the modes the
+//! planner models (precision, gradient checkpointing, simulated ZeRO).
+//!
+//! Two backward strategies:
+//! - plain: one forward graph, one `loss.backward()`: what eager PyTorch does.
+//! - segmented (transformers with checkpointing or ZeRO stage >= 2): the embedding, each block
+//!   and the head are separate graphs joined by `Var` inputs. Backward runs the head, then each
+//!   block in reverse via `sum(out * grad_out)`, so the gradients of one block appear (and,
+//!   under ZeRO-2/3, are cut to the shard and the rest freed) before the next block is processed,
+//!   as bucketed reduce-scatter would. With checkpointing, the forward keeps only block inputs
+//!   and each block is recomputed from its input (same dropout masks) during backward.
+//!   Without checkpointing the block graphs are kept from the forward; making each block input a
+//!   `Var` costs one extra copy of `b*s*h` per block.
+//!
+//! ZeRO simulation (rank 0 of `gpus`), see `layers::params`: stage >= 1 allocates optimizer
+//! states for the shard only; stage >= 2 keeps only shard gradients; stage 3 keeps only shard
+//! weights resident and materialises the full weight for each use (held by the autograd graph
+//! until the block's backward, or, with checkpointing, until the block's forward/recompute ends).
+//! Communication itself is not simulated: its buffers are not allocated.
+
+use super::layers::params::Ctx;
+use super::layers::{Cnn, ParamStore, Transformer};
+use super::optim::Optim;
+use crate::error::input_err;
+use crate::spec::{ModelSpec, Precision, TrainSpec};
+use candle_core::backprop::GradStore;
+use candle_core::{DType, Device, Tensor, Var};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// Dropout probability of every dropout site (BERT/GPT-2's 0.1).
+pub const DROPOUT: f32 = 0.1;
+
+enum Model {
+    Transformer(Box<Transformer>),
+    Cnn(Cnn),
+}
+
+pub struct Trainer {
+    model: Model,
+    store: ParamStore,
+    optim: Optim,
+    /// token ids `[b, s]` (u32) or images `[b, c, H, W]` (fp32)
+    input: Tensor,
+    /// class ids (u32): next tokens `[b*s]` or labels `[b]`
+    targets: Tensor,
+    compute: DType,
+    checkpoint: bool,
+    segmented: bool,
+    dropout: f32,
+    seed: u64,
+    steps: u64,
+}
+
+/// Storage and compute dtypes for a precision mode.
+fn dtypes(p: Precision) -> (DType, DType) {
+    match p {
+        Precision::Fp32 => (DType::F32, DType::F32),
+        Precision::Bf16Mixed => (DType::F32, DType::BF16),
+        Precision::Fp16Mixed => (DType::F32, DType::F16),
+        Precision::Bf16 => (DType::BF16, DType::BF16),
+    }
+}
+
+/// Runs the op kinds a step needs in `dtype` on `device` (conv, matmul, unary ops and their
+/// backward through a differentiable cast).
+fn backend_has(device: &Device, dtype: DType) -> bool {
+    let probe = || -> candle_core::Result<()> {
+        let v = Var::from_tensor(&Tensor::ones((1, 2, 4, 4), DType::F32, device)?)?;
+        let x = v.as_tensor().to_dtype(dtype)?;
+        let k = Tensor::ones((2, 2, 3, 3), dtype, device)?;
+        let y = x.conv2d(&k, 1, 1, 1, 1)?.reshape((8, 4))?;
+        let z = y.matmul(&y.t()?)?.exp()?.gelu()?.sum_all()?;
+        z.to_dtype(DType::F32)?.backward()?;
+        Ok(())
+    };
+    probe().is_ok()
+}
+
+/// Refuses a precision whose compute dtype the backend cannot train in (e.g. candle's CPU
+/// matmul has f16 but no bf16 kernel), rather than silently running it in fp32.
+fn check_backend(device: &Device, p: Precision, dtype: DType) -> anyhow::Result<()> {
+    if backend_has(device, dtype) {
+        return Ok(());
+    }
+    let accepted: Vec<&str> = Precision::ALL
+        .iter()
+        .filter(|q| {
+            let c = dtypes(**q).1;
+            c == DType::F32 || (c != dtype && backend_has(device, c))
+        })
+        .map(|q| q.as_str())
+        .collect();
+    input_err(
+        "precision",
+        format!(
+            "{p} needs {dtype:?} kernels that the {} backend lacks; accepted on this backend: {} \
+             (bf16 modes need CUDA)",
+            if device.is_cpu() { "CPU" } else { "device" },
+            accepted.join(", ")
+        ),
+    )
+}
+
+/// Adds `g` (cut to the shard under ZeRO-2/3) into `acc[i]` for every parameter `gs` holds.
+fn collect(store: &ParamStore, gs: &GradStore, acc: &mut [Option<Tensor>]) -> anyhow::Result<()> {
+    let shard_grads = store.zero_stage >= 2;
+    for (i, p) in store.params.iter().enumerate() {
+        let Some(g) = gs.get(p.var.as_tensor()) else {
+            continue;
+        };
+        let g = if shard_grads && g.dim(0)? > p.shard_rows {
+            // copy so the full gradient's storage is released with the GradStore
+            g.narrow(0, 0, p.shard_rows)?.copy()?
+        } else {
+            g.clone()
+        };
+        acc[i] = Some(match acc[i].take() {
+            Some(a) => (a + g)?,
+            None => g,
+        });
+    }
+    Ok(())
+}
+
+impl Trainer {
+    /// Builds the model's Vars (fp32), the optimizer state and a synthetic batch (seeded RNG:
+    /// token ids / images and labels) on `device`.
+    pub fn new(
+        model: &ModelSpec,
+        train: &TrainSpec,
+        device: &Device,
+        seed: u64,
+    ) -> anyhow::Result<Self> {
+        model.validate_for(train)?;
+        let (storage, compute) = dtypes(train.precision);
+        if compute != DType::F32 {
+            check_backend(device, train.precision, compute)?;
+        }
+        Self::build(model, train, device, seed, storage, compute)
+    }
+
+    /// `new` with explicit storage/compute dtypes (unit tests run pure f16 on CPU to exercise the
+    /// fp32-master path, which the CPU backend cannot run in bf16).
+    fn build(
+        model: &ModelSpec,
+        train: &TrainSpec,
+        device: &Device,
+        seed: u64,
+        storage: DType,
+        compute: DType,
+    ) -> anyhow::Result<Self> {
+        let checkpoint = train.checkpointing.is_on();
+        if checkpoint && matches!(model, ModelSpec::Cnn(_)) {
+            return input_err(
+                "checkpointing",
+                "full is implemented per transformer block; accepted none for CNNs",
+            );
+        }
+        let mut store =
+            ParamStore::new(device, storage, seed, train.zero_stage, train.gpus as usize);
+        let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_da7a);
+        let b = train.batch as usize;
+        let (model, input, targets) = match model {
+            ModelSpec::Transformer(t) => {
+                let m = Transformer::new(t, &mut store)?;
+                let classes = m.classes();
+                let (input, targets) = match &t.patch {
+                    Some(p) if p.seq_for(train.image) > p.seq_for(p.image) => {
+                        return input_err(
+                            "image",
+                            format!(
+                                "{} px gives more patches than the model's {} learned positions; \
+                                 accepted up to {} px",
+                                train.image,
+                                p.seq_for(p.image),
+                                p.image
+                            ),
+                        );
+                    }
+                    Some(p) => {
+                        let side = train.image as usize;
+                        let c = p.channels as usize;
+                        let n = b * c * side * side;
+                        let img: Vec<f32> = (0..n).map(|_| rng.gen_range(-1.0..1.0)).collect();
+                        (
+                            Tensor::from_vec(img, (b, c, side, side), device)?,
+                            labels(&mut rng, b, classes, device)?,
+                        )
+                    }
+                    None => {
+                        let s = train.seq as usize;
+                        let v = t.vocab as u32;
+                        let ids: Vec<u32> = (0..b * (s + 1)).map(|_| rng.gen_range(0..v)).collect();
+                        let ids = Tensor::from_vec(ids, (b, s + 1), device)?;
+                        let input = ids.narrow(1, 0, s)?.contiguous()?;
+                        let targets = if m.spec.head == crate::spec::transformer::Head::Lm {
+                            ids.narrow(1, 1, s)?.flatten_all()?.contiguous()?
+                        } else {
+                            labels(&mut rng, b, classes, device)?
+                        };
+                        (input, targets)
+                    }
+                };
+                (Model::Transformer(Box::new(m)), input, targets)
+            }
+            ModelSpec::Cnn(c) => {
+                let m = Cnn::new(c, &mut store)?;
+                let side = train.image as usize;
+                let ch = c.in_channels as usize;
+                let img: Vec<f32> = (0..b * ch * side * side)
+                    .map(|_| rng.gen_range(-1.0..1.0))
+                    .collect();
+                let input = Tensor::from_vec(img, (b, ch, side, side), device)?;
+                let targets = labels(&mut rng, b, c.classes as usize, device)?;
+                (Model::Cnn(m), input, targets)
+            }
+        };
+        let segmented =
+            matches!(model, Model::Transformer(_)) && (checkpoint || train.zero_stage >= 2);
+        let optim = Optim::new(train.optimizer, &store)?;
+        Ok(Self {
+            model,
+            store,
+            optim,
+            input,
+            targets,
+            compute,
+            checkpoint,
+            segmented,
+            dropout: DROPOUT,
+            seed,
+            steps: 0,
+        })
+    }
+
+    /// Parameters of the full model (not the ZeRO shard), counted from the allocated Vars'
+    /// logical shapes.
+    pub fn params(&self) -> u64 {
+        self.store.total()
+    }
+
+    /// Sets the dropout probability (0 disables it); masks stay seeded either way.
+    pub fn set_dropout(&mut self, p: f32) {
+        self.dropout = p;
+    }
+
+    /// The parameter store (names, Vars, shard sizes), for inspection.
+    pub fn store(&self) -> &ParamStore {
+        &self.store
+    }
+
+    /// One training step: forward, cross-entropy loss, backward, optimizer update. Returns the
+    /// loss. Does not synchronise the device (the caller times with sync around it).
+    pub fn step(&mut self) -> anyhow::Result<f32> {
+        let (loss, grads) = self.compute_grads()?;
+        self.optim.step(&self.store, &grads)?;
+        Ok(loss)
+    }
+
+    /// Gradients of one step without the update, by Var name (for tests comparing checkpointed
+    /// vs plain). Under ZeRO-2/3 these are the shard's rows.
+    pub fn gradients(&mut self) -> anyhow::Result<Vec<(String, Tensor)>> {
+        let (_, grads) = self.compute_grads()?;
+        Ok(self
+            .store
+            .params
+            .iter()
+            .zip(grads)
+            .filter_map(|(p, g)| g.map(|g| (p.name.clone(), g)))
+            .collect())
+    }
+
+    fn compute_grads(&mut self) -> anyhow::Result<(f32, Vec<Option<Tensor>>)> {
+        self.steps += 1;
+        let ctx = Ctx {
+            store: &self.store,
+            dtype: self.compute,
+            dropout: self.dropout,
+            seed: self.seed.wrapping_mul(0x9e37_79b9).wrapping_add(self.steps),
+        };
+        let mut acc = vec![None; self.store.params.len()];
+        let loss = match (&self.model, self.segmented) {
+            (Model::Transformer(m), true) => segmented(
+                m,
+                &ctx,
+                &self.input,
+                &self.targets,
+                self.checkpoint,
+                &mut acc,
+            )?,
+            (model, _) => {
+                let logits = match model {
+                    Model::Transformer(m) => m.forward(&ctx, &self.input)?,
+                    Model::Cnn(m) => m.forward(&ctx, &self.input)?,
+                };
+                let loss = super::layers::ops::cross_entropy(&logits, &self.targets)?;
+                drop(logits);
+                let gs = loss.backward()?;
+                collect(&self.store, &gs, &mut acc)?;
+                loss.to_scalar::<f32>()?
+            }
+        };
+        Ok((loss, acc))
+    }
+}
+
+fn labels(rng: &mut StdRng, b: usize, classes: usize, device: &Device) -> anyhow::Result<Tensor> {
+    let ids: Vec<u32> = (0..b).map(|_| rng.gen_range(0..classes as u32)).collect();
+    Ok(Tensor::from_vec(ids, b, device)?)
+}
+
+/// Block-wise forward and backward (see the module doc). Returns the loss.
+fn segmented(
+    m: &Transformer,
+    ctx: &Ctx,
+    input: &Tensor,
+    targets: &Tensor,
+    checkpoint: bool,
+    acc: &mut [Option<Tensor>],
+) -> anyhow::Result<f32> {
+    let emb = m.embed(ctx, input)?;
+    let mut x = emb.detach();
+    // checkpoint: the stored block inputs; otherwise (input Var, output with its graph).
+    let mut inputs: Vec<Tensor> = Vec::new();
+    let mut kept: Vec<(Var, Tensor)> = Vec::new();
+    for i in 0..m.layers() {
+        if checkpoint {
+            let out = m.block(ctx, i, &x)?.detach();
+            inputs.push(std::mem::replace(&mut x, out));
+        } else {
+            let v = Var::from_tensor(&x)?;
+            let out = m.block(ctx, i, v.as_tensor())?;
+            x = out.detach();
+            kept.push((v, out));
+        }
+    }
+    let hv = Var::from_tensor(&x)?;
+    drop(x);
+    let logits = m.head(ctx, hv.as_tensor())?;
+    let loss = super::layers::ops::cross_entropy(&logits, targets)?;
+    drop(logits);
+    let gs = loss.backward()?;
+    collect(ctx.store, &gs, acc)?;
+    let mut g = gs
+        .get(hv.as_tensor())
+        .cloned()
+        .ok_or_else(|| anyhow::anyhow!("no gradient reached the final hidden states"))?;
+    drop(gs);
+    drop(hv);
+    for i in (0..m.layers()).rev() {
+        let (v, out) = if checkpoint {
+            let stored = inputs.pop().expect("one stored input per block");
+            let v = Var::from_tensor(&stored)?;
+            drop(stored);
+            let out = m.block(ctx, i, v.as_tensor())?;
+            (v, out)
+        } else {
+            kept.pop().expect("one kept graph per block")
+        };
+        let gs = out.mul(&g)?.sum_all()?.backward()?;
+        drop(out);
+        collect(ctx.store, &gs, acc)?;
+        g = gs
+            .get(v.as_tensor())
+            .cloned()
+            .ok_or_else(|| anyhow::anyhow!("no gradient reached block {i}'s input"))?;
+    }
+    let gs = emb.mul(&g)?.sum_all()?.backward()?;
+    collect(ctx.store, &gs, acc)?;
+    Ok(loss.to_scalar::<f32>()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::presets::preset;
+
+    /// Pure half precision (half Vars, fp32 master in the optimizer), run in f16 because the CPU
+    /// backend has no bf16 matmul: weights stay half, master copies are fp32, and training moves.
+    #[test]
+    fn pure_half_keeps_fp32_master() {
+        let train = TrainSpec {
+            batch: 2,
+            seq: 16,
+            zero_stage: 1,
+            gpus: 2,
+            ..TrainSpec::default()
+        };
+        let spec = preset("tiny-gpt").unwrap();
+        let mut t = Trainer::build(&spec, &train, &Device::Cpu, 1, DType::F16, DType::F16).unwrap();
+        let a = t.step().unwrap();
+        let b = t.step().unwrap();
+        assert!(a.is_finite() && b.is_finite() && a != b, "{a} {b}");
+        for p in &t.store.params {
+            assert_eq!(p.var.dtype(), DType::F16, "{}", p.name);
+        }
+        let masters: Vec<_> = t.optim.masters().collect();
+        assert_eq!(masters.len(), t.store.params.len());
+        for (m, p) in masters.iter().zip(&t.store.params) {
+            assert_eq!(m.dtype(), DType::F32);
+            assert_eq!(m.dim(0).unwrap(), p.shard_rows);
+            // the half weights are the rounded master
+            let w = p
+                .var
+                .as_tensor()
+                .narrow(0, 0, p.shard_rows)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap();
+            let d = (w - m.as_tensor())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert!(d.to_scalar::<f32>().unwrap() < 1e-2, "{}", p.name);
+        }
+    }
+
+    #[test]
+    fn cnn_checkpointing_is_refused() {
+        let train = TrainSpec {
+            image: 32,
+            checkpointing: crate::spec::Checkpointing::Full,
+            ..TrainSpec::default()
+        };
+        let e = Trainer::new(&preset("tiny-resnet18").unwrap(), &train, &Device::Cpu, 0)
+            .err()
+            .unwrap();
+        assert_eq!(crate::error::exit_code(&e), 2);
+    }
+}

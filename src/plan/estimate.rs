@@ -1,0 +1,304 @@
+//! One planning answer: everything `vramcal estimate` prints, gathered in one serialisable
+//! struct whose JSON is the stable schema documented in docs/estimate-schema.md.
+
+use crate::coeffs::Coefficients;
+use crate::plan::gpus::{self, Gpu, Layout};
+use crate::plan::host::{self, HostRam};
+use crate::plan::memory::MemoryBreakdown;
+use crate::plan::search::{self, Evaluator};
+use crate::plan::step_time::{self, StepTime};
+use crate::plan::storage::{self, Storage};
+use crate::plan::{params, seed, time};
+use crate::spec::{Checkpointing, Family, ModelSpec, TrainSpec};
+use serde::Serialize;
+
+/// Bumped only when a field changes meaning or disappears (new fields do not bump it).
+pub const SCHEMA: u32 = 1;
+
+/// What the caller wants beyond the memory breakdown.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// GPU the job runs on (`--gpu`): capacity, and the peak used for step time
+    pub gpu: Option<&'static Gpu>,
+    /// capacity override (`--gpu-mem`); defaults to the GPU's memory
+    pub capacity_bytes: Option<u64>,
+    /// loader sample bytes; None = tokens x 4 or image C*H*W (host::default_sample_bytes)
+    pub sample_bytes: Option<u64>,
+    pub workers: u64,
+    pub dataset_bytes: u64,
+    pub cache_fraction: f64,
+    pub checkpoints_kept: u64,
+    pub max_batch: bool,
+    pub max_seq: bool,
+    /// per GPU type in the catalog, the fewest GPUs that fit (about 700 memory evaluations)
+    pub choose_gpus: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            gpu: None,
+            capacity_bytes: None,
+            sample_bytes: None,
+            workers: host::DEFAULT_WORKERS,
+            dataset_bytes: 0,
+            cache_fraction: storage::DEFAULT_CACHE_FRACTION,
+            checkpoints_kept: storage::DEFAULT_KEPT,
+            max_batch: false,
+            max_seq: false,
+            choose_gpus: true,
+        }
+    }
+}
+
+/// Does the job fit the given capacity?
+#[derive(Debug, Clone, Serialize)]
+pub struct Verdict {
+    /// catalog id, or null when only `--gpu-mem` was given
+    pub gpu: Option<&'static str>,
+    pub capacity_bytes: u64,
+    pub fits: bool,
+    /// capacity - total (negative when it does not fit)
+    pub free_bytes: i64,
+}
+
+/// `--max-batch` / `--max-seq` answers. null = not asked; 0 = not even 1 fits.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct SearchResult {
+    pub capacity_bytes: u64,
+    pub max_batch: Option<u64>,
+    pub max_seq: Option<u64>,
+}
+
+/// For one GPU type, the fewest GPUs that hold the job (None: not even 4096 do).
+#[derive(Debug, Clone, Serialize)]
+pub struct GpuChoice {
+    pub gpu: &'static str,
+    pub name: &'static str,
+    pub memory_bytes: u64,
+    pub layout: Option<Layout>,
+    /// per-GPU total under that layout
+    pub total_bytes: Option<u64>,
+    pub step_time: Option<StepTime>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Estimate {
+    pub schema: u32,
+    pub model: String,
+    pub family: Family,
+    /// exact trainable parameter count
+    pub params: u64,
+    /// the brief's 12*L*d^2 (transformers only)
+    pub params_12ld2: Option<u64>,
+    /// tokens per sample actually processed (transformers; ViT: patches + class token)
+    pub tokens_per_sample: Option<u64>,
+    pub train: TrainSpec,
+    /// per GPU, bytes
+    pub memory: MemoryBreakdown,
+    /// the brief's rule params*4*3 + batch*seq*hidden*10 (see plan::seed)
+    pub seed_formula_bytes: u64,
+    /// (seed - total) / total * 100
+    pub seed_vs_total_pct: f64,
+    pub host_ram: HostRam,
+    pub storage: Storage,
+    /// null when neither `--gpu` nor a calibrated flops_per_s gives a rate
+    pub step_time: Option<StepTime>,
+    pub verdict: Option<Verdict>,
+    pub search: Option<SearchResult>,
+    pub gpu_choice: Vec<GpuChoice>,
+    pub recommendation: String,
+    /// device_id of the coefficient table used
+    pub coefficients: String,
+}
+
+fn step_for(
+    model: &ModelSpec,
+    train: &TrainSpec,
+    ev: &Evaluator,
+    gpu: Option<&Gpu>,
+) -> anyhow::Result<Option<StepTime>> {
+    let time = &ev.mode().time;
+    let Some(rate) = step_time::rate(time, gpu, train.precision) else {
+        return Ok(None);
+    };
+    let flops = time::step_flops(model, train)?;
+    Ok(Some(step_time::step_time(
+        &flops,
+        rate,
+        time,
+        train.checkpointing.is_on(),
+        train.batch,
+        train.gpus,
+    )))
+}
+
+fn layout_train(train: &TrainSpec, l: Layout) -> TrainSpec {
+    TrainSpec {
+        gpus: l.gpus,
+        zero_stage: l.zero_stage,
+        checkpointing: if l.checkpointing {
+            Checkpointing::Full
+        } else {
+            Checkpointing::None
+        },
+        ..train.clone()
+    }
+}
+
+fn choose_all(
+    model: &ModelSpec,
+    train: &TrainSpec,
+    ev: &Evaluator,
+) -> anyhow::Result<Vec<GpuChoice>> {
+    let cnn = matches!(model, ModelSpec::Cnn(_));
+    let mut out = Vec::with_capacity(gpus::CATALOG.len());
+    for g in gpus::CATALOG {
+        let layout = gpus::choose(g.memory_bytes, |l| {
+            if cnn && l.checkpointing {
+                return None; // checkpointing is modelled for transformer blocks only
+            }
+            ev.breakdown(&layout_train(train, l)).ok().map(|b| b.total)
+        });
+        let (total_bytes, step) = match layout {
+            Some(l) => {
+                let t = layout_train(train, l);
+                (
+                    Some(ev.breakdown(&t)?.total),
+                    step_for(model, &t, ev, Some(g))?,
+                )
+            }
+            None => (None, None),
+        };
+        out.push(GpuChoice {
+            gpu: g.id,
+            name: g.name,
+            memory_bytes: g.memory_bytes,
+            layout,
+            total_bytes,
+            step_time: step,
+        });
+    }
+    Ok(out)
+}
+
+fn describe(l: &Layout, name: &str) -> String {
+    format!(
+        "{} x {name} (ZeRO stage {}, checkpointing {})",
+        l.gpus,
+        l.zero_stage,
+        if l.checkpointing { "full" } else { "none" }
+    )
+}
+
+fn recommend(verdict: Option<&Verdict>, train: &TrainSpec, choices: &[GpuChoice]) -> String {
+    // Fewest GPUs first, then the smallest card among them (the catalog is ordered by memory).
+    let best = choices
+        .iter()
+        .filter_map(|c| c.layout.map(|l| (l, c)))
+        .min_by_key(|(l, c)| (l.gpus, c.memory_bytes));
+    let best_text = best
+        .map(|(l, c)| format!("smallest fitting setup: {}", describe(&l, c.name)))
+        .unwrap_or_else(|| "no catalog GPU holds it with up to 4096 GPUs".to_string());
+    match verdict {
+        Some(v) if v.fits => format!(
+            "fits: {} GPU(s) with ZeRO stage {} and checkpointing {}, {:.1} GiB free per GPU",
+            train.gpus,
+            train.zero_stage,
+            train.checkpointing,
+            v.free_bytes as f64 / (1u64 << 30) as f64
+        ),
+        Some(v) => format!(
+            "does not fit: {:.1} GiB over per GPU; {best_text}",
+            -v.free_bytes as f64 / (1u64 << 30) as f64
+        ),
+        None => best_text,
+    }
+}
+
+/// Plans one training job. Validates the model and the training configuration first.
+pub fn estimate(
+    model: &ModelSpec,
+    train: &TrainSpec,
+    coeffs: &Coefficients,
+    opts: &Options,
+) -> anyhow::Result<Estimate> {
+    let ev = Evaluator::new(model, train, coeffs)?;
+    let memory = ev.breakdown(train)?;
+    let p = ev.params();
+    let (params_12ld2, tokens) = match model {
+        ModelSpec::Transformer(t) => (
+            Some(params::seed_approx(t)),
+            Some(t.effective_seq(train.seq, train.image)),
+        ),
+        ModelSpec::Cnn(_) => (None, None),
+    };
+    let seed_formula_bytes = seed::seed_bytes(model, p, train);
+    let capacity = opts.capacity_bytes.or(opts.gpu.map(|g| g.memory_bytes));
+    let verdict = capacity.map(|c| Verdict {
+        gpu: opts.gpu.map(|g| g.id),
+        capacity_bytes: c,
+        fits: memory.total <= c,
+        free_bytes: c as i64 - memory.total as i64,
+    });
+    let search = match capacity {
+        Some(c) if opts.max_batch || opts.max_seq => Some(SearchResult {
+            capacity_bytes: c,
+            max_batch: if opts.max_batch {
+                Some(search::max_batch(&ev, train, c)?.unwrap_or(0))
+            } else {
+                None
+            },
+            max_seq: if opts.max_seq {
+                Some(search::max_seq(model, &ev, train, c)?.unwrap_or(0))
+            } else {
+                None
+            },
+        }),
+        _ => None,
+    };
+    let sample_bytes = opts
+        .sample_bytes
+        .unwrap_or_else(|| host::default_sample_bytes(model, train));
+    let host_ram = host::host_ram(
+        p,
+        train.precision,
+        train.batch,
+        sample_bytes,
+        opts.workers,
+        capacity.unwrap_or(memory.total),
+    );
+    let storage = storage::storage(
+        p,
+        train,
+        opts.dataset_bytes,
+        opts.cache_fraction,
+        opts.checkpoints_kept,
+    );
+    let gpu_choice = if opts.choose_gpus {
+        choose_all(model, train, &ev)?
+    } else {
+        Vec::new()
+    };
+    Ok(Estimate {
+        schema: SCHEMA,
+        model: model.name().to_string(),
+        family: model.family(),
+        params: p,
+        params_12ld2,
+        tokens_per_sample: tokens,
+        train: train.clone(),
+        seed_vs_total_pct: (seed_formula_bytes as f64 - memory.total as f64) / memory.total as f64
+            * 100.0,
+        memory,
+        seed_formula_bytes,
+        host_ram,
+        storage,
+        step_time: step_for(model, train, &ev, opts.gpu)?,
+        recommendation: recommend(verdict.as_ref(), train, &gpu_choice),
+        verdict,
+        search,
+        gpu_choice,
+        coefficients: coeffs.device_id.clone(),
+    })
+}

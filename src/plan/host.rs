@@ -1,0 +1,110 @@
+//! Host RAM per training process, from the capacity-planning brief (section 2):
+//! `RAM >= max(batch x sample bytes x loader workers x 3, 2 x parameter bytes)` with 30 %
+//! headroom for fragmentation, and the brief's "RAM >= 3 x VRAM" shown separately as advice,
+//! because it is a rule of thumb, not a derivation.
+
+use crate::spec::{ModelSpec, Precision, TrainSpec};
+use serde::Serialize;
+
+/// The brief's headroom against fragmentation (section 2.2).
+pub const HEADROOM: f64 = 0.30;
+/// The brief's loader buffering factor (section 2.1: decoded, augmented and collated copies).
+pub const LOADER_COPIES: u64 = 3;
+/// Default loader workers (PyTorch DataLoader setups commonly use 4 per GPU).
+pub const DEFAULT_WORKERS: u64 = 4;
+
+/// Bytes of one raw training sample as the loader holds it: token ids as 4-byte integers, or an
+/// 8-bit image of C x H x W. `--sample-bytes` overrides it.
+pub fn default_sample_bytes(model: &ModelSpec, train: &TrainSpec) -> u64 {
+    match model {
+        ModelSpec::Transformer(t) => match &t.patch {
+            Some(p) => p.channels * train.image * train.image,
+            None => train.seq * 4,
+        },
+        ModelSpec::Cnn(c) => c.in_channels * train.image * train.image,
+    }
+}
+
+/// Bytes per parameter of the weights the host loads: fp32 except in pure bf16.
+pub fn host_param_bytes(precision: Precision) -> u64 {
+    if precision.is_pure_half() {
+        2
+    } else {
+        4
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct HostRam {
+    pub sample_bytes: u64,
+    pub workers: u64,
+    /// batch x sample bytes x workers x 3
+    pub loader_bytes: u64,
+    /// 2 x parameter bytes (a state dict being loaded or saved next to the live copy)
+    pub params_bytes: u64,
+    /// max of the two, before headroom
+    pub required_bytes: u64,
+    /// required x 1.3
+    pub recommended_bytes: u64,
+    /// 3 x the GPU memory this process drives (rule of thumb from the brief, advice only)
+    pub rule_of_thumb_bytes: u64,
+}
+
+/// `vram_bytes` is the GPU's capacity when known, else the estimated per-GPU total.
+pub fn host_ram(
+    params: u64,
+    precision: Precision,
+    batch: u64,
+    sample_bytes: u64,
+    workers: u64,
+    vram_bytes: u64,
+) -> HostRam {
+    let loader_bytes = batch
+        .saturating_mul(sample_bytes)
+        .saturating_mul(workers)
+        .saturating_mul(LOADER_COPIES);
+    let params_bytes = 2 * params * host_param_bytes(precision);
+    let required_bytes = loader_bytes.max(params_bytes);
+    HostRam {
+        sample_bytes,
+        workers,
+        loader_bytes,
+        params_bytes,
+        required_bytes,
+        recommended_bytes: (required_bytes as f64 * (1.0 + HEADROOM)).ceil() as u64,
+        rule_of_thumb_bytes: vram_bytes.saturating_mul(3),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn brief_image_example() {
+        // Brief 2.1: a 4K RGB image batch of 32 -> 32 x 3840 x 2160 x 3 bytes = 0.8 GB per copy.
+        let sample = 3 * 3840 * 2160;
+        let h = host_ram(1_000, Precision::Fp32, 32, sample, 1, 0);
+        assert_eq!(h.loader_bytes, 32 * sample * 3);
+        assert_eq!(h.required_bytes, h.loader_bytes);
+        assert_eq!(
+            h.recommended_bytes,
+            (h.loader_bytes as f64 * 1.3).ceil() as u64
+        );
+    }
+
+    #[test]
+    fn params_dominate_for_large_models() {
+        let h = host_ram(
+            6_738_415_616,
+            Precision::Bf16Mixed,
+            1,
+            4096 * 4,
+            4,
+            80 << 30,
+        );
+        assert_eq!(h.params_bytes, 2 * 4 * 6_738_415_616);
+        assert_eq!(h.required_bytes, h.params_bytes);
+        assert_eq!(h.rule_of_thumb_bytes, 240 << 30);
+    }
+}

@@ -1,0 +1,97 @@
+//! Step time per GPU: `t = FLOPs * (recompute ? recompute_factor : 1) / R + t0`.
+//!
+//! `R` is the achieved FLOP/s: the calibrated `flops_per_s` when the table has one (it was measured
+//! on that device), otherwise `mfu x` the GPU's datasheet peak for the precision. `--batch` is the
+//! per-GPU micro-batch (as in the memory model), so each of N data-parallel GPUs processes its own
+//! `batch x seq` tokens per step and the global batch is `N x batch`.
+
+use crate::coeffs::TimeCoeffs;
+use crate::plan::gpus::Gpu;
+use crate::plan::time::StepFlops;
+use crate::spec::Precision;
+use serde::Serialize;
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StepTime {
+    /// training FLOPs of one step on one GPU, without recompute
+    pub flops_per_gpu: f64,
+    /// achieved FLOP/s used
+    pub rate_flops_per_s: f64,
+    /// "calibrated" (flops_per_s from the table) or "mfu x datasheet peak"
+    pub rate_source: &'static str,
+    pub seconds_without_recompute: f64,
+    pub seconds_with_recompute: f64,
+    /// the one that applies to the configuration's checkpointing mode
+    pub seconds: f64,
+    /// samples per second over all data-parallel GPUs
+    pub samples_per_s: f64,
+}
+
+/// Achieved FLOP/s, or None when neither a calibrated rate nor a GPU is known.
+pub fn rate(
+    time: &TimeCoeffs,
+    gpu: Option<&Gpu>,
+    precision: Precision,
+) -> Option<(f64, &'static str)> {
+    if time.flops_per_s.value > 0.0 {
+        return Some((time.flops_per_s.value, "calibrated flops_per_s"));
+    }
+    gpu.map(|g| {
+        (
+            time.mfu.value * g.peak_flops(precision),
+            "mfu x datasheet peak",
+        )
+    })
+}
+
+/// Step time of one GPU given its step FLOPs (per-GPU batch), the achieved rate, and N GPUs.
+pub fn step_time(
+    flops: &StepFlops,
+    rate: (f64, &'static str),
+    time: &TimeCoeffs,
+    checkpointing: bool,
+    batch: u64,
+    gpus: u64,
+) -> StepTime {
+    let f = flops.total();
+    let t0 = time.t0_s.value;
+    let without = f / rate.0 + t0;
+    let with = f * time.recompute_factor.value / rate.0 + t0;
+    let seconds = if checkpointing { with } else { without };
+    StepTime {
+        flops_per_gpu: f,
+        rate_flops_per_s: rate.0,
+        rate_source: rate.1,
+        seconds_without_recompute: without,
+        seconds_with_recompute: with,
+        seconds,
+        samples_per_s: (batch * gpus) as f64 / seconds,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::coeffs::Coefficients;
+    use crate::plan::gpus::find;
+    use crate::spec::Family;
+
+    #[test]
+    fn literature_rate_is_mfu_times_peak() {
+        let c = Coefficients::literature().mode(Family::Transformer, Precision::Bf16Mixed);
+        let h100 = find("h100").unwrap();
+        let r = rate(&c.time, Some(h100), Precision::Bf16Mixed).unwrap();
+        assert_eq!(r.0, 0.4 * 989e12);
+        let flops = StepFlops {
+            dense: 3.0e15,
+            attention: 1.0e15,
+            recompute: 0.0,
+        };
+        let t = step_time(&flops, r, &c.time, true, 8, 4);
+        assert!((t.seconds_without_recompute - 4.0e15 / (0.4 * 989e12)).abs() < 1e-9);
+        assert!((t.seconds_with_recompute / t.seconds_without_recompute - 4.0 / 3.0).abs() < 1e-12);
+        assert_eq!(t.seconds, t.seconds_with_recompute);
+        assert!((t.samples_per_s - 32.0 / t.seconds).abs() < 1e-9);
+        assert!(rate(&c.time, None, Precision::Fp32).is_none());
+    }
+}

@@ -1,0 +1,107 @@
+//! Storage, from the capacity-planning brief (section 3): model files at each precision,
+//! checkpoint size, and `total = raw data + preprocessing cache + checkpoints x kept`.
+
+use crate::plan::memory::state_bytes;
+use crate::spec::TrainSpec;
+use serde::Serialize;
+
+/// The brief (3.2) reserves 10 checkpoints' worth of space (a full save every 5000 steps).
+pub const DEFAULT_KEPT: u64 = 10;
+/// Preprocessing cache as a fraction of the raw data: a decoded/tokenised copy of the same size.
+pub const DEFAULT_CACHE_FRACTION: f64 = 1.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ModelFiles {
+    pub fp32: u64,
+    pub fp16: u64,
+    pub int8: u64,
+    /// two weights per byte, rounded up (quantisation scales not counted)
+    pub int4: u64,
+}
+
+pub fn model_files(params: u64) -> ModelFiles {
+    ModelFiles {
+        fp32: 4 * params,
+        fp16: 2 * params,
+        int8: params,
+        int4: params.div_ceil(2),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct Storage {
+    pub model_file: ModelFiles,
+    /// unsharded weights (master precision) + optimizer states: what a resumable save writes
+    pub checkpoint_bytes: u64,
+    pub checkpoints_kept: u64,
+    pub raw_data_bytes: u64,
+    pub cache_bytes: u64,
+    pub total_bytes: u64,
+}
+
+/// `raw_data_bytes` is the dataset on disk (0 when not given), `cache_fraction` the preprocessing
+/// cache relative to it, `kept` the checkpoints retained.
+pub fn storage(
+    params: u64,
+    train: &TrainSpec,
+    raw_data_bytes: u64,
+    cache_fraction: f64,
+    kept: u64,
+) -> Storage {
+    // A checkpoint holds the full states regardless of ZeRO sharding; the half-precision compute
+    // copy of mixed precision is transient and never saved.
+    let full = TrainSpec {
+        zero_stage: 0,
+        gpus: 1,
+        ..train.clone()
+    };
+    let s = state_bytes(params, &full);
+    let checkpoint_bytes = (s.weights + s.optimizer).round() as u64;
+    let cache_bytes = (raw_data_bytes as f64 * cache_fraction).round() as u64;
+    Storage {
+        model_file: model_files(params),
+        checkpoint_bytes,
+        checkpoints_kept: kept,
+        raw_data_bytes,
+        cache_bytes,
+        total_bytes: raw_data_bytes
+            .saturating_add(cache_bytes)
+            .saturating_add(checkpoint_bytes.saturating_mul(kept)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Optimizer, Precision};
+
+    #[test]
+    fn brief_175b_model_files() {
+        // Brief 3.1: 175B params -> fp32 about 700 GB, int8 about 175 GB.
+        let f = model_files(175_000_000_000);
+        assert_eq!(f.fp32, 700_000_000_000);
+        assert_eq!(f.int8, 175_000_000_000);
+        assert_eq!(model_files(7).int4, 4);
+    }
+
+    #[test]
+    fn checkpoint_is_weights_plus_optimizer() {
+        let p = 1_000_000;
+        let train = TrainSpec {
+            precision: Precision::Fp32,
+            optimizer: Optimizer::AdamW,
+            zero_stage: 3,
+            gpus: 8,
+            ..TrainSpec::default()
+        };
+        let s = storage(p, &train, 1_000, 0.5, 3);
+        assert_eq!(s.checkpoint_bytes, 12 * p);
+        assert_eq!(s.total_bytes, 1_000 + 500 + 36 * p);
+        let bf16 = TrainSpec {
+            precision: Precision::Bf16,
+            ..train
+        };
+        // 2P weights + 4P fp32 master + 8P Adam moments
+        assert_eq!(storage(p, &bf16, 0, 1.0, 1).checkpoint_bytes, 14 * p);
+    }
+}

@@ -1,0 +1,84 @@
+//! The accuracy report for one device: `accuracy.json` (held-out metrics), `README.md` (what was
+//! run, coefficients, accuracy, measured findings, exclusions) and SVG plots, in one directory.
+
+pub mod accuracy;
+pub mod findings;
+pub mod markdown;
+pub mod plots;
+
+use crate::coeffs::Coefficients;
+use crate::fit::points::{Excluded, Point};
+use crate::fit::split::Evaluation;
+use std::path::{Path, PathBuf};
+
+pub struct ReportInput<'a> {
+    pub points: &'a [Point],
+    pub excluded: &'a [Excluded],
+    pub table: &'a Coefficients,
+    pub kfold: &'a Evaluation,
+    pub extrapolation: &'a Evaluation,
+    pub data_path: &'a str,
+    pub grid: Option<&'a str>,
+}
+
+/// Writes the report into `out`; returns the accuracy summary and the files written.
+pub fn write(out: &Path, r: &ReportInput) -> anyhow::Result<(accuracy::Accuracy, Vec<PathBuf>)> {
+    std::fs::create_dir_all(out)?;
+    let acc = accuracy::accuracy(r.kfold, r.extrapolation, r.points, r.excluded);
+    let f = findings::findings(r.points);
+    let mut files = Vec::new();
+    let mut plots = Vec::new();
+    let mut add = |name: &str, title: &str, written: bool| {
+        if written {
+            files.push(out.join(name));
+            plots.push((name.to_string(), title.to_string()));
+        }
+    };
+    plots::measured_vs_predicted(&out.join("measured_vs_predicted.svg"), r.kfold)?;
+    add(
+        "measured_vs_predicted.svg",
+        "Measured vs predicted peak (held out, log-log)",
+        true,
+    );
+    let w = plots::sweep_panels(
+        &out.join("peak_vs_batch.svg"),
+        r.points,
+        r.table,
+        plots::Axis::Batch,
+    )?;
+    add("peak_vs_batch.svg", "Peak vs batch per model", w);
+    let w = plots::sweep_panels(
+        &out.join("peak_vs_seq.svg"),
+        r.points,
+        r.table,
+        plots::Axis::Length,
+    )?;
+    add(
+        "peak_vs_seq.svg",
+        "Peak vs sequence length / image side per model",
+        w,
+    );
+    let w = plots::time_vs_flops(&out.join("time_vs_flops.svg"), r.points, r.table)?;
+    add("time_vs_flops.svg", "Step time vs FLOPs", w);
+    let w = plots::checkpointing_bars(&out.join("checkpointing.svg"), &f)?;
+    add(
+        "checkpointing.svg",
+        "Checkpointing: activation saving and time cost",
+        w,
+    );
+    let json = serde_json::to_string_pretty(&acc)?;
+    crate::atomic::write(&out.join("accuracy.json"), json.as_bytes())?;
+    files.push(out.join("accuracy.json"));
+    let md = markdown::readme(&markdown::Inputs {
+        table: r.table,
+        acc: &acc,
+        findings: &f,
+        points: r.points,
+        plots: &plots,
+        data_path: r.data_path,
+        grid: r.grid,
+    });
+    crate::atomic::write(&out.join("README.md"), md.as_bytes())?;
+    files.push(out.join("README.md"));
+    Ok((acc, files))
+}

@@ -1,0 +1,267 @@
+//! HuggingFace `config.json` -> [`TransformerSpec`], for the architectures whose field names the
+//! planner knows: BERT, GPT-2, ViT, Llama, Mistral and Qwen2. A missing or mistyped field is an
+//! input error naming it, so a user can fix the file rather than get a silently wrong plan.
+
+use super::presets;
+use super::transformer::{Arch, FfnKind, Head, NormKind, PatchEmbed, TransformerSpec};
+use crate::error::input_err;
+use serde_json::{Map, Value};
+use std::path::Path;
+
+/// Architectures accepted in `model_type`.
+pub const MODEL_TYPES: &str = "bert, gpt2, vit, llama, mistral, qwen2";
+
+type Obj = Map<String, Value>;
+
+fn field_name(f: &str) -> String {
+    format!("config.json {f}")
+}
+
+fn opt_u64(o: &Obj, f: &str) -> anyhow::Result<Option<u64>> {
+    match o.get(f) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_u64() {
+            Some(n) => Ok(Some(n)),
+            None => input_err(
+                &field_name(f),
+                format!("{v} is not a count; accepted a non-negative integer"),
+            ),
+        },
+    }
+}
+
+fn req_u64(o: &Obj, f: &str) -> anyhow::Result<u64> {
+    match opt_u64(o, f)? {
+        Some(n) => Ok(n),
+        None => input_err(&field_name(f), "missing; accepted a non-negative integer"),
+    }
+}
+
+fn opt_bool(o: &Obj, f: &str, default: bool) -> anyhow::Result<bool> {
+    match o.get(f) {
+        None | Some(Value::Null) => Ok(default),
+        Some(Value::Bool(b)) => Ok(*b),
+        Some(v) => input_err(
+            &field_name(f),
+            format!("{v} is not a boolean; accepted true or false"),
+        ),
+    }
+}
+
+/// Classifier classes: `num_labels`, else the size of `id2label`.
+fn classes(o: &Obj) -> anyhow::Result<Option<u64>> {
+    if let Some(n) = opt_u64(o, "num_labels")? {
+        return Ok(Some(n));
+    }
+    match o.get("id2label") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(m)) => Ok(Some(m.len() as u64)),
+        Some(v) => input_err(
+            "config.json id2label",
+            format!("{v} is not an object; accepted {{\"0\": \"label\", ...}}"),
+        ),
+    }
+}
+
+/// Parses the text of a config.json; `name` labels the resulting spec.
+pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
+    let value: Value = match serde_json::from_str(text) {
+        Ok(v) => v,
+        Err(e) => {
+            return input_err(
+                "config.json",
+                format!("not valid JSON ({e}); accepted a HuggingFace config.json"),
+            )
+        }
+    };
+    let Value::Object(o) = value else {
+        return input_err(
+            "config.json",
+            "not a JSON object; accepted a HuggingFace config.json",
+        );
+    };
+    let model_type = match o.get("model_type") {
+        Some(Value::String(s)) => s.to_ascii_lowercase(),
+        Some(v) => {
+            return input_err(
+                "config.json model_type",
+                format!("{v} is not a string; accepted {MODEL_TYPES}"),
+            )
+        }
+        None => {
+            return input_err(
+                "config.json model_type",
+                format!("missing; accepted {MODEL_TYPES}"),
+            )
+        }
+    };
+    let spec = match model_type.as_str() {
+        "bert" => bert(&o, name)?,
+        "gpt2" => gpt2(&o, name)?,
+        "vit" => vit(&o, name)?,
+        "llama" | "mistral" | "qwen2" => llama_like(&o, name, &model_type)?,
+        other => {
+            return input_err(
+                "config.json model_type",
+                format!("'{other}' is not supported; accepted {MODEL_TYPES}"),
+            )
+        }
+    };
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// Reads and parses a config.json file; the spec is named after its directory.
+pub fn load(path: &Path) -> anyhow::Result<TransformerSpec> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            return input_err(
+                "hf-config",
+                format!(
+                    "cannot read {} ({e}); accepted a readable config.json",
+                    path.display()
+                ),
+            )
+        }
+    };
+    let name = path
+        .parent()
+        .and_then(|d| d.file_name())
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "hf-config".to_string());
+    parse(&text, &name)
+}
+
+fn bert(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let hidden = req_u64(o, "hidden_size")?;
+    Ok(TransformerSpec {
+        vocab: req_u64(o, "vocab_size")?,
+        ffn: req_u64(o, "intermediate_size")?,
+        max_positions: req_u64(o, "max_position_embeddings")?,
+        type_vocab: opt_u64(o, "type_vocab_size")?.unwrap_or(2),
+        ..presets::bert(
+            name,
+            req_u64(o, "num_hidden_layers")?,
+            hidden,
+            req_u64(o, "num_attention_heads")?,
+        )
+    })
+}
+
+fn gpt2(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let hidden = req_u64(o, "n_embd")?;
+    let base = presets::gpt2(
+        name,
+        req_u64(o, "n_layer")?,
+        hidden,
+        req_u64(o, "n_head")?,
+        req_u64(o, "vocab_size")?,
+        req_u64(o, "n_positions")?,
+    );
+    Ok(TransformerSpec {
+        // n_inner: null means 4 * n_embd (transformers' GPT2MLP)
+        ffn: opt_u64(o, "n_inner")?.unwrap_or(4 * hidden),
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
+        ..base
+    })
+}
+
+fn vit(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let image = req_u64(o, "image_size")?;
+    let patch = req_u64(o, "patch_size")?;
+    let base = presets::vit(
+        name,
+        req_u64(o, "num_hidden_layers")?,
+        req_u64(o, "hidden_size")?,
+        req_u64(o, "num_attention_heads")?,
+        image,
+        patch,
+        1,
+    );
+    Ok(TransformerSpec {
+        ffn: req_u64(o, "intermediate_size")?,
+        // ViTForImageClassification with labels; ViTModel (pooler) without.
+        head: match classes(o)? {
+            Some(c) => Head::Classifier { classes: c },
+            None => Head::Pooler,
+        },
+        bias: opt_bool(o, "qkv_bias", true)?,
+        patch: Some(PatchEmbed {
+            image,
+            patch,
+            channels: opt_u64(o, "num_channels")?.unwrap_or(3),
+        }),
+        ..base
+    })
+}
+
+fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<TransformerSpec> {
+    let hidden = req_u64(o, "hidden_size")?;
+    let heads = req_u64(o, "num_attention_heads")?;
+    if let Some(hd) = opt_u64(o, "head_dim")? {
+        if heads > 0 && hd * heads != hidden {
+            return input_err(
+                "config.json head_dim",
+                format!("{hd} x {heads} heads differs from hidden_size {hidden}; accepted head_dim = hidden_size / num_attention_heads"),
+            );
+        }
+    }
+    let attention_bias = opt_bool(o, "attention_bias", false)?;
+    let mlp_bias = opt_bool(o, "mlp_bias", false)?;
+    if attention_bias != mlp_bias {
+        // Llama's attention_bias puts biases on q, k, v and o but not the MLP: not expressible.
+        return input_err(
+            "config.json attention_bias",
+            "differs from mlp_bias; accepted both false or both true",
+        );
+    }
+    let base = presets::llama(
+        name,
+        req_u64(o, "num_hidden_layers")?,
+        hidden,
+        heads,
+        opt_u64(o, "num_key_value_heads")?.unwrap_or(heads),
+        req_u64(o, "intermediate_size")?,
+        req_u64(o, "vocab_size")?,
+    );
+    Ok(TransformerSpec {
+        arch: Arch::Decoder,
+        ffn_kind: FfnKind::Swiglu,
+        norm: if o.contains_key("rms_norm_eps") {
+            NormKind::Rmsnorm
+        } else {
+            NormKind::Layernorm
+        },
+        bias: attention_bias,
+        // Qwen2 hard-codes biases on q, k and v (and none on o or the MLP).
+        qkv_bias: model_type == "qwen2",
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", false)?,
+        ..base
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::plan::params::transformer;
+
+    #[test]
+    fn qwen2_has_qkv_bias_only() {
+        // Qwen2-0.5B's published config: 494,032,768 parameters (tied embeddings).
+        let text = r#"{"model_type":"qwen2","hidden_size":896,"intermediate_size":4864,
+            "num_hidden_layers":24,"num_attention_heads":14,"num_key_value_heads":2,
+            "vocab_size":151936,"rms_norm_eps":1e-6,"tie_word_embeddings":true}"#;
+        let t = parse(text, "qwen2-0.5b").unwrap();
+        assert_eq!(transformer(&t).total, 494_032_768);
+    }
+
+    #[test]
+    fn missing_field_is_named() {
+        let err = parse(r#"{"model_type":"gpt2","n_embd":768}"#, "x").unwrap_err();
+        assert_eq!(
+            format!("{err}"),
+            "invalid config.json n_layer: missing; accepted a non-negative integer"
+        );
+    }
+}

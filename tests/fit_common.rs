@@ -1,0 +1,182 @@
+//! Shared by the fit tests: synthetic measurement rows generated from known coefficients through
+//! the planner's real feature functions (not a test file by itself; included with `mod`).
+
+#![allow(dead_code)]
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use vramcal::coeffs::Coefficients;
+use vramcal::harness::record::{Row, Status, SCHEMA};
+use vramcal::plan::memory::{breakdown, fit_terms};
+use vramcal::plan::time::step_flops;
+use vramcal::spec::presets::preset;
+use vramcal::spec::{Checkpointing, ModelSpec, Optimizer, Precision, TrainSpec};
+
+/// The "true" device: coefficients deliberately unlike the literature values.
+pub fn truth() -> Coefficients {
+    let mut t = Coefficients::literature();
+    t.device_id = "synthetic".into();
+    for m in &mut t.modes {
+        let half = m.precision.compute_bytes() == 2;
+        let a = &mut m.activation;
+        a.c_h.value = if half { 21.0 } else { 41.0 };
+        a.c_f.value = if half { 5.5 } else { 11.0 };
+        a.c_att.value = if half { 6.0 } else { 12.0 };
+        a.c_logits.value = if half { 14.0 } else { 9.0 };
+        a.c_ckpt.value = if half { 3.0 } else { 5.0 };
+        a.c_conv.value = if half { 3.5 } else { 6.0 };
+        a.c_input.value = if half { 8.0 } else { 4.0 };
+        a.half_copy.value = if m.precision.is_mixed() { 0.6 } else { 0.0 };
+        m.overhead.frag.value = 0.04;
+        m.overhead.const_bytes.value = 3.0e6;
+        m.time.flops_per_s.value = if half { 2.0e10 } else { 5.0e10 };
+        m.time.t0_s.value = 0.004;
+        m.time.recompute_factor.value = 1.3;
+    }
+    t
+}
+
+pub fn row(model: &ModelSpec, train: &TrainSpec, peak: f64, step_s: f64, status: Status) -> Row {
+    let terms = fit_terms(model, train).unwrap();
+    Row {
+        schema: SCHEMA,
+        device_id: "synthetic".into(),
+        device_name: "synthetic device".into(),
+        backend: "cpu".into(),
+        driver: String::new(),
+        vramcal_version: "0.1.0".into(),
+        git_commit: String::new(),
+        timestamp: "2026-11-25T12:00:00Z".into(),
+        model: model.name().into(),
+        family: model.family(),
+        layers: 0,
+        hidden: 0,
+        heads: 0,
+        ffn: 0,
+        vocab: 0,
+        batch: train.batch,
+        seq: train.seq,
+        image: train.image,
+        precision: train.precision,
+        checkpointing: train.checkpointing,
+        optimizer: train.optimizer,
+        zero_stage: train.zero_stage,
+        gpus: train.gpus,
+        params: terms.params,
+        baseline_bytes: Some((terms.states.fixed() * 0.6) as u64),
+        peak_bytes: (status == Status::Ok).then_some(peak.round() as u64),
+        peak_reserved_bytes: None,
+        nvml_bytes: None,
+        memgetinfo_bytes: None,
+        step_ms_median: (status == Status::Ok).then_some(step_s * 1e3),
+        step_ms_p10: None,
+        step_ms_p90: None,
+        repeats: 5,
+        status,
+        error: if status == Status::Ok {
+            String::new()
+        } else {
+            "synthetic failure".into()
+        },
+        spec_json: serde_json::to_string(model).unwrap(),
+    }
+}
+
+/// The configurations of a realistic tiny-model CPU grid.
+pub fn grid() -> Vec<(ModelSpec, TrainSpec)> {
+    let mut out = Vec::new();
+    let transformers = ["tiny-gpt", "tiny-bert", "tiny-llama", "tiny-vit"];
+    let cnns = ["tiny-resnet18", "tiny-vgg", "tiny-resnet50"];
+    for prec in [Precision::Fp32, Precision::Bf16Mixed] {
+        for opt in [Optimizer::AdamW, Optimizer::Sgd] {
+            for name in transformers.iter().chain(&["tiny-gpt-ffn2"]) {
+                // A GPT with ffn = 2h: with only ffn = 4h (and Llama's 2.7h) the b*s*h and b*s*f
+                // columns are nearly collinear; a calibration grid needs an ffn/h variant.
+                let m = if *name == "tiny-gpt-ffn2" {
+                    let ModelSpec::Transformer(t) = preset("tiny-gpt").unwrap() else {
+                        unreachable!()
+                    };
+                    ModelSpec::Transformer(vramcal::spec::TransformerSpec {
+                        name: name.to_string(),
+                        ffn: 256,
+                        ..t
+                    })
+                } else {
+                    preset(name).unwrap()
+                };
+                let name = *name;
+                let is_vit = name == "tiny-vit";
+                for batch in [1, 2, 4, 8, 16, 32] {
+                    let lens: &[u64] = if is_vit {
+                        &[32, 64]
+                    } else {
+                        &[32, 64, 128, 256, 512]
+                    };
+                    for &len in lens {
+                        for ck in [Checkpointing::None, Checkpointing::Full] {
+                            out.push((
+                                m.clone(),
+                                TrainSpec {
+                                    batch,
+                                    seq: if is_vit { 512 } else { len },
+                                    image: if is_vit { len } else { 224 },
+                                    precision: prec,
+                                    optimizer: opt,
+                                    checkpointing: ck,
+                                    ..TrainSpec::default()
+                                },
+                            ));
+                        }
+                    }
+                }
+            }
+            for name in cnns {
+                let m = preset(name).unwrap();
+                for batch in [1, 2, 4, 8] {
+                    for image in [32, 64] {
+                        out.push((
+                            m.clone(),
+                            TrainSpec {
+                                batch,
+                                image,
+                                precision: prec,
+                                optimizer: opt,
+                                ..TrainSpec::default()
+                            },
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Rows measured on the synthetic device with multiplicative noise of `noise` (relative sd).
+pub fn synthetic_rows(noise: f64, seed: u64) -> Vec<Row> {
+    let truth = truth();
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut gauss = move || {
+        // Box-Muller: the test needs Gaussian noise without another dependency.
+        let u1: f64 = rng.gen_range(1e-12..1.0);
+        let u2: f64 = rng.gen_range(0.0..1.0);
+        (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
+    };
+    grid()
+        .into_iter()
+        .map(|(m, t)| {
+            let terms = fit_terms(&m, &t).unwrap();
+            let peak = breakdown(&terms, &m, &t, &truth).total as f64 * (1.0 + noise * gauss());
+            let mode = truth.mode(m.family(), t.precision);
+            let f = step_flops(&m, &t).unwrap();
+            let factor = if t.checkpointing.is_on() {
+                mode.time.recompute_factor.value
+            } else {
+                1.0
+            };
+            let time = (f.total() * factor / mode.time.flops_per_s.value + mode.time.t0_s.value)
+                * (1.0 + noise * gauss());
+            row(&m, &t, peak, time, Status::Ok)
+        })
+        .collect()
+}

@@ -1,0 +1,211 @@
+//! The fit recovers known coefficients: rows are generated from a known table through the
+//! planner's real feature functions on a realistic tiny-model grid, with 0.5 % Gaussian noise
+//! on peak and step time, then fitted through the same path `vramcal fit` uses.
+//!
+//! Some coefficients are only weakly determined by such a grid (a CNN's input batch is ~1 % of
+//! its conv outputs and grows with them; the mixed-precision half copy is a fixed 1/8 of AdamW's
+//! states). The fit reports each coefficient's relative standard error; every coefficient the
+//! data determines to 0.6 % (1 sigma) or better must be within 2 % (3.3 sigma) of the truth, the core terms
+//! must be among those, and the noiseless test recovers every coefficient exactly.
+
+mod fit_common;
+
+use fit_common::{grid, synthetic_rows, truth};
+use vramcal::fit::fit_rows;
+use vramcal::fit::memfit::COLS;
+use vramcal::plan::memory::{breakdown, fit_terms};
+use vramcal::spec::{Family, Precision};
+
+const MODES: [(Family, Precision); 4] = [
+    (Family::Transformer, Precision::Fp32),
+    (Family::Transformer, Precision::Bf16Mixed),
+    (Family::Cnn, Precision::Fp32),
+    (Family::Cnn, Precision::Bf16Mixed),
+];
+
+#[test]
+fn recovers_known_coefficients_within_two_percent() {
+    let rows = synthetic_rows(0.005, 7);
+    let fitted = fit_rows(&rows).unwrap();
+    let truth = truth();
+    let residuals = fitted.table.residuals.clone().unwrap();
+    let mut failures = Vec::new();
+    let mut checked = Vec::new();
+    for (family, precision) in MODES {
+        let got = fitted.table.mode(family, precision);
+        let want = truth.mode(family, precision);
+        let se =
+            &residuals[format!("{}/{}", family.as_str(), precision)]["relative_standard_error"];
+        for col in COLS {
+            let (g, w) = (col.get(&got), col.get(&want));
+            let source = col.coef_mut(&mut got.clone()).source.clone();
+            if !source.starts_with("fitted") {
+                // Only columns absent from this family may fall back (CNNs have no transformer terms).
+                assert!(
+                    source.contains("absent"),
+                    "{family:?}/{precision} {}: {source}",
+                    col.name()
+                );
+                continue;
+            }
+            let rel_se = se[col.name()]
+                .as_f64()
+                .expect("fitted columns have a standard error");
+            let err = if col.name() == "frag" {
+                (g - w).abs()
+            } else {
+                (g - w).abs() / w
+            };
+            if rel_se > 0.006 {
+                // Weakly determined: the error must still be consistent with the reported
+                // uncertainty (3.5 standard errors), so the diagnostics the report prints are honest.
+                eprintln!(
+                    "{family:?}/{precision} {}: se {:.1} %, fitted {g} vs true {w}",
+                    col.name(),
+                    100.0 * rel_se
+                );
+                if (g - w).abs() / w > 3.5 * rel_se {
+                    failures.push(format!("{family:?}/{precision} {}: fitted {g} vs true {w} beyond 3.5 se ({rel_se})", col.name()));
+                }
+                continue;
+            }
+            if err >= 0.02 {
+                failures.push(format!(
+                    "{family:?}/{precision} {}: fitted {g} vs true {w}",
+                    col.name()
+                ));
+            }
+            checked.push(format!("{family:?}/{precision}/{}", col.name()));
+        }
+        for (name, g, w) in [
+            (
+                "flops_per_s",
+                got.time.flops_per_s.value,
+                want.time.flops_per_s.value,
+            ),
+            ("t0_s", got.time.t0_s.value, want.time.t0_s.value),
+            (
+                "recompute_factor",
+                got.time.recompute_factor.value,
+                want.time.recompute_factor.value,
+            ),
+        ] {
+            if family == Family::Cnn && name == "recompute_factor" {
+                continue; // no checkpointed CNN points
+            }
+            if (g - w).abs() / w >= 0.02 {
+                failures.push(format!(
+                    "{family:?}/{precision} {name}: fitted {g} vs true {w}"
+                ));
+            }
+            checked.push(format!("{family:?}/{precision}/{name}"));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    // The terms a tiny grid pins down to better than 0.6 %; b*s*h vs b*s*f (ffn/h varies only
+    // between 2, 2.7 and 4 here) and checkpoint retention land near 1 % and are covered by the
+    // 3.5-sigma rule above.
+    for core in [
+        "Transformer/fp32/c_att",
+        "Transformer/fp32/c_logits",
+        "Transformer/bf16-mixed/c_att",
+        "Transformer/bf16-mixed/c_logits",
+        "Cnn/fp32/c_conv",
+        "Cnn/fp32/const_bytes",
+        "Transformer/fp32/flops_per_s",
+        "Transformer/fp32/recompute_factor",
+    ] {
+        assert!(
+            checked.iter().any(|c| c == core),
+            "{core} was not determined by the grid; checked {checked:?}"
+        );
+    }
+    assert!(
+        checked.len() >= 16,
+        "only {} coefficients were determined: {checked:?}",
+        checked.len()
+    );
+    // The whole table, weak terms included, predicts the noiseless truth within 2 % everywhere.
+    for (m, t) in grid() {
+        let terms = fit_terms(&m, &t).unwrap();
+        let (p, w) = (
+            breakdown(&terms, &m, &t, &fitted.table).total as f64,
+            breakdown(&terms, &m, &t, &truth).total as f64,
+        );
+        assert!(
+            (p - w).abs() / w < 0.02,
+            "{} b{} s{} i{} {}: predicted {p} vs true {w}",
+            m.name(),
+            t.batch,
+            t.seq,
+            t.image,
+            t.precision
+        );
+    }
+}
+
+#[test]
+fn noiseless_data_is_recovered_exactly() {
+    let fitted = fit_rows(&synthetic_rows(0.0, 1)).unwrap();
+    let truth = truth();
+    for (family, precision) in MODES {
+        let got = fitted.table.mode(family, precision);
+        let want = truth.mode(family, precision);
+        for col in COLS {
+            let source = col.coef_mut(&mut got.clone()).source.clone();
+            if source.contains("absent") {
+                continue;
+            }
+            let (g, w) = (col.get(&got), col.get(&want));
+            assert!(
+                (g - w).abs() <= 1e-4 * w.abs() + 1e-9,
+                "{family:?}/{precision} {}: {g} vs {w}",
+                col.name()
+            );
+        }
+    }
+}
+
+#[test]
+fn missing_precision_is_borrowed_from_another_family() {
+    // No 16-bit CNN rows: the CNN bf16-mixed mode comes from the CNN fp32 fit scaled by the
+    // activation factor bf16-mixed showed on transformers, not from the literature table.
+    let rows: Vec<_> = synthetic_rows(0.005, 5)
+        .into_iter()
+        .filter(|r| !(r.family == Family::Cnn && r.precision == Precision::Bf16Mixed))
+        .collect();
+    let fitted = fit_rows(&rows).unwrap();
+    let mode = fitted
+        .table
+        .modes
+        .iter()
+        .find(|m| m.family == Family::Cnn && m.precision == Precision::Bf16Mixed)
+        .expect("borrowed mode");
+    assert!(
+        mode.activation.c_conv.source.contains("alpha"),
+        "{}",
+        mode.activation.c_conv.source
+    );
+    let truth = truth();
+    let lit = vramcal::coeffs::Coefficients::literature();
+    for (m, t) in grid()
+        .into_iter()
+        .filter(|(m, t)| m.family() == Family::Cnn && t.precision == Precision::Bf16Mixed)
+    {
+        let terms = fit_terms(&m, &t).unwrap();
+        let w = breakdown(&terms, &m, &t, &truth).total as f64;
+        let p = breakdown(&terms, &m, &t, &fitted.table).total as f64;
+        let l = breakdown(&terms, &m, &t, &lit).total as f64;
+        assert!(
+            (p - w).abs() / w < 0.10,
+            "{} b{} i{}: borrowed {p} vs true {w}",
+            m.name(),
+            t.batch,
+            t.image
+        );
+        assert!(
+            (p - w).abs() < (l - w).abs(),
+            "borrowed should beat the literature table"
+        );
+    }
+}

@@ -1,0 +1,163 @@
+//! `vramcal measure` end to end through the real binary: a real training step on the CPU,
+//! peak above baseline, within 2x of the planner's literature estimate, stable run to run.
+
+use std::process::Command;
+use vramcal::coeffs::Coefficients;
+use vramcal::harness::record::{Row, Status};
+use vramcal::spec::presets::preset;
+
+fn measure(args: &[&str]) -> Row {
+    let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
+        .arg("measure")
+        .args(args)
+        .arg("--json")
+        .output()
+        .expect("run vramcal");
+    assert!(
+        out.status.success(),
+        "measure failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("a Row as JSON")
+}
+
+#[test]
+fn tiny_gpt_peak_is_above_baseline_and_stable_run_to_run() {
+    let args = [
+        "--model",
+        "tiny-gpt",
+        "--batch",
+        "4",
+        "--seq",
+        "128",
+        "--device",
+        "cpu",
+        "--warmup",
+        "1",
+        "--repeats",
+        "2",
+    ];
+    let a = measure(&args);
+    let b = measure(&args);
+    assert_eq!(a.status, Status::Ok);
+    let model = preset("tiny-gpt").unwrap();
+    assert_eq!(a.params, vramcal::plan::params::count(&model));
+    let (base, peak) = (a.baseline_bytes.unwrap(), a.peak_bytes.unwrap());
+    // weights + AdamW m, v in fp32 at least
+    assert!(
+        base >= 12 * a.params,
+        "baseline {base} < 12 B x {} params",
+        a.params
+    );
+    assert!(peak > base, "peak {peak} <= baseline {base}");
+
+    let (pa, pb) = (peak as f64, b.peak_bytes.unwrap() as f64);
+    assert!(
+        (pa - pb).abs() <= 0.01 * pa,
+        "peaks differ by more than 1 %: {pa} vs {pb}"
+    );
+    assert!(a.step_ms_median.unwrap() > 0.0);
+    assert!(a.step_ms_p10.unwrap() <= a.step_ms_median.unwrap());
+    assert!(a.step_ms_median.unwrap() <= a.step_ms_p90.unwrap());
+    assert_eq!(a.repeats, 2);
+    assert_eq!(a.model_spec().unwrap(), model);
+}
+
+/// Issue 3 "Done when": the measured peak is within 2x of the planner's literature estimate.
+#[test]
+fn tiny_gpt_peak_is_within_2x_of_the_literature_plan() {
+    let a = measure(&[
+        "--model",
+        "tiny-gpt",
+        "--batch",
+        "4",
+        "--seq",
+        "128",
+        "--warmup",
+        "1",
+        "--repeats",
+        "1",
+    ]);
+    let model = preset("tiny-gpt").unwrap();
+    let plan = vramcal::plan::memory::estimate(&model, &a.train_spec(), &Coefficients::literature())
+        .unwrap()
+        .total as f64;
+    let peak = a.peak_bytes.unwrap();
+    let ratio = peak as f64 / plan;
+    assert!(
+        (0.5..=2.0).contains(&ratio),
+        "measured {peak} vs planned {plan}: ratio {ratio:.2}"
+    );
+}
+
+#[test]
+fn larger_batch_raises_the_peak_not_the_baseline_much() {
+    let small = measure(&[
+        "--model",
+        "tiny-gpt",
+        "--layers",
+        "2",
+        "--batch",
+        "1",
+        "--seq",
+        "64",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+    ]);
+    let big = measure(&[
+        "--model",
+        "tiny-gpt",
+        "--layers",
+        "2",
+        "--batch",
+        "8",
+        "--seq",
+        "64",
+        "--warmup",
+        "0",
+        "--repeats",
+        "1",
+    ]);
+    assert_eq!(small.layers, 2);
+    let act_small = small.peak_bytes.unwrap() - small.baseline_bytes.unwrap();
+    let act_big = big.peak_bytes.unwrap() - big.baseline_bytes.unwrap();
+    assert!(
+        act_big > 4 * act_small,
+        "activations b1 {act_small} vs b8 {act_big}"
+    );
+}
+
+#[test]
+fn bad_input_exits_2_naming_the_field() {
+    for (args, field) in [
+        (vec!["--model", "nope"], "model"),
+        (
+            vec!["--model", "tiny-gpt", "--precision", "fp8"],
+            "precision",
+        ),
+        (vec!["--model", "tiny-gpt", "--device", "tpu:0"], "device"),
+        (vec!["--model", "tiny-gpt", "--seq", "5000"], "seq"),
+        (vec!["--spec-json", "{not json"], "spec-json"),
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
+            .arg("measure")
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(field), "{args:?}: {err}");
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+#[test]
+fn cuda_without_the_feature_is_refused_as_input() {
+    let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
+        .args(["measure", "--model", "tiny-gpt", "--device", "cuda:0"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -1,0 +1,297 @@
+//! The `vramcal estimate` / `vramcal gpus` binary: the issue's done-when command, the 7B question,
+//! and every bad input exiting 2 with one line naming the field.
+
+use std::process::Command;
+
+fn vramcal(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run vramcal");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = vramcal(args);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn bert_base_fp32_adamw_is_16_bytes_per_param() {
+    let v = json(&[
+        "estimate",
+        "--model",
+        "bert-base",
+        "--batch",
+        "32",
+        "--seq",
+        "512",
+        "--precision",
+        "fp32",
+        "--optimizer",
+        "adamw",
+        "--json",
+    ]);
+    let p = v["params"].as_u64().unwrap();
+    assert_eq!(p, 109_482_240);
+    let m = &v["memory"];
+    let get = |k: &str| {
+        m[k].as_u64()
+            .unwrap_or_else(|| panic!("memory.{k} is not an integer"))
+    };
+    assert_eq!(get("weights") + get("gradients") + get("optimizer"), 16 * p);
+    assert_eq!(
+        get("total"),
+        get("weights") + get("gradients") + get("optimizer") + get("activations") + get("overhead")
+    );
+    assert_eq!(
+        v["seed_formula_bytes"].as_u64().unwrap(),
+        p * 12 + 32 * 512 * 768 * 10
+    );
+    assert_eq!(v["params_12ld2"].as_u64().unwrap(), 12 * 12 * 768 * 768);
+}
+
+#[test]
+fn seven_b_on_eight_h100_with_zero2_and_checkpointing() {
+    let args = [
+        "estimate",
+        "--model",
+        "llama2-7b",
+        "--seq",
+        "4096",
+        "--precision",
+        "bf16-mixed",
+        "--zero",
+        "2",
+        "--gpus",
+        "8",
+        "--checkpointing",
+        "full",
+        "--gpu",
+        "h100",
+        "--max-batch",
+        "--json",
+    ];
+    let v = json(&args);
+    assert_eq!(v["verdict"]["fits"], true);
+    let b = v["search"]["max_batch"].as_u64().unwrap();
+    assert!(b >= 1);
+    let cap = v["verdict"]["capacity_bytes"].as_u64().unwrap();
+    assert_eq!(cap, 81_559 << 20);
+    // Re-run at the answer and one above it: the first fits, the second does not.
+    let at = |batch: u64| {
+        let s = batch.to_string();
+        let mut a: Vec<&str> = args
+            .iter()
+            .copied()
+            .filter(|x| *x != "--max-batch")
+            .collect();
+        a.extend(["--batch", &s, "--no-gpu-choice"]);
+        json(&a)["verdict"]["fits"].as_bool().unwrap()
+    };
+    assert!(at(b));
+    assert!(!at(b + 1));
+    // The human table answers the same question.
+    let (code, out, _) = vramcal(&args[..args.len() - 1]);
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("FITS") && out.contains(&format!("max batch per GPU            {b}")),
+        "{out}"
+    );
+}
+
+#[test]
+fn max_seq_with_gpu_mem() {
+    let v = json(&[
+        "estimate",
+        "--model",
+        "gpt2",
+        "--gpu-mem",
+        "8GB",
+        "--batch",
+        "16",
+        "--max-seq",
+        "--json",
+        "--no-gpu-choice",
+    ]);
+    let s = v["search"]["max_seq"].as_u64().unwrap();
+    assert!(s > 1 && s < 1024, "{s}");
+    let fits = |seq: u64| {
+        let q = seq.to_string();
+        json(&[
+            "estimate",
+            "--model",
+            "gpt2",
+            "--gpu-mem",
+            "8GB",
+            "--batch",
+            "16",
+            "--seq",
+            &q,
+            "--json",
+            "--no-gpu-choice",
+        ])["verdict"]["fits"]
+            .as_bool()
+            .unwrap()
+    };
+    assert!(fits(s) && !fits(s + 1));
+}
+
+#[test]
+fn hf_config_cnn_file_and_explicit_flags() {
+    let v = json(&[
+        "estimate",
+        "--hf-config",
+        "presets/llama2-7b/config.json",
+        "--json",
+        "--no-gpu-choice",
+    ]);
+    assert_eq!(v["params"].as_u64().unwrap(), 6_738_415_616);
+    let v = json(&[
+        "estimate",
+        "--cnn-file",
+        "presets/custom-cnn.toml",
+        "--image",
+        "32",
+        "--json",
+    ]);
+    assert_eq!(v["params"].as_u64().unwrap(), 59_306);
+    assert_eq!(v["family"], "cnn");
+    // GPT-2 small from flags: same count as the preset.
+    let v = json(&[
+        "estimate",
+        "--layers",
+        "12",
+        "--hidden",
+        "768",
+        "--heads",
+        "12",
+        "--vocab",
+        "50257",
+        "--max-positions",
+        "1024",
+        "--json",
+        "--no-gpu-choice",
+    ]);
+    assert_eq!(v["params"].as_u64().unwrap(), 124_439_808);
+}
+
+#[test]
+fn gpus_catalog_lists_the_required_cards() {
+    let (code, out, _) = vramcal(&["gpus", "--json"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ids: Vec<&str> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        ids,
+        [
+            "rtx4090",
+            "l40s",
+            "a100-40gb",
+            "a100-80gb",
+            "h100",
+            "h200",
+            "b200"
+        ]
+    );
+    let (code, out, _) = vramcal(&["gpus"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("H100 80GB SXM") && out.contains("989.0"));
+}
+
+#[test]
+fn bad_inputs_exit_2_with_one_line_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let malformed = dir.path().join("malformed.json");
+    std::fs::write(&malformed, "{\"model_type\": \"gpt2\", \"n_embd\": ").unwrap();
+    let incomplete = dir.path().join("incomplete.json");
+    std::fs::write(
+        &incomplete,
+        r#"{"model_type": "gpt2", "n_embd": 768, "n_layer": 12}"#,
+    )
+    .unwrap();
+    let (m, i) = (malformed.to_str().unwrap(), incomplete.to_str().unwrap());
+    let cases: &[(&[&str], &str)] = &[
+        (
+            &["--model", "gpt5"],
+            "invalid model: 'gpt5' is not a preset; accepted bert-base",
+        ),
+        (&["--hf-config", m], "invalid config.json: not valid JSON"),
+        (&["--hf-config", i], "invalid config.json n_head: missing"),
+        (
+            &["--model", "gpt2", "--batch", "0"],
+            "invalid batch: 0 is out of range; accepted 1..=",
+        ),
+        (
+            &["--model", "gpt2", "--batch", "-4"],
+            "invalid batch: '-4' is not a whole number",
+        ),
+        (
+            &["--model", "gpt2", "--batch", "1000000000000"],
+            "invalid batch: 1000000000000 is out of range",
+        ),
+        (
+            &["--layers", "12", "--hidden", "768", "--heads", "7"],
+            "invalid heads: 7 does not divide hidden 768",
+        ),
+        (
+            &["--model", "gpt2", "--zero", "2"],
+            "invalid gpus: missing: ZeRO stage 2",
+        ),
+        (
+            &["--model", "gpt2", "--zero", "5", "--gpus", "8"],
+            "invalid zero: 5 is out of range; accepted 0..=3",
+        ),
+        (
+            &["--model", "gpt2", "--seq", "4096"],
+            "invalid seq: 4096 exceeds the model's 1024 learned positions",
+        ),
+        (
+            &["--model", "gpt2", "--gpu", "v100"],
+            "invalid gpu: 'v100' is not in the catalog",
+        ),
+        (
+            &["--model", "gpt2", "--gpu-mem", "80XB", "--max-batch"],
+            "invalid gpu-mem: '80XB' is not a size",
+        ),
+        (
+            &["--model", "gpt2", "--max-batch"],
+            "invalid max-batch: needs a memory capacity",
+        ),
+        (
+            &["--model", "gpt2", "--precision", "fp8"],
+            "invalid precision: 'fp8' is unknown",
+        ),
+        (
+            &["--model", "gpt2", "--layers", "2"],
+            "invalid model: an explicit transformer needs",
+        ),
+        (
+            &["--model", "resnet50", "--max-seq", "--gpu", "h100"],
+            "invalid max-seq:",
+        ),
+    ];
+    for (args, want) in cases {
+        let mut a = vec!["estimate"];
+        a.extend_from_slice(args);
+        let (code, out, err) = vramcal(&a);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(out.is_empty(), "{args:?} printed {out}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with(&format!("error: {want}")),
+            "{args:?}: {err}"
+        );
+    }
+}

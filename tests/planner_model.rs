@@ -1,0 +1,296 @@
+//! Planner maths through the library: ZeRO paper figures, monotonicity, inverse search, and the
+//! shipped config.json / CNN files against the presets.
+
+use std::path::Path;
+use vramcal::coeffs::Coefficients;
+use vramcal::plan::estimate::{estimate, Options};
+use vramcal::plan::memory::{self, state_bytes};
+use vramcal::plan::params::count;
+use vramcal::plan::search::{max_batch, max_seq, Evaluator};
+use vramcal::spec::presets::{preset, NAMES};
+use vramcal::spec::{
+    cnn_file, hf_config, Checkpointing, ModelSpec, Optimizer, Precision, TrainSpec,
+};
+
+fn train(batch: u64, seq: u64) -> TrainSpec {
+    TrainSpec {
+        batch,
+        seq,
+        ..TrainSpec::default()
+    }
+}
+
+#[test]
+fn zero_paper_example_per_rank_model_states() {
+    // Rajbhandari et al. 2020, figure 1: 7.5B params, 64 GPUs, mixed-precision Adam (K = 12):
+    // 120 GB, 31.4 GB, 16.6 GB, 1.9 GB for baseline and stages 1-3 (1 GB = 1e9 bytes).
+    let expected = [120.0, 31.4, 16.6, 1.9];
+    for (stage, want) in expected.into_iter().enumerate() {
+        let t = TrainSpec {
+            precision: Precision::Bf16,
+            optimizer: Optimizer::AdamW,
+            zero_stage: stage as u8,
+            gpus: 64,
+            ..TrainSpec::default()
+        };
+        let got = state_bytes(7_500_000_000, &t).fixed() / 1e9;
+        assert!(
+            (got - want).abs() < 0.05,
+            "stage {stage}: {got} GB, paper {want} GB"
+        );
+    }
+}
+
+#[test]
+fn fp32_adamw_states_are_16_bytes_per_param() {
+    let m = preset("bert-base").unwrap();
+    let b = memory::estimate(&m, &train(32, 512), &Coefficients::literature()).unwrap();
+    assert_eq!(b.states(), 16 * 109_482_240);
+}
+
+#[test]
+fn memory_is_non_decreasing_in_batch_seq_and_layers() {
+    let c = Coefficients::literature();
+    for name in ["gpt2", "bert-base", "llama2-7b"] {
+        let m = preset(name).unwrap();
+        for ckpt in [Checkpointing::None, Checkpointing::Full] {
+            for prec in Precision::ALL {
+                let base = TrainSpec {
+                    precision: prec,
+                    checkpointing: ckpt,
+                    ..train(1, 8)
+                };
+                let total = |t: &TrainSpec| memory::estimate(&m, t, &c).unwrap().total;
+                let mut last = 0;
+                for b in [1, 2, 3, 8, 17, 64] {
+                    let now = total(&TrainSpec {
+                        batch: b,
+                        ..base.clone()
+                    });
+                    assert!(now >= last, "{name} batch {b}");
+                    last = now;
+                }
+                let mut last = 0;
+                for s in [1, 2, 64, 100, 512] {
+                    let now = total(&TrainSpec {
+                        seq: s,
+                        ..base.clone()
+                    });
+                    assert!(now >= last, "{name} seq {s}");
+                    last = now;
+                }
+                let ModelSpec::Transformer(t) = &m else {
+                    unreachable!()
+                };
+                let mut last = 0;
+                for l in [1, 2, 5, 12, 40] {
+                    let deeper = ModelSpec::Transformer(vramcal::spec::TransformerSpec {
+                        layers: l,
+                        ..t.clone()
+                    });
+                    let now = memory::estimate(&deeper, &base, &c).unwrap().total;
+                    assert!(now > last, "{name} layers {l}");
+                    last = now;
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn max_batch_fits_and_one_more_does_not() {
+    let c = Coefficients::literature();
+    let cap = 80u64 << 30;
+    for (name, seq, prec, ckpt) in [
+        ("gpt2", 1024, Precision::Fp32, Checkpointing::None),
+        ("llama2-7b", 4096, Precision::Bf16Mixed, Checkpointing::Full),
+        ("bert-large", 512, Precision::Bf16, Checkpointing::None),
+    ] {
+        let m = preset(name).unwrap();
+        let t = TrainSpec {
+            precision: prec,
+            checkpointing: ckpt,
+            zero_stage: 2,
+            gpus: 8,
+            ..train(1, seq)
+        };
+        let ev = Evaluator::new(&m, &t, &c).unwrap();
+        let b = max_batch(&ev, &t, cap).unwrap().expect("batch 1 fits");
+        let at = |b| {
+            memory::estimate(
+                &m,
+                &TrainSpec {
+                    batch: b,
+                    ..t.clone()
+                },
+                &c,
+            )
+            .unwrap()
+            .total
+        };
+        assert!(at(b) <= cap && at(b + 1) > cap, "{name}: {b}");
+    }
+    // max seq: gpt2 reaches its 1024-position table; llama2-7b is bounded by memory.
+    let m = preset("llama2-7b").unwrap();
+    let t = TrainSpec {
+        precision: Precision::Bf16Mixed,
+        zero_stage: 3,
+        gpus: 8,
+        ..train(1, 4096)
+    };
+    let ev = Evaluator::new(&m, &t, &c).unwrap();
+    let s = max_seq(&m, &ev, &t, cap).unwrap().unwrap();
+    let at = |s| {
+        memory::estimate(
+            &m,
+            &TrainSpec {
+                seq: s,
+                ..t.clone()
+            },
+            &c,
+        )
+        .unwrap()
+        .total
+    };
+    assert!(at(s) <= cap && at(s + 1) > cap, "seq {s}");
+    let g = preset("gpt2").unwrap();
+    let ev = Evaluator::new(&g, &train(1, 8), &c).unwrap();
+    assert_eq!(max_seq(&g, &ev, &train(1, 8), cap).unwrap(), Some(1024));
+}
+
+#[test]
+fn shipped_config_json_matches_presets() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("presets");
+    for name in [
+        "bert-base",
+        "bert-large",
+        "gpt2",
+        "gpt2-medium",
+        "vit-base-16",
+        "vit-large-16",
+        "llama2-7b",
+    ] {
+        let spec = hf_config::load(&dir.join(name).join("config.json")).unwrap();
+        let from_json = count(&ModelSpec::Transformer(spec));
+        assert_eq!(from_json, count(&preset(name).unwrap()), "{name}");
+    }
+    assert!(NAMES.contains(&"llama2-7b"));
+}
+
+#[test]
+fn custom_cnn_file_loads_with_hand_counted_params() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("presets/custom-cnn.toml");
+    let spec = cnn_file::load(&path).unwrap();
+    // conv 3x3x3x32 + bn 64 + body (3x3x32x64 + bn 128 + 3x3x64x64 + bn 128)
+    // + shortcut (32x64 + bn 128) + linear 64x10+10
+    assert_eq!(
+        spec.params(),
+        864 + 64 + 18_432 + 128 + 36_864 + 128 + 2_048 + 128 + 650
+    );
+    // the same network round-trips through JSON
+    let json = serde_json::to_string(&spec).unwrap();
+    assert_eq!(cnn_file::parse(&json, false).unwrap(), spec);
+    let m = ModelSpec::Cnn(spec);
+    assert!(memory::estimate(
+        &m,
+        &TrainSpec {
+            image: 32,
+            ..train(64, 1)
+        },
+        &Coefficients::literature()
+    )
+    .is_ok());
+}
+
+#[test]
+fn hf_config_errors_name_the_field() {
+    let err = hf_config::parse("{\"model_type\": \"bert\", ", "x").unwrap_err();
+    assert!(
+        format!("{err}").starts_with("invalid config.json: not valid JSON"),
+        "{err}"
+    );
+    let err = hf_config::parse(r#"{"model_type":"llama","hidden_size":4096}"#, "x").unwrap_err();
+    assert!(
+        format!("{err}").contains("config.json num_attention_heads: missing"),
+        "{err}"
+    );
+    let err = hf_config::parse(r#"{"model_type":"t5"}"#, "x").unwrap_err();
+    assert!(format!("{err}").contains("'t5' is not supported"), "{err}");
+}
+
+#[test]
+fn gpu_choice_needs_more_gpus_for_bigger_models() {
+    let c = Coefficients::literature();
+    let t = TrainSpec {
+        precision: Precision::Bf16Mixed,
+        checkpointing: Checkpointing::Full,
+        ..train(1, 4096)
+    };
+    let e = estimate(&preset("llama2-7b").unwrap(), &t, &c, &Options::default()).unwrap();
+    let h100 = e.gpu_choice.iter().find(|g| g.gpu == "h100").unwrap();
+    let l = h100.layout.unwrap();
+    // 16 B/param (+2 B half copy) of 6.7B params cannot sit on one 80 GB card.
+    assert!(l.gpus > 1 && l.zero_stage > 0, "{l:?}");
+    assert!(h100.total_bytes.unwrap() <= h100.memory_bytes);
+    let small = estimate(
+        &preset("gpt2").unwrap(),
+        &train(8, 1024),
+        &c,
+        &Options::default(),
+    )
+    .unwrap();
+    assert!(small.gpu_choice.iter().all(|g| g.layout.unwrap().gpus == 1));
+}
+
+/// Planner speed: prints the numbers reported to the lead; bounds are 10x the targets so a
+/// loaded CI machine does not flake, but a regression to re-validating per probe would show.
+#[test]
+fn planner_is_fast() {
+    let c = Coefficients::literature();
+    let m = preset("llama2-7b").unwrap();
+    let t = TrainSpec {
+        precision: Precision::Bf16Mixed,
+        ..train(4, 4096)
+    };
+    let n = 2000;
+    let start = std::time::Instant::now();
+    let mut acc = 0u64;
+    for i in 0..n {
+        let tt = TrainSpec {
+            batch: 1 + i % 7,
+            ..t.clone()
+        };
+        acc = acc.wrapping_add(
+            memory::estimate(&m, std::hint::black_box(&tt), &c)
+                .unwrap()
+                .total,
+        );
+    }
+    let per_estimate = start.elapsed().as_secs_f64() / n as f64;
+    // A search that probes: ZeRO-3 over 8 GPUs with checkpointing leaves room for batch > 1.
+    let t = TrainSpec {
+        zero_stage: 3,
+        gpus: 8,
+        checkpointing: Checkpointing::Full,
+        ..t
+    };
+    let ev = Evaluator::new(&m, &t, &c).unwrap();
+    assert!(max_batch(&ev, &t, 80 << 30).unwrap().unwrap() > 4);
+    let start = std::time::Instant::now();
+    for _ in 0..200 {
+        let cap = std::hint::black_box(80u64 << 30);
+        acc = acc.wrapping_add(
+            max_batch(&ev, std::hint::black_box(&t), cap)
+                .unwrap()
+                .unwrap_or(0),
+        );
+    }
+    let per_search = start.elapsed().as_secs_f64() / 200.0;
+    println!(
+        "estimate {:.2} us, max-batch search {:.2} us ({acc})",
+        per_estimate * 1e6,
+        per_search * 1e6
+    );
+    assert!(per_estimate < 100e-6, "{per_estimate}");
+    assert!(per_search < 10e-3, "{per_search}");
+}

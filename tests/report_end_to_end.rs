@@ -1,0 +1,130 @@
+//! `vramcal fit` and `vramcal report` on a CSV written through `record::append`: the table,
+//! accuracy.json (schema and real values), README.md and every plot it references.
+
+mod fit_common;
+
+use fit_common::{row, synthetic_rows};
+use std::process::Command;
+use vramcal::harness::record::{append, Status};
+use vramcal::spec::presets::preset;
+use vramcal::spec::TrainSpec;
+
+#[test]
+fn fit_and_report_from_csv() {
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("synthetic.csv");
+    for r in synthetic_rows(0.005, 11) {
+        append(&csv, &r).unwrap();
+    }
+    let m = preset("tiny-gpt").unwrap();
+    let big = TrainSpec {
+        batch: 4096,
+        seq: 1024,
+        ..TrainSpec::default()
+    };
+    append(&csv, &row(&m, &big, 0.0, 0.0, Status::Oom)).unwrap();
+    append(
+        &csv,
+        &row(
+            &m,
+            &TrainSpec {
+                batch: 3,
+                ..big.clone()
+            },
+            0.0,
+            0.0,
+            Status::Error,
+        ),
+    )
+    .unwrap();
+
+    let exe = env!("CARGO_BIN_EXE_vramcal");
+    let table = dir.path().join("calib/synthetic.json");
+    let out = Command::new(exe)
+        .args(["fit", "--data"])
+        .arg(&csv)
+        .arg("--out")
+        .arg(&table)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let coeffs = vramcal::coeffs::Coefficients::load(&table).unwrap();
+    assert_eq!(coeffs.device_id, "synthetic");
+    assert!(coeffs.points > 500);
+
+    let rep = dir.path().join("reports/synthetic");
+    let out = Command::new(exe)
+        .args(["report", "--data"])
+        .arg(&csv)
+        .arg("--coeffs")
+        .arg(&table)
+        .arg("--out")
+        .arg(&rep)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let acc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(rep.join("accuracy.json")).unwrap()).unwrap();
+    for k in ["heldout", "seed_formula", "literature", "time_heldout"] {
+        for f in ["mape", "max_abs_pct", "median_abs_pct", "n"] {
+            assert!(acc[k][f].is_number(), "{k}.{f} missing: {acc}");
+        }
+    }
+    let held = acc["heldout"]["mape"].as_f64().unwrap();
+    assert!(
+        held < 1.5,
+        "0.5 % noise should give a held-out MAPE near 0.5 %, got {held}"
+    );
+    assert!(acc["seed_formula"]["mape"].as_f64().unwrap() > held);
+    assert_eq!(acc["heldout"]["n"], acc["seed_formula"]["n"]);
+    let excluded = acc["excluded"].as_array().unwrap();
+    assert_eq!(excluded.len(), 2);
+    assert!(excluded.iter().any(|e| e["status"] == "oom"));
+    assert!(!acc["per_group"].as_array().unwrap().is_empty());
+
+    let readme = std::fs::read_to_string(rep.join("README.md")).unwrap();
+    for svg in [
+        "measured_vs_predicted.svg",
+        "peak_vs_batch.svg",
+        "peak_vs_seq.svg",
+        "time_vs_flops.svg",
+        "checkpointing.svg",
+    ] {
+        assert!(
+            readme.contains(&format!("]({svg})")),
+            "README does not reference {svg}"
+        );
+        let text = std::fs::read_to_string(rep.join(svg)).unwrap();
+        assert!(
+            text.starts_with("<svg") && text.contains("<text"),
+            "{svg} is not an SVG with text"
+        );
+    }
+    assert!(readme.contains("synthetic failure"));
+}
+
+#[test]
+fn bad_input_exits_with_code_2() {
+    let exe = env!("CARGO_BIN_EXE_vramcal");
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(exe)
+        .args(["fit", "--data", "/nonexistent.csv", "--out"])
+        .arg(dir.path().join("x.json"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
