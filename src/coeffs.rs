@@ -40,10 +40,20 @@ pub struct ActivationCoeffs {
     pub c_logits: Coef,
     /// per b*s*h per layer kept as block inputs under checkpointing
     pub c_ckpt: Coef,
-    /// per CNN op-output element
+    /// per CNN conv/linear output element
     pub c_conv: Coef,
+    /// per CNN batchnorm output element
+    pub c_norm: Coef,
+    /// per CNN ReLU output / residual-sum element
+    pub c_act: Coef,
+    /// per CNN pooling output element
+    pub c_pool: Coef,
     /// per input-batch element (CNN and ViT images)
     pub c_input: Coef,
+    /// per element of the largest conv's unfolded input (transient im2col workspace)
+    pub c_workspace: Coef,
+    /// per element of the largest parameter tensor (per-tensor transient buffers)
+    pub c_max_param: Coef,
     /// fraction of the 2-byte/param half-precision weight copy resident at the peak (mixed precision)
     pub half_copy: Coef,
 }

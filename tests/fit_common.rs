@@ -9,6 +9,7 @@ use vramcal::coeffs::Coefficients;
 use vramcal::harness::record::{Row, Status, SCHEMA};
 use vramcal::plan::memory::{breakdown, fit_terms};
 use vramcal::plan::time::step_flops;
+use vramcal::spec::cnn::{resnet, vgg16};
 use vramcal::spec::presets::preset;
 use vramcal::spec::{Checkpointing, ModelSpec, Optimizer, Precision, TrainSpec};
 
@@ -25,7 +26,12 @@ pub fn truth() -> Coefficients {
         a.c_logits.value = if half { 14.0 } else { 9.0 };
         a.c_ckpt.value = if half { 3.0 } else { 5.0 };
         a.c_conv.value = if half { 3.5 } else { 6.0 };
+        a.c_norm.value = if half { 7.0 } else { 14.0 };
+        a.c_act.value = if half { 2.5 } else { 4.5 };
+        a.c_pool.value = if half { 9.0 } else { 17.0 };
         a.c_input.value = if half { 8.0 } else { 4.0 };
+        a.c_workspace.value = if half { 3.0 } else { 5.0 };
+        a.c_max_param.value = if half { 20.0 } else { 30.0 };
         a.half_copy.value = if m.precision.is_mixed() { 0.6 } else { 0.0 };
         m.overhead.frag.value = 0.04;
         m.overhead.const_bytes.value = 3.0e6;
@@ -130,10 +136,19 @@ pub fn grid() -> Vec<(ModelSpec, TrainSpec)> {
                     }
                 }
             }
-            for name in cnns {
-                let m = preset(name).unwrap();
+            // Several widths per architecture: within one network every CNN feature grows as
+            // b x image^2, so only different shapes separate the per-op-kind coefficients.
+            let shaped = cnns.iter().flat_map(|name| {
+                [4u64, 8, 16].map(move |w| match *name {
+                    "tiny-resnet18" => resnet(name, [2, 2, 2, 2], false, w, 10),
+                    "tiny-resnet50" => resnet(name, [3, 4, 6, 3], true, w, 10),
+                    _ => vgg16(name, w, 16 * w, 10),
+                })
+            });
+            for c in shaped {
+                let m = ModelSpec::Cnn(c);
                 for batch in [1, 2, 4, 8] {
-                    for image in [32, 64] {
+                    for image in [32, 64, 96] {
                         out.push((
                             m.clone(),
                             TrainSpec {

@@ -79,6 +79,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             )
         }
         Some(id) => id.clone(),
+        // A quick run gets its own files so it never mixes its points into (or is refused by)
+        // the full calibration's CSV of the same device.
+        None if args.quick => format!("{}-quick", device_id(&args.device)?),
         None => device_id(&args.device)?,
     };
     let backend = if args.device == "cpu" { "cpu" } else { "cuda" };

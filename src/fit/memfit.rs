@@ -28,11 +28,16 @@ pub enum Col {
     Logits,
     Ckpt,
     Conv,
+    Norm,
+    Act,
+    Pool,
     Input,
+    Workspace,
+    MaxParam,
     Const,
 }
 
-pub const COLS: [Col; 10] = [
+pub const COLS: [Col; 15] = [
     Col::Frag,
     Col::HalfCopy,
     Col::H,
@@ -41,15 +46,25 @@ pub const COLS: [Col; 10] = [
     Col::Logits,
     Col::Ckpt,
     Col::Conv,
+    Col::Norm,
+    Col::Act,
+    Col::Pool,
     Col::Input,
+    Col::Workspace,
+    Col::MaxParam,
     Col::Const,
 ];
 
 /// Which column to give up first when the data cannot separate several: the ones the data
 /// usually varies least (the half copy, checkpoint retention) before the core terms.
-const DROP_ORDER: [Col; 10] = [
+const DROP_ORDER: [Col; 15] = [
     Col::HalfCopy,
+    Col::MaxParam,
     Col::Ckpt,
+    Col::Workspace,
+    Col::Pool,
+    Col::Norm,
+    Col::Act,
     Col::Input,
     Col::Logits,
     Col::Att,
@@ -71,7 +86,12 @@ impl Col {
             Col::Logits => "c_logits",
             Col::Ckpt => "c_ckpt",
             Col::Conv => "c_conv",
+            Col::Norm => "c_norm",
+            Col::Act => "c_act",
+            Col::Pool => "c_pool",
             Col::Input => "c_input",
+            Col::Workspace => "c_workspace",
+            Col::MaxParam => "c_max_param",
             Col::Const => "const_bytes",
         }
     }
@@ -88,7 +108,12 @@ impl Col {
             Col::Logits => f.bsv,
             Col::Ckpt => f.ckpt_bsh,
             Col::Conv => f.conv,
+            Col::Norm => f.norm,
+            Col::Act => f.act,
+            Col::Pool => f.pool,
             Col::Input => f.input,
+            Col::Workspace => f.workspace,
+            Col::MaxParam => f.max_param,
             Col::Const => 1.0,
         }
     }
@@ -105,7 +130,12 @@ impl Col {
             Col::Logits => a.c_logits.value,
             Col::Ckpt => a.c_ckpt.value,
             Col::Conv => a.c_conv.value,
+            Col::Norm => a.c_norm.value,
+            Col::Act => a.c_act.value,
+            Col::Pool => a.c_pool.value,
             Col::Input => a.c_input.value,
+            Col::Workspace => a.c_workspace.value,
+            Col::MaxParam => a.c_max_param.value,
             Col::Const => m.overhead.const_bytes.value,
         }
     }
@@ -122,7 +152,12 @@ impl Col {
             Col::Logits => &mut a.c_logits,
             Col::Ckpt => &mut a.c_ckpt,
             Col::Conv => &mut a.c_conv,
+            Col::Norm => &mut a.c_norm,
+            Col::Act => &mut a.c_act,
+            Col::Pool => &mut a.c_pool,
             Col::Input => &mut a.c_input,
+            Col::Workspace => &mut a.c_workspace,
+            Col::MaxParam => &mut a.c_max_param,
             Col::Const => &mut m.overhead.const_bytes,
         }
     }
@@ -146,11 +181,11 @@ pub enum Origin {
 #[derive(Debug, Clone)]
 pub struct MemFit {
     /// coefficient per column of [`COLS`], in the planner's units
-    pub values: [f64; 10],
-    pub origin: [Origin; 10],
+    pub values: [f64; COLS.len()],
+    pub origin: [Origin; COLS.len()],
     /// relative standard error of each fitted coefficient (from the weighted residual variance
     /// and `(A'W'WA)^-1`); large values mean the data barely determines the coefficient
-    pub rel_se: [Option<f64>; 10],
+    pub rel_se: [Option<f64>; COLS.len()],
     pub n: usize,
 }
 
@@ -250,8 +285,8 @@ pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
     let w: Vec<f64> = points.iter().map(|p| 1.0 / p.peak).collect();
     let present = present(points);
     let (cols, dropped) = identifiable(points, present.clone(), &w);
-    let mut values = [0.0; 10];
-    let mut origin = [Origin::Absent; 10];
+    let mut values = [0.0; COLS.len()];
+    let mut origin = [Origin::Absent; COLS.len()];
     for (k, c) in COLS.iter().enumerate() {
         values[k] = c.get(lit);
         if cols.contains(c) {
@@ -261,7 +296,7 @@ pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
         }
     }
     let a = design(points, &cols);
-    let mut rel_se = [None; 10];
+    let mut rel_se = [None; COLS.len()];
     // Literature terms depend on frag through (1 + frag); two refinements converge (frag is small).
     for _ in 0..3 {
         let frag = values[0];

@@ -63,8 +63,8 @@ pub fn fit(points: &[&Point], prior: &ModeCoeffs) -> anyhow::Result<(MemFit, f64
     } else {
         sol.x[0]
     };
-    let mut values = [0.0; 10];
-    let mut origin = [Origin::Fitted; 10];
+    let mut values = [0.0; COLS.len()];
+    let mut origin = [Origin::Fitted; COLS.len()];
     for (k, c) in COLS.iter().enumerate() {
         values[k] = match c {
             Col::Frag => frag,
@@ -80,7 +80,7 @@ pub fn fit(points: &[&Point], prior: &ModeCoeffs) -> anyhow::Result<(MemFit, f64
         MemFit {
             values,
             origin,
-            rel_se: [None; 10],
+            rel_se: [None; COLS.len()],
             n: points.len(),
         },
         alpha,

@@ -1,10 +1,10 @@
 //! The empirical half: real candle layers, real training steps, memory probes, sweeps.
 
-pub mod record;
-pub mod layers;
-pub mod optim;
-pub mod step;
 pub mod grid;
+pub mod layers;
 pub mod measure;
+pub mod optim;
 pub mod probe;
+pub mod record;
+pub mod step;
 pub mod sweep;

@@ -25,10 +25,21 @@ pub struct Features {
     pub bsv: f64,
     /// b*s*h*L block inputs kept under checkpointing (0 without)
     pub ckpt_bsh: f64,
-    /// CNN: sum of op-output elements
+    /// CNN: conv and linear output elements
     pub conv: f64,
+    /// CNN: batchnorm output elements
+    pub norm: f64,
+    /// CNN: ReLU output and residual-sum elements
+    pub act: f64,
+    /// CNN: pooling output elements
+    pub pool: f64,
     /// elements of the input batch of images (CNN, ViT)
     pub input: f64,
+    /// elements of the largest parameter tensor (not batched: per-tensor transient buffers)
+    pub max_param: f64,
+    /// CNN: b * the largest conv's unfolded input (a transient im2col buffer); 0 for transformers,
+    /// whose patch-embedding unfold equals the input batch and is covered by `input`
+    pub workspace: f64,
 }
 
 impl Features {
@@ -39,7 +50,12 @@ impl Features {
             + self.bsv * a.c_logits.value
             + self.ckpt_bsh * a.c_ckpt.value
             + self.conv * a.c_conv.value
+            + self.norm * a.c_norm.value
+            + self.act * a.c_act.value
+            + self.pool * a.c_pool.value
             + self.input * a.c_input.value
+            + self.workspace * a.c_workspace.value
+            + self.max_param * a.c_max_param.value
     }
 }
 
@@ -74,7 +90,12 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                     0.0
                 },
                 conv: 0.0,
+                norm: 0.0,
+                act: 0.0,
+                pool: 0.0,
                 input: b * input,
+                workspace: 0.0,
+                max_param: params::largest_tensor(model) as f64,
             })
         }
         ModelSpec::Cnn(c) => {
@@ -86,8 +107,13 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
             }
             let walk = c.walk(train.image)?;
             Ok(Features {
-                conv: b * walk.out_elems as f64,
+                conv: b * walk.conv_elems as f64,
+                norm: b * walk.norm_elems as f64,
+                act: b * walk.act_elems as f64,
+                pool: b * walk.pool_elems as f64,
                 input: b * (c.in_channels * train.image * train.image) as f64,
+                workspace: b * walk.max_im2col as f64,
+                max_param: params::largest_tensor(model) as f64,
                 ..Features::default()
             })
         }

@@ -1,12 +1,12 @@
 //! The analytical planner: spec + coefficients -> memory, host RAM, storage, time, GPU choice.
 
-pub mod memory;
-pub mod params;
-pub mod time;
 pub mod estimate;
 pub mod gpus;
 pub mod host;
+pub mod memory;
+pub mod params;
 pub mod search;
 pub mod seed;
 pub mod step_time;
 pub mod storage;
+pub mod time;

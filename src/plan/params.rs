@@ -88,3 +88,52 @@ pub fn count(model: &ModelSpec) -> u64 {
 pub fn seed_approx(t: &TransformerSpec) -> u64 {
     12 * t.layers * t.hidden * t.hidden
 }
+
+/// Elements of the largest single parameter tensor. Transient per-tensor buffers scale with it:
+/// a non-fused optimizer's update temporaries and the weight-gradient matmul output are
+/// allocated one tensor at a time, so the biggest tensor sets the size of that bump.
+pub fn largest_tensor(model: &ModelSpec) -> u64 {
+    use crate::spec::cnn::CnnLayer;
+    fn cnn_max(l: &CnnLayer) -> u64 {
+        match l {
+            CnnLayer::Conv {
+                k_h,
+                k_w,
+                c_in,
+                c_out,
+                ..
+            } => k_h * k_w * c_in * c_out,
+            CnnLayer::Linear { d_in, d_out, .. } => d_in * d_out,
+            CnnLayer::Residual { body, shortcut } => {
+                body.iter().chain(shortcut).map(cnn_max).max().unwrap_or(0)
+            }
+            _ => 0,
+        }
+    }
+    match model {
+        ModelSpec::Cnn(c) => c.layers.iter().map(cnn_max).max().unwrap_or(0),
+        ModelSpec::Transformer(t) => {
+            let h = t.hidden;
+            let kv = t.kv_heads * t.head_dim();
+            // fused QKV when every head has its own K/V, separate projections under GQA
+            let qkv = if t.kv_heads == t.heads {
+                3 * h * h
+            } else {
+                h * h.max(kv)
+            };
+            let head = match t.head {
+                Head::Lm => t.vocab * h,
+                Head::Pooler => h * h,
+                Head::Classifier { classes } => h * classes,
+            };
+            let embed = match &t.patch {
+                Some(p) => p.channels * p.patch * p.patch * h,
+                None => t.vocab * h,
+            };
+            [qkv, h * t.ffn, head, embed, t.max_positions * h]
+                .into_iter()
+                .max()
+                .unwrap_or(0)
+        }
+    }
+}

@@ -95,8 +95,21 @@ impl Shape {
 pub struct CnnWalk {
     /// Sum over every op output (conv, bn, relu, pool, linear, residual add) of its elements.
     pub out_elems: u64,
+    /// The same sum split by op kind, since frameworks keep different tensors per kind for
+    /// the backward (a batchnorm built from primitives keeps several, a ReLU one):
+    /// conv and linear outputs,
+    pub conv_elems: u64,
+    /// batchnorm outputs,
+    pub norm_elems: u64,
+    /// ReLU outputs and residual sums,
+    pub act_elems: u64,
+    /// pooling outputs.
+    pub pool_elems: u64,
     /// Multiply-accumulates of one forward pass (conv + linear).
     pub macs: u64,
+    /// Largest unfolded input of any conv (C_in*k_h*k_w*H_out*W_out): the transient buffer a
+    /// GEMM-lowered (im2col) convolution allocates, alive on top of the stored activations.
+    pub max_im2col: u64,
 }
 
 fn conv_out(size: u64, k: u64, stride: u64, pad: u64, field: &str) -> anyhow::Result<u64> {
@@ -158,6 +171,7 @@ impl CnnLayer {
                 let ho = conv_out(h, *k_h, *stride, *padding, "conv.k_h")?;
                 let wo = conv_out(w, *k_w, *stride, *padding, "conv.k_w")?;
                 walk.macs += c_out * ho * wo * c_in * k_h * k_w;
+                walk.max_im2col = walk.max_im2col.max(c_in * k_h * k_w * ho * wo);
                 Shape::Map {
                     c: *c_out,
                     h: ho,
@@ -214,6 +228,7 @@ impl CnnLayer {
                 }
                 // The add and the ReLU after it each produce a tensor of the block's output size.
                 walk.out_elems += 2 * a.elems();
+                walk.act_elems += 2 * a.elems();
                 return Ok(a);
             }
             (layer, s) => {
@@ -224,6 +239,14 @@ impl CnnLayer {
             }
         };
         walk.out_elems += out.elems();
+        let n = out.elems();
+        match self {
+            CnnLayer::Conv { .. } | CnnLayer::Linear { .. } => walk.conv_elems += n,
+            CnnLayer::Batchnorm { .. } => walk.norm_elems += n,
+            CnnLayer::Relu => walk.act_elems += n,
+            CnnLayer::Pool { .. } | CnnLayer::Adaptivepool { .. } => walk.pool_elems += n,
+            CnnLayer::Flatten | CnnLayer::Residual { .. } => {}
+        }
         Ok(out)
     }
 
