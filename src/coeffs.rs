@@ -72,6 +72,10 @@ pub struct TimeCoeffs {
     pub mfu: Coef,
     /// achieved FLOP/s measured on the calibrated device (0 = not measured)
     pub flops_per_s: Coef,
+    /// effective bytes/s of activation traffic (memory-bound elementwise work); 0 = not modelled
+    pub act_bytes_per_s: Coef,
+    /// effective bytes/s of the optimizer's pass over the model states; 0 = not modelled
+    pub state_bytes_per_s: Coef,
     /// fixed seconds per step
     pub t0_s: Coef,
     /// step time with full recomputation over step time without

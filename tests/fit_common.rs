@@ -36,6 +36,8 @@ pub fn truth() -> Coefficients {
         m.overhead.frag.value = 0.04;
         m.overhead.const_bytes.value = 3.0e6;
         m.time.flops_per_s.value = if half { 2.0e10 } else { 5.0e10 };
+        m.time.act_bytes_per_s.value = if half { 4.0e9 } else { 8.0e9 };
+        m.time.state_bytes_per_s.value = 1.5e10;
         m.time.t0_s.value = 0.004;
         m.time.recompute_factor.value = 1.3;
     }
@@ -189,8 +191,11 @@ pub fn synthetic_rows(noise: f64, seed: u64) -> Vec<Row> {
             } else {
                 1.0
             };
-            let time = (f.total() * factor / mode.time.flops_per_s.value + mode.time.t0_s.value)
-                * (1.0 + noise * gauss());
+            let tc = &mode.time;
+            let repeated = f.total() / tc.flops_per_s.value
+                + f.activation_traffic_bytes / tc.act_bytes_per_s.value;
+            let once = f.state_traffic_bytes / tc.state_bytes_per_s.value + tc.t0_s.value;
+            let time = (repeated * factor + once) * (1.0 + noise * gauss());
             row(&m, &t, peak, time, Status::Ok)
         })
         .collect()

@@ -192,7 +192,7 @@ pub fn fit_mode(
         pts.iter()
             .filter(|p| !p.ckpt() && p.step_s.is_some())
             .count()
-            >= 3
+            >= 6
     });
     if let Some((label, pts)) = time_scope {
         if let Some(t) = timefit::fit(pts)? {
@@ -201,11 +201,13 @@ pub fn fit_mode(
                 t.n, meta.device_id, meta.date
             );
             mode.time.flops_per_s = Coef::new(t.flops_per_s, src.clone());
+            mode.time.act_bytes_per_s = Coef::new(t.act_bytes_per_s, src.clone());
+            mode.time.state_bytes_per_s = Coef::new(t.state_bytes_per_s, src.clone());
             mode.time.t0_s = Coef::new(t.t0_s, src);
             if let Some((r, pairs)) = t.recompute {
                 mode.time.recompute_factor = Coef::new(
                     r,
-                    format!("median of (t_ckpt - t0)/(t_plain - t0) over {pairs} matched pairs ({label}), {}, {}", meta.device_id, meta.date),
+                    format!("median ratio of the recomputed parts (checkpointed over plain step, optimizer pass and t0 removed) over {pairs} matched pairs ({label}), {}, {}", meta.device_id, meta.date),
                 );
             }
             diag.insert("time_scope".into(), json!(label));

@@ -1,4 +1,6 @@
-//! Step time per GPU: `t = FLOPs * (recompute ? recompute_factor : 1) / R + t0`.
+//! Step time per GPU: `t = (FLOPs / R + A / B_act) * (recompute ? recompute_factor : 1)
+//! + S / B_state + t0`, where the activation (A) and state (S) traffic terms apply only with a
+//! calibrated table that measured their bandwidths (see `fit::timefit`).
 //!
 //! `R` is the achieved FLOP/s: the calibrated `flops_per_s` when the table has one (it was measured
 //! on that device), otherwise `mfu x` the GPU's datasheet peak for the precision. `--batch` is the
@@ -55,8 +57,12 @@ pub fn step_time(
 ) -> StepTime {
     let f = flops.total();
     let t0 = time.t0_s.value;
-    let without = f / rate.0 + t0;
-    let with = f * time.recompute_factor.value / rate.0 + t0;
+    // Memory-traffic terms only where a calibrated table measured them (0 = not modelled).
+    let per = |bytes: f64, rate: f64| if rate > 0.0 { bytes / rate } else { 0.0 };
+    let repeated = f / rate.0 + per(flops.activation_traffic_bytes, time.act_bytes_per_s.value);
+    let once = per(flops.state_traffic_bytes, time.state_bytes_per_s.value) + t0;
+    let without = repeated + once;
+    let with = repeated * time.recompute_factor.value + once;
     let seconds = if checkpointing { with } else { without };
     StepTime {
         flops_per_gpu: f,
@@ -86,6 +92,8 @@ mod tests {
             dense: 3.0e15,
             attention: 1.0e15,
             recompute: 0.0,
+            activation_traffic_bytes: 1.0e12,
+            state_traffic_bytes: 1.0e11,
         };
         let t = step_time(&flops, r, &c.time, true, 8, 4);
         assert!((t.seconds_without_recompute - 4.0e15 / (0.4 * 989e12)).abs() < 1e-9);

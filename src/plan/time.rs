@@ -1,8 +1,10 @@
 //! Training FLOPs per step and the step-time model `t = FLOPs * recompute / R + t0`.
 
-use crate::plan::params;
-use crate::spec::{ModelSpec, TrainSpec};
+use crate::coeffs::Coefficients;
+use crate::plan::{memory, params};
+use crate::spec::{Checkpointing, ModelSpec, TrainSpec};
 use serde::Serialize;
+use std::sync::OnceLock;
 
 /// FLOPs of one training step (forward + backward), without recompute.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -13,6 +15,12 @@ pub struct StepFlops {
     pub attention: f64,
     /// one extra forward pass, added under full checkpointing: (dense + attention) / 3
     pub recompute: f64,
+    /// activation bytes the literature model stores for this step without checkpointing: the
+    /// memory-bound elementwise kernels (norms, softmax, GELU, dropout, residual adds) read and
+    /// write them, so step time grows with them apart from FLOPs
+    pub activation_traffic_bytes: f64,
+    /// weights + gradients + optimizer states on this rank: the optimizer update streams them once
+    pub state_traffic_bytes: f64,
 }
 
 impl StepFlops {
@@ -39,9 +47,23 @@ pub fn step_flops(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<StepFl
     } else {
         0.0
     };
+    // Traffic is defined by the fixed literature weights, not by a fitted table, so the time fit
+    // does not depend on the memory fit; recompute repeats it, which the time model multiplies.
+    static LITERATURE: OnceLock<Coefficients> = OnceLock::new();
+    let lit = LITERATURE.get_or_init(Coefficients::literature);
+    let plain = TrainSpec {
+        checkpointing: Checkpointing::None,
+        ..train.clone()
+    };
+    let terms = memory::fit_terms(model, &plain)?;
+    let mode = lit.mode(model.family(), train.precision);
+    let mut act = terms.features;
+    act.max_param = 0.0;
     Ok(StepFlops {
         dense,
         attention,
         recompute,
+        activation_traffic_bytes: act.activation_bytes(&mode.activation),
+        state_traffic_bytes: terms.states.fixed() + terms.states.half_copy,
     })
 }

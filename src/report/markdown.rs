@@ -145,6 +145,16 @@ fn coefficient_tables(out: &mut String, table: &Coefficients) {
         let t = &m.time;
         for (name, c, lv) in [
             ("flops_per_s", &t.flops_per_s, l.time.flops_per_s.value),
+            (
+                "act_bytes_per_s",
+                &t.act_bytes_per_s,
+                l.time.act_bytes_per_s.value,
+            ),
+            (
+                "state_bytes_per_s",
+                &t.state_bytes_per_s,
+                l.time.state_bytes_per_s.value,
+            ),
             ("t0_s", &t.t0_s, l.time.t0_s.value),
             (
                 "recompute_factor",
@@ -296,7 +306,7 @@ pub fn readme(i: &Inputs) -> String {
         &acc.seed_formula,
     ));
     out.push_str(&metrics_row(
-        "step time, fitted (FLOPs/R + t0)",
+        "step time, fitted (FLOPs/R + traffic/B + t0)",
         &acc.time_heldout,
     ));
     out.push_str("\nExtrapolation: each model's largest batch × tokens held out, table fitted on the rest.\n\n| predictor | MAPE | median abs | max abs | n |\n|---|---|---|---|---|\n");

@@ -312,7 +312,8 @@ pub fn sweep_panels(
     Ok(true)
 }
 
-/// Step time vs FLOPs, per (family, precision), with the fitted `FLOPs/R + t0` lines.
+/// Step time vs FLOPs, per (family, precision), with the compute part `FLOPs/R + t0` of the fitted
+/// model as lines (points above a line are the memory-traffic part the model adds).
 pub fn time_vs_flops(path: &Path, points: &[Point], table: &Coefficients) -> anyhow::Result<bool> {
     let timed: Vec<&Point> = points.iter().filter(|p| p.step_s.is_some()).collect();
     if timed.is_empty() {
