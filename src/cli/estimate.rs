@@ -4,6 +4,7 @@
 //! Numeric flags are taken as text and parsed here, so a bad value (zero, negative, absurd, not
 //! a number) becomes one line naming the flag with exit code 2, never clap's multi-line usage.
 
+use super::common::{parse_int, GpusDefault, TrainFlags};
 use crate::coeffs::Coefficients;
 use crate::error::{check_range, input_err};
 use crate::plan::estimate::{estimate, Estimate, Options};
@@ -73,30 +74,8 @@ pub struct Flags {
     #[arg(long, allow_hyphen_values = true)]
     pub classes: Option<String>,
 
-    /// Per-GPU micro-batch
-    #[arg(long, allow_hyphen_values = true, default_value = "1")]
-    pub batch: String,
-    /// Sequence length (text transformers)
-    #[arg(long, allow_hyphen_values = true, default_value = "512")]
-    pub seq: String,
-    /// Image side (CNNs, ViT)
-    #[arg(long, allow_hyphen_values = true, default_value = "224")]
-    pub image: String,
-    /// fp32, bf16-mixed, fp16-mixed, bf16
-    #[arg(long, default_value = "fp32")]
-    pub precision: String,
-    /// adamw, sgd-momentum, sgd
-    #[arg(long, default_value = "adamw")]
-    pub optimizer: String,
-    /// none or full
-    #[arg(long, default_value = "none")]
-    pub checkpointing: String,
-    /// ZeRO stage 0-3 (needs --gpus)
-    #[arg(long, allow_hyphen_values = true, default_value = "0")]
-    pub zero: String,
-    /// Data-parallel GPUs
-    #[arg(long, allow_hyphen_values = true)]
-    pub gpus: Option<String>,
+    #[command(flatten)]
+    pub train: TrainFlags,
     /// GPU from the catalog (`vramcal gpus`): capacity and peak FLOP/s
     #[arg(long)]
     pub gpu: Option<String>,
@@ -134,17 +113,6 @@ pub struct Flags {
     /// Storage: checkpoints kept
     #[arg(long, allow_hyphen_values = true, default_value = "10")]
     pub keep_checkpoints: String,
-}
-
-/// Parses an integer flag, naming it on failure.
-fn parse_int(field: &str, s: &str) -> anyhow::Result<u64> {
-    match s.trim().parse::<u64>() {
-        Ok(n) => Ok(n),
-        Err(_) => input_err(
-            field,
-            format!("'{s}' is not a whole number; accepted a positive integer"),
-        ),
-    }
 }
 
 /// Parses a byte size: "80GB" (1e9), "80GiB" (2^30), "1.5TB", "512MiB", "123" (bytes).
@@ -283,31 +251,12 @@ pub fn model_from_args(a: &Flags) -> anyhow::Result<ModelSpec> {
     Ok(ModelSpec::Transformer(explicit.expect("one source is set")))
 }
 
+/// Estimate's input sizes when left out: 512 tokens, 224-pixel images, whatever the model.
 pub fn train_from_args(a: &Flags) -> anyhow::Result<TrainSpec> {
-    let zero = parse_int("zero", &a.zero)?;
-    check_range("zero", zero, 0, 3)?;
-    let gpus = match &a.gpus {
-        Some(g) => parse_int("gpus", g)?,
-        None if zero > 0 => {
-            return input_err(
-                "gpus",
-                format!("missing: ZeRO stage {zero} shards states over the data-parallel GPUs; accepted --gpus N (N >= 1) with --zero 1-3"),
-            )
-        }
-        None => 1,
-    };
-    let train = TrainSpec {
-        batch: parse_int("batch", &a.batch)?,
-        seq: parse_int("seq", &a.seq)?,
-        image: parse_int("image", &a.image)?,
-        precision: a.precision.parse()?,
-        optimizer: a.optimizer.parse()?,
-        checkpointing: a.checkpointing.parse()?,
-        zero_stage: zero as u8,
-        gpus,
-    };
-    train.validate()?;
-    Ok(train)
+    a.train.to_train_spec(
+        |seq, image| (seq.unwrap_or(512), image.unwrap_or(224)),
+        GpusDefault::OneWithoutZero,
+    )
 }
 
 fn options_from_args(a: &Flags) -> anyhow::Result<Options> {

@@ -1,12 +1,13 @@
 //! `vramcal measure`: one configuration, real training steps, peak memory and step time.
 
+use super::common::{parse_opt_int, GpusDefault, TrainFlags};
 use crate::error::input_err;
 use crate::harness::grid::{input_dims, ModelOverrides};
 use crate::harness::measure::{self, DeviceSpec, MeasureOptions};
 use crate::harness::record::Row;
 use crate::harness::sweep::{fail_key, FAIL_POINT_ENV};
 use crate::spec::presets::preset;
-use crate::spec::{ModelSpec, TrainSpec};
+use crate::spec::ModelSpec;
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -17,42 +18,22 @@ pub struct Args {
     #[arg(long)]
     pub spec_json: Option<String>,
     /// Shape overrides on the preset (transformers)
-    #[arg(long)]
-    pub layers: Option<u64>,
-    #[arg(long)]
-    pub hidden: Option<u64>,
-    #[arg(long)]
-    pub heads: Option<u64>,
-    #[arg(long)]
-    pub ffn: Option<u64>,
-    #[arg(long)]
-    pub vocab: Option<u64>,
+    #[arg(long, allow_hyphen_values = true)]
+    pub layers: Option<String>,
+    #[arg(long, allow_hyphen_values = true)]
+    pub hidden: Option<String>,
+    #[arg(long, allow_hyphen_values = true)]
+    pub heads: Option<String>,
+    #[arg(long, allow_hyphen_values = true)]
+    pub ffn: Option<String>,
+    #[arg(long, allow_hyphen_values = true)]
+    pub vocab: Option<String>,
     /// CNN first-stage width override
-    #[arg(long)]
-    pub width: Option<u64>,
-    #[arg(long, default_value_t = 1)]
-    pub batch: u64,
-    /// Sequence length (text transformers; default 512)
-    #[arg(long)]
-    pub seq: Option<u64>,
-    /// Image side in pixels (CNN default 224, ViT its preset's)
-    #[arg(long)]
-    pub image: Option<u64>,
-    /// fp32, bf16-mixed, fp16-mixed, bf16
-    #[arg(long, default_value = "fp32")]
-    pub precision: String,
-    /// adamw, sgd-momentum, sgd
-    #[arg(long, default_value = "adamw")]
-    pub optimizer: String,
-    /// none, full
-    #[arg(long, default_value = "none")]
-    pub checkpointing: String,
-    /// ZeRO stage 0-3 (simulated: this rank's shard only)
-    #[arg(long, default_value_t = 0)]
-    pub zero: u8,
-    /// Data-parallel GPUs the ZeRO shards divide over
-    #[arg(long, default_value_t = 1)]
-    pub gpus: u64,
+    #[arg(long, allow_hyphen_values = true)]
+    pub width: Option<String>,
+    /// Boxed so the `Command` enum stays small (clippy::large_enum_variant).
+    #[command(flatten)]
+    pub train: Box<TrainFlags>,
     /// cpu or cuda:N
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -72,12 +53,12 @@ pub struct Args {
 
 fn model_of(args: &Args) -> anyhow::Result<ModelSpec> {
     let ov = ModelOverrides {
-        layers: args.layers,
-        hidden: args.hidden,
-        heads: args.heads,
-        ffn: args.ffn,
-        vocab: args.vocab,
-        width: args.width,
+        layers: parse_opt_int("layers", args.layers.as_deref())?,
+        hidden: parse_opt_int("hidden", args.hidden.as_deref())?,
+        heads: parse_opt_int("heads", args.heads.as_deref())?,
+        ffn: parse_opt_int("ffn", args.ffn.as_deref())?,
+        vocab: parse_opt_int("vocab", args.vocab.as_deref())?,
+        width: parse_opt_int("width", args.width.as_deref())?,
     };
     let base = match (&args.spec_json, &args.model) {
         (Some(j), None) => match serde_json::from_str::<ModelSpec>(j) {
@@ -107,17 +88,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     }
     let model = model_of(&args)?;
-    let (seq, image) = input_dims(&model, args.seq, args.image);
-    let train = TrainSpec {
-        batch: args.batch,
-        seq,
-        image,
-        precision: args.precision.parse()?,
-        optimizer: args.optimizer.parse()?,
-        checkpointing: args.checkpointing.parse()?,
-        zero_stage: args.zero,
-        gpus: args.gpus,
-    };
+    // Input sizes left out follow the model: a ViT's own image, 512 tokens, 224-pixel CNNs.
+    let train = args.train.to_train_spec(
+        |seq, image| input_dims(&model, seq, image),
+        GpusDefault::One,
+    )?;
     model.validate_for(&train)?;
     if let Ok(pat) = std::env::var(FAIL_POINT_ENV) {
         inject_failure(&pat, &fail_key(&model, &train))?;

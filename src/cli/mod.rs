@@ -3,6 +3,7 @@
 
 pub mod bench_table;
 pub mod calibrate;
+pub mod common;
 pub mod estimate;
 pub mod fit;
 pub mod gpus;

@@ -119,3 +119,41 @@ impl Optim {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::harness::layers::params::Init;
+    use candle_core::Device;
+
+    /// The update equals PyTorch's AdamW in closed form on the first step (m_hat = g,
+    /// v_hat = g^2, so the step is lr * g / (|g| + eps) plus decoupled weight decay).
+    #[test]
+    fn adamw_matches_the_closed_form_first_step() {
+        let dev = Device::Cpu;
+        let mut store = ParamStore::new(&dev, DType::F32, 7, 0, 1);
+        let rows = 300;
+        let idx = store.add("w", &[rows, 512], Init::Uniform(0.02)).unwrap();
+        let before = store.params[idx]
+            .var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let g = Tensor::full(0.5f32, (rows, 512), &dev).unwrap();
+        let mut opt = Optim::new(Optimizer::AdamW, &store).unwrap();
+        opt.step(&store, &[Some(g)]).unwrap();
+        let after = store.params[idx]
+            .var
+            .as_tensor()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        for (b, a) in before.iter().zip(&after) {
+            let want = b * (1.0 - 1e-3 * 1e-2) - 1e-3 * 0.5 / (0.5 + 1e-8);
+            assert!((a - want).abs() < 1e-6, "{a} vs {want}");
+        }
+    }
+}

@@ -162,7 +162,9 @@ fn x_of(p: &Point, axis: Axis) -> u64 {
 /// A model's name with its shape: grids reuse a preset name with other layer counts or widths.
 pub fn model_label(p: &Point) -> String {
     match &p.model {
-        ModelSpec::Transformer(t) => format!("{} L{} h{}", t.name, t.layers, t.hidden),
+        ModelSpec::Transformer(t) => {
+            format!("{} L{} h{} f{}", t.name, t.layers, t.hidden, t.ffn)
+        }
         ModelSpec::Cnn(c) => format!("{} ({} params)", c.name, p.terms.params),
     }
 }
@@ -312,8 +314,8 @@ pub fn sweep_panels(
     Ok(true)
 }
 
-/// Step time vs FLOPs, per (family, precision), with the compute part `FLOPs/R + t0` of the fitted
-/// model as lines (points above a line are the memory-traffic part the model adds).
+/// Step time vs FLOPs, per (family, precision): measured points and the fitted table's prediction
+/// for each (crosses).
 pub fn time_vs_flops(path: &Path, points: &[Point], table: &Coefficients) -> anyhow::Result<bool> {
     let timed: Vec<&Point> = points.iter().filter(|p| p.step_s.is_some()).collect();
     if timed.is_empty() {
@@ -323,7 +325,7 @@ pub fn time_vs_flops(path: &Path, points: &[Point], table: &Coefficients) -> any
         let (xlo, xhi) = log_range(timed.iter().map(|p| p.flops.total()));
         let (ylo, yhi) = log_range(timed.iter().filter_map(|p| p.step_s).map(|t| t * 1e3));
         let mut chart = ChartBuilder::on(root)
-            .caption("Step time vs training FLOPs (filled: no checkpointing, hollow: full checkpointing)", (FONT, 19))
+            .caption("Step time vs FLOPs (dots measured: filled plain, hollow checkpointed; crosses fitted)", (FONT, 19))
             .margin(15)
             .x_label_area_size(55)
             .y_label_area_size(75)
@@ -365,21 +367,19 @@ pub fn time_vs_flops(path: &Path, points: &[Point], table: &Coefficients) -> any
                     mode.time.t0_s.value * 1e3
                 ))
                 .legend(move |(x, y)| Circle::new((x + 10, y), 4, color.filled()));
-            if mode.time.flops_per_s.value > 0.0 {
-                let (a, b) = log_range(mine.iter().map(|p| p.flops.total()));
-                let line: Vec<(f64, f64)> = (0..=30)
-                    .map(|k| a * (b / a).powf(k as f64 / 30.0))
-                    .map(|f| {
-                        (
-                            f,
-                            (f / mode.time.flops_per_s.value + mode.time.t0_s.value) * 1e3,
-                        )
-                    })
-                    .collect();
-                chart
-                    .draw_series(LineSeries::new(line, color.stroke_width(2)))
-                    .map_err(perr)?;
-            }
+            // The fitted model's prediction for each measured point (small crosses): with the
+            // memory-traffic terms it is not a function of FLOPs alone, so no single line.
+            let predicted: Vec<(f64, f64)> = mine
+                .iter()
+                .filter_map(|p| Some((p.flops.total(), timefit::predict(p, &mode)? * 1e3)))
+                .collect();
+            chart
+                .draw_series(
+                    predicted
+                        .into_iter()
+                        .map(|xy| Cross::new(xy, 3, color.stroke_width(1))),
+                )
+                .map_err(perr)?;
         }
         chart
             .configure_series_labels()

@@ -325,6 +325,45 @@ fn bn(c: u64) -> CnnLayer {
     CnnLayer::Batchnorm { channels: c }
 }
 
+/// Closes an RGB-input torchvision-style network of `c_in` output channels into a spec: average
+/// pool to `pool` x `pool`, flatten, then linears through the `hidden` widths (ReLU after each)
+/// to `classes`.
+fn classifier(
+    name: &str,
+    mut layers: Vec<CnnLayer>,
+    c_in: u64,
+    pool: u64,
+    hidden: &[u64],
+    classes: u64,
+) -> CnnSpec {
+    layers.push(CnnLayer::Adaptivepool {
+        kind: PoolKind::Avg,
+        out: pool,
+    });
+    layers.push(CnnLayer::Flatten);
+    let mut d_in = c_in * pool * pool;
+    for &d_out in hidden {
+        layers.push(CnnLayer::Linear {
+            d_in,
+            d_out,
+            bias: true,
+        });
+        layers.push(CnnLayer::Relu);
+        d_in = d_out;
+    }
+    layers.push(CnnLayer::Linear {
+        d_in,
+        d_out: classes,
+        bias: true,
+    });
+    CnnSpec {
+        name: name.to_string(),
+        in_channels: 3,
+        classes,
+        layers,
+    }
+}
+
 /// torchvision-style ResNet. `bottleneck` selects ResNet-50-style 1x1-3x3-1x1 blocks (expansion 4);
 /// `width` is the stem width (64 in the paper), scaled down for CPU sweeps.
 pub fn resnet(name: &str, depths: [u64; 4], bottleneck: bool, width: u64, classes: u64) -> CnnSpec {
@@ -376,22 +415,7 @@ pub fn resnet(name: &str, depths: [u64; 4], bottleneck: bool, width: u64, classe
             c_in = c_out;
         }
     }
-    layers.push(CnnLayer::Adaptivepool {
-        kind: PoolKind::Avg,
-        out: 1,
-    });
-    layers.push(CnnLayer::Flatten);
-    layers.push(CnnLayer::Linear {
-        d_in: c_in,
-        d_out: classes,
-        bias: true,
-    });
-    CnnSpec {
-        name: name.to_string(),
-        in_channels: 3,
-        classes,
-        layers,
-    }
+    classifier(name, layers, c_in, 1, &[], classes)
 }
 
 /// VGG-16 (configuration D, no batchnorm) with torchvision's 7x7 adaptive pool and 4096-wide classifier;
@@ -414,32 +438,5 @@ pub fn vgg16(name: &str, width: u64, fc: u64, classes: u64) -> CnnSpec {
             padding: 0,
         });
     }
-    layers.push(CnnLayer::Adaptivepool {
-        kind: PoolKind::Avg,
-        out: 7,
-    });
-    layers.push(CnnLayer::Flatten);
-    layers.push(CnnLayer::Linear {
-        d_in: c_in * 49,
-        d_out: fc,
-        bias: true,
-    });
-    layers.push(CnnLayer::Relu);
-    layers.push(CnnLayer::Linear {
-        d_in: fc,
-        d_out: fc,
-        bias: true,
-    });
-    layers.push(CnnLayer::Relu);
-    layers.push(CnnLayer::Linear {
-        d_in: fc,
-        d_out: classes,
-        bias: true,
-    });
-    CnnSpec {
-        name: name.to_string(),
-        in_channels: 3,
-        classes,
-        layers,
-    }
+    classifier(name, layers, c_in, 7, &[fc, fc], classes)
 }

@@ -27,109 +27,13 @@ pub const NAMES: &[&str] = &[
     "tiny-vgg",
 ];
 
-/// BERT (post-LN encoder, learned positions, token types, pooler), as `BertModel`.
-pub fn bert(name: &str, layers: u64, hidden: u64, heads: u64) -> TransformerSpec {
+/// What the preset families share unless they say otherwise: multi-head attention, a 4 x hidden
+/// GELU FFN, LayerNorm, biases (but no separate QKV bias), no token vocabulary, learned positions
+/// or token types, a final norm, an untied LM head, no patch embedding.
+fn base(name: &str, arch: Arch, layers: u64, hidden: u64, heads: u64) -> TransformerSpec {
     TransformerSpec {
         name: name.into(),
-        arch: Arch::Encoder,
-        layers,
-        hidden,
-        heads,
-        kv_heads: heads,
-        ffn: 4 * hidden,
-        ffn_kind: FfnKind::Gelu,
-        vocab: 30522,
-        max_positions: 512,
-        type_vocab: 2,
-        norm: NormKind::Layernorm,
-        bias: true,
-        qkv_bias: false,
-        tied_embeddings: true,
-        embedding_norm: true,
-        final_norm: false,
-        head: Head::Pooler,
-        patch: None,
-    }
-}
-
-/// GPT-2 (pre-LN decoder, learned positions, LM head tied to the token embedding).
-pub fn gpt2(
-    name: &str,
-    layers: u64,
-    hidden: u64,
-    heads: u64,
-    vocab: u64,
-    positions: u64,
-) -> TransformerSpec {
-    TransformerSpec {
-        name: name.into(),
-        arch: Arch::Decoder,
-        layers,
-        hidden,
-        heads,
-        kv_heads: heads,
-        ffn: 4 * hidden,
-        ffn_kind: FfnKind::Gelu,
-        vocab,
-        max_positions: positions,
-        type_vocab: 0,
-        norm: NormKind::Layernorm,
-        bias: true,
-        qkv_bias: false,
-        tied_embeddings: true,
-        embedding_norm: false,
-        final_norm: true,
-        head: Head::Lm,
-        patch: None,
-    }
-}
-
-/// Llama (pre-RMSNorm decoder, rotary positions, SwiGLU, no biases, untied LM head).
-pub fn llama(
-    name: &str,
-    layers: u64,
-    hidden: u64,
-    heads: u64,
-    kv_heads: u64,
-    ffn: u64,
-    vocab: u64,
-) -> TransformerSpec {
-    TransformerSpec {
-        name: name.into(),
-        arch: Arch::Decoder,
-        layers,
-        hidden,
-        heads,
-        kv_heads,
-        ffn,
-        ffn_kind: FfnKind::Swiglu,
-        vocab,
-        max_positions: 0,
-        type_vocab: 0,
-        norm: NormKind::Rmsnorm,
-        bias: false,
-        qkv_bias: false,
-        tied_embeddings: false,
-        embedding_norm: false,
-        final_norm: true,
-        head: Head::Lm,
-        patch: None,
-    }
-}
-
-/// ViT (pre-LN encoder over image patches, class token, learned positions, linear classifier).
-pub fn vit(
-    name: &str,
-    layers: u64,
-    hidden: u64,
-    heads: u64,
-    image: u64,
-    patch: u64,
-    classes: u64,
-) -> TransformerSpec {
-    TransformerSpec {
-        name: name.into(),
-        arch: Arch::Encoder,
+        arch,
         layers,
         hidden,
         heads,
@@ -145,12 +49,81 @@ pub fn vit(
         tied_embeddings: false,
         embedding_norm: false,
         final_norm: true,
+        head: Head::Lm,
+        patch: None,
+    }
+}
+
+/// BERT (post-LN encoder, learned positions, token types, pooler), as `BertModel`.
+pub fn bert(name: &str, layers: u64, hidden: u64, heads: u64) -> TransformerSpec {
+    TransformerSpec {
+        vocab: 30522,
+        max_positions: 512,
+        type_vocab: 2,
+        tied_embeddings: true,
+        embedding_norm: true,
+        final_norm: false,
+        head: Head::Pooler,
+        ..base(name, Arch::Encoder, layers, hidden, heads)
+    }
+}
+
+/// GPT-2 (pre-LN decoder, learned positions, LM head tied to the token embedding).
+pub fn gpt2(
+    name: &str,
+    layers: u64,
+    hidden: u64,
+    heads: u64,
+    vocab: u64,
+    positions: u64,
+) -> TransformerSpec {
+    TransformerSpec {
+        vocab,
+        max_positions: positions,
+        tied_embeddings: true,
+        ..base(name, Arch::Decoder, layers, hidden, heads)
+    }
+}
+
+/// Llama (pre-RMSNorm decoder, rotary positions, SwiGLU, no biases, untied LM head).
+pub fn llama(
+    name: &str,
+    layers: u64,
+    hidden: u64,
+    heads: u64,
+    kv_heads: u64,
+    ffn: u64,
+    vocab: u64,
+) -> TransformerSpec {
+    TransformerSpec {
+        kv_heads,
+        ffn,
+        ffn_kind: FfnKind::Swiglu,
+        vocab,
+        norm: NormKind::Rmsnorm,
+        bias: false,
+        ..base(name, Arch::Decoder, layers, hidden, heads)
+    }
+}
+
+/// ViT (pre-LN encoder over image patches, class token, learned positions, linear classifier).
+pub fn vit(
+    name: &str,
+    layers: u64,
+    hidden: u64,
+    heads: u64,
+    image: u64,
+    patch: u64,
+    classes: u64,
+) -> TransformerSpec {
+    TransformerSpec {
         head: Head::Classifier { classes },
         patch: Some(PatchEmbed {
             image,
             patch,
             channels: 3,
         }),
+        ..base(name, Arch::Encoder, layers, hidden, heads)
     }
 }
 

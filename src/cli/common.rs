@@ -1,0 +1,101 @@
+//! Flags shared by `estimate` and `measure`: the training configuration, and its parser.
+//!
+//! Numeric flags are taken as text and parsed here, so a bad value (zero, negative, absurd, not
+//! a number) becomes one line naming the flag with exit code 2, never clap's multi-line usage.
+
+use crate::error::{check_range, input_err};
+use crate::spec::TrainSpec;
+
+/// Parses an integer flag, naming it on failure.
+pub fn parse_int(field: &str, s: &str) -> anyhow::Result<u64> {
+    match s.trim().parse::<u64>() {
+        Ok(n) => Ok(n),
+        Err(_) => input_err(
+            field,
+            format!("'{s}' is not a whole number; accepted a positive integer"),
+        ),
+    }
+}
+
+/// Parses an optional integer flag, naming it on failure.
+pub fn parse_opt_int(field: &str, s: Option<&str>) -> anyhow::Result<Option<u64>> {
+    s.map(|s| parse_int(field, s)).transpose()
+}
+
+/// What `--gpus` means when it is left out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GpusDefault {
+    /// One GPU, whatever the ZeRO stage (`measure` simulates one rank's shard).
+    One,
+    /// One GPU, but a ZeRO stage 1-3 needs `--gpus` given (`estimate` plans real sharding).
+    OneWithoutZero,
+}
+
+/// The training configuration: batch, input size, precision, optimizer, checkpointing, ZeRO.
+#[derive(Debug, clap::Args)]
+pub struct TrainFlags {
+    /// Per-GPU micro-batch
+    #[arg(long, allow_hyphen_values = true, default_value = "1")]
+    pub batch: String,
+    /// Sequence length (text transformers) [default: 512]
+    #[arg(long, allow_hyphen_values = true)]
+    pub seq: Option<String>,
+    /// Image side in pixels (CNNs, ViT) [default: 224; measure: a ViT preset's own]
+    #[arg(long, allow_hyphen_values = true)]
+    pub image: Option<String>,
+    /// fp32, bf16-mixed, fp16-mixed, bf16
+    #[arg(long, default_value = "fp32")]
+    pub precision: String,
+    /// adamw, sgd-momentum, sgd
+    #[arg(long, default_value = "adamw")]
+    pub optimizer: String,
+    /// none or full
+    #[arg(long, default_value = "none")]
+    pub checkpointing: String,
+    /// ZeRO stage 0-3 (estimate: needs --gpus; measure: simulated, this rank's shard only)
+    #[arg(long, allow_hyphen_values = true, default_value = "0")]
+    pub zero: String,
+    /// Data-parallel GPUs the ZeRO shards divide over [default: 1]
+    #[arg(long, allow_hyphen_values = true)]
+    pub gpus: Option<String>,
+}
+
+impl TrainFlags {
+    /// Parses and validates the flags. `dims` turns the `--seq` and `--image` given (if any)
+    /// into the sequence length and image side used; `gpus` says what a missing `--gpus` means.
+    pub fn to_train_spec(
+        &self,
+        dims: impl FnOnce(Option<u64>, Option<u64>) -> (u64, u64),
+        gpus: GpusDefault,
+    ) -> anyhow::Result<TrainSpec> {
+        let zero = parse_int("zero", &self.zero)?;
+        check_range("zero", zero, 0, 3)?;
+        let gpus = match (&self.gpus, gpus) {
+            (Some(g), _) => parse_int("gpus", g)?,
+            (None, GpusDefault::OneWithoutZero) if zero > 0 => {
+                return input_err(
+                    "gpus",
+                    format!("missing: ZeRO stage {zero} shards states over the data-parallel GPUs; accepted --gpus N (N >= 1) with --zero 1-3"),
+                )
+            }
+            (None, _) => 1,
+        };
+        let batch = parse_int("batch", &self.batch)?;
+        let (seq, image) = dims(
+            parse_opt_int("seq", self.seq.as_deref())?,
+            parse_opt_int("image", self.image.as_deref())?,
+        );
+        let train = TrainSpec {
+            batch,
+            seq,
+            image,
+            precision: self.precision.parse()?,
+            optimizer: self.optimizer.parse()?,
+            checkpointing: self.checkpointing.parse()?,
+            zero_stage: zero as u8,
+            gpus,
+        };
+        train.validate()?;
+        Ok(train)
+    }
+}
