@@ -232,7 +232,7 @@ import json, sys
 a = json.load(open(sys.argv[1]))
 h = a.get("heldout", {})
 parts = ["held-out peak-memory MAPE %.2f %% (max %.2f %%, n=%s)" % (h.get("mape", float("nan")), h.get("max_abs_pct", float("nan")), h.get("n", "?"))]
-for k in ("step_time", "seed", "literature"):
+for k in ("time_heldout", "seed_formula", "literature"):
     v = a.get(k)
     if isinstance(v, dict) and "mape" in v:
         parts.append("%s MAPE %.2f %%" % (k, v["mape"]))

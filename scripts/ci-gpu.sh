@@ -8,7 +8,7 @@
 #   --out DIR    where calibration/ and reports/ go (default: a new temporary folder, printed at the end)
 # Environment:
 #   VRAMCAL_MAX_MAPE        held-out peak-memory MAPE limit in percent (default 5)
-#   VRAMCAL_MAX_STEP_MAPE   optional: also limit the step-time MAPE (accuracy.json "step_time.mape")
+#   VRAMCAL_MAX_STEP_MAPE   optional: also limit the step-time MAPE (accuracy.json "time_heldout.mape")
 # Exit status: 0 pass, 1 calibration failed or accuracy over the limit.
 set -euo pipefail
 
@@ -57,7 +57,7 @@ if [[ ! -f "$ACC" ]]; then
     log "FAIL: $ACC was not written"
     exit 1
 fi
-# Read heldout.mape (and step_time.mape when limited) with python3, else jq.
+# Read heldout.mape (and time_heldout.mape when limited) with python3, else jq.
 get() { # get KEY1 KEY2 -> value or empty
     if command -v python3 >/dev/null 2>&1; then
         python3 -c 'import json,sys; a=json.load(open(sys.argv[1])); v=a.get(sys.argv[2],{}).get(sys.argv[3]); print("" if v is None else v)' "$ACC" "$1" "$2"
@@ -76,12 +76,16 @@ N="$(get heldout n)"
 MAXABS="$(get heldout max_abs_pct)"
 log "held-out peak-memory MAPE ${MAPE:-?} % (max ${MAXABS:-?} %, n=${N:-?}); limit $MAX_MAPE %"
 fail=0
+if [[ -z "$N" || "$N" == 0 ]]; then
+    log "FAIL: no held-out points were scored (n=${N:-missing})"
+    fail=1
+fi
 if over "$MAPE" "$MAX_MAPE"; then
     log "FAIL: held-out MAPE ${MAPE:-missing} % > $MAX_MAPE %"
     fail=1
 fi
 if [[ -n "$MAX_STEP_MAPE" ]]; then
-    SMAPE="$(get step_time mape)"
+    SMAPE="$(get time_heldout mape)"
     log "step-time MAPE ${SMAPE:-?} %; limit $MAX_STEP_MAPE %"
     if over "$SMAPE" "$MAX_STEP_MAPE"; then
         log "FAIL: step-time MAPE ${SMAPE:-missing} % > $MAX_STEP_MAPE %"

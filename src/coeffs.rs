@@ -121,6 +121,12 @@ impl Coefficients {
         serde_json::from_str(LITERATURE_JSON).expect("embedded literature.json is valid")
     }
 
+    /// The literature table, parsed once (hot paths fall back to it per call).
+    pub fn literature_ref() -> &'static Self {
+        static TABLE: std::sync::OnceLock<Coefficients> = std::sync::OnceLock::new();
+        TABLE.get_or_init(Self::literature)
+    }
+
     /// Coefficients for a (family, precision). A calibrated table may lack a mode (for example
     /// pure bf16 on a CPU); it falls back to the same family at the precision with the same
     /// compute width, then to the literature value.
@@ -139,10 +145,11 @@ impl Coefficients {
             m.precision = precision;
             return m;
         }
-        let lit = Self::literature();
-        lit.modes
-            .into_iter()
+        Self::literature_ref()
+            .modes
+            .iter()
             .find(|m| m.family == family && m.precision == precision)
+            .cloned()
             .expect("literature table covers every family and precision")
     }
 

@@ -108,7 +108,14 @@ fn stage2_gradients_are_the_shard_of_the_full_ones() {
         .unwrap()
         .gradients()
         .unwrap();
-    for ((n, g), (_, s)) in full.iter().zip(&shard) {
+    assert!(!full.is_empty());
+    assert_eq!(
+        full.len(),
+        shard.len(),
+        "every parameter has a shard gradient"
+    );
+    for ((n, g), (ns, s)) in full.iter().zip(&shard) {
+        assert_eq!(n, ns);
         let rows = s.dim(0).unwrap();
         assert_eq!(rows, g.dim(0).unwrap().div_ceil(4), "{n}");
         let d = (g.narrow(0, 0, rows).unwrap() - s)

@@ -24,8 +24,24 @@ fn train(batch: u64, seq: u64) -> TrainSpec {
 fn zero_paper_example_per_rank_model_states() {
     // Rajbhandari et al. 2020, figure 1: 7.5B params, 64 GPUs, mixed-precision Adam (K = 12):
     // 120 GB, 31.4 GB, 16.6 GB, 1.9 GB for baseline and stages 1-3 (1 GB = 1e9 bytes).
+    // Pure bf16 (fp32 master in the optimizer) is that layout at every stage; bf16-mixed switches
+    // to it under ZeRO (stages 1-3), as DeepSpeed does, and is torch-autocast's 18 B/param
+    // (135 GB) without ZeRO.
     let expected = [120.0, 31.4, 16.6, 1.9];
     for (stage, want) in expected.into_iter().enumerate() {
+        let mixed = TrainSpec {
+            precision: Precision::Bf16Mixed,
+            zero_stage: stage as u8,
+            gpus: 64,
+            ..TrainSpec::default()
+        };
+        let s = state_bytes(7_500_000_000, &mixed);
+        let got = (s.fixed() + s.half_copy) / 1e9;
+        let want_mixed = if stage == 0 { 135.0 } else { want };
+        assert!(
+            (got - want_mixed).abs() < 0.05,
+            "bf16-mixed stage {stage}: {got} GB, expected {want_mixed} GB"
+        );
         let t = TrainSpec {
             precision: Precision::Bf16,
             optimizer: Optimizer::AdamW,

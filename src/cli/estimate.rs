@@ -298,7 +298,12 @@ fn options_from_args(a: &Flags) -> anyhow::Result<Options> {
         sample_bytes: a
             .sample_bytes
             .as_deref()
-            .map(|s| parse_size("sample-bytes", s))
+            .map(|s| {
+                let n = parse_size("sample-bytes", s)?;
+                // a single training sample above 1 TiB is a typo, not a dataset
+                check_range("sample-bytes", n, 1, 1 << 40)?;
+                Ok::<u64, anyhow::Error>(n)
+            })
             .transpose()?,
         workers,
         dataset_bytes: a
@@ -383,6 +388,16 @@ pub fn render(e: &Estimate) -> String {
         e.family.as_str(),
         e.coefficients
     );
+    if let Some(gpu) = e.verdict.as_ref().and_then(|v| v.gpu) {
+        if e.coefficients != "literature" && !e.coefficients.starts_with(gpu) {
+            let _ = writeln!(
+                o,
+                "note: the activation and overhead coefficients were measured on {}, not on {gpu}; \
+                 calibrate {gpu} for its own table",
+                e.coefficients
+            );
+        }
+    }
     let input = match e.tokens_per_sample {
         Some(s) => format!("seq {s}"),
         None => format!("image {}", t.image),

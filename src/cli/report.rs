@@ -32,6 +32,20 @@ pub fn report_files(
     grid: Option<&str>,
 ) -> anyhow::Result<(Accuracy, Vec<PathBuf>)> {
     let fitted = super::fit::fit_file(data)?;
+    // Held-out scores need configurations to hold out; with fewer than the folds every metric
+    // would be an empty 0 % that a CI threshold would wave through.
+    let configs: std::collections::BTreeSet<String> =
+        fitted.points.iter().map(|p| p.row.key()).collect();
+    if configs.len() < 5 {
+        return crate::error::input_err(
+            "data",
+            format!(
+                "{} has {} ok configurations; accepted at least 5 for a 5-fold held-out score",
+                data.display(),
+                configs.len()
+            ),
+        );
+    }
     let (kfold, extrap) = split::evaluate(&fitted.points, &fitted.meta)?;
     write(
         out,

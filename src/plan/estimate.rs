@@ -118,7 +118,20 @@ fn step_for(
     ev: &Evaluator,
     gpu: Option<&Gpu>,
 ) -> anyhow::Result<Option<StepTime>> {
-    let time = &ev.mode().time;
+    // A calibrated table's time terms describe the device it was measured on: they apply when
+    // no GPU is named or the named GPU is that device (ids like "h100-80gb" start with "h100");
+    // for any other GPU the literature's mfu x datasheet peak is the honest estimate.
+    let own = &ev.mode().time;
+    let same_device = gpu.is_none_or(|g| ev.device_id().starts_with(g.id));
+    let literature;
+    let time = if own.flops_per_s.value > 0.0 && !same_device {
+        literature = crate::coeffs::Coefficients::literature_ref()
+            .mode(model.family(), train.precision)
+            .time;
+        &literature
+    } else {
+        own
+    };
     let Some(rate) = step_time::rate(time, gpu, train.precision) else {
         return Ok(None);
     };

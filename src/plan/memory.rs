@@ -149,14 +149,19 @@ pub fn state_bytes(params: u64, train: &TrainSpec) -> StateBytes {
         }
     };
     let prec = train.precision;
-    let (weights, half_copy, gradients) = if prec.is_pure_half() {
+    // Mixed precision under ZeRO is the ZeRO paper's (and DeepSpeed's) layout: the model holds
+    // 16-bit weights and gradients and the fp32 master copy lives in the sharded optimizer
+    // state. Plain data parallel with autocast keeps fp32 weights and gradients and adds a
+    // 16-bit compute copy.
+    let half_layout = prec.is_pure_half() || (prec.is_mixed() && train.zero_stage >= 1);
+    let (weights, half_copy, gradients) = if half_layout {
         (2.0 * p, 0.0, 2.0 * p)
     } else if prec.is_mixed() {
         (4.0 * p, 2.0 * p, 4.0 * p)
     } else {
         (4.0 * p, 0.0, 4.0 * p)
     };
-    let master = if prec.is_pure_half() { 4.0 * p } else { 0.0 };
+    let master = if half_layout { 4.0 * p } else { 0.0 };
     let optimizer = 4.0 * p * train.optimizer.states_per_param() as f64 + master;
     StateBytes {
         weights: shard(weights, 3),

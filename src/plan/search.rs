@@ -15,6 +15,8 @@ pub struct Evaluator<'a> {
     model: &'a ModelSpec,
     params: u64,
     mode: ModeCoeffs,
+    /// device the coefficient table was measured on ("literature" for the default table)
+    device_id: String,
 }
 
 impl<'a> Evaluator<'a> {
@@ -29,6 +31,7 @@ impl<'a> Evaluator<'a> {
             model,
             params: params::count(model),
             mode: coeffs.mode(model.family(), train.precision),
+            device_id: coeffs.device_id.clone(),
         })
     }
 
@@ -38,6 +41,10 @@ impl<'a> Evaluator<'a> {
 
     pub fn mode(&self) -> &ModeCoeffs {
         &self.mode
+    }
+
+    pub fn device_id(&self) -> &str {
+        &self.device_id
     }
 
     /// Per-GPU breakdown. `train` must keep the precision given to [`Evaluator::new`]; sizes are

@@ -4,7 +4,6 @@ use crate::coeffs::Coefficients;
 use crate::plan::{memory, params};
 use crate::spec::{Checkpointing, ModelSpec, TrainSpec};
 use serde::Serialize;
-use std::sync::OnceLock;
 
 /// FLOPs of one training step (forward + backward), without recompute.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -49,8 +48,7 @@ pub fn step_flops(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<StepFl
     };
     // Traffic is defined by the fixed literature weights, not by a fitted table, so the time fit
     // does not depend on the memory fit; recompute repeats it, which the time model multiplies.
-    static LITERATURE: OnceLock<Coefficients> = OnceLock::new();
-    let lit = LITERATURE.get_or_init(Coefficients::literature);
+    let lit = Coefficients::literature_ref();
     let plain = TrainSpec {
         checkpointing: Checkpointing::None,
         ..train.clone()

@@ -168,6 +168,8 @@ impl CnnLayer {
                     );
                 }
                 check_range("conv.stride", *stride, 1, 64)?;
+                check_range("conv.k_h", *k_h, 1, 1 << 12)?;
+                check_range("conv.k_w", *k_w, 1, 1 << 12)?;
                 let ho = conv_out(h, *k_h, *stride, *padding, "conv.k_h")?;
                 let wo = conv_out(w, *k_w, *stride, *padding, "conv.k_w")?;
                 walk.macs += c_out * ho * wo * c_in * k_h * k_w;
@@ -195,6 +197,7 @@ impl CnnLayer {
                 Shape::Map { c, h, w },
             ) => {
                 check_range("pool.stride", *stride, 1, 64)?;
+                check_range("pool.k", *k, 1, 1 << 12)?;
                 Shape::Map {
                     c,
                     h: conv_out(h, *k, *stride, *padding, "pool.k")?,

@@ -37,6 +37,15 @@ fn req_u64(o: &Obj, f: &str) -> anyhow::Result<u64> {
     }
 }
 
+/// A size that must be at least 1 (a zero-length position table is a broken config).
+fn req_pos(o: &Obj, f: &str) -> anyhow::Result<u64> {
+    let n = req_u64(o, f)?;
+    if n == 0 {
+        return input_err(&field_name(f), "0; accepted a positive integer");
+    }
+    Ok(n)
+}
+
 fn opt_bool(o: &Obj, f: &str, default: bool) -> anyhow::Result<bool> {
     match o.get(f) {
         None | Some(Value::Null) => Ok(default),
@@ -157,7 +166,7 @@ fn gpt2(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
         hidden,
         req_u64(o, "n_head")?,
         req_u64(o, "vocab_size")?,
-        req_u64(o, "n_positions")?,
+        req_pos(o, "n_positions")?,
     );
     Ok(TransformerSpec {
         // n_inner: null means 4 * n_embd (transformers' GPT2MLP)

@@ -61,7 +61,12 @@ impl ModelSpec {
         self.validate()?;
         train.validate()?;
         match self {
-            ModelSpec::Transformer(t) => t.check_seq(train.seq),
+            ModelSpec::Transformer(t) => {
+                if let Some(p) = &t.patch {
+                    crate::error::check_range("image", train.image, p.patch, 1 << 16)?;
+                }
+                t.check_seq(train.seq)
+            }
             ModelSpec::Cnn(c) => c.walk(train.image).map(|_| ()),
         }
     }
