@@ -99,6 +99,15 @@ impl Col {
     /// The regressor of this column for one point.
     pub fn value(self, p: &Point) -> f64 {
         let f = &p.terms.features;
+        // Regime (see `fit`): at the optimizer step the activations are gone and the largest
+        // tensor's transients count; in backward it is the other way round.
+        let opt = p.opt_regime.get();
+        if self == Col::MaxParam {
+            return if opt { f.max_param } else { 0.0 };
+        }
+        if opt && self.is_activation() {
+            return 0.0;
+        }
         match self {
             Col::Frag => p.terms.states.fixed(),
             Col::HalfCopy => p.terms.states.half_copy,
@@ -160,6 +169,11 @@ impl Col {
             Col::MaxParam => &mut a.c_max_param,
             Col::Const => &mut m.overhead.const_bytes,
         }
+    }
+
+    /// Terms of the backward-pass activations (what the optimizer-step regime replaces).
+    fn is_activation(self) -> bool {
+        !matches!(self, Col::Frag | Col::HalfCopy | Col::MaxParam | Col::Const)
     }
 
     /// Whether (1 + frag) multiplies this term in the planner (everything but const and frag).
@@ -278,12 +292,146 @@ fn identifiable(points: &[&Point], mut cols: Vec<Col>, w: &[f64]) -> (Vec<Col>, 
     (cols, dropped)
 }
 
-/// Fits the memory coefficients on `points`; `lit` supplies the values of columns the data
-/// cannot determine.
+/// Fits the memory model `peak = (1 + frag) * (states + max(activations, c_max_param *
+/// largest_tensor)) + const` on `points`; `lit` supplies the values of columns the data cannot
+/// determine.
+///
+/// The maximum makes the model piecewise linear: each point's peak is either in backward or at
+/// the optimizer step. For a scanned `c_max_param`, regimes and the linear coefficients are
+/// fitted alternately (assign each point to its larger term, refit, until stable); the scan keeps
+/// the value with the least relative squared error. Small models peak at the optimizer step,
+/// large ones in backward; a sum of both terms over-predicts whichever regime is not active.
 pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
+    let has_param = points.iter().any(|p| p.terms.features.max_param > 0.0);
+    let sse = |f: &MemFit| -> f64 {
+        points
+            .iter()
+            .map(|p| ((predict(p, &f.values) - p.peak) / p.peak).powi(2))
+            .sum()
+    };
+    // 0 = the activation regime only; then 0.5 .. 128 bytes per element of the largest tensor.
+    let scan: Vec<f64> = if has_param {
+        std::iter::once(0.0)
+            .chain((0..=32).map(|i| 0.5 * 2f64.powf(i as f64 * 0.25)))
+            .collect()
+    } else {
+        vec![0.0]
+    };
+    // Fits the linear part for one `c_max_param` (regimes and coefficients alternately).
+    let fit_at = |k: f64| -> anyhow::Result<(f64, MemFit, Vec<bool>)> {
+        let mut fixed = lit.clone();
+        fixed.activation.c_max_param.value = k;
+        for p in points {
+            p.opt_regime.set(false);
+        }
+        let mut f = fit_linear(points, &fixed, false)?;
+        for _ in 0..20 {
+            let mut changed = false;
+            for p in points {
+                let opt = transient(p, &f.values) > activation(p, &f.values);
+                changed |= opt != p.opt_regime.get();
+                p.opt_regime.set(opt);
+            }
+            if !changed {
+                break;
+            }
+            f = fit_linear(points, &fixed, false)?;
+        }
+        let regimes = points.iter().map(|p| p.opt_regime.get()).collect();
+        Ok((sse(&f), f, regimes))
+    };
+    let mut best: Option<(f64, f64, MemFit, Vec<bool>)> = None;
+    for k in scan {
+        let (e, f, r) = fit_at(k)?;
+        if best.as_ref().is_none_or(|b| e < b.0) {
+            best = Some((e, k, f, r));
+        }
+    }
+    // Refine around the best grid value by golden-section search on the error.
+    if let Some((_, k0, _, _)) = best.as_ref().map(|b| (b.0, b.1, (), ())) {
+        if k0 > 0.0 {
+            let (mut lo, mut hi) = (k0 / 2f64.powf(0.25), k0 * 2f64.powf(0.25));
+            let g = (5f64.sqrt() - 1.0) / 2.0;
+            for _ in 0..40 {
+                let (a, b) = (hi - g * (hi - lo), lo + g * (hi - lo));
+                let (ea, eb) = (fit_at(a)?.0, fit_at(b)?.0);
+                if ea < eb {
+                    hi = b;
+                } else {
+                    lo = a;
+                }
+            }
+            let k = 0.5 * (lo + hi);
+            let (e, f, r) = fit_at(k)?;
+            if best.as_ref().is_none_or(|b| e < b.0) {
+                best = Some((e, k, f, r));
+            }
+        }
+    }
+    let (_, _, mut f, regimes) = best.expect("the scan has at least one value");
+    for (p, r) in points.iter().zip(regimes) {
+        p.opt_regime.set(r);
+    }
+    let k = COLS
+        .iter()
+        .position(|c| *c == Col::MaxParam)
+        .expect("column");
+    if f.values[k] > 0.0 {
+        f.origin[k] = Origin::Fitted;
+    }
+    Ok(f)
+}
+
+/// Activation bytes of a point under fitted values (backward regime), before (1 + frag).
+fn activation(p: &Point, values: &[f64; COLS.len()]) -> f64 {
+    let f = &p.terms.features;
+    let v = |c: Col| values[COLS.iter().position(|x| *x == c).expect("column")];
+    f.bsh * v(Col::H)
+        + f.bsf * v(Col::F)
+        + f.bas2 * v(Col::Att)
+        + f.bsv * v(Col::Logits)
+        + f.ckpt_bsh * v(Col::Ckpt)
+        + f.conv * v(Col::Conv)
+        + f.norm * v(Col::Norm)
+        + f.act * v(Col::Act)
+        + f.pool * v(Col::Pool)
+        + f.input * v(Col::Input)
+        + f.workspace * v(Col::Workspace)
+}
+
+/// Optimizer-step transient bytes of a point under fitted values, before (1 + frag).
+fn transient(p: &Point, values: &[f64; COLS.len()]) -> f64 {
+    p.terms.features.max_param
+        * values[COLS
+            .iter()
+            .position(|x| *x == Col::MaxParam)
+            .expect("column")]
+}
+
+/// The planner's peak for a point under fitted values (kept in step with `plan::memory`).
+fn predict(p: &Point, values: &[f64; COLS.len()]) -> f64 {
+    let v = |c: Col| values[COLS.iter().position(|x| *x == c).expect("column")];
+    let s = &p.terms.states;
+    (1.0 + v(Col::Frag))
+        * (s.fixed()
+            + v(Col::HalfCopy) * s.half_copy
+            + activation(p, values).max(transient(p, values)))
+        + v(Col::Const)
+}
+
+/// One linear fit with the regimes currently set on the points. `fit_max_param` false keeps
+/// `c_max_param` at `lit`'s value (the scan in [`fit`] chooses it).
+fn fit_linear(points: &[&Point], lit: &ModeCoeffs, fit_max_param: bool) -> anyhow::Result<MemFit> {
     anyhow::ensure!(!points.is_empty(), "memory fit: no points");
     let w: Vec<f64> = points.iter().map(|p| 1.0 / p.peak).collect();
-    let present = present(points);
+    let mut present = present(points);
+    if !fit_max_param {
+        present.retain(|c| *c != Col::MaxParam);
+    }
+    // The 16-bit weight copy is 2 bytes/param, a fixed fraction of the states (1/8 with AdamW):
+    // fitted, it trades off against frag and chases noise (values above 1 are unphysical), so it
+    // keeps the literature residency.
+    present.retain(|c| *c != Col::HalfCopy);
     let (cols, dropped) = identifiable(points, present.clone(), &w);
     let mut values = [0.0; COLS.len()];
     let mut origin = [Origin::Absent; COLS.len()];

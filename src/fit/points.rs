@@ -23,6 +23,9 @@ pub struct Point {
     /// configuration shape: model spec + batch + seq/image + precision + checkpointing + ZeRO.
     /// Rows sharing it are one configuration for cross-validation (never split across folds).
     pub shape: String,
+    /// Set by the memory fit: the point's peak is at the optimizer step (per-tensor transients
+    /// above the activations) rather than in backward; see `memfit::fit`.
+    pub opt_regime: std::cell::Cell<bool>,
 }
 
 impl Point {
@@ -136,6 +139,7 @@ pub fn prepare(rows: &[Row]) -> (Vec<Point>, Vec<Excluded>) {
                 terms,
                 flops,
                 peak,
+                opt_regime: std::cell::Cell::new(false),
             }),
             Err(e) => excluded.push(exclude(format!("cannot re-plan the row: {e:#}"))),
         }

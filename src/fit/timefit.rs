@@ -91,14 +91,27 @@ pub fn fit(points: &[&Point]) -> anyhow::Result<Option<TimeFit>> {
     if plain.len() < 6 {
         return Ok(None);
     }
-    let a = DMatrix::from_fn(plain.len(), 4, |i, j| time_row(plain[i])[j]);
     let y = DVector::from_iterator(plain.len(), plain.iter().map(|p| p.step_s.unwrap_or(0.0)));
     let w: Vec<f64> = y.iter().map(|t| 1.0 / t).collect();
-    let sol = nnls::fit(&a, &y, Some(&w))?;
-    if sol.x[0] <= 0.0 {
-        return Ok(None);
+    // The FLOP term must stay (the planner scales it to other batch sizes and devices): when the
+    // traffic terms absorb it on some data, drop them one at a time before giving up.
+    let mut coef = None;
+    for cols in [&[0, 1, 2, 3][..], &[0, 2, 3], &[0, 1, 3], &[0, 3]] {
+        let a = DMatrix::from_fn(plain.len(), cols.len(), |i, j| time_row(plain[i])[cols[j]]);
+        let sol = nnls::fit(&a, &y, Some(&w))?;
+        if sol.x[0] > 0.0 {
+            let mut x = [0.0; 4];
+            for (j, &c) in cols.iter().enumerate() {
+                x[c] = sol.x[j];
+            }
+            coef = Some(x);
+            break;
+        }
     }
-    let (inv_r, inv_act, inv_state, t0) = (sol.x[0], sol.x[1], sol.x[2], sol.x[3]);
+    let Some(sol_x) = coef else {
+        return Ok(None);
+    };
+    let [inv_r, inv_act, inv_state, t0] = sol_x;
     // the part of a step checkpointing does not repeat: the optimizer pass and the fixed time
     let fixed = |p: &Point| p.flops.state_traffic_bytes * inv_state + t0;
     let by_key: HashMap<String, f64> = plain

@@ -55,7 +55,13 @@ impl Features {
             + self.pool * a.c_pool.value
             + self.input * a.c_input.value
             + self.workspace * a.c_workspace.value
-            + self.max_param * a.c_max_param.value
+    }
+
+    /// Transient bytes at the optimizer step: per-tensor update buffers scale with the largest
+    /// parameter tensor. The activations are freed by then, so the peak holds the larger of the
+    /// two (see [`breakdown_with_mode`]), not their sum.
+    pub fn step_transient_bytes(&self, a: &ActivationCoeffs) -> f64 {
+        self.max_param * a.c_max_param.value
     }
 }
 
@@ -222,10 +228,15 @@ pub fn breakdown_with_mode(terms: &FitTerms, mode: &crate::coeffs::ModeCoeffs) -
     let weights = (s.weights + mode.activation.half_copy.value * s.half_copy).round() as u64;
     let gradients = s.gradients.round() as u64;
     let optimizer = s.optimizer.round() as u64;
-    let activations = terms.features.activation_bytes(&mode.activation).round() as u64;
+    let act = terms.features.activation_bytes(&mode.activation);
+    let activations = act.round() as u64;
     let states = weights + gradients + optimizer;
-    let overhead = (mode.overhead.frag.value * (states + activations) as f64
-        + mode.overhead.const_bytes.value)
+    // The peak is in backward (activations) or at the optimizer step (its transients), whichever
+    // is larger; the excess of the latter is reported as overhead.
+    let live = act.max(terms.features.step_transient_bytes(&mode.activation));
+    let overhead = (mode.overhead.frag.value * (states as f64 + live)
+        + mode.overhead.const_bytes.value
+        + (live - act))
         .round() as u64;
     MemoryBreakdown {
         weights,

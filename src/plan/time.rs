@@ -55,8 +55,7 @@ pub fn step_flops(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<StepFl
     };
     let terms = memory::fit_terms(model, &plain)?;
     let mode = lit.mode(model.family(), train.precision);
-    let mut act = terms.features;
-    act.max_param = 0.0;
+    let act = terms.features;
     Ok(StepFlops {
         dense,
         attention,
