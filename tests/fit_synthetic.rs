@@ -13,6 +13,7 @@
 mod fit_common;
 
 use fit_common::{grid, synthetic_rows, truth};
+use vramcal::coeffs::Coefficients;
 use vramcal::fit::fit_rows;
 use vramcal::fit::memfit::COLS;
 use vramcal::plan::memory::{breakdown, fit_terms};
@@ -131,22 +132,7 @@ fn recovers_known_coefficients_within_two_percent() {
         checked.len()
     );
     // The whole table, weak terms included, predicts the noiseless truth within 2 % everywhere.
-    for (m, t) in grid() {
-        let terms = fit_terms(&m, &t).unwrap();
-        let (p, w) = (
-            breakdown(&terms, &m, &t, &fitted.table).total as f64,
-            breakdown(&terms, &m, &t, &truth).total as f64,
-        );
-        assert!(
-            (p - w).abs() / w < 0.02,
-            "{} b{} s{} i{} {}: predicted {p} vs true {w}",
-            m.name(),
-            t.batch,
-            t.seq,
-            t.image,
-            t.precision
-        );
-    }
+    assert_predicts_grid(&fitted.table, &truth, 0.02);
 }
 
 #[test]
@@ -155,20 +141,7 @@ fn noiseless_data_is_recovered_exactly() {
     let truth = truth();
     // Every configuration is reproduced within 2 %: c_max_param is found by a numerical search
     // (the two-regime model is piecewise linear) and the CNN per-op terms are not unique.
-    for (m, t) in grid() {
-        let terms = fit_terms(&m, &t).unwrap();
-        let (p, w) = (
-            breakdown(&terms, &m, &t, &fitted.table).total as f64,
-            breakdown(&terms, &m, &t, &truth).total as f64,
-        );
-        assert!(
-            (p - w).abs() / w < 2e-2,
-            "{} b{} {}: {p} vs {w}",
-            m.name(),
-            t.batch,
-            t.precision
-        );
-    }
+    assert_predicts_grid(&fitted.table, &truth, 0.02);
     // Transformer coefficients are identified one by one; the CNN per-op terms are not (see above).
     for (family, precision) in MODES.into_iter().filter(|(f, _)| *f == Family::Transformer) {
         let got = fitted.table.mode(family, precision);
@@ -228,6 +201,26 @@ fn missing_precision_is_borrowed_from_another_family() {
         assert!(
             (p - w).abs() < (l - w).abs(),
             "borrowed should beat the literature table"
+        );
+    }
+}
+
+/// Every configuration of the synthetic grid is predicted by `table` within `tol` of `truth`.
+fn assert_predicts_grid(table: &Coefficients, truth: &Coefficients, tol: f64) {
+    for (m, t) in grid() {
+        let terms = fit_terms(&m, &t).unwrap();
+        let (p, w) = (
+            breakdown(&terms, &m, &t, table).total as f64,
+            breakdown(&terms, &m, &t, truth).total as f64,
+        );
+        assert!(
+            (p - w).abs() / w < tol,
+            "{} b{} s{} i{} {}: predicted {p} vs true {w}",
+            m.name(),
+            t.batch,
+            t.seq,
+            t.image,
+            t.precision
         );
     }
 }

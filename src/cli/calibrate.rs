@@ -58,10 +58,13 @@ fn device_id(device: &str) -> anyhow::Result<String> {
         .stdin(Stdio::null())
         .output()?;
     if !out.status.success() {
-        anyhow::bail!(
-            "probing {device}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+        let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        // The child already named the bad field (exit 2): pass its message on as input error.
+        if out.status.code() == Some(2) {
+            let msg = msg.trim_start_matches("error: invalid device: ");
+            return input_err("device", msg.to_string());
+        }
+        anyhow::bail!("probing {device}: {msg}");
     }
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     v["id"]

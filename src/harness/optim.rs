@@ -134,23 +134,15 @@ mod tests {
         let mut store = ParamStore::new(&dev, DType::F32, 7, 0, 1);
         let rows = 300;
         let idx = store.add("w", &[rows, 512], Init::Uniform(0.02)).unwrap();
-        let before = store.params[idx]
-            .var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let values = |store: &ParamStore| -> Vec<f32> {
+            let t = store.params[idx].var.as_tensor().flatten_all().unwrap();
+            t.to_vec1::<f32>().unwrap()
+        };
+        let before = values(&store);
         let g = Tensor::full(0.5f32, (rows, 512), &dev).unwrap();
         let mut opt = Optim::new(Optimizer::AdamW, &store).unwrap();
         opt.step(&store, &[Some(g)]).unwrap();
-        let after = store.params[idx]
-            .var
-            .as_tensor()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let after = values(&store);
         for (b, a) in before.iter().zip(&after) {
             let want = b * (1.0 - 1e-3 * 1e-2) - 1e-3 * 0.5 / (0.5 + 1e-8);
             assert!((a - want).abs() < 1e-6, "{a} vs {want}");
