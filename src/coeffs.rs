@@ -18,6 +18,38 @@ pub struct Coef {
     pub source: String,
 }
 
+impl TimeCoeffs {
+    /// Seconds of one step that scale with compute and activation traffic (what recompute
+    /// repeats), given the achieved FLOP/s `rate`.
+    pub fn repeated_s(&self, flops: &crate::plan::time::StepFlops, rate: f64) -> f64 {
+        let traffic = if self.s_per_elem.is_empty() {
+            if self.act_bytes_per_s.value > 0.0 {
+                flops.activation_traffic_bytes / self.act_bytes_per_s.value
+            } else {
+                0.0
+            }
+        } else {
+            flops
+                .traffic
+                .named()
+                .iter()
+                .map(|(n, x)| x * self.s_per_elem.get(*n).map_or(0.0, |c| c.value))
+                .sum()
+        };
+        flops.total() / rate + traffic
+    }
+
+    /// Seconds of one step that checkpointing does not repeat: the optimizer pass and t0.
+    pub fn once_s(&self, flops: &crate::plan::time::StepFlops) -> f64 {
+        let state = if self.state_bytes_per_s.value > 0.0 {
+            flops.state_traffic_bytes / self.state_bytes_per_s.value
+        } else {
+            0.0
+        };
+        state + self.t0_s.value
+    }
+}
+
 impl Coef {
     pub fn new(value: f64, source: impl Into<String>) -> Self {
         Self {
@@ -76,6 +108,10 @@ pub struct TimeCoeffs {
     pub act_bytes_per_s: Coef,
     /// effective bytes/s of the optimizer's pass over the model states; 0 = not modelled
     pub state_bytes_per_s: Coef,
+    /// seconds per element of each activation feature (`plan::memory::Features::NAMES`): the
+    /// memory-bound kernels' cost per op kind; when present it replaces `act_bytes_per_s`
+    #[serde(default)]
+    pub s_per_elem: std::collections::BTreeMap<String, Coef>,
     /// fixed seconds per step
     pub t0_s: Coef,
     /// step time with full recomputation over step time without

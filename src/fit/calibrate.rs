@@ -201,7 +201,13 @@ pub fn fit_mode(
                 t.n, meta.device_id, meta.date
             );
             mode.time.flops_per_s = Coef::new(t.flops_per_s, src.clone());
-            mode.time.act_bytes_per_s = Coef::new(t.act_bytes_per_s, src.clone());
+            // per-feature traffic replaces the aggregate activation bandwidth
+            mode.time.act_bytes_per_s = Coef::new(0.0, format!("replaced by s_per_elem, {src}"));
+            mode.time.s_per_elem = t
+                .s_per_elem
+                .iter()
+                .map(|(n, v)| (n.to_string(), Coef::new(*v, src.clone())))
+                .collect();
             mode.time.state_bytes_per_s = Coef::new(t.state_bytes_per_s, src.clone());
             mode.time.t0_s = Coef::new(t.t0_s, src);
             if let Some((r, pairs)) = t.recompute {

@@ -1,8 +1,9 @@
 //! The step-time regression
-//! `t = (FLOPs / R + A / B_act) * (ckpt ? r : 1) + S / B_state + t0`:
-//! achieved FLOP/s `R`, the effective bandwidth of activation traffic `B_act` (memory-bound
-//! elementwise kernels over the `A` activation bytes), of the optimizer's pass over the `S` state
-//! bytes `B_state`, and the fixed per-step time `t0`, by NNLS on [FLOPs, A, S, 1] over
+//! `t = (FLOPs / R + sum_j tau_j * f_j) * (ckpt ? r : 1) + S / B_state + t0`:
+//! achieved FLOP/s `R`, seconds per element `tau_j` of each activation feature `f_j` (memory-bound
+//! kernels cost per op kind: norms, softmax, GELU, pooling), the effective bandwidth of the
+//! optimizer's pass over the `S` state bytes `B_state`, and the fixed per-step time `t0`, by NNLS
+//! on [FLOPs, f_1..f_k, S, 1] over
 //! non-checkpointed points (relative weights, as times span orders of magnitude); then the
 //! recompute factor `r` from matched checkpointed/plain pairs as the median of the ratio of the
 //! parts the model multiplies. FLOPs alone leave small steps badly predicted: on a CPU (and for
@@ -11,14 +12,32 @@
 use super::nnls;
 use super::points::Point;
 use crate::coeffs::ModeCoeffs;
+use crate::plan::memory::Features;
 use nalgebra::{DMatrix, DVector};
 use std::collections::HashMap;
+
+#[derive(Debug, Clone, PartialEq)]
+enum Column {
+    Flops,
+    Traffic(&'static str),
+    State,
+    One,
+}
+
+fn feature(p: &Point, name: &str) -> f64 {
+    p.flops
+        .traffic
+        .named()
+        .iter()
+        .find(|(n, _)| *n == name)
+        .map_or(0.0, |(_, x)| *x)
+}
 
 #[derive(Debug, Clone)]
 pub struct TimeFit {
     pub flops_per_s: f64,
-    /// 0 when the data gives the term no weight
-    pub act_bytes_per_s: f64,
+    /// seconds per element of each activation feature present in the data (0 = no weight)
+    pub s_per_elem: Vec<(&'static str, f64)>,
     pub state_bytes_per_s: f64,
     pub t0_s: f64,
     pub n: usize,
@@ -37,27 +56,7 @@ pub fn predict(p: &Point, m: &ModeCoeffs) -> Option<f64> {
     } else {
         1.0
     };
-    let per = |bytes: f64, rate: f64| if rate > 0.0 { bytes / rate } else { 0.0 };
-    let scaled = p.flops.total() / r
-        + per(
-            p.flops.activation_traffic_bytes,
-            m.time.act_bytes_per_s.value,
-        );
-    Some(
-        scaled * factor
-            + per(p.flops.state_traffic_bytes, m.time.state_bytes_per_s.value)
-            + m.time.t0_s.value,
-    )
-}
-
-/// Columns of the time regression for one point: FLOPs, activation bytes, state bytes, 1.
-fn time_row(p: &Point) -> [f64; 4] {
-    [
-        p.flops.total(),
-        p.flops.activation_traffic_bytes,
-        p.flops.state_traffic_bytes,
-        1.0,
-    ]
+    Some(m.time.repeated_s(&p.flops, r) * factor + m.time.once_s(&p.flops))
 }
 
 fn pair_key(p: &Point) -> String {
@@ -93,25 +92,74 @@ pub fn fit(points: &[&Point]) -> anyhow::Result<Option<TimeFit>> {
     }
     let y = DVector::from_iterator(plain.len(), plain.iter().map(|p| p.step_s.unwrap_or(0.0)));
     let w: Vec<f64> = y.iter().map(|t| 1.0 / t).collect();
-    // The FLOP term must stay (the planner scales it to other batch sizes and devices): when the
-    // traffic terms absorb it on some data, drop them one at a time before giving up.
-    let mut coef = None;
-    for cols in [&[0, 1, 2, 3][..], &[0, 2, 3], &[0, 1, 3], &[0, 3]] {
-        let a = DMatrix::from_fn(plain.len(), cols.len(), |i, j| time_row(plain[i])[cols[j]]);
+    // Columns: FLOPs, each activation feature present in the data (per-op memory traffic),
+    // state bytes (optimizer pass), 1.
+    let present: Vec<&'static str> = Features::NAMES
+        .iter()
+        .copied()
+        .filter(|n| plain.iter().any(|p| feature(p, n) > 0.0))
+        .collect();
+    let value = |p: &Point, c: &Column| match c {
+        Column::Flops => p.flops.total(),
+        Column::Traffic(n) => feature(p, n),
+        Column::State => p.flops.state_traffic_bytes,
+        Column::One => 1.0,
+    };
+    let full: Vec<Column> = std::iter::once(Column::Flops)
+        .chain(present.iter().map(|n| Column::Traffic(n)))
+        .chain([Column::State, Column::One])
+        .collect();
+    // The FLOP term must stay (the planner scales it to other batch sizes and devices). When
+    // traffic terms absorb it (they grow with the same shapes), drop traffic columns greedily,
+    // one per round, keeping the subset with the least weighted error, until FLOPs keep weight.
+    let solve = |cols: &[Column]| -> anyhow::Result<(DVector<f64>, f64)> {
+        let a = DMatrix::from_fn(plain.len(), cols.len(), |i, j| value(plain[i], &cols[j]));
         let sol = nnls::fit(&a, &y, Some(&w))?;
-        if sol.x[0] > 0.0 {
-            let mut x = [0.0; 4];
-            for (j, &c) in cols.iter().enumerate() {
-                x[c] = sol.x[j];
-            }
-            coef = Some(x);
+        let r = &a * &sol.x - &y;
+        let err = r.iter().zip(&w).map(|(r, w)| (r * w).powi(2)).sum::<f64>();
+        Ok((sol.x, err))
+    };
+    let mut cols = full;
+    let mut found = None;
+    loop {
+        let (x, _) = solve(&cols)?;
+        if x[0] > 0.0 {
+            found = Some((cols, x));
             break;
         }
+        let traffic: Vec<usize> = (0..cols.len())
+            .filter(|&j| matches!(cols[j], Column::Traffic(_)))
+            .collect();
+        if traffic.is_empty() {
+            break;
+        }
+        // Prefer a removal that restores the FLOP term; otherwise the least harmful one.
+        let mut best: Option<(bool, f64, usize)> = None;
+        for &j in &traffic {
+            let mut c = cols.clone();
+            c.remove(j);
+            let (x, err) = solve(&c)?;
+            let key = (x[0] > 0.0, -err, j);
+            if best.is_none_or(|b| (key.0, key.1) > (b.0, b.1)) {
+                best = Some(key);
+            }
+        }
+        let (_, _, j) = best.expect("at least one traffic column");
+        cols.remove(j);
     }
-    let Some(sol_x) = coef else {
+    let Some((cols, x)) = found else {
         return Ok(None);
     };
-    let [inv_r, inv_act, inv_state, t0] = sol_x;
+    let coef = |c: &Column| cols.iter().position(|k| k == c).map_or(0.0, |j| x[j]);
+    let (inv_r, inv_state, t0) = (
+        coef(&Column::Flops),
+        coef(&Column::State),
+        coef(&Column::One),
+    );
+    let s_per_elem: Vec<(&'static str, f64)> = present
+        .iter()
+        .map(|n| (*n, coef(&Column::Traffic(n))))
+        .collect();
     // the part of a step checkpointing does not repeat: the optimizer pass and the fixed time
     let fixed = |p: &Point| p.flops.state_traffic_bytes * inv_state + t0;
     let by_key: HashMap<String, f64> = plain
@@ -130,7 +178,7 @@ pub fn fit(points: &[&Point]) -> anyhow::Result<Option<TimeFit>> {
     let pairs = ratios.len();
     Ok(Some(TimeFit {
         flops_per_s: 1.0 / inv_r,
-        act_bytes_per_s: if inv_act > 0.0 { 1.0 / inv_act } else { 0.0 },
+        s_per_elem,
         state_bytes_per_s: if inv_state > 0.0 {
             1.0 / inv_state
         } else {

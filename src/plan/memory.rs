@@ -43,6 +43,41 @@ pub struct Features {
 }
 
 impl Features {
+    /// Names of the per-element activation features, in the order of [`Features::named`].
+    pub const NAMES: [&'static str; 10] = [
+        "bsh",
+        "bsf",
+        "bas2",
+        "bsv",
+        "conv",
+        "norm",
+        "act",
+        "pool",
+        "input",
+        "workspace",
+    ];
+
+    /// The activation features by name (what the step-time model's traffic terms multiply).
+    pub fn named(&self) -> [(&'static str, f64); 10] {
+        let v = [
+            self.bsh,
+            self.bsf,
+            self.bas2,
+            self.bsv,
+            self.conv,
+            self.norm,
+            self.act,
+            self.pool,
+            self.input,
+            self.workspace,
+        ];
+        let mut out = [("", 0.0); 10];
+        for (i, (n, x)) in Self::NAMES.iter().zip(v).enumerate() {
+            out[i] = (n, x);
+        }
+        out
+    }
+
     pub fn activation_bytes(&self, a: &ActivationCoeffs) -> f64 {
         self.bsh * a.c_h.value
             + self.bsf * a.c_f.value

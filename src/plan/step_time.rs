@@ -1,6 +1,7 @@
-//! Step time per GPU: `t = (FLOPs / R + A / B_act) * (recompute ? recompute_factor : 1)
-//! + S / B_state + t0`, where the activation (A) and state (S) traffic terms apply only with a
-//! calibrated table that measured their bandwidths (see `fit::timefit`).
+//! Step time per GPU: `t = (FLOPs / R + traffic) * (recompute ? recompute_factor : 1)
+//! + S / B_state + t0`, where the traffic term (seconds per element of each activation feature,
+//! or activation bytes over a bandwidth) and the optimizer's pass over the S state bytes apply
+//! only with a calibrated table that measured them (see `fit::timefit`).
 //!
 //! `R` is the achieved FLOP/s: the calibrated `flops_per_s` when the table has one (it was measured
 //! on that device), otherwise `mfu x` the GPU's datasheet peak for the precision. `--batch` is the
@@ -56,11 +57,9 @@ pub fn step_time(
     gpus: u64,
 ) -> StepTime {
     let f = flops.total();
-    let t0 = time.t0_s.value;
     // Memory-traffic terms only where a calibrated table measured them (0 = not modelled).
-    let per = |bytes: f64, rate: f64| if rate > 0.0 { bytes / rate } else { 0.0 };
-    let repeated = f / rate.0 + per(flops.activation_traffic_bytes, time.act_bytes_per_s.value);
-    let once = per(flops.state_traffic_bytes, time.state_bytes_per_s.value) + t0;
+    let repeated = time.repeated_s(flops, rate.0);
+    let once = time.once_s(flops);
     let without = repeated + once;
     let with = repeated * time.recompute_factor.value + once;
     let seconds = if checkpointing { with } else { without };
@@ -94,6 +93,7 @@ mod tests {
             recompute: 0.0,
             activation_traffic_bytes: 1.0e12,
             state_traffic_bytes: 1.0e11,
+            traffic: Default::default(),
         };
         let t = step_time(&flops, r, &c.time, true, 8, 4);
         assert!((t.seconds_without_recompute - 4.0e15 / (0.4 * 989e12)).abs() < 1e-9);

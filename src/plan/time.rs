@@ -20,6 +20,9 @@ pub struct StepFlops {
     pub activation_traffic_bytes: f64,
     /// weights + gradients + optimizer states on this rank: the optimizer update streams them once
     pub state_traffic_bytes: f64,
+    /// activation feature elements of the step without checkpointing: per-op memory traffic,
+    /// which a calibrated table may cost per feature (`TimeCoeffs::s_per_elem`)
+    pub traffic: memory::Features,
 }
 
 impl StepFlops {
@@ -62,5 +65,6 @@ pub fn step_flops(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<StepFl
         recompute,
         activation_traffic_bytes: act.activation_bytes(&mode.activation),
         state_traffic_bytes: terms.states.fixed() + terms.states.half_copy,
+        traffic: act,
     })
 }

@@ -170,6 +170,15 @@ fn coefficient_tables(out: &mut String, table: &Coefficients) {
                 c.source
             );
         }
+        // Per-op traffic cost: seconds per element of each activation feature (0 in literature).
+        for (name, c) in &t.s_per_elem {
+            let _ = writeln!(
+                out,
+                "| s_per_elem.{name} | {} | 0 | | {} |",
+                num(c.value),
+                c.source
+            );
+        }
     }
 }
 
