@@ -63,13 +63,12 @@ fn tiny_gpt_peak_is_above_baseline_and_stable_run_to_run() {
     assert_eq!(a.model_spec().unwrap(), model);
 }
 
-/// Issue 3 asked for the measured peak within 2x of the planner's literature estimate. Measured:
-/// 3.2-3.3x (156 MB vs 47.8 MB). The model states agree (baseline = 12 B/param exactly); the gap
-/// is activations: candle keeps every forward intermediate (unfused LayerNorm and softmax, separate
-/// bias adds, float dropout masks) alive until backward ends, ~4x Korthikanti's PyTorch figure.
-/// That is a finding the calibrated table absorbs, so this test pins the measured band: the peak
-/// must exceed the plan (never under-estimated by the literature) and stay within 4x of it, and
-/// the baseline must equal weights + two AdamW moments within 2 %.
+/// Issue 3: the measured peak within 2x of the planner's literature estimate. The literature
+/// activation term (Korthikanti et al.) is what PyTorch's eager kernels save; the harness's fused
+/// single-node ops (`harness::layers::fused`) save the same tensors, so the peak may exceed the
+/// plan only by what backward adds (parameter gradients, candle's gradient temporaries). Measured
+/// 76.6 MB vs 47.8 MB (1.60x); composed candle ops measured 153 MB (3.2x) before. The baseline
+/// must equal weights + two AdamW moments within 2 %.
 #[test]
 fn tiny_gpt_peak_against_the_literature_plan() {
     let a = measure(&[
@@ -91,7 +90,7 @@ fn tiny_gpt_peak_against_the_literature_plan() {
     let peak = a.peak_bytes.unwrap();
     let ratio = peak as f64 / plan;
     assert!(
-        (1.0..=4.0).contains(&ratio),
+        (1.0..=2.0).contains(&ratio),
         "measured {peak} vs planned {plan}: ratio {ratio:.2}"
     );
     let states = 12.0 * a.params as f64;
@@ -102,42 +101,45 @@ fn tiny_gpt_peak_against_the_literature_plan() {
     );
 }
 
+/// Activations are linear in the batch once backward holds the peak: going from batch 4 to 8 adds
+/// twice what going from 2 to 4 adds (measured 9.9 and 19.8 MB), and the baseline (weights and
+/// optimizer states) does not move. Batch 1 is left out: there the optimizer step's transients,
+/// not the activations, set the peak. The tolerance covers the ~1 MB jitter seen when other tests
+/// load both cores at the same time (9.9 MB became 11.0 MB once in a parallel run).
 #[test]
-fn larger_batch_raises_the_peak_not_the_baseline_much() {
-    let small = measure(&[
-        "--model",
-        "tiny-gpt",
-        "--layers",
-        "2",
-        "--batch",
-        "1",
-        "--seq",
-        "64",
-        "--warmup",
-        "0",
-        "--repeats",
-        "1",
-    ]);
-    let big = measure(&[
-        "--model",
-        "tiny-gpt",
-        "--layers",
-        "2",
-        "--batch",
-        "8",
-        "--seq",
-        "64",
-        "--warmup",
-        "0",
-        "--repeats",
-        "1",
-    ]);
-    assert_eq!(small.layers, 2);
-    let act_small = small.peak_bytes.unwrap() - small.baseline_bytes.unwrap();
-    let act_big = big.peak_bytes.unwrap() - big.baseline_bytes.unwrap();
+fn larger_batch_raises_the_peak_linearly_not_the_baseline() {
+    let at = |b: &str| {
+        measure(&[
+            "--model",
+            "tiny-gpt",
+            "--layers",
+            "2",
+            "--batch",
+            b,
+            "--seq",
+            "64",
+            "--warmup",
+            "0",
+            "--repeats",
+            "1",
+        ])
+    };
+    let (b2, b4, b8) = (at("2"), at("4"), at("8"));
+    assert_eq!(b2.layers, 2);
+    let peak = |r: &Row| r.peak_bytes.unwrap() as f64;
+    let (step1, step2) = (peak(&b4) - peak(&b2), peak(&b8) - peak(&b4));
+    assert!(step1 > 0.0, "b2 -> b4 added {step1} B");
     assert!(
-        act_big > 4 * act_small,
-        "activations b1 {act_small} vs b8 {act_big}"
+        (step2 / step1 - 2.0).abs() < 0.25,
+        "b2 -> b4 added {step1} B, b4 -> b8 {step2} B: not linear"
+    );
+    let (base2, base8) = (
+        b2.baseline_bytes.unwrap() as f64,
+        b8.baseline_bytes.unwrap() as f64,
+    );
+    assert!(
+        (base8 / base2 - 1.0).abs() < 0.01,
+        "baseline {base2} -> {base8}"
     );
 }
 

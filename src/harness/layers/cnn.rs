@@ -1,6 +1,7 @@
 //! Any [`CnnSpec`] as a real network: the spec's layer tree is mirrored one-to-one, each node
 //! holding the indices of its parameters in the [`ParamStore`].
 
+use super::fused;
 use super::ops::{adaptive_pool2d, pool2d, Linear};
 use super::params::{Ctx, Init, ParamStore};
 use crate::spec::cnn::{CnnLayer, CnnSpec, PoolKind};
@@ -106,10 +107,15 @@ fn build(layers: &[CnnLayer], store: &mut ParamStore, prefix: &str) -> anyhow::R
     Ok(ops)
 }
 
+/// Runs `ops` in order. A ReLU right after a BatchNorm or a biased conv is folded into that op's
+/// single graph node, as torchvision's in-place ReLU leaves one saved tensor for the pair.
 fn forward_ops(ops: &[Op], ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
     let mut x = x.clone();
-    for op in ops {
-        x = match op {
+    let mut i = 0;
+    while i < ops.len() {
+        let relu_next = matches!(ops.get(i + 1), Some(Op::Relu));
+        let mut fold_relu = false;
+        x = match &ops[i] {
             Op::Conv {
                 w,
                 b,
@@ -119,20 +125,15 @@ fn forward_ops(ops: &[Op], ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
                 let y = x.conv2d(&ctx.w(*w)?, *padding, *stride, 1, 1)?;
                 match b {
                     Some(b) => {
-                        let c = y.dim(1)?;
-                        y.broadcast_add(&ctx.w(*b)?.reshape((1, c, 1, 1))?)?
+                        fold_relu = relu_next;
+                        fused::bias_act(&y, &ctx.w(*b)?, fold_relu)?
                     }
                     None => y,
                 }
             }
             Op::Batchnorm { w, b } => {
-                let c = x.dim(1)?;
-                let mean = x.mean_keepdim((0, 2, 3))?;
-                let xc = x.broadcast_sub(&mean)?;
-                let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
-                let y = xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
-                y.broadcast_mul(&ctx.w(*w)?.reshape((1, c, 1, 1))?)?
-                    .broadcast_add(&ctx.w(*b)?.reshape((1, c, 1, 1))?)?
+                fold_relu = relu_next;
+                fused::batch_norm(&x, &ctx.w(*w)?, &ctx.w(*b)?, fold_relu)?
             }
             Op::Relu => x.relu()?,
             Op::Pool {
@@ -147,9 +148,10 @@ fn forward_ops(ops: &[Op], ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
             Op::Residual { body, shortcut } => {
                 let a = forward_ops(body, ctx, &x)?;
                 let s = forward_ops(shortcut, ctx, &x)?;
-                (a + s)?.relu()?
+                fused::add_relu(&a, &s)?
             }
         };
+        i += if fold_relu { 2 } else { 1 };
     }
     Ok(x)
 }

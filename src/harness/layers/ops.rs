@@ -1,10 +1,11 @@
-//! Differentiable building blocks on top of candle ops. candle's fused norm/softmax kernels have no
-//! backward pass and its pooling backward needs kernel == stride, so training uses the composed
-//! versions here.
+//! Differentiable building blocks on top of candle ops. Linear, norm and loss go through the
+//! memory-lean single-node ops of [`super::fused`] (what the graph keeps is what PyTorch keeps);
+//! pooling is composed here because candle's pooling backward needs kernel == stride.
 
+use super::fused::{self, Heads};
 use super::params::{Ctx, Init, ParamStore};
 use crate::spec::cnn::PoolKind;
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{Result, Tensor};
 
 /// Linear layer, weight `[out, in]` (PyTorch layout), optional bias.
 #[derive(Debug, Clone)]
@@ -38,18 +39,27 @@ impl Linear {
 
     /// Applies to the last dimension of `x` (any rank).
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
-        let w = ctx.w(self.w)?;
-        let dims = x.dims().to_vec();
-        let d_in = dims[dims.len() - 1];
-        let lead = x.elem_count() / d_in;
-        let y = x.reshape((lead, d_in))?.matmul(&w.t()?)?;
-        let y = match self.b {
-            Some(b) => y.broadcast_add(&ctx.w(b)?)?,
-            None => y,
-        };
-        let mut out = dims;
-        *out.last_mut().unwrap() = self.d_out;
-        y.reshape(out)
+        fused::linear(x, &ctx.w(self.w)?, self.bias(ctx)?.as_ref())
+    }
+
+    /// `x: [b, s, in]` -> `[groups, b, a, s, d]` attention heads (`groups * a * d == out`).
+    pub fn forward_split_heads(
+        &self,
+        ctx: &Ctx,
+        x: &Tensor,
+        h: Heads,
+        groups: usize,
+    ) -> Result<Tensor> {
+        fused::linear_split_heads(x, &ctx.w(self.w)?, self.bias(ctx)?.as_ref(), h, groups)
+    }
+
+    /// `x: [b, a, s, d]` attention heads -> `[b, s, out]`.
+    pub fn forward_merge_heads(&self, ctx: &Ctx, x: &Tensor, h: Heads) -> Result<Tensor> {
+        fused::linear_merge_heads(x, &ctx.w(self.w)?, self.bias(ctx)?.as_ref(), h)
+    }
+
+    fn bias(&self, ctx: &Ctx) -> Result<Option<Tensor>> {
+        self.b.map(|b| ctx.w(b)).transpose()
     }
 }
 
@@ -74,19 +84,13 @@ impl Norm {
 
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         let w = ctx.w(self.w)?.to_dtype(x.dtype())?;
-        match self.b {
-            Some(b) => {
-                let b = ctx.w(b)?.to_dtype(x.dtype())?;
-                candle_nn::ops::layer_norm_slow(x, &w, &b, 1e-5)
-            }
-            None => candle_nn::ops::rms_norm_slow(x, &w, 1e-6),
-        }
+        let b = match self.b {
+            Some(b) => Some(ctx.w(b)?.to_dtype(x.dtype())?),
+            None => None,
+        };
+        let eps = if b.is_some() { 1e-5 } else { 1e-6 };
+        fused::norm(x, &w, b.as_ref(), eps)
     }
-}
-
-/// Softmax over the last dimension, composed of differentiable ops (max-subtracted).
-pub fn softmax_last(x: &Tensor) -> Result<Tensor> {
-    candle_nn::ops::softmax(x, D::Minus1)
 }
 
 /// Pads dims 2 and 3 of an NCHW tensor by `p` on each side with `value` (0 for average pooling,
@@ -177,10 +181,5 @@ pub fn adaptive_pool2d(x: &Tensor, kind: PoolKind, out: usize) -> Result<Tensor>
 
 /// Cross entropy in fp32 (autocast computes the loss in fp32), mean over rows.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
-    let logits = if logits.dtype() == DType::F32 {
-        logits.clone()
-    } else {
-        logits.to_dtype(DType::F32)?
-    };
-    candle_nn::loss::cross_entropy(&logits, targets)
+    fused::cross_entropy(logits, targets)
 }

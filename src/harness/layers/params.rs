@@ -9,6 +9,7 @@
 //! duration of its use by concatenating the resident rows with a freshly allocated fill for the
 //! rows other ranks own (what an all-gather would deliver: the values do not matter for memory).
 
+use super::fused;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -174,34 +175,32 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Inverted dropout with a mask derived from (step seed, site). The mask is a float tensor
-    /// in the activation's dtype, kept by the multiply for backward (as candle-nn's dropout does).
+    /// Inverted dropout with a 1-byte keep mask derived from (step seed, site), stored as
+    /// PyTorch stores it ([`fused::dropout`]); the same seed gives the same mask (recompute).
     pub fn dropout(&self, x: &Tensor, site: u64) -> candle_core::Result<Tensor> {
         if self.dropout <= 0.0 {
             return Ok(x.clone());
         }
         let site_seed = self.seed.wrapping_mul(0x100_0000_01b3) ^ site;
-        if !x.device().is_cpu() && x.device().set_seed(site_seed).is_ok() {
+        let keep = if !x.device().is_cpu() && x.device().set_seed(site_seed).is_ok() {
             // Accelerators: the device RNG, reseeded per site, so masks are reproducible
-            // without a host round trip.
-            let r = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
-            let keep = r.ge(self.dropout as f64)?.to_dtype(x.dtype())?;
-            return x.mul(&(keep * (1.0 / (1.0 - self.dropout as f64)))?);
-        }
-        let n = x.elem_count();
-        let scale = 1.0 / (1.0 - self.dropout);
-        let threshold = (self.dropout as f64 * u32::MAX as f64) as u32;
-        let mut rng = FastRng::new(site_seed);
-        let mut mask = Vec::with_capacity(n);
-        while mask.len() < n {
-            let r = rng.next_u64();
-            for half in [r as u32, (r >> 32) as u32] {
-                if mask.len() < n {
-                    mask.push(if half >= threshold { scale } else { 0.0 });
+            // without a host round trip (`ge` yields u8).
+            Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(self.dropout as f64)?
+        } else {
+            let n = x.elem_count();
+            let threshold = (self.dropout as f64 * u32::MAX as f64) as u32;
+            let mut rng = FastRng::new(site_seed);
+            let mut mask = Vec::with_capacity(n);
+            while mask.len() < n {
+                let r = rng.next_u64();
+                for half in [r as u32, (r >> 32) as u32] {
+                    if mask.len() < n {
+                        mask.push(u8::from(half >= threshold));
+                    }
                 }
             }
-        }
-        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-        x.mul(&mask)
+            Tensor::from_vec(mask, x.shape(), x.device())?
+        };
+        fused::dropout(x, &keep, self.dropout)
     }
 }

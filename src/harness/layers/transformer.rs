@@ -6,7 +6,8 @@
 //! Rotary position embeddings (Llama, `max_positions == 0`) are omitted: they have no parameters
 //! and their elementwise cost is negligible next to the projections.
 
-use super::ops::{softmax_last, Linear, Norm};
+use super::fused::{self, Heads};
+use super::ops::{Linear, Norm};
 use super::params::{Ctx, Init, ParamStore};
 use crate::spec::transformer::{Arch, FfnKind, Head, NormKind, TransformerSpec};
 use candle_core::{Result, Tensor};
@@ -33,28 +34,29 @@ struct Attention {
 }
 
 impl Attention {
+    /// Projections straight into head layout, one node for QK^T/scale/mask/softmax, dropout on
+    /// the probabilities, and the output projection reading the heads directly: the graph keeps
+    /// Q, K, V, the probabilities, the dropped probabilities (+ a byte mask) and the context.
     fn forward(&self, ctx: &Ctx, x: &Tensor, site: u64) -> Result<Tensor> {
-        let (b, s, h) = x.dims3()?;
-        let kv = self.kv_heads * self.head_dim;
-        let (q, k, v) = match &self.qkv {
+        let (b, s, _) = x.dims3()?;
+        let heads = |a: usize| Heads {
+            b,
+            a,
+            s,
+            d: self.head_dim,
+        };
+        let group = |t: &Tensor, i: usize| t.narrow(0, i, 1)?.squeeze(0);
+        let (q, mut k, mut v) = match &self.qkv {
             Qkv::Fused(l) => {
-                let qkv = l.forward(ctx, x)?;
-                (
-                    qkv.narrow(2, 0, h)?,
-                    qkv.narrow(2, h, kv)?,
-                    qkv.narrow(2, h + kv, kv)?,
-                )
+                let qkv = l.forward_split_heads(ctx, x, heads(self.heads), 3)?;
+                (group(&qkv, 0)?, group(&qkv, 1)?, group(&qkv, 2)?)
             }
-            Qkv::Split { q, k, v } => (q.forward(ctx, x)?, k.forward(ctx, x)?, v.forward(ctx, x)?),
+            Qkv::Split { q, k, v } => (
+                group(&q.forward_split_heads(ctx, x, heads(self.heads), 1)?, 0)?,
+                group(&k.forward_split_heads(ctx, x, heads(self.kv_heads), 1)?, 0)?,
+                group(&v.forward_split_heads(ctx, x, heads(self.kv_heads), 1)?, 0)?,
+            ),
         };
-        let heads = |t: Tensor, n: usize| -> Result<Tensor> {
-            t.reshape((b, s, n, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
-        let q = heads(q, self.heads)?;
-        let mut k = heads(k, self.kv_heads)?;
-        let mut v = heads(v, self.kv_heads)?;
         if self.kv_heads != self.heads {
             let rep = self.heads / self.kv_heads;
             let expand = |t: Tensor| -> Result<Tensor> {
@@ -65,20 +67,11 @@ impl Attention {
             k = expand(k)?;
             v = expand(v)?;
         }
-        // Scaling q ([b, a, s, d]) rather than the scores ([b, a, s, s]) keeps one fewer
-        // s^2-sized tensor alive for backward (PyTorch's SDPA math path does the same).
-        let q = (q * (1.0 / (self.head_dim as f64).sqrt()))?;
-        let mut scores = q.matmul(&k.t()?)?;
-        if self.causal {
-            let mask: Vec<f32> = (0..s)
-                .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-                .collect();
-            let mask = Tensor::from_vec(mask, (s, s), x.device())?.to_dtype(scores.dtype())?;
-            scores = scores.broadcast_add(&mask)?;
-        }
-        let probs = ctx.dropout(&softmax_last(&scores)?, site)?;
-        let y = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, h))?;
-        self.out.forward(ctx, &y)
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let probs = fused::attention_probs(&q, &k, scale, self.causal)?;
+        let probs = ctx.dropout(&probs, site)?;
+        let y = probs.matmul(&v)?;
+        self.out.forward_merge_heads(ctx, &y, heads(self.heads))
     }
 }
 
