@@ -67,7 +67,7 @@ fn tiny_gpt_peak_is_above_baseline_and_stable_run_to_run() {
 /// activation term (Korthikanti et al.) is what PyTorch's eager kernels save; the harness's fused
 /// single-node ops (`harness::layers::fused`) save the same tensors, so the peak may exceed the
 /// plan only by what backward adds (parameter gradients, candle's gradient temporaries). Measured
-/// 76.6 MB vs 47.8 MB (1.60x); composed candle ops measured 153 MB (3.2x) before. The baseline
+/// 63.3 MB vs 47.8 MB (1.32x); composed candle ops measured 153 MB (3.2x) before. The baseline
 /// must equal weights + two AdamW moments within 2 %.
 #[test]
 fn tiny_gpt_peak_against_the_literature_plan() {
@@ -101,11 +101,11 @@ fn tiny_gpt_peak_against_the_literature_plan() {
     );
 }
 
-/// Activations are linear in the batch once backward holds the peak: going from batch 4 to 8 adds
-/// twice what going from 2 to 4 adds (measured 9.9 and 19.8 MB), and the baseline (weights and
-/// optimizer states) does not move. Batch 1 is left out: there the optimizer step's transients,
-/// not the activations, set the peak. The tolerance covers the ~1 MB jitter seen when other tests
-/// load both cores at the same time (9.9 MB became 11.0 MB once in a parallel run).
+/// Activations are linear in the batch once backward holds the peak: going from batch 16 to 32
+/// adds twice what going from 8 to 16 adds (measured 26.8 and 53.6 MB), and the baseline (weights
+/// and optimizer states) does not move. Smaller batches are left out: there the optimizer step's
+/// transients, not the activations, set the peak. The tolerance covers the ~1 MB jitter seen
+/// when other tests load both cores at the same time.
 #[test]
 fn larger_batch_raises_the_peak_linearly_not_the_baseline() {
     let at = |b: &str| {
@@ -124,22 +124,21 @@ fn larger_batch_raises_the_peak_linearly_not_the_baseline() {
             "1",
         ])
     };
-    let (b2, b4, b8) = (at("2"), at("4"), at("8"));
-    assert_eq!(b2.layers, 2);
+    let (b8, b16, b32) = (at("8"), at("16"), at("32"));
+    assert_eq!(b8.layers, 2);
     let peak = |r: &Row| r.peak_bytes.unwrap() as f64;
-    let (step1, step2) = (peak(&b4) - peak(&b2), peak(&b8) - peak(&b4));
-    assert!(step1 > 0.0, "b2 -> b4 added {step1} B");
+    let (step1, step2) = (peak(&b16) - peak(&b8), peak(&b32) - peak(&b16));
+    assert!(step1 > 0.0, "b8 -> b16 added {step1} B");
     assert!(
-        (step2 / step1 - 2.0).abs() < 0.25,
-        "b2 -> b4 added {step1} B, b4 -> b8 {step2} B: not linear"
+        (step2 / step1 - 2.0).abs() < 0.2,
+        "b8 -> b16 added {step1} B, b16 -> b32 {step2} B: not linear"
     );
-    let (base2, base8) = (
-        b2.baseline_bytes.unwrap() as f64,
-        b8.baseline_bytes.unwrap() as f64,
-    );
+    let base = |r: &Row| r.baseline_bytes.unwrap() as f64;
     assert!(
-        (base8 / base2 - 1.0).abs() < 0.01,
-        "baseline {base2} -> {base8}"
+        (base(&b32) / base(&b8) - 1.0).abs() < 0.01,
+        "baseline {} -> {}",
+        base(&b8),
+        base(&b32)
     );
 }
 

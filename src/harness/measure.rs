@@ -372,6 +372,18 @@ pub fn measure(
     Ok(row)
 }
 
+/// candle's CPU matmul (the gemm crate) keeps a packing buffer of about 1 MB per thread
+/// (`L2_SLAB`, one L2 cache), created the first time that thread packs a matrix and then kept.
+/// rayon hands work to whichever worker is free, so a worker first used during a measured step
+/// added its buffer to that step's peak at random (tiny-vit b1 32 px: 4.97 or 6.01 MB; a
+/// tiny-resnet50: 11.8 or 12.9 MB, run to run). Creating the buffer on every worker and on this
+/// thread before the warm-up makes it a constant part of every peak.
+fn touch_every_cpu_thread() {
+    let touch = || gemm_common::gemm::L2_SLAB.with(|slab| drop(slab.borrow()));
+    touch();
+    rayon::broadcast(|_| touch());
+}
+
 fn run_cpu(
     model: &ModelSpec,
     train: &TrainSpec,
@@ -380,6 +392,7 @@ fn run_cpu(
 ) -> anyhow::Result<Measured> {
     let mut trainer = Trainer::new(model, train, device, opts.seed)?;
     let baseline = probe::cpu::current_bytes();
+    touch_every_cpu_thread();
     for _ in 0..opts.warmup {
         trainer.step()?;
     }

@@ -341,6 +341,10 @@ fn segmented(
     let loss = super::layers::ops::cross_entropy(&logits, targets)?;
     drop(logits);
     let gs = loss.backward()?;
+    // The loss holds the head's graph (logits, log-probabilities): release it now, as PyTorch
+    // frees a node's saved tensors once its backward has run.
+    let loss_value = loss.to_scalar::<f32>()?;
+    drop(loss);
     collect(ctx.store, &gs, acc)?;
     let mut g = gs
         .get(hv.as_tensor())
@@ -368,7 +372,7 @@ fn segmented(
     }
     let gs = emb.mul(&g)?.sum_all()?.backward()?;
     collect(ctx.store, &gs, acc)?;
-    Ok(loss.to_scalar::<f32>()?)
+    Ok(loss_value)
 }
 
 #[cfg(test)]

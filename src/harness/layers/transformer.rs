@@ -6,7 +6,7 @@
 //! Rotary position embeddings (Llama, `max_positions == 0`) are omitted: they have no parameters
 //! and their elementwise cost is negligible next to the projections.
 
-use super::fused::{self, Heads};
+use super::fused::{self, Act, Heads};
 use super::ops::{Linear, Norm};
 use super::params::{Ctx, Init, ParamStore};
 use crate::spec::transformer::{Arch, FfnKind, Head, NormKind, TransformerSpec};
@@ -91,9 +91,11 @@ enum Mlp {
 impl Mlp {
     fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         match self {
-            Mlp::Gelu { fc1, fc2 } => fc2.forward(ctx, &fc1.forward(ctx, x)?.gelu()?),
+            Mlp::Gelu { fc1, fc2 } => {
+                fc2.forward(ctx, &fused::activation(&fc1.forward(ctx, x)?, Act::Gelu)?)
+            }
             Mlp::Swiglu { gate, up, down } => {
-                let g = gate.forward(ctx, x)?.silu()?;
+                let g = fused::activation(&gate.forward(ctx, x)?, Act::Silu)?;
                 down.forward(ctx, &(g * up.forward(ctx, x)?)?)
             }
         }
