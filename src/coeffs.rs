@@ -57,6 +57,14 @@ impl Coef {
             source: source.into(),
         }
     }
+
+    /// A coefficient absent from an older table: 0, saying so.
+    pub fn unset() -> Self {
+        Self::new(
+            0.0,
+            "not in this table (written before the coefficient existed)",
+        )
+    }
 }
 
 /// Activation bytes per element of each feature (see `plan::memory::Features`).
@@ -86,6 +94,9 @@ pub struct ActivationCoeffs {
     pub c_workspace: Coef,
     /// per element of the largest parameter tensor (per-tensor transient buffers)
     pub c_max_param: Coef,
+    /// per parameter element gathered in full under ZeRO-3 (weights and their gradients)
+    #[serde(default = "Coef::unset")]
+    pub c_gathered: Coef,
     /// fraction of the 2-byte/param half-precision weight copy resident at the peak (mixed precision)
     pub half_copy: Coef,
 }

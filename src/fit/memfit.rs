@@ -33,11 +33,12 @@ pub enum Col {
     Pool,
     Input,
     Workspace,
+    Gathered,
     MaxParam,
     Const,
 }
 
-pub const COLS: [Col; 15] = [
+pub const COLS: [Col; 16] = [
     Col::Frag,
     Col::HalfCopy,
     Col::H,
@@ -51,14 +52,16 @@ pub const COLS: [Col; 15] = [
     Col::Pool,
     Col::Input,
     Col::Workspace,
+    Col::Gathered,
     Col::MaxParam,
     Col::Const,
 ];
 
 /// Which column to give up first when the data cannot separate several: the ones the data
 /// usually varies least (the half copy, checkpoint retention) before the core terms.
-const DROP_ORDER: [Col; 15] = [
+const DROP_ORDER: [Col; 16] = [
     Col::HalfCopy,
+    Col::Gathered,
     Col::MaxParam,
     Col::Ckpt,
     Col::Workspace,
@@ -91,6 +94,7 @@ impl Col {
             Col::Pool => "c_pool",
             Col::Input => "c_input",
             Col::Workspace => "c_workspace",
+            Col::Gathered => "c_gathered",
             Col::MaxParam => "c_max_param",
             Col::Const => "const_bytes",
         }
@@ -108,6 +112,11 @@ impl Col {
         if opt && self.is_activation() {
             return 0.0;
         }
+        // Full checkpointing: only the phase (head or blocks) holding the peak contributes.
+        let head = p.head_regime.get();
+        if f.phased && ((head && self.is_block()) || (!head && self == Col::Logits)) {
+            return 0.0;
+        }
         match self {
             Col::Frag => p.terms.states.fixed(),
             Col::HalfCopy => p.terms.states.half_copy,
@@ -121,10 +130,18 @@ impl Col {
             Col::Act => f.act,
             Col::Pool => f.pool,
             Col::Input => f.input,
+            Col::Workspace if f.phased && head => f.ws_head,
+            Col::Workspace if f.phased => f.ws_block,
             Col::Workspace => f.workspace,
+            Col::Gathered => f.gathered,
             Col::MaxParam => f.max_param,
             Col::Const => 1.0,
         }
+    }
+
+    /// Saved activations of the live blocks (the block phase of a checkpointed step).
+    fn is_block(self) -> bool {
+        matches!(self, Col::H | Col::F | Col::Att)
     }
 
     /// The coefficient in the planner's units from a mode table.
@@ -144,6 +161,7 @@ impl Col {
             Col::Pool => a.c_pool.value,
             Col::Input => a.c_input.value,
             Col::Workspace => a.c_workspace.value,
+            Col::Gathered => a.c_gathered.value,
             Col::MaxParam => a.c_max_param.value,
             Col::Const => m.overhead.const_bytes.value,
         }
@@ -166,6 +184,7 @@ impl Col {
             Col::Pool => &mut a.c_pool,
             Col::Input => &mut a.c_input,
             Col::Workspace => &mut a.c_workspace,
+            Col::Gathered => &mut a.c_gathered,
             Col::MaxParam => &mut a.c_max_param,
             Col::Const => &mut m.overhead.const_bytes,
         }
@@ -318,43 +337,87 @@ pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
         vec![0.0]
     };
     // Fits the linear part for one `c_max_param` (regimes and coefficients alternately).
-    let fit_at = |k: f64| -> anyhow::Result<(f64, MemFit, Vec<bool>)> {
+    // Fits the linear part for one `c_max_param`, regimes and coefficients alternately, from a
+    // starting assignment of the regimes (None: every point in backward, its block phase).
+    type Regimes = Vec<(bool, bool)>;
+    let alternate = |k: f64, start: Option<&Regimes>| -> anyhow::Result<(f64, MemFit, Regimes)> {
         let mut fixed = lit.clone();
         fixed.activation.c_max_param.value = k;
-        for p in points {
-            p.opt_regime.set(false);
+        for (i, p) in points.iter().enumerate() {
+            let (opt, head) = start.map_or((false, false), |r| r[i]);
+            p.opt_regime.set(opt);
+            p.head_regime.set(head);
         }
         let mut f = fit_linear(points, &fixed, false)?;
         for _ in 0..20 {
             let mut changed = false;
             for p in points {
                 let opt = transient(p, &f.values) > activation(p, &f.values);
-                changed |= opt != p.opt_regime.get();
+                let head = head_phase(p, &f.values);
+                changed |= opt != p.opt_regime.get() || head != p.head_regime.get();
                 p.opt_regime.set(opt);
+                p.head_regime.set(head);
             }
             if !changed {
                 break;
             }
             f = fit_linear(points, &fixed, false)?;
         }
-        let regimes = points.iter().map(|p| p.opt_regime.get()).collect();
+        let regimes = points
+            .iter()
+            .map(|p| (p.opt_regime.get(), p.head_regime.get()))
+            .collect();
         Ok((sse(&f), f, regimes))
     };
-    let mut best: Option<(f64, f64, MemFit, Vec<bool>)> = None;
+    // Alternation finds a local optimum of the assignment, so it runs from several starts and
+    // keeps the best: every point in backward; each point in the regime the literature
+    // coefficients (with this `c_max_param`) put it in; and, when given, the neighbouring scan
+    // value's converged assignment (the scan moves in small steps, so regimes change little).
+    let mut lit_values = [0.0; COLS.len()];
+    for (k, c) in COLS.iter().enumerate() {
+        lit_values[k] = c.get(lit);
+    }
+    let fit_at = |k: f64, warm: Option<&Regimes>| -> anyhow::Result<(f64, MemFit, Regimes)> {
+        let mut values = lit_values;
+        values[COLS
+            .iter()
+            .position(|c| *c == Col::MaxParam)
+            .expect("column")] = k;
+        let literature_start: Regimes = points
+            .iter()
+            .map(|p| {
+                (
+                    transient(p, &values) > activation(p, &values),
+                    head_phase(p, &values),
+                )
+            })
+            .collect();
+        let mut best = alternate(k, None)?;
+        for start in std::iter::once(&literature_start).chain(warm) {
+            let run = alternate(k, Some(start))?;
+            if run.0 < best.0 {
+                best = run;
+            }
+        }
+        Ok(best)
+    };
+    let mut best: Option<(f64, f64, MemFit, Regimes)> = None;
+    let mut previous: Option<Regimes> = None;
     for k in scan {
-        let (e, f, r) = fit_at(k)?;
+        let (e, f, r) = fit_at(k, previous.as_ref())?;
+        previous = Some(r.clone());
         if best.as_ref().is_none_or(|b| e < b.0) {
             best = Some((e, k, f, r));
         }
     }
     // Refine around the best grid value by golden-section search on the error.
-    if let Some((_, k0, _, _)) = best.as_ref().map(|b| (b.0, b.1, (), ())) {
+    if let Some((k0, warm)) = best.as_ref().map(|b| (b.1, b.3.clone())) {
         if k0 > 0.0 {
             let (mut lo, mut hi) = (k0 / 2f64.powf(0.25), k0 * 2f64.powf(0.25));
             let g = (5f64.sqrt() - 1.0) / 2.0;
             for _ in 0..40 {
                 let (a, b) = (hi - g * (hi - lo), lo + g * (hi - lo));
-                let (ea, eb) = (fit_at(a)?.0, fit_at(b)?.0);
+                let (ea, eb) = (fit_at(a, Some(&warm))?.0, fit_at(b, Some(&warm))?.0);
                 if ea < eb {
                     hi = b;
                 } else {
@@ -362,15 +425,31 @@ pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
                 }
             }
             let k = 0.5 * (lo + hi);
-            let (e, f, r) = fit_at(k)?;
+            let (e, f, r) = fit_at(k, Some(&warm))?;
             if best.as_ref().is_none_or(|b| e < b.0) {
                 best = Some((e, k, f, r));
             }
         }
     }
-    let (_, _, mut f, regimes) = best.expect("the scan has at least one value");
-    for (p, r) in points.iter().zip(regimes) {
-        p.opt_regime.set(r);
+    let (best_sse, k_best, mut f, regimes) = best.expect("the scan has at least one value");
+    for (p, (opt, head)) in points.iter().zip(regimes) {
+        p.opt_regime.set(opt);
+        p.head_regime.set(head);
+    }
+    // Polish: with the regimes found, c_max_param is one more linear unknown (its column is
+    // non-zero on the optimizer-step points only); refitting it jointly removes the scan's
+    // finite resolution. Kept only if it lowers the error and leaves the regimes as they were.
+    if k_best > 0.0 {
+        let mut start = lit.clone();
+        start.activation.c_max_param.value = k_best;
+        let joint = fit_linear(points, &start, true)?;
+        let stable = points.iter().all(|p| {
+            (transient(p, &joint.values) > activation(p, &joint.values)) == p.opt_regime.get()
+                && head_phase(p, &joint.values) == p.head_regime.get()
+        });
+        if stable && sse(&joint) < best_sse {
+            f = joint;
+        }
     }
     let k = COLS
         .iter()
@@ -382,21 +461,34 @@ pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
     Ok(f)
 }
 
-/// Activation bytes of a point under fitted values (backward regime), before (1 + frag).
+/// The activation coefficients of `values` (planner units), to evaluate the planner's own
+/// activation model on a point.
+fn activation_coeffs(values: &[f64; COLS.len()]) -> crate::coeffs::ActivationCoeffs {
+    let mut m = crate::coeffs::Coefficients::literature_ref().modes[0].clone();
+    for (k, c) in COLS.iter().enumerate() {
+        c.coef_mut(&mut m).value = values[k];
+    }
+    m.activation
+}
+
+/// Activation bytes of a point under fitted values (backward regime), before (1 + frag): the
+/// planner's `Features::activation_bytes`, so fit and planner cannot drift apart.
 fn activation(p: &Point, values: &[f64; COLS.len()]) -> f64 {
+    p.terms
+        .features
+        .activation_bytes(&activation_coeffs(values))
+}
+
+/// For a checkpointed point: whether the head's phase (its saved logits and temporaries) holds
+/// the peak rather than a block's recompute and backward.
+fn head_phase(p: &Point, values: &[f64; COLS.len()]) -> bool {
     let f = &p.terms.features;
-    let v = |c: Col| values[COLS.iter().position(|x| *x == c).expect("column")];
-    f.bsh * v(Col::H)
-        + f.bsf * v(Col::F)
-        + f.bas2 * v(Col::Att)
-        + f.bsv * v(Col::Logits)
-        + f.ckpt_bsh * v(Col::Ckpt)
-        + f.conv * v(Col::Conv)
-        + f.norm * v(Col::Norm)
-        + f.act * v(Col::Act)
-        + f.pool * v(Col::Pool)
-        + f.input * v(Col::Input)
-        + f.workspace * v(Col::Workspace)
+    if !f.phased {
+        return false;
+    }
+    let a = activation_coeffs(values);
+    let (head, block) = f.phase_bytes(&a);
+    head + f.ws_head * a.c_workspace.value > block + f.ws_block * a.c_workspace.value
 }
 
 /// Optimizer-step transient bytes of a point under fitted values, before (1 + frag).

@@ -70,7 +70,9 @@ pub fn borrowed(
                     meta.date
                 );
                 for c in COLS {
-                    if matches!(c, Col::Frag | Col::Const | Col::HalfCopy) {
+                    // The optimizer step updates fp32 master weights and states in every
+                    // precision, so its transients do not scale with the activation dtype.
+                    if matches!(c, Col::Frag | Col::Const | Col::HalfCopy | Col::MaxParam) {
                         continue;
                     }
                     let coef = c.coef_mut(&mut mode);

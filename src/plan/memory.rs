@@ -8,7 +8,7 @@
 use crate::coeffs::{ActivationCoeffs, Coefficients};
 use crate::error::input_err;
 use crate::plan::params;
-use crate::spec::transformer::Head;
+use crate::spec::transformer::{FfnKind, Head};
 use crate::spec::{ModelSpec, TrainSpec};
 use serde::Serialize;
 
@@ -17,7 +17,8 @@ use serde::Serialize;
 pub struct Features {
     /// b*s*h summed over the layers whose activations are live at the peak
     pub bsh: f64,
-    /// b*s*f over the same layers
+    /// b*s*f over the same layers, counted twice for SwiGLU (gate, up, SiLU output and their
+    /// product are four f-wide tensors kept for backward, against GELU's two)
     pub bsf: f64,
     /// b*a*s^2 over the same layers
     pub bas2: f64,
@@ -35,16 +36,34 @@ pub struct Features {
     pub pool: f64,
     /// elements of the input batch of images (CNN, ViT)
     pub input: f64,
-    /// elements of the largest parameter tensor (not batched: per-tensor transient buffers)
+    /// Optimizer-step transients: elements of the largest parameter tensor this rank updates
+    /// (its shard under ZeRO >= 1), times the tensors its update reads and rewrites (the weight
+    /// and each optimizer state: AdamW 3, SGD with momentum 2, SGD 1)
     pub max_param: f64,
-    /// CNN: b * the largest conv's unfolded input (a transient im2col buffer); 0 for transformers,
-    /// whose patch-embedding unfold equals the input batch and is covered by `input`
+    /// Transient buffers of backward on top of everything saved, `max(ws_head, ws_block)`:
+    /// the gradient temporaries of the largest tensor backward works on.
     pub workspace: f64,
+    /// b * the head's output (LM: s*V): the head's and loss's backward temporaries
+    pub ws_head: f64,
+    /// transformer: b * the largest per-sample tensor of a block (a*s^2 scores or s*f FFN);
+    /// CNN: b * the largest conv's unfolded input (the im2col buffer; a ViT's patch unfold equals
+    /// its input batch and is covered by `input`)
+    pub ws_block: f64,
+    /// Full checkpointing: the head's backward and each block's recompute + backward are
+    /// separate phases, so the peak holds the larger of (head saved + head temporaries) and
+    /// (one block saved + block temporaries) on top of the stored block inputs, not their sum.
+    pub phased: bool,
+    /// ZeRO-3: parameter elements all-gathered in full at once (one block's, plus the largest
+    /// tensor outside the blocks), resident with their full gradients until reduce-scatter
+    pub gathered: f64,
+    /// Layers (transformer blocks, CNN layers): not memory, but the step-time model's per-layer
+    /// fixed cost (kernel launches, dispatch), which dominates small steps
+    pub ops: f64,
 }
 
 impl Features {
     /// Names of the per-element activation features, in the order of [`Features::named`].
-    pub const NAMES: [&'static str; 10] = [
+    pub const NAMES: [&'static str; 11] = [
         "bsh",
         "bsf",
         "bas2",
@@ -55,10 +74,11 @@ impl Features {
         "pool",
         "input",
         "workspace",
+        "ops",
     ];
 
     /// The activation features by name (what the step-time model's traffic terms multiply).
-    pub fn named(&self) -> [(&'static str, f64); 10] {
+    pub fn named(&self) -> [(&'static str, f64); 11] {
         let v = [
             self.bsh,
             self.bsf,
@@ -70,8 +90,9 @@ impl Features {
             self.pool,
             self.input,
             self.workspace,
+            self.ops,
         ];
-        let mut out = [("", 0.0); 10];
+        let mut out = [("", 0.0); 11];
         for (i, (n, x)) in Self::NAMES.iter().zip(v).enumerate() {
             out[i] = (n, x);
         }
@@ -79,17 +100,28 @@ impl Features {
     }
 
     pub fn activation_bytes(&self, a: &ActivationCoeffs) -> f64 {
-        self.bsh * a.c_h.value
-            + self.bsf * a.c_f.value
-            + self.bas2 * a.c_att.value
-            + self.bsv * a.c_logits.value
-            + self.ckpt_bsh * a.c_ckpt.value
+        let ws = a.c_workspace.value;
+        let common = self.ckpt_bsh * a.c_ckpt.value
             + self.conv * a.c_conv.value
             + self.norm * a.c_norm.value
             + self.act * a.c_act.value
             + self.pool * a.c_pool.value
             + self.input * a.c_input.value
-            + self.workspace * a.c_workspace.value
+            + self.gathered * a.c_gathered.value;
+        let (head, block) = self.phase_bytes(a);
+        if self.phased {
+            common + (head + self.ws_head * ws).max(block + self.ws_block * ws)
+        } else {
+            common + head + block + self.workspace * ws
+        }
+    }
+
+    /// Saved bytes of the head (logits, loss) and of the live blocks.
+    pub fn phase_bytes(&self, a: &ActivationCoeffs) -> (f64, f64) {
+        (
+            self.bsv * a.c_logits.value,
+            self.bsh * a.c_h.value + self.bsf * a.c_f.value + self.bas2 * a.c_att.value,
+        )
     }
 
     /// Transient bytes at the optimizer step: per-tensor update buffers scale with the largest
@@ -100,6 +132,17 @@ impl Features {
     }
 }
 
+/// See [`Features::max_param`].
+fn update_transient(model: &ModelSpec, train: &TrainSpec) -> f64 {
+    let shard = if train.zero_stage >= 1 {
+        train.gpus as f64
+    } else {
+        1.0
+    };
+    let tensors = 1 + train.optimizer.states_per_param();
+    params::largest_tensor(model) as f64 / shard * tensors as f64
+}
+
 /// Activation features of a model at a training configuration.
 pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features> {
     let b = train.batch as f64;
@@ -108,6 +151,10 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
             let s = t.effective_seq(train.seq, train.image) as f64;
             let (h, f, a) = (t.hidden as f64, t.ffn as f64, t.heads as f64);
             let l = t.layers as f64;
+            let ffn_streams = match t.ffn_kind {
+                FfnKind::Gelu => 1.0,
+                FfnKind::Swiglu => 2.0,
+            };
             // With full checkpointing only one block's activations exist at a time (during its
             // recompute), on top of every block's stored input.
             let live = if train.checkpointing.is_on() { 1.0 } else { l };
@@ -122,7 +169,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 .unwrap_or(0.0);
             Ok(Features {
                 bsh: live * b * s * h,
-                bsf: live * b * s * f,
+                bsf: live * b * s * f * ffn_streams,
                 bas2: live * b * a * s * s,
                 bsv: b * head,
                 ckpt_bsh: if train.checkpointing.is_on() {
@@ -135,8 +182,19 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 act: 0.0,
                 pool: 0.0,
                 input: b * input,
-                workspace: 0.0,
-                max_param: params::largest_tensor(model) as f64,
+                workspace: b * (a * s * s).max(s * f).max(head),
+                ws_head: b * head,
+                ws_block: b * (a * s * s).max(s * f),
+                phased: train.checkpointing.is_on(),
+                gathered: if train.zero_stage >= 3 {
+                    let p = params::transformer(t);
+                    (p.attention_per_layer + p.mlp_per_layer + p.norms_per_layer) as f64
+                        + params::largest_tensor(model) as f64
+                } else {
+                    0.0
+                },
+                ops: l,
+                max_param: update_transient(model, train),
             })
         }
         ModelSpec::Cnn(c) => {
@@ -154,7 +212,14 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 pool: b * walk.pool_elems as f64,
                 input: b * (c.in_channels * train.image * train.image) as f64,
                 workspace: b * walk.max_im2col as f64,
-                max_param: params::largest_tensor(model) as f64,
+                ws_block: b * walk.max_im2col as f64,
+                gathered: if train.zero_stage >= 3 {
+                    params::largest_tensor(model) as f64
+                } else {
+                    0.0
+                },
+                ops: walk.ops as f64,
+                max_param: update_transient(model, train),
                 ..Features::default()
             })
         }

@@ -110,6 +110,9 @@ pub struct CnnWalk {
     /// Largest unfolded input of any conv (C_in*k_h*k_w*H_out*W_out): the transient buffer a
     /// GEMM-lowered (im2col) convolution allocates, alive on top of the stored activations.
     pub max_im2col: u64,
+    /// Layers walked (every conv, norm, activation, pool, linear, flatten and residual join):
+    /// each is at least one kernel launch forward and one backward, a fixed cost per step.
+    pub ops: u64,
 }
 
 fn conv_out(size: u64, k: u64, stride: u64, pad: u64, field: &str) -> anyhow::Result<u64> {
@@ -148,6 +151,7 @@ impl CnnLayer {
 
     /// Output shape for an input shape, accumulating element counts and MACs into `walk`.
     pub fn forward_shape(&self, input: Shape, walk: &mut CnnWalk) -> anyhow::Result<Shape> {
+        walk.ops += 1;
         let out = match (self, input) {
             (
                 CnnLayer::Conv {
