@@ -33,6 +33,113 @@ use candle_core::{
 trait Store: BackendStorage<Device: BackendDevice<Storage = Self>> {}
 impl<S: BackendStorage<Device: BackendDevice<Storage = S>>> Store for S {}
 
+/// `cpu_fwd` and `cuda_fwd` of a custom op, both running the op's one `fwd`, written generically
+/// over `BackendStorage` (candle's op traits take each backend's concrete storage). Metal keeps
+/// candle's default (unsupported). `device_fwd2!(None)` calls `fwd(a, b, None)`; `device_fwd3!`
+/// calls `fwd(a, b, Some(c))`.
+macro_rules! device_fwd1 {
+    () => {
+        fn cpu_fwd(&self, a: &CpuStorage, al: &Layout) -> Result<(CpuStorage, Shape)> {
+            self.fwd((a, al))
+        }
+        fn cuda_fwd(&self, a: &CudaStorage, al: &Layout) -> Result<(CudaStorage, Shape)> {
+            self.fwd((a, al))
+        }
+    };
+}
+
+macro_rules! device_fwd2 {
+    ($($none:ident)?) => {
+        fn cpu_fwd(
+            &self,
+            a: &CpuStorage,
+            al: &Layout,
+            b: &CpuStorage,
+            bl: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            self.fwd((a, al), (b, bl) $(, $none)?)
+        }
+        fn cuda_fwd(
+            &self,
+            a: &CudaStorage,
+            al: &Layout,
+            b: &CudaStorage,
+            bl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            self.fwd((a, al), (b, bl) $(, $none)?)
+        }
+    };
+}
+
+macro_rules! device_fwd3 {
+    () => {
+        #[allow(clippy::too_many_arguments)]
+        fn cpu_fwd(
+            &self,
+            a: &CpuStorage,
+            al: &Layout,
+            b: &CpuStorage,
+            bl: &Layout,
+            c: &CpuStorage,
+            cl: &Layout,
+        ) -> Result<(CpuStorage, Shape)> {
+            self.fwd((a, al), (b, bl), Some((c, cl)))
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn cuda_fwd(
+            &self,
+            a: &CudaStorage,
+            al: &Layout,
+            b: &CudaStorage,
+            bl: &Layout,
+            c: &CudaStorage,
+            cl: &Layout,
+        ) -> Result<(CudaStorage, Shape)> {
+            self.fwd((a, al), (b, bl), Some((c, cl)))
+        }
+    };
+}
+
+/// `CustomOp2` and `CustomOp3` for an op whose third input is optional (a bias, a LayerNorm
+/// beta): the op's generic `fwd(a, b, Option<c>)` and `grads(a, b, has_c, result, grad)`.
+macro_rules! optional_third_arg {
+    ($op:ty, $name2:literal, $name3:literal) => {
+        impl CustomOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name2
+            }
+            device_fwd2!(None);
+            fn bwd(
+                &self,
+                a: &Tensor,
+                b: &Tensor,
+                res: &Tensor,
+                g: &Tensor,
+            ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+                let [ga, gb, _] = self.grads(a, b, false, res, g)?;
+                Ok((ga, gb))
+            }
+        }
+
+        impl CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name3
+            }
+            device_fwd3!();
+            fn bwd(
+                &self,
+                a: &Tensor,
+                b: &Tensor,
+                _: &Tensor,
+                res: &Tensor,
+                g: &Tensor,
+            ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+                Ok(self.grads(a, b, true, res, g)?.into())
+            }
+        }
+    };
+}
+
 /// An owned storage and the layout to read it with (intermediates of a fused forward).
 struct Buf<S> {
     s: S,
@@ -179,11 +286,12 @@ impl LinearOp {
 
     /// Gradients of input, weight and bias. Only `x` (and the weight) were kept; the merged
     /// input is recomputed when needed.
-    fn bwd(
+    fn grads(
         &self,
         x: &Tensor,
         w: &Tensor,
         has_bias: bool,
+        _: &Tensor,
         g: &Tensor,
     ) -> Result<[Option<Tensor>; 3]> {
         let (x, w) = (x.detach(), w.detach());
@@ -227,80 +335,7 @@ impl LinearOp {
     }
 }
 
-impl CustomOp2 for LinearOp {
-    fn name(&self) -> &'static str {
-        "fused-linear"
-    }
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        w: &CpuStorage,
-        wl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.fwd((x, xl), (w, wl), None)
-    }
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.fwd((x, xl), (w, wl), None)
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let [gx, gw, _] = LinearOp::bwd(self, x, w, false, g)?;
-        Ok((gx, gw))
-    }
-}
-
-impl CustomOp3 for LinearOp {
-    fn name(&self) -> &'static str {
-        "fused-linear-bias"
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        w: &CpuStorage,
-        wl: &Layout,
-        b: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.fwd((x, xl), (w, wl), Some((b, bl)))
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        w: &CudaStorage,
-        wl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.fwd((x, xl), (w, wl), Some((b, bl)))
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [gx, gw, gb] = LinearOp::bwd(self, x, w, true, g)?;
-        Ok((gx, gw, gb))
-    }
-}
+optional_third_arg!(LinearOp, "fused-linear", "fused-linear-bias");
 
 /// `x @ w^T + b` over the last dimension of `x` (any rank), one graph node.
 pub fn linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>) -> Result<Tensor> {
@@ -422,7 +457,7 @@ impl NormOp {
     }
 
     /// Recomputes the normalised input from `x` and returns (dx, dgamma, dbeta).
-    fn bwd(
+    fn grads(
         &self,
         x: &Tensor,
         g: &Tensor,
@@ -470,80 +505,7 @@ impl NormOp {
     }
 }
 
-impl CustomOp2 for NormOp {
-    fn name(&self) -> &'static str {
-        "fused-rms-norm"
-    }
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.fwd((x, xl), (g, gl), None)
-    }
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        g: &CudaStorage,
-        gl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.fwd((x, xl), (g, gl), None)
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        g: &Tensor,
-        res: &Tensor,
-        gy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let [gx, gg, _] = NormOp::bwd(self, x, g, false, res, gy)?;
-        Ok((gx, gg))
-    }
-}
-
-impl CustomOp3 for NormOp {
-    fn name(&self) -> &'static str {
-        "fused-layer-norm"
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-        b: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.fwd((x, xl), (g, gl), Some((b, bl)))
-    }
-    #[allow(clippy::too_many_arguments)]
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        g: &CudaStorage,
-        gl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.fwd((x, xl), (g, gl), Some((b, bl)))
-    }
-    fn bwd(
-        &self,
-        x: &Tensor,
-        g: &Tensor,
-        _: &Tensor,
-        res: &Tensor,
-        gy: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let [gx, gg, gb] = NormOp::bwd(self, x, g, true, res, gy)?;
-        Ok((gx, gg, gb))
-    }
-}
+optional_third_arg!(NormOp, "fused-rms-norm", "fused-layer-norm");
 
 /// LayerNorm over the last dimension (`beta` given) or RMSNorm (`beta` None).
 pub fn norm(x: &Tensor, gamma: &Tensor, beta: Option<&Tensor>, eps: f64) -> Result<Tensor> {
@@ -594,24 +556,7 @@ impl CustomOp2 for AddReluOp {
     fn name(&self) -> &'static str {
         "fused-add-relu"
     }
-    fn cpu_fwd(
-        &self,
-        a: &CpuStorage,
-        al: &Layout,
-        b: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.fwd((a, al), (b, bl))
-    }
-    fn cuda_fwd(
-        &self,
-        a: &CudaStorage,
-        al: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.fwd((a, al), (b, bl))
-    }
+    device_fwd2!();
     fn bwd(
         &self,
         _: &Tensor,
@@ -650,24 +595,7 @@ impl CustomOp2 for BiasActOp {
     fn name(&self) -> &'static str {
         "fused-bias-act"
     }
-    fn cpu_fwd(
-        &self,
-        y: &CpuStorage,
-        yl: &Layout,
-        b: &CpuStorage,
-        bl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.fwd((y, yl), (b, bl))
-    }
-    fn cuda_fwd(
-        &self,
-        y: &CudaStorage,
-        yl: &Layout,
-        b: &CudaStorage,
-        bl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.fwd((y, yl), (b, bl))
-    }
+    device_fwd2!();
     fn bwd(
         &self,
         _: &Tensor,
@@ -724,24 +652,7 @@ impl CustomOp2 for AttnProbsOp {
     fn name(&self) -> &'static str {
         "fused-attention-probs"
     }
-    fn cpu_fwd(
-        &self,
-        q: &CpuStorage,
-        ql: &Layout,
-        k: &CpuStorage,
-        kl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.fwd((q, ql), (k, kl))
-    }
-    fn cuda_fwd(
-        &self,
-        q: &CudaStorage,
-        ql: &Layout,
-        k: &CudaStorage,
-        kl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.fwd((q, ql), (k, kl))
-    }
+    device_fwd2!();
     /// dscores = p * (dp - sum(dp * p)); masked entries have p = 0 and get no gradient.
     fn bwd(
         &self,
@@ -793,12 +704,7 @@ impl CustomOp1 for ActOp {
     fn name(&self) -> &'static str {
         "fused-activation"
     }
-    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.fwd((x, l))
-    }
-    fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        self.fwd((x, l))
-    }
+    device_fwd1!();
     fn bwd(&self, x: &Tensor, _: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         Ok(Some(g.apply_op2_no_bwd(&x.detach(), &ActGradOp(self.0))?))
     }
@@ -855,24 +761,7 @@ impl CustomOp2 for ActGradOp {
     fn name(&self) -> &'static str {
         "fused-activation-grad"
     }
-    fn cpu_fwd(
-        &self,
-        g: &CpuStorage,
-        gl: &Layout,
-        x: &CpuStorage,
-        xl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.fwd((g, gl), (x, xl))
-    }
-    fn cuda_fwd(
-        &self,
-        g: &CudaStorage,
-        gl: &Layout,
-        x: &CudaStorage,
-        xl: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.fwd((g, gl), (x, xl))
-    }
+    device_fwd2!();
 }
 
 /// GELU (tanh approximation) or SiLU of `x`, one node.
@@ -901,24 +790,7 @@ impl CustomOp2 for DropoutOp {
     fn name(&self) -> &'static str {
         "fused-dropout"
     }
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        m: &CpuStorage,
-        ml: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.fwd((x, xl), (m, ml))
-    }
-    fn cuda_fwd(
-        &self,
-        x: &CudaStorage,
-        xl: &Layout,
-        m: &CudaStorage,
-        ml: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.fwd((x, xl), (m, ml))
-    }
+    device_fwd2!();
     fn bwd(
         &self,
         _: &Tensor,
@@ -962,12 +834,7 @@ impl CustomOp1 for LogSoftmaxOp {
     fn name(&self) -> &'static str {
         "fused-log-softmax"
     }
-    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.fwd((x, l))
-    }
-    fn cuda_fwd(&self, x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
-        self.fwd((x, l))
-    }
+    device_fwd1!();
     fn bwd(&self, x: &Tensor, logp: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
         let sum = g.sum_keepdim(D::Minus1)?;
         let gx = (g - logp.detach().exp()?.broadcast_mul(&sum)?)?;
