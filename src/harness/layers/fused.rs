@@ -252,7 +252,29 @@ struct LinearOp {
 }
 
 impl LinearOp {
+    /// The head layouts below are built from `Heads`, so they are checked against the real sizes
+    /// first (a mismatch would read out of bounds in a strided copy).
+    fn check_heads(&self, x: &Layout, w: &Layout) -> Result<()> {
+        let (o, k) = w.shape().dims2()?;
+        let n = x.shape().elem_count() / k.max(1);
+        if let Some(h) = self.merge {
+            if x.dims() != [h.b, h.a, h.s, h.d] || h.a * h.d != k {
+                candle_core::bail!(
+                    "head merge: input {:?} is not {h:?} for a [{o}, {k}] weight",
+                    x.dims()
+                );
+            }
+        }
+        if let Some((h, g)) = self.split {
+            if n != h.b * h.s || o != g * h.a * h.d {
+                candle_core::bail!("head split: {n} rows x {o} outputs do not make {g} x {h:?}");
+            }
+        }
+        Ok(())
+    }
+
     fn fwd<S: Store>(&self, x: View<S>, w: View<S>, b: Option<View<S>>) -> Result<(S, Shape)> {
+        self.check_heads(x.1, w.1)?;
         let merged;
         let x2;
         let x = match self.merge {
@@ -715,7 +737,7 @@ impl CustomOp1 for ActOp {
 struct ActGradOp(Act);
 
 impl ActGradOp {
-    fn fwd<S: BackendStorage>(&self, g: View<S>, x: View<S>) -> Result<(S, Shape)> {
+    fn fwd<S: Store>(&self, g: View<S>, x: View<S>) -> Result<(S, Shape)> {
         let mul = |a: &Buf<S>, b: View<S>| -> Result<Buf<S>> {
             Ok(Buf::new(
                 a.s.binary_impl::<kern::Mul>(b.0, &a.l, b.1)?,
@@ -724,7 +746,11 @@ impl ActGradOp {
         };
         let d = match self.0 {
             Act::Gelu => {
-                // d = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3k x^2),  t = tanh(c (x + k x^3))
+                // d = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3k x^2),  t = tanh(c (x + k x^3)).
+                // x is clamped to [-10, 10] first: d is 0 or 1 to any float precision beyond,
+                // and in f16 x^2 overflows from |x| = 256, which would make 0 * inf = NaN.
+                let clamped = clamp(x, 10.0)?;
+                let x = clamped.r();
                 let (c, k) = ((2.0 / std::f64::consts::PI).sqrt(), 0.044715);
                 let x2 = unary::<S, kern::Sqr>(x)?;
                 let inner = mul(&affine(x2.r(), k, 1.0)?, x)?;
@@ -762,6 +788,29 @@ impl CustomOp2 for ActGradOp {
         "fused-activation-grad"
     }
     device_fwd2!();
+}
+
+/// `x` limited to `[-bound, bound]`, in its own dtype.
+fn clamp<S: Store>(x: View<S>, bound: f32) -> Result<Buf<S>> {
+    let limit = |v: f32| -> Result<Buf<S>> {
+        let one = Buf::new(x.0.device().storage_from_slice(&[v])?, 1);
+        let one = cast(one.r(), x.0.dtype())?;
+        Ok(Buf {
+            l: one.l.broadcast_as(x.1.shape())?,
+            s: one.s,
+        })
+    };
+    let (hi, lo) = (limit(bound)?, limit(-bound)?);
+    let below = Buf::new(
+        x.0.binary_impl::<kern::Minimum>(&hi.s, x.1, &hi.l)?,
+        x.1.shape().clone(),
+    );
+    Ok(Buf::new(
+        below
+            .s
+            .binary_impl::<kern::Maximum>(&lo.s, &below.l, &lo.l)?,
+        x.1.shape().clone(),
+    ))
 }
 
 /// GELU (tanh approximation) or SiLU of `x`, one node.
@@ -1034,6 +1083,46 @@ mod tests {
                 },
             );
         }
+    }
+
+    #[test]
+    fn half_gelu_gradient_stays_finite_where_x_squared_overflows() {
+        let x = Var::from_tensor(
+            &Tensor::new(&[-300f32, -3.0, 0.5, 300.0], &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F16)
+                .unwrap(),
+        )
+        .unwrap();
+        let y = activation(x.as_tensor(), Act::Gelu).unwrap();
+        let g = y
+            .to_dtype(DType::F32)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g: Vec<f32> = g
+            .get(&x)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        assert!(g.iter().all(|v| v.is_finite()), "{g:?}");
+        assert!(g[0].abs() < 1e-3 && (g[3] - 1.0).abs() < 1e-3, "{g:?}");
+    }
+
+    #[test]
+    fn head_sizes_that_do_not_match_the_weight_are_refused() {
+        let h = Heads {
+            b: 2,
+            a: 3,
+            s: 5,
+            d: 4,
+        };
+        let (x, w) = (rand(&[2, 5, 8], 40), rand(&[30, 8], 41));
+        assert!(linear_split_heads(&x, &w, None, h, 3).is_err());
     }
 
     #[test]
