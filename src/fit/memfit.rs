@@ -323,9 +323,10 @@ fn identifiable(points: &[&Point], mut cols: Vec<Col>, w: &[f64]) -> (Vec<Col>, 
 pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
     let has_param = points.iter().any(|p| p.terms.features.max_param > 0.0);
     let sse = |f: &MemFit| -> f64 {
+        let eval = Eval::new(&f.values);
         points
             .iter()
-            .map(|p| ((predict(p, &f.values) - p.peak) / p.peak).powi(2))
+            .map(|p| ((eval.predict(p) - p.peak) / p.peak).powi(2))
             .sum()
     };
     // 0 = the activation regime only; then 0.5 .. 128 bytes per element of the largest tensor.
@@ -351,9 +352,9 @@ pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
         let mut f = fit_linear(points, &fixed, false)?;
         for _ in 0..20 {
             let mut changed = false;
+            let eval = Eval::new(&f.values);
             for p in points {
-                let opt = transient(p, &f.values) > activation(p, &f.values);
-                let head = head_phase(p, &f.values);
+                let (opt, head) = eval.regime(p);
                 changed |= opt != p.opt_regime.get() || head != p.head_regime.get();
                 p.opt_regime.set(opt);
                 p.head_regime.set(head);
@@ -383,15 +384,8 @@ pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
             .iter()
             .position(|c| *c == Col::MaxParam)
             .expect("column")] = k;
-        let literature_start: Regimes = points
-            .iter()
-            .map(|p| {
-                (
-                    transient(p, &values) > activation(p, &values),
-                    head_phase(p, &values),
-                )
-            })
-            .collect();
+        let eval = Eval::new(&values);
+        let literature_start: Regimes = points.iter().map(|p| eval.regime(p)).collect();
         let mut best = alternate(k, None)?;
         for start in std::iter::once(&literature_start).chain(warm) {
             let run = alternate(k, Some(start))?;
@@ -443,10 +437,10 @@ pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
         let mut start = lit.clone();
         start.activation.c_max_param.value = k_best;
         let joint = fit_linear(points, &start, true)?;
-        let stable = points.iter().all(|p| {
-            (transient(p, &joint.values) > activation(p, &joint.values)) == p.opt_regime.get()
-                && head_phase(p, &joint.values) == p.head_regime.get()
-        });
+        let eval = Eval::new(&joint.values);
+        let stable = points
+            .iter()
+            .all(|p| eval.regime(p) == (p.opt_regime.get(), p.head_regime.get()));
         if stable && sse(&joint) < best_sse {
             f = joint;
         }
@@ -461,54 +455,59 @@ pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
     Ok(f)
 }
 
-/// The activation coefficients of `values` (planner units), to evaluate the planner's own
-/// activation model on a point.
-fn activation_coeffs(values: &[f64; COLS.len()]) -> crate::coeffs::ActivationCoeffs {
-    let mut m = crate::coeffs::Coefficients::literature_ref().modes[0].clone();
-    for (k, c) in COLS.iter().enumerate() {
-        c.coef_mut(&mut m).value = values[k];
+/// Fitted values in the planner's form, built once to evaluate many points: the planner's own
+/// `Features::activation_bytes`, so fit and planner cannot drift apart.
+struct Eval<'a> {
+    values: &'a [f64; COLS.len()],
+    activation: crate::coeffs::ActivationCoeffs,
+}
+
+impl<'a> Eval<'a> {
+    fn new(values: &'a [f64; COLS.len()]) -> Self {
+        let mut m = crate::coeffs::Coefficients::literature_ref().modes[0].clone();
+        for (k, c) in COLS.iter().enumerate() {
+            c.coef_mut(&mut m).value = values[k];
+        }
+        Self {
+            values,
+            activation: m.activation,
+        }
     }
-    m.activation
-}
 
-/// Activation bytes of a point under fitted values (backward regime), before (1 + frag): the
-/// planner's `Features::activation_bytes`, so fit and planner cannot drift apart.
-fn activation(p: &Point, values: &[f64; COLS.len()]) -> f64 {
-    p.terms
-        .features
-        .activation_bytes(&activation_coeffs(values))
-}
-
-/// For a checkpointed point: whether the head's phase (its saved logits and temporaries) holds
-/// the peak rather than a block's recompute and backward.
-fn head_phase(p: &Point, values: &[f64; COLS.len()]) -> bool {
-    let f = &p.terms.features;
-    if !f.phased {
-        return false;
+    fn value(&self, c: Col) -> f64 {
+        self.values[COLS.iter().position(|x| *x == c).expect("column")]
     }
-    let a = activation_coeffs(values);
-    let (head, block) = f.phase_bytes(&a);
-    head + f.ws_head * a.c_workspace.value > block + f.ws_block * a.c_workspace.value
-}
 
-/// Optimizer-step transient bytes of a point under fitted values, before (1 + frag).
-fn transient(p: &Point, values: &[f64; COLS.len()]) -> f64 {
-    p.terms.features.max_param
-        * values[COLS
-            .iter()
-            .position(|x| *x == Col::MaxParam)
-            .expect("column")]
-}
+    /// Activation bytes of a point (backward regime), before (1 + frag).
+    fn activation(&self, p: &Point) -> f64 {
+        p.terms.features.activation_bytes(&self.activation)
+    }
 
-/// The planner's peak for a point under fitted values (kept in step with `plan::memory`).
-fn predict(p: &Point, values: &[f64; COLS.len()]) -> f64 {
-    let v = |c: Col| values[COLS.iter().position(|x| *x == c).expect("column")];
-    let s = &p.terms.states;
-    (1.0 + v(Col::Frag))
-        * (s.fixed()
-            + v(Col::HalfCopy) * s.half_copy
-            + activation(p, values).max(transient(p, values)))
-        + v(Col::Const)
+    /// Optimizer-step transient bytes of a point, before (1 + frag).
+    fn transient(&self, p: &Point) -> f64 {
+        p.terms.features.max_param * self.value(Col::MaxParam)
+    }
+
+    /// The point's regimes under these values: (peak at the optimizer step, and, for a
+    /// checkpointed point, in the head's phase rather than a block's).
+    fn regime(&self, p: &Point) -> (bool, bool) {
+        let f = &p.terms.features;
+        let head = f.phased && {
+            let (head, block) = f.phase_peaks(&self.activation);
+            head > block
+        };
+        (self.transient(p) > self.activation(p), head)
+    }
+
+    /// The planner's peak for a point (kept in step with `plan::memory`).
+    fn predict(&self, p: &Point) -> f64 {
+        let s = &p.terms.states;
+        (1.0 + self.value(Col::Frag))
+            * (s.fixed()
+                + self.value(Col::HalfCopy) * s.half_copy
+                + self.activation(p).max(self.transient(p)))
+            + self.value(Col::Const)
+    }
 }
 
 /// One linear fit with the regimes currently set on the points. `fit_max_param` false keeps

@@ -108,20 +108,30 @@ impl Features {
             + self.pool * a.c_pool.value
             + self.input * a.c_input.value
             + self.gathered * a.c_gathered.value;
-        let (head, block) = self.phase_bytes(a);
         if self.phased {
-            common + (head + self.ws_head * ws).max(block + self.ws_block * ws)
+            let (head, block) = self.phase_peaks(a);
+            common + head.max(block)
         } else {
+            let (head, block) = self.saved_bytes(a);
             common + head + block + self.workspace * ws
         }
     }
 
     /// Saved bytes of the head (logits, loss) and of the live blocks.
-    pub fn phase_bytes(&self, a: &ActivationCoeffs) -> (f64, f64) {
+    fn saved_bytes(&self, a: &ActivationCoeffs) -> (f64, f64) {
         (
             self.bsv * a.c_logits.value,
             self.bsh * a.c_h.value + self.bsf * a.c_f.value + self.bas2 * a.c_att.value,
         )
+    }
+
+    /// Under full checkpointing ([`Features::phased`]): the activation bytes of the head's
+    /// phase and of a block's phase (saved tensors plus that phase's backward temporaries),
+    /// besides what both hold; the peak is in the larger.
+    pub fn phase_peaks(&self, a: &ActivationCoeffs) -> (f64, f64) {
+        let ws = a.c_workspace.value;
+        let (head, block) = self.saved_bytes(a);
+        (head + self.ws_head * ws, block + self.ws_block * ws)
     }
 
     /// Transient bytes at the optimizer step: per-tensor update buffers scale with the largest
