@@ -2,6 +2,7 @@
 
 use candle_core::Device;
 use std::sync::Mutex;
+use vramcal::harness::compare::max_abs;
 use vramcal::harness::probe::cpu;
 use vramcal::harness::step::Trainer;
 use vramcal::spec::presets::preset;
@@ -38,23 +39,9 @@ fn max_rel_err(name: &str) {
     assert_eq!(a.len(), b.len());
     for ((na, ga), (nb, gb)) in a.iter().zip(&b) {
         assert_eq!(na, nb);
-        let scale = ga
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let scale = max_abs(ga).unwrap();
         assert!(scale > 0.0, "{name} {na}: zero gradient");
-        let diff = (ga - gb)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        let rel = diff / scale;
+        let rel = max_abs(&(ga - gb).unwrap()).unwrap() / scale;
         assert!(rel < 1e-5, "{name} {na}: relative error {rel}");
     }
 }

@@ -3,6 +3,7 @@
 
 use candle_core::Device;
 use std::sync::Mutex;
+use vramcal::harness::compare::max_abs;
 use vramcal::harness::probe::cpu;
 use vramcal::harness::step::Trainer;
 use vramcal::spec::presets::preset;
@@ -118,22 +119,8 @@ fn stage2_gradients_are_the_shard_of_the_full_ones() {
         assert_eq!(n, ns);
         let rows = s.dim(0).unwrap();
         assert_eq!(rows, g.dim(0).unwrap().div_ceil(4), "{n}");
-        let d = (g.narrow(0, 0, rows).unwrap() - s)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap();
-        let scale = g
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        assert!(
-            d.to_scalar::<f32>().unwrap() <= 1e-5 * scale.max(1e-12),
-            "{n}"
-        );
+        let d = max_abs(&(g.narrow(0, 0, rows).unwrap() - s).unwrap()).unwrap();
+        let scale = max_abs(g).unwrap();
+        assert!(d <= 1e-5 * scale.max(1e-12), "{n}");
     }
 }

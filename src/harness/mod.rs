@@ -1,5 +1,6 @@
 //! The empirical half: real candle layers, real training steps, memory probes, sweeps.
 
+pub mod compare;
 pub mod grid;
 pub mod layers;
 pub mod measure;

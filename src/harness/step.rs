@@ -412,13 +412,8 @@ mod tests {
                 .unwrap()
                 .to_dtype(DType::F32)
                 .unwrap();
-            let d = (w - m.as_tensor())
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap();
-            assert!(d.to_scalar::<f32>().unwrap() < 1e-2, "{}", p.name);
+            let d = crate::harness::compare::max_abs(&(w - m.as_tensor()).unwrap()).unwrap();
+            assert!(d < 1e-2, "{}", p.name);
         }
     }
 

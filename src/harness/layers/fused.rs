@@ -915,17 +915,7 @@ mod tests {
     }
 
     fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
-        let a = a.to_dtype(DType::F32).unwrap();
-        let b = b.to_dtype(DType::F32).unwrap();
-        let d = (&a - &b).unwrap().abs().unwrap().max_all().unwrap();
-        let m = b
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
-        d.to_scalar::<f32>().unwrap() / m.max(1e-12)
+        crate::harness::compare::max_rel_err(a, b).unwrap()
     }
 
     /// Runs `fused` and `reference` on Vars made from `inputs`, back-propagates the same random
