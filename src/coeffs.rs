@@ -13,6 +13,7 @@ pub const LITERATURE_JSON: &str = include_str!("../calibration/literature.json")
 
 /// One coefficient with where its value came from (a paper, an assumption, or a fit).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Coef {
     pub value: f64,
     pub source: String,
@@ -69,6 +70,7 @@ impl Coef {
 
 /// Activation bytes per element of each feature (see `plan::memory::Features`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ActivationCoeffs {
     /// per b*s*h per layer
     pub c_h: Coef,
@@ -102,6 +104,7 @@ pub struct ActivationCoeffs {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct OverheadCoeffs {
     /// allocator slack as a fraction of (states + activations)
     pub frag: Coef,
@@ -110,6 +113,7 @@ pub struct OverheadCoeffs {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct TimeCoeffs {
     /// model FLOP utilisation used with a GPU's datasheet peak when `flops_per_s` is 0
     pub mfu: Coef,
@@ -130,6 +134,7 @@ pub struct TimeCoeffs {
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ModeCoeffs {
     pub family: Family,
     pub precision: Precision,
@@ -138,7 +143,85 @@ pub struct ModeCoeffs {
     pub time: TimeCoeffs,
 }
 
+/// Upper bounds of the coefficients, far above any measured or published value (bytes per
+/// element are single digits to tens, see calibration/*.json) yet low enough that a plan stays
+/// finite: a value above them is a corrupted or hand-edited table.
+const MAX_BYTES_PER_ELEM: f64 = 1e4;
+const MAX_FRACTION: f64 = 100.0;
+const MAX_CONST_BYTES: f64 = (1u64 << 50) as f64;
+const MAX_FLOPS: f64 = 1e19;
+const MAX_BYTES_PER_S: f64 = 1e15;
+const MAX_SECONDS: f64 = 3600.0;
+
+impl ModeCoeffs {
+    /// Every coefficient with its key (as in the JSON) and its upper bound.
+    fn ranged(&self) -> Vec<(String, &Coef, f64)> {
+        let a = &self.activation;
+        let mut out: Vec<(String, &Coef, f64)> = [
+            ("activation.c_h", &a.c_h),
+            ("activation.c_f", &a.c_f),
+            ("activation.c_att", &a.c_att),
+            ("activation.c_logits", &a.c_logits),
+            ("activation.c_ckpt", &a.c_ckpt),
+            ("activation.c_conv", &a.c_conv),
+            ("activation.c_norm", &a.c_norm),
+            ("activation.c_act", &a.c_act),
+            ("activation.c_pool", &a.c_pool),
+            ("activation.c_input", &a.c_input),
+            ("activation.c_workspace", &a.c_workspace),
+            ("activation.c_max_param", &a.c_max_param),
+            ("activation.c_gathered", &a.c_gathered),
+        ]
+        .into_iter()
+        .map(|(k, c)| (k.to_string(), c, MAX_BYTES_PER_ELEM))
+        .collect();
+        let t = &self.time;
+        out.extend([
+            (
+                "activation.half_copy".to_string(),
+                &a.half_copy,
+                MAX_FRACTION,
+            ),
+            (
+                "overhead.frag".to_string(),
+                &self.overhead.frag,
+                MAX_FRACTION,
+            ),
+            (
+                "overhead.const_bytes".to_string(),
+                &self.overhead.const_bytes,
+                MAX_CONST_BYTES,
+            ),
+            ("time.mfu".to_string(), &t.mfu, 1.0),
+            ("time.flops_per_s".to_string(), &t.flops_per_s, MAX_FLOPS),
+            (
+                "time.act_bytes_per_s".to_string(),
+                &t.act_bytes_per_s,
+                MAX_BYTES_PER_S,
+            ),
+            (
+                "time.state_bytes_per_s".to_string(),
+                &t.state_bytes_per_s,
+                MAX_BYTES_PER_S,
+            ),
+            ("time.t0_s".to_string(), &t.t0_s, MAX_SECONDS),
+            (
+                "time.recompute_factor".to_string(),
+                &t.recompute_factor,
+                3.0,
+            ),
+        ]);
+        out.extend(
+            t.s_per_elem
+                .iter()
+                .map(|(k, c)| (format!("time.s_per_elem.{k}"), c, 1.0)),
+        );
+        out
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Coefficients {
     pub schema: u32,
     pub device_id: String,
@@ -200,6 +283,67 @@ impl Coefficients {
             .expect("literature table covers every family and precision")
     }
 
+    /// Checks every coefficient against its physical range, naming the table, the mode and the
+    /// key. A table is trusted by every plan made with it: a negative fixed time, an infinite
+    /// byte coefficient or a negative overhead would turn into negative step times or totals
+    /// that wrap and "fit", so such a table is refused where it enters.
+    pub fn validate(&self, origin: &str) -> anyhow::Result<()> {
+        if self.schema != 1 {
+            return input_err(
+                &format!("{origin} schema"),
+                format!("{}; accepted 1", self.schema),
+            );
+        }
+        if self.modes.is_empty() {
+            return input_err(
+                &format!("{origin} modes"),
+                "empty; accepted at least one mode",
+            );
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, m) in self.modes.iter().enumerate() {
+            let at = format!(
+                "{origin} modes[{i}] ({} {})",
+                m.family.as_str(),
+                m.precision
+            );
+            if !seen.insert((m.family, m.precision)) {
+                return input_err(
+                    &at,
+                    "appears twice; accepted one mode per (family, precision)",
+                );
+            }
+            for (key, coef, max) in m.ranged() {
+                let v = coef.value;
+                if !(v.is_finite() && v >= 0.0 && v <= max) {
+                    return input_err(
+                        &format!("{at} {key}"),
+                        format!("{v} is out of range; accepted 0..={max}"),
+                    );
+                }
+            }
+            for name in m.time.s_per_elem.keys() {
+                if !crate::plan::memory::Features::NAMES.contains(&name.as_str()) {
+                    return input_err(
+                        &format!("{at} time.s_per_elem.{name}"),
+                        format!(
+                            "unknown feature; accepted {}",
+                            crate::plan::memory::Features::NAMES.join(", ")
+                        ),
+                    );
+                }
+            }
+            let r = m.time.recompute_factor.value;
+            if r < 1.0 {
+                return input_err(
+                    &format!("{at} time.recompute_factor"),
+                    format!("{r} would make recomputation faster than none; accepted 1..=3"),
+                );
+            }
+        }
+        Ok(())
+    }
+
     pub fn load(path: &Path) -> anyhow::Result<Self> {
         let text = std::fs::read_to_string(path)
             .with_context(|| format!("reading coefficients {}", path.display()));
@@ -208,8 +352,10 @@ impl Coefficients {
             Err(e) => return input_err("coeffs", format!("{e:#}; accepted a readable JSON file")),
         };
         match serde_json::from_str::<Self>(&text) {
-            Ok(c) if c.modes.is_empty() => input_err("coeffs", format!("{} has no modes", path.display())),
-            Ok(c) => Ok(c),
+            Ok(c) => {
+                c.validate(&format!("coeffs {}", path.display()))?;
+                Ok(c)
+            }
             Err(e) => input_err(
                 "coeffs",
                 format!("{} is not a coefficient table ({e}); accepted the schema of calibration/literature.json", path.display()),
@@ -219,6 +365,8 @@ impl Coefficients {
 
     /// Writes the table atomically (temp file + rename), so a crash never leaves half a table.
     pub fn save(&self, path: &Path) -> anyhow::Result<()> {
+        // A fit that produced an out-of-range value must not leave a table every later plan trusts.
+        self.validate(&format!("fitted table for {}", path.display()))?;
         let text = serde_json::to_string_pretty(self)?;
         crate::atomic::write(path, text.as_bytes())
     }

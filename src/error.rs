@@ -43,6 +43,19 @@ pub fn check_range(field: &str, value: u64, min: u64, max: u64) -> anyhow::Resul
     Ok(())
 }
 
+/// Renames the field of an [`InputError`] to the name the user wrote it under (a config.json
+/// key, a `--flag`), leaving other errors alone. Validation names the spec's own fields; the
+/// places where specs enter know what the user called them.
+pub fn rename_field(err: anyhow::Error, rename: impl Fn(&str) -> Option<String>) -> anyhow::Error {
+    match err.downcast::<InputError>() {
+        Ok(e) => match rename(&e.field) {
+            Some(field) => InputError::new(field, e.message).into(),
+            None => e.into(),
+        },
+        Err(other) => other,
+    }
+}
+
 /// Exit code for an error chain: 2 when any cause is an [`InputError`], 1 otherwise.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     if err

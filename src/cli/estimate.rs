@@ -6,7 +6,7 @@
 
 use super::common::{parse_int, GpusDefault, TrainFlags};
 use crate::coeffs::Coefficients;
-use crate::error::{check_range, input_err};
+use crate::error::{check_range, input_err, rename_field};
 use crate::plan::estimate::{estimate, Estimate, Options};
 use crate::plan::gpus;
 use crate::spec::transformer::{Arch, FfnKind, Head, NormKind, TransformerSpec};
@@ -80,7 +80,7 @@ pub struct Flags {
     #[arg(long)]
     pub gpu: Option<String>,
     /// GPU memory capacity, e.g. 80GB, 80GiB, 24576MiB (overrides --gpu's)
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub gpu_mem: Option<String>,
     /// Largest per-GPU batch that fits the GPU memory
     #[arg(long)]
@@ -99,13 +99,13 @@ pub struct Flags {
     pub no_gpu_choice: bool,
 
     /// Host RAM: bytes of one loaded sample [default: seq x 4, or C x H x W for images]
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub sample_bytes: Option<String>,
     /// Host RAM: data loader workers
     #[arg(long, allow_hyphen_values = true, default_value = "4")]
     pub workers: String,
     /// Storage: raw dataset size, e.g. 2TB [default: 0, not counted]
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub dataset: Option<String>,
     /// Storage: preprocessing cache as a fraction of the raw data
     #[arg(long, allow_hyphen_values = true, default_value = "1.0")]
@@ -206,7 +206,7 @@ fn explicit_transformer(a: &Flags) -> anyhow::Result<Option<TransformerSpec>> {
         },
         ffn: match &a.ffn {
             Some(f) => parse_int("ffn", f)?,
-            None => 4 * hidden,
+            None => hidden.saturating_mul(4),
         },
         ffn_kind,
         vocab: parse_int("vocab", &a.vocab)?,
@@ -248,7 +248,11 @@ pub fn model_from_args(a: &Flags) -> anyhow::Result<ModelSpec> {
     if let Some(p) = &a.cnn_file {
         return Ok(ModelSpec::Cnn(cnn_file::load(p)?));
     }
-    Ok(ModelSpec::Transformer(explicit.expect("one source is set")))
+    let spec = explicit.expect("one source is set");
+    // Validation names spec fields (`kv_heads`); the user wrote flags (`kv-heads`).
+    spec.validate()
+        .map_err(|e| rename_field(e, |f| Some(f.replace('_', "-"))))?;
+    Ok(ModelSpec::Transformer(spec))
 }
 
 /// Estimate's input sizes when left out: 512 tokens, 224-pixel images, whatever the model.
@@ -428,6 +432,13 @@ pub fn render(e: &Estimate) -> String {
     row(&mut o, "activations", bytes(m.activations));
     row(&mut o, "overhead", bytes(m.overhead));
     row(&mut o, "total (vramcal)", bytes(m.total));
+    if m.too_large {
+        row(
+            &mut o,
+            "too large",
+            "a component exceeds 1 EiB and is shown clamped there; no GPU holds this job".into(),
+        );
+    }
     row(
         &mut o,
         "seed rule P*12 + b*s*h*10",
@@ -557,6 +568,9 @@ pub fn render(e: &Estimate) -> String {
                 }
             }
         }
+    }
+    for n in &e.notes {
+        let _ = writeln!(o, "\nNote: {n}");
     }
     let _ = writeln!(o, "\nRecommendation: {}", e.recommendation);
     o

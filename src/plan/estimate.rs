@@ -108,6 +108,9 @@ pub struct Estimate {
     pub search: Option<SearchResult>,
     pub gpu_choice: Vec<GpuChoice>,
     pub recommendation: String,
+    /// where the configuration works against itself (ZeRO-3 above ZeRO-2, checkpointing above
+    /// none) and why the memory model says so; empty otherwise
+    pub notes: Vec<String>,
     /// device_id of the coefficient table used
     pub coefficients: String,
 }
@@ -171,7 +174,10 @@ fn choose_all(
             if cnn && l.checkpointing {
                 return None; // checkpointing is modelled for transformer blocks only
             }
-            ev.breakdown(&layout_train(train, l)).ok().map(|b| b.total)
+            ev.breakdown(&layout_train(train, l))
+                .ok()
+                .filter(|b| !b.too_large)
+                .map(|b| b.total)
         });
         let (total_bytes, step) = match layout {
             Some(l) => {
@@ -229,6 +235,51 @@ fn recommend(verdict: Option<&Verdict>, train: &TrainSpec, choices: &[GpuChoice]
     }
 }
 
+/// Settings that cost memory instead of saving it for this job, with the mechanism. Both are real:
+/// users expect ZeRO-3 and checkpointing always to help, and a plan that silently shows more
+/// memory for them looks like a bug.
+fn counterintuitive(
+    train: &TrainSpec,
+    memory: &MemoryBreakdown,
+    ev: &Evaluator,
+) -> anyhow::Result<Vec<String>> {
+    const GIB: f64 = (1u64 << 30) as f64;
+    let mut notes = Vec::new();
+    if memory.too_large {
+        return Ok(notes);
+    }
+    if train.zero_stage == 3 {
+        let z2 = ev.breakdown(&TrainSpec {
+            zero_stage: 2,
+            ..train.clone()
+        })?;
+        if z2.total < memory.total {
+            notes.push(format!(
+                "ZeRO stage 3 needs {:.2} GiB more per GPU than stage 2 here: it all-gathers one \
+                 block's full weights and gradients at a time (ZeRO paper, sec. 5.3), which over \
+                 {} GPU(s) outweighs the weight shards it saves",
+                (memory.total - z2.total) as f64 / GIB,
+                train.gpus
+            ));
+        }
+    }
+    if train.checkpointing.is_on() {
+        let plain = ev.breakdown(&TrainSpec {
+            checkpointing: Checkpointing::None,
+            ..train.clone()
+        })?;
+        if plain.total < memory.total {
+            notes.push(format!(
+                "full checkpointing needs {:.2} GiB more per GPU than none here: it stores every \
+                 block's input on top of one block's recomputed activations, which only pays off \
+                 with several blocks",
+                (memory.total - plain.total) as f64 / GIB
+            ));
+        }
+    }
+    Ok(notes)
+}
+
 /// Plans one training job. Validates the model and the training configuration first.
 pub fn estimate(
     model: &ModelSpec,
@@ -251,8 +302,9 @@ pub fn estimate(
     let verdict = capacity.map(|c| Verdict {
         gpu: opts.gpu.map(|g| g.id),
         capacity_bytes: c,
-        fits: memory.total <= c,
-        free_bytes: c as i64 - memory.total as i64,
+        fits: memory.fits(c),
+        // both sides are below 2^63 (capacity <= 1e18 by parse, total <= 5 * 2^60)
+        free_bytes: (c as i128 - memory.total as i128) as i64,
     });
     let search = match capacity {
         Some(c) if opts.max_batch || opts.max_seq => Some(SearchResult {
@@ -309,6 +361,7 @@ pub fn estimate(
         storage,
         step_time: step_for(model, train, &ev, opts.gpu)?,
         recommendation: recommend(verdict.as_ref(), train, &gpu_choice),
+        notes: counterintuitive(train, &memory, &ev)?,
         verdict,
         search,
         gpu_choice,

@@ -3,6 +3,7 @@
 //! headroom for fragmentation, and the brief's "RAM >= 3 x VRAM" shown separately as advice,
 //! because it is a rule of thumb, not a derivation.
 
+use crate::plan::memory::MAX_PLAN_BYTES;
 use crate::spec::{ModelSpec, Precision, TrainSpec};
 use serde::Serialize;
 
@@ -59,11 +60,16 @@ pub fn host_ram(
     workers: u64,
     vram_bytes: u64,
 ) -> HostRam {
-    let loader_bytes = batch
+    // Every figure is clamped at the planner's 1 EiB ceiling, so a typo-sized loader never wraps
+    // into a small number and the +30 % stays representable.
+    let cap = |b: u64| b.min(MAX_PLAN_BYTES);
+    let loader_bytes = cap(batch
         .saturating_mul(sample_bytes)
         .saturating_mul(workers)
-        .saturating_mul(LOADER_COPIES);
-    let params_bytes = 2 * params * host_param_bytes(precision);
+        .saturating_mul(LOADER_COPIES));
+    let params_bytes = cap(params
+        .saturating_mul(2)
+        .saturating_mul(host_param_bytes(precision)));
     let required_bytes = loader_bytes.max(params_bytes);
     HostRam {
         sample_bytes,
@@ -72,7 +78,7 @@ pub fn host_ram(
         params_bytes,
         required_bytes,
         recommended_bytes: (required_bytes as f64 * (1.0 + HEADROOM)).ceil() as u64,
-        rule_of_thumb_bytes: vram_bytes.saturating_mul(3),
+        rule_of_thumb_bytes: cap(vram_bytes.saturating_mul(3)),
     }
 }
 

@@ -304,6 +304,25 @@ pub fn fit_terms(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<FitTerm
     })
 }
 
+/// The largest byte count a plan reports: 1 EiB, far above any machine. A component above it is
+/// clamped here and the plan is marked [`MemoryBreakdown::too_large`], so five clamped
+/// components still sum inside `u64` (and `i64`): the arithmetic never wraps into a small total
+/// that would "fit".
+pub const MAX_PLAN_BYTES: u64 = 1 << 60;
+
+/// Rounds a non-negative byte amount to an integer, clamping at [`MAX_PLAN_BYTES`]. NaN or an
+/// infinity (only reachable through a broken coefficient table) counts as too large, never as 0.
+fn plan_bytes(x: f64, too_large: &mut bool) -> u64 {
+    if !x.is_finite() || x >= MAX_PLAN_BYTES as f64 {
+        *too_large = true;
+        MAX_PLAN_BYTES
+    } else if x <= 0.0 {
+        0
+    } else {
+        x.round() as u64
+    }
+}
+
 /// Per-GPU memory, bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub struct MemoryBreakdown {
@@ -312,12 +331,20 @@ pub struct MemoryBreakdown {
     pub optimizer: u64,
     pub activations: u64,
     pub overhead: u64,
+    /// the sum of the five components above (exact: they are clamped, so it cannot wrap)
     pub total: u64,
+    /// some component exceeded [`MAX_PLAN_BYTES`] and was clamped there: the job fits nowhere
+    pub too_large: bool,
 }
 
 impl MemoryBreakdown {
     pub fn states(&self) -> u64 {
         self.weights + self.gradients + self.optimizer
+    }
+
+    /// Does this fit `capacity` bytes? Never true for a plan too large to represent.
+    pub fn fits(&self, capacity: u64) -> bool {
+        !self.too_large && self.total <= capacity
     }
 }
 
@@ -335,26 +362,38 @@ pub fn breakdown(
 /// evaluate many configurations do not clone a `ModeCoeffs` per evaluation.
 pub fn breakdown_with_mode(terms: &FitTerms, mode: &crate::coeffs::ModeCoeffs) -> MemoryBreakdown {
     let s = terms.states;
-    let weights = (s.weights + mode.activation.half_copy.value * s.half_copy).round() as u64;
-    let gradients = s.gradients.round() as u64;
-    let optimizer = s.optimizer.round() as u64;
+    let mut too_large = false;
+    let weights_f = s.weights + mode.activation.half_copy.value * s.half_copy;
     let act = terms.features.activation_bytes(&mode.activation);
-    let activations = act.round() as u64;
-    let states = weights + gradients + optimizer;
     // The peak is in backward (activations) or at the optimizer step (its transients), whichever
     // is larger; the excess of the latter is reported as overhead.
     let live = act.max(terms.features.step_transient_bytes(&mode.activation));
-    let overhead = (mode.overhead.frag.value * (states as f64 + live)
+    let states_f = weights_f + s.gradients + s.optimizer;
+    let overhead_f = mode.overhead.frag.value * (states_f + live)
         + mode.overhead.const_bytes.value
-        + (live - act))
-        .round() as u64;
+        + (live - act);
+    let weights = plan_bytes(weights_f, &mut too_large);
+    let gradients = plan_bytes(s.gradients, &mut too_large);
+    let optimizer = plan_bytes(s.optimizer, &mut too_large);
+    let activations = plan_bytes(act, &mut too_large);
+    // Overhead takes the rounding remainder, so the total is the rounded exact sum: rounding
+    // five parts separately could make a larger job a byte smaller than a smaller one.
+    let overhead_rounded = plan_bytes(overhead_f, &mut too_large);
+    let parts = weights + gradients + optimizer + activations;
+    let total = if too_large {
+        parts + overhead_rounded
+    } else {
+        plan_bytes(states_f + act + overhead_f, &mut too_large).max(parts)
+    };
     MemoryBreakdown {
         weights,
         gradients,
         optimizer,
         activations,
-        overhead,
-        total: states + activations + overhead,
+        overhead: total - parts,
+        // each term <= 2^60, so the sum < 2^63: no overflow in u64 or when signed
+        total,
+        too_large,
     }
 }
 

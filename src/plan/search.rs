@@ -59,7 +59,7 @@ impl<'a> Evaluator<'a> {
     }
 
     pub fn fits(&self, train: &TrainSpec, capacity: u64) -> anyhow::Result<bool> {
-        Ok(self.breakdown(train)?.total <= capacity)
+        Ok(self.breakdown(train)?.fits(capacity))
     }
 }
 

@@ -1,7 +1,7 @@
 //! Storage, from the capacity-planning brief (section 3): model files at each precision,
 //! checkpoint size, and `total = raw data + preprocessing cache + checkpoints x kept`.
 
-use crate::plan::memory::state_bytes;
+use crate::plan::memory::{state_bytes, MAX_PLAN_BYTES};
 use crate::spec::TrainSpec;
 use serde::Serialize;
 
@@ -56,8 +56,12 @@ pub fn storage(
         ..train.clone()
     };
     let s = state_bytes(params, &full);
-    let checkpoint_bytes = (s.weights + s.optimizer).round() as u64;
-    let cache_bytes = (raw_data_bytes as f64 * cache_fraction).round() as u64;
+    // Each part is clamped at the planner's 1 EiB ceiling, so the total is their exact sum and
+    // never wraps (three parts of at most 2^60 bytes each).
+    let cap = |b: f64| (b.round() as u64).min(MAX_PLAN_BYTES);
+    let checkpoint_bytes = cap(s.weights + s.optimizer);
+    let cache_bytes = cap(raw_data_bytes as f64 * cache_fraction);
+    let raw_data_bytes = raw_data_bytes.min(MAX_PLAN_BYTES);
     Storage {
         model_file: model_files(params),
         checkpoint_bytes,
@@ -65,8 +69,8 @@ pub fn storage(
         raw_data_bytes,
         cache_bytes,
         total_bytes: raw_data_bytes
-            .saturating_add(cache_bytes)
-            .saturating_add(checkpoint_bytes.saturating_mul(kept)),
+            + cache_bytes
+            + checkpoint_bytes.saturating_mul(kept).min(MAX_PLAN_BYTES),
     }
 }
 

@@ -82,10 +82,18 @@ pub enum Shape {
 }
 
 impl Shape {
+    /// Elements of the shape; shapes come out of the checked walk, so the product fits.
     pub fn elems(&self) -> u64 {
         match *self {
-            Shape::Map { c, h, w } => c * h * w,
+            Shape::Map { c, h, w } => c.saturating_mul(h).saturating_mul(w),
             Shape::Flat(n) => n,
+        }
+    }
+
+    fn checked_elems(&self) -> anyhow::Result<u64> {
+        match *self {
+            Shape::Map { c, h, w } => product(&[c, h, w], "image"),
+            Shape::Flat(n) => Ok(n),
         }
     }
 }
@@ -115,6 +123,44 @@ pub struct CnnWalk {
     pub ops: u64,
 }
 
+/// Accepted ranges of the layer fields, checked once when a spec enters (file, preset, spec
+/// JSON) so that the shape walk and the parameter count work on plausible sizes. The largest
+/// published CNNs are far inside them.
+pub const MAX_CHANNELS: u64 = 1 << 16;
+pub const MAX_KERNEL: u64 = 1 << 10;
+pub const MAX_STRIDE: u64 = 64;
+pub const MAX_PADDING: u64 = 1 << 12;
+pub const MAX_POOL_OUT: u64 = 1 << 12;
+pub const MAX_FEATURES: u64 = 1 << 32;
+/// Layers in the whole network, residual bodies and shortcuts included.
+pub const MAX_CNN_LAYERS: usize = 100_000;
+/// Residual blocks nested inside each other.
+pub const MAX_NESTING: usize = 16;
+/// Trainable parameters (10^15): above it a spec is a typo, and the byte counts stay in u64.
+pub const MAX_CNN_PARAMS: u64 = 1_000_000_000_000_000;
+
+/// Product of counts along the shape walk; a product past u64 is an input error rather than a
+/// wrapped (small) count that would plan a gigantic network as a tiny one.
+fn product(factors: &[u64], field: &str) -> anyhow::Result<u64> {
+    factors
+        .iter()
+        .try_fold(1u64, |acc, &f| acc.checked_mul(f))
+        .map_or_else(
+            || input_err(field, "the network's element counts overflow 64 bits at this image size; accepted a smaller image or narrower layers"),
+            Ok,
+        )
+}
+
+fn add_to(total: &mut u64, n: u64, field: &str) -> anyhow::Result<()> {
+    match total.checked_add(n) {
+        Some(t) => {
+            *total = t;
+            Ok(())
+        }
+        None => input_err(field, "the network's element counts overflow 64 bits at this image size; accepted a smaller image or narrower layers"),
+    }
+}
+
 fn conv_out(size: u64, k: u64, stride: u64, pad: u64, field: &str) -> anyhow::Result<u64> {
     if size + 2 * pad < k {
         return input_err(
@@ -138,13 +184,22 @@ impl CnnLayer {
                 c_out,
                 bias,
                 ..
-            } => k_h * k_w * c_in * c_out + if *bias { *c_out } else { 0 },
+            } => k_h
+                .saturating_mul(*k_w)
+                .saturating_mul(*c_in)
+                .saturating_mul(*c_out)
+                .saturating_add(if *bias { *c_out } else { 0 }),
             // weight and bias; running mean/var are buffers, not parameters.
-            CnnLayer::Batchnorm { channels } => 2 * channels,
-            CnnLayer::Linear { d_in, d_out, bias } => d_in * d_out + if *bias { *d_out } else { 0 },
-            CnnLayer::Residual { body, shortcut } => {
-                body.iter().chain(shortcut).map(|l| l.params()).sum()
-            }
+            CnnLayer::Batchnorm { channels } => channels.saturating_mul(2),
+            CnnLayer::Linear { d_in, d_out, bias } => d_in
+                .saturating_mul(*d_out)
+                .saturating_add(if *bias { *d_out } else { 0 }),
+            // Saturating: a spec past MAX_CNN_PARAMS is refused by `CnnSpec::validate`, and a
+            // saturated count is above it, never wrapped below it.
+            CnnLayer::Residual { body, shortcut } => body
+                .iter()
+                .chain(shortcut)
+                .fold(0u64, |acc, l| acc.saturating_add(l.params())),
             _ => 0,
         }
     }
@@ -171,13 +226,15 @@ impl CnnLayer {
                         format!("{c_in} does not match the {c} incoming channels"),
                     );
                 }
-                check_range("conv.stride", *stride, 1, 64)?;
-                check_range("conv.k_h", *k_h, 1, 1 << 12)?;
-                check_range("conv.k_w", *k_w, 1, 1 << 12)?;
                 let ho = conv_out(h, *k_h, *stride, *padding, "conv.k_h")?;
                 let wo = conv_out(w, *k_w, *stride, *padding, "conv.k_w")?;
-                walk.macs += c_out * ho * wo * c_in * k_h * k_w;
-                walk.max_im2col = walk.max_im2col.max(c_in * k_h * k_w * ho * wo);
+                let unfolded = product(&[*c_in, *k_h, *k_w, ho, wo], "image")?;
+                add_to(
+                    &mut walk.macs,
+                    product(&[unfolded, *c_out], "image")?,
+                    "image",
+                )?;
+                walk.max_im2col = walk.max_im2col.max(unfolded);
                 Shape::Map {
                     c: *c_out,
                     h: ho,
@@ -199,21 +256,17 @@ impl CnnLayer {
                     k, stride, padding, ..
                 },
                 Shape::Map { c, h, w },
-            ) => {
-                check_range("pool.stride", *stride, 1, 64)?;
-                check_range("pool.k", *k, 1, 1 << 12)?;
-                Shape::Map {
-                    c,
-                    h: conv_out(h, *k, *stride, *padding, "pool.k")?,
-                    w: conv_out(w, *k, *stride, *padding, "pool.k")?,
-                }
-            }
+            ) => Shape::Map {
+                c,
+                h: conv_out(h, *k, *stride, *padding, "pool.k")?,
+                w: conv_out(w, *k, *stride, *padding, "pool.k")?,
+            },
             (CnnLayer::Adaptivepool { out, .. }, Shape::Map { c, .. }) => Shape::Map {
                 c,
                 h: *out,
                 w: *out,
             },
-            (CnnLayer::Flatten, s) => Shape::Flat(s.elems()),
+            (CnnLayer::Flatten, s) => Shape::Flat(s.checked_elems()?),
             (CnnLayer::Linear { d_in, d_out, .. }, Shape::Flat(n)) => {
                 if *d_in != n {
                     return input_err(
@@ -221,7 +274,11 @@ impl CnnLayer {
                         format!("{d_in} does not match the {n} incoming features"),
                     );
                 }
-                walk.macs += d_in * d_out;
+                add_to(
+                    &mut walk.macs,
+                    product(&[*d_in, *d_out], "linear.d_out")?,
+                    "image",
+                )?;
                 Shape::Flat(*d_out)
             }
             (CnnLayer::Residual { body, shortcut }, s) => {
@@ -234,8 +291,9 @@ impl CnnLayer {
                     );
                 }
                 // The add and the ReLU after it each produce a tensor of the block's output size.
-                walk.out_elems += 2 * a.elems();
-                walk.act_elems += 2 * a.elems();
+                let n = product(&[2, a.checked_elems()?], "image")?;
+                add_to(&mut walk.out_elems, n, "image")?;
+                add_to(&mut walk.act_elems, n, "image")?;
                 return Ok(a);
             }
             (layer, s) => {
@@ -245,13 +303,17 @@ impl CnnLayer {
                 )
             }
         };
-        walk.out_elems += out.elems();
-        let n = out.elems();
+        let n = out.checked_elems()?;
+        add_to(&mut walk.out_elems, n, "image")?;
         match self {
-            CnnLayer::Conv { .. } | CnnLayer::Linear { .. } => walk.conv_elems += n,
-            CnnLayer::Batchnorm { .. } => walk.norm_elems += n,
-            CnnLayer::Relu => walk.act_elems += n,
-            CnnLayer::Pool { .. } | CnnLayer::Adaptivepool { .. } => walk.pool_elems += n,
+            CnnLayer::Conv { .. } | CnnLayer::Linear { .. } => {
+                add_to(&mut walk.conv_elems, n, "image")?
+            }
+            CnnLayer::Batchnorm { .. } => add_to(&mut walk.norm_elems, n, "image")?,
+            CnnLayer::Relu => add_to(&mut walk.act_elems, n, "image")?,
+            CnnLayer::Pool { .. } | CnnLayer::Adaptivepool { .. } => {
+                add_to(&mut walk.pool_elems, n, "image")?
+            }
             CnnLayer::Flatten | CnnLayer::Residual { .. } => {}
         }
         Ok(out)
@@ -279,7 +341,9 @@ pub fn walk_layers(layers: &[CnnLayer], input: Shape, walk: &mut CnnWalk) -> any
 
 impl CnnSpec {
     pub fn params(&self) -> u64 {
-        self.layers.iter().map(|l| l.params()).sum()
+        self.layers
+            .iter()
+            .fold(0u64, |acc, l| acc.saturating_add(l.params()))
     }
 
     /// Walks the network for one square image of side `image`, checking every shape.
@@ -312,8 +376,78 @@ impl CnnSpec {
         if self.layers.is_empty() {
             return input_err("layers", "empty; accepted a non-empty layer list");
         }
+        let mut count = 0usize;
+        validate_layers(&self.layers, 0, &mut count)?;
+        let params = self.params();
+        if params > MAX_CNN_PARAMS {
+            return input_err(
+                "layers",
+                format!("{params} parameters in total; accepted at most {MAX_CNN_PARAMS}"),
+            );
+        }
         Ok(())
     }
+}
+
+/// Range-checks every layer's fields, naming them as a CNN file writes them (`conv.c_out`).
+fn validate_layers(layers: &[CnnLayer], depth: usize, count: &mut usize) -> anyhow::Result<()> {
+    if depth > MAX_NESTING {
+        return input_err(
+            "residual",
+            format!("nested {depth} deep; accepted at most {MAX_NESTING} levels"),
+        );
+    }
+    for layer in layers {
+        *count += 1;
+        if *count > MAX_CNN_LAYERS {
+            return input_err(
+                "layers",
+                format!("more than {MAX_CNN_LAYERS} layers; accepted at most {MAX_CNN_LAYERS}"),
+            );
+        }
+        match layer {
+            CnnLayer::Conv {
+                k_h,
+                k_w,
+                c_in,
+                c_out,
+                stride,
+                padding,
+                ..
+            } => {
+                check_range("conv.k_h", *k_h, 1, MAX_KERNEL)?;
+                check_range("conv.k_w", *k_w, 1, MAX_KERNEL)?;
+                check_range("conv.c_in", *c_in, 1, MAX_CHANNELS)?;
+                check_range("conv.c_out", *c_out, 1, MAX_CHANNELS)?;
+                check_range("conv.stride", *stride, 1, MAX_STRIDE)?;
+                check_range("conv.padding", *padding, 0, MAX_PADDING)?;
+            }
+            CnnLayer::Batchnorm { channels } => {
+                check_range("batchnorm.channels", *channels, 1, MAX_CHANNELS)?
+            }
+            CnnLayer::Pool {
+                k, stride, padding, ..
+            } => {
+                check_range("pool.k", *k, 1, MAX_KERNEL)?;
+                check_range("pool.stride", *stride, 1, MAX_STRIDE)?;
+                // PyTorch's pooling layers require padding <= kernel / 2
+                check_range("pool.padding", *padding, 0, k / 2)?;
+            }
+            CnnLayer::Adaptivepool { out, .. } => {
+                check_range("adaptivepool.out", *out, 1, MAX_POOL_OUT)?
+            }
+            CnnLayer::Linear { d_in, d_out, .. } => {
+                check_range("linear.d_in", *d_in, 1, MAX_FEATURES)?;
+                check_range("linear.d_out", *d_out, 1, 1 << 24)?;
+            }
+            CnnLayer::Residual { body, shortcut } => {
+                validate_layers(body, depth + 1, count)?;
+                validate_layers(shortcut, depth + 1, count)?;
+            }
+            CnnLayer::Relu | CnnLayer::Flatten => {}
+        }
+    }
+    Ok(())
 }
 
 fn conv(k: u64, c_in: u64, c_out: u64, stride: u64, padding: u64, bias: bool) -> CnnLayer {

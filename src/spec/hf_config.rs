@@ -4,7 +4,7 @@
 
 use super::presets;
 use super::transformer::{Arch, FfnKind, Head, NormKind, PatchEmbed, TransformerSpec};
-use crate::error::input_err;
+use crate::error::{input_err, rename_field};
 use serde_json::{Map, Value};
 use std::path::Path;
 
@@ -116,8 +116,35 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
             )
         }
     };
-    spec.validate()?;
+    spec.validate()
+        .map_err(|e| rename_field(e, |f| config_key(&model_type, f)))?;
     Ok(spec)
+}
+
+/// The config.json key behind a spec field, per family, so a range error names the key the
+/// user can edit (`num_attention_heads`, not the planner's `heads`).
+fn config_key(model_type: &str, field: &str) -> Option<String> {
+    let key = match (model_type, field) {
+        ("gpt2", "layers") => "n_layer",
+        ("gpt2", "hidden") => "n_embd",
+        ("gpt2", "heads" | "kv_heads") => "n_head",
+        ("gpt2", "ffn") => "n_inner",
+        ("gpt2", "max_positions") => "n_positions",
+        (_, "layers") => "num_hidden_layers",
+        (_, "hidden") => "hidden_size",
+        (_, "heads") => "num_attention_heads",
+        (_, "kv_heads") => "num_key_value_heads",
+        (_, "ffn") => "intermediate_size",
+        (_, "max_positions") => "max_position_embeddings",
+        (_, "type_vocab") => "type_vocab_size",
+        (_, "vocab") => "vocab_size",
+        (_, "patch") => "patch_size",
+        (_, "image") => "image_size",
+        (_, "channels") => "num_channels",
+        (_, "classes") => "num_labels",
+        _ => return None,
+    };
+    Some(field_name(key))
 }
 
 /// Reads and parses a config.json file; the spec is named after its directory.
@@ -170,7 +197,7 @@ fn gpt2(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
     );
     Ok(TransformerSpec {
         // n_inner: null means 4 * n_embd (transformers' GPT2MLP)
-        ffn: opt_u64(o, "n_inner")?.unwrap_or(4 * hidden),
+        ffn: opt_u64(o, "n_inner")?.unwrap_or(hidden.saturating_mul(4)),
         tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
         ..base
     })
@@ -209,7 +236,7 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
     let hidden = req_u64(o, "hidden_size")?;
     let heads = req_u64(o, "num_attention_heads")?;
     if let Some(hd) = opt_u64(o, "head_dim")? {
-        if heads > 0 && hd * heads != hidden {
+        if heads > 0 && hd.checked_mul(heads) != Some(hidden) {
             return input_err(
                 "config.json head_dim",
                 format!("{hd} x {heads} heads differs from hidden_size {hidden}; accepted head_dim = hidden_size / num_attention_heads"),

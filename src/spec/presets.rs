@@ -38,7 +38,7 @@ fn base(name: &str, arch: Arch, layers: u64, hidden: u64, heads: u64) -> Transfo
         hidden,
         heads,
         kv_heads: heads,
-        ffn: 4 * hidden,
+        ffn: hidden.saturating_mul(4),
         ffn_kind: FfnKind::Gelu,
         vocab: 0,
         max_positions: 0,

@@ -92,6 +92,9 @@ pub struct TransformerSpec {
 pub const MAX_LAYERS: u64 = 1024;
 pub const MAX_HIDDEN: u64 = 1 << 17;
 pub const MAX_VOCAB: u64 = 1 << 24;
+/// Learned position table rows: the longest trainable sequence (`spec::train::MAX_SEQ`).
+pub const MAX_POSITIONS: u64 = 1 << 24;
+pub const MAX_TYPE_VOCAB: u64 = 1 << 16;
 
 impl TransformerSpec {
     pub fn head_dim(&self) -> u64 {
@@ -130,6 +133,10 @@ impl TransformerSpec {
                 ),
             );
         }
+        // Position and token-type tables are bounded like the sequence itself, so the parameter
+        // count (embedding rows x hidden) stays far inside u64.
+        check_range("max_positions", self.max_positions, 0, MAX_POSITIONS)?;
+        check_range("type_vocab", self.type_vocab, 0, MAX_TYPE_VOCAB)?;
         match &self.patch {
             None => check_range("vocab", self.vocab, 1, MAX_VOCAB)?,
             Some(p) => {
