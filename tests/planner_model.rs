@@ -24,9 +24,8 @@ fn train(batch: u64, seq: u64) -> TrainSpec {
 fn zero_paper_example_per_rank_model_states() {
     // Rajbhandari et al. 2020, figure 1: 7.5B params, 64 GPUs, mixed-precision Adam (K = 12):
     // 120 GB, 31.4 GB, 16.6 GB, 1.9 GB for baseline and stages 1-3 (1 GB = 1e9 bytes).
-    // Pure bf16 (fp32 master in the optimizer) is that layout at every stage; bf16-mixed switches
-    // to it under ZeRO (stages 1-3), as DeepSpeed does, and is torch-autocast's 18 B/param
-    // (135 GB) without ZeRO.
+    // bf16-mixed switches to that layout under ZeRO (stages 1-3), as DeepSpeed does, and is
+    // torch-autocast's 18 B/param (135 GB) without ZeRO.
     let expected = [120.0, 31.4, 16.6, 1.9];
     for (stage, want) in expected.into_iter().enumerate() {
         let mixed = TrainSpec {
@@ -42,6 +41,23 @@ fn zero_paper_example_per_rank_model_states() {
             (got - want_mixed).abs() < 0.05,
             "bf16-mixed stage {stage}: {got} GB, expected {want_mixed} GB"
         );
+    }
+}
+
+/// True bf16 (`model.to(torch.bfloat16)` + torch AdamW, torchtune, LitGPT bf16-true) keeps
+/// weights, gradients and both moments in bf16: 8 bytes per parameter, no fp32 master, sharded
+/// per ZeRO stage like the ZeRO paper's partitions (optimizer from 1, gradients from 2, weights 3).
+#[test]
+fn true_bf16_is_8_bytes_per_param_with_adamw() {
+    let p = 7_500_000_000u64;
+    let n = 64.0;
+    let per_param = [
+        2.0 + 2.0 + 4.0,
+        2.0 + 2.0 + 4.0 / n,
+        2.0 + (2.0 + 4.0) / n,
+        (2.0 + 2.0 + 4.0) / n,
+    ];
+    for (stage, bytes) in per_param.into_iter().enumerate() {
         let t = TrainSpec {
             precision: Precision::Bf16,
             optimizer: Optimizer::AdamW,
@@ -49,12 +65,21 @@ fn zero_paper_example_per_rank_model_states() {
             gpus: 64,
             ..TrainSpec::default()
         };
-        let got = state_bytes(7_500_000_000, &t).fixed() / 1e9;
+        let got = state_bytes(p, &t).fixed();
+        let want = bytes * p as f64;
         assert!(
-            (got - want).abs() < 0.05,
-            "stage {stage}: {got} GB, paper {want} GB"
+            (got - want).abs() < 1.0,
+            "stage {stage}: {got} B, expected {want} B"
         );
     }
+    // 8-bit AdamW: two 1-byte moments and an fp32 absmax per 2048-element block of each
+    let eight = TrainSpec {
+        precision: Precision::Bf16,
+        optimizer: Optimizer::AdamW8bit,
+        ..TrainSpec::default()
+    };
+    let s = state_bytes(p, &eight);
+    assert!((s.optimizer - p as f64 * (2.0 + 8.0 / 2048.0)).abs() < 1.0);
 }
 
 #[test]

@@ -14,7 +14,9 @@ use vramcal::plan::search::{max_batch, Evaluator};
 use vramcal::spec::presets::{preset, NAMES};
 use vramcal::spec::train::{MAX_BATCH, MAX_GPUS, MAX_SEQ};
 use vramcal::spec::transformer::{Arch, FfnKind, Head, NormKind, TransformerSpec};
-use vramcal::spec::{Checkpointing, ModelSpec, Optimizer, Precision, TrainSpec};
+use vramcal::spec::{
+    Attention, Checkpointing, ModelSpec, Optimizer, OptimizerImpl, Precision, TrainSpec,
+};
 
 fn tables() -> Vec<Coefficients> {
     let cpu = Path::new(env!("CARGO_MANIFEST_DIR")).join("calibration/cpu-x86_64.json");
@@ -44,24 +46,34 @@ fn train(cnn: bool) -> impl Strategy<Value = TrainSpec> {
         prop::sample::select(vec![32u64, 64, 128, 224]),
         precision(),
         optimizer(),
-        any::<bool>(),
+        prop::sample::select(vec![
+            Checkpointing::None,
+            Checkpointing::Full,
+            Checkpointing::Selective,
+        ]),
         0u8..=3,
         prop::sample::select(vec![1u64, 2, 8, 64]),
+        prop::sample::select(vec![Attention::Eager, Attention::Sdpa]),
+        prop::sample::select(vec![
+            OptimizerImpl::Foreach,
+            OptimizerImpl::Fused,
+            OptimizerImpl::Loop,
+        ]),
     )
         .prop_map(
-            move |(batch, seq, image, precision, optimizer, ckpt, zero, gpus)| TrainSpec {
-                batch,
-                seq,
-                image,
-                precision,
-                optimizer,
-                checkpointing: if ckpt && !cnn {
-                    Checkpointing::Full
-                } else {
-                    Checkpointing::None
-                },
-                zero_stage: zero,
-                gpus,
+            move |(batch, seq, image, precision, optimizer, ckpt, zero, gpus, attention, imp)| {
+                TrainSpec {
+                    batch,
+                    seq,
+                    image,
+                    precision,
+                    optimizer,
+                    checkpointing: if cnn { Checkpointing::None } else { ckpt },
+                    zero_stage: zero,
+                    gpus,
+                    attention,
+                    optimizer_impl: imp,
+                }
             },
         )
 }
@@ -228,6 +240,7 @@ proptest! {
             checkpointing: if ckpt && !cnn { Checkpointing::Full } else { Checkpointing::None },
             zero_stage: zero,
             gpus,
+            ..TrainSpec::default()
         };
         for c in tables() {
             let m = memory(&model, &t, &c);
@@ -240,39 +253,45 @@ proptest! {
 }
 
 /// The reproducer: activations past u64 used to saturate and the sum wrap to 12.55 GiB
-/// ("FITS" on 8 x H100). Through the binary, as a user runs it.
+/// ("FITS" on 8 x H100). Through the binary, as a user runs it; with eager attention the b·a·s²
+/// scores alone pass 1 EiB, with sdpa the job is merely 22 PB.
 #[test]
 fn impossible_job_is_too_large_not_fits() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vramcal"))
-        .args([
-            "estimate",
-            "--model",
-            "llama2-7b",
-            "--seq",
-            "1000000",
-            "--batch",
-            "2048",
-            "--zero",
-            "3",
-            "--gpus",
-            "8",
-            "--gpu",
-            "h100",
-            "--json",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["memory"]["too_large"], true);
-    assert_eq!(v["verdict"]["fits"], false);
-    assert!(v["verdict"]["free_bytes"].as_i64().unwrap() < 0);
-    // no catalog GPU holds it at any count
-    for choice in v["gpu_choice"].as_array().unwrap() {
-        assert!(choice["layout"].is_null(), "{choice}");
+    for (attention, too_large) in [("eager", true), ("sdpa", false)] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vramcal"))
+            .args([
+                "estimate",
+                "--model",
+                "llama2-7b",
+                "--seq",
+                "1000000",
+                "--batch",
+                "2048",
+                "--zero",
+                "3",
+                "--gpus",
+                "8",
+                "--gpu",
+                "h100",
+                "--attention",
+                attention,
+                "--json",
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["memory"]["too_large"], too_large, "{attention}");
+        assert_eq!(v["verdict"]["fits"], false, "{attention}");
+        assert!(v["verdict"]["free_bytes"].as_i64().unwrap() < 0);
+        assert!(v["memory"]["activations"].as_u64().unwrap() > 1 << 50);
+        // no catalog GPU holds it at any count
+        for choice in v["gpu_choice"].as_array().unwrap() {
+            assert!(choice["layout"].is_null(), "{choice}");
+        }
     }
 }

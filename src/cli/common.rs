@@ -4,7 +4,7 @@
 //! a number) becomes one line naming the flag with exit code 2, never clap's multi-line usage.
 
 use crate::error::{check_range, input_err};
-use crate::spec::TrainSpec;
+use crate::spec::{Attention, OptimizerImpl, TrainSpec};
 
 /// Parses an integer flag, naming it on failure.
 pub fn parse_int(field: &str, s: &str) -> anyhow::Result<u64> {
@@ -22,13 +22,16 @@ pub fn parse_opt_int(field: &str, s: Option<&str>) -> anyhow::Result<Option<u64>
     s.map(|s| parse_int(field, s)).transpose()
 }
 
-/// What `--gpus` means when it is left out.
+/// Who reads the flags, which decides what a flag left out means.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum GpusDefault {
-    /// One GPU, whatever the ZeRO stage (`measure` simulates one rank's shard).
-    One,
-    /// One GPU, but a ZeRO stage 1-3 needs `--gpus` given (`estimate` plans real sharding).
-    OneWithoutZero,
+pub enum Defaults {
+    /// `measure`: one GPU whatever the ZeRO stage (it simulates one rank's shard), and what the
+    /// candle harness runs: eager attention, a tensor-by-tensor optimizer.
+    Harness,
+    /// `estimate`: a ZeRO stage 1-3 needs `--gpus` (it plans real sharding), and what PyTorch
+    /// training runs by default today: sdpa attention (transformers' default), AdamW `foreach`
+    /// without ZeRO (PyTorch's CUDA default) and `fused` under ZeRO (DeepSpeed's FusedAdam).
+    Planner,
 }
 
 /// The training configuration: batch, input size, precision, optimizer, checkpointing, ZeRO.
@@ -43,15 +46,28 @@ pub struct TrainFlags {
     /// Image side in pixels (CNNs, ViT) [default: 224; measure: a ViT preset's own]
     #[arg(long, allow_hyphen_values = true)]
     pub image: Option<String>,
-    /// fp32, bf16-mixed, fp16-mixed, bf16
+    /// fp32; bf16-mixed / fp16-mixed = torch autocast (fp32 weights, gradients and AdamW
+    /// moments plus a 16-bit weight copy; under ZeRO DeepSpeed's 16-bit weights and gradients
+    /// with fp32 master and moments); bf16 = true bf16 (weights, gradients and moments all bf16,
+    /// 8 B/param with AdamW)
     #[arg(long, default_value = "fp32")]
     pub precision: String,
-    /// adamw, sgd-momentum, sgd
+    /// adamw, adamw-8bit (bitsandbytes block-wise 8-bit moments), sgd-momentum, sgd
     #[arg(long, default_value = "adamw")]
     pub optimizer: String,
-    /// none or full
+    /// How the optimizer step runs: foreach (PyTorch's CUDA default; AdamW allocates one
+    /// state-sized temporary per parameter), fused (no temporaries; DeepSpeed's FusedAdam), loop
+    /// (one tensor at a time) [estimate: foreach, fused under ZeRO; measure: loop]
+    #[arg(long)]
+    pub optimizer_impl: Option<String>,
+    /// none, full (recompute every block), selective (recompute the attention core only,
+    /// Korthikanti et al. 2022)
     #[arg(long, default_value = "none")]
     pub checkpointing: String,
+    /// Attention kernels: sdpa (fused FlashAttention / memory-efficient, no b·a·s² scores
+    /// stored) or eager (composed softmax(QK^T)V) [estimate: sdpa; measure: eager]
+    #[arg(long)]
+    pub attention: Option<String>,
     /// ZeRO stage 0-3 (estimate: needs --gpus; measure: simulated, this rank's shard only)
     #[arg(long, allow_hyphen_values = true, default_value = "0")]
     pub zero: String,
@@ -66,13 +82,13 @@ impl TrainFlags {
     pub fn to_train_spec(
         &self,
         dims: impl FnOnce(Option<u64>, Option<u64>) -> (u64, u64),
-        gpus: GpusDefault,
+        defaults: Defaults,
     ) -> anyhow::Result<TrainSpec> {
         let zero = parse_int("zero", &self.zero)?;
         check_range("zero", zero, 0, 3)?;
-        let gpus = match (&self.gpus, gpus) {
+        let gpus = match (&self.gpus, defaults) {
             (Some(g), _) => parse_int("gpus", g)?,
-            (None, GpusDefault::OneWithoutZero) if zero > 0 => {
+            (None, Defaults::Planner) if zero > 0 => {
                 return input_err(
                     "gpus",
                     format!("missing: ZeRO stage {zero} shards states over the data-parallel GPUs; accepted --gpus N (N >= 1) with --zero 1-3"),
@@ -94,6 +110,17 @@ impl TrainFlags {
             checkpointing: self.checkpointing.parse()?,
             zero_stage: zero as u8,
             gpus,
+            attention: match (&self.attention, defaults) {
+                (Some(a), _) => a.parse()?,
+                (None, Defaults::Harness) => Attention::Eager,
+                (None, Defaults::Planner) => Attention::Sdpa,
+            },
+            optimizer_impl: match (&self.optimizer_impl, defaults) {
+                (Some(i), _) => i.parse()?,
+                (None, Defaults::Harness) => OptimizerImpl::Loop,
+                (None, Defaults::Planner) if zero > 0 => OptimizerImpl::Fused,
+                (None, Defaults::Planner) => OptimizerImpl::Foreach,
+            },
         };
         train.validate()?;
         Ok(train)

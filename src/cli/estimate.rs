@@ -4,7 +4,7 @@
 //! Numeric flags are taken as text and parsed here, so a bad value (zero, negative, absurd, not
 //! a number) becomes one line naming the flag with exit code 2, never clap's multi-line usage.
 
-use super::common::{parse_int, GpusDefault, TrainFlags};
+use super::common::{parse_int, Defaults, TrainFlags};
 use crate::coeffs::Coefficients;
 use crate::error::{check_range, input_err, rename_field};
 use crate::plan::estimate::{estimate, Estimate, Options};
@@ -259,7 +259,7 @@ pub fn model_from_args(a: &Flags) -> anyhow::Result<ModelSpec> {
 pub fn train_from_args(a: &Flags) -> anyhow::Result<TrainSpec> {
     a.train.to_train_spec(
         |seq, image| (seq.unwrap_or(512), image.unwrap_or(224)),
-        GpusDefault::OneWithoutZero,
+        Defaults::Planner,
     )
 }
 

@@ -1,6 +1,6 @@
 //! `vramcal measure`: one configuration, real training steps, peak memory and step time.
 
-use super::common::{parse_opt_int, GpusDefault, TrainFlags};
+use super::common::{parse_opt_int, Defaults, TrainFlags};
 use crate::error::input_err;
 use crate::harness::grid::{input_dims, ModelOverrides};
 use crate::harness::measure::{self, DeviceSpec, MeasureOptions};
@@ -91,7 +91,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // Input sizes left out follow the model: a ViT's own image, 512 tokens, 224-pixel CNNs.
     let train = args.train.to_train_spec(
         |seq, image| input_dims(&model, seq, image),
-        GpusDefault::One,
+        Defaults::Harness,
     )?;
     model.validate_for(&train)?;
     if let Ok(pat) = std::env::var(FAIL_POINT_ENV) {

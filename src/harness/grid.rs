@@ -37,7 +37,9 @@
 use crate::error::input_err;
 use crate::spec::cnn::{resnet, vgg16, CnnLayer};
 use crate::spec::presets::preset;
-use crate::spec::{Checkpointing, ModelSpec, Optimizer, Precision, TrainSpec};
+use crate::spec::{
+    Attention, Checkpointing, ModelSpec, Optimizer, OptimizerImpl, Precision, TrainSpec,
+};
 use anyhow::Context;
 use serde::Deserialize;
 use std::path::Path;
@@ -371,6 +373,9 @@ fn expand(set: &PointSet, out: &mut Vec<Point>) -> anyhow::Result<()> {
                                                         checkpointing,
                                                         zero_stage: stage as u8,
                                                         gpus,
+                                                        // what the candle harness runs
+                                                        attention: Attention::Eager,
+                                                        optimizer_impl: OptimizerImpl::Loop,
                                                     };
                                                     model.validate_for(&train).with_context(|| {
                                                         format!("batch {batch} seq {seq} image {image}")

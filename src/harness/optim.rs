@@ -1,5 +1,7 @@
 //! Optimizers over a [`ParamStore`], written here rather than taken from candle-nn because ZeRO
-//! needs states for only this rank's shard and pure-bf16 training needs an fp32 master copy.
+//! needs states for only this rank's shard. States take the weights' dtype: fp32 for fp32 and
+//! mixed precision (fp32 weights), bf16 in true bf16 (no fp32 master copy, as torch AdamW on a
+//! `model.to(torch.bfloat16)`).
 //! Update rules and defaults follow PyTorch: AdamW (lr 1e-3, betas 0.9/0.999, eps 1e-8,
 //! weight decay 1e-2), SGD with momentum 0.9, plain SGD (lr 1e-2).
 //!
@@ -8,15 +10,13 @@
 
 use super::layers::ParamStore;
 use crate::spec::Optimizer;
-use candle_core::{DType, Result, Tensor, Var};
+use candle_core::{Result, Tensor, Var};
 
 struct State {
     /// AdamW first moment, or the momentum buffer.
     m: Option<Var>,
     /// AdamW second moment.
     v: Option<Var>,
-    /// fp32 master weights of the shard (pure half precision only).
-    master: Option<Var>,
 }
 
 pub struct Optim {
@@ -33,26 +33,20 @@ fn shard_shape(shape: &[usize], rows: usize) -> Vec<usize> {
 }
 
 impl Optim {
-    /// Allocates the states (fp32) for every parameter's shard.
+    /// Allocates the states (in the weights' dtype) for every parameter's shard. 8-bit AdamW
+    /// is planner-only: the trainer refuses it before building an optimizer.
     pub fn new(kind: Optimizer, store: &ParamStore) -> Result<Self> {
         let lr = match kind {
-            Optimizer::AdamW => 1e-3,
+            Optimizer::AdamW | Optimizer::AdamW8bit => 1e-3,
             Optimizer::SgdMomentum | Optimizer::Sgd => 1e-2,
         };
         let mut states = Vec::with_capacity(store.params.len());
         for p in &store.params {
             let shape = shard_shape(&p.shape, p.shard_rows);
-            let zeros = || Var::zeros(shape.clone(), DType::F32, &store.device);
-            let master = if store.dtype != DType::F32 {
-                let w = p.var.as_tensor().narrow(0, 0, p.shard_rows)?;
-                Some(Var::from_tensor(&w.to_dtype(DType::F32)?)?)
-            } else {
-                None
-            };
+            let zeros = || Var::zeros(shape.clone(), store.dtype, &store.device);
             states.push(State {
-                m: (kind != Optimizer::Sgd).then(zeros).transpose()?,
-                v: (kind == Optimizer::AdamW).then(zeros).transpose()?,
-                master,
+                m: (kind.states_per_param() >= 1).then(zeros).transpose()?,
+                v: (kind.states_per_param() >= 2).then(zeros).transpose()?,
             });
         }
         Ok(Self {
@@ -63,9 +57,11 @@ impl Optim {
         })
     }
 
-    /// The fp32 master copies (pure half precision only), for inspection.
-    pub fn masters(&self) -> impl Iterator<Item = &Var> {
-        self.states.iter().filter_map(|s| s.master.as_ref())
+    /// Every state tensor (moments, momentum buffers), for inspection.
+    pub fn states(&self) -> impl Iterator<Item = &Var> {
+        self.states
+            .iter()
+            .flat_map(|s| s.m.iter().chain(s.v.iter()))
     }
 
     /// Applies one update from `grads` (indexed like `store.params`; full or shard rows).
@@ -75,13 +71,11 @@ impl Optim {
         for ((p, st), g) in store.params.iter().zip(&self.states).zip(grads) {
             let Some(g) = g else { continue };
             let k = p.shard_rows;
-            let g = g.narrow(0, 0, k)?.to_dtype(DType::F32)?;
-            let w = match &st.master {
-                Some(m) => m.as_tensor().clone(),
-                None => p.var.as_tensor().narrow(0, 0, k)?,
-            };
+            // the update runs in the weights' dtype, as torch's AdamW does on bf16 parameters
+            let g = g.narrow(0, 0, k)?.to_dtype(p.var.dtype())?;
+            let w = p.var.as_tensor().narrow(0, 0, k)?;
             let new_w = match self.kind {
-                Optimizer::AdamW => {
+                Optimizer::AdamW | Optimizer::AdamW8bit => {
                     let (b1, b2, eps, wd) = (0.9, 0.999, 1e-8, 1e-2);
                     let m = st.m.as_ref().expect("adam m");
                     let v = st.v.as_ref().expect("adam v");
@@ -103,13 +97,6 @@ impl Optim {
                 Optimizer::Sgd => (&w - (g * self.lr)?)?,
             };
             drop(w);
-            let new_w = match &st.master {
-                Some(m) => {
-                    m.set(&new_w)?;
-                    new_w.to_dtype(p.var.dtype())?
-                }
-                None => new_w,
-            };
             if k == p.var.dims()[0] {
                 p.var.set(&new_w)?;
             } else {
@@ -124,7 +111,7 @@ impl Optim {
 mod tests {
     use super::*;
     use crate::harness::layers::params::Init;
-    use candle_core::Device;
+    use candle_core::{DType, Device};
 
     /// The update equals PyTorch's AdamW in closed form on the first step (m_hat = g,
     /// v_hat = g^2, so the step is lr * g / (|g| + eps) plus decoupled weight decay).

@@ -12,7 +12,9 @@
 //! mark during the step from the primary probe (CPU: counting allocator; CUDA: pool
 //! used-memory high-water mark). Optional probes are empty when not available.
 
-use crate::spec::{Checkpointing, Family, ModelSpec, Optimizer, Precision, TrainSpec};
+use crate::spec::{
+    Attention, Checkpointing, Family, ModelSpec, Optimizer, OptimizerImpl, Precision, TrainSpec,
+};
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 use std::fs::OpenOptions;
@@ -104,6 +106,9 @@ impl Row {
             checkpointing: self.checkpointing,
             zero_stage: self.zero_stage,
             gpus: self.gpus,
+            // rows are candle harness steps: composed attention, tensor-by-tensor optimizer
+            attention: Attention::Eager,
+            optimizer_impl: OptimizerImpl::Loop,
         }
     }
 

@@ -143,7 +143,7 @@ fn step_for(
         &flops,
         rate,
         time,
-        train.checkpointing.is_on(),
+        train.checkpointing,
         train.batch,
         train.gpus,
     )))

@@ -9,7 +9,7 @@ use crate::coeffs::{ActivationCoeffs, Coefficients};
 use crate::error::input_err;
 use crate::plan::params;
 use crate::spec::transformer::{FfnKind, Head};
-use crate::spec::{ModelSpec, TrainSpec};
+use crate::spec::{Attention, Checkpointing, ModelSpec, TrainSpec};
 use serde::Serialize;
 
 /// Activation feature element counts for one step on one rank (batch included).
@@ -59,6 +59,18 @@ pub struct Features {
     /// Layers (transformer blocks, CNN layers): not memory, but the step-time model's per-layer
     /// fixed cost (kernel launches, dispatch), which dominates small steps
     pub ops: f64,
+    /// Bytes (not elements) the fused attention kernel saves beyond what the composed model
+    /// counts, over the live layers: its output (b·s·h in the compute dtype; eager attention
+    /// saves the AV product's inputs instead) and the fp32 row log-sum-exp (b·a·s). Kernel
+    /// semantics from PyTorch's `_scaled_dot_product_flash_attention` /
+    /// `_efficient_attention` signatures, not fitted (the harness runs eager attention).
+    #[serde(default)]
+    pub fused_attention_bytes: f64,
+    /// Bytes (not elements) of the optimizer step's group-wide temporaries: AdamW `foreach`
+    /// materialises `_foreach_sqrt(exp_avg_sq)`, one state-sized tensor per parameter this rank
+    /// updates (torch/optim/adamw.py `_multi_tensor_adamw`). Literature, not fitted.
+    #[serde(default)]
+    pub group_update_bytes: f64,
 }
 
 impl Features {
@@ -121,7 +133,10 @@ impl Features {
     fn saved_bytes(&self, a: &ActivationCoeffs) -> (f64, f64) {
         (
             self.bsv * a.c_logits.value,
-            self.bsh * a.c_h.value + self.bsf * a.c_f.value + self.bas2 * a.c_att.value,
+            self.bsh * a.c_h.value
+                + self.bsf * a.c_f.value
+                + self.bas2 * a.c_att.value
+                + self.fused_attention_bytes,
         )
     }
 
@@ -138,8 +153,33 @@ impl Features {
     /// parameter tensor. The activations are freed by then, so the peak holds the larger of the
     /// two (see [`breakdown_with_mode`]), not their sum.
     pub fn step_transient_bytes(&self, a: &ActivationCoeffs) -> f64 {
-        self.max_param * a.c_max_param.value
+        self.max_param * a.c_max_param.value + self.group_update_bytes
     }
+}
+
+/// Bytes per element of the optimizer's full-width state tensors: fp32, except in true bf16.
+pub fn state_elem_bytes(train: &TrainSpec) -> f64 {
+    if train.precision.is_pure_half() {
+        2.0
+    } else {
+        4.0
+    }
+}
+
+/// See [`Features::group_update_bytes`]. Only AdamW's foreach path allocates group-wide; SGD's
+/// foreach updates are in place (no weight decay by default), fused kernels and 8-bit AdamW
+/// (bitsandbytes' own kernel) allocate nothing per parameter.
+fn group_update(params: u64, train: &TrainSpec) -> f64 {
+    use crate::spec::{Optimizer, OptimizerImpl};
+    if train.optimizer != Optimizer::AdamW || train.optimizer_impl != OptimizerImpl::Foreach {
+        return 0.0;
+    }
+    let shard = if train.zero_stage >= 1 {
+        train.gpus as f64
+    } else {
+        1.0
+    };
+    params as f64 / shard * state_elem_bytes(train)
 }
 
 /// See [`Features::max_param`].
@@ -168,6 +208,18 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
             // With full checkpointing only one block's activations exist at a time (during its
             // recompute), on top of every block's stored input.
             let live = if train.checkpointing.is_on() { 1.0 } else { l };
+            // Fused attention never stores the b·a·s² scores; selective recomputation drops
+            // them from what is stored (the recompute still materialises one layer's scores in
+            // eager attention, which the block workspace keeps).
+            let sdpa = train.attention == Attention::Sdpa;
+            let stored_scores = !(sdpa || train.checkpointing == Checkpointing::Selective);
+            let scores = b * a * s * s;
+            let ws_scores = if sdpa { 0.0 } else { a * s * s };
+            let fused_attention_bytes = if sdpa {
+                live * b * s * (h * train.precision.compute_bytes() as f64 + a * 4.0)
+            } else {
+                0.0
+            };
             let head = match t.head {
                 Head::Lm => s * t.vocab as f64,
                 Head::Pooler => h,
@@ -180,7 +232,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
             Ok(Features {
                 bsh: live * b * s * h,
                 bsf: live * b * s * f * ffn_streams,
-                bas2: live * b * a * s * s,
+                bas2: if stored_scores { live * scores } else { 0.0 },
                 bsv: b * head,
                 ckpt_bsh: if train.checkpointing.is_on() {
                     b * s * h * l
@@ -192,9 +244,9 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 act: 0.0,
                 pool: 0.0,
                 input: b * input,
-                workspace: b * (a * s * s).max(s * f).max(head),
+                workspace: b * ws_scores.max(s * f).max(head),
                 ws_head: b * head,
-                ws_block: b * (a * s * s).max(s * f),
+                ws_block: b * ws_scores.max(s * f),
                 phased: train.checkpointing.is_on(),
                 gathered: if train.zero_stage >= 3 {
                     let p = params::transformer(t);
@@ -205,13 +257,15 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 },
                 ops: l,
                 max_param: update_transient(model, train),
+                fused_attention_bytes,
+                group_update_bytes: group_update(params::count(model), train),
             })
         }
         ModelSpec::Cnn(c) => {
-            if train.checkpointing.is_on() {
+            if train.checkpointing != Checkpointing::None {
                 return input_err(
                     "checkpointing",
-                    "full checkpointing is modelled for transformer blocks only; accepted none for CNNs",
+                    format!("{} checkpointing is modelled for transformer blocks only; accepted none for CNNs", train.checkpointing),
                 );
             }
             let walk = c.walk(train.image)?;
@@ -230,6 +284,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 },
                 ops: walk.ops as f64,
                 max_param: update_transient(model, train),
+                group_update_bytes: group_update(c.params(), train),
                 ..Features::default()
             })
         }
@@ -268,17 +323,20 @@ pub fn state_bytes(params: u64, train: &TrainSpec) -> StateBytes {
     // Mixed precision under ZeRO is the ZeRO paper's (and DeepSpeed's) layout: the model holds
     // 16-bit weights and gradients and the fp32 master copy lives in the sharded optimizer
     // state. Plain data parallel with autocast keeps fp32 weights and gradients and adds a
-    // 16-bit compute copy.
-    let half_layout = prec.is_pure_half() || (prec.is_mixed() && train.zero_stage >= 1);
-    let (weights, half_copy, gradients) = if half_layout {
+    // 16-bit compute copy. True bf16 keeps everything in bf16 and has no master copy at all.
+    let deepspeed_layout = prec.is_mixed() && train.zero_stage >= 1;
+    let (weights, half_copy, gradients) = if prec.is_pure_half() || deepspeed_layout {
         (2.0 * p, 0.0, 2.0 * p)
     } else if prec.is_mixed() {
         (4.0 * p, 2.0 * p, 4.0 * p)
     } else {
         (4.0 * p, 0.0, 4.0 * p)
     };
-    let master = if half_layout { 4.0 * p } else { 0.0 };
-    let optimizer = 4.0 * p * train.optimizer.states_per_param() as f64 + master;
+    let master = if deepspeed_layout { 4.0 * p } else { 0.0 };
+    let optimizer = p * train
+        .optimizer
+        .state_bytes_per_param(state_elem_bytes(train))
+        + master;
     StateBytes {
         weights: shard(weights, 3),
         half_copy: shard(half_copy, 3),

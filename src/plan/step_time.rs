@@ -11,7 +11,7 @@
 use crate::coeffs::TimeCoeffs;
 use crate::plan::gpus::Gpu;
 use crate::plan::time::StepFlops;
-use crate::spec::Precision;
+use crate::spec::{Checkpointing, Precision};
 use serde::Serialize;
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
@@ -52,7 +52,7 @@ pub fn step_time(
     flops: &StepFlops,
     rate: (f64, &'static str),
     time: &TimeCoeffs,
-    checkpointing: bool,
+    checkpointing: Checkpointing,
     batch: u64,
     gpus: u64,
 ) -> StepTime {
@@ -62,7 +62,12 @@ pub fn step_time(
     let once = time.once_s(flops);
     let without = repeated + once;
     let with = repeated * time.recompute_factor.value + once;
-    let seconds = if checkpointing { with } else { without };
+    let seconds = match checkpointing {
+        Checkpointing::None => without,
+        Checkpointing::Full => with,
+        // one extra forward of the attention core (QK^T and AV): `StepFlops::recompute`
+        Checkpointing::Selective => without + flops.recompute / rate.0,
+    };
     StepTime {
         flops_per_gpu: f,
         rate_flops_per_s: rate.0,
@@ -95,7 +100,7 @@ mod tests {
             state_traffic_bytes: 1.0e11,
             traffic: Default::default(),
         };
-        let t = step_time(&flops, r, &c.time, true, 8, 4);
+        let t = step_time(&flops, r, &c.time, Checkpointing::Full, 8, 4);
         assert!((t.seconds_without_recompute - 4.0e15 / (0.4 * 989e12)).abs() < 1e-9);
         assert!((t.seconds_with_recompute / t.seconds_without_recompute - 4.0 / 3.0).abs() < 1e-12);
         assert_eq!(t.seconds, t.seconds_with_recompute);

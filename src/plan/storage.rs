@@ -105,7 +105,7 @@ mod tests {
             precision: Precision::Bf16,
             ..train
         };
-        // 2P weights + 4P fp32 master + 8P Adam moments
-        assert_eq!(storage(p, &bf16, 0, 1.0, 1).checkpoint_bytes, 14 * p);
+        // true bf16: 2P weights + 4P bf16 Adam moments, no master copy
+        assert_eq!(storage(p, &bf16, 0, 1.0, 1).checkpoint_bytes, 6 * p);
     }
 }

@@ -12,7 +12,8 @@ pub struct StepFlops {
     pub dense: f64,
     /// 12 * L * b * s^2 * h: QK^T and AV, forward and backward
     pub attention: f64,
-    /// one extra forward pass, added under full checkpointing: (dense + attention) / 3
+    /// one extra forward pass, added under full checkpointing: (dense + attention) / 3; under
+    /// selective recomputation only the attention core's: attention / 3
     pub recompute: f64,
     /// activation bytes the literature model stores for this step without checkpointing: the
     /// memory-bound elementwise kernels (norms, softmax, GELU, dropout, residual adds) read and
@@ -44,10 +45,12 @@ pub fn step_flops(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<StepFl
         }
         ModelSpec::Cnn(c) => (6.0 * c.walk(train.image)?.macs as f64 * b, 0.0),
     };
-    let recompute = if train.checkpointing.is_on() {
-        (dense + attention) / 3.0
-    } else {
-        0.0
+    // Recompute repeats the forward pass (a third of forward + backward): of everything under
+    // full checkpointing, of the attention core (QK^T, AV) under selective recomputation.
+    let recompute = match train.checkpointing {
+        Checkpointing::Full => (dense + attention) / 3.0,
+        Checkpointing::Selective => attention / 3.0,
+        Checkpointing::None => 0.0,
     };
     // Traffic is defined by the fixed literature weights, not by a fitted table, so the time fit
     // does not depend on the memory fit; recompute repeats it, which the time model multiplies.

@@ -8,7 +8,7 @@ pub mod train;
 pub mod transformer;
 
 pub use cnn::CnnSpec;
-pub use train::{Checkpointing, Optimizer, Precision, TrainSpec};
+pub use train::{Attention, Checkpointing, Optimizer, OptimizerImpl, Precision, TrainSpec};
 pub use transformer::TransformerSpec;
 
 use serde::{Deserialize, Serialize};

@@ -11,13 +11,18 @@ pub enum Precision {
     /// Everything in fp32.
     #[serde(rename = "fp32")]
     Fp32,
-    /// torch-autocast style: fp32 master weights and grads, compute in bf16.
+    /// torch autocast (HF Trainer `bf16=True`, Lightning `bf16-mixed`): fp32 weights, gradients
+    /// and optimizer states, compute in bf16 through a cached 16-bit weight copy. Under ZeRO,
+    /// DeepSpeed's layout: 16-bit weights and gradients, fp32 master copy and moments in the
+    /// sharded optimizer state.
     #[serde(rename = "bf16-mixed")]
     Bf16Mixed,
     /// Same with fp16 compute.
     #[serde(rename = "fp16-mixed")]
     Fp16Mixed,
-    /// Pure bf16 weights and grads, fp32 master copy inside the optimizer (Megatron/ZeRO style).
+    /// True bf16 (`model.to(torch.bfloat16)` with torch AdamW, torchtune, LitGPT `bf16-true`):
+    /// weights, gradients and optimizer states all in bf16, no fp32 master copy (8 B/param with
+    /// AdamW). Sharded the same way under ZeRO/FSDP.
     #[serde(rename = "bf16")]
     Bf16,
 }
@@ -48,7 +53,7 @@ impl Precision {
     pub fn is_mixed(self) -> bool {
         matches!(self, Precision::Bf16Mixed | Precision::Fp16Mixed)
     }
-    /// Half-precision weights and grads (fp32 master held by the optimizer).
+    /// Half-precision weights, gradients and optimizer states, no fp32 master copy.
     pub fn is_pure_half(self) -> bool {
         matches!(self, Precision::Bf16)
     }
@@ -85,6 +90,11 @@ pub enum Optimizer {
     SgdMomentum,
     #[serde(rename = "sgd")]
     Sgd,
+    /// AdamW with both moments quantised to 8 bits in blocks of 2048 with an fp32 absmax per
+    /// block (bitsandbytes `AdamW8bit`; Dettmers et al. 2022, "8-bit Optimizers via Block-wise
+    /// Quantization"). Planner only: the harness trains adamw, sgd-momentum and sgd.
+    #[serde(rename = "adamw-8bit")]
+    AdamW8bit,
 }
 
 impl Optimizer {
@@ -93,14 +103,24 @@ impl Optimizer {
             Optimizer::AdamW => "adamw",
             Optimizer::SgdMomentum => "sgd-momentum",
             Optimizer::Sgd => "sgd",
+            Optimizer::AdamW8bit => "adamw-8bit",
         }
     }
-    /// fp32 state tensors per parameter (Adam: m and v; momentum: one buffer).
+    /// State tensors per parameter (Adam: m and v; momentum: one buffer).
     pub fn states_per_param(self) -> u64 {
         match self {
-            Optimizer::AdamW => 2,
+            Optimizer::AdamW | Optimizer::AdamW8bit => 2,
             Optimizer::SgdMomentum => 1,
             Optimizer::Sgd => 0,
+        }
+    }
+    /// Optimizer-state bytes per parameter when full-width states take `state_bytes` each (4 in
+    /// fp32, 2 in true bf16). 8-bit AdamW: two 1-byte moments plus an fp32 absmax per 2048-block
+    /// of each.
+    pub fn state_bytes_per_param(self, state_bytes: f64) -> f64 {
+        match self {
+            Optimizer::AdamW8bit => 2.0 * (1.0 + 4.0 / 2048.0),
+            other => other.states_per_param() as f64 * state_bytes,
         }
     }
 }
@@ -118,9 +138,10 @@ impl FromStr for Optimizer {
             "adamw" | "adam" => Ok(Optimizer::AdamW),
             "sgd-momentum" | "momentum" => Ok(Optimizer::SgdMomentum),
             "sgd" => Ok(Optimizer::Sgd),
+            "adamw-8bit" | "adamw8bit" => Ok(Optimizer::AdamW8bit),
             _ => input_err(
                 "optimizer",
-                format!("'{s}' is unknown; accepted adamw, sgd-momentum, sgd"),
+                format!("'{s}' is unknown; accepted adamw, adamw-8bit, sgd-momentum, sgd"),
             ),
         }
     }
@@ -134,6 +155,11 @@ pub enum Checkpointing {
     /// Keep only each block's input; recompute the block in backward.
     #[serde(rename = "full")]
     Full,
+    /// Recompute only the attention core (QK^T, softmax, dropout, AV) in backward, keep the
+    /// rest (Korthikanti et al. 2022, "selective activation recomputation"): the b·a·s² tensors
+    /// are not stored. Planner only; with fused (sdpa) attention there is nothing left to drop.
+    #[serde(rename = "selective")]
+    Selective,
 }
 
 impl Checkpointing {
@@ -141,8 +167,10 @@ impl Checkpointing {
         match self {
             Checkpointing::None => "none",
             Checkpointing::Full => "full",
+            Checkpointing::Selective => "selective",
         }
     }
+    /// Full checkpointing: only block inputs are stored, blocks are recomputed in backward.
     pub fn is_on(self) -> bool {
         self == Checkpointing::Full
     }
@@ -160,9 +188,111 @@ impl FromStr for Checkpointing {
         match s.to_ascii_lowercase().as_str() {
             "none" | "off" | "false" => Ok(Checkpointing::None),
             "full" | "on" | "true" => Ok(Checkpointing::Full),
+            "selective" => Ok(Checkpointing::Selective),
             _ => input_err(
                 "checkpointing",
-                format!("'{s}' is unknown; accepted none, full"),
+                format!("'{s}' is unknown; accepted none, full, selective"),
+            ),
+        }
+    }
+}
+
+/// How attention is computed, which decides whether the b·a·s² score tensors are stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum Attention {
+    /// softmax(QK^T/sqrt(d))V composed of separate ops (transformers' `eager`): the scores'
+    /// softmax output, its dropout mask and output are saved for backward, b·a·s² each.
+    #[serde(rename = "eager")]
+    Eager,
+    /// The fused kernels PyTorch's `scaled_dot_product_attention` dispatches to
+    /// (FlashAttention-2, memory-efficient attention; transformers' default `sdpa`): saves q,
+    /// k, v, the output and the row log-sum-exp; backward recomputes scores tile by tile.
+    #[serde(rename = "sdpa")]
+    Sdpa,
+}
+
+impl Attention {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Attention::Eager => "eager",
+            Attention::Sdpa => "sdpa",
+        }
+    }
+    /// What measured rows and spec files written before the field existed ran: the harness's
+    /// composed attention.
+    pub fn legacy() -> Self {
+        Attention::Eager
+    }
+}
+
+impl fmt::Display for Attention {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Attention {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "eager" => Ok(Attention::Eager),
+            "sdpa" | "flash" | "flash-attention" => Ok(Attention::Sdpa),
+            _ => input_err(
+                "attention",
+                format!("'{s}' is unknown; accepted eager, sdpa"),
+            ),
+        }
+    }
+}
+
+/// How the optimizer step is executed, which decides its transient memory (PyTorch
+/// torch/optim/adamw.py: `foreach`, `fused`, or the single-tensor for-loop).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum OptimizerImpl {
+    /// Multi-tensor ops over the whole parameter group (PyTorch's default on CUDA): AdamW's
+    /// `_foreach_sqrt(exp_avg_sq)` materialises one state-sized temporary for every parameter
+    /// this rank updates.
+    #[serde(rename = "foreach")]
+    Foreach,
+    /// One fused kernel per group (`fused=True`, DeepSpeed's FusedAdam, apex): no temporaries.
+    #[serde(rename = "fused")]
+    Fused,
+    /// One parameter tensor at a time (`foreach=False`): temporaries of the largest tensor only.
+    #[serde(rename = "loop")]
+    Loop,
+}
+
+impl OptimizerImpl {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OptimizerImpl::Foreach => "foreach",
+            OptimizerImpl::Fused => "fused",
+            OptimizerImpl::Loop => "loop",
+        }
+    }
+    /// The harness's optimizer updates tensor by tensor; measured rows written before the field
+    /// existed ran that way.
+    pub fn legacy() -> Self {
+        OptimizerImpl::Loop
+    }
+}
+
+impl fmt::Display for OptimizerImpl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for OptimizerImpl {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "foreach" => Ok(OptimizerImpl::Foreach),
+            "fused" => Ok(OptimizerImpl::Fused),
+            "loop" | "for-loop" | "single-tensor" => Ok(OptimizerImpl::Loop),
+            _ => input_err(
+                "optimizer-impl",
+                format!("'{s}' is unknown; accepted foreach, fused, loop"),
             ),
         }
     }
@@ -182,6 +312,12 @@ pub struct TrainSpec {
     pub zero_stage: u8,
     /// Data-parallel GPUs the states are sharded over.
     pub gpus: u64,
+    /// Attention kernels; files written before the field existed mean the harness's eager.
+    #[serde(default = "Attention::legacy")]
+    pub attention: Attention,
+    /// Optimizer execution; files written before the field existed mean the harness's loop.
+    #[serde(default = "OptimizerImpl::legacy")]
+    pub optimizer_impl: OptimizerImpl,
 }
 
 impl Default for TrainSpec {
@@ -195,6 +331,10 @@ impl Default for TrainSpec {
             checkpointing: Checkpointing::None,
             zero_stage: 0,
             gpus: 1,
+            // What the candle harness runs and what files written before these fields meant;
+            // `vramcal estimate` defaults to PyTorch's sdpa and foreach instead (cli::common).
+            attention: Attention::legacy(),
+            optimizer_impl: OptimizerImpl::legacy(),
         }
     }
 }
