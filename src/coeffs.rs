@@ -133,6 +133,52 @@ pub struct TimeCoeffs {
     pub recompute_factor: Coef,
 }
 
+/// GPU runtime memory outside the model's tensors: what `nvidia-smi` shows beyond
+/// `torch.cuda.max_memory_allocated`. Per table, not per mode: it belongs to the device and
+/// software stack, not to a model family or precision.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeCoeffs {
+    /// CUDA context and loaded kernels (outside the caching allocator)
+    pub cuda_context_bytes: Coef,
+    /// cuBLAS/cuBLASLt workspace (inside the caching allocator, so in the allocated peak)
+    pub cublas_workspace_bytes: Coef,
+    /// NCCL communicator buffers when more than one GPU (outside the caching allocator)
+    pub nccl_bytes: Coef,
+    /// caching-allocator reserve above the allocated peak, as a fraction of it
+    pub reserve_frac: Coef,
+}
+
+impl RuntimeCoeffs {
+    /// No GPU runtime: a CPU table's process has none of these.
+    pub fn none(why: &str) -> Self {
+        let zero = || Coef::new(0.0, why);
+        Self {
+            cuda_context_bytes: zero(),
+            cublas_workspace_bytes: zero(),
+            nccl_bytes: zero(),
+            reserve_frac: zero(),
+        }
+    }
+
+    fn ranged(&self) -> [(&'static str, &Coef, f64); 4] {
+        [
+            (
+                "runtime.cuda_context_bytes",
+                &self.cuda_context_bytes,
+                MAX_CONST_BYTES,
+            ),
+            (
+                "runtime.cublas_workspace_bytes",
+                &self.cublas_workspace_bytes,
+                MAX_CONST_BYTES,
+            ),
+            ("runtime.nccl_bytes", &self.nccl_bytes, MAX_CONST_BYTES),
+            ("runtime.reserve_frac", &self.reserve_frac, MAX_FRACTION),
+        ]
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModeCoeffs {
@@ -235,6 +281,10 @@ pub struct Coefficients {
     #[serde(default)]
     pub note: String,
     pub modes: Vec<ModeCoeffs>,
+    /// GPU runtime memory; absent in tables written before it existed (see
+    /// [`Coefficients::runtime`] for what that means)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<RuntimeCoeffs>,
     /// fit diagnostics (residuals per mode), free-form
     #[serde(default)]
     pub residuals: Option<serde_json::Value>,
@@ -341,7 +391,33 @@ impl Coefficients {
                 );
             }
         }
+        if let Some(rt) = &self.runtime {
+            for (key, coef, max) in rt.ranged() {
+                let v = coef.value;
+                if !(v.is_finite() && v >= 0.0 && v <= max) {
+                    return input_err(
+                        &format!("{origin} {key}"),
+                        format!("{v} is out of range; accepted 0..={max}"),
+                    );
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The runtime memory this table's plans add: its own when it has one; none for a CPU
+    /// table (a CPU process has no CUDA context); the literature's for any other (GPU) table.
+    pub fn runtime(&self) -> RuntimeCoeffs {
+        if let Some(r) = &self.runtime {
+            return r.clone();
+        }
+        if self.device_id.starts_with("cpu") {
+            return RuntimeCoeffs::none("a CPU process has no CUDA runtime");
+        }
+        Self::literature_ref()
+            .runtime
+            .clone()
+            .expect("the literature table has runtime defaults")
     }
 
     pub fn load(path: &Path) -> anyhow::Result<Self> {

@@ -167,7 +167,7 @@ fn max_batch_fits_and_one_more_does_not() {
                 &c,
             )
             .unwrap()
-            .total
+            .device_used
         };
         assert!(at(b) <= cap && at(b + 1) > cap, "{name}: {b}");
     }
@@ -191,7 +191,7 @@ fn max_batch_fits_and_one_more_does_not() {
             &c,
         )
         .unwrap()
-        .total
+        .device_used
     };
     assert!(at(s) <= cap && at(s + 1) > cap, "seq {s}");
     let g = preset("gpt2").unwrap();

@@ -406,17 +406,30 @@ pub fn render(e: &Estimate) -> String {
         Some(s) => format!("seq {s}"),
         None => format!("image {}", t.image),
     };
+    let layout = if t.precision.is_mixed() && t.zero_stage >= 1 {
+        " (DeepSpeed layout: 16-bit weights and gradients, fp32 master and moments sharded)"
+    } else if t.precision.is_mixed() {
+        " (autocast: fp32 weights, gradients and moments, 16-bit weight copy)"
+    } else if t.precision.is_pure_half() {
+        " (true bf16: weights, gradients and moments in bf16)"
+    } else {
+        ""
+    };
+    let attention = match e.family {
+        crate::spec::Family::Transformer => format!(", {} attention", t.attention),
+        crate::spec::Family::Cnn => String::new(),
+    };
     let _ = writeln!(
         o,
-        "batch {} per GPU, {input}, {}, {}, checkpointing {}, ZeRO stage {} over {} GPU(s)\n",
-        t.batch, t.precision, t.optimizer, t.checkpointing, t.zero_stage, t.gpus
+        "batch {} per GPU, {input}, {}{layout}, {} ({}){attention}, checkpointing {}, ZeRO stage {} over {} GPU(s)\n",
+        t.batch, t.precision, t.optimizer, t.optimizer_impl, t.checkpointing, t.zero_stage, t.gpus
     );
     let _ = writeln!(o, "Parameters");
     row(&mut o, "exact", thousands(e.params));
     if let Some(a) = e.params_12ld2 {
         row(
             &mut o,
-            "12*L*d^2 (brief)",
+            "rule of thumb 12·L·d²",
             format!(
                 "{} ({:+.1} %)",
                 thousands(a),
@@ -431,7 +444,19 @@ pub fn render(e: &Estimate) -> String {
     row(&mut o, "optimizer states", bytes(m.optimizer));
     row(&mut o, "activations", bytes(m.activations));
     row(&mut o, "overhead", bytes(m.overhead));
-    row(&mut o, "total (vramcal)", bytes(m.total));
+    row(&mut o, "allocated peak", bytes(m.total));
+    if m.device_used > m.total {
+        row(
+            &mut o,
+            "allocator reserve",
+            bytes(m.reserved_peak - m.total),
+        );
+        row(&mut o, "CUDA context", bytes(m.cuda_context));
+        if m.nccl_buffers > 0 {
+            row(&mut o, "NCCL buffers", bytes(m.nccl_buffers));
+        }
+        row(&mut o, "device memory used", bytes(m.device_used));
+    }
     if m.too_large {
         row(
             &mut o,
@@ -441,7 +466,7 @@ pub fn render(e: &Estimate) -> String {
     }
     row(
         &mut o,
-        "seed rule P*12 + b*s*h*10",
+        "rule of thumb P·12+b·s·h·10",
         format!(
             "{}  {:+.1} % vs vramcal",
             bytes(e.seed_formula_bytes),
@@ -468,7 +493,7 @@ pub fn render(e: &Estimate) -> String {
         }
     }
     let h = &e.host_ram;
-    let _ = writeln!(o, "\nHost RAM per training process (brief section 2)");
+    let _ = writeln!(o, "\nHost RAM per training process");
     row(
         &mut o,
         "loader b*sample*workers*3",
@@ -487,7 +512,7 @@ pub fn render(e: &Estimate) -> String {
         bytes(h.rule_of_thumb_bytes),
     );
     let s = &e.storage;
-    let _ = writeln!(o, "\nStorage (brief section 3)");
+    let _ = writeln!(o, "\nStorage");
     row(
         &mut o,
         "model file fp32/fp16",

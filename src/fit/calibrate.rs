@@ -263,6 +263,8 @@ pub fn fit_table(points: &[&Point], meta: &Meta) -> anyhow::Result<Coefficients>
         points: points.len() as u64,
         note: "Fitted by `vramcal fit` from real training-step measurements; modes absent here fall back to the literature table.".into(),
         modes: Vec::new(),
+        // not fitted yet: a CPU table has none, a GPU table falls back to the literature's
+        runtime: None,
         residuals: None,
     };
     let mut residuals = serde_json::Map::new();

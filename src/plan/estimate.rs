@@ -77,7 +77,7 @@ pub struct GpuChoice {
     pub name: &'static str,
     pub memory_bytes: u64,
     pub layout: Option<Layout>,
-    /// per-GPU total under that layout
+    /// per-GPU device memory in use at the peak under that layout (`memory.device_used`)
     pub total_bytes: Option<u64>,
     pub step_time: Option<StepTime>,
 }
@@ -177,13 +177,13 @@ fn choose_all(
             ev.breakdown(&layout_train(train, l))
                 .ok()
                 .filter(|b| !b.too_large)
-                .map(|b| b.total)
+                .map(|b| b.device_used)
         });
         let (total_bytes, step) = match layout {
             Some(l) => {
                 let t = layout_train(train, l);
                 (
-                    Some(ev.breakdown(&t)?.total),
+                    Some(ev.breakdown(&t)?.device_used),
                     step_for(model, &t, ev, Some(g))?,
                 )
             }
@@ -303,8 +303,8 @@ pub fn estimate(
         gpu: opts.gpu.map(|g| g.id),
         capacity_bytes: c,
         fits: memory.fits(c),
-        // both sides are below 2^63 (capacity <= 1e18 by parse, total <= 5 * 2^60)
-        free_bytes: (c as i128 - memory.total as i128) as i64,
+        // both sides are below 2^63 (capacity <= 1e18 by parse, device_used <= 3 * 2^60)
+        free_bytes: (c as i128 - memory.device_used as i128) as i64,
     });
     let search = match capacity {
         Some(c) if opts.max_batch || opts.max_seq => Some(SearchResult {

@@ -389,10 +389,21 @@ pub struct MemoryBreakdown {
     pub optimizer: u64,
     pub activations: u64,
     pub overhead: u64,
-    /// the sum of the five components above (exact: they are clamped, so it cannot wrap)
+    /// the sum of the five components above (exact: they are clamped, so it cannot wrap): the
+    /// allocated peak, what `torch.cuda.max_memory_allocated` reports
     pub total: u64,
     /// some component exceeded [`MAX_PLAN_BYTES`] and was clamped there: the job fits nowhere
     pub too_large: bool,
+    /// CUDA context and loaded kernels, outside the caching allocator (0 on a CPU table)
+    pub cuda_context: u64,
+    /// NCCL communicator buffers with more than one GPU, outside the caching allocator
+    pub nccl_buffers: u64,
+    /// the caching allocator's reserved peak: `total` plus the reserve it keeps cached
+    /// (`torch.cuda.max_memory_reserved`)
+    pub reserved_peak: u64,
+    /// what `nvidia-smi` shows at the peak: reserved peak + CUDA context + NCCL buffers; the
+    /// FITS verdict compares this with the GPU's capacity
+    pub device_used: u64,
 }
 
 impl MemoryBreakdown {
@@ -400,9 +411,34 @@ impl MemoryBreakdown {
         self.weights + self.gradients + self.optimizer
     }
 
-    /// Does this fit `capacity` bytes? Never true for a plan too large to represent.
+    /// Does this fit `capacity` bytes of device memory? Compares what the device shows in use
+    /// at the peak; never true for a plan too large to represent.
     pub fn fits(&self, capacity: u64) -> bool {
-        !self.too_large && self.total <= capacity
+        !self.too_large && self.device_used <= capacity
+    }
+
+    /// Adds the GPU runtime around the allocated peak: the cuBLAS workspace is allocated through
+    /// the caching allocator (so it joins the overhead and the total), the reserve is a fraction
+    /// of that total, and the CUDA context and NCCL buffers sit outside the allocator.
+    pub fn with_runtime(mut self, rt: &crate::coeffs::RuntimeCoeffs, gpus: u64) -> Self {
+        let mut too_large = self.too_large;
+        let cublas = plan_bytes(rt.cublas_workspace_bytes.value, &mut too_large);
+        self.overhead = (self.overhead + cublas).min(MAX_PLAN_BYTES);
+        self.total = self.states() + self.activations + self.overhead;
+        self.reserved_peak = plan_bytes(
+            self.total as f64 * (1.0 + rt.reserve_frac.value),
+            &mut too_large,
+        );
+        self.cuda_context = plan_bytes(rt.cuda_context_bytes.value, &mut too_large);
+        self.nccl_buffers = if gpus > 1 {
+            plan_bytes(rt.nccl_bytes.value, &mut too_large)
+        } else {
+            0
+        };
+        // three terms of at most 2^60 each: no wrap
+        self.device_used = self.reserved_peak + self.cuda_context + self.nccl_buffers;
+        self.too_large = too_large;
+        self
     }
 }
 
@@ -452,6 +488,11 @@ pub fn breakdown_with_mode(terms: &FitTerms, mode: &crate::coeffs::ModeCoeffs) -
         // each term <= 2^60, so the sum < 2^63: no overflow in u64 or when signed
         total,
         too_large,
+        // no runtime until [`MemoryBreakdown::with_runtime`] adds the device's
+        cuda_context: 0,
+        nccl_buffers: 0,
+        reserved_peak: total,
+        device_used: total,
     }
 }
 
@@ -463,5 +504,5 @@ pub fn estimate(
 ) -> anyhow::Result<MemoryBreakdown> {
     model.validate_for(train)?;
     let terms = fit_terms(model, train)?;
-    Ok(breakdown(&terms, model, train, coeffs))
+    Ok(breakdown(&terms, model, train, coeffs).with_runtime(&coeffs.runtime(), train.gpus))
 }

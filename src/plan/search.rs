@@ -3,7 +3,7 @@
 //! seq (every term of the model is), so the search is exact on the model, and cheap: the model is
 //! validated and the coefficients looked up once, not per probe.
 
-use crate::coeffs::{Coefficients, ModeCoeffs};
+use crate::coeffs::{Coefficients, ModeCoeffs, RuntimeCoeffs};
 use crate::error::input_err;
 use crate::plan::memory::{breakdown_with_mode, features, state_bytes, FitTerms, MemoryBreakdown};
 use crate::plan::params;
@@ -15,6 +15,8 @@ pub struct Evaluator<'a> {
     model: &'a ModelSpec,
     params: u64,
     mode: ModeCoeffs,
+    /// GPU runtime memory around the allocated peak (none for a CPU table)
+    runtime: RuntimeCoeffs,
     /// device the coefficient table was measured on ("literature" for the default table)
     device_id: String,
 }
@@ -31,6 +33,7 @@ impl<'a> Evaluator<'a> {
             model,
             params: params::count(model),
             mode: coeffs.mode(model.family(), train.precision),
+            runtime: coeffs.runtime(),
             device_id: coeffs.device_id.clone(),
         })
     }
@@ -55,7 +58,7 @@ impl<'a> Evaluator<'a> {
             states: state_bytes(self.params, train),
             features: features(self.model, train)?,
         };
-        Ok(breakdown_with_mode(&terms, &self.mode))
+        Ok(breakdown_with_mode(&terms, &self.mode).with_runtime(&self.runtime, train.gpus))
     }
 
     pub fn fits(&self, train: &TrainSpec, capacity: u64) -> anyhow::Result<bool> {
