@@ -40,6 +40,10 @@ pub struct SweepOptions {
     pub device: String,
     /// skip points already in `out` (by `Row::key`)
     pub resume: bool,
+    /// with `resume`: re-run points whose last row is not `ok`
+    pub retry_failed: bool,
+    /// skip points the planner puts above the memory free now (CPU MemAvailable, CUDA free)
+    pub memory_guard: bool,
     /// memory cap in bytes for the planner guard; None = the device default
     pub max_mem: Option<u64>,
     /// coefficient table for the guard; None = the literature table
@@ -59,6 +63,8 @@ impl SweepOptions {
             out: out.into(),
             device: "cpu".into(),
             resume: false,
+            retry_failed: false,
+            memory_guard: true,
             max_mem: None,
             coeffs: None,
             timeout_s: 300,
@@ -72,10 +78,14 @@ pub struct SweepSummary {
     pub points: usize,
     /// already in the CSV (resume)
     pub already_done: usize,
+    /// in the CSV with a failed last row and run again (`--retry-failed`)
+    pub retried: usize,
     pub ok: usize,
     pub oom: usize,
     pub error: usize,
     pub skipped: usize,
+    pub killed: usize,
+    pub timeout: usize,
     pub elapsed_s: f64,
     pub device_id: String,
 }
@@ -87,6 +97,8 @@ impl SweepSummary {
             Status::Oom => self.oom += 1,
             Status::Error => self.error += 1,
             Status::Skipped => self.skipped += 1,
+            Status::Killed => self.killed += 1,
+            Status::Timeout => self.timeout += 1,
         }
     }
 }
