@@ -241,6 +241,32 @@ pub fn evaluate(points: &[Point], meta: &Meta) -> anyhow::Result<(Evaluation, Ev
     Ok((kf, ex))
 }
 
+/// Per prediction (aligned with `eval.predictions`): true when the point's batch x tokens is
+/// beyond every point of the same model its fold's table was fitted on (or the model was absent
+/// from it). Such a prediction is an extrapolation even in the k-fold scheme; with a small grid
+/// one row more or less decides it (a CPU CSV without its last row turned a tiny-vgg point into
+/// one and the max held-out error went from 13 % to 39 %), so the report names them.
+pub fn beyond_training(eval: &Evaluation, points: &[Point]) -> Vec<bool> {
+    let size = |p: &Point| p.train.batch * p.tokens();
+    eval.predictions
+        .iter()
+        .map(|q| {
+            let p = &points[q.point];
+            let largest = eval.fitted_on[q.fold]
+                .iter()
+                .map(|&i| &points[i])
+                .filter(|t| t.row.spec_json == p.row.spec_json)
+                .map(size)
+                .max();
+            largest.is_none_or(|m| size(p) > m)
+        })
+        .collect()
+}
+
+/// Fewer held-out points than this in a group: its MAPE and max are flagged as too few to score
+/// reliably (one point moves them by its whole error).
+pub const MIN_GROUP_POINTS: usize = 10;
+
 /// Metrics of one scheme for fitted / literature / seed memory and fitted time.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Scores {
