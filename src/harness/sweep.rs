@@ -567,7 +567,8 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
         );
     }
     let mut done: HashSet<String> = HashSet::new();
-    let mut retried = 0;
+    // points whose last row failed and that --retry-failed runs again
+    let mut failed: HashSet<String> = HashSet::new();
     if out_has_rows {
         // read (which checks the header) before repair_tail touches the file: a foreign CSV
         // must be refused, not trimmed
@@ -575,7 +576,7 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
         repair_tail(&opts.out)?;
         for r in &rows {
             if opts.retry_failed && r.status != Status::Ok {
-                retried += 1;
+                failed.insert(r.key());
             } else {
                 done.insert(r.key());
             }
@@ -606,6 +607,9 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
             summary.already_done += 1;
             pb.inc(1);
             continue;
+        }
+        if failed.contains(&key) {
+            summary.retried += 1;
         }
         pb.set_message(describe(point));
         let planned = crate::plan::memory::estimate(&point.model, &point.train, &coeffs)?;
@@ -654,7 +658,6 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
         pb.inc(1);
     }
     pb.finish_and_clear();
-    summary.retried = retried;
     summary.elapsed_s = started.elapsed().as_secs_f64();
     Ok(summary)
 }
