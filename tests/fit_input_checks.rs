@@ -199,7 +199,7 @@ fn fewer_points_than_coefficients_are_refused_naming_both() {
     let one = rows().into_iter().take(1).collect::<Vec<_>>();
     let csv = write_csv(dir.path(), "one.csv", &one);
     let o = fit(&csv, &dir.path().join("t.json"), &[]);
-    assert_one_line_exit_2(&o, &["1 ok transformer points for the "]);
+    assert_one_line_exit_2(&o, &["1 ok points for the "]);
     let err = stderr(&o);
     let c: usize = err
         .split("points for the ")

@@ -25,9 +25,11 @@ pub struct Fitted {
     pub table: crate::coeffs::Coefficients,
 }
 
-/// Fits a table on all usable rows. Refuses (input error) a model family with fewer ok points
-/// than the memory coefficients its features call for: such a "fit" would be the literature
-/// table, or an underdetermined solve, under a fitted label.
+/// Fits a table on all usable rows. Refuses (input error) fewer ok points than the memory
+/// coefficients the data's features call for: such a "fit" would be an underdetermined solve (or
+/// the literature table) under a fitted label. A sparse family within enough data is fitted
+/// with fewer columns, its sources saying so (see `calibrate::fit_mode`); the CUDA quick grid
+/// relies on that for its two CNN points.
 pub fn fit_rows(rows: &[Row]) -> anyhow::Result<Fitted> {
     let (points, excluded) = prepare(rows);
     if points.is_empty() {
@@ -35,24 +37,15 @@ pub fn fit_rows(rows: &[Row]) -> anyhow::Result<Fitted> {
     }
     let meta = Meta::from_points(&points);
     let refs: Vec<&Point> = points.iter().collect();
-    let families: std::collections::BTreeSet<_> = refs.iter().map(|p| p.family()).collect();
-    for family in families {
-        let fam: Vec<&Point> = refs
-            .iter()
-            .copied()
-            .filter(|p| p.family() == family)
-            .collect();
-        let coefficients = memfit::present(&fam).len();
-        if fam.len() < coefficients {
-            return crate::error::input_err(
-                "data",
-                format!(
-                    "{} ok {} points for the {coefficients} memory coefficients their features need; accepted at least {coefficients} ok points per model family",
-                    fam.len(),
-                    family.as_str()
-                ),
-            );
-        }
+    let coefficients = memfit::present(&refs).len();
+    if refs.len() < coefficients {
+        return crate::error::input_err(
+            "data",
+            format!(
+                "{} ok points for the {coefficients} memory coefficients their features need; accepted at least {coefficients} ok points",
+                refs.len()
+            ),
+        );
     }
     let table = fit_table(&refs, &meta)?;
     Ok(Fitted {
