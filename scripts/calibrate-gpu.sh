@@ -231,11 +231,13 @@ if [[ -f "$ACC" ]]; then
 import json, sys
 a = json.load(open(sys.argv[1]))
 h = a.get("heldout", {})
-parts = ["held-out peak-memory MAPE %.2f %% (max %.2f %%, n=%s)" % (h.get("mape", float("nan")), h.get("max_abs_pct", float("nan")), h.get("n", "?"))]
+# a metric with nothing scored (n = 0) has null percentages
+pct = lambda v: "n/a" if v is None else "%.2f %%" % v
+parts = ["held-out peak-memory MAPE %s (max %s, n=%s)" % (pct(h.get("mape")), pct(h.get("max_abs_pct")), h.get("n", "?"))]
 for k in ("time_heldout", "seed_formula", "literature"):
     v = a.get(k)
     if isinstance(v, dict) and "mape" in v:
-        parts.append("%s MAPE %.2f %%" % (k, v["mape"]))
+        parts.append("%s MAPE %s" % (k, pct(v["mape"])))
 print("; ".join(parts))
 ' "$ACC" 2>/dev/null || echo "(unreadable $ACC)")"
     elif command -v jq >/dev/null 2>&1; then

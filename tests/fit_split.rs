@@ -106,3 +106,44 @@ fn extrapolation_holds_out_each_models_largest_configuration() {
         "{s:?}"
     );
 }
+
+/// A held-out point larger than every training point of its model (or of a model absent from
+/// the training set) is flagged as beyond training; one inside the trained range is not.
+#[test]
+fn predictions_beyond_their_folds_training_range_are_flagged() {
+    use vramcal::fit::split::{beyond_training, Prediction};
+    let (points, _) = prepare(&synthetic_rows(0.0, 5));
+    let size = |i: usize| points[i].train.batch * points[i].tokens();
+    // one model's points, smallest and largest by batch x tokens
+    let model = &points[0].row.spec_json;
+    let mut same: Vec<usize> = (0..points.len())
+        .filter(|&i| &points[i].row.spec_json == model)
+        .collect();
+    same.sort_by_key(|&i| size(i));
+    let (small, large) = (same[0], *same.last().unwrap());
+    assert!(size(small) < size(large));
+    let middle = *same
+        .iter()
+        .find(|&&i| size(i) > size(small) && size(i) < size(large))
+        .unwrap();
+    let other = (0..points.len())
+        .find(|&i| &points[i].row.spec_json != model)
+        .unwrap();
+    let pred = |point: usize, fold: usize| Prediction {
+        point,
+        fold,
+        measured: 1.0,
+        fitted: 1.0,
+        literature: 1.0,
+        seed: 1.0,
+        time_measured: None,
+        time_fitted: None,
+    };
+    let eval = Evaluation {
+        scheme: "test".into(),
+        // fold 0 was fitted on the model's smallest and largest points only
+        predictions: vec![pred(middle, 0), pred(large, 1), pred(other, 0)],
+        fitted_on: vec![vec![small, large], vec![small, middle]],
+    };
+    assert_eq!(beyond_training(&eval, &points), [false, true, true]);
+}

@@ -32,6 +32,12 @@ pub struct Args {
     /// Continue an existing CSV, skipping points already measured
     #[arg(long)]
     pub resume: bool,
+    /// With --resume: run again the points whose last row is not ok
+    #[arg(long, requires = "resume")]
+    pub retry_failed: bool,
+    /// Also run points the planner puts above the memory free right now
+    #[arg(long)]
+    pub no_memory_guard: bool,
     /// Skip points the planner predicts above this (bytes, or e.g. 40GB, 16GiB)
     #[arg(long)]
     pub max_mem: Option<String>,
@@ -110,33 +116,40 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut opts = SweepOptions::new(&grid, &csv);
     opts.device = args.device.clone();
     opts.resume = args.resume;
+    opts.retry_failed = args.retry_failed;
+    opts.memory_guard = !args.no_memory_guard;
     opts.max_mem = args.max_mem.as_deref().map(parse_bytes).transpose()?;
     opts.timeout_s = args.timeout_s;
     opts.show_progress = true;
     let sweep = run_sweep(&opts)?;
 
-    let fitted = super::fit::fit_file(&csv)?;
+    // calibrate writes one device's CSV; rows of another device in it are a mistake to refuse
+    let fitted = super::fit::fit_file(&csv, false)?;
     let mut table: Coefficients = fitted.table;
     if args.device_id.is_some() {
         table.device_id = id.clone();
     }
     table.save(&table_path)?;
-    let (acc, _) =
-        super::report::report_files(&csv, &table, &report_dir, Some(&grid.display().to_string()))?;
+    let (acc, _) = super::report::report_files(
+        &csv,
+        &table,
+        &report_dir,
+        Some(&grid.display().to_string()),
+        false,
+    )?;
     println!(
-        "calibrated {id}: {} points ({} ok, {} oom, {} error, {} skipped, {} resumed) in {:.0} s; held-out peak MAPE fitted {:.2} % (max {:.2} %) vs seed rule {:.2} % vs literature {:.2} %; step-time MAPE {:.2} %; wrote {}, {}, {}/",
+        "calibrated {id}: {} points ({} ok, {} oom, {} error, {} killed, {} timeout, {} skipped, {} resumed, {} retried) in {:.0} s; {}; wrote {}, {}, {}/",
         sweep.points,
         sweep.ok,
         sweep.oom,
         sweep.error,
+        sweep.killed,
+        sweep.timeout,
         sweep.skipped,
         sweep.already_done,
+        sweep.retried,
         sweep.elapsed_s,
-        acc.heldout.mape,
-        acc.heldout.max_abs_pct,
-        acc.seed_formula.mape,
-        acc.literature.mape,
-        acc.time_heldout.mape,
+        super::report::summary(&acc),
         csv.display(),
         table_path.display(),
         report_dir.display()

@@ -1,6 +1,7 @@
 //! `vramcal measure`: one configuration, real training steps, peak memory and step time.
 
 use super::common::{parse_opt_int, Defaults, TrainFlags};
+use crate::coeffs::Coefficients;
 use crate::error::input_err;
 use crate::harness::grid::{input_dims, ModelOverrides};
 use crate::harness::measure::{self, DeviceSpec, MeasureOptions};
@@ -49,7 +50,43 @@ pub struct Args {
     /// Print the device's identity and memory as JSON and exit (used by `sweep` for CUDA)
     #[arg(long, hide = true)]
     pub device_info: bool,
+    /// Run even when the planner puts the point above the memory free now (CPU: MemAvailable;
+    /// CUDA: the device's free memory); by default such a point is refused before it allocates
+    #[arg(long)]
+    pub no_memory_guard: bool,
 }
+
+/// Refuses a point the planner (literature table) puts above the memory free on the device, so
+/// a typo in a size does not start allocating 100 GiB on a 24 GB machine. Unknown free memory
+/// (no /proc/meminfo) means no guard rather than refusing everything.
+fn memory_guard(
+    model: &ModelSpec,
+    train: &crate::spec::TrainSpec,
+    device: DeviceSpec,
+    name: &str,
+) -> anyhow::Result<()> {
+    let planned = crate::plan::memory::estimate(model, train, &Coefficients::literature())?.total;
+    let (free, what) = match device {
+        DeviceSpec::Cpu => (measure::cpu_available_bytes(), "MemAvailable"),
+        DeviceSpec::Cuda(_) => (
+            Some(measure::device_info(device)?.free_bytes),
+            "free device memory",
+        ),
+    };
+    match free {
+        Some(free) if free > 0 && planned > free => input_err(
+            "point",
+            format!(
+                "the planner puts it at {planned} bytes ({:.1} GiB), above the {free} bytes ({:.1} GiB) of {what} on {name}; accepted a point that fits, or --no-memory-guard to run it anyway",
+                planned as f64 / GIB,
+                free as f64 / GIB
+            ),
+        ),
+        _ => Ok(()),
+    }
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
 
 fn model_of(args: &Args) -> anyhow::Result<ModelSpec> {
     let ov = ModelOverrides {
@@ -94,6 +131,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Defaults::Harness,
     )?;
     model.validate_for(&train)?;
+    if !args.no_memory_guard {
+        memory_guard(&model, &train, device, &args.device)?;
+    }
     if let Ok(pat) = std::env::var(FAIL_POINT_ENV) {
         inject_failure(&pat, &fail_key(&model, &train))?;
     }
@@ -113,11 +153,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
 /// Test hook (see `harness::sweep`): `VRAMCAL_FAIL_POINT=[mode:]substring` fails this point when
 /// its key contains the substring. Modes: none = an ordinary error; `oom:` = an error carrying
-/// CUDA's out-of-memory message; `kill:` = the process SIGKILLs itself, as the OOM killer would;
-/// `hang:` = sleeps until the sweep's timeout kills it.
+/// CUDA's out-of-memory message; `alloc:` = a real allocation failure (Rust's allocation-error
+/// handler: the "memory allocation of N bytes failed" message, then SIGABRT); `kill:` / `term:`
+/// = the process sends itself SIGKILL / SIGTERM, as the OOM killer or a user would; `panic:` =
+/// a panic (its stderr ends with the RUST_BACKTRACE note); `hang:` = sleeps until the sweep's
+/// timeout kills it.
 fn inject_failure(pattern: &str, key: &str) -> anyhow::Result<()> {
     let (mode, sub) = match pattern.split_once(':') {
-        Some((m @ ("oom" | "kill" | "hang"), rest)) => (m, rest),
+        Some((m @ ("oom" | "alloc" | "kill" | "term" | "panic" | "hang"), rest)) => (m, rest),
         _ => ("error", pattern),
     };
     if sub.is_empty() || !key.contains(sub) {
@@ -127,13 +170,25 @@ fn inject_failure(pattern: &str, key: &str) -> anyhow::Result<()> {
         "oom" => {
             anyhow::bail!("injected: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")")
         }
-        "kill" => {
-            let _ = std::process::Command::new("kill")
-                .args(["-9", &std::process::id().to_string()])
-                .status();
-            std::thread::sleep(std::time::Duration::from_secs(60));
-            anyhow::bail!("injected kill did not arrive")
+        "alloc" => {
+            let layout = std::alloc::Layout::from_size_align(1 << 40, 64).expect("a valid layout");
+            std::alloc::handle_alloc_error(layout)
         }
+        "kill" | "term" => {
+            #[cfg(unix)]
+            // SAFETY: kill(2) on this process.
+            unsafe {
+                let sig = if mode == "kill" {
+                    libc::SIGKILL
+                } else {
+                    libc::SIGTERM
+                };
+                libc::kill(libc::getpid(), sig);
+            }
+            std::thread::sleep(std::time::Duration::from_secs(60));
+            anyhow::bail!("injected {mode} did not arrive")
+        }
+        "panic" => panic!("injected panic ({FAIL_POINT_ENV}={pattern})"),
         "hang" => loop {
             std::thread::sleep(std::time::Duration::from_secs(3600));
         },

@@ -22,6 +22,9 @@ pub struct Args {
     /// Grid file the data was measured with, named in the report
     #[arg(long)]
     pub grid: Option<String>,
+    /// Score rows of several device_ids together (refused by default)
+    #[arg(long)]
+    pub allow_mixed_devices: bool,
 }
 
 /// Scores and writes the report; returns the accuracy summary and the files written.
@@ -30,8 +33,20 @@ pub fn report_files(
     table: &Coefficients,
     out: &Path,
     grid: Option<&str>,
+    allow_mixed_devices: bool,
 ) -> anyhow::Result<(Accuracy, Vec<PathBuf>)> {
-    let fitted = super::fit::fit_file(data)?;
+    // Checked before the (slow) scoring, and as an input error rather than create_dir_all's
+    // "File exists".
+    if out.exists() && !out.is_dir() {
+        return crate::error::input_err(
+            "out",
+            format!(
+                "{} exists and is not a directory; accepted a report directory (new or existing)",
+                out.display()
+            ),
+        );
+    }
+    let fitted = super::fit::fit_file(data, allow_mixed_devices)?;
     // Held-out scores need configurations to hold out; with fewer than the folds every metric
     // would be an empty 0 % that a CI threshold would wave through.
     let configs: std::collections::BTreeSet<String> =
@@ -61,13 +76,35 @@ pub fn report_files(
     )
 }
 
+/// The one-line accuracy summary; a metric with nothing scored says so instead of "0.00 %".
+pub fn summary(acc: &Accuracy) -> String {
+    format!(
+        "{}, literature {}, seed rule {}; {}",
+        acc.heldout.describe("held-out peak MAPE: fitted"),
+        pct(&acc.literature),
+        pct(&acc.seed_formula),
+        acc.time_heldout.describe("step time MAPE")
+    )
+}
+
+fn pct(m: &crate::fit::split::Metrics) -> String {
+    if m.n == 0 {
+        "n/a".into()
+    } else {
+        format!("{:.2} %", m.mape)
+    }
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let table = Coefficients::load(&args.coeffs)?;
-    let (acc, files) = report_files(&args.data, &table, &args.out, args.grid.as_deref())?;
-    println!(
-        "held-out peak MAPE: fitted {:.2} % (max {:.2} %), literature {:.2} %, seed rule {:.2} % on {} points; step time MAPE {:.2} %",
-        acc.heldout.mape, acc.heldout.max_abs_pct, acc.literature.mape, acc.seed_formula.mape, acc.heldout.n, acc.time_heldout.mape
-    );
+    let (acc, files) = report_files(
+        &args.data,
+        &table,
+        &args.out,
+        args.grid.as_deref(),
+        args.allow_mixed_devices,
+    )?;
+    println!("{}", summary(&acc));
     println!(
         "wrote {}",
         files

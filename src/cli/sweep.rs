@@ -14,17 +14,24 @@ pub struct Args {
     /// cpu or cuda:N
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    /// Skip points already in --out
+    /// Continue --out: skip points already in it (also failed ones, unless --retry-failed)
     #[arg(long)]
     pub resume: bool,
+    /// With --resume: run again the points whose last row is not ok (oom, error, killed,
+    /// timeout, skipped); the new row supersedes the old one in fit and report
+    #[arg(long, requires = "resume")]
+    pub retry_failed: bool,
     /// Skip points the planner predicts above this (bytes, or e.g. 40GB, 16GiB);
     /// default: CPU half of RAM, CUDA the device's free memory
     #[arg(long)]
     pub max_mem: Option<String>,
+    /// Also run points the planner puts above the memory free right now (CPU: MemAvailable)
+    #[arg(long)]
+    pub no_memory_guard: bool,
     /// Coefficient table for that prediction (default: the literature table)
     #[arg(long)]
     pub coeffs: Option<PathBuf>,
-    /// Per-point time limit in seconds; a point over it is recorded as an error
+    /// Per-point time limit in seconds; a point over it is recorded as `timeout`
     #[arg(long, default_value_t = 300)]
     pub timeout_s: u64,
     /// Print the summary as JSON
@@ -36,6 +43,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut opts = SweepOptions::new(&args.grid, &args.out);
     opts.device = args.device;
     opts.resume = args.resume;
+    opts.retry_failed = args.retry_failed;
+    opts.memory_guard = !args.no_memory_guard;
     opts.max_mem = args.max_mem.as_deref().map(parse_bytes).transpose()?;
     opts.coeffs = args.coeffs;
     opts.timeout_s = args.timeout_s;
@@ -44,15 +53,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&s)?);
     } else {
         println!(
-            "{} points on {}: {} ok, {} oom, {} error, {} skipped, {} already in {} ({:.1} s)",
+            "{} points on {}: {} ok, {} oom, {} error, {} killed, {} timeout, {} skipped, {} already in {}, {} retried ({:.1} s)",
             s.points,
             s.device_id,
             s.ok,
             s.oom,
             s.error,
+            s.killed,
+            s.timeout,
             s.skipped,
             s.already_done,
             opts.out.display(),
+            s.retried,
             s.elapsed_s
         );
     }

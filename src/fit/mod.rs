@@ -25,7 +25,11 @@ pub struct Fitted {
     pub table: crate::coeffs::Coefficients,
 }
 
-/// Fits a table on all usable rows.
+/// Fits a table on all usable rows. Refuses (input error) fewer ok points than the memory
+/// coefficients the data's features call for: such a "fit" would be an underdetermined solve (or
+/// the literature table) under a fitted label. A sparse family within enough data is fitted
+/// with fewer columns, its sources saying so (see `calibrate::fit_mode`); the CUDA quick grid
+/// relies on that for its two CNN points.
 pub fn fit_rows(rows: &[Row]) -> anyhow::Result<Fitted> {
     let (points, excluded) = prepare(rows);
     if points.is_empty() {
@@ -33,6 +37,16 @@ pub fn fit_rows(rows: &[Row]) -> anyhow::Result<Fitted> {
     }
     let meta = Meta::from_points(&points);
     let refs: Vec<&Point> = points.iter().collect();
+    let coefficients = memfit::present(&refs).len();
+    if refs.len() < coefficients {
+        return crate::error::input_err(
+            "data",
+            format!(
+                "{} ok points for the {coefficients} memory coefficients their features need; accepted at least {coefficients} ok points",
+                refs.len()
+            ),
+        );
+    }
     let table = fit_table(&refs, &meta)?;
     Ok(Fitted {
         points,

@@ -20,8 +20,9 @@ use std::collections::{BTreeMap, HashMap};
 
 pub const K: usize = 5;
 
-/// Error summary in percent.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+/// Error summary in percent. With no points (`n == 0`) the percentages mean nothing: they
+/// serialise as `null`, never as a 0 % a CI threshold would pass (see [`Metrics::describe`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Metrics {
     pub mape: f64,
     pub median_abs_pct: f64,
@@ -29,7 +30,32 @@ pub struct Metrics {
     pub n: usize,
 }
 
+impl Serialize for Metrics {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct;
+        let pct = |v: f64| (self.n > 0).then_some(v);
+        let mut st = s.serialize_struct("Metrics", 4)?;
+        st.serialize_field("mape", &pct(self.mape))?;
+        st.serialize_field("median_abs_pct", &pct(self.median_abs_pct))?;
+        st.serialize_field("max_abs_pct", &pct(self.max_abs_pct))?;
+        st.serialize_field("n", &self.n)?;
+        st.end()
+    }
+}
+
 impl Metrics {
+    /// "3.21 % (max 9.80 %, n = 40)", or what is missing when nothing was scored.
+    pub fn describe(&self, what: &str) -> String {
+        if self.n == 0 {
+            format!("{what}: none scored (no valid points, n = 0)")
+        } else {
+            format!(
+                "{what} {:.2} % (max {:.2} %, n = {})",
+                self.mape, self.max_abs_pct, self.n
+            )
+        }
+    }
+
     /// From signed percentage errors.
     pub fn from_errors(errors: &[f64]) -> Self {
         if errors.is_empty() {
@@ -214,6 +240,32 @@ pub fn evaluate(points: &[Point], meta: &Meta) -> anyhow::Result<(Evaluation, Ev
     let ex = extrapolation_with(points, |tr| fit_table(tr, meta))?;
     Ok((kf, ex))
 }
+
+/// Per prediction (aligned with `eval.predictions`): true when the point's batch x tokens is
+/// beyond every point of the same model its fold's table was fitted on (or the model was absent
+/// from it). Such a prediction is an extrapolation even in the k-fold scheme; with a small grid
+/// one row more or less decides it (a CPU CSV without its last row turned a tiny-vgg point into
+/// one and the max held-out error went from 13 % to 39 %), so the report names them.
+pub fn beyond_training(eval: &Evaluation, points: &[Point]) -> Vec<bool> {
+    let size = |p: &Point| p.train.batch * p.tokens();
+    eval.predictions
+        .iter()
+        .map(|q| {
+            let p = &points[q.point];
+            let largest = eval.fitted_on[q.fold]
+                .iter()
+                .map(|&i| &points[i])
+                .filter(|t| t.row.spec_json == p.row.spec_json)
+                .map(size)
+                .max();
+            largest.is_none_or(|m| size(p) > m)
+        })
+        .collect()
+}
+
+/// Fewer held-out points than this in a group: its MAPE and max are flagged as too few to score
+/// reliably (one point moves them by its whole error).
+pub const MIN_GROUP_POINTS: usize = 10;
 
 /// Metrics of one scheme for fitted / literature / seed memory and fitted time.
 #[derive(Debug, Clone, Default, Serialize)]

@@ -258,32 +258,61 @@ pub fn load(path: &Path) -> anyhow::Result<Grid> {
             )
         }
     };
-    parse(&text).with_context(|| format!("grid {}", path.display()))
+    parse_in(&text, Some(&path.display().to_string()))
 }
 
 /// Expands grid TOML text (see the module docs for the format).
 pub fn parse(text: &str) -> anyhow::Result<Grid> {
-    let file: GridFile = match toml::from_str(text) {
-        Ok(f) => f,
-        Err(e) => {
-            return input_err(
-                "grid",
-                format!("{e}; accepted the format documented in src/harness/grid.rs"),
-            )
+    parse_in(text, None)
+}
+
+/// A TOML error in one line: toml's own Display is a multi-line source snippet, which breaks the
+/// one-line error promise; the span gives line and column, the line's text the key.
+fn toml_error(e: &toml::de::Error, text: &str, file: Option<&str>) -> anyhow::Error {
+    let mut place = String::from("grid");
+    if let Some(f) = file {
+        place.push(' ');
+        place.push_str(f);
+    }
+    if let Some(span) = e.span() {
+        let start = span.start.min(text.len());
+        let before = &text[..start];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = text[line_start..start].chars().count() + 1;
+        place.push_str(&format!(" line {line} column {column}"));
+        let line_text = text[line_start..].lines().next().unwrap_or("");
+        if let Some((key, _)) = line_text.split_once('=') {
+            let key = key.trim();
+            if !key.is_empty() && !key.starts_with('#') {
+                place.push_str(&format!(" key {key}"));
+            }
         }
-    };
+    }
+    let msg = e.message().split_whitespace().collect::<Vec<_>>().join(" ");
+    crate::error::InputError::new(
+        place,
+        format!("{msg}; accepted the format documented in src/harness/grid.rs"),
+    )
+    .into()
+}
+
+/// [`parse`], naming the grid file `path` in errors.
+fn parse_in(text: &str, path: Option<&str>) -> anyhow::Result<Grid> {
+    let name = path.map_or(String::new(), |f| format!("grid {f}: "));
+    let file: GridFile = toml::from_str(text).map_err(|e| toml_error(&e, text, path))?;
     if file.repeats == 0 {
-        return input_err("repeats", "0; accepted 1 or more");
+        return input_err("repeats", format!("{name}0; accepted 1 or more"));
     }
     let mut points = Vec::new();
     for (i, set) in file.point_set.iter().enumerate() {
         expand(set, &mut points)
-            .with_context(|| format!("point_set {} (model {})", i + 1, set.model))?;
+            .with_context(|| format!("{name}point_set {} (model {})", i + 1, set.model))?;
     }
     if points.is_empty() {
         return input_err(
             "grid",
-            "has no points; accepted at least one [[point_set]] with a batch list",
+            format!("{name}has no points; accepted at least one [[point_set]] with a batch list"),
         );
     }
     Ok(Grid {
@@ -492,6 +521,34 @@ mod tests {
         ] {
             let err = parse(bad).unwrap_err();
             assert_eq!(crate::error::exit_code(&err), 2, "{bad}: {err:#}");
+            assert_eq!(format!("{err:#}").lines().count(), 1, "{err:#}");
+        }
+    }
+
+    #[test]
+    fn toml_errors_are_one_line_naming_file_line_and_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("g.toml");
+        for (text, want) in [
+            (
+                "[[point_set]]\nmodel = \"tiny-gpt\"\nbatch = [1]\nsqe = [8]\n",
+                "line 4 column 1 key sqe",
+            ),
+            (
+                "[[point_set]]\nmodel = \"tiny-gpt\"\nbatch = [\"one\"]\n",
+                "line 3",
+            ),
+            ("warmup = = 1\n", "line 1"),
+        ] {
+            std::fs::write(&p, text).unwrap();
+            let err = load(&p).unwrap_err();
+            let msg = format!("{err:#}");
+            assert_eq!(crate::error::exit_code(&err), 2, "{msg}");
+            assert_eq!(msg.lines().count(), 1, "{msg}");
+            assert!(
+                msg.contains("g.toml") && msg.contains(want),
+                "{want}: {msg}"
+            );
         }
     }
 }

@@ -99,6 +99,11 @@ fn meminfo(field: &str) -> Option<u64> {
         .map(|kb| kb * 1024)
 }
 
+/// MemAvailable in bytes (Linux; None elsewhere): what the memory guards compare plans with.
+pub fn cpu_available_bytes() -> Option<u64> {
+    meminfo("MemAvailable")
+}
+
 fn cpu_name() -> String {
     std::fs::read_to_string("/proc/cpuinfo")
         .ok()
@@ -289,13 +294,15 @@ pub fn row_template(info: &DeviceInfo, model: &ModelSpec, train: &TrainSpec) -> 
 }
 
 /// True when an error chain says the device ran out of memory (candle wraps cudarc's
-/// `DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")`; cuBLAS reports ALLOC_FAILED).
+/// `DriverError(CUDA_ERROR_OUT_OF_MEMORY, "out of memory")`; cuBLAS reports ALLOC_FAILED; Rust's
+/// global allocator prints "memory allocation of N bytes failed" before it aborts).
 pub fn is_oom_message(msg: &str) -> bool {
     let m = msg.to_ascii_lowercase();
     m.contains("out_of_memory")
         || m.contains("out of memory")
         || m.contains("cublas_status_alloc_failed")
         || m.contains("memory allocation failed")
+        || (m.contains("memory allocation of") && m.contains("bytes failed"))
 }
 
 /// Linear-interpolated quantile of sorted values, q in [0, 1].
@@ -499,6 +506,9 @@ mod tests {
     fn oom_messages_are_recognised() {
         assert!(is_oom_message(
             "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")"
+        ));
+        assert!(is_oom_message(
+            "memory allocation of 68719476736 bytes failed"
         ));
         assert!(!is_oom_message("shape mismatch in matmul"));
     }

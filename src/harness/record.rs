@@ -11,38 +11,59 @@
 //! model, optimizer state and inputs exist and before the step; `peak_bytes` the high-water
 //! mark during the step from the primary probe (CPU: counting allocator; CUDA: pool
 //! used-memory high-water mark). Optional probes are empty when not available.
+//! `status` is one of ok, oom, error, skipped, killed, timeout (see [`Status`]). A file may hold
+//! several rows of one point (a `--retry-failed` re-run); the last one counts ([`latest`]).
 
+use crate::error::input_err;
 use crate::spec::{
     Attention, Checkpointing, Family, ModelSpec, Optimizer, OptimizerImpl, Precision, TrainSpec,
 };
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
 use std::fs::OpenOptions;
-use std::io::Write;
 use std::path::Path;
 
 pub const SCHEMA: u32 = 1;
 
-/// Outcome of one configuration.
+/// Outcome of one configuration. New variants only ever get added, so CSVs written by an older
+/// vramcal (ok/oom/error/skipped) still read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Status {
     Ok,
-    /// out of memory (device allocation failure, or the child was killed by the OOM killer)
+    /// out of memory: an allocation failure reported by the child (Rust's "memory allocation of
+    /// N bytes failed", CUDA's out-of-memory errors); the message is in `error`
     Oom,
-    /// any other failure; the message is in `error`
+    /// any other failure; `error` holds the child's first meaningful stderr line
     Error,
-    /// not run: the planner predicted it exceeds the memory cap
+    /// not run: the planner predicted it exceeds the memory cap or the free memory
     Skipped,
+    /// the child died from a signal it did not raise through an error, named in `error`
+    /// ("killed by SIGKILL (9)"; the kernel's OOM killer also sends SIGKILL, see dmesg)
+    Killed,
+    /// the child ran past the sweep's per-point time limit and was killed
+    Timeout,
 }
 
 impl Status {
+    pub const ALL: [Status; 6] = [
+        Status::Ok,
+        Status::Oom,
+        Status::Error,
+        Status::Skipped,
+        Status::Killed,
+        Status::Timeout,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Status::Ok => "ok",
             Status::Oom => "oom",
             Status::Error => "error",
             Status::Skipped => "skipped",
+            Status::Killed => "killed",
+            Status::Timeout => "timeout",
         }
     }
 }
@@ -126,11 +147,55 @@ pub fn point_key(device_id: &str, spec_json: &str, t: &TrainSpec) -> String {
     )
 }
 
+/// The schema-1 header, in column order (a unit test keeps it equal to what `Row` serialises).
+pub const HEADER: [&str; 36] = [
+    "schema",
+    "device_id",
+    "device_name",
+    "backend",
+    "driver",
+    "vramcal_version",
+    "git_commit",
+    "timestamp",
+    "model",
+    "family",
+    "layers",
+    "hidden",
+    "heads",
+    "ffn",
+    "vocab",
+    "batch",
+    "seq",
+    "image",
+    "precision",
+    "checkpointing",
+    "optimizer",
+    "zero_stage",
+    "gpus",
+    "params",
+    "baseline_bytes",
+    "peak_bytes",
+    "peak_reserved_bytes",
+    "nvml_bytes",
+    "memgetinfo_bytes",
+    "step_ms_median",
+    "step_ms_p10",
+    "step_ms_p90",
+    "repeats",
+    "status",
+    "error",
+    "spec_json",
+];
+
+/// Columns of type `f64`: serde accepts `inf`/`NaN` and negatives there, which would reach the
+/// fit as poison, so the reader checks them itself.
+const FLOAT_COLUMNS: [&str; 3] = ["step_ms_median", "step_ms_p10", "step_ms_p90"];
+
 /// Appends rows to a CSV, writing the header only when the file is new or empty, and flushing
 /// (and syncing) after every row so a killed sweep loses nothing it measured.
 pub fn append(path: &Path, row: &Row) -> anyhow::Result<()> {
     if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let file = OpenOptions::new()
         .create(true)
@@ -141,36 +206,351 @@ pub fn append(path: &Path, row: &Row) -> anyhow::Result<()> {
     let mut w = csv::WriterBuilder::new()
         .has_headers(empty)
         .from_writer(file);
-    w.serialize(row)?;
-    w.flush()?;
-    let file = w.into_inner().map_err(|e| anyhow::anyhow!("{e}"))?;
-    file.sync_data()?;
-    let _ = (&file).flush();
-    Ok(())
+    let written = w.serialize(row).map_err(anyhow::Error::from).and_then(|_| {
+        w.flush()?;
+        let file = w
+            .into_inner()
+            .map_err(|e| anyhow::anyhow!("{}", e.error()))?;
+        file.sync_data()?;
+        Ok(())
+    });
+    // a full disk must say which file it could not extend
+    written.with_context(|| format!("appending a row to {}", path.display()))
 }
 
-/// Reads every row; a truncated last line (a sweep killed mid-write) is skipped, not fatal.
-pub fn read(path: &Path) -> anyhow::Result<Vec<Row>> {
-    let mut r = csv::ReaderBuilder::new()
-        .flexible(true)
-        .from_path(path)
-        .with_context(|| format!("reading {}", path.display()))?;
-    let mut rows = Vec::new();
-    for (i, rec) in r.deserialize::<Row>().enumerate() {
-        match rec {
-            Ok(row) if row.schema == SCHEMA => rows.push(row),
-            Ok(row) => anyhow::bail!(
-                "{} line {}: schema {} is not the supported {SCHEMA}",
-                path.display(),
-                i + 2,
-                row.schema
-            ),
-            Err(e) => eprintln!(
-                "warning: {} line {}: skipped unreadable row ({e})",
-                path.display(),
-                i + 2
-            ),
+/// One-line input error about a cell: names the file, line and column as written in the CSV.
+fn cell_err<T>(path: &Path, line: u64, column: &str, message: String) -> anyhow::Result<T> {
+    input_err(
+        &format!("{} line {line} column {column}", path.display()),
+        message,
+    )
+}
+
+/// Checks the header: vramcal's own (schema 1), or a one-line input error saying what it is.
+fn check_header(
+    path: &Path,
+    headers: &csv::StringRecord,
+    first: Option<&csv::StringRecord>,
+) -> anyhow::Result<()> {
+    if headers.iter().eq(HEADER.iter().copied()) {
+        return Ok(());
+    }
+    // Another schema of vramcal's own CSV: say which one, not just "wrong columns".
+    if headers.get(0) == Some("schema") {
+        if let Some(v) = first.and_then(|r| r.get(0)) {
+            if v.trim() != SCHEMA.to_string() {
+                return input_err(
+                    &format!("{} schema", path.display()),
+                    format!("the rows are schema '{v}'; accepted schema {SCHEMA} (the CSV of this vramcal, columns in src/harness/record.rs)"),
+                );
+            }
         }
     }
-    Ok(rows)
+    let shown: Vec<&str> = headers.iter().take(4).collect();
+    input_err(
+        &format!("{} header", path.display()),
+        format!(
+            "'{}{}' is not a vramcal measurements header; accepted the schema-{SCHEMA} columns '{},{},{},...' (src/harness/record.rs)",
+            shown.join(","),
+            if headers.len() > 4 { ",..." } else { "" },
+            HEADER[0],
+            HEADER[1],
+            HEADER[2]
+        ),
+    )
+}
+
+/// Checks one record's schema, field count and floating-point cells, then deserialises it.
+fn parse_record(
+    path: &Path,
+    headers: &csv::StringRecord,
+    rec: &csv::StringRecord,
+) -> anyhow::Result<Row> {
+    let line = rec.position().map_or(0, |p| p.line());
+    let schema = rec.get(0).unwrap_or("").trim();
+    if schema != SCHEMA.to_string() {
+        return cell_err(
+            path,
+            line,
+            "schema",
+            format!(
+                "'{schema}'; accepted schema {SCHEMA} (the rows this vramcal writes and reads)"
+            ),
+        );
+    }
+    if rec.len() != HEADER.len() {
+        return input_err(
+            &format!("{} line {line}", path.display()),
+            format!(
+                "{} fields; accepted the {} columns of the header",
+                rec.len(),
+                HEADER.len()
+            ),
+        );
+    }
+    for col in FLOAT_COLUMNS {
+        let i = HEADER
+            .iter()
+            .position(|h| *h == col)
+            .expect("a header column");
+        let text = rec.get(i).unwrap_or("").trim();
+        if text.is_empty() {
+            continue; // not measured
+        }
+        match text.parse::<f64>() {
+            Ok(v) if v.is_finite() && v >= 0.0 => {}
+            _ => {
+                return cell_err(
+                    path,
+                    line,
+                    col,
+                    format!("'{text}'; accepted a finite number >= 0, or empty"),
+                )
+            }
+        }
+    }
+    // serde's unknown-variant errors carry no column index: check the enum columns one by one
+    check_enum::<Status>(path, line, rec, "status")?;
+    check_enum::<Family>(path, line, rec, "family")?;
+    check_enum::<Precision>(path, line, rec, "precision")?;
+    check_enum::<Checkpointing>(path, line, rec, "checkpointing")?;
+    check_enum::<Optimizer>(path, line, rec, "optimizer")?;
+    rec.deserialize::<Row>(Some(headers)).or_else(|e| {
+        let (column, reason) = match e.kind() {
+            csv::ErrorKind::Deserialize { err, .. } => (
+                err.field().and_then(|i| headers.get(i as usize)).unwrap_or("?"),
+                err.kind().to_string(),
+            ),
+            _ => ("?", e.to_string()),
+        };
+        let text = HEADER
+            .iter()
+            .position(|h| *h == column)
+            .and_then(|i| rec.get(i))
+            .unwrap_or("");
+        cell_err(
+            path,
+            line,
+            column,
+            format!("'{text}' ({reason}); accepted a non-negative integer (bytes, counts), or empty where optional"),
+        )
+    })
+}
+
+/// One enum cell parses as `T`, or an input error naming the column and the accepted values.
+fn check_enum<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    line: u64,
+    rec: &csv::StringRecord,
+    column: &str,
+) -> anyhow::Result<()> {
+    let i = HEADER
+        .iter()
+        .position(|h| *h == column)
+        .expect("a header column");
+    let text = rec.get(i).unwrap_or("");
+    let de = serde::de::value::StrDeserializer::<serde::de::value::Error>::new(text);
+    match T::deserialize(de) {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let e = e.to_string();
+            let accepted = e.split_once("expected ").map_or(e.as_str(), |(_, a)| a);
+            cell_err(path, line, column, format!("'{text}'; accepted {accepted}"))
+        }
+    }
+}
+
+/// Reads every row. The header must be vramcal's schema-1 header and every row must parse:
+/// a bad cell is a one-line input error naming the file, line and column (a fit must not run on
+/// a silently shortened or poisoned table). Only a last line without its newline (a sweep killed
+/// mid-write) is skipped, with a warning.
+pub fn read(path: &Path) -> anyhow::Result<Vec<Row>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let complete = bytes.ends_with(b"\n");
+    let mut r = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(bytes.as_slice());
+    let headers = match r.headers() {
+        Ok(h) => h.clone(),
+        Err(e) => {
+            return input_err(
+                &format!("{} header", path.display()),
+                format!("unreadable ({e}); accepted a UTF-8 CSV written by vramcal"),
+            )
+        }
+    };
+    let mut records = Vec::new();
+    for rec in r.records() {
+        match rec {
+            Ok(rec) => records.push(rec),
+            Err(e) => {
+                let line = e.position().map_or(0, |p| p.line());
+                return input_err(
+                    &format!("{} line {line}", path.display()),
+                    format!("unreadable ({e}); accepted a UTF-8 CSV written by vramcal"),
+                );
+            }
+        }
+    }
+    check_header(path, &headers, records.first())?;
+    if !complete && !records.is_empty() {
+        // the header itself cannot be cut off here: check_header passed
+        let cut = records.pop().expect("non-empty");
+        eprintln!(
+            "warning: {} line {}: skipped an incomplete last line (no newline; a sweep killed mid-write)",
+            path.display(),
+            cut.position().map_or(0, |p| p.line())
+        );
+    }
+    records
+        .iter()
+        .map(|rec| parse_record(path, &headers, rec))
+        .collect()
+}
+
+/// The rows with every point key's last row only, in file order: a re-run point (`sweep
+/// --resume --retry-failed`) supersedes its earlier row for the fit and the report.
+pub fn latest(rows: Vec<Row>) -> Vec<Row> {
+    let mut last: HashMap<String, usize> = HashMap::new();
+    for (i, r) in rows.iter().enumerate() {
+        last.insert(r.key(), i);
+    }
+    rows.into_iter()
+        .enumerate()
+        .filter(|(i, r)| last[&r.key()] == *i)
+        .map(|(_, r)| r)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Row {
+        let info = crate::harness::measure::cpu_info();
+        let model = crate::spec::presets::preset("tiny-gpt").unwrap();
+        let mut r = crate::harness::measure::row_template(&info, &model, &TrainSpec::default());
+        r.status = Status::Ok;
+        r.peak_bytes = Some(1000);
+        r.step_ms_median = Some(2.5);
+        r
+    }
+
+    fn write(dir: &Path, text: &str) -> std::path::PathBuf {
+        let p = dir.join("m.csv");
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    #[test]
+    fn header_constant_matches_the_serialised_row() {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        w.serialize(sample()).unwrap();
+        let text = String::from_utf8(w.into_inner().unwrap()).unwrap();
+        assert_eq!(text.lines().next().unwrap(), HEADER.join(","));
+    }
+
+    /// The CSV text of one sample row with `column` replaced by `value`.
+    fn with_cell(column: &str, value: &str) -> String {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        w.serialize(sample()).unwrap();
+        let text = String::from_utf8(w.into_inner().unwrap()).unwrap();
+        let mut r = csv::ReaderBuilder::new().from_reader(text.as_bytes());
+        let rec = r.records().next().unwrap().unwrap();
+        let i = HEADER.iter().position(|h| *h == column).unwrap();
+        let fields: Vec<String> = rec
+            .iter()
+            .enumerate()
+            .map(|(j, f)| {
+                if j == i {
+                    value.to_string()
+                } else {
+                    f.to_string()
+                }
+            })
+            .collect();
+        let mut w = csv::Writer::from_writer(Vec::new());
+        w.write_record(HEADER).unwrap();
+        w.write_record(&fields).unwrap();
+        String::from_utf8(w.into_inner().unwrap()).unwrap()
+    }
+
+    fn err_of(text: &str) -> (String, i32) {
+        let dir = tempfile::tempdir().unwrap();
+        let e = read(&write(dir.path(), text)).unwrap_err();
+        (format!("{e:#}"), crate::error::exit_code(&e))
+    }
+
+    #[test]
+    fn bad_cells_are_input_errors_naming_line_and_column() {
+        for (col, v) in [
+            ("step_ms_median", "inf"),
+            ("step_ms_p90", "NaN"),
+            ("step_ms_p10", "-1.5"),
+            ("peak_bytes", "-5"),
+            ("peak_bytes", "inf"),
+            ("status", "exploded"),
+        ] {
+            let (msg, code) = err_of(&with_cell(col, v));
+            assert_eq!(code, 2, "{col}={v}: {msg}");
+            assert!(msg.contains("m.csv line 2 column"), "{msg}");
+            assert!(msg.contains(col) && msg.contains(v), "{col}={v}: {msg}");
+            assert_eq!(msg.lines().count(), 1, "{msg}");
+        }
+        // every status name vramcal has ever written still reads
+        for s in ["ok", "oom", "error", "skipped", "killed", "timeout"] {
+            let dir = tempfile::tempdir().unwrap();
+            let rows = read(&write(dir.path(), &with_cell("status", s))).unwrap();
+            assert_eq!(rows[0].status.as_str(), s);
+        }
+    }
+
+    #[test]
+    fn other_schemas_and_foreign_headers_are_named() {
+        let (msg, code) = err_of(&with_cell("schema", "2"));
+        assert_eq!(code, 2);
+        assert!(
+            msg.contains("'2'") && msg.contains("accepted schema 1"),
+            "{msg}"
+        );
+        // a schema-2 file with its own columns: still "schema 2", not "bad header"
+        let (msg, code) = err_of("schema,device_id,new_column\n2,x,y\n");
+        assert_eq!(code, 2);
+        assert!(msg.contains("schema '2'"), "{msg}");
+        let (msg, code) = err_of("name,value\na,1\n");
+        assert_eq!(code, 2);
+        assert!(msg.contains("not a vramcal measurements header"), "{msg}");
+        assert_eq!(msg.lines().count(), 1);
+    }
+
+    #[test]
+    fn only_an_unterminated_last_line_is_skipped() {
+        let full = with_cell("model", "tiny-gpt");
+        let dir = tempfile::tempdir().unwrap();
+        let two = format!("{full}{}", full.lines().nth(1).unwrap());
+        assert_eq!(read(&write(dir.path(), &two)).unwrap().len(), 1);
+        // a short line in the middle is an error, not a silently dropped point
+        let mid = format!(
+            "{}\n1,cpu\n{}\n",
+            HEADER.join(","),
+            full.lines().nth(1).unwrap()
+        );
+        let (msg, code) = err_of(&mid);
+        assert_eq!(code, 2);
+        assert!(msg.contains("line 2") && msg.contains("2 fields"), "{msg}");
+    }
+
+    #[test]
+    fn latest_keeps_the_last_row_per_point() {
+        let a = sample();
+        let mut b = sample();
+        b.batch = 2;
+        let mut a2 = sample();
+        a2.status = Status::Error;
+        let rows = latest(vec![a2, b.clone(), a.clone()]);
+        assert_eq!(rows, vec![b, a]);
+    }
 }

@@ -3,15 +3,26 @@
 //!
 //! Why child processes: a clean allocator per point (no high-water marks or pooled memory left
 //! over from the previous point), and a crash, OOM kill or hang costs one point, which is itself
-//! recorded (status `oom`/`error` with the message) while the sweep goes on.
+//! recorded while the sweep goes on: `oom` (the child's allocation-failure message), `killed`
+//! (the signal, named), `timeout`, or `error` (the child's first meaningful stderr line).
+//!
+//! Children die with their sweep: each runs in its own process group (a timeout or Ctrl-C kills
+//! the whole group) and, on Linux, with `PR_SET_PDEATHSIG = SIGKILL`, so a sweep killed even by
+//! SIGKILL does not leave a child measuring on.
+//!
+//! The output CSV is locked (`File::try_lock`, advisory) for the whole sweep: a second sweep on
+//! the same file stops at once instead of measuring every point twice. `--resume` skips points
+//! already in it (their last row; failed ones too unless `--retry-failed`), and refuses a file
+//! whose header is not vramcal's.
 //!
 //! Before a point runs, the planner estimates it with the given coefficients; above the memory
-//! cap (default: CPU half of RAM, CUDA the device's free memory) it is recorded as `skipped`
-//! instead of being run into the OOM killer (which on a CPU host may take the whole machine down).
+//! cap (default: CPU half of RAM, CUDA the device's free memory) or above the memory free right
+//! now (CPU: MemAvailable; unless `--no-memory-guard`) it is recorded as `skipped` instead of
+//! being run into the OOM killer (which on a CPU host may take the whole machine down).
 //!
-//! Test hook: the environment variable `VRAMCAL_FAIL_POINT=<substring>` makes `vramcal measure`
-//! fail for any point whose key (see [`fail_key`]) contains the substring, so tests can check
-//! that a failing point is recorded and the sweep continues.
+//! Test hook: the environment variable `VRAMCAL_FAIL_POINT=[mode:]<substring>` makes `vramcal
+//! measure` fail for any point whose key (see [`fail_key`]) contains the substring, in the way
+//! the mode says (see `cli::measure`), so tests can check how each failure is recorded.
 
 use crate::coeffs::Coefficients;
 use crate::error::input_err;
@@ -22,9 +33,11 @@ use crate::spec::{ModelSpec, TrainSpec};
 use anyhow::Context;
 use serde::Serialize;
 use std::collections::HashSet;
+use std::fs::File;
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
 
 /// Environment variable of the failure-injection hook.
@@ -40,6 +53,10 @@ pub struct SweepOptions {
     pub device: String,
     /// skip points already in `out` (by `Row::key`)
     pub resume: bool,
+    /// with `resume`: re-run points whose last row is not `ok`
+    pub retry_failed: bool,
+    /// skip points the planner puts above the memory free now (CPU MemAvailable, CUDA free)
+    pub memory_guard: bool,
     /// memory cap in bytes for the planner guard; None = the device default
     pub max_mem: Option<u64>,
     /// coefficient table for the guard; None = the literature table
@@ -59,6 +76,8 @@ impl SweepOptions {
             out: out.into(),
             device: "cpu".into(),
             resume: false,
+            retry_failed: false,
+            memory_guard: true,
             max_mem: None,
             coeffs: None,
             timeout_s: 300,
@@ -72,10 +91,14 @@ pub struct SweepSummary {
     pub points: usize,
     /// already in the CSV (resume)
     pub already_done: usize,
+    /// in the CSV with a failed last row and run again (`--retry-failed`)
+    pub retried: usize,
     pub ok: usize,
     pub oom: usize,
     pub error: usize,
     pub skipped: usize,
+    pub killed: usize,
+    pub timeout: usize,
     pub elapsed_s: f64,
     pub device_id: String,
 }
@@ -87,6 +110,8 @@ impl SweepSummary {
             Status::Oom => self.oom += 1,
             Status::Error => self.error += 1,
             Status::Skipped => self.skipped += 1,
+            Status::Killed => self.killed += 1,
+            Status::Timeout => self.timeout += 1,
         }
     }
 }
@@ -184,12 +209,105 @@ fn repair_tail(path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The signal that stopped the sweep (SIGINT/SIGTERM), 0 while none has arrived.
+static INTERRUPTED: AtomicI32 = AtomicI32::new(0);
+
+#[cfg(unix)]
+extern "C" fn on_interrupt(sig: libc::c_int) {
+    // async-signal-safe: one atomic store; the sweep loop polls it
+    INTERRUPTED.store(sig, Ordering::SeqCst);
+}
+
+/// While alive, SIGINT and SIGTERM set [`INTERRUPTED`] instead of ending the process, so the
+/// sweep can kill its child's process group (which a terminal's Ctrl-C does not reach: it is
+/// not the foreground group) before it stops. Dropping it restores the default actions.
+struct InterruptGuard;
+
+impl InterruptGuard {
+    fn install() -> Self {
+        INTERRUPTED.store(0, Ordering::SeqCst);
+        #[cfg(unix)]
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            let h = on_interrupt as extern "C" fn(libc::c_int) as libc::sighandler_t;
+            libc::signal(libc::SIGINT, h);
+            libc::signal(libc::SIGTERM, h);
+        }
+        InterruptGuard
+    }
+}
+
+impl Drop for InterruptGuard {
+    fn drop(&mut self) {
+        #[cfg(unix)]
+        // SAFETY: restoring the default disposition.
+        unsafe {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+        }
+    }
+}
+
+fn interrupted() -> Option<i32> {
+    match INTERRUPTED.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
+}
+
+/// `SIGKILL (9)`: the name people know, and the number.
+pub fn signal_name(sig: i32) -> String {
+    let name = match sig {
+        1 => "SIGHUP",
+        2 => "SIGINT",
+        3 => "SIGQUIT",
+        4 => "SIGILL",
+        6 => "SIGABRT",
+        7 => "SIGBUS",
+        8 => "SIGFPE",
+        9 => "SIGKILL",
+        11 => "SIGSEGV",
+        13 => "SIGPIPE",
+        14 => "SIGALRM",
+        15 => "SIGTERM",
+        _ => return format!("signal {sig}"),
+    };
+    format!("{name} ({sig})")
+}
+
+/// Takes the output CSV's advisory lock (creating the file): held by the returned handle until
+/// the sweep ends, so a second sweep on the same file fails at once.
+fn lock_out(path: &Path) -> anyhow::Result<File> {
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => input_err(
+            "out",
+            format!(
+                "{} is locked by another running sweep; accepted a file no other sweep is writing",
+                path.display()
+            ),
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(e).with_context(|| format!("locking {}", path.display()))
+        }
+    }
+}
+
 /// How a child process ended.
 struct ChildEnd {
     stdout: String,
     stderr: String,
     success: bool,
-    killed_by_sigkill: bool,
+    /// the signal that ended it, if any
+    signal: Option<i32>,
     timed_out: bool,
     code: Option<i32>,
 }
@@ -202,7 +320,46 @@ fn spawn_reader<R: Read + Send + 'static>(mut r: R) -> std::thread::JoinHandle<S
     })
 }
 
+/// Kills the child's whole process group (it leads its own group, see [`run_child`]).
+fn kill_group(child: &mut std::process::Child) {
+    #[cfg(unix)]
+    // SAFETY: kill(2) on the child's own process group (pgid == its pid).
+    unsafe {
+        libc::kill(-(child.id() as libc::pid_t), libc::SIGKILL);
+    }
+    let _ = child.kill();
+}
+
+/// Makes the child its own process group and, on Linux, tells the kernel to SIGKILL it when
+/// this process dies (whatever kills the sweep, even SIGKILL, which no handler sees).
+fn contain(cmd: &mut Command) {
+    #[cfg(unix)]
+    {
+        use std::os::unix::process::CommandExt;
+        cmd.process_group(0);
+    }
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::unix::process::CommandExt;
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: between fork and exec only async-signal-safe calls (prctl, getppid, _exit).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // The sweep may have died before prctl ran; then the signal would never come.
+                if libc::getppid() != parent {
+                    libc::_exit(1);
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
 fn run_child(mut cmd: Command, timeout: Duration) -> anyhow::Result<ChildEnd> {
+    contain(&mut cmd);
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -217,31 +374,112 @@ fn run_child(mut cmd: Command, timeout: Duration) -> anyhow::Result<ChildEnd> {
         if let Some(st) = child.try_wait()? {
             break st;
         }
+        if let Some(sig) = interrupted() {
+            kill_group(&mut child);
+            let _ = child.wait();
+            anyhow::bail!(
+                "interrupted by {}; the measuring child was killed",
+                signal_name(sig)
+            );
+        }
         if start.elapsed() > timeout {
             timed_out = true;
-            let _ = child.kill();
+            kill_group(&mut child);
             break child.wait()?;
         }
         std::thread::sleep(Duration::from_millis(5));
     };
     #[cfg(unix)]
-    let killed_by_sigkill = {
+    let signal = {
         use std::os::unix::process::ExitStatusExt;
-        status.signal() == Some(9)
+        status.signal()
     };
     #[cfg(not(unix))]
-    let killed_by_sigkill = false;
+    let signal = None;
     Ok(ChildEnd {
         stdout: out.join().unwrap_or_default(),
         stderr: err.join().unwrap_or_default(),
         success: status.success(),
-        killed_by_sigkill,
+        signal,
         timed_out,
         code: status.code(),
     })
 }
 
-/// Measures one point in a child; always returns a row (failures become `oom`/`error` rows).
+/// What a failed child said, in one line: vramcal's own `error: ` line (its main prints exactly
+/// one), else Rust's allocation-failure line, else a panic's location and message, else the
+/// first line that is not a `note:` (never "note: run with `RUST_BACKTRACE=1`").
+pub fn child_message(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    if let Some(l) = lines.iter().rev().find(|l| l.starts_with("error: ")) {
+        return l.trim_start_matches("error: ").to_string();
+    }
+    if let Some(l) = lines.iter().find(|l| is_alloc_failure(l)) {
+        return l.to_string();
+    }
+    if let Some(i) = lines.iter().position(|l| l.contains(" panicked at ")) {
+        let place = lines[i]
+            .split(" panicked at ")
+            .nth(1)
+            .unwrap_or("")
+            .trim_end_matches(':');
+        let msg = lines
+            .get(i + 1)
+            .filter(|l| !l.starts_with("note:"))
+            .copied()
+            .unwrap_or("");
+        return format!("panicked at {place}: {msg}");
+    }
+    lines
+        .iter()
+        .find(|l| !l.starts_with("note:"))
+        .copied()
+        .unwrap_or("")
+        .to_string()
+}
+
+/// Rust's global allocation-failure report: "memory allocation of N bytes failed".
+fn is_alloc_failure(line: &str) -> bool {
+    line.starts_with("memory allocation of") && line.ends_with("failed")
+}
+
+/// Status and message of a child that did not print a row.
+fn classify(end: &ChildEnd, timeout_s: u64) -> (Status, String) {
+    let msg = child_message(&end.stderr);
+    if end.timed_out {
+        return (Status::Timeout, format!("timed out after {timeout_s} s"));
+    }
+    // Before the signal: an allocation failure aborts (SIGABRT) after printing its message.
+    if measure::is_oom_message(&msg) {
+        return (Status::Oom, msg);
+    }
+    if let Some(sig) = end.signal {
+        let mut text = format!("killed by {}", signal_name(sig));
+        if sig == 9 {
+            // what the kernel's OOM killer sends, but so does `kill -9`: name both, claim neither
+            text.push_str(" (from another process or the kernel's OOM killer; see dmesg)");
+        }
+        if !msg.is_empty() {
+            text = format!("{text}: {msg}");
+        }
+        return (Status::Killed, text);
+    }
+    let text = if msg.is_empty() {
+        match end.code {
+            Some(c) => format!("child exited with code {c} and no message"),
+            None => "child ended without an exit code or a message".into(),
+        }
+    } else {
+        msg
+    };
+    (Status::Error, text)
+}
+
+/// Measures one point in a child; always returns a row (failures become rows with their status).
 fn measure_point(
     opts: &SweepOptions,
     grid: &Grid,
@@ -268,6 +506,8 @@ fn measure_point(
         .args(["--warmup", &grid.warmup.to_string()])
         .args(["--repeats", &grid.repeats.to_string()])
         .args(["--seed", &grid.seed.to_string()])
+        // this sweep has already applied (or been told to skip) the memory guard for the point
+        .arg("--no-memory-guard")
         .arg("--json");
     let end = run_child(cmd, Duration::from_secs(opts.timeout_s.max(1)))?;
     if end.success {
@@ -286,26 +526,21 @@ fn measure_point(
         };
     }
     let mut row = measure::row_template(info, &point.model, t);
-    let msg = last_line(&end.stderr);
-    if end.timed_out {
-        row.status = Status::Error;
-        row.error = format!("timed out after {} s", opts.timeout_s);
-    } else if end.killed_by_sigkill {
-        // SIGKILL we did not send: on Linux nearly always the kernel's OOM killer.
-        row.status = Status::Oom;
-        row.error = "killed by SIGKILL (the OOM killer, most likely)".into();
-    } else if measure::is_oom_message(&msg) {
-        row.status = Status::Oom;
-        row.error = msg;
-    } else {
-        row.status = Status::Error;
-        row.error = if msg.is_empty() {
-            format!("child exited with {:?}", end.code)
-        } else {
-            msg
-        };
-    }
+    (row.status, row.error) = classify(&end, opts.timeout_s);
     Ok(row)
+}
+
+/// Bytes free for a point right now, for the memory guard; None when unknown (then there is no
+/// guard rather than one that refuses everything). CPU: MemAvailable, read per point because it
+/// moves; CUDA: the free memory the device probe saw before the sweep (children have exited by
+/// the next point, so it is what the next child gets).
+fn free_now(device: DeviceSpec, info: &DeviceInfo) -> Option<u64> {
+    let b = if device.is_cpu() {
+        measure::cpu_available_bytes()?
+    } else {
+        info.free_bytes
+    };
+    (b > 0).then_some(b)
 }
 
 /// Runs a sweep (see the module docs). Returns counts per status.
@@ -317,6 +552,8 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
         Some(p) => Coefficients::load(p)?,
         None => Coefficients::literature(),
     };
+    // Held until this function returns (the lock goes with the handle).
+    let _lock = lock_out(&opts.out)?;
     let out_has_rows = std::fs::metadata(&opts.out)
         .map(|m| m.len() > 0)
         .unwrap_or(false);
@@ -329,17 +566,28 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
             ),
         );
     }
+    let mut done: HashSet<String> = HashSet::new();
+    // points whose last row failed and that --retry-failed runs again
+    let mut failed: HashSet<String> = HashSet::new();
+    if out_has_rows {
+        // read (which checks the header) before repair_tail touches the file: a foreign CSV
+        // must be refused, not trimmed
+        let rows = record::latest(record::read(&opts.out)?);
+        repair_tail(&opts.out)?;
+        for r in &rows {
+            if opts.retry_failed && r.status != Status::Ok {
+                failed.insert(r.key());
+            } else {
+                done.insert(r.key());
+            }
+        }
+    }
     let info = probe_device(opts, device)?;
     let cap = match opts.max_mem {
         Some(b) => b,
         None if device.is_cpu() => info.total_bytes / 2,
         None => info.free_bytes,
     };
-    let mut done: HashSet<String> = HashSet::new();
-    if out_has_rows {
-        repair_tail(&opts.out)?;
-        done = record::read(&opts.out)?.iter().map(Row::key).collect();
-    }
     let commit = measure::git_commit();
 
     let mut summary = SweepSummary {
@@ -347,8 +595,12 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
         device_id: info.id.clone(),
         ..Default::default()
     };
+    let _signals = InterruptGuard::install();
     let pb = progress_bar(grid.points.len() as u64, opts.show_progress);
     for point in &grid.points {
+        if let Some(sig) = interrupted() {
+            anyhow::bail!("interrupted by {}", signal_name(sig));
+        }
         let spec_json = serde_json::to_string(&point.model)?;
         let key = point_key(&info.id, &spec_json, &point.train);
         if done.contains(&key) {
@@ -356,18 +608,40 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
             pb.inc(1);
             continue;
         }
+        if failed.contains(&key) {
+            summary.retried += 1;
+        }
         pb.set_message(describe(point));
         let planned = crate::plan::memory::estimate(&point.model, &point.train, &coeffs)?;
-        let row = if planned.total > cap {
-            let mut row = measure::row_template(&info, &point.model, &point.train);
-            row.status = Status::Skipped;
-            row.error = format!(
+        let free = opts.memory_guard.then(|| free_now(device, &info)).flatten();
+        let skip = if planned.total > cap {
+            Some(format!(
                 "planner predicts {} bytes, above the cap of {cap} bytes",
                 planned.total
-            );
+            ))
+        } else {
+            free.filter(|f| planned.total > *f).map(|f| {
+                format!(
+                    "planner predicts {} bytes, above the {f} bytes free on {} now; --no-memory-guard runs it anyway",
+                    planned.total, opts.device
+                )
+            })
+        };
+        let row = if let Some(why) = skip {
+            let mut row = measure::row_template(&info, &point.model, &point.train);
+            row.status = Status::Skipped;
+            row.error = why;
             row
         } else {
-            let row = measure_point(opts, &grid, &info, point, &spec_json, &commit)?;
+            let row = measure_point(opts, &grid, &info, point, &spec_json, &commit).with_context(
+                || {
+                    format!(
+                        "{}; the rows measured so far are in {} (--resume continues)",
+                        describe(point),
+                        opts.out.display()
+                    )
+                },
+            )?;
             if row.key() != key {
                 pb.suspend(|| {
                     eprintln!(
@@ -439,6 +713,21 @@ mod tests {
             crate::error::exit_code(&parse_bytes("5 parsecs").unwrap_err()),
             2
         );
+    }
+
+    #[test]
+    fn child_messages_skip_notes_and_name_allocation_failures() {
+        let panic = "thread 'main' (42) panicked at src/x.rs:3:5:\nboom\nnote: run with `RUST_BACKTRACE=1` environment variable to display a backtrace\n";
+        assert_eq!(child_message(panic), "panicked at src/x.rs:3:5: boom");
+        let alloc = "memory allocation of 1099511627776 bytes failed\n";
+        assert_eq!(child_message(alloc), alloc.trim());
+        assert!(measure::is_oom_message(&child_message(alloc)));
+        let err = "warning: something\nerror: invalid batch: 0; accepted 1..\n";
+        assert_eq!(child_message(err), "invalid batch: 0; accepted 1..");
+        assert_eq!(child_message("note: only a note\n"), "");
+        assert_eq!(signal_name(9), "SIGKILL (9)");
+        assert_eq!(signal_name(15), "SIGTERM (15)");
+        assert_eq!(signal_name(64), "signal 64");
     }
 
     #[test]

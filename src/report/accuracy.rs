@@ -3,7 +3,9 @@
 //! on k-fold held-out points, peak memory; `time_heldout` the fitted step time on the same folds.
 
 use crate::fit::points::{Excluded, Point};
-use crate::fit::split::{per_group, scores, Evaluation, Metrics, Prediction, Scores};
+use crate::fit::split::{
+    beyond_training, per_group, scores, Evaluation, Metrics, Prediction, Scores, MIN_GROUP_POINTS,
+};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -14,6 +16,8 @@ pub struct GroupScores {
     pub peak_literature: Metrics,
     pub peak_seed_formula: Metrics,
     pub time_fitted: Metrics,
+    /// fewer than `MIN_GROUP_POINTS` held-out points: the metrics are too noisy to compare
+    pub too_few_to_score: bool,
 }
 
 /// One held-out point with its errors, for finding what limits the model.
@@ -26,6 +30,8 @@ pub struct WorstPoint {
     pub fitted_pct: f64,
     pub literature_pct: f64,
     pub seed_pct: f64,
+    /// predicted beyond the largest batch x tokens of its model in the fold's training points
+    pub beyond_training: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -34,6 +40,9 @@ pub struct Accuracy {
     pub seed_formula: Metrics,
     pub literature: Metrics,
     pub time_heldout: Metrics,
+    /// k-fold held-out points whose batch x tokens exceeded every training point of their
+    /// model in their fold (extrapolations inside the k-fold score)
+    pub heldout_beyond_training: usize,
     pub scheme: String,
     pub per_group: Vec<GroupScores>,
     /// largest batch x tokens per model held out, fitted on the rest
@@ -46,10 +55,12 @@ pub struct Accuracy {
 }
 
 fn worst(eval: &Evaluation, points: &[Point], n: usize) -> Vec<WorstPoint> {
+    let beyond = beyond_training(eval, points);
     let mut v: Vec<WorstPoint> = eval
         .predictions
         .iter()
-        .map(|q| {
+        .zip(beyond)
+        .map(|(q, beyond_training)| {
             let p = &points[q.point];
             let r = &p.row;
             WorstPoint {
@@ -70,6 +81,7 @@ fn worst(eval: &Evaluation, points: &[Point], n: usize) -> Vec<WorstPoint> {
                 fitted_pct: Prediction::pct(q.fitted, q.measured),
                 literature_pct: Prediction::pct(q.literature, q.measured),
                 seed_pct: Prediction::pct(q.seed, q.measured),
+                beyond_training,
             }
         })
         .collect();
@@ -86,6 +98,7 @@ fn groups(eval: &Evaluation, points: &[Point]) -> Vec<GroupScores> {
             peak_fitted: s.fitted,
             peak_literature: s.literature,
             peak_seed_formula: s.seed_formula,
+            too_few_to_score: s.fitted.n < MIN_GROUP_POINTS,
             time_fitted: s.time_fitted,
         })
         .collect()
@@ -108,6 +121,10 @@ pub fn accuracy(
         seed_formula: k.seed_formula,
         literature: k.literature,
         time_heldout: k.time_fitted,
+        heldout_beyond_training: beyond_training(kfold, points)
+            .into_iter()
+            .filter(|b| *b)
+            .count(),
         scheme: kfold.scheme.clone(),
         per_group: groups(kfold, points),
         extrapolation: scores(extrap.predictions.iter()),

@@ -50,9 +50,14 @@ fn group_table(out: &mut String, groups: &[GroupScores]) {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} | {t} |",
+            "| {} | {}{} | {:.2} | {:.2} | {:.2} | {:.2} | {t} |",
             g.group,
             g.peak_fitted.n,
+            if g.too_few_to_score {
+                " (too few to score)"
+            } else {
+                ""
+            },
             g.peak_fitted.mape,
             g.peak_fitted.max_abs_pct,
             g.peak_literature.mape,
@@ -229,12 +234,17 @@ fn findings_text(out: &mut String, f: &Findings, acc: &Accuracy) {
         None => out.push_str("- **Mixed precision**: no fp32 / mixed matched pairs in the data.\n"),
     }
     if !acc.worst.is_empty() {
-        out.push_str("\n- **Largest held-out errors** of the fitted table (k-fold), with the other predictors on the same point:\n\n| configuration | measured MiB | fitted | literature | seed rule |\n|---|---|---|---|---|\n");
+        let _ = writeln!(
+            out,
+            "\n- **Largest held-out errors** of the fitted table (k-fold), with the other predictors on the same point. {} of {} k-fold points were beyond every point of their model in their fold's training set (marked *beyond*: an extrapolation inside the k-fold score, decided by which rows the grid has):\n\n| configuration | measured MiB | fitted | literature | seed rule |\n|---|---|---|---|---|",
+            acc.heldout_beyond_training, acc.heldout.n
+        );
         for w in &acc.worst {
             let _ = writeln!(
                 out,
-                "| {} | {:.1} | {:+.1} % | {:+.1} % | {:+.1} % |",
+                "| {}{} | {:.1} | {:+.1} % | {:+.1} % | {:+.1} % |",
                 w.key,
+                if w.beyond_training { " (*beyond*)" } else { "" },
                 w.measured_bytes / 1048576.0,
                 w.fitted_pct,
                 w.literature_pct,
@@ -242,9 +252,11 @@ fn findings_text(out: &mut String, f: &Findings, acc: &Accuracy) {
             );
         }
     }
+    // a group of a handful of points is not evidence of where the model is weak
     if let Some(worst) = acc
         .per_group
         .iter()
+        .filter(|g| !g.too_few_to_score)
         .max_by(|a, b| a.peak_fitted.mape.total_cmp(&b.peak_fitted.mape))
     {
         let _ = writeln!(

@@ -9,6 +9,7 @@ pub mod plots;
 use crate::coeffs::Coefficients;
 use crate::fit::points::{Excluded, Point};
 use crate::fit::split::Evaluation;
+use anyhow::Context;
 use std::path::{Path, PathBuf};
 
 pub struct ReportInput<'a> {
@@ -23,7 +24,8 @@ pub struct ReportInput<'a> {
 
 /// Writes the report into `out`; returns the accuracy summary and the files written.
 pub fn write(out: &Path, r: &ReportInput) -> anyhow::Result<(accuracy::Accuracy, Vec<PathBuf>)> {
-    std::fs::create_dir_all(out)?;
+    std::fs::create_dir_all(out)
+        .with_context(|| format!("creating the report directory {}", out.display()))?;
     let acc = accuracy::accuracy(r.kfold, r.extrapolation, r.points, r.excluded);
     let f = findings::findings(r.points);
     let mut files = Vec::new();

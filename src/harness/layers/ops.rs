@@ -157,6 +157,13 @@ pub fn pool2d(x: &Tensor, kind: PoolKind, k: usize, stride: usize, pad: usize) -
 /// (exact for both max and mean because the bins are rectangles).
 pub fn adaptive_pool2d(x: &Tensor, kind: PoolKind, out: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
+    // out == 0 would divide by zero below and an empty input has no bins to pool: refuse both
+    // with an error instead of a panic (a spec file can ask for either).
+    if out == 0 || h == 0 || w == 0 {
+        return Err(candle_core::Error::Msg(format!(
+            "adaptive pooling of a {h}x{w} input to {out}x{out}: accepted an output size >= 1 and a non-empty input"
+        )));
+    }
     if h == w && h % out == 0 {
         let k = h / out;
         return pool2d(x, kind, k, k, 0);
@@ -182,4 +189,34 @@ pub fn adaptive_pool2d(x: &Tensor, kind: PoolKind, out: usize) -> Result<Tensor>
 /// Cross entropy in fp32 (autocast computes the loss in fp32), mean over rows.
 pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     fused::cross_entropy(logits, targets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn adaptive_pool_to_zero_is_an_error_not_a_panic() {
+        let x = Tensor::zeros(
+            (1, 2, 4, 4),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        for kind in [PoolKind::Max, PoolKind::Avg] {
+            assert!(adaptive_pool2d(&x, kind, 0).is_err());
+            // and a valid size still pools
+            assert_eq!(
+                adaptive_pool2d(&x, kind, 2).unwrap().dims4().unwrap(),
+                (1, 2, 2, 2)
+            );
+        }
+        let empty = Tensor::zeros(
+            (1, 2, 0, 0),
+            candle_core::DType::F32,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        assert!(adaptive_pool2d(&empty, PoolKind::Avg, 1).is_err());
+    }
 }
