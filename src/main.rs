@@ -13,9 +13,28 @@ fn main() {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
-    let cli = vramcal::cli::Cli::parse();
+    let cli = match vramcal::cli::Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version: clap's own output, exit 0
+        Err(e) => {
+            // Bad input is one line, exit 2: clap's first line names the argument; its usage
+            // block and tips would make a multi-line error of it.
+            let text = e.render().to_string();
+            let first = text.lines().next().unwrap_or("error: invalid arguments");
+            eprintln!("{first} (see --help)");
+            std::process::exit(2);
+        }
+    };
     if let Err(err) = vramcal::cli::run(cli) {
-        eprintln!("error: {err:#}");
+        // `{:#}` joins the cause chain on one line; a cause that itself spans lines (a parser's
+        // snippet) is folded so the message stays one line.
+        let text = format!("{err:#}");
+        let one_line: Vec<&str> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .collect();
+        eprintln!("error: {}", one_line.join(" "));
         std::process::exit(vramcal::error::exit_code(&err));
     }
 }

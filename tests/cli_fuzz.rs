@@ -273,3 +273,36 @@ fn closed_stdout_is_not_a_panic() {
     assert!(!err.contains("panicked"), "{err}");
     assert_ne!(out.status.code(), Some(101), "{err}");
 }
+
+/// Arguments clap itself rejects (unknown flags, missing values) are one line too, and the
+/// byte-size flags of every subcommand take a leading '-' as a value to reject by name.
+#[test]
+fn clap_errors_and_other_subcommands_are_one_line() {
+    let cases: [(&[&str], &str); 5] = [
+        (&["estimate", "--modle", "gpt2"], "--modle"),
+        (&["estimate", "--model"], "--model"),
+        (
+            &[
+                "sweep",
+                "--grid",
+                "g.toml",
+                "--out",
+                "o.csv",
+                "--max-mem",
+                "-5",
+            ],
+            "max-mem",
+        ),
+        (
+            &["calibrate", "--device", "cpu", "--max-mem", "-1GB"],
+            "max-mem",
+        ),
+        (
+            &["measure", "--model", "tiny-gpt", "--batch", "-3"],
+            "batch",
+        ),
+    ];
+    for (args, field) in cases {
+        assert_one_line(args, field);
+    }
+}

@@ -39,7 +39,7 @@ pub struct Args {
     #[arg(long)]
     pub no_memory_guard: bool,
     /// Skip points the planner predicts above this (bytes, or e.g. 40GB, 16GiB)
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub max_mem: Option<String>,
     /// Per-point time limit in seconds
     #[arg(long, default_value_t = 300)]

@@ -23,7 +23,7 @@ pub struct Args {
     pub retry_failed: bool,
     /// Skip points the planner predicts above this (bytes, or e.g. 40GB, 16GiB);
     /// default: CPU half of RAM, CUDA the device's free memory
-    #[arg(long)]
+    #[arg(long, allow_hyphen_values = true)]
     pub max_mem: Option<String>,
     /// Also run points the planner puts above the memory free right now (CPU: MemAvailable)
     #[arg(long)]
