@@ -295,3 +295,46 @@ fn bad_inputs_exit_2_with_one_line_naming_the_field() {
         );
     }
 }
+
+/// README's planning example is this binary's output, not typed figures: every line of the
+/// command's output shown there (up to the elided host/storage/time sections) must be in README
+/// verbatim, so a model change that moves a number fails here until README is regenerated.
+#[test]
+fn readme_planning_example_is_the_binary_output() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let (code, out, err) = vramcal(&[
+        "estimate",
+        "--model",
+        "llama2-7b",
+        "--seq",
+        "4096",
+        "--precision",
+        "bf16-mixed",
+        "--zero",
+        "2",
+        "--gpus",
+        "8",
+        "--checkpointing",
+        "full",
+        "--gpu",
+        "h100",
+        "--max-batch",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let lines: Vec<&str> = out.lines().collect();
+    let host = lines
+        .iter()
+        .position(|l| l.starts_with("Host RAM"))
+        .unwrap();
+    let choice = lines
+        .iter()
+        .position(|l| l.starts_with("GPU choice"))
+        .unwrap();
+    for line in lines[..host].iter().chain(&lines[choice..]) {
+        assert!(
+            readme.lines().any(|r| r == *line),
+            "README lacks the output line '{line}': regenerate the example"
+        );
+    }
+}

@@ -9,7 +9,8 @@ use vramcal::plan::params::count;
 use vramcal::plan::search::{max_batch, max_seq, Evaluator};
 use vramcal::spec::presets::{preset, NAMES};
 use vramcal::spec::{
-    cnn_file, hf_config, Checkpointing, ModelSpec, Optimizer, Precision, TrainSpec,
+    cnn_file, hf_config, Attention, Checkpointing, ModelSpec, Optimizer, OptimizerImpl, Precision,
+    TrainSpec,
 };
 
 fn train(batch: u64, seq: u64) -> TrainSpec {
@@ -334,4 +335,133 @@ fn planner_is_fast() {
     );
     assert!(per_estimate < 100e-6, "{per_estimate}");
     assert!(per_search < 10e-3, "{per_search}");
+}
+
+fn llama_at(seq: u64, t: TrainSpec) -> (ModelSpec, TrainSpec) {
+    (
+        preset("llama2-7b").unwrap(),
+        TrainSpec {
+            batch: 1,
+            seq,
+            precision: Precision::Bf16Mixed,
+            ..t
+        },
+    )
+}
+
+fn allocated(model: &ModelSpec, t: &TrainSpec) -> memory::MemoryBreakdown {
+    let terms = memory::fit_terms(model, t).unwrap();
+    memory::breakdown(&terms, model, t, &Coefficients::literature())
+}
+
+/// llama2-7b (32 layers, h 4096, 32 heads), seq 4096, batch 1, bf16-mixed: fused attention
+/// stores no b·a·s² scores (Korthikanti et al.'s 5 bytes per score element in 16-bit) and
+/// saves its output (2 B per b·s·h) and fp32 log-sum-exp (4 B per b·a·s) instead, per layer.
+#[test]
+fn sdpa_drops_the_score_tensors_of_every_layer() {
+    let (m, eager) = llama_at(
+        4096,
+        TrainSpec {
+            attention: Attention::Eager,
+            ..TrainSpec::default()
+        },
+    );
+    let sdpa = TrainSpec {
+        attention: Attention::Sdpa,
+        ..eager.clone()
+    };
+    let (l, s, h, a) = (32.0, 4096.0, 4096.0, 32.0);
+    let expected = l * (5.0 * a * s * s - 2.0 * s * h - 4.0 * a * s);
+    let got = allocated(&m, &eager).activations as f64 - allocated(&m, &sdpa).activations as f64;
+    assert!(
+        (got - expected).abs() < 2.0,
+        "eager - sdpa = {got} B, formula {expected} B"
+    );
+    // the scores are most of eager's activations at this length: sdpa keeps about a fifth
+    let ratio = allocated(&m, &sdpa).activations as f64 / allocated(&m, &eager).activations as f64;
+    assert!(
+        (0.15..0.3).contains(&ratio),
+        "sdpa / eager activations {ratio}"
+    );
+    // selective recomputation drops the same stored scores in eager attention, nothing else
+    let selective = TrainSpec {
+        checkpointing: Checkpointing::Selective,
+        ..eager.clone()
+    };
+    let dropped =
+        allocated(&m, &eager).activations as f64 - allocated(&m, &selective).activations as f64;
+    assert!((dropped - l * 5.0 * a * s * s).abs() < 2.0, "{dropped}");
+}
+
+/// AdamW foreach allocates one state-sized (fp32) temporary per parameter at the optimizer
+/// step; fused allocates none. At a short sequence the step is the peak, so the totals differ by
+/// 4 B/param minus the activations backward held.
+#[test]
+fn foreach_adamw_peaks_at_the_step_by_a_state_sized_temporary() {
+    let (m, fused) = llama_at(
+        128,
+        TrainSpec {
+            optimizer_impl: OptimizerImpl::Fused,
+            ..TrainSpec::default()
+        },
+    );
+    let foreach = TrainSpec {
+        optimizer_impl: OptimizerImpl::Foreach,
+        ..fused.clone()
+    };
+    let p = count(&m) as f64;
+    let (a, b) = (allocated(&m, &fused), allocated(&m, &foreach));
+    assert!(
+        4.0 * p > a.activations as f64,
+        "the step must be the peak here"
+    );
+    let got = b.total as f64 - a.total as f64;
+    let want = 4.0 * p - a.activations as f64;
+    assert!((got - want).abs() < 2.0, "{got} vs {want}");
+    // sharded over 8 GPUs under ZeRO, the temporary covers this rank's shard only
+    let z = |imp| TrainSpec {
+        zero_stage: 1,
+        gpus: 8,
+        optimizer_impl: imp,
+        ..fused.clone()
+    };
+    let gap = allocated(&m, &z(OptimizerImpl::Foreach)).total as f64
+        - allocated(&m, &z(OptimizerImpl::Fused)).total as f64;
+    assert!(gap < 4.0 * p / 8.0 + 1.0, "{gap}");
+}
+
+/// On a GPU the device holds more than the allocated peak (CUDA context, allocator reserve,
+/// NCCL buffers with several GPUs), and FITS is judged on that.
+#[test]
+fn device_used_exceeds_the_allocated_peak_on_every_gpu() {
+    let lit = Coefficients::literature();
+    for name in ["bert-large", "llama2-7b", "resnet50", "gpt2"] {
+        let m = preset(name).unwrap();
+        for gpus in [1u64, 8] {
+            let t = TrainSpec {
+                batch: 4,
+                seq: 512,
+                zero_stage: if gpus > 1 { 2 } else { 0 },
+                gpus,
+                ..TrainSpec::default()
+            };
+            let b = memory::estimate(&m, &t, &lit).unwrap();
+            assert!(b.device_used > b.total, "{name}: {b:?}");
+            assert!(
+                b.reserved_peak >= b.total && b.cuda_context > 0,
+                "{name}: {b:?}"
+            );
+            assert_eq!(b.nccl_buffers > 0, gpus > 1, "{name}: {b:?}");
+            // a capacity between the allocated peak and what the device shows does not fit
+            assert!(b.fits(b.device_used) && !b.fits(b.device_used - 1));
+            assert!(!b.fits(b.total));
+        }
+    }
+    // a CPU table plans a CPU process: no CUDA runtime at all
+    let cpu = Coefficients::load(
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("calibration/cpu-x86_64.json"),
+    )
+    .unwrap();
+    let b = memory::estimate(&preset("gpt2").unwrap(), &train(2, 128), &cpu).unwrap();
+    assert_eq!(b.device_used, b.total);
 }

@@ -407,13 +407,13 @@ pub fn render(e: &Estimate) -> String {
         None => format!("image {}", t.image),
     };
     let layout = if t.precision.is_mixed() && t.zero_stage >= 1 {
-        " (DeepSpeed layout: 16-bit weights and gradients, fp32 master and moments sharded)"
+        "DeepSpeed layout: 16-bit weights and gradients, fp32 master and moments in the optimizer"
     } else if t.precision.is_mixed() {
-        " (autocast: fp32 weights, gradients and moments, 16-bit weight copy)"
+        "torch autocast: fp32 weights, gradients and moments, plus a 16-bit weight copy"
     } else if t.precision.is_pure_half() {
-        " (true bf16: weights, gradients and moments in bf16)"
+        "true bf16: weights, gradients and moments all in bf16, no fp32 master"
     } else {
-        ""
+        "fp32 weights, gradients and moments"
     };
     let attention = match e.family {
         crate::spec::Family::Transformer => format!(", {} attention", t.attention),
@@ -421,7 +421,7 @@ pub fn render(e: &Estimate) -> String {
     };
     let _ = writeln!(
         o,
-        "batch {} per GPU, {input}, {}{layout}, {} ({}){attention}, checkpointing {}, ZeRO stage {} over {} GPU(s)\n",
+        "batch {} per GPU, {input}, {}, {} ({}){attention}, checkpointing {}, ZeRO stage {} over {} GPU(s)\nstates: {layout}\n",
         t.batch, t.precision, t.optimizer, t.optimizer_impl, t.checkpointing, t.zero_stage, t.gpus
     );
     let _ = writeln!(o, "Parameters");
