@@ -101,6 +101,12 @@ pub struct ActivationCoeffs {
     pub c_gathered: Coef,
     /// fraction of the 2-byte/param half-precision weight copy resident at the peak (mixed precision)
     pub half_copy: Coef,
+    /// 1: activations are freed layer by layer as backward allocates gradients, so backward holds
+    /// max(activations, gradients) (PyTorch autograd with gradients set to None each step); 0:
+    /// both live in full at the end of backward (the candle harness). Tables written before the
+    /// coefficient existed were fitted on the harness: 0.
+    #[serde(default = "Coef::unset")]
+    pub grad_overlap: Coef,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -228,6 +234,7 @@ impl ModeCoeffs {
                 &a.half_copy,
                 MAX_FRACTION,
             ),
+            ("activation.grad_overlap".to_string(), &a.grad_overlap, 1.0),
             (
                 "overhead.frag".to_string(),
                 &self.overhead.frag,

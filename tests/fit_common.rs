@@ -35,6 +35,9 @@ pub fn truth() -> Coefficients {
         a.c_max_param.value = 10.0;
         // the fit keeps the 16-bit copy at its literature residency (see memfit::fit_linear)
         a.half_copy.value = if m.precision.is_mixed() { 1.0 } else { 0.0 };
+        // the device is a candle harness: activations and gradients live together (the fit's
+        // lifetimes), not PyTorch's layer-by-layer release
+        a.grad_overlap.value = 0.0;
         m.overhead.frag.value = 0.04;
         m.overhead.const_bytes.value = 3.0e6;
         m.time.flops_per_s.value = if half { 2.0e10 } else { 5.0e10 };

@@ -138,7 +138,16 @@ fn assert_sums(m: &MemoryBreakdown) {
         m.overhead,
     ];
     let sum: u128 = parts.iter().map(|&p| p as u128).sum();
-    assert_eq!(m.total as u128, sum, "total is the sum of its parts: {m:?}");
+    assert_eq!(
+        m.total as u128 + m.backward_overlap as u128,
+        sum,
+        "total is the sum of its parts less the backward overlap: {m:?}"
+    );
+    // what overlaps is activations and gradients, never more than the smaller of them
+    assert!(
+        m.backward_overlap <= m.activations.min(m.gradients),
+        "{m:?}"
+    );
     for p in parts {
         assert!(p <= MAX_PLAN_BYTES, "component above the clamp: {m:?}");
     }

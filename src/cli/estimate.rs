@@ -444,6 +444,14 @@ pub fn render(e: &Estimate) -> String {
     row(&mut o, "optimizer states", bytes(m.optimizer));
     row(&mut o, "activations", bytes(m.activations));
     row(&mut o, "overhead", bytes(m.overhead));
+    if m.backward_overlap > 0 {
+        // PyTorch frees each layer's activations as backward allocates its gradients
+        row(
+            &mut o,
+            "freed as gradients arrive",
+            format!("{}  (subtracted)", bytes(m.backward_overlap)),
+        );
+    }
     row(&mut o, "allocated peak", bytes(m.total));
     if m.device_used > m.total {
         row(

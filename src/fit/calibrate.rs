@@ -134,6 +134,15 @@ pub fn fit_mode(
 ) -> anyhow::Result<(ModeCoeffs, serde_json::Value)> {
     let lit = literature_mode(family, precision);
     let mut mode = lit.clone();
+    // The fit's peak model is the harness's lifetimes (`memfit::Eval::predict`): every saved
+    // tensor and gradient live until backward ends, unlike PyTorch's layer-by-layer release.
+    mode.activation.grad_overlap = Coef::new(
+        0.0,
+        format!(
+            "candle harness lifetimes (activations and gradients live together at the end of backward), {}",
+            meta.device_id
+        ),
+    );
     let scopes = scopes(points, family, precision);
     let mut diag = serde_json::Map::new();
     let enough =

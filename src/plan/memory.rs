@@ -388,9 +388,16 @@ pub struct MemoryBreakdown {
     pub gradients: u64,
     pub optimizer: u64,
     pub activations: u64,
+    /// allocator slack, fixed bytes, the cuBLAS workspace, and the optimizer step's excess when
+    /// the step (not backward) holds the peak
     pub overhead: u64,
-    /// the sum of the five components above (exact: they are clamped, so it cannot wrap): the
-    /// allocated peak, what `torch.cuda.max_memory_allocated` reports
+    /// bytes of activations and gradients that are never live at the same time: PyTorch frees
+    /// each layer's saved tensors as backward allocates its gradients (0 under the candle
+    /// harness's lifetimes); subtracted from the sum of the parts
+    pub backward_overlap: u64,
+    /// weights + gradients + optimizer + activations + overhead - backward_overlap (exact:
+    /// parts are clamped, so it cannot wrap): the allocated peak, what
+    /// `torch.cuda.max_memory_allocated` reports
     pub total: u64,
     /// some component exceeded [`MAX_PLAN_BYTES`] and was clamped there: the job fits nowhere
     pub too_large: bool,
@@ -424,7 +431,7 @@ impl MemoryBreakdown {
         let mut too_large = self.too_large;
         let cublas = plan_bytes(rt.cublas_workspace_bytes.value, &mut too_large);
         self.overhead = (self.overhead + cublas).min(MAX_PLAN_BYTES);
-        self.total = self.states() + self.activations + self.overhead;
+        self.total = self.states() + self.activations + self.overhead - self.backward_overlap;
         self.reserved_peak = plan_bytes(
             self.total as f64 * (1.0 + rt.reserve_frac.value),
             &mut too_large,
@@ -456,35 +463,59 @@ pub fn breakdown(
 /// evaluate many configurations do not clone a `ModeCoeffs` per evaluation.
 pub fn breakdown_with_mode(terms: &FitTerms, mode: &crate::coeffs::ModeCoeffs) -> MemoryBreakdown {
     let s = terms.states;
+    let a = &mode.activation;
     let mut too_large = false;
-    let weights_f = s.weights + mode.activation.half_copy.value * s.half_copy;
-    let act = terms.features.activation_bytes(&mode.activation);
-    // The peak is in backward (activations) or at the optimizer step (its transients), whichever
-    // is larger; the excess of the latter is reported as overhead.
-    let live = act.max(terms.features.step_transient_bytes(&mode.activation));
-    let states_f = weights_f + s.gradients + s.optimizer;
-    let overhead_f = mode.overhead.frag.value * (states_f + live)
-        + mode.overhead.const_bytes.value
-        + (live - act);
+    let half = a.half_copy.value * s.half_copy;
+    let weights_f = s.weights + half;
+    let grads = s.gradients;
+    let act = terms.features.activation_bytes(a);
+    let step = terms.features.step_transient_bytes(a);
+    // Above the weights and optimizer states, the peak is in backward or at the optimizer step.
+    // PyTorch's autograd frees each layer's saved activations as backward passes it while that
+    // layer's gradients are allocated (gradients start as None each step: zero_grad's
+    // set_to_none default), so backward holds about max(activations, gradients), and the
+    // autocast weight copy is gone by the step. The candle harness keeps every saved tensor
+    // and every gradient until backward ends (`grad_overlap` 0): activations + gradients.
+    let overlap = a.grad_overlap.value.clamp(0.0, 1.0);
+    let backward = act + grads - overlap * act.min(grads) + half;
+    let at_step = grads + step + (1.0 - overlap) * half;
+    let live = backward.max(at_step);
+    let base = s.weights + s.optimizer;
+    let peak_f =
+        base + live + mode.overhead.frag.value * (base + live) + mode.overhead.const_bytes.value;
     let weights = plan_bytes(weights_f, &mut too_large);
-    let gradients = plan_bytes(s.gradients, &mut too_large);
+    let gradients = plan_bytes(grads, &mut too_large);
     let optimizer = plan_bytes(s.optimizer, &mut too_large);
     let activations = plan_bytes(act, &mut too_large);
-    // Overhead takes the rounding remainder, so the total is the rounded exact sum: rounding
-    // five parts separately could make a larger job a byte smaller than a smaller one.
-    let overhead_rounded = plan_bytes(overhead_f, &mut too_large);
     let parts = weights + gradients + optimizer + activations;
-    let total = if too_large {
-        parts + overhead_rounded
+    // The total is the rounded peak; what the four parts do not explain is overhead (allocator
+    // slack, fixed bytes, the step's excess over backward) or, when activations and gradients
+    // never coexist in full, the overlap subtracted. Rounding the peak once keeps it monotone.
+    let total = plan_bytes(peak_f, &mut too_large);
+    let (overhead, backward_overlap) = if too_large {
+        // clamped parts: report them and their plain sum, which is what does not fit
+        (
+            plan_bytes(
+                peak_f - (weights_f + grads + s.optimizer + act),
+                &mut too_large,
+            ),
+            0,
+        )
+    } else if total >= parts {
+        (total - parts, 0)
     } else {
-        plan_bytes(states_f + act + overhead_f, &mut too_large).max(parts)
+        // at most the smaller of activations and gradients (f64 rounding of huge totals could
+        // claim a byte more)
+        (0, (parts - total).min(activations.min(gradients)))
     };
+    let total = parts + overhead - backward_overlap;
     MemoryBreakdown {
         weights,
         gradients,
         optimizer,
         activations,
-        overhead: total - parts,
+        overhead,
+        backward_overlap,
         // each term <= 2^60, so the sum < 2^63: no overflow in u64 or when signed
         total,
         too_large,

@@ -1,0 +1,447 @@
+#!/usr/bin/env python3
+"""Measure what real PyTorch + HuggingFace transformers training keeps saved for backward.
+
+For small models built from transformers' own classes (GPT2LMHeadModel, BertModel, BertForMaskedLM,
+LlamaForCausalLM with GQA, MistralForCausalLM, Qwen2ForCausalLM, ViTForImageClassification), each
+attention implementation ("eager", "sdpa") and each precision
+
+  fp32           fp32 weights, fp32 compute
+  bf16-autocast  fp32 weights, forward + loss under torch.autocast(device, dtype=torch.bfloat16)
+  bf16           model.to(torch.bfloat16) ("true" bf16)
+
+the script runs ONE forward pass plus the model's own loss in train() mode (the architecture's default
+dropout values, use_cache=False, no attention_mask so that sdpa can use is_causal) inside
+torch.autograd.graph.saved_tensors_hooks and records every tensor autograd packs. Once the forward is done
+every output except the scalar loss is dropped (so e.g. BertModel's pooler graph, or the returned logits,
+are not counted unless the loss needs them), and only the packed tensors still alive are kept. They are
+then DEDUPLICATED BY STORAGE (untyped_storage().data_ptr(); each storage's nbytes() counted once, so a view
+of a larger tensor counts the whole allocation, as the allocator does) and split into
+
+  saved_bytes        activations: storages that are neither a parameter/buffer nor derived from one
+  saved_param_bytes  storages that ARE a model parameter or buffer (they exist anyway)
+  weight_copy_bytes  storages whose autograd history is only casts/views of a parameter (autocast's bf16
+                     weight copies, transposes of weights), i.e. they scale with the parameter count
+  param_bytes        all parameter storages of the model (for reference)
+
+saved_bytes is also broken down by dtype (fp32 / bf16 / bool / int64 / other).
+
+Each run sweeps one grid of (batch b, seq s, hidden h, ffn f, heads a, kv heads, layers L, vocab V) per
+(arch, attention, precision) and writes one CSV row per configuration. `--fit CSV` reads such a CSV and
+fits, by least squares per (arch, attention, precision),
+
+  saved_bytes = L*(alpha*b*s*h + beta*b*s*f + gamma*b*a*s^2 + delta*b*a*s + nu*b*s [+ kappa*b*s*kv*d])
+              + lambda*b*s*V + eps*b*s*h + [zeta*b*s + eta*b + sigma*s + rho*s*d + mu*b*h + c]
+
+(d = h/a the head dim; nu*b*s is the per-row statistics of the norms, e.g. LayerNorm's mean and rstd;
+kappa only for GQA models; rho only for RoPE models, whose cos/sin tables are
+shared by all layers; for ViT the lambda term is lambda*b*V since the classifier sees the CLS token only,
+and its s is the number of patches + 1), printing the coefficients (bytes per element) and the fit's
+largest relative residual, plus the residual of the coefficients rounded to 0.5 byte (0 bytes means the
+decomposition is exact). At b = 1 a few reshapes are views instead of copies (GPT-2's q/k/v become views
+of the fused c_attn output; the shifted LM labels stay a view of the padded labels), so b = 1 rows sit a
+little off the b >= 2 plane; `--fit-min-batch 2` leaves them out. `--dump` prints, for one configuration, every saved storage with the autograd
+nodes that hold it (found by walking the graph from the loss), which is how the per-op notes are made.
+
+On CPU, F.dropout saves a mask with the input's dtype (aten::_dropout_impl: input * noise); on CUDA it
+goes through native_dropout, which saves a 1-byte bool mask, so dropout bytes here are an upper bound
+for CUDA. On CPU, sdpa only uses its flash kernel (saves output + fp32 logsumexp) when dropout_p == 0
+(check_for_dropout in sdp_utils_cpp); with attention dropout (GPT-2, BERT defaults) it falls back to the
+math path, which keeps the s^2 tensors (in fp32, even for bf16 inputs); CUDA's flash / efficient kernels
+do support dropout. CPU autocast's op lists also differ from CUDA's (e.g. softmax is not forced to fp32).
+
+Examples:
+  python3 scripts/torch_saved_bytes.py --out calibration/data/torch-saved-bytes-cpu.csv
+  python3 scripts/torch_saved_bytes.py --arch llama --attention sdpa --precision bf16 --out /tmp/l.csv
+  python3 scripts/torch_saved_bytes.py --fit calibration/data/torch-saved-bytes-cpu.csv
+  python3 scripts/torch_saved_bytes.py --dump --arch gpt2 --attention eager --precision fp32
+
+torch and transformers are imported lazily, so --help works without them.
+"""
+
+import argparse
+import csv
+import gc
+import os
+import sys
+import time
+import weakref
+
+ARCHS = ("gpt2", "bert", "bert-mlm", "llama", "mistral", "qwen2", "vit")
+ATTENTIONS = ("eager", "sdpa")
+PRECISIONS = ("fp32", "bf16-autocast", "bf16")
+GQA_ARCHS = ("llama", "mistral", "qwen2")
+VIT_PATCH = 4
+
+COLUMNS = [
+    "arch", "attention", "precision", "b", "s", "h", "f", "a", "kv_heads", "head_dim", "L", "V",
+    "image_size", "embd_dropout", "hidden_dropout", "attn_dropout",
+    "saved_bytes", "saved_fp32_bytes", "saved_bf16_bytes", "saved_bool_bytes", "saved_int64_bytes",
+    "saved_other_bytes", "saved_storages", "saved_param_bytes", "weight_copy_bytes", "param_bytes",
+    "attn_impl_used", "device", "torch_version", "transformers_version", "seconds",
+]
+
+# The sweep: a base point and one-at-a-time variations, plus a few combined moves so that every
+# fitted column varies independently. (b, s, h, f, a, kv, L, V)
+BASE = dict(b=2, s=64, h=128, f=320, a=4, kv=2, L=2, V=384)
+VARIATIONS = [
+    {}, {"L": 1}, {"L": 3}, {"b": 1}, {"b": 3}, {"s": 32}, {"s": 96},
+    {"h": 64}, {"h": 192}, {"f": 192}, {"f": 512}, {"a": 2, "kv": 1}, {"a": 8, "kv": 4},
+    {"V": 256}, {"V": 768}, {"kv": 4}, {"kv": 1},
+    {"b": 3, "s": 96, "L": 3},
+    {"h": 256, "a": 8, "kv": 2, "s": 48, "L": 1},
+    {"b": 1, "s": 128, "a": 2, "kv": 2, "V": 1024, "f": 256},
+    {"h": 64, "a": 2, "kv": 1, "L": 4, "b": 4, "s": 32},
+]
+
+
+def grid():
+    out, seen = [], set()
+    for v in VARIATIONS:
+        c = dict(BASE)
+        c.update(v)
+        key = tuple(sorted(c.items()))
+        if key not in seen:
+            seen.add(key)
+            out.append(c)
+    return out
+
+
+def vit_image_size(s):
+    """Image side whose patch count + 1 (CLS) is closest to s."""
+    import math
+    n = max(1, round(math.sqrt(max(s - 1, 1))))
+    return n * VIT_PATCH
+
+
+def build(arch, attention, c):
+    import transformers as T
+    h, f, a, kv, L, V, s = c["h"], c["f"], c["a"], c["kv"], c["L"], c["V"], c["s"]
+    common = dict(attn_implementation=attention)
+    if arch == "gpt2":
+        cfg = T.GPT2Config(vocab_size=V, n_positions=max(512, s), n_embd=h, n_layer=L, n_head=a,
+                           n_inner=f, **common)
+        model = T.GPT2LMHeadModel(cfg)
+        drop = (cfg.embd_pdrop, cfg.resid_pdrop, cfg.attn_pdrop)
+    elif arch in ("bert", "bert-mlm"):
+        cfg = T.BertConfig(vocab_size=V, hidden_size=h, num_hidden_layers=L, num_attention_heads=a,
+                           intermediate_size=f, max_position_embeddings=max(512, s), **common)
+        model = T.BertModel(cfg) if arch == "bert" else T.BertForMaskedLM(cfg)
+        drop = (cfg.hidden_dropout_prob, cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob)
+    elif arch in GQA_ARCHS:
+        cls_cfg, cls_model = {
+            "llama": (T.LlamaConfig, T.LlamaForCausalLM),
+            "mistral": (T.MistralConfig, T.MistralForCausalLM),
+            "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM),
+        }[arch]
+        cfg = cls_cfg(vocab_size=V, hidden_size=h, intermediate_size=f, num_hidden_layers=L,
+                      num_attention_heads=a, num_key_value_heads=kv, max_position_embeddings=max(512, s),
+                      **common)
+        model = cls_model(cfg)
+        drop = (0.0, 0.0, cfg.attention_dropout)
+    elif arch == "vit":
+        img = vit_image_size(s)
+        cfg = T.ViTConfig(hidden_size=h, num_hidden_layers=L, num_attention_heads=a, intermediate_size=f,
+                          image_size=img, patch_size=VIT_PATCH, num_channels=3, num_labels=V, **common)
+        model = T.ViTForImageClassification(cfg)
+        drop = (cfg.hidden_dropout_prob, cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob)
+    else:
+        raise ValueError(arch)
+    used = getattr(model.config, "_attn_implementation", "?")
+    return model, drop, used
+
+
+def make_inputs(arch, c, torch, dtype):
+    b, s, V = c["b"], c["s"], c["V"]
+    g = torch.Generator().manual_seed(0)
+    if arch == "vit":
+        img = vit_image_size(s)
+        px = torch.randn(b, 3, img, img, generator=g).to(dtype)
+        labels = torch.randint(0, V, (b,), generator=g)
+        return dict(pixel_values=px, labels=labels)
+    ids = torch.randint(0, V, (b, s), generator=g)
+    if arch == "bert":
+        return dict(input_ids=ids)
+    if arch == "bert-mlm":
+        return dict(input_ids=ids, labels=ids.clone())
+    return dict(input_ids=ids, labels=ids.clone(), use_cache=False)
+
+
+def loss_of(arch, out):
+    if arch == "bert":
+        # A stand-in task head: uses every output position and the pooler; sum() saves nothing.
+        return out.last_hidden_state.sum() + out.pooler_output.sum()
+    return out.loss
+
+
+_VIEWISH = ("ToCopyBackward", "TBackward", "ViewBackward", "UnsafeViewBackward", "TransposeBackward",
+            "PermuteBackward", "ExpandBackward", "UnsqueezeBackward", "SqueezeBackward", "AliasBackward",
+            "SliceBackward", "SelectBackward")
+
+
+def _param_derived(t, param_ptrs):
+    """True when t's autograd history is only casts/views of one parameter (e.g. autocast weight copy)."""
+    fn = t.grad_fn
+    for _ in range(8):
+        if fn is None:
+            return False
+        name = type(fn).__name__
+        if name == "AccumulateGrad":
+            v = fn.variable
+            return v.untyped_storage().data_ptr() in param_ptrs
+        if not name.startswith(_VIEWISH):
+            return False
+        nxt = [n for n, _ in fn.next_functions if n is not None]
+        if len(nxt) != 1:
+            return False
+        fn = nxt[0]
+    return False
+
+
+def measure(arch, attention, precision, c, device="cpu", dump=False):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    model, drop, used = build(arch, attention, c)
+    if precision == "bf16":
+        model = model.to(torch.bfloat16)
+    model = model.to(device)
+    model.train()
+    in_dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    inputs = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in make_inputs(arch, c, torch, in_dtype).items()}
+
+    state_ptrs = {}
+    for p in list(model.parameters()) + list(model.buffers()):
+        st = p.untyped_storage()
+        state_ptrs[st.data_ptr()] = st.nbytes()
+    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    param_bytes = sum(p.untyped_storage().nbytes() for p in
+                      {p.untyped_storage().data_ptr(): p for p in model.parameters()}.values())
+
+    records = []
+
+    def pack(t):
+        st = t.untyped_storage()
+        ptr = st.data_ptr()
+        if ptr in state_ptrs:
+            kind = "param"
+        elif _param_derived(t, param_ptrs):
+            kind = "weight_copy"
+        else:
+            kind = "act"
+        try:
+            ref = weakref.ref(t)
+        except TypeError:
+            ref = (lambda t=t: t)
+        records.append((ref, ptr, st.nbytes(), t.dtype, tuple(t.shape), kind))
+        return t
+
+    def unpack(t):
+        return t
+
+    t0 = time.time()
+    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+        if precision == "bf16-autocast":
+            with torch.autocast(device_type=device, dtype=torch.bfloat16):
+                out = model(**inputs)
+                loss = loss_of(arch, out)
+        else:
+            out = model(**inputs)
+            loss = loss_of(arch, out)
+    del out
+    gc.collect()
+
+    storages = {}
+    for ref, ptr, nbytes, dtype, shape, kind in records:
+        if ref() is None or ptr == 0:
+            continue
+        prev = storages.get(ptr)
+        if prev is None or nbytes > prev[0]:
+            storages[ptr] = (nbytes, dtype, shape, kind)
+
+    row = {k: 0 for k in ("saved_bytes", "saved_fp32_bytes", "saved_bf16_bytes", "saved_bool_bytes",
+                          "saved_int64_bytes", "saved_other_bytes", "saved_param_bytes", "weight_copy_bytes")}
+    n_act = 0
+    for nbytes, dtype, shape, kind in storages.values():
+        if kind == "param":
+            row["saved_param_bytes"] += nbytes
+        elif kind == "weight_copy":
+            row["weight_copy_bytes"] += nbytes
+        else:
+            n_act += 1
+            row["saved_bytes"] += nbytes
+            key = {torch.float32: "saved_fp32_bytes", torch.bfloat16: "saved_bf16_bytes",
+                   torch.bool: "saved_bool_bytes", torch.int64: "saved_int64_bytes"}.get(dtype, "saved_other_bytes")
+            row[key] += nbytes
+
+    if dump:
+        _dump(loss, storages, torch)
+
+    loss.backward()  # sanity: the graph is usable; frees it
+    seconds = time.time() - t0
+    del loss, records
+    gc.collect()
+
+    s_eff = c["s"]
+    img = ""
+    if arch == "vit":
+        img = vit_image_size(c["s"])
+        s_eff = (img // VIT_PATCH) ** 2 + 1
+    row.update(dict(
+        arch=arch, attention=attention, precision=precision, b=c["b"], s=s_eff, h=c["h"], f=c["f"], a=c["a"],
+        kv_heads=c["kv"] if arch in GQA_ARCHS else c["a"], head_dim=c["h"] // c["a"], L=c["L"],
+        V=c["V"], image_size=img, embd_dropout=drop[0], hidden_dropout=drop[1], attn_dropout=drop[2],
+        saved_storages=n_act, param_bytes=param_bytes, attn_impl_used=used, device=device,
+        torch_version=torch.__version__, transformers_version=transformers.__version__,
+        seconds=round(seconds, 3),
+    ))
+    return row
+
+
+def _dump(loss, storages, torch):
+    """Walk the autograd graph from the loss; print every saved storage with the nodes holding it."""
+    holders = {}
+    seen = set()
+    stack = [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        for attr in dir(fn):
+            if not attr.startswith("_saved_"):
+                continue
+            try:
+                v = getattr(fn, attr)
+            except Exception:
+                continue
+            vals = v if isinstance(v, (list, tuple)) else [v]
+            for x in vals:
+                if isinstance(x, torch.Tensor) and x.untyped_storage().data_ptr() != 0:
+                    holders.setdefault(x.untyped_storage().data_ptr(), []).append(
+                        f"{type(fn).__name__}.{attr[7:]}{tuple(x.shape)}")
+        stack.extend(n for n, _ in fn.next_functions if n is not None)
+    total = {}
+    for ptr, (nbytes, dtype, shape, kind) in sorted(storages.items(), key=lambda kv: -kv[1][0]):
+        total[kind] = total.get(kind, 0) + nbytes
+        who = ", ".join(sorted(set(holders.get(ptr, ["(not reachable from loss)"]))))
+        print(f"{kind:12s} {nbytes:>10d} {str(dtype):15s} {str(shape):22s} {who}")
+    graph_bytes = sum(storages[p][0] for p in holders if p in storages)
+    print(f"totals by kind: {total}; bytes of hooked storages reachable from the loss graph: {graph_bytes}")
+
+
+def fit(path, out=sys.stdout, min_batch=1):
+    """Least-squares fit per (arch, attention, precision); see the module docstring for the model.
+
+    Prints the fitted coefficients, the largest relative residual of the least-squares fit, and the
+    largest residual (bytes, and relative) of the model with every coefficient rounded to 0.5 byte,
+    which shows whether the decomposition is exact. Rows with b < min_batch are left out.
+    """
+    import numpy as np
+    rows = [r for r in csv.DictReader(open(path)) if int(r["b"]) >= min_batch]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["attention"], r["precision"]), []).append(r)
+    allnames = ["alpha", "beta", "gamma", "delta", "nu", "lambda", "eps", "kappa", "zeta", "eta", "sigma",
+                "rho", "mu", "const"]
+    print(",".join(["arch", "attention", "precision", "n"] + allnames +
+                   ["max_rel_err", "rounded_max_abs_err_bytes", "rounded_max_rel_err", "rank_ok"]), file=out)
+    for (arch, att, prec), rs in groups.items():
+        names, X, y = None, [], []
+        for r in rs:
+            b, s, h, f, a, kv, L, V = (int(r[k]) for k in ("b", "s", "h", "f", "a", "kv_heads", "L", "V"))
+            d = h // a
+            cols = {
+                "alpha": L * b * s * h, "beta": L * b * s * f, "gamma": L * b * a * s * s,
+                "delta": L * b * a * s, "nu": L * b * s,
+                "lambda": (b * V if arch == "vit" else b * s * V) if arch != "bert" else None,
+                "eps": b * s * h,
+                "kappa": L * b * s * kv * d if arch in GQA_ARCHS else None,
+                "zeta": b * s, "eta": b, "sigma": s,
+                "rho": s * d if arch in GQA_ARCHS else None,
+                "mu": b * h if arch in ("bert", "vit") else None,
+                "const": 1,
+            }
+            cols = {k: v for k, v in cols.items() if v is not None}
+            names = list(cols)
+            X.append([float(v) for v in cols.values()])
+            y.append(float(r["saved_bytes"]))
+        X, y = np.array(X), np.array(y)
+        scale = X.max(axis=0)
+        coef, _, rank, _ = np.linalg.lstsq(X / scale, y, rcond=None)
+        coef = coef / scale
+        err = np.max(np.abs(X @ coef - y) / y)
+        rounded = np.round(coef * 2) / 2
+        rerr = np.abs(X @ rounded - y)
+        vals = dict(zip(names, coef))
+        cells = [f"{vals[k]:.3f}" if k in vals else "" for k in allnames]
+        print(",".join([arch, att, prec, str(len(rs))] + cells +
+                       [f"{err:.1e}", f"{rerr.max():.0f}", f"{np.max(rerr / y):.1e}", str(rank == X.shape[1])]),
+              file=out)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="torch-saved-bytes.csv", help="CSV file to write (default %(default)s)")
+    p.add_argument("--arch", choices=ARCHS, action="append", help="architecture(s) (default: all)")
+    p.add_argument("--attention", choices=ATTENTIONS, action="append", help="eager | sdpa (default: both)")
+    p.add_argument("--precision", choices=PRECISIONS, action="append", help="(default: all three)")
+    p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
+    p.add_argument("--fit", metavar="CSV", help="fit the coefficients from CSV and print them; measure nothing")
+    p.add_argument("--fit-min-batch", type=int, default=1, metavar="B",
+                   help="with --fit: leave out rows with batch < B (default %(default)s)")
+    p.add_argument("--dump", action="store_true",
+                   help="print the saved storages of the base configuration (per arch/attention/precision)")
+    args = p.parse_args()
+
+    if args.fit:
+        fit(args.fit, min_batch=args.fit_min_batch)
+        return
+
+    import torch
+    import transformers
+    transformers.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    archs = args.arch or list(ARCHS)
+    atts = args.attention or list(ATTENTIONS)
+    precs = args.precision or list(PRECISIONS)
+
+    if args.dump:
+        for arch in archs:
+            for att in atts:
+                for prec in precs:
+                    print(f"== {arch} {att} {prec} {BASE}")
+                    r = measure(arch, att, prec, dict(BASE), args.device, dump=True)
+                    print(f"saved_bytes={r['saved_bytes']} param={r['saved_param_bytes']} "
+                          f"weight_copy={r['weight_copy_bytes']} attn_impl={r['attn_impl_used']}")
+        return
+
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=COLUMNS)
+        w.writeheader()
+        for arch in archs:
+            for att in atts:
+                for prec in precs:
+                    done = set()
+                    for c in grid():
+                        if arch not in GQA_ARCHS:
+                            c["kv"] = c["a"]  # kv only matters for GQA models
+                            key = tuple(sorted(c.items()))
+                            if key in done:
+                                continue
+                            done.add(key)
+                        try:
+                            r = measure(arch, att, prec, c, args.device)
+                        except Exception as e:  # record and go on
+                            print(f"error {arch} {att} {prec} {c}: {type(e).__name__}: {e}", file=sys.stderr)
+                            continue
+                        w.writerow(r)
+                        fh.flush()
+                    print(f"done {arch} {att} {prec}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
