@@ -101,6 +101,10 @@ pub struct ActivationCoeffs {
     pub c_gathered: Coef,
     /// fraction of the 2-byte/param half-precision weight copy resident at the peak (mixed precision)
     pub half_copy: Coef,
+    /// Saved-for-backward bytes of measured PyTorch block implementations (per attention
+    /// kind); where one matches the model, it replaces c_h, c_f, c_att and c_logits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks: Vec<BlockCoeffs>,
     /// 1: activations are freed layer by layer as backward allocates gradients, so backward holds
     /// max(activations, gradients) (PyTorch autograd with gradients set to None each step); 0:
     /// both live in full at the end of backward (the candle harness). Tables written before the
@@ -137,6 +141,52 @@ pub struct TimeCoeffs {
     pub t0_s: Coef,
     /// step time with full recomputation over step time without
     pub recompute_factor: Coef,
+}
+
+/// What one measured transformer block implementation saves for backward, in bytes per element
+/// of each count (per layer unless `_once`). Measured with PyTorch and transformers' own model
+/// classes (scripts/torch_saved_bytes.py); the source says what was translated (dropout masks
+/// are 1-byte on CUDA, the dtype's size on the CPU where it was measured).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BlockCoeffs {
+    pub block: crate::spec::transformer::BlockKind,
+    pub attention: crate::spec::Attention,
+    /// per b·s·h per layer (norms, projections' inputs, q/k/v at full width, dropout masks)
+    pub bsh: f64,
+    /// per b·s·f per layer, f the FFN width (SwiGLU: gate, SiLU, up and down's input)
+    pub bsf: f64,
+    /// per b·a·s² per stored layer (eager softmax output, its mask and dropped copy)
+    pub bas2: f64,
+    /// per b·a·s per layer (sdpa's fp32 log-sum-exp)
+    pub bas: f64,
+    /// per b·s·kv_heads·head_dim per layer (sdpa keeps K and V at the key/value width)
+    pub bskv: f64,
+    /// per b·s per layer (normalisation statistics)
+    pub bs: f64,
+    /// per b·s·h once (embedding output, final norm)
+    pub bsh_once: f64,
+    /// per b·s once (token ids, labels, positions)
+    pub bs_once: f64,
+    /// per element of the head's output (LM: the fp32 log-softmax of b·s·V)
+    pub bsv: f64,
+    pub source: String,
+}
+
+impl BlockCoeffs {
+    fn ranged(&self) -> [(&'static str, f64); 9] {
+        [
+            ("bsh", self.bsh),
+            ("bsf", self.bsf),
+            ("bas2", self.bas2),
+            ("bas", self.bas),
+            ("bskv", self.bskv),
+            ("bs", self.bs),
+            ("bsh_once", self.bsh_once),
+            ("bs_once", self.bs_once),
+            ("bsv", self.bsv),
+        ]
+    }
 }
 
 /// GPU runtime memory outside the model's tensors: what `nvidia-smi` shows beyond
@@ -377,6 +427,16 @@ impl Coefficients {
                         &format!("{at} {key}"),
                         format!("{v} is out of range; accepted 0..={max}"),
                     );
+                }
+            }
+            for (j, b) in m.activation.blocks.iter().enumerate() {
+                for (key, v) in b.ranged() {
+                    if !(v.is_finite() && (0.0..=MAX_BYTES_PER_ELEM).contains(&v)) {
+                        return input_err(
+                            &format!("{at} activation.blocks[{j}].{key}"),
+                            format!("{v} is out of range; accepted 0..={MAX_BYTES_PER_ELEM}"),
+                        );
+                    }
                 }
             }
             for name in m.time.s_per_elem.keys() {

@@ -38,6 +38,8 @@ pub fn truth() -> Coefficients {
         // the device is a candle harness: activations and gradients live together (the fit's
         // lifetimes), not PyTorch's layer-by-layer release
         a.grad_overlap.value = 0.0;
+        // and its blocks are described by the per-feature coefficients above, not PyTorch's
+        a.blocks.clear();
         m.overhead.frag.value = 0.04;
         m.overhead.const_bytes.value = 3.0e6;
         m.time.flops_per_s.value = if half { 2.0e10 } else { 5.0e10 };

@@ -83,8 +83,18 @@ fn scopes<'a>(
     ]
 }
 
-fn literature_mode(family: Family, precision: Precision) -> ModeCoeffs {
-    Coefficients::literature().mode(family, precision)
+/// The literature prior of a fit: its per-feature coefficients only. The literature's measured
+/// PyTorch blocks describe PyTorch's kernels, not the harness being fitted; carried into a
+/// fitted table they would override its fitted c_h, c_f, c_att and c_logits. Its lifetimes are
+/// the harness's (activations and gradients live together).
+pub fn literature_mode(family: Family, precision: Precision) -> ModeCoeffs {
+    let mut m = Coefficients::literature().mode(family, precision);
+    m.activation.blocks.clear();
+    m.activation.grad_overlap = Coef::new(
+        0.0,
+        "candle harness lifetimes: activations and gradients live together at the end of backward",
+    );
+    m
 }
 
 /// Writes a memory fit's values and sources into a mode.
@@ -134,15 +144,6 @@ pub fn fit_mode(
 ) -> anyhow::Result<(ModeCoeffs, serde_json::Value)> {
     let lit = literature_mode(family, precision);
     let mut mode = lit.clone();
-    // The fit's peak model is the harness's lifetimes (`memfit::Eval::predict`): every saved
-    // tensor and gradient live until backward ends, unlike PyTorch's layer-by-layer release.
-    mode.activation.grad_overlap = Coef::new(
-        0.0,
-        format!(
-            "candle harness lifetimes (activations and gradients live together at the end of backward), {}",
-            meta.device_id
-        ),
-    );
     let scopes = scopes(points, family, precision);
     let mut diag = serde_json::Map::new();
     let enough =

@@ -464,7 +464,9 @@ struct Eval<'a> {
 
 impl<'a> Eval<'a> {
     fn new(values: &'a [f64; COLS.len()]) -> Self {
+        // the fitted per-feature coefficients alone: no measured PyTorch blocks
         let mut m = crate::coeffs::Coefficients::literature_ref().modes[0].clone();
+        m.activation.blocks.clear();
         for (k, c) in COLS.iter().enumerate() {
             c.coef_mut(&mut m).value = values[k];
         }

@@ -5,10 +5,10 @@
 //! `peak = (1 + frag) * (fixed_states + half_copy * half_copy_bytes + sum_i c_i * feature_i) + const`,
 //! so [`FitTerms`] exposes exactly those terms to `fit/`.
 
-use crate::coeffs::{ActivationCoeffs, Coefficients};
+use crate::coeffs::{ActivationCoeffs, BlockCoeffs, Coefficients};
 use crate::error::input_err;
 use crate::plan::params;
-use crate::spec::transformer::{FfnKind, Head};
+use crate::spec::transformer::{BlockKind, FfnKind, Head};
 use crate::spec::{Attention, Checkpointing, ModelSpec, TrainSpec};
 use serde::Serialize;
 
@@ -64,13 +64,26 @@ pub struct Features {
     /// saves the AV product's inputs instead) and the fp32 row log-sum-exp (b·a·s). Kernel
     /// semantics from PyTorch's `_scaled_dot_product_flash_attention` /
     /// `_efficient_attention` signatures, not fitted (the harness runs eager attention).
-    #[serde(default)]
     pub fused_attention_bytes: f64,
     /// Bytes (not elements) of the optimizer step's group-wide temporaries: AdamW `foreach`
     /// materialises `_foreach_sqrt(exp_avg_sq)`, one state-sized tensor per parameter this rank
     /// updates (torch/optim/adamw.py `_multi_tensor_adamw`). Literature, not fitted.
-    #[serde(default)]
     pub group_update_bytes: f64,
+    /// The measured PyTorch block implementation the model's blocks match, with the attention
+    /// kind: selects [`crate::coeffs::BlockCoeffs`] when the table has them
+    pub block: Option<(BlockKind, Attention)>,
+    /// b*s*f over the live layers, once per FFN (not doubled for SwiGLU)
+    pub bsf_raw: f64,
+    /// b*a*s over the live layers (attention rows)
+    pub bas: f64,
+    /// b*s*kv_heads*head_dim over the live layers
+    pub bskv: f64,
+    /// b*s over the live layers
+    pub bs: f64,
+    /// b*s*h once per model
+    pub bsh_once: f64,
+    /// b*s once per model
+    pub bs_once: f64,
 }
 
 impl Features {
@@ -111,9 +124,21 @@ impl Features {
         out
     }
 
+    /// The measured block coefficients for this model, when the table has them.
+    fn measured<'a>(&self, a: &'a ActivationCoeffs) -> Option<&'a BlockCoeffs> {
+        let (kind, attention) = self.block?;
+        a.blocks
+            .iter()
+            .find(|b| b.block == kind && b.attention == attention)
+    }
+
     pub fn activation_bytes(&self, a: &ActivationCoeffs) -> f64 {
         let ws = a.c_workspace.value;
-        let common = self.ckpt_bsh * a.c_ckpt.value
+        let once = self.measured(a).map_or(0.0, |m| {
+            self.bsh_once * m.bsh_once + self.bs_once * m.bs_once
+        });
+        let common = once
+            + self.ckpt_bsh * a.c_ckpt.value
             + self.conv * a.c_conv.value
             + self.norm * a.c_norm.value
             + self.act * a.c_act.value
@@ -131,6 +156,17 @@ impl Features {
 
     /// Saved bytes of the head (logits, loss) and of the live blocks.
     fn saved_bytes(&self, a: &ActivationCoeffs) -> (f64, f64) {
+        if let Some(m) = self.measured(a) {
+            return (
+                self.bsv * m.bsv,
+                self.bsh * m.bsh
+                    + self.bsf_raw * m.bsf
+                    + self.bas2 * m.bas2
+                    + self.bas * m.bas
+                    + self.bskv * m.bskv
+                    + self.bs * m.bs,
+            );
+        }
         (
             self.bsv * a.c_logits.value,
             self.bsh * a.c_h.value
@@ -259,6 +295,13 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 max_param: update_transient(model, train),
                 fused_attention_bytes,
                 group_update_bytes: group_update(params::count(model), train),
+                block: t.block_kind().map(|k| (k, train.attention)),
+                bsf_raw: live * b * s * f,
+                bas: live * b * a * s,
+                bskv: live * b * s * (t.kv_heads * t.head_dim()) as f64,
+                bs: live * b * s,
+                bsh_once: b * s * h,
+                bs_once: b * s,
             })
         }
         ModelSpec::Cnn(c) => {

@@ -60,7 +60,9 @@ pub fn step_flops(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<StepFl
         ..train.clone()
     };
     let terms = memory::fit_terms(model, &plain)?;
-    let mode = lit.mode(model.family(), train.precision);
+    let mut mode = lit.mode(model.family(), train.precision);
+    // the per-feature weights alone, so traffic stays linear in the features the time fit uses
+    mode.activation.blocks.clear();
     let act = terms.features;
     Ok(StepFlops {
         dense,

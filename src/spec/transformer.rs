@@ -88,6 +88,35 @@ pub struct TransformerSpec {
     pub patch: Option<PatchEmbed>,
 }
 
+/// Transformer block implementations whose saved-for-backward tensors were measured in PyTorch
+/// with transformers' own classes (scripts/torch_saved_bytes.py,
+/// calibration/data/torch-saved-bytes-cpu.csv); a spec is matched to one by its structure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockKind {
+    /// RMSNorm + SwiGLU, no dropout: Llama, Mistral, Qwen2 (identical blocks in transformers)
+    Llama,
+    /// pre-LayerNorm decoder with the composed tanh GELU (`gelu_new`) and dropout 0.1: GPT-2
+    Gpt2,
+    /// post-LayerNorm encoder with erf GELU and dropout 0.1: BERT
+    Bert,
+    /// pre-LayerNorm encoder over patches with erf GELU, no dropout: ViT
+    Vit,
+}
+
+impl TransformerSpec {
+    /// The measured block implementation this spec's blocks are built like, if any.
+    pub fn block_kind(&self) -> Option<BlockKind> {
+        match (self.norm, self.ffn_kind, self.arch, self.patch.is_some()) {
+            (NormKind::Rmsnorm, FfnKind::Swiglu, _, false) => Some(BlockKind::Llama),
+            (NormKind::Layernorm, FfnKind::Gelu, Arch::Decoder, false) => Some(BlockKind::Gpt2),
+            (NormKind::Layernorm, FfnKind::Gelu, Arch::Encoder, false) => Some(BlockKind::Bert),
+            (NormKind::Layernorm, FfnKind::Gelu, Arch::Encoder, true) => Some(BlockKind::Vit),
+            _ => None,
+        }
+    }
+}
+
 /// Sizes above these are typos, not models (the largest published dense models are far below).
 pub const MAX_LAYERS: u64 = 1024;
 pub const MAX_HIDDEN: u64 = 1 << 17;
