@@ -94,6 +94,7 @@ pub fn row(model: &ModelSpec, train: &TrainSpec, peak: f64, step_s: f64, status:
             "synthetic failure".into()
         },
         spec_json: serde_json::to_string(model).unwrap(),
+        attention: train.attention,
     }
 }
 

@@ -60,27 +60,29 @@ fn bert_base_fp32_adamw_is_16_bytes_per_param() {
     assert_eq!(v["params_12ld2"].as_u64().unwrap(), 12 * 12 * 768 * 768);
 }
 
+/// The README's question: llama2-7b at seq 4096 on 8 x H100 with ZeRO-2 and checkpointing.
+const SEVEN_B: [&str; 16] = [
+    "estimate",
+    "--model",
+    "llama2-7b",
+    "--seq",
+    "4096",
+    "--precision",
+    "bf16-mixed",
+    "--zero",
+    "2",
+    "--gpus",
+    "8",
+    "--checkpointing",
+    "full",
+    "--gpu",
+    "h100",
+    "--max-batch",
+];
+
 #[test]
 fn seven_b_on_eight_h100_with_zero2_and_checkpointing() {
-    let args = [
-        "estimate",
-        "--model",
-        "llama2-7b",
-        "--seq",
-        "4096",
-        "--precision",
-        "bf16-mixed",
-        "--zero",
-        "2",
-        "--gpus",
-        "8",
-        "--checkpointing",
-        "full",
-        "--gpu",
-        "h100",
-        "--max-batch",
-        "--json",
-    ];
+    let args: Vec<&str> = SEVEN_B.iter().copied().chain(["--json"]).collect();
     let v = json(&args);
     assert_eq!(v["verdict"]["fits"], true);
     let b = v["search"]["max_batch"].as_u64().unwrap();
@@ -306,24 +308,7 @@ fn bad_inputs_exit_2_with_one_line_naming_the_field() {
 fn readme_planning_example_is_the_binary_output() {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let (code, out, err) = vramcal(&[
-        "estimate",
-        "--model",
-        "llama2-7b",
-        "--seq",
-        "4096",
-        "--precision",
-        "bf16-mixed",
-        "--zero",
-        "2",
-        "--gpus",
-        "8",
-        "--checkpointing",
-        "full",
-        "--gpu",
-        "h100",
-        "--max-batch",
-    ]);
+    let (code, out, err) = vramcal(&SEVEN_B);
     assert_eq!(code, 0, "{err}");
     let lines: Vec<&str> = out.lines().collect();
     let host = lines

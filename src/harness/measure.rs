@@ -290,6 +290,7 @@ pub fn row_template(info: &DeviceInfo, model: &ModelSpec, train: &TrainSpec) -> 
         status: Status::Error,
         error: String::new(),
         spec_json: serde_json::to_string(model).expect("specs serialise"),
+        attention: train.attention,
     }
 }
 

@@ -109,6 +109,15 @@ pub struct Row {
     pub error: String,
     /// the full model spec as JSON, so a row can be re-planned exactly without the grid
     pub spec_json: String,
+    /// Attention kernels of the step. Left out when eager (the harness's default and every
+    /// sweep's), so eager rows keep the schema-1 columns; a fused-attention row (`measure
+    /// --attention sdpa`) carries it as a 37th field, which the schema-1 reader refuses instead
+    /// of reading as eager.
+    #[serde(
+        default = "Attention::legacy",
+        skip_serializing_if = "Attention::is_eager"
+    )]
+    pub attention: Attention,
 }
 
 impl Row {
@@ -127,8 +136,8 @@ impl Row {
             checkpointing: self.checkpointing,
             zero_stage: self.zero_stage,
             gpus: self.gpus,
-            // rows are candle harness steps: composed attention, tensor-by-tensor optimizer
-            attention: Attention::Eager,
+            // the harness's optimizer updates tensor by tensor
+            attention: self.attention,
             optimizer_impl: OptimizerImpl::Loop,
         }
     }

@@ -146,6 +146,9 @@ pub struct Ctx<'a> {
     pub dropout: f32,
     /// Seed of this step's dropout masks: the same seed gives the same masks (recompute).
     pub seed: u64,
+    /// Fused attention (`layers::flash`, PyTorch's sdpa kernels' memory) instead of the
+    /// composed softmax(QK^T)V that stores the probabilities.
+    pub flash_attention: bool,
 }
 
 impl<'a> Ctx<'a> {

@@ -68,9 +68,12 @@ impl Attention {
             v = expand(v)?;
         }
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let probs = fused::attention_probs(&q, &k, scale, self.causal)?;
-        let probs = ctx.dropout(&probs, site)?;
-        let y = probs.matmul(&v)?;
+        let y = if ctx.flash_attention {
+            super::flash::attention(&q, &k, &v, scale, self.causal)?
+        } else {
+            let probs = fused::attention_probs(&q, &k, scale, self.causal)?;
+            ctx.dropout(&probs, site)?.matmul(&v)?
+        };
         self.out.forward_merge_heads(ctx, &y, heads(self.heads))
     }
 }

@@ -1,0 +1,244 @@
+//! Fused attention for the harness, memory-shaped like PyTorch's `scaled_dot_product_attention`
+//! kernels (FlashAttention-2, memory-efficient attention): `softmax(scale * q k^T + mask) v` as
+//! one graph node that keeps only q, k, v and its output, and never materialises the whole
+//! b·a·s² score matrix, forward or backward.
+//!
+//! Both passes walk the queries in row tiles: a tile's scores are `[b, a, t, s]` for `t` rows,
+//! freed before the next tile. Backward recomputes each tile's probabilities from q and k (the
+//! kernels' recomputation; a full row of keys is in every tile, so no running log-sum-exp is
+//! needed) and accumulates dK and dV across tiles. Written with candle tensor ops on detached
+//! tensors, so the same code runs on CPU and CUDA.
+//!
+//! Attention-probability dropout is not applied on this path (the CUDA kernels replay it from a
+//! saved RNG state, which costs no memory); the residual dropouts are unchanged.
+
+use candle_core::{
+    backend::BackendStorage, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape,
+    Storage, Tensor, D,
+};
+use std::sync::Mutex;
+
+/// Query rows per tile: a tile's scores are `b·a·TILE·s` elements, a small fraction of `s²`.
+pub const TILE: usize = 64;
+
+/// The additive causal mask of query rows `r0..r0+t` against all `s` keys.
+fn causal_mask(
+    r0: usize,
+    t: usize,
+    s: usize,
+    dtype: DType,
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
+    let m: Vec<f32> = (r0..r0 + t)
+        .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(m, (t, s), dev)?.to_dtype(dtype)
+}
+
+/// Probabilities of query rows `r0..r0+t`: `[b, a, t, s]`.
+fn tile_probs(
+    q: &Tensor,
+    kt: &Tensor,
+    r0: usize,
+    t: usize,
+    scale: f64,
+    causal: bool,
+) -> Result<Tensor> {
+    let s = kt.dim(D::Minus1)?;
+    let scores = (q.narrow(2, r0, t)?.contiguous()?.matmul(kt)? * scale)?;
+    let scores = if causal {
+        scores.broadcast_add(&causal_mask(r0, t, s, q.dtype(), q.device())?)?
+    } else {
+        scores
+    };
+    candle_nn::ops::softmax_last_dim(&scores)
+}
+
+fn tiles(s: usize) -> impl Iterator<Item = (usize, usize)> {
+    (0..s).step_by(TILE).map(move |r0| (r0, TILE.min(s - r0)))
+}
+
+/// The graph node: its forward hands over the output computed tile by tile (taken once, so the
+/// op stored in the graph does not keep a second copy alive); its backward is the tiled one.
+struct FlashAttnOp {
+    out: Mutex<Option<Tensor>>,
+    scale: f64,
+    causal: bool,
+}
+
+impl FlashAttnOp {
+    fn take(&self) -> Result<Tensor> {
+        self.out
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("flash attention: poisoned output".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("flash attention: forward ran twice".into()))
+    }
+}
+
+impl CustomOp3 for FlashAttnOp {
+    fn name(&self) -> &'static str {
+        "flash-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = self.take()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cpu(c) => Ok((c.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("flash attention: output on another device than its inputs"),
+        }
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let out = self.take()?;
+        let (storage, layout) = out.storage_and_layout();
+        match &*storage {
+            Storage::Cuda(c) => Ok((c.try_clone(layout)?, layout.shape().clone())),
+            _ => candle_core::bail!("flash attention: output on another device than its inputs"),
+        }
+    }
+
+    /// Per tile: P from q, k; dV += Pᵀ dO; dP = dO vᵀ; dS = P ∘ (dP − rowsum(dO ∘ O)) · scale;
+    /// dQ = dS k; dK += dSᵀ q.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (q, k, v, out) = (q.detach(), k.detach(), v.detach(), out.detach());
+        let grad = grad.contiguous()?;
+        let kt = k.t()?.contiguous()?;
+        let vt = v.t()?.contiguous()?;
+        let rows = (&grad * &out)?.sum_keepdim(D::Minus1)?;
+        let s = q.dim(2)?;
+        let mut dq = Vec::new();
+        let mut dk = k.zeros_like()?;
+        let mut dv = v.zeros_like()?;
+        for (r0, t) in tiles(s) {
+            let p = tile_probs(&q, &kt, r0, t, self.scale, self.causal)?;
+            let g = grad.narrow(2, r0, t)?.contiguous()?;
+            dv = (dv + p.t()?.contiguous()?.matmul(&g)?)?;
+            let dp = g.matmul(&vt)?;
+            let ds =
+                ((p * dp.broadcast_sub(&rows.narrow(2, r0, t)?.contiguous()?)?)? * self.scale)?;
+            dq.push(ds.matmul(&k)?);
+            dk = (dk
+                + ds.t()?
+                    .contiguous()?
+                    .matmul(&q.narrow(2, r0, t)?.contiguous()?)?)?;
+        }
+        Ok((Some(Tensor::cat(&dq, 2)?), Some(dk), Some(dv)))
+    }
+}
+
+/// `softmax(scale * q k^T [+ causal mask]) v` for `q, k, v: [b, a, s, d]`, keeping q, k, v and
+/// the output for backward, like PyTorch's fused kernels (which also keep an fp32 log-sum-exp
+/// of `b·a·s`, recomputed here instead).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let out = {
+        let (qd, vd) = (q.detach(), v.detach());
+        let kt = k.detach().t()?.contiguous()?;
+        let s = q.dim(2)?;
+        let mut parts = Vec::new();
+        for (r0, t) in tiles(s) {
+            parts.push(tile_probs(&qd, &kt, r0, t, scale, causal)?.matmul(&vd)?);
+        }
+        Tensor::cat(&parts, 2)?
+    };
+    let op = FlashAttnOp {
+        out: Mutex::new(Some(out)),
+        scale,
+        causal,
+    };
+    q.apply_op3(&k, &v, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// Output and all three gradients equal the composed softmax(QK^T)V (which materialises the
+    /// whole score matrix), causal and not, over a length that is not a multiple of the tile.
+    #[test]
+    fn matches_composed_attention_and_its_gradients() {
+        let dev = Device::Cpu;
+        let (b, a, s, d) = (2, 3, TILE + 37, 16);
+        for causal in [false, true] {
+            let mk = |seed: f64| -> Var {
+                let n = b * a * s * d;
+                let x: Vec<f32> = (0..n)
+                    .map(|i| ((i as f64 * seed).sin() * 0.5) as f32)
+                    .collect();
+                Var::from_tensor(&Tensor::from_vec(x, (b, a, s, d), &dev).unwrap()).unwrap()
+            };
+            let (q, k, v) = (mk(0.37), mk(0.91), mk(1.7));
+            let w = Tensor::from_vec(
+                (0..b * a * s * d)
+                    .map(|i| ((i % 7) as f32) - 3.0)
+                    .collect::<Vec<_>>(),
+                (b, a, s, d),
+                &dev,
+            )
+            .unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let fused =
+                attention(q.as_tensor(), k.as_tensor(), v.as_tensor(), scale, causal).unwrap();
+            let scores =
+                (q.as_tensor().matmul(&k.as_tensor().t().unwrap()).unwrap() * scale).unwrap();
+            let scores = if causal {
+                scores
+                    .broadcast_add(&causal_mask(0, s, s, DType::F32, &dev).unwrap())
+                    .unwrap()
+            } else {
+                scores
+            };
+            // candle_nn's composed softmax (differentiable), not the fused last-dim kernel
+            let composed = candle_nn::ops::softmax(&scores, D::Minus1)
+                .unwrap()
+                .matmul(v.as_tensor())
+                .unwrap();
+            let diff = crate::harness::compare::max_abs(&(&fused - &composed).unwrap()).unwrap();
+            assert!(diff < 1e-5, "causal {causal}: output differs by {diff}");
+            let gf = (&fused * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let gc = (&composed * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+                let a = gf.get(var.as_tensor()).expect("fused gradient");
+                let c = gc.get(var.as_tensor()).expect("composed gradient");
+                let diff = crate::harness::compare::max_abs(&(a - c).unwrap()).unwrap();
+                assert!(diff < 1e-4, "causal {causal}: d{name} differs by {diff}");
+            }
+        }
+    }
+}
