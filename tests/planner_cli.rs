@@ -326,3 +326,39 @@ fn readme_planning_example_is_the_binary_output() {
         );
     }
 }
+
+/// README's accuracy table quotes the committed CPU report (reports/cpu-x86_64/accuracy.json),
+/// not typed figures: each predictor's held-out MAPE and max error, as the report rounds them.
+#[test]
+fn readme_accuracy_table_is_the_committed_report() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{dir}/README.md")).unwrap();
+    let acc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(format!("{dir}/reports/cpu-x86_64/accuracy.json")).unwrap(),
+    )
+    .unwrap();
+    for (key, label) in [
+        ("heldout", "| vramcal, fitted table |"),
+        ("literature", "| vramcal, literature defaults"),
+        (
+            "seed_formula",
+            "| rule of thumb `params·4·3 + batch·seq·hidden·10` |",
+        ),
+    ] {
+        let m = &acc[key];
+        let cells = format!(
+            "| {:.*} % | {:.1} % |",
+            if key == "heldout" { 2 } else { 1 },
+            m["mape"].as_f64().unwrap(),
+            m["max_abs_pct"].as_f64().unwrap()
+        );
+        let row = readme
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("README has no row '{label}'"));
+        assert!(
+            row.ends_with(&cells),
+            "README row '{row}' is not the report's '{cells}'"
+        );
+    }
+}
