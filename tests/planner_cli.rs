@@ -362,3 +362,49 @@ fn readme_accuracy_table_is_the_committed_report() {
         );
     }
 }
+
+/// The planner's whole-step peak against real PyTorch 2.15 + transformers 5.24 training steps
+/// (forward, backward, AdamW step) measured on CPU with a malloc high-water shim
+/// (scripts/torch_step_peak/, calibration/data/torch-step-peaks-cpu.csv): Llama MHA/GQA and
+/// GPT-2 with sdpa, fp32 and true bf16, foreach and for-loop AdamW, backward- and step-bound
+/// shapes, a tied embedding. The planner's allocated peak less its cuBLAS workspace (a CUDA
+/// buffer a CPU process lacks) is within 3 % of every such step (the bf16 runs carry ~11 MB of
+/// oneDNN runtime heap the planner does not model). Rows outside what the literature claims are
+/// skipped, not scored: GPT-2/BERT eager built with dropout 0 (the table assumes their default
+/// 0.1, with CUDA's 1-byte masks), GPT-2 with a fused tanh GELU, BERT from explicit flags.
+#[test]
+fn whole_step_peaks_match_real_pytorch_steps() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/calibration/data/torch-step-peaks-cpu.csv"
+    );
+    let mut rdr = csv::Reader::from_path(path).unwrap();
+    let headers = rdr.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let mut scored = 0;
+    for rec in rdr.records() {
+        let rec = rec.unwrap();
+        let name = &rec[col("name")];
+        let claimed = name.starts_with("llama")
+            || (name.starts_with("gpt2")
+                && name.contains("sdpa")
+                && !name.contains("gelu_pytorch_tanh"));
+        if !claimed {
+            continue;
+        }
+        let args: Vec<&str> = rec[col("planner_cmd")].split_whitespace().collect();
+        let (code, out, err) = vramcal(&args);
+        assert_eq!(code, 0, "{name}: {err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let planned = v["memory"]["total"].as_f64().unwrap() - 33_554_432.0;
+        let measured: f64 = rec[col("meas_peak_step")].parse().unwrap();
+        let err = (planned - measured) / measured;
+        assert!(
+            err.abs() < 0.03,
+            "{name}: planned {planned} B, measured {measured} B ({:+.1} %)",
+            err * 100.0
+        );
+        scored += 1;
+    }
+    assert!(scored >= 18, "only {scored} steps scored");
+}

@@ -84,6 +84,10 @@ pub struct Features {
     pub bsh_once: f64,
     /// b*s once per model
     pub bs_once: f64,
+    /// Elements of an LM head tied to the token embedding (V*h, 0 when untied): at the end of
+    /// PyTorch's backward the embedding's second gradient and their sum briefly exist on top of
+    /// all the gradients (measured: 2 x V*h in the gradient dtype)
+    pub tied_grad_elems: f64,
 }
 
 impl Features {
@@ -218,8 +222,14 @@ fn group_update(params: u64, train: &TrainSpec) -> f64 {
     params as f64 / shard * state_elem_bytes(train)
 }
 
-/// See [`Features::max_param`].
+/// See [`Features::max_param`]. Only an optimizer that updates tensor by tensor has per-tensor
+/// temporaries (PyTorch's for-loop AdamW: `exp_avg_sq.sqrt()` and its quotient, two copies of
+/// the tensor being updated); foreach's are group-wide ([`Features::group_update_bytes`]) and a
+/// fused kernel has none.
 fn update_transient(model: &ModelSpec, train: &TrainSpec) -> f64 {
+    if train.optimizer_impl != crate::spec::OptimizerImpl::Loop {
+        return 0.0;
+    }
     let shard = if train.zero_stage >= 1 {
         train.gpus as f64
     } else {
@@ -302,6 +312,11 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 bs: live * b * s,
                 bsh_once: b * s * h,
                 bs_once: b * s,
+                tied_grad_elems: if t.tied_embeddings && t.head == Head::Lm {
+                    (t.vocab * t.hidden) as f64
+                } else {
+                    0.0
+                },
             })
         }
         ModelSpec::Cnn(c) => {
@@ -520,7 +535,16 @@ pub fn breakdown_with_mode(terms: &FitTerms, mode: &crate::coeffs::ModeCoeffs) -
     // autocast weight copy is gone by the step. The candle harness keeps every saved tensor
     // and every gradient until backward ends (`grad_overlap` 0): activations + gradients.
     let overlap = a.grad_overlap.value.clamp(0.0, 1.0);
-    let backward = act + grads - overlap * act.min(grads) + half;
+    // A tied embedding's two gradients are summed at the very end of PyTorch's backward, when
+    // the activations are gone and every other gradient exists: two more embedding-sized
+    // tensors in the gradients' dtype (per-element bytes from the gradient state bytes).
+    let grad_elem_bytes = if terms.params > 0 {
+        grads / terms.params as f64
+    } else {
+        0.0
+    };
+    let tied = 2.0 * terms.features.tied_grad_elems * grad_elem_bytes;
+    let backward = (1.0 - overlap) * (act + grads) + overlap * act.max(grads + tied) + half;
     let at_step = grads + step + (1.0 - overlap) * half;
     let live = backward.max(at_step);
     let base = s.weights + s.optimizer;

@@ -1,0 +1,110 @@
+"""One config -> one JSON line with live-heap measurements of a real training step on CPU.
+Run under LD_PRELOAD=$SHIM (malloc_peak_shim.so, see run.py).  Usage: step.py '<json config>'"""
+import ctypes, os, json, sys, time
+import torch
+
+S = ctypes.CDLL(os.environ["LD_PRELOAD"])
+S.shim_live.restype = ctypes.c_long
+S.shim_peak.restype = ctypes.c_long
+live, peak, reset = S.shim_live, S.shim_peak, S.shim_reset_peak
+
+cfg = json.loads(sys.argv[1])
+torch.set_num_threads(2)
+torch.manual_seed(0)
+
+import gc
+from transformers import LlamaConfig, LlamaForCausalLM, GPT2Config, GPT2LMHeadModel
+gc.collect()
+pre_model = live()   # interpreter + torch + transformers, before any model tensor exists
+if cfg["model"] == "llama":
+    c = LlamaConfig(hidden_size=cfg["hidden"], intermediate_size=cfg["ffn"],
+                    num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                    num_key_value_heads=cfg["kv"], vocab_size=cfg["vocab"],
+                    max_position_embeddings=max(2048, cfg["seq"]),
+                    tie_word_embeddings=False, attention_dropout=0.0,
+                    attn_implementation=cfg["attn"])
+    model = LlamaForCausalLM(c)
+elif cfg["model"] == "gpt2":
+    c = GPT2Config(n_embd=cfg["hidden"], n_layer=cfg["layers"], n_head=cfg["heads"],
+                   vocab_size=cfg["vocab"], n_positions=cfg["positions"],
+                   resid_pdrop=cfg.get("dropout", 0.0), embd_pdrop=cfg.get("dropout", 0.0),
+                   attn_pdrop=cfg.get("dropout", 0.0), summary_first_dropout=0.0,
+                   activation_function=cfg.get("act", "gelu_new"),
+                   attn_implementation=cfg["attn"])
+    model = GPT2LMHeadModel(c)
+elif cfg["model"] == "bert":
+    from transformers import BertConfig, BertForSequenceClassification
+    dp = cfg.get("dropout", 0.0)
+    c = BertConfig(hidden_size=cfg["hidden"], num_hidden_layers=cfg["layers"],
+                   num_attention_heads=cfg["heads"], intermediate_size=4 * cfg["hidden"],
+                   vocab_size=cfg["vocab"], max_position_embeddings=cfg["positions"],
+                   hidden_dropout_prob=dp, attention_probs_dropout_prob=dp, classifier_dropout=dp,
+                   num_labels=cfg["classes"], attn_implementation=cfg["attn"])
+    model = BertForSequenceClassification(c)
+else:
+    raise SystemExit("unknown model")
+
+assert model.config._attn_implementation == cfg["attn"], model.config._attn_implementation
+if cfg["precision"] == "bf16":
+    model = model.to(torch.bfloat16)
+model.train()
+nparams = sum(p.numel() for p in model.parameters())
+nbuf = sum(b.numel() * b.element_size() for b in model.buffers())
+opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=(cfg["impl"] == "foreach"))
+
+B, T = cfg["batch"], cfg["seq"]
+ids = torch.randint(0, cfg["vocab"], (B, T))
+batch = {"input_ids": ids, "labels": ids.clone()}
+if cfg["model"] == "bert":
+    batch = {"input_ids": ids, "labels": torch.randint(0, cfg["classes"], (B,))}
+
+
+def fwd():
+    outputs = model(**batch)
+    loss = outputs.loss
+    del outputs          # like HF Trainer: keep only the loss
+    return loss
+
+
+def step():
+    loss = fwd()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+t0 = time.time()
+for _ in range(2):
+    step()
+t_warm = time.time() - t0
+
+# measured step
+gc.collect()
+reset()
+baseline = live()
+loss = fwd()
+p_fwd = peak(); live_fwd = live()
+reset()
+loss.backward()
+p_bwd = peak(); live_bwd = live()
+del loss
+reset()
+live_pre_opt = live()
+opt.step()
+p_opt = peak(); live_opt = live()
+opt.zero_grad(set_to_none=True)
+live_end = live()
+
+peak_fwd_bwd = max(p_fwd, p_bwd)
+peak_step = max(peak_fwd_bwd, p_opt)
+phase = max((p_fwd, "forward"), (p_bwd, "backward"), (p_opt, "optimizer"))[1]
+out = dict(cfg, params=nparams, buffer_bytes=nbuf,
+           pre_model_bytes=pre_model, baseline_bytes=baseline,
+           states_bytes=baseline - pre_model,
+           peak_fwd_bytes=p_fwd - baseline, live_after_fwd=live_fwd - baseline,
+           peak_bwd_bytes=p_bwd - baseline, live_after_bwd=live_bwd - baseline,
+           peak_opt_bytes=p_opt - baseline, live_after_opt=live_opt - baseline,
+           live_end=live_end - baseline,
+           peak_fwd_bwd_abs=peak_fwd_bwd, peak_step_abs=peak_step,
+           peak_phase=phase, warm_s=round(t_warm, 2))
+print("RESULT " + json.dumps(out))
