@@ -7,18 +7,8 @@ use proptest::prelude::*;
 use std::path::Path;
 use std::process::Command;
 
-fn run(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run vramcal");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::vramcal as run;
 
 /// Exit 2, one line on stderr, and that line names `field`.
 fn assert_one_line(args: &[&str], field: &str) {

@@ -1,20 +1,8 @@
 //! The `vramcal estimate` / `vramcal gpus` binary: the done-when command, the 7B question,
 //! and every bad input exiting 2 with one line naming the field.
 
-use std::process::Command;
-
-fn vramcal(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_vramcal"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run vramcal");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
+mod common;
+use common::vramcal;
 
 fn json(args: &[&str]) -> serde_json::Value {
     let (code, out, err) = vramcal(args);

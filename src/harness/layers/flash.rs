@@ -67,6 +67,16 @@ struct FlashAttnOp {
 }
 
 impl FlashAttnOp {
+    /// The output computed by [`attention`], as the storage of the backend running the op.
+    fn hand_over<S: BackendStorage>(&self, pick: fn(&Storage) -> Option<&S>) -> Result<(S, Shape)> {
+        let out = self.take()?;
+        let (storage, layout) = out.storage_and_layout();
+        match pick(&storage) {
+            Some(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
+            None => candle_core::bail!("flash attention: output on another device than its inputs"),
+        }
+    }
+
     fn take(&self) -> Result<Tensor> {
         self.out
             .lock()
@@ -90,12 +100,10 @@ impl CustomOp3 for FlashAttnOp {
         _: &CpuStorage,
         _: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let out = self.take()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cpu(c) => Ok((c.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("flash attention: output on another device than its inputs"),
-        }
+        self.hand_over(|s| match s {
+            Storage::Cpu(c) => Some(c),
+            _ => None,
+        })
     }
 
     fn cuda_fwd(
@@ -107,12 +115,10 @@ impl CustomOp3 for FlashAttnOp {
         _: &CudaStorage,
         _: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
-        let out = self.take()?;
-        let (storage, layout) = out.storage_and_layout();
-        match &*storage {
-            Storage::Cuda(c) => Ok((c.try_clone(layout)?, layout.shape().clone())),
-            _ => candle_core::bail!("flash attention: output on another device than its inputs"),
-        }
+        self.hand_over(|s| match s {
+            Storage::Cuda(c) => Some(c),
+            _ => None,
+        })
     }
 
     /// Per tile: P from q, k; dV += Pᵀ dO; dP = dO vᵀ; dS = P ∘ (dP − rowsum(dO ∘ O)) · scale;
