@@ -227,3 +227,79 @@ fn assert_predicts_grid(table: &Coefficients, truth: &Coefficients, tol: f64) {
         );
     }
 }
+
+/// Sdpa points carry the fused kernel's saved bytes (`Features::fused_attention_bytes`), which
+/// no coefficient scales: the fit must take them as known (not let c_h, frag or const absorb
+/// them), so with eager and sdpa points together it still recovers the transformer
+/// coefficients exactly and predicts the sdpa points as the planner does.
+#[test]
+fn sdpa_points_fit_with_their_fused_attention_bytes_known() {
+    use vramcal::spec::{Attention, ModelSpec};
+    let truth = truth();
+    let mut rows = synthetic_rows(0.0, 1);
+    let mut sdpa = Vec::new();
+    for (m, t) in grid() {
+        let ModelSpec::Transformer(tr) = &m else {
+            continue;
+        };
+        if tr.patch.is_some() || t.batch > 8 || t.seq < 128 {
+            continue;
+        }
+        let t = vramcal::spec::TrainSpec {
+            attention: Attention::Sdpa,
+            ..t
+        };
+        let terms = fit_terms(&m, &t).unwrap();
+        assert!(terms.features.fused_attention_bytes > 0.0);
+        let peak = breakdown(&terms, &m, &t, &truth).total as f64;
+        rows.push(fit_common::row(
+            &m,
+            &t,
+            peak,
+            0.01,
+            vramcal::harness::record::Status::Ok,
+        ));
+        sdpa.push((m, t));
+    }
+    assert!(sdpa.len() > 50, "{}", sdpa.len());
+    let fitted = fit_rows(&rows).unwrap();
+    for (family, precision) in MODES.into_iter().filter(|(f, _)| *f == Family::Transformer) {
+        let got = fitted.table.mode(family, precision);
+        let want = truth.mode(family, precision);
+        for col in COLS {
+            let source = col.coef_mut(&mut got.clone()).source.clone();
+            if source.contains("absent") {
+                continue;
+            }
+            let (g, w) = (col.get(&got), col.get(&want));
+            assert!(
+                (g - w).abs() <= 1e-4 * w.abs() + 1e-9,
+                "{family:?}/{precision} {}: {g} vs {w}",
+                col.name()
+            );
+        }
+    }
+    let residuals = fitted.table.residuals.clone().unwrap();
+    for (m, t) in &sdpa {
+        let terms = fit_terms(m, t).unwrap();
+        let (p, w) = (
+            breakdown(&terms, m, t, &fitted.table).total as f64,
+            breakdown(&terms, m, t, &truth).total as f64,
+        );
+        assert!(
+            (p - w).abs() / w < 1e-3,
+            "sdpa {} b{} s{} {} {}: predicted {p} vs true {w}",
+            m.name(),
+            t.batch,
+            t.seq,
+            t.precision,
+            t.checkpointing
+        );
+    }
+    for precision in [Precision::Fp32, Precision::Bf16Mixed] {
+        let mape = residuals[format!("transformer/{precision}")]["in_sample_memory"]["mape"]
+            .as_f64()
+            .unwrap();
+        assert!(mape < 0.1, "{precision}: in-sample MAPE {mape} %");
+    }
+}

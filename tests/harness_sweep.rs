@@ -484,3 +484,96 @@ fn an_existing_csv_without_resume_and_a_bad_grid_exit_2() {
         .unwrap();
     assert_one_line_exit_2(&o, &["bad.toml", "line 4", "sqe"]);
 }
+
+/// One eager and one sdpa point of the same 1-layer GPT.
+const ATTENTION_GRID: &str = r#"
+warmup = 0
+repeats = 1
+
+[[point_set]]
+model = "tiny-gpt"
+layers = 1
+hidden = 32
+vocab = 64
+batch = [1]
+seq = [32]
+attention = ["eager", "sdpa"]
+"#;
+
+#[test]
+fn an_sdpa_point_is_measured_with_fused_attention_and_kept_apart_from_eager() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = dir.path().join("grid.toml");
+    std::fs::write(&grid, ATTENTION_GRID).unwrap();
+    let out = dir.path().join("data.csv");
+    sweep(&grid, &out, &[], None);
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        text.lines()
+            .next()
+            .unwrap()
+            .ends_with(",spec_json,attention"),
+        "{text}"
+    );
+    let rows = record::read(&out).unwrap();
+    assert_eq!(rows.len(), 2, "{rows:#?}");
+    assert_no_duplicates(&rows);
+    assert!(rows.iter().all(|r| r.status == Status::Ok), "{rows:#?}");
+    use vramcal::spec::Attention;
+    assert_eq!(rows[0].train_spec().attention, Attention::Eager);
+    assert_eq!(rows[1].train_spec().attention, Attention::Sdpa);
+    // the child really ran fused attention: it never holds the b·a·s² scores eager saves
+    assert!(
+        rows[1].peak_bytes.unwrap() < rows[0].peak_bytes.unwrap(),
+        "{rows:#?}"
+    );
+    // resuming skips both points: their keys differ and both are found
+    sweep(&grid, &out, &["--resume"], None);
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), text);
+}
+
+#[test]
+fn resume_migrates_a_schema1_csv_in_place_before_appending() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = write_grid(dir.path());
+    let out = dir.path().join("data.csv");
+    sweep(&grid, &out, &[], None);
+    let v2 = std::fs::read_to_string(&out).unwrap();
+    // the same rows as an older vramcal wrote them: no attention column, schema 1, first 4 rows
+    let mut r = csv::ReaderBuilder::new().from_reader(v2.as_bytes());
+    let mut w = csv::Writer::from_writer(Vec::new());
+    let header: Vec<String> = r.headers().unwrap().iter().map(String::from).collect();
+    assert_eq!(header.last().map(String::as_str), Some("attention"));
+    w.write_record(&header[..header.len() - 1]).unwrap();
+    for rec in r.records().take(4) {
+        let rec = rec.unwrap();
+        let mut f: Vec<&str> = rec.iter().collect();
+        assert_eq!(f.pop(), Some("eager"));
+        f[0] = "1";
+        w.write_record(&f).unwrap();
+    }
+    let v1 = String::from_utf8(w.into_inner().unwrap()).unwrap();
+    std::fs::write(&out, &v1).unwrap();
+    let old = record::read(&out).unwrap();
+    assert_eq!(old.len(), 4);
+    assert!(old.iter().all(|r| r.schema == 1));
+
+    let o = sweep(&grid, &out, &["--resume"], None);
+    let err = String::from_utf8_lossy(&o.stderr);
+    let notes: Vec<&str> = err.lines().filter(|l| l.contains("migrated")).collect();
+    assert_eq!(notes.len(), 1, "{err}");
+    assert!(notes[0].contains("4 schema-1 rows to schema 2"), "{err}");
+    let text = std::fs::read_to_string(&out).unwrap();
+    // one header, schema 2, every line of the old file kept (with ",eager" and schema 2)
+    assert_eq!(text.lines().next(), v2.lines().next());
+    assert_eq!(text.lines().filter(|l| l.starts_with("schema,")).count(), 1);
+    for (old_line, new_line) in v1.lines().skip(1).zip(text.lines().skip(1)) {
+        assert_eq!(format!("2{},eager", &old_line[1..]), new_line);
+    }
+    let rows = record::read(&out).unwrap();
+    // the 4 old points were skipped (their keys are unchanged), the 2 others measured
+    assert_eq!(rows.len(), 6, "{rows:#?}");
+    assert_no_duplicates(&rows);
+    assert!(rows.iter().all(|r| r.schema == 2));
+    assert_eq!(keys(&rows[..4]), keys(&old));
+}

@@ -201,6 +201,22 @@ impl Col {
     }
 }
 
+/// Bytes of a point that no coefficient scales, in the regime set on it (before 1 + frag): at
+/// the optimizer step the group-wide update temporaries; in backward the fused attention
+/// kernel's saved output and log-sum-exp (a block's, so none in a checkpointed step's head
+/// phase). The planner counts the same bytes (`Features::activation_bytes`,
+/// `Features::step_transient_bytes`).
+pub fn known_bytes(p: &Point) -> f64 {
+    let f = &p.terms.features;
+    if p.opt_regime.get() {
+        return f.group_update_bytes;
+    }
+    if f.phased && p.head_regime.get() {
+        return 0.0;
+    }
+    f.fused_attention_bytes
+}
+
 /// Where a coefficient's value came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Origin {
@@ -480,14 +496,16 @@ impl<'a> Eval<'a> {
         self.values[COLS.iter().position(|x| *x == c).expect("column")]
     }
 
-    /// Activation bytes of a point (backward regime), before (1 + frag).
+    /// Activation bytes of a point (backward regime), before (1 + frag); the planner's, so an
+    /// sdpa point's fused attention bytes are in it.
     fn activation(&self, p: &Point) -> f64 {
         p.terms.features.activation_bytes(&self.activation)
     }
 
-    /// Optimizer-step transient bytes of a point, before (1 + frag).
+    /// Optimizer-step transient bytes of a point, before (1 + frag): the planner's
+    /// `Features::step_transient_bytes`.
     fn transient(&self, p: &Point) -> f64 {
-        p.terms.features.max_param * self.value(Col::MaxParam)
+        p.terms.features.max_param * self.value(Col::MaxParam) + p.terms.features.group_update_bytes
     }
 
     /// The point's regimes under these values: (peak at the optimizer step, and, for a
@@ -544,7 +562,8 @@ fn fit_linear(points: &[&Point], lit: &ModeCoeffs, fit_max_param: bool) -> anyho
         let y = DVector::from_iterator(
             points.len(),
             points.iter().map(|p| {
-                let mut y = p.peak - p.terms.states.fixed();
+                // known bytes (sdpa's saved output and log-sum-exp) scale with 1 + frag
+                let mut y = p.peak - p.terms.states.fixed() - (1.0 + frag) * known_bytes(p);
                 for (k, c) in COLS.iter().enumerate() {
                     if origin[k] != Origin::Fitted {
                         let scale = if c.scaled_by_frag() { 1.0 + frag } else { 1.0 };

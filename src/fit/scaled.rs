@@ -2,13 +2,16 @@
 //! pooled fit (same family, all precisions) and only their overall scale `alpha` is fitted on
 //! the precision's own points, together with frag and const when there are enough points:
 //! `peak - fixed - half_copy_prior*H = frag*fixed + alpha'*A_pooled + const`, with
-//! `A_pooled = sum_i c_i(pooled) * x_i` and `alpha = alpha' / (1 + frag)`.
+//! `A_pooled = sum_i c_i(pooled) * x_i` and `alpha = alpha' / (1 + frag)`. Known bytes `K`
+//! ([`super::memfit::known_bytes`]: sdpa's fused attention) are scaled by 1 + frag and by no
+//! coefficient, so they leave the target and join frag's regressor: `... - K = frag*(fixed + K)
+//! + ...`.
 //!
 //! Why: a 16-bit activation stores fewer bytes per element than fp32 but the same tensors are
 //! kept, so the pooled coefficients are the right shape and wrong scale. Pooling coefficients
 //! across precisions directly (fp32 data dominating) predicted 16-bit peaks 25-65 % off on CPU.
 
-use super::memfit::{Col, MemFit, Origin, COLS};
+use super::memfit::{known_bytes, Col, MemFit, Origin, COLS};
 use super::nnls;
 use super::points::Point;
 use crate::coeffs::ModeCoeffs;
@@ -35,19 +38,21 @@ pub fn fit(points: &[&Point], prior: &ModeCoeffs) -> anyhow::Result<(MemFit, f64
     let (frag0, const0) = (Col::Frag.get(prior), Col::Const.get(prior));
     let a = DMatrix::from_fn(points.len(), ncols, |i, j| match j {
         0 => a_pooled(points[i]),
-        1 => points[i].terms.states.fixed(),
+        1 => points[i].terms.states.fixed() + known_bytes(points[i]),
         _ => 1.0,
     });
     let y = DVector::from_iterator(
         points.len(),
         points.iter().map(|p| {
             let s = &p.terms.states;
-            let base = p.peak - s.fixed() - hc * s.half_copy;
+            let known = known_bytes(p);
+            let base = p.peak - s.fixed() - hc * s.half_copy - known;
             if full {
                 base
             } else {
-                // frag and const from the prior: peak = (1+frag)(fixed + hc H + alpha A) + const
-                (p.peak - const0) / (1.0 + frag0) - s.fixed() - hc * s.half_copy
+                // frag and const from the prior:
+                // peak = (1+frag)(fixed + hc H + known + alpha A) + const
+                (p.peak - const0) / (1.0 + frag0) - s.fixed() - hc * s.half_copy - known
             }
         }),
     );

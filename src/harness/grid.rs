@@ -20,13 +20,14 @@
 //! checkpointing = ["none", "full"]            # default ["none"]
 //! optimizer = ["adamw", "sgd-momentum"]       # default ["adamw"]
 //! zero = [[0, 1], [3, 4]]                     # [stage, gpus] pairs; default [[0, 1]]
+//! attention = ["eager", "sdpa"]               # transformers; default ["eager"]
 //! ```
 //! Unknown keys are errors (a typo must not silently shrink a calibration grid).
 //!
 //! # Order
 //! Point sets in file order; within a set the cartesian product with the shape axes outermost
 //! (layers, hidden, heads, ffn, vocab, width), then precision, checkpointing, optimizer, zero,
-//! batch, and seq/image innermost. The order is deterministic so a resumed sweep and a fresh one
+//! attention, batch, and seq/image innermost. The order is deterministic so a resumed sweep and a fresh one
 //! visit the same points in the same order.
 //!
 //! # Input dimensions
@@ -103,6 +104,8 @@ struct PointSet {
     optimizer: Vec<Optimizer>,
     #[serde(default)]
     zero: Vec<[u64; 2]>,
+    #[serde(default)]
+    attention: Vec<Attention>,
 }
 
 /// One configuration to measure.
@@ -348,6 +351,17 @@ fn expand(set: &PointSet, out: &mut Vec<Point>) -> anyhow::Result<()> {
     let ckpts = or_default(&set.checkpointing, Checkpointing::None);
     let optims = or_default(&set.optimizer, Optimizer::AdamW);
     let zeros = or_default(&set.zero, [0, 1]);
+    // eager: what the candle harness runs unless told otherwise
+    let attentions = or_default(&set.attention, Attention::Eager);
+    if !matches!(base, ModelSpec::Transformer(_)) && attentions.contains(&Attention::Sdpa) {
+        return input_err(
+            "attention",
+            format!(
+                "{} is a CNN; accepted attention = [\"eager\"] or none",
+                set.model
+            ),
+        );
+    }
     let inputs: Vec<(Option<u64>, Option<u64>)> = if uses_image {
         let default = match &base {
             ModelSpec::Cnn(_) => 32,
@@ -390,29 +404,30 @@ fn expand(set: &PointSet, out: &mut Vec<Point>) -> anyhow::Result<()> {
                                                     ),
                                                 );
                                             }
-                                            for &batch in &set.batch {
-                                                for &(s, i) in &inputs {
-                                                    let (seq, image) = input_dims(&model, s, i);
-                                                    let train = TrainSpec {
-                                                        batch,
-                                                        seq,
-                                                        image,
-                                                        precision,
-                                                        optimizer,
-                                                        checkpointing,
-                                                        zero_stage: stage as u8,
-                                                        gpus,
-                                                        // what the candle harness runs
-                                                        attention: Attention::Eager,
-                                                        optimizer_impl: OptimizerImpl::Loop,
-                                                    };
-                                                    model.validate_for(&train).with_context(|| {
-                                                        format!("batch {batch} seq {seq} image {image}")
-                                                    })?;
-                                                    out.push(Point {
-                                                        model: model.clone(),
-                                                        train,
-                                                    });
+                                            for &attention in &attentions {
+                                                for &batch in &set.batch {
+                                                    for &(s, i) in &inputs {
+                                                        let (seq, image) = input_dims(&model, s, i);
+                                                        let train = TrainSpec {
+                                                            batch,
+                                                            seq,
+                                                            image,
+                                                            precision,
+                                                            optimizer,
+                                                            checkpointing,
+                                                            zero_stage: stage as u8,
+                                                            gpus,
+                                                            attention,
+                                                            optimizer_impl: OptimizerImpl::Loop,
+                                                        };
+                                                        model.validate_for(&train).with_context(|| {
+                                                            format!("batch {batch} seq {seq} image {image}")
+                                                        })?;
+                                                        out.push(Point {
+                                                            model: model.clone(),
+                                                            train,
+                                                        });
+                                                    }
                                                 }
                                             }
                                         }
@@ -496,6 +511,47 @@ mod tests {
         assert_eq!(g.points[0].train.seq, 128);
         // tiny-vit patch 8: (32/8)^2 + 1 tokens
         assert_eq!((g.points[1].train.seq, g.points[1].train.image), (17, 32));
+    }
+
+    #[test]
+    fn attention_axis_builds_sdpa_points() {
+        let g = parse(
+            r#"
+            [[point_set]]
+            model = "tiny-gpt"
+            batch = [1, 2]
+            seq = [64]
+            attention = ["eager", "sdpa"]
+            [[point_set]]
+            model = "tiny-llama"
+            batch = [1]
+            "#,
+        )
+        .unwrap();
+        let att: Vec<(u64, Attention)> = g
+            .points
+            .iter()
+            .map(|p| (p.train.batch, p.train.attention))
+            .collect();
+        assert_eq!(
+            att,
+            vec![
+                (1, Attention::Eager),
+                (2, Attention::Eager),
+                (1, Attention::Sdpa),
+                (2, Attention::Sdpa),
+                // default: eager
+                (1, Attention::Eager),
+            ]
+        );
+        for bad in [
+            "[[point_set]]\nmodel = \"tiny-resnet18\"\nbatch = [1]\nattention = [\"sdpa\"]\n",
+            "[[point_set]]\nmodel = \"tiny-gpt\"\nbatch = [1]\nattention = [\"ring\"]\n",
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!(crate::error::exit_code(&err), 2, "{bad}: {err:#}");
+            assert_eq!(format!("{err:#}").lines().count(), 1, "{err:#}");
+        }
     }
 
     #[test]

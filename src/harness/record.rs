@@ -1,12 +1,16 @@
 //! The measurement row: one configuration, one CSV line. This schema is versioned (`schema`);
 //! readers reject rows of another version instead of misreading them.
 //!
-//! Columns (schema 1), in order:
+//! Columns (schema 2), in order:
 //! `schema, device_id, device_name, backend, driver, vramcal_version, git_commit, timestamp,
 //!  model, family, layers, hidden, heads, ffn, vocab, batch, seq, image, precision, checkpointing,
 //!  optimizer, zero_stage, gpus, params, baseline_bytes, peak_bytes, peak_reserved_bytes,
 //!  nvml_bytes, memgetinfo_bytes, step_ms_median, step_ms_p10, step_ms_p90, repeats, status,
-//!  error, spec_json`.
+//!  error, spec_json, attention`.
+//! `attention` is the step's attention kernels, `eager` or `sdpa` (see [`Attention`]). Schema 1
+//! is the same without `attention` (36 columns); its rows were all measured with eager attention
+//! and still read as such. A sweep `--resume` onto a schema-1 file first migrates it in place
+//! ([`migrate_schema1`]), so one file never mixes the two.
 //! Memory is in bytes, absolute (not relative to the baseline): `baseline_bytes` after the
 //! model, optimizer state and inputs exist and before the step; `peak_bytes` the high-water
 //! mark during the step from the primary probe (CPU: counting allocator; CUDA: pool
@@ -24,7 +28,7 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::path::Path;
 
-pub const SCHEMA: u32 = 1;
+pub const SCHEMA: u32 = 2;
 
 /// Outcome of one configuration. New variants only ever get added, so CSVs written by an older
 /// vramcal (ok/oom/error/skipped) still read.
@@ -109,14 +113,9 @@ pub struct Row {
     pub error: String,
     /// the full model spec as JSON, so a row can be re-planned exactly without the grid
     pub spec_json: String,
-    /// Attention kernels of the step. Left out when eager (the harness's default and every
-    /// sweep's), so eager rows keep the schema-1 columns; a fused-attention row (`measure
-    /// --attention sdpa`) carries it as a 37th field, which the schema-1 reader refuses instead
-    /// of reading as eager.
-    #[serde(
-        default = "Attention::legacy",
-        skip_serializing_if = "Attention::is_eager"
-    )]
+    /// Attention kernels of the step (schema 2's last column). Schema-1 rows have none and
+    /// read as eager, what the harness ran before it had fused attention.
+    #[serde(default = "Attention::legacy")]
     pub attention: Attention,
 }
 
@@ -149,15 +148,21 @@ impl Row {
     }
 }
 
+/// The key of a point. Eager attention adds nothing, so every key written before the attention
+/// axis existed is unchanged (resuming old data still skips its points); sdpa appends `|sdpa`.
 pub fn point_key(device_id: &str, spec_json: &str, t: &TrainSpec) -> String {
+    let attention = match t.attention {
+        Attention::Eager => "",
+        Attention::Sdpa => "|sdpa",
+    };
     format!(
-        "{device_id}|{spec_json}|b{}|s{}|i{}|{}|{}|{}|z{}/{}",
+        "{device_id}|{spec_json}|b{}|s{}|i{}|{}|{}|{}|z{}/{}{attention}",
         t.batch, t.seq, t.image, t.precision, t.checkpointing, t.optimizer, t.zero_stage, t.gpus
     )
 }
 
-/// The schema-1 header, in column order (a unit test keeps it equal to what `Row` serialises).
-pub const HEADER: [&str; 36] = [
+/// The schema-2 header, in column order (a unit test keeps it equal to what `Row` serialises).
+pub const HEADER: [&str; 37] = [
     "schema",
     "device_id",
     "device_name",
@@ -194,7 +199,13 @@ pub const HEADER: [&str; 36] = [
     "status",
     "error",
     "spec_json",
+    "attention",
 ];
+
+/// The schema-1 header: schema 2's without `attention`.
+pub fn header_v1() -> &'static [&'static str] {
+    &HEADER[..HEADER.len() - 1]
+}
 
 /// Columns of type `f64`: serde accepts `inf`/`NaN` and negatives there, which would reach the
 /// fit as poison, so the reader checks them itself.
@@ -235,22 +246,26 @@ fn cell_err<T>(path: &Path, line: u64, column: &str, message: String) -> anyhow:
     )
 }
 
-/// Checks the header: vramcal's own (schema 1), or a one-line input error saying what it is.
+/// Checks the header: vramcal's own (schema 2, or schema 1 without `attention`), returning its
+/// schema, or a one-line input error saying what it is.
 fn check_header(
     path: &Path,
     headers: &csv::StringRecord,
     first: Option<&csv::StringRecord>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<u32> {
     if headers.iter().eq(HEADER.iter().copied()) {
-        return Ok(());
+        return Ok(SCHEMA);
+    }
+    if headers.iter().eq(header_v1().iter().copied()) {
+        return Ok(1);
     }
     // Another schema of vramcal's own CSV: say which one, not just "wrong columns".
     if headers.get(0) == Some("schema") {
         if let Some(v) = first.and_then(|r| r.get(0)) {
-            if v.trim() != SCHEMA.to_string() {
+            if v.trim() != "1" && v.trim() != SCHEMA.to_string() {
                 return input_err(
                     &format!("{} schema", path.display()),
-                    format!("the rows are schema '{v}'; accepted schema {SCHEMA} (the CSV of this vramcal, columns in src/harness/record.rs)"),
+                    format!("the rows are schema '{v}'; accepted schema 1 or {SCHEMA} (the CSV of this vramcal, columns in src/harness/record.rs)"),
                 );
             }
         }
@@ -269,31 +284,38 @@ fn check_header(
     )
 }
 
-/// Checks one record's schema, field count and floating-point cells, then deserialises it.
+/// Checks one record's schema (the file's, `schema`), field count and floating-point cells,
+/// then deserialises it.
 fn parse_record(
     path: &Path,
     headers: &csv::StringRecord,
+    schema_of_file: u32,
     rec: &csv::StringRecord,
 ) -> anyhow::Result<Row> {
     let line = rec.position().map_or(0, |p| p.line());
+    let columns: &[&str] = if schema_of_file == 1 {
+        header_v1()
+    } else {
+        &HEADER
+    };
     let schema = rec.get(0).unwrap_or("").trim();
-    if schema != SCHEMA.to_string() {
+    if schema != schema_of_file.to_string() {
         return cell_err(
             path,
             line,
             "schema",
             format!(
-                "'{schema}'; accepted schema {SCHEMA} (the rows this vramcal writes and reads)"
+                "'{schema}'; accepted schema {schema_of_file} (the schema of this file's header)"
             ),
         );
     }
-    if rec.len() != HEADER.len() {
+    if rec.len() != columns.len() {
         return input_err(
             &format!("{} line {line}", path.display()),
             format!(
                 "{} fields; accepted the {} columns of the header",
                 rec.len(),
-                HEADER.len()
+                columns.len()
             ),
         );
     }
@@ -324,6 +346,9 @@ fn parse_record(
     check_enum::<Precision>(path, line, rec, "precision")?;
     check_enum::<Checkpointing>(path, line, rec, "checkpointing")?;
     check_enum::<Optimizer>(path, line, rec, "optimizer")?;
+    if schema_of_file >= 2 {
+        check_enum::<Attention>(path, line, rec, "attention")?;
+    }
     rec.deserialize::<Row>(Some(headers)).or_else(|e| {
         let (column, reason) = match e.kind() {
             csv::ErrorKind::Deserialize { err, .. } => (
@@ -369,7 +394,8 @@ fn check_enum<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Reads every row. The header must be vramcal's schema-1 header and every row must parse:
+/// Reads every row. The header must be vramcal's schema-2 (or schema-1) header and every row
+/// must parse:
 /// a bad cell is a one-line input error naming the file, line and column (a fit must not run on
 /// a silently shortened or poisoned table). Only a last line without its newline (a sweep killed
 /// mid-write) is skipped, with a warning.
@@ -404,7 +430,7 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<Row>> {
             }
         }
     }
-    check_header(path, &headers, records.first())?;
+    let schema = check_header(path, &headers, records.first())?;
     if !complete && !records.is_empty() {
         // the header itself cannot be cut off here: check_header passed
         let cut = records.pop().expect("non-empty");
@@ -416,8 +442,43 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<Row>> {
     }
     records
         .iter()
-        .map(|rec| parse_record(path, &headers, rec))
+        .map(|rec| parse_record(path, &headers, schema, rec))
         .collect()
+}
+
+/// Rewrites a schema-1 CSV as schema 2 in place (atomically: [`crate::atomic::write`]): the
+/// `attention` column is appended to the header and `eager` to every row (schema 1 had no
+/// fused attention), and each row's schema cell becomes 2. Returns the number of rows
+/// migrated, None when the file is not schema 1 (empty, already schema 2, or foreign: left
+/// alone). The file must hold complete lines (see `sweep`'s tail repair); every row is checked
+/// by [`read`] first, so a bad schema-1 file is refused, not rewritten.
+pub fn migrate_schema1(path: &Path) -> anyhow::Result<Option<usize>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let first_line = bytes.split(|&b| b == b'\n').next().unwrap_or(&[]);
+    let first_line = String::from_utf8_lossy(first_line);
+    if first_line.trim_end_matches('\r') != header_v1().join(",") {
+        return Ok(None);
+    }
+    read(path)?;
+    let mut r = csv::ReaderBuilder::new()
+        .flexible(true)
+        .from_reader(bytes.as_slice());
+    let mut w = csv::Writer::from_writer(Vec::new());
+    w.write_record(HEADER)?;
+    let mut n = 0;
+    for rec in r.records() {
+        let rec = rec.with_context(|| format!("reading {}", path.display()))?;
+        let mut fields: Vec<&str> = rec.iter().collect();
+        fields[0] = "2";
+        fields.push(Attention::Eager.as_str());
+        w.write_record(&fields)?;
+        n += 1;
+    }
+    let out = w
+        .into_inner()
+        .map_err(|e| anyhow::anyhow!("{}", e.error()))?;
+    crate::atomic::write(path, &out)?;
+    Ok(Some(n))
 }
 
 /// The rows with every point key's last row only, in file order: a re-run point (`sweep
@@ -519,20 +580,127 @@ mod tests {
 
     #[test]
     fn other_schemas_and_foreign_headers_are_named() {
-        let (msg, code) = err_of(&with_cell("schema", "2"));
+        let (msg, code) = err_of(&with_cell("schema", "3"));
         assert_eq!(code, 2);
         assert!(
-            msg.contains("'2'") && msg.contains("accepted schema 1"),
+            msg.contains("line 2 column schema: '3'") && msg.contains("accepted schema 2"),
             "{msg}"
         );
-        // a schema-2 file with its own columns: still "schema 2", not "bad header"
-        let (msg, code) = err_of("schema,device_id,new_column\n2,x,y\n");
+        // a schema cell that disagrees with the header's schema
+        let (msg, code) = err_of(&with_cell("schema", "1"));
         assert_eq!(code, 2);
-        assert!(msg.contains("schema '2'"), "{msg}");
+        assert!(
+            msg.contains("line 2 column schema") && msg.contains("accepted schema 2"),
+            "{msg}"
+        );
+        // a schema-3 file with its own columns: still "schema 3", not "bad header"
+        let (msg, code) = err_of("schema,device_id,new_column\n3,x,y\n");
+        assert_eq!(code, 2);
+        assert!(
+            msg.contains("schema '3'") && msg.contains("accepted schema 1 or 2"),
+            "{msg}"
+        );
         let (msg, code) = err_of("name,value\na,1\n");
         assert_eq!(code, 2);
         assert!(msg.contains("not a vramcal measurements header"), "{msg}");
         assert_eq!(msg.lines().count(), 1);
+        // an attention value this vramcal does not know
+        let (msg, code) = err_of(&with_cell("attention", "ring"));
+        assert_eq!(code, 2);
+        assert!(
+            msg.contains("line 2 column attention") && msg.contains("'ring'"),
+            "{msg}"
+        );
+    }
+
+    /// A schema-1 file (no attention column, schema cells 1) as an older vramcal wrote it.
+    fn schema1_text(rows: &[Row]) -> String {
+        let mut w = csv::Writer::from_writer(Vec::new());
+        w.write_record(header_v1()).unwrap();
+        for r in rows {
+            let mut inner = csv::Writer::from_writer(Vec::new());
+            inner.serialize(r).unwrap();
+            let text = String::from_utf8(inner.into_inner().unwrap()).unwrap();
+            let mut rd = csv::ReaderBuilder::new().from_reader(text.as_bytes());
+            let rec = rd.records().next().unwrap().unwrap();
+            let mut fields: Vec<&str> = rec.iter().collect();
+            assert_eq!(fields.pop(), Some("eager"));
+            fields[0] = "1";
+            w.write_record(&fields).unwrap();
+        }
+        String::from_utf8(w.into_inner().unwrap()).unwrap()
+    }
+
+    #[test]
+    fn schema1_files_read_as_eager_and_schema2_round_trips_sdpa() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = sample();
+        let mut b = sample();
+        b.batch = 4;
+        let old = write(dir.path(), &schema1_text(&[a.clone(), b.clone()]));
+        let rows = read(&old).unwrap();
+        assert_eq!(rows.len(), 2);
+        for r in &rows {
+            assert_eq!(r.schema, 1);
+            assert_eq!(r.attention, Attention::Eager);
+            assert_eq!(r.train_spec().attention, Attention::Eager);
+        }
+        assert_eq!(rows[1].batch, 4);
+        // a schema-1 row with a 37th field is refused, not read
+        let text = std::fs::read_to_string(&old).unwrap();
+        let long = text.replacen("\n1,", "\n1,x,", 1);
+        let (msg, code) = err_of(&long);
+        assert_eq!(code, 2);
+        assert!(
+            msg.contains("37 fields") && msg.contains("36 columns"),
+            "{msg}"
+        );
+
+        let p = dir.path().join("new.csv");
+        let mut s = sample();
+        s.attention = Attention::Sdpa;
+        append(&p, &a).unwrap();
+        append(&p, &s).unwrap();
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert!(text.starts_with(&HEADER.join(",")), "{text}");
+        assert!(text.lines().nth(1).unwrap().ends_with(",eager"), "{text}");
+        assert!(text.lines().nth(2).unwrap().ends_with(",sdpa"), "{text}");
+        let rows = read(&p).unwrap();
+        assert_eq!(rows, vec![a.clone(), s.clone()]);
+        assert_eq!(rows[1].train_spec().attention, Attention::Sdpa);
+        // the two points have distinct keys; the eager key is the pre-attention one
+        assert_ne!(a.key(), s.key());
+        assert!(!a.key().contains("eager") && s.key().ends_with("|sdpa"));
+    }
+
+    #[test]
+    fn migrating_schema1_keeps_every_row_and_marks_it_eager() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut b = sample();
+        b.error = "a, \"quoted\" message".into();
+        let p = write(dir.path(), &schema1_text(&[sample(), b]));
+        let before = read(&p).unwrap();
+        assert_eq!(migrate_schema1(&p).unwrap(), Some(2));
+        let text = std::fs::read_to_string(&p).unwrap();
+        assert_eq!(text.lines().next().unwrap(), HEADER.join(","));
+        let after = read(&p).unwrap();
+        assert_eq!(after.len(), 2);
+        for (x, y) in before.iter().zip(&after) {
+            assert_eq!(y.schema, 2);
+            assert_eq!(y.attention, Attention::Eager);
+            let mut x = x.clone();
+            x.schema = 2;
+            assert_eq!(&x, y);
+            assert_eq!(x.key(), y.key());
+        }
+        // a schema-2 file is left alone
+        assert_eq!(migrate_schema1(&p).unwrap(), None);
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), text);
+        // a bad schema-1 file is refused, not rewritten
+        let bad = schema1_text(&[sample()]).replace(",ok,", ",exploded,");
+        let p = write(dir.path(), &bad);
+        assert!(migrate_schema1(&p).is_err());
+        assert_eq!(std::fs::read_to_string(&p).unwrap(), bad);
     }
 
     #[test]
@@ -543,7 +711,7 @@ mod tests {
         assert_eq!(read(&write(dir.path(), &two)).unwrap().len(), 1);
         // a short line in the middle is an error, not a silently dropped point
         let mid = format!(
-            "{}\n1,cpu\n{}\n",
+            "{}\n2,cpu\n{}\n",
             HEADER.join(","),
             full.lines().nth(1).unwrap()
         );

@@ -502,6 +502,7 @@ fn measure_point(
         .args(["--checkpointing", t.checkpointing.as_str()])
         .args(["--zero", &t.zero_stage.to_string()])
         .args(["--gpus", &t.gpus.to_string()])
+        .args(["--attention", t.attention.as_str()])
         .args(["--device", &opts.device])
         .args(["--warmup", &grid.warmup.to_string()])
         .args(["--repeats", &grid.repeats.to_string()])
@@ -574,6 +575,13 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
         // must be refused, not trimmed
         let rows = record::latest(record::read(&opts.out)?);
         repair_tail(&opts.out)?;
+        // rows of this vramcal are schema 2: never append them under a schema-1 header
+        if let Some(n) = record::migrate_schema1(&opts.out)? {
+            eprintln!(
+                "note: {}: migrated {n} schema-1 rows to schema 2 in place (added the attention column, eager) before resuming",
+                opts.out.display()
+            );
+        }
         for r in &rows {
             if opts.retry_failed && r.status != Status::Ok {
                 failed.insert(r.key());
