@@ -1,0 +1,53 @@
+//! The committed CPU calibration carries fused-attention (sdpa) points, and its fitted table
+//! predicts them: the measured rows are read through the schema-2 reader and re-planned with
+//! the committed table, as `vramcal estimate --coeffs calibration/cpu-x86_64.json` would.
+
+use std::path::Path;
+use vramcal::coeffs::Coefficients;
+use vramcal::harness::record::{self, Status};
+use vramcal::plan::memory::{breakdown, fit_terms};
+use vramcal::spec::Attention;
+
+#[test]
+fn the_committed_table_predicts_the_committed_sdpa_points() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let rows = record::latest(record::read(&root.join("calibration/data/cpu-x86_64.csv")).unwrap());
+    let table = Coefficients::load(&root.join("calibration/cpu-x86_64.json")).unwrap();
+    let sdpa: Vec<_> = rows
+        .iter()
+        .filter(|r| r.attention == Attention::Sdpa && r.status == Status::Ok)
+        .collect();
+    assert!(sdpa.len() >= 10, "{} sdpa points", sdpa.len());
+    let mut errors = Vec::new();
+    for r in &sdpa {
+        let (m, t) = (r.model_spec().unwrap(), r.train_spec());
+        assert_eq!(t.attention, Attention::Sdpa);
+        let terms = fit_terms(&m, &t).unwrap();
+        assert!(terms.features.fused_attention_bytes > 0.0);
+        let peak = r.peak_bytes.unwrap() as f64;
+        let err = 100.0 * (breakdown(&terms, &m, &t, &table).total as f64 - peak) / peak;
+        eprintln!(
+            "{} b{} s{} {}: {err:+.2} %",
+            r.model, r.batch, r.seq, r.precision
+        );
+        assert!(
+            err.abs() < 15.0,
+            "{} b{} s{} {}: {err:+.2} %",
+            r.model,
+            r.batch,
+            r.seq,
+            r.precision
+        );
+        errors.push(err.abs());
+    }
+    let mape = errors.iter().sum::<f64>() / errors.len() as f64;
+    assert!(mape < 10.0, "sdpa in-sample MAPE {mape:.2} %");
+    // and the fit's own in-sample residuals of the modes holding them are reasonable
+    let residuals = table.residuals.clone().unwrap();
+    for mode in ["transformer/fp32", "transformer/fp16-mixed"] {
+        let m = residuals[mode]["in_sample_memory"]["mape"]
+            .as_f64()
+            .unwrap();
+        assert!(m < 10.0, "{mode}: in-sample MAPE {m:.2} %");
+    }
+}
