@@ -26,3 +26,27 @@ fn more_published_counts() {
     assert_eq!(params("gpt2-medium"), 354_823_168);
     assert_eq!(params("vit-base-16"), 86_567_656);
 }
+
+/// config.json families beyond the presets, counted exactly as transformers counts them. The
+/// configs under tests/hf_configs/ were written by transformers' `AutoConfig.for_model` with each
+/// model's published sizes, and the expected counts are `sum(p.numel())` of transformers' own
+/// classes (RobertaModel, XLMRobertaModel, GPTNeoXForCausalLM, Phi3ForCausalLM) built from them
+/// on the meta device (transformers 5.24); they equal the model cards' figures.
+#[test]
+fn hf_config_families_count_like_transformers() {
+    let cases = [
+        ("roberta-base", 124_645_632u64),
+        ("xlm-roberta-base", 278_043_648),
+        ("pythia-160m", 162_322_944),
+        ("phi-3-mini", 3_821_079_552),
+    ];
+    for (name, want) in cases {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/hf_configs")
+            .join(name)
+            .join("config.json");
+        let spec = vramcal::spec::hf_config::load(&path).unwrap();
+        let got = count(&vramcal::spec::ModelSpec::Transformer(spec));
+        assert_eq!(got, want, "{name}");
+    }
+}

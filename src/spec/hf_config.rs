@@ -1,5 +1,6 @@
 //! HuggingFace `config.json` -> [`TransformerSpec`], for the architectures whose field names the
-//! planner knows: BERT, GPT-2, ViT, Llama, Mistral and Qwen2. A missing or mistyped field is an
+//! planner knows: BERT (and RoBERTa, XLM-RoBERTa, CamemBERT), GPT-2, GPT-NeoX, ViT, Llama,
+//! Mistral, Qwen2 and Phi-3. A missing or mistyped field is an
 //! input error naming it, so a user can fix the file rather than get a silently wrong plan.
 
 use super::presets;
@@ -9,7 +10,8 @@ use serde_json::{Map, Value};
 use std::path::Path;
 
 /// Architectures accepted in `model_type`.
-pub const MODEL_TYPES: &str = "bert, gpt2, vit, llama, mistral, qwen2";
+pub const MODEL_TYPES: &str =
+    "bert, roberta, xlm-roberta, camembert, gpt2, gpt_neox, vit, llama, mistral, qwen2, phi3";
 
 type Obj = Map<String, Value>;
 
@@ -105,10 +107,14 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
         }
     };
     let spec = match model_type.as_str() {
-        "bert" => bert(&o, name)?,
+        // RoBERTa and its multilingual/French variants are BERT's architecture under BERT's
+        // config keys (one token type, two extra position rows for the padding offset)
+        "bert" | "roberta" | "xlm-roberta" | "camembert" => bert(&o, name)?,
         "gpt2" => gpt2(&o, name)?,
+        "gpt_neox" => gpt_neox(&o, name)?,
         "vit" => vit(&o, name)?,
-        "llama" | "mistral" | "qwen2" => llama_like(&o, name, &model_type)?,
+        // Phi-3 fuses q/k/v and gate/up into single matrices of the same total size
+        "llama" | "mistral" | "qwen2" | "phi3" => llama_like(&o, name, &model_type)?,
         other => {
             return input_err(
                 "config.json model_type",
@@ -199,6 +205,29 @@ fn gpt2(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
         // n_inner: null means 4 * n_embd (transformers' GPT2MLP)
         ffn: opt_u64(o, "n_inner")?.unwrap_or(hidden.saturating_mul(4)),
         tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
+        ..base
+    })
+}
+
+/// GPT-NeoX (Pythia, GPT-NeoX-20B): pre-LayerNorm decoder with rotary positions (no position
+/// table), biased linears, a GELU MLP of `intermediate_size` and an untied output embedding by
+/// default. Its parallel residual and partial rotary change no parameter count. Activations are
+/// planned with the GPT-2 block's measured coefficients (composed GELU and dropout masks that
+/// NeoX's fused GELU and zero dropout do not have), so they err high, never low.
+fn gpt_neox(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let hidden = req_u64(o, "hidden_size")?;
+    let base = presets::gpt2(
+        name,
+        req_u64(o, "num_hidden_layers")?,
+        hidden,
+        req_u64(o, "num_attention_heads")?,
+        req_u64(o, "vocab_size")?,
+        0,
+    );
+    Ok(TransformerSpec {
+        ffn: req_u64(o, "intermediate_size")?,
+        bias: opt_bool(o, "attention_bias", true)?,
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", false)?,
         ..base
     })
 }
