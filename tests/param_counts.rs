@@ -30,7 +30,8 @@ fn more_published_counts() {
 /// config.json families beyond the presets, counted exactly as transformers counts them. The
 /// configs under tests/hf_configs/ were written by transformers' `AutoConfig.for_model` with each
 /// model's published sizes, and the expected counts are `sum(p.numel())` of transformers' own
-/// classes (RobertaModel, XLMRobertaModel, GPTNeoXForCausalLM, Phi3ForCausalLM) built from them
+/// classes (RobertaModel, XLMRobertaModel, GPTNeoXForCausalLM, Phi3ForCausalLM,
+/// GemmaForCausalLM, Starcoder2ForCausalLM, GPTBigCodeForCausalLM) built from them
 /// on the meta device (transformers 5.24); they equal the model cards' figures.
 #[test]
 fn hf_config_families_count_like_transformers() {
@@ -39,6 +40,9 @@ fn hf_config_families_count_like_transformers() {
         ("xlm-roberta-base", 278_043_648),
         ("pythia-160m", 162_322_944),
         ("phi-3-mini", 3_821_079_552),
+        ("gemma-2b", 2_506_172_416),
+        ("starcoder2-3b", 3_030_371_328),
+        ("gpt-bigcode-santacoder", 1_124_886_528),
     ];
     for (name, want) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -27,8 +27,8 @@ pub struct Flags {
     /// Preset name (bert-base, gpt2, llama2-7b, vit-large-16, resnet50, ...)
     #[arg(long)]
     pub model: Option<String>,
-    /// HuggingFace config.json (BERT, RoBERTa, XLM-R, CamemBERT, GPT-2, GPT-NeoX, ViT, Llama,
-    /// Mistral, Qwen2, Phi-3)
+    /// HuggingFace config.json (BERT, RoBERTa, XLM-R, CamemBERT, GPT-2, GPT-BigCode, GPT-NeoX,
+    /// StarCoder2, ViT, Llama, Mistral, Qwen2, Phi-3, Gemma)
     #[arg(long)]
     pub hf_config: Option<PathBuf>,
     /// CNN layer list, TOML or JSON (see presets/custom-cnn.toml)

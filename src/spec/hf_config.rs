@@ -1,6 +1,6 @@
 //! HuggingFace `config.json` -> [`TransformerSpec`], for the architectures whose field names the
-//! planner knows: BERT (and RoBERTa, XLM-RoBERTa, CamemBERT), GPT-2, GPT-NeoX, ViT, Llama,
-//! Mistral, Qwen2 and Phi-3. A missing or mistyped field is an
+//! planner knows: BERT (and RoBERTa, XLM-RoBERTa, CamemBERT), GPT-2, GPT-BigCode, GPT-NeoX,
+//! StarCoder2, ViT, Llama, Mistral, Qwen2, Phi-3 and Gemma. A missing or mistyped field is an
 //! input error naming it, so a user can fix the file rather than get a silently wrong plan.
 
 use super::presets;
@@ -11,7 +11,8 @@ use std::path::Path;
 
 /// Architectures accepted in `model_type`.
 pub const MODEL_TYPES: &str =
-    "bert, roberta, xlm-roberta, camembert, gpt2, gpt_neox, vit, llama, mistral, qwen2, phi3";
+    "bert, roberta, xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, \
+     starcoder2, vit, llama, mistral, qwen2, phi3, gemma";
 
 type Obj = Map<String, Value>;
 
@@ -111,10 +112,21 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
         // config keys (one token type, two extra position rows for the padding offset)
         "bert" | "roberta" | "xlm-roberta" | "camembert" => bert(&o, name)?,
         "gpt2" => gpt2(&o, name)?,
+        // GPT-2's keys and block, with multi-query attention (one shared key/value head)
+        "gpt_bigcode" => TransformerSpec {
+            kv_heads: if opt_bool(&o, "multi_query", true)? {
+                1
+            } else {
+                req_u64(&o, "n_head")?
+            },
+            ..gpt2(&o, name)?
+        },
         "gpt_neox" => gpt_neox(&o, name)?,
+        "starcoder2" => starcoder2(&o, name)?,
         "vit" => vit(&o, name)?,
         // Phi-3 fuses q/k/v and gate/up into single matrices of the same total size
-        "llama" | "mistral" | "qwen2" | "phi3" => llama_like(&o, name, &model_type)?,
+        // Gemma: RMSNorm and a gated (GELU) MLP of three matrices, like Llama's
+        "llama" | "mistral" | "qwen2" | "phi3" | "gemma" => llama_like(&o, name, &model_type)?,
         other => {
             return input_err(
                 "config.json model_type",
@@ -301,7 +313,30 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
         bias: attention_bias,
         // Qwen2 hard-codes biases on q, k and v (and none on o or the MLP).
         qkv_bias: model_type == "qwen2",
-        tied_embeddings: opt_bool(o, "tie_word_embeddings", false)?,
+        // Gemma ties its LM head to the embedding unless told otherwise (GemmaConfig default)
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", model_type == "gemma")?,
+        ..base
+    })
+}
+
+/// StarCoder2: pre-LayerNorm decoder with rotary positions, grouped-query attention, a GELU MLP
+/// and biases everywhere (`use_bias`), LM head tied by default. Planned with the GPT-2 block's
+/// measured activations, which err high (composed GELU, dropout masks).
+fn starcoder2(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let heads = req_u64(o, "num_attention_heads")?;
+    let base = presets::gpt2(
+        name,
+        req_u64(o, "num_hidden_layers")?,
+        req_u64(o, "hidden_size")?,
+        heads,
+        req_u64(o, "vocab_size")?,
+        0,
+    );
+    Ok(TransformerSpec {
+        kv_heads: opt_u64(o, "num_key_value_heads")?.unwrap_or(heads),
+        ffn: req_u64(o, "intermediate_size")?,
+        bias: opt_bool(o, "use_bias", true)?,
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
         ..base
     })
 }
