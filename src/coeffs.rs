@@ -245,6 +245,14 @@ pub struct ModeCoeffs {
     pub time: TimeCoeffs,
 }
 
+/// A coefficient must be finite and in `0..=max`; `field` names it (built only on failure).
+fn check_coef(field: impl FnOnce() -> String, v: f64, max: f64) -> anyhow::Result<()> {
+    if v.is_finite() && (0.0..=max).contains(&v) {
+        return Ok(());
+    }
+    input_err(&field(), format!("{v} is out of range; accepted 0..={max}"))
+}
+
 /// Upper bounds of the coefficients, far above any measured or published value (bytes per
 /// element are single digits to tens, see calibration/*.json) yet low enough that a plan stays
 /// finite: a value above them is a corrupted or hand-edited table.
@@ -421,22 +429,15 @@ impl Coefficients {
                 );
             }
             for (key, coef, max) in m.ranged() {
-                let v = coef.value;
-                if !(v.is_finite() && v >= 0.0 && v <= max) {
-                    return input_err(
-                        &format!("{at} {key}"),
-                        format!("{v} is out of range; accepted 0..={max}"),
-                    );
-                }
+                check_coef(|| format!("{at} {key}"), coef.value, max)?;
             }
             for (j, b) in m.activation.blocks.iter().enumerate() {
                 for (key, v) in b.ranged() {
-                    if !(v.is_finite() && (0.0..=MAX_BYTES_PER_ELEM).contains(&v)) {
-                        return input_err(
-                            &format!("{at} activation.blocks[{j}].{key}"),
-                            format!("{v} is out of range; accepted 0..={MAX_BYTES_PER_ELEM}"),
-                        );
-                    }
+                    check_coef(
+                        || format!("{at} activation.blocks[{j}].{key}"),
+                        v,
+                        MAX_BYTES_PER_ELEM,
+                    )?;
                 }
             }
             for name in m.time.s_per_elem.keys() {
@@ -460,13 +461,7 @@ impl Coefficients {
         }
         if let Some(rt) = &self.runtime {
             for (key, coef, max) in rt.ranged() {
-                let v = coef.value;
-                if !(v.is_finite() && v >= 0.0 && v <= max) {
-                    return input_err(
-                        &format!("{origin} {key}"),
-                        format!("{v} is out of range; accepted 0..={max}"),
-                    );
-                }
+                check_coef(|| format!("{origin} {key}"), coef.value, max)?;
             }
         }
         Ok(())

@@ -135,8 +135,8 @@ impl Row {
             checkpointing: self.checkpointing,
             zero_stage: self.zero_stage,
             gpus: self.gpus,
-            // the harness's optimizer updates tensor by tensor
             attention: self.attention,
+            // the harness's optimizer updates tensor by tensor
             optimizer_impl: OptimizerImpl::Loop,
         }
     }

@@ -214,12 +214,16 @@ fn group_update(params: u64, train: &TrainSpec) -> f64 {
     if train.optimizer != Optimizer::AdamW || train.optimizer_impl != OptimizerImpl::Foreach {
         return 0.0;
     }
-    let shard = if train.zero_stage >= 1 {
+    params as f64 / optimizer_shards(train) * state_elem_bytes(train)
+}
+
+/// Ranks the optimizer's update is split over: each updates its shard under ZeRO >= 1.
+fn optimizer_shards(train: &TrainSpec) -> f64 {
+    if train.zero_stage >= 1 {
         train.gpus as f64
     } else {
         1.0
-    };
-    params as f64 / shard * state_elem_bytes(train)
+    }
 }
 
 /// See [`Features::max_param`]. Only an optimizer that updates tensor by tensor has per-tensor
@@ -230,13 +234,8 @@ fn update_transient(model: &ModelSpec, train: &TrainSpec) -> f64 {
     if train.optimizer_impl != crate::spec::OptimizerImpl::Loop {
         return 0.0;
     }
-    let shard = if train.zero_stage >= 1 {
-        train.gpus as f64
-    } else {
-        1.0
-    };
     let tensors = 1 + train.optimizer.states_per_param();
-    params::largest_tensor(model) as f64 / shard * tensors as f64
+    params::largest_tensor(model) as f64 / optimizer_shards(train) * tensors as f64
 }
 
 /// Activation features of a model at a training configuration.

@@ -121,8 +121,8 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
             },
             ..gpt2(&o, name)?
         },
-        "gpt_neox" => gpt_neox(&o, name)?,
-        "starcoder2" => starcoder2(&o, name)?,
+        "gpt_neox" => rotary_gelu_decoder(&o, name, "attention_bias", false)?,
+        "starcoder2" => rotary_gelu_decoder(&o, name, "use_bias", true)?,
         "vit" => vit(&o, name)?,
         // Phi-3 fuses q/k/v and gate/up into single matrices of the same total size
         // Gemma: RMSNorm and a gated (GELU) MLP of three matrices, like Llama's
@@ -221,25 +221,32 @@ fn gpt2(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
     })
 }
 
-/// GPT-NeoX (Pythia, GPT-NeoX-20B): pre-LayerNorm decoder with rotary positions (no position
-/// table), biased linears, a GELU MLP of `intermediate_size` and an untied output embedding by
-/// default. Its parallel residual and partial rotary change no parameter count. Activations are
-/// planned with the GPT-2 block's measured coefficients (composed GELU and dropout masks that
-/// NeoX's fused GELU and zero dropout do not have), so they err high, never low.
-fn gpt_neox(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
-    let hidden = req_u64(o, "hidden_size")?;
+/// A pre-LayerNorm decoder with rotary positions (no position table), biased linears and a GELU
+/// MLP of `intermediate_size`, under HF's Llama-style keys: GPT-NeoX (Pythia; `attention_bias`,
+/// untied output embedding by default; its parallel residual and partial rotary change no
+/// parameter count) and StarCoder2 (`use_bias`, grouped-query attention, tied head by default).
+/// Activations are planned with the GPT-2 block's measured coefficients (composed GELU and
+/// dropout masks these fused-GELU, dropout-free blocks do not have), so they err high, never low.
+fn rotary_gelu_decoder(
+    o: &Obj,
+    name: &str,
+    bias_key: &str,
+    tied_default: bool,
+) -> anyhow::Result<TransformerSpec> {
+    let heads = req_u64(o, "num_attention_heads")?;
     let base = presets::gpt2(
         name,
         req_u64(o, "num_hidden_layers")?,
-        hidden,
-        req_u64(o, "num_attention_heads")?,
+        req_u64(o, "hidden_size")?,
+        heads,
         req_u64(o, "vocab_size")?,
         0,
     );
     Ok(TransformerSpec {
+        kv_heads: opt_u64(o, "num_key_value_heads")?.unwrap_or(heads),
         ffn: req_u64(o, "intermediate_size")?,
-        bias: opt_bool(o, "attention_bias", true)?,
-        tied_embeddings: opt_bool(o, "tie_word_embeddings", false)?,
+        bias: opt_bool(o, bias_key, true)?,
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", tied_default)?,
         ..base
     })
 }
@@ -315,28 +322,6 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
         qkv_bias: model_type == "qwen2",
         // Gemma ties its LM head to the embedding unless told otherwise (GemmaConfig default)
         tied_embeddings: opt_bool(o, "tie_word_embeddings", model_type == "gemma")?,
-        ..base
-    })
-}
-
-/// StarCoder2: pre-LayerNorm decoder with rotary positions, grouped-query attention, a GELU MLP
-/// and biases everywhere (`use_bias`), LM head tied by default. Planned with the GPT-2 block's
-/// measured activations, which err high (composed GELU, dropout masks).
-fn starcoder2(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
-    let heads = req_u64(o, "num_attention_heads")?;
-    let base = presets::gpt2(
-        name,
-        req_u64(o, "num_hidden_layers")?,
-        req_u64(o, "hidden_size")?,
-        heads,
-        req_u64(o, "vocab_size")?,
-        0,
-    );
-    Ok(TransformerSpec {
-        kv_heads: opt_u64(o, "num_key_value_heads")?.unwrap_or(heads),
-        ffn: req_u64(o, "intermediate_size")?,
-        bias: opt_bool(o, "use_bias", true)?,
-        tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
         ..base
     })
 }

@@ -223,9 +223,6 @@ impl Attention {
     pub fn legacy() -> Self {
         Attention::Eager
     }
-    pub fn is_eager(&self) -> bool {
-        *self == Attention::Eager
-    }
 }
 
 impl fmt::Display for Attention {
