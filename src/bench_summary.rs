@@ -146,7 +146,7 @@ pub fn markdown(results: &[BenchResult], machine: &str, date: &str) -> String {
             pairs.entry(base.to_string()).or_default().1 = Some(r.median_s);
         }
     }
-    md.push_str("\n## Checkpointing time overhead\n\nMeasured (full recompute over plain step time) against the capacity brief's \"+20 %\" and the literature's one extra forward pass (~33 %, Korthikanti et al. 2022).\n\n| configuration | plain ms | checkpointed ms | overhead |\n|---|---:|---:|---:|\n");
+    md.push_str("\n## Checkpointing time overhead\n\nMeasured (full recompute over plain step time) against the rule of thumb's \"+20 %\" and the literature's one extra forward pass (~33 %, Korthikanti et al. 2022).\n\n| configuration | plain ms | checkpointed ms | overhead |\n|---|---:|---:|---:|\n");
     for (base, (plain, ckpt)) in &pairs {
         if let (Some(p), Some(c)) = (plain, ckpt) {
             md.push_str(&format!(

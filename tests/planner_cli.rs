@@ -396,3 +396,33 @@ fn whole_step_peaks_match_real_pytorch_steps() {
     }
     assert!(scored >= 18, "only {scored} steps scored");
 }
+
+/// README's "rules of thumb checked against measured pairs" figures are the committed report's
+/// medians: every percentage in that paragraph appears in the report's checkpointing or
+/// mixed-precision finding.
+#[test]
+fn readme_rule_of_thumb_findings_are_the_committed_report() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{dir}/README.md")).unwrap();
+    let report = std::fs::read_to_string(format!("{dir}/reports/cpu-x86_64/README.md")).unwrap();
+    let findings: String = report
+        .lines()
+        .filter(|l| l.starts_with("- **Checkpointing**") || l.starts_with("- **Mixed precision**"))
+        .collect();
+    let start = readme
+        .find("Rules of thumb checked against")
+        .expect("the paragraph");
+    let paragraph = &readme[start..start + readme[start..].find("\n\n").unwrap()];
+    let measured: Vec<&str> = paragraph
+        .split_whitespace()
+        .map(|w| w.trim_start_matches(['(', '+']))
+        .filter(|w| w.contains('.') && w.parse::<f64>().is_ok())
+        .collect();
+    assert_eq!(measured.len(), 4, "{paragraph}");
+    for m in measured {
+        assert!(
+            findings.contains(&format!("{m} %")),
+            "README's {m} % is not in the report's findings: {findings}"
+        );
+    }
+}

@@ -1,4 +1,4 @@
-//! `vramcal estimate`: per-GPU memory breakdown, the brief's rule beside it, host RAM, storage,
+//! `vramcal estimate`: per-GPU memory breakdown, the rule of thumb beside it, host RAM, storage,
 //! step time, fits verdict, `--max-batch`/`--max-seq` and GPU choice; a table or `--json`.
 //!
 //! Numeric flags are taken as text and parsed here, so a bad value (zero, negative, absurd, not

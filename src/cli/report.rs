@@ -79,7 +79,7 @@ pub fn report_files(
 /// The one-line accuracy summary; a metric with nothing scored says so instead of "0.00 %".
 pub fn summary(acc: &Accuracy) -> String {
     format!(
-        "{}, literature {}, seed rule {}; {}",
+        "{}, literature {}, rule of thumb {}; {}",
         acc.heldout.describe("held-out peak MAPE: fitted"),
         pct(&acc.literature),
         pct(&acc.seed_formula),

@@ -1,4 +1,4 @@
-//! The capacity brief's rule of thumb ("seed"), the baseline the calibrated model is compared
+//! The rule of thumb `params·4·3 + batch·seq·hidden·10` (`plan::seed`), the baseline the calibrated model is compared
 //! against: `params*4*3 + batch*seq*hidden*10` bytes. Delegates to the planner's
 //! `plan::seed::seed_bytes` (ViT: seq = effective sequence; CNN: its documented analogue,
 //! image^2 x first-conv width), so the report and `vramcal estimate` show the same baseline.

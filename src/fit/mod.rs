@@ -1,7 +1,7 @@
 //! Fitting the planner's coefficients from measurements (DESIGN.md "Fitting and reports"):
 //! rows -> points (`points`), non-negative least squares (`nnls`), the memory and time
 //! regressions (`memfit`, `timefit`), a full table (`calibrate`), honest held-out scoring
-//! (`split`) against the seed rule (`baseline`) and the literature table.
+//! (`split`) against the rule of thumb (`baseline`) and the literature table.
 
 pub mod baseline;
 pub mod calibrate;

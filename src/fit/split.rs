@@ -6,7 +6,7 @@
 //! * extrapolation: for each model the largest batch*tokens is held out and the table is fitted
 //!   on the rest, which is how a planner is used (predicting a bigger run than was measured).
 //!
-//! For each scored point the fitted table, the literature table and the seed rule are evaluated
+//! For each scored point the fitted table, the literature table and the rule of thumb are evaluated
 //! on the same point, memory through the planner's own `plan::memory::breakdown`.
 
 use super::baseline::seed_bytes;

@@ -89,14 +89,14 @@ pub struct Estimate {
     pub family: Family,
     /// exact trainable parameter count
     pub params: u64,
-    /// the brief's 12*L*d^2 (transformers only)
+    /// the rule of thumb 12*L*d^2 (transformers only)
     pub params_12ld2: Option<u64>,
     /// tokens per sample actually processed (transformers; ViT: patches + class token)
     pub tokens_per_sample: Option<u64>,
     pub train: TrainSpec,
     /// per GPU, bytes
     pub memory: MemoryBreakdown,
-    /// the brief's rule params*4*3 + batch*seq*hidden*10 (see plan::seed)
+    /// the rule of thumb params*4*3 + batch*seq*hidden*10 (see plan::seed)
     pub seed_formula_bytes: u64,
     /// (seed - total) / total * 100
     pub seed_vs_total_pct: f64,

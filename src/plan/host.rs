@@ -1,15 +1,15 @@
-//! Host RAM per training process, from the capacity-planning brief (section 2):
+//! Host RAM per training process, from the common capacity-planning rules of thumb:
 //! `RAM >= max(batch x sample bytes x loader workers x 3, 2 x parameter bytes)` with 30 %
-//! headroom for fragmentation, and the brief's "RAM >= 3 x VRAM" shown separately as advice,
+//! headroom for fragmentation, and the usual "RAM >= 3 x VRAM" shown separately as advice,
 //! because it is a rule of thumb, not a derivation.
 
 use crate::plan::memory::MAX_PLAN_BYTES;
 use crate::spec::{ModelSpec, Precision, TrainSpec};
 use serde::Serialize;
 
-/// The brief's headroom against fragmentation (section 2.2).
+/// The usual headroom against fragmentation.
 pub const HEADROOM: f64 = 0.30;
-/// The brief's loader buffering factor (section 2.1: decoded, augmented and collated copies).
+/// The loader's buffering factor: decoded, augmented and collated copies of each sample.
 pub const LOADER_COPIES: u64 = 3;
 /// Default loader workers (PyTorch DataLoader setups commonly use 4 per GPU).
 pub const DEFAULT_WORKERS: u64 = 4;
@@ -47,7 +47,7 @@ pub struct HostRam {
     pub required_bytes: u64,
     /// required x 1.3
     pub recommended_bytes: u64,
-    /// 3 x the GPU memory this process drives (rule of thumb from the brief, advice only)
+    /// 3 x the GPU memory this process drives (a rule of thumb, advice only)
     pub rule_of_thumb_bytes: u64,
 }
 
@@ -87,8 +87,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn brief_image_example() {
-        // Brief 2.1: a 4K RGB image batch of 32 -> 32 x 3840 x 2160 x 3 bytes = 0.8 GB per copy.
+    fn four_k_image_batch_example() {
+        // A 4K RGB image batch of 32 -> 32 x 3840 x 2160 x 3 bytes = 0.8 GB per copy.
         let sample = 3 * 3840 * 2160;
         let h = host_ram(1_000, Precision::Fp32, 32, sample, 1, 0);
         assert_eq!(h.loader_bytes, 32 * sample * 3);

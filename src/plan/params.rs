@@ -84,7 +84,7 @@ pub fn count(model: &ModelSpec) -> u64 {
     }
 }
 
-/// The brief's approximation 12*L*d^2 (attention 4d^2 + MLP 8d^2 per layer, embeddings ignored).
+/// The rule-of-thumb approximation 12*L*d^2 (attention 4d^2 + MLP 8d^2 per layer, embeddings ignored).
 pub fn seed_approx(t: &TransformerSpec) -> u64 {
     12 * t.layers * t.hidden * t.hidden
 }

@@ -1,5 +1,5 @@
-//! The brief's rule of thumb, kept as a named baseline so users see how far it is from vramcal:
-//! `VRAM = params x 4 B x 3 + batch x seq x hidden x 10 B` (brief section 1.1).
+//! The common rule of thumb, kept as a named baseline so users see how far it is from vramcal:
+//! `VRAM = params x 4 B x 3 + batch x seq x hidden x 10 B`.
 //!
 //! For CNNs the rule has no seq or hidden; the analogue used here maps seq to the input pixels
 //! (image x image) and hidden to the output channels of the first conv, i.e. the width of the first
@@ -8,7 +8,7 @@
 use crate::spec::cnn::CnnLayer;
 use crate::spec::{ModelSpec, TrainSpec};
 
-/// Bytes predicted by the brief's rule for one GPU (no ZeRO, no precision or checkpointing).
+/// Bytes predicted by the rule of thumb for one GPU (no ZeRO, no precision or checkpointing).
 pub fn seed_bytes(model: &ModelSpec, params: u64, train: &TrainSpec) -> u64 {
     let states = params.saturating_mul(12);
     let (tokens, width) = match model {
@@ -41,7 +41,7 @@ mod tests {
     use crate::spec::presets::preset;
 
     #[test]
-    fn brief_bert_base_example() {
+    fn bert_base_example() {
         let m = preset("bert-base").unwrap();
         let train = TrainSpec {
             batch: 32,

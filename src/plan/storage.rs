@@ -1,11 +1,11 @@
-//! Storage, from the capacity-planning brief (section 3): model files at each precision,
+//! Storage, from the common capacity-planning rules of thumb: model files at each precision,
 //! checkpoint size, and `total = raw data + preprocessing cache + checkpoints x kept`.
 
 use crate::plan::memory::{state_bytes, MAX_PLAN_BYTES};
 use crate::spec::TrainSpec;
 use serde::Serialize;
 
-/// The brief (3.2) reserves 10 checkpoints' worth of space (a full save every 5000 steps).
+/// The usual reserve of 10 checkpoints' worth of space (a full save every 5000 steps).
 pub const DEFAULT_KEPT: u64 = 10;
 /// Preprocessing cache as a fraction of the raw data: a decoded/tokenised copy of the same size.
 pub const DEFAULT_CACHE_FRACTION: f64 = 1.0;
@@ -80,8 +80,8 @@ mod tests {
     use crate::spec::{Optimizer, Precision};
 
     #[test]
-    fn brief_175b_model_files() {
-        // Brief 3.1: 175B params -> fp32 about 700 GB, int8 about 175 GB.
+    fn model_files_of_a_175b_model() {
+        // 175B params -> fp32 about 700 GB, int8 about 175 GB.
         let f = model_files(175_000_000_000);
         assert_eq!(f.fp32, 700_000_000_000);
         assert_eq!(f.int8, 175_000_000_000);

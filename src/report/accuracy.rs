@@ -1,5 +1,5 @@
 //! `accuracy.json`: held-out metrics (percent) of the fitted table, the literature table and the
-//! seed rule on the same points, per group, plus the excluded rows. `heldout` is the fitted table
+//! rule of thumb on the same points, per group, plus the excluded rows. `heldout` is the fitted table
 //! on k-fold held-out points, peak memory; `time_heldout` the fitted step time on the same folds.
 
 use crate::fit::points::{Excluded, Point};

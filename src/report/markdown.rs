@@ -1,5 +1,5 @@
 //! The report's README.md: what was run, the coefficient table beside the literature, held-out
-//! accuracy against the seed rule and the literature, measured findings, exclusions, plots.
+//! accuracy against the rule of thumb and the literature, measured findings, exclusions, plots.
 
 use super::accuracy::{Accuracy, GroupScores};
 use super::findings::{Findings, PairEffect};
@@ -208,7 +208,7 @@ fn findings_text(out: &mut String, f: &Findings, acc: &Accuracy) {
         Some(all) => {
             let _ = writeln!(
                 out,
-                "- **Checkpointing** (median over {} matched pairs): activation memory (peak − baseline − gradients) {} lower, peak {:.1} % lower, step time {} higher. The brief claims 60-70 % less activation memory for +20 % time; the literature's full recomputation costs one extra forward, about +33 %.",
+                "- **Checkpointing** (median over {} matched pairs): activation memory (peak − baseline − gradients) {} lower, peak {:.1} % lower, step time {} higher. The common rule of thumb claims 60-70 % less activation memory for +20 % time; the literature's full recomputation costs one extra forward, about +33 %.",
                 all.pairs,
                 opt_pct(all.activation_saving_pct),
                 all.peak_saving_pct,
@@ -223,7 +223,7 @@ fn findings_text(out: &mut String, f: &Findings, acc: &Accuracy) {
         Some(all) => {
             let _ = writeln!(
                 out,
-                "- **Mixed precision** vs fp32 (median over {} matched pairs): peak {:.1} % lower, activation memory {} lower, step time {} higher (negative = faster). The brief says about 25 % saving. Mixed precision keeps fp32 weights, gradients and optimizer states, and adds a 16-bit weight copy, so only activations shrink.",
+                "- **Mixed precision** vs fp32 (median over {} matched pairs): peak {:.1} % lower, activation memory {} lower, step time {} higher (negative = faster). The common rule of thumb says about 25 % saving. Mixed precision keeps fp32 weights, gradients and optimizer states, and adds a 16-bit weight copy, so only activations shrink.",
                 all.pairs,
                 all.peak_saving_pct,
                 opt_pct(all.activation_saving_pct),
@@ -236,7 +236,7 @@ fn findings_text(out: &mut String, f: &Findings, acc: &Accuracy) {
     if !acc.worst.is_empty() {
         let _ = writeln!(
             out,
-            "\n- **Largest held-out errors** of the fitted table (k-fold), with the other predictors on the same point. {} of {} k-fold points were beyond every point of their model in their fold's training set (marked *beyond*: an extrapolation inside the k-fold score, decided by which rows the grid has):\n\n| configuration | measured MiB | fitted | literature | seed rule |\n|---|---|---|---|---|",
+            "\n- **Largest held-out errors** of the fitted table (k-fold), with the other predictors on the same point. {} of {} k-fold points were beyond every point of their model in their fold's training set (marked *beyond*: an extrapolation inside the k-fold score, decided by which rows the grid has):\n\n| configuration | measured MiB | fitted | literature | rule of thumb |\n|---|---|---|---|---|",
             acc.heldout_beyond_training, acc.heldout.n
         );
         for w in &acc.worst {
@@ -323,7 +323,7 @@ pub fn readme(i: &Inputs) -> String {
     out.push_str(&metrics_row("fitted table", &acc.heldout));
     out.push_str(&metrics_row("literature defaults", &acc.literature));
     out.push_str(&metrics_row(
-        "seed rule (params·4·3 + b·s·h·10)",
+        "rule of thumb (params·4·3 + b·s·h·10)",
         &acc.seed_formula,
     ));
     out.push_str(&metrics_row(
@@ -334,7 +334,7 @@ pub fn readme(i: &Inputs) -> String {
     let e = &acc.extrapolation;
     out.push_str(&metrics_row("fitted table", &e.fitted));
     out.push_str(&metrics_row("literature defaults", &e.literature));
-    out.push_str(&metrics_row("seed rule", &e.seed_formula));
+    out.push_str(&metrics_row("rule of thumb", &e.seed_formula));
     out.push_str(&metrics_row("step time, fitted", &e.time_fitted));
     out.push_str("\nPer group (k-fold held out):\n\n");
     group_table(&mut out, &acc.per_group);

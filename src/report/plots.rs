@@ -59,7 +59,7 @@ fn log_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     }
 }
 
-/// Held-out predictions against measurements: fitted, literature and seed rule.
+/// Held-out predictions against measurements: fitted, literature and the rule of thumb.
 pub fn measured_vs_predicted(path: &Path, eval: &Evaluation) -> anyhow::Result<()> {
     svg(path, (900, 760), |root| {
         let p = &eval.predictions;
@@ -104,7 +104,7 @@ pub fn measured_vs_predicted(path: &Path, eval: &Evaluation) -> anyhow::Result<(
                     .map(|q| Cross::new((q.measured / MIB, q.seed / MIB), 5, seed.stroke_width(2))),
             )
             .map_err(perr)?
-            .label("seed rule (params*12 + b*s*h*10)")
+            .label("rule of thumb (params*12 + b*s*h*10)")
             .legend(move |(x, y)| Cross::new((x + 10, y), 5, seed.stroke_width(2)));
         let lit = COLORS[1];
         chart
@@ -395,7 +395,7 @@ pub fn time_vs_flops(path: &Path, points: &[Point], table: &Coefficients) -> any
 }
 
 /// Checkpointing per model: measured activation-memory saving and step-time cost, with the
-/// brief's claims (60-70 % saving, +20 % time) and the literature's +33 % as reference lines.
+/// rule of thumb's claims (60-70 % saving, +20 % time) and the literature's +33 % as reference lines.
 pub fn checkpointing_bars(path: &Path, f: &Findings) -> anyhow::Result<bool> {
     let rows = &f.checkpointing;
     if rows.is_empty() {
@@ -474,13 +474,13 @@ pub fn checkpointing_bars(path: &Path, f: &Findings) -> anyhow::Result<bool> {
         chart
             .draw_series(refline(60.0, save))
             .map_err(perr)?
-            .label("brief: 60-70 % less activation memory")
+            .label("rule of thumb: 60-70 % less activation memory")
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], save));
         chart.draw_series(refline(70.0, save)).map_err(perr)?;
         chart
             .draw_series(refline(20.0, cost))
             .map_err(perr)?
-            .label("brief: +20 % time")
+            .label("rule of thumb: +20 % time")
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], cost));
         let litc = RGBColor(90, 90, 90);
         chart
