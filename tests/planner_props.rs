@@ -119,6 +119,8 @@ fn transformer() -> impl Strategy<Value = TransformerSpec> {
                 final_norm: decoder,
                 head: if decoder { Head::Lm } else { Head::Pooler },
                 patch: None,
+                dropout: None,
+                activation: None,
             }
         })
 }

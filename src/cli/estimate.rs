@@ -222,6 +222,8 @@ fn explicit_transformer(a: &Flags) -> anyhow::Result<Option<TransformerSpec>> {
         final_norm: arch == Arch::Decoder,
         head,
         patch: None,
+        dropout: None,
+        activation: None,
     }))
 }
 

@@ -51,6 +51,8 @@ fn base(name: &str, arch: Arch, layers: u64, hidden: u64, heads: u64) -> Transfo
         final_norm: true,
         head: Head::Lm,
         patch: None,
+        dropout: None,
+        activation: None,
     }
 }
 

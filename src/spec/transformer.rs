@@ -19,6 +19,45 @@ pub enum FfnKind {
     Swiglu,
 }
 
+/// The MLP's activation function as transformers names it (`hidden_act` / `activation_function`),
+/// because the frameworks implement them differently and that changes what backward keeps:
+/// `gelu` (erf) and `gelu_pytorch_tanh` are one fused ATen op that saves only its input, while
+/// `gelu_new`, `gelu_fast` and `quick_gelu` are composed of small elementwise ops in Python, each
+/// of which saves its own full-width operand. SwiGLU blocks use `silu` on the gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Activation {
+    Gelu,
+    GeluPytorchTanh,
+    GeluNew,
+    GeluFast,
+    QuickGelu,
+    Relu,
+    Silu,
+}
+
+/// A dropout probability in [0, 1). Memory depends only on whether it is zero: PyTorch's
+/// `F.dropout` returns its input unchanged at p = 0 (no mask is kept), and at any p > 0 it keeps a
+/// mask (1-byte bool on CUDA via `native_dropout`, the activation's dtype on CPU). Kept as a
+/// probability because that is what users and config.json files write.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct DropoutP(pub f32);
+
+impl DropoutP {
+    pub fn is_active(self) -> bool {
+        self.0 > 0.0
+    }
+}
+
+impl Eq for DropoutP {}
+
+impl std::hash::Hash for DropoutP {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.to_bits().hash(state);
+    }
+}
+
 /// LayerNorm (weight + bias) or RMSNorm (weight only).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -86,6 +125,15 @@ pub struct TransformerSpec {
     pub head: Head,
     /// ViT: images instead of tokens.
     pub patch: Option<PatchEmbed>,
+    /// Dropout probability of the residual, attention-probability and embedding dropouts;
+    /// `None` = the architecture's transformers default ([`TransformerSpec::dropout_p`]).
+    /// Absent in older spec files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dropout: Option<DropoutP>,
+    /// MLP activation; `None` = the architecture's transformers default
+    /// ([`TransformerSpec::activation_kind`]). Absent in older spec files.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activation: Option<Activation>,
 }
 
 /// Transformer block implementations whose saved-for-backward tensors were measured in PyTorch
@@ -105,6 +153,26 @@ pub enum BlockKind {
 }
 
 impl TransformerSpec {
+    /// The dropout probability in effect: the spec's own, else transformers' default for the
+    /// block kind (GPT-2 and BERT 0.1; Llama-family and ViT none).
+    pub fn dropout_p(&self) -> DropoutP {
+        self.dropout.unwrap_or(match self.block_kind() {
+            Some(BlockKind::Gpt2 | BlockKind::Bert) => DropoutP(0.1),
+            _ => DropoutP(0.0),
+        })
+    }
+
+    /// The MLP activation in effect: the spec's own, else transformers' default for the block
+    /// kind (GPT-2 `gelu_new`; BERT and ViT `gelu`; SwiGLU `silu`).
+    pub fn activation_kind(&self) -> Activation {
+        self.activation
+            .unwrap_or(match (self.ffn_kind, self.block_kind()) {
+                (FfnKind::Swiglu, _) => Activation::Silu,
+                (_, Some(BlockKind::Gpt2)) => Activation::GeluNew,
+                _ => Activation::Gelu,
+            })
+    }
+
     /// The measured block implementation this spec's blocks are built like, if any.
     pub fn block_kind(&self) -> Option<BlockKind> {
         match (self.norm, self.ffn_kind, self.arch, self.patch.is_some()) {
@@ -176,6 +244,14 @@ impl TransformerSpec {
         }
         if let Head::Classifier { classes } = self.head {
             check_range("classes", classes, 1, MAX_VOCAB)?;
+        }
+        if let Some(DropoutP(p)) = self.dropout {
+            if !(p.is_finite() && (0.0..1.0).contains(&p)) {
+                return input_err(
+                    "dropout",
+                    format!("{p} is not a probability; accepted 0 <= p < 1"),
+                );
+            }
         }
         if self.head == Head::Lm && self.patch.is_some() {
             return input_err(
