@@ -6,7 +6,7 @@
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use vramcal::coeffs::Coefficients;
-use vramcal::harness::record::{Row, Status, SCHEMA};
+use vramcal::harness::record::{Backend, Row, Status, SCHEMA};
 use vramcal::plan::memory::{breakdown, fit_terms};
 use vramcal::plan::time::step_flops;
 use vramcal::spec::cnn::{resnet, vgg16};
@@ -57,7 +57,7 @@ pub fn row(model: &ModelSpec, train: &TrainSpec, peak: f64, step_s: f64, status:
         schema: SCHEMA,
         device_id: "synthetic".into(),
         device_name: "synthetic device".into(),
-        backend: "cpu".into(),
+        backend: Backend::Candle,
         driver: String::new(),
         vramcal_version: "0.1.0".into(),
         git_commit: String::new(),
@@ -95,6 +95,9 @@ pub fn row(model: &ModelSpec, train: &TrainSpec, peak: f64, step_s: f64, status:
         },
         spec_json: serde_json::to_string(model).unwrap(),
         attention: train.attention,
+        device_kind: "cpu".into(),
+        optimizer_impl: train.optimizer_impl,
+        saved_bytes: None,
     }
 }
 

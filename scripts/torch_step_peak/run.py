@@ -7,7 +7,7 @@ planner's `estimate --json` for the same shape is recorded beside it. The planne
 a 32 MiB cuBLAS workspace that a CPU process lacks, subtracted here.
 
   cc -O2 -shared -fPIC -o scripts/torch_step_peak/malloc_peak_shim.so \
-      scripts/torch_step_peak/malloc_peak_shim.c -ldl
+      src/harness/torch/malloc_peak_shim.c -ldl
   PYTHON=<python with torch + transformers> OUT=calibration/data/torch-step-peaks-cpu.csv \
       python3 scripts/torch_step_peak/run.py
 """
@@ -17,7 +17,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 PY = os.environ.get("PYTHON", sys.executable)  # a python with torch and transformers
 VC = os.environ.get("VRAMCAL", os.path.join(HERE, "..", "..", "target", "debug", "vramcal"))
 CUBLAS = 33_554_432
-# built by: cc -O2 -shared -fPIC -o $SHIM malloc_peak_shim.c -ldl
+# built by: cc -O2 -shared -fPIC -o $SHIM src/harness/torch/malloc_peak_shim.c -ldl
+# (the same shim `vramcal measure --backend torch` builds and loads itself)
 SHIM = os.environ.get("SHIM", os.path.join(HERE, "malloc_peak_shim.so"))
 
 L1 = dict(model="llama", hidden=512, ffn=1376, layers=4, heads=8, kv=8, vocab=8000)

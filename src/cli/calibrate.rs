@@ -5,6 +5,7 @@
 
 use crate::coeffs::Coefficients;
 use crate::error::input_err;
+use crate::harness::record::Backend;
 use crate::harness::sweep::{parse_bytes, run_sweep, SweepOptions};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -14,13 +15,18 @@ pub struct Args {
     /// cpu or cuda:N
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// What measures each point: candle (embedded) or torch (PyTorch + transformers; its files
+    /// get `-torch` after the device id)
+    #[arg(long, value_enum, default_value_t = Backend::Candle)]
+    pub backend: Backend,
     /// The quick grid (CPU: under 3 minutes on 2 cores)
     #[arg(long)]
     pub quick: bool,
     /// Grid TOML (default: calibration/grids/<cpu|cuda>[-quick].toml)
     #[arg(long)]
     pub grid: Option<PathBuf>,
-    /// Device id used in file names (default: cpu-<arch>, or from the CUDA device name)
+    /// Device id used in file names (default: cpu-<model>, e.g. cpu-amd-epyc-9b14, or from the
+    /// CUDA device name)
     #[arg(long)]
     pub device_id: Option<String>,
     #[arg(long, default_value = "calibration/data")]
@@ -46,11 +52,11 @@ pub struct Args {
     pub timeout_s: u64,
 }
 
-/// The device id the sweep will record: CPU `cpu-<arch>`; CUDA asks a child for the device info
-/// (the same probe the sweep uses), so the file names match the rows.
-fn device_id(device: &str) -> anyhow::Result<String> {
+/// The device id the sweep will record: CPU `cpu-<model>`; CUDA asks a child for the device
+/// info (the same probe the sweep uses), so the file names match the rows.
+fn device_id(device: &str, backend: Backend) -> anyhow::Result<String> {
     if device == "cpu" {
-        return Ok(format!("cpu-{}", std::env::consts::ARCH));
+        return Ok(crate::harness::measure::cpu_info().id);
     }
     if !device.starts_with("cuda") {
         return input_err(
@@ -61,6 +67,7 @@ fn device_id(device: &str) -> anyhow::Result<String> {
     let exe = std::env::current_exe()?;
     let out = Command::new(exe)
         .args(["measure", "--device-info", "--device", device])
+        .args(["--backend", backend.as_str()])
         .stdin(Stdio::null())
         .output()?;
     if !out.status.success() {
@@ -90,8 +97,15 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Some(id) => id.clone(),
         // A quick run gets its own files so it never mixes its points into (or is refused by)
         // the full calibration's CSV of the same device.
-        None if args.quick => format!("{}-quick", device_id(&args.device)?),
-        None => device_id(&args.device)?,
+        None => {
+            let torch = if args.backend == Backend::Torch {
+                "-torch"
+            } else {
+                ""
+            };
+            let quick = if args.quick { "-quick" } else { "" };
+            format!("{}{torch}{quick}", device_id(&args.device, args.backend)?)
+        }
     };
     let backend = if args.device == "cpu" { "cpu" } else { "cuda" };
     let grid = args.grid.clone().unwrap_or_else(|| {
@@ -115,6 +129,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let mut opts = SweepOptions::new(&grid, &csv);
     opts.device = args.device.clone();
+    opts.backend = args.backend;
     opts.resume = args.resume;
     opts.retry_failed = args.retry_failed;
     opts.memory_guard = !args.no_memory_guard;

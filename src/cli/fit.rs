@@ -59,6 +59,18 @@ pub fn fit_file(data: &Path, allow_mixed_devices: bool) -> anyhow::Result<Fitted
             ),
         );
     }
+    // candle and PyTorch rows of one point differ by design: one table describes one of them
+    let backends: BTreeSet<&str> = rows.iter().map(|r| r.backend.as_str()).collect();
+    if backends.len() > 1 {
+        return input_err(
+            "data",
+            format!(
+                "{} has rows of both backends ({}); accepted rows of one backend (sweep each into its own CSV)",
+                data.display(),
+                backends.into_iter().collect::<Vec<_>>().join(", ")
+            ),
+        );
+    }
     fit_rows(&rows)
 }
 

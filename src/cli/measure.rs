@@ -5,7 +5,7 @@ use crate::coeffs::Coefficients;
 use crate::error::input_err;
 use crate::harness::grid::{input_dims, ModelOverrides};
 use crate::harness::measure::{self, DeviceSpec, MeasureOptions};
-use crate::harness::record::Row;
+use crate::harness::record::{Backend, Row};
 use crate::harness::sweep::{fail_key, FAIL_POINT_ENV};
 use crate::spec::presets::preset;
 use crate::spec::ModelSpec;
@@ -38,6 +38,10 @@ pub struct Args {
     /// cpu or cuda:N
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// What runs the steps: candle (embedded) or torch (PyTorch + transformers in a Python child,
+    /// `$VRAMCAL_PYTHON` or python3; needs `pip install torch transformers torchvision`)
+    #[arg(long, value_enum, default_value_t = Backend::Candle)]
+    pub backend: Backend,
     #[arg(long, default_value_t = 2)]
     pub warmup: u32,
     #[arg(long, default_value_t = 5)]
@@ -120,7 +124,10 @@ fn model_of(args: &Args) -> anyhow::Result<ModelSpec> {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device: DeviceSpec = args.device.parse()?;
     if args.device_info {
-        let info = measure::device_info(device)?;
+        let info = match args.backend {
+            Backend::Candle => measure::device_info(device)?,
+            Backend::Torch => crate::harness::torch::device_info(device)?,
+        };
         println!("{}", serde_json::to_string(&info)?);
         return Ok(());
     }
@@ -141,6 +148,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         warmup: args.warmup,
         repeats: args.repeats,
         seed: args.seed,
+        backend: args.backend,
     };
     let row = measure::measure(&model, &train, &args.device, &opts)?;
     if args.json {
@@ -226,6 +234,7 @@ fn table(r: &Row) -> String {
         ),
     );
     line("device", format!("{} ({})", r.device_id, r.device_name));
+    line("backend", format!("{} ({})", r.backend, r.driver));
     line("status", r.status.as_str().to_string());
     if !r.error.is_empty() {
         line("error", r.error.clone());

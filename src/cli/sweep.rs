@@ -1,5 +1,6 @@
 //! `vramcal sweep`: run a grid, each point in a fresh child process, appending rows to a CSV.
 
+use crate::harness::record::Backend;
 use crate::harness::sweep::{parse_bytes, run_sweep, SweepOptions};
 use std::path::PathBuf;
 
@@ -14,6 +15,10 @@ pub struct Args {
     /// cpu or cuda:N
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// What measures each point: candle (embedded) or torch (PyTorch + transformers; see
+    /// `vramcal measure --help`)
+    #[arg(long, value_enum, default_value_t = Backend::Candle)]
+    pub backend: Backend,
     /// Continue --out: skip points already in it (also failed ones, unless --retry-failed)
     #[arg(long)]
     pub resume: bool,
@@ -42,6 +47,7 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<()> {
     let mut opts = SweepOptions::new(&args.grid, &args.out);
     opts.device = args.device;
+    opts.backend = args.backend;
     opts.resume = args.resume;
     opts.retry_failed = args.retry_failed;
     opts.memory_guard = !args.no_memory_guard;

@@ -40,7 +40,7 @@ impl Meta {
         Meta {
             device_id: first.map(|r| r.device_id.clone()).unwrap_or_default(),
             device_name: first.map(|r| r.device_name.clone()).unwrap_or_default(),
-            backend: first.map(|r| r.backend.clone()).unwrap_or_default(),
+            backend: first.map(|r| r.backend.to_string()).unwrap_or_default(),
             driver: first.map(|r| r.driver.clone()).unwrap_or_default(),
             date,
         }

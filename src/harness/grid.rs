@@ -21,13 +21,15 @@
 //! optimizer = ["adamw", "sgd-momentum"]       # default ["adamw"]
 //! zero = [[0, 1], [3, 4]]                     # [stage, gpus] pairs; default [[0, 1]]
 //! attention = ["eager", "sdpa"]               # transformers; default ["eager"]
+//! optimizer_impl = ["loop", "foreach"]        # default ["loop"]; candle runs loop only, the
+//!                                             #   torch backend all three (loop, foreach, fused)
 //! ```
 //! Unknown keys are errors (a typo must not silently shrink a calibration grid).
 //!
 //! # Order
 //! Point sets in file order; within a set the cartesian product with the shape axes outermost
 //! (layers, hidden, heads, ffn, vocab, width), then precision, checkpointing, optimizer, zero,
-//! attention, batch, and seq/image innermost. The order is deterministic so a resumed sweep and a fresh one
+//! attention, optimizer_impl, batch, and seq/image innermost. The order is deterministic so a resumed sweep and a fresh one
 //! visit the same points in the same order.
 //!
 //! # Input dimensions
@@ -106,6 +108,8 @@ struct PointSet {
     zero: Vec<[u64; 2]>,
     #[serde(default)]
     attention: Vec<Attention>,
+    #[serde(default)]
+    optimizer_impl: Vec<OptimizerImpl>,
 }
 
 /// One configuration to measure.
@@ -353,6 +357,7 @@ fn expand(set: &PointSet, out: &mut Vec<Point>) -> anyhow::Result<()> {
     let zeros = or_default(&set.zero, [0, 1]);
     // eager: what the candle harness runs unless told otherwise
     let attentions = or_default(&set.attention, Attention::Eager);
+    let impls = or_default(&set.optimizer_impl, OptimizerImpl::Loop);
     if !matches!(base, ModelSpec::Transformer(_)) && attentions.contains(&Attention::Sdpa) {
         return input_err(
             "attention",
@@ -405,28 +410,31 @@ fn expand(set: &PointSet, out: &mut Vec<Point>) -> anyhow::Result<()> {
                                                 );
                                             }
                                             for &attention in &attentions {
-                                                for &batch in &set.batch {
-                                                    for &(s, i) in &inputs {
-                                                        let (seq, image) = input_dims(&model, s, i);
-                                                        let train = TrainSpec {
-                                                            batch,
-                                                            seq,
-                                                            image,
-                                                            precision,
-                                                            optimizer,
-                                                            checkpointing,
-                                                            zero_stage: stage as u8,
-                                                            gpus,
-                                                            attention,
-                                                            optimizer_impl: OptimizerImpl::Loop,
-                                                        };
-                                                        model.validate_for(&train).with_context(|| {
+                                                for &optimizer_impl in &impls {
+                                                    for &batch in &set.batch {
+                                                        for &(s, i) in &inputs {
+                                                            let (seq, image) =
+                                                                input_dims(&model, s, i);
+                                                            let train = TrainSpec {
+                                                                batch,
+                                                                seq,
+                                                                image,
+                                                                precision,
+                                                                optimizer,
+                                                                checkpointing,
+                                                                zero_stage: stage as u8,
+                                                                gpus,
+                                                                attention,
+                                                                optimizer_impl,
+                                                            };
+                                                            model.validate_for(&train).with_context(|| {
                                                             format!("batch {batch} seq {seq} image {image}")
                                                         })?;
-                                                        out.push(Point {
-                                                            model: model.clone(),
-                                                            train,
-                                                        });
+                                                            out.push(Point {
+                                                                model: model.clone(),
+                                                                train,
+                                                            });
+                                                        }
                                                     }
                                                 }
                                             }

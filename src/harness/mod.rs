@@ -1,5 +1,6 @@
 //! The empirical half: real candle layers, real training steps, memory probes, sweeps.
 
+pub mod backend;
 pub mod compare;
 pub mod grid;
 pub mod layers;
@@ -9,3 +10,4 @@ pub mod probe;
 pub mod record;
 pub mod step;
 pub mod sweep;
+pub mod torch;

@@ -1,16 +1,21 @@
 //! The measurement row: one configuration, one CSV line. This schema is versioned (`schema`);
 //! readers reject rows of another version instead of misreading them.
 //!
-//! Columns (schema 2), in order:
+//! Columns (schema 3), in order:
 //! `schema, device_id, device_name, backend, driver, vramcal_version, git_commit, timestamp,
 //!  model, family, layers, hidden, heads, ffn, vocab, batch, seq, image, precision, checkpointing,
 //!  optimizer, zero_stage, gpus, params, baseline_bytes, peak_bytes, peak_reserved_bytes,
 //!  nvml_bytes, memgetinfo_bytes, step_ms_median, step_ms_p10, step_ms_p90, repeats, status,
-//!  error, spec_json, attention`.
-//! `attention` is the step's attention kernels, `eager` or `sdpa` (see [`Attention`]). Schema 1
-//! is the same without `attention` (36 columns); its rows were all measured with eager attention
-//! and still read as such. A sweep `--resume` onto a schema-1 file first migrates it in place
-//! ([`migrate_schema1`]), so one file never mixes the two.
+//!  error, spec_json, attention, device_kind, optimizer_impl, saved_bytes`.
+//! `backend` is what ran the step, `candle` (the embedded harness) or `torch` (the PyTorch
+//! reference, src/harness/torch/); `device_kind` is `cpu` or `cuda`. `attention` is the step's
+//! attention kernels, `eager` or `sdpa` (see [`Attention`]); `optimizer_impl` how the optimizer
+//! stepped (`loop`, `foreach`, `fused`); `saved_bytes` the bytes autograd saved for backward in
+//! one step (torch backend; empty for candle, which has no such hook).
+//! Older files still read: schema 2 is schema 3 without the last three columns and with the
+//! device kind (`cpu`/`cuda`) in `backend`, all measured by candle with its for-loop optimizer;
+//! schema 1 is schema 2 without `attention` (all eager). A sweep `--resume` onto an older file
+//! first migrates it in place ([`migrate`]), so one file never mixes schemas.
 //! Memory is in bytes, absolute (not relative to the baseline): `baseline_bytes` after the
 //! model, optimizer state and inputs exist and before the step; `peak_bytes` the high-water
 //! mark during the step from the primary probe (CPU: counting allocator; CUDA: pool
@@ -19,6 +24,7 @@
 //! several rows of one point (a `--retry-failed` re-run); the last one counts ([`latest`]).
 
 use crate::error::input_err;
+pub use crate::harness::backend::Backend;
 use crate::spec::{
     Attention, Checkpointing, Family, ModelSpec, Optimizer, OptimizerImpl, Precision, TrainSpec,
 };
@@ -28,7 +34,7 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::path::Path;
 
-pub const SCHEMA: u32 = 2;
+pub const SCHEMA: u32 = 3;
 
 /// Outcome of one configuration. New variants only ever get added, so CSVs written by an older
 /// vramcal (ok/oom/error/skipped) still read.
@@ -77,8 +83,9 @@ pub struct Row {
     pub schema: u32,
     pub device_id: String,
     pub device_name: String,
-    /// "cpu" or "cuda"
-    pub backend: String,
+    /// What ran the step. Schema-1/2 files hold the device kind here (`cpu`/`cuda`), read as
+    /// candle, the only backend they had.
+    pub backend: Backend,
     pub driver: String,
     pub vramcal_version: String,
     pub git_commit: String,
@@ -117,6 +124,15 @@ pub struct Row {
     /// read as eager, what the harness ran before it had fused attention.
     #[serde(default = "Attention::legacy")]
     pub attention: Attention,
+    /// `cpu` or `cuda` (schema 3; older rows get it from `device_id` when read)
+    #[serde(default)]
+    pub device_kind: String,
+    /// How the optimizer stepped (schema 3; older rows: candle's for-loop)
+    #[serde(default = "OptimizerImpl::legacy")]
+    pub optimizer_impl: OptimizerImpl,
+    /// Bytes autograd saved for backward in one step, each storage once (torch backend)
+    #[serde(default)]
+    pub saved_bytes: Option<u64>,
 }
 
 impl Row {
@@ -136,33 +152,48 @@ impl Row {
             zero_stage: self.zero_stage,
             gpus: self.gpus,
             attention: self.attention,
-            // the harness's optimizer updates tensor by tensor
-            optimizer_impl: OptimizerImpl::Loop,
+            optimizer_impl: self.optimizer_impl,
         }
     }
 
     /// Identity of the configuration (everything that defines the point, nothing measured):
     /// `--resume` skips a point whose key is already in the CSV.
     pub fn key(&self) -> String {
-        point_key(&self.device_id, &self.spec_json, &self.train_spec())
+        point_key(
+            &self.device_id,
+            self.backend,
+            &self.spec_json,
+            &self.train_spec(),
+        )
     }
 }
 
-/// The key of a point. Eager attention adds nothing, so every key written before the attention
-/// axis existed is unchanged (resuming old data still skips its points); sdpa appends `|sdpa`.
-pub fn point_key(device_id: &str, spec_json: &str, t: &TrainSpec) -> String {
+/// The key of a point. What older files could not vary adds nothing (eager attention, the
+/// for-loop optimizer, the candle backend), so every key written before those axes existed is
+/// unchanged and resuming old data still skips its points; `|sdpa`, `|foreach`, `|fused` and
+/// `|torch` are appended otherwise.
+pub fn point_key(device_id: &str, backend: Backend, spec_json: &str, t: &TrainSpec) -> String {
     let attention = match t.attention {
         Attention::Eager => "",
         Attention::Sdpa => "|sdpa",
     };
+    let optimizer_impl = match t.optimizer_impl {
+        OptimizerImpl::Loop => "",
+        OptimizerImpl::Foreach => "|foreach",
+        OptimizerImpl::Fused => "|fused",
+    };
+    let backend = match backend {
+        Backend::Candle => "",
+        Backend::Torch => "|torch",
+    };
     format!(
-        "{device_id}|{spec_json}|b{}|s{}|i{}|{}|{}|{}|z{}/{}{attention}",
+        "{device_id}|{spec_json}|b{}|s{}|i{}|{}|{}|{}|z{}/{}{attention}{optimizer_impl}{backend}",
         t.batch, t.seq, t.image, t.precision, t.checkpointing, t.optimizer, t.zero_stage, t.gpus
     )
 }
 
-/// The schema-2 header, in column order (a unit test keeps it equal to what `Row` serialises).
-pub const HEADER: [&str; 37] = [
+/// The schema-3 header, in column order (a unit test keeps it equal to what `Row` serialises).
+pub const HEADER: [&str; 40] = [
     "schema",
     "device_id",
     "device_name",
@@ -200,11 +231,19 @@ pub const HEADER: [&str; 37] = [
     "error",
     "spec_json",
     "attention",
+    "device_kind",
+    "optimizer_impl",
+    "saved_bytes",
 ];
 
-/// The schema-1 header: schema 2's without `attention`.
-pub fn header_v1() -> &'static [&'static str] {
-    &HEADER[..HEADER.len() - 1]
+/// The header of a schema: 3 the full [`HEADER`]; 2 without its last three columns; 1 also
+/// without `attention`.
+pub fn header_of(schema: u32) -> &'static [&'static str] {
+    match schema {
+        1 => &HEADER[..36],
+        2 => &HEADER[..37],
+        _ => &HEADER,
+    }
 }
 
 /// Columns of type `f64`: serde accepts `inf`/`NaN` and negatives there, which would reach the
@@ -253,19 +292,18 @@ fn check_header(
     headers: &csv::StringRecord,
     first: Option<&csv::StringRecord>,
 ) -> anyhow::Result<u32> {
-    if headers.iter().eq(HEADER.iter().copied()) {
-        return Ok(SCHEMA);
-    }
-    if headers.iter().eq(header_v1().iter().copied()) {
-        return Ok(1);
+    for schema in (1..=SCHEMA).rev() {
+        if headers.iter().eq(header_of(schema).iter().copied()) {
+            return Ok(schema);
+        }
     }
     // Another schema of vramcal's own CSV: say which one, not just "wrong columns".
     if headers.get(0) == Some("schema") {
         if let Some(v) = first.and_then(|r| r.get(0)) {
-            if v.trim() != "1" && v.trim() != SCHEMA.to_string() {
+            if !(1..=SCHEMA).any(|s| v.trim() == s.to_string()) {
                 return input_err(
                     &format!("{} schema", path.display()),
-                    format!("the rows are schema '{v}'; accepted schema 1 or {SCHEMA} (the CSV of this vramcal, columns in src/harness/record.rs)"),
+                    format!("the rows are schema '{v}'; accepted schema 1 to {SCHEMA} (the CSV of this vramcal, columns in src/harness/record.rs)"),
                 );
             }
         }
@@ -293,11 +331,7 @@ fn parse_record(
     rec: &csv::StringRecord,
 ) -> anyhow::Result<Row> {
     let line = rec.position().map_or(0, |p| p.line());
-    let columns: &[&str] = if schema_of_file == 1 {
-        header_v1()
-    } else {
-        &HEADER
-    };
+    let columns = header_of(schema_of_file);
     let schema = rec.get(0).unwrap_or("").trim();
     if schema != schema_of_file.to_string() {
         return cell_err(
@@ -349,7 +383,11 @@ fn parse_record(
     if schema_of_file >= 2 {
         check_enum::<Attention>(path, line, rec, "attention")?;
     }
-    rec.deserialize::<Row>(Some(headers)).or_else(|e| {
+    check_enum::<Backend>(path, line, rec, "backend")?;
+    if schema_of_file >= 3 {
+        check_enum::<OptimizerImpl>(path, line, rec, "optimizer_impl")?;
+    }
+    let mut row = rec.deserialize::<Row>(Some(headers)).or_else(|e| {
         let (column, reason) = match e.kind() {
             csv::ErrorKind::Deserialize { err, .. } => (
                 err.field().and_then(|i| headers.get(i as usize)).unwrap_or("?"),
@@ -368,7 +406,17 @@ fn parse_record(
             column,
             format!("'{text}' ({reason}); accepted a non-negative integer (bytes, counts), or empty where optional"),
         )
-    })
+    })?;
+    if row.device_kind.is_empty() {
+        // schema 1/2 kept the kind in `backend`; ids are `cpu-...` or `cuda-...`
+        row.device_kind = if row.device_id.starts_with("cpu") {
+            "cpu"
+        } else {
+            "cuda"
+        }
+        .to_string();
+    }
+    Ok(row)
 }
 
 /// One enum cell parses as `T`, or an input error naming the column and the accepted values.
@@ -446,31 +494,45 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<Row>> {
         .collect()
 }
 
-/// Rewrites a schema-1 CSV as schema 2 in place (atomically: [`crate::atomic::write`]): the
-/// `attention` column is appended to the header and `eager` to every row (schema 1 had no
-/// fused attention), and each row's schema cell becomes 2. Returns the number of rows
-/// migrated, None when the file is not schema 1 (empty, already schema 2, or foreign: left
-/// alone). The file must hold complete lines (see `sweep`'s tail repair); every row is checked
-/// by [`read`] first, so a bad schema-1 file is refused, not rewritten.
-pub fn migrate_schema1(path: &Path) -> anyhow::Result<Option<usize>> {
+/// Rewrites a schema-1 or schema-2 CSV as schema 3 in place (atomically:
+/// [`crate::atomic::write`]): schema 1 gains `attention` = `eager` (it had no fused attention);
+/// both move the device kind out of `backend` into `device_kind`, set `backend` to `candle` and
+/// `optimizer_impl` to `loop` (the only ones they had) and leave `saved_bytes` empty; each row's
+/// schema cell becomes 3. Returns the number of rows migrated, None when the file is not an
+/// older schema (empty, already current, or foreign: left alone). The file must hold complete
+/// lines (see `sweep`'s tail repair); every row is checked by [`read`] first, so a bad file is
+/// refused, not rewritten.
+pub fn migrate(path: &Path) -> anyhow::Result<Option<usize>> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let first_line = bytes.split(|&b| b == b'\n').next().unwrap_or(&[]);
     let first_line = String::from_utf8_lossy(first_line);
-    if first_line.trim_end_matches('\r') != header_v1().join(",") {
+    let first_line = first_line.trim_end_matches('\r');
+    let Some(old) = (1..SCHEMA).find(|s| first_line == header_of(*s).join(",")) else {
         return Ok(None);
-    }
+    };
     read(path)?;
     let mut r = csv::ReaderBuilder::new()
         .flexible(true)
         .from_reader(bytes.as_slice());
     let mut w = csv::Writer::from_writer(Vec::new());
     w.write_record(HEADER)?;
+    let backend_col = HEADER
+        .iter()
+        .position(|h| *h == "backend")
+        .expect("a column");
+    let schema = SCHEMA.to_string();
     let mut n = 0;
     for rec in r.records() {
         let rec = rec.with_context(|| format!("reading {}", path.display()))?;
-        let mut fields: Vec<&str> = rec.iter().collect();
-        fields[0] = "2";
-        fields.push(Attention::Eager.as_str());
+        let mut fields: Vec<String> = rec.iter().map(str::to_string).collect();
+        fields[0] = schema.clone();
+        if old == 1 {
+            fields.push(Attention::Eager.as_str().to_string());
+        }
+        let kind = std::mem::replace(&mut fields[backend_col], Backend::Candle.to_string());
+        fields.push(kind);
+        fields.push(OptimizerImpl::Loop.as_str().to_string());
+        fields.push(String::new());
         w.write_record(&fields)?;
         n += 1;
     }
@@ -580,24 +642,24 @@ mod tests {
 
     #[test]
     fn other_schemas_and_foreign_headers_are_named() {
-        let (msg, code) = err_of(&with_cell("schema", "3"));
+        let (msg, code) = err_of(&with_cell("schema", "4"));
         assert_eq!(code, 2);
         assert!(
-            msg.contains("line 2 column schema: '3'") && msg.contains("accepted schema 2"),
+            msg.contains("line 2 column schema: '4'") && msg.contains("accepted schema 3"),
             "{msg}"
         );
         // a schema cell that disagrees with the header's schema
         let (msg, code) = err_of(&with_cell("schema", "1"));
         assert_eq!(code, 2);
         assert!(
-            msg.contains("line 2 column schema") && msg.contains("accepted schema 2"),
+            msg.contains("line 2 column schema") && msg.contains("accepted schema 3"),
             "{msg}"
         );
-        // a schema-3 file with its own columns: still "schema 3", not "bad header"
-        let (msg, code) = err_of("schema,device_id,new_column\n3,x,y\n");
+        // a schema-4 file with its own columns: still "schema 4", not "bad header"
+        let (msg, code) = err_of("schema,device_id,new_column\n4,x,y\n");
         assert_eq!(code, 2);
         assert!(
-            msg.contains("schema '3'") && msg.contains("accepted schema 1 or 2"),
+            msg.contains("schema '4'") && msg.contains("accepted schema 1 to 3"),
             "{msg}"
         );
         let (msg, code) = err_of("name,value\na,1\n");
@@ -613,22 +675,31 @@ mod tests {
         );
     }
 
-    /// A schema-1 file (no attention column, schema cells 1) as an older vramcal wrote it.
-    fn schema1_text(rows: &[Row]) -> String {
+    /// A file of an older schema as an older vramcal wrote it: schema 2 without the last three
+    /// columns and the device kind in `backend`; schema 1 also without `attention`.
+    fn old_text(schema: u32, rows: &[Row]) -> String {
         let mut w = csv::Writer::from_writer(Vec::new());
-        w.write_record(header_v1()).unwrap();
+        let header = header_of(schema);
+        w.write_record(header).unwrap();
         for r in rows {
             let mut inner = csv::Writer::from_writer(Vec::new());
             inner.serialize(r).unwrap();
             let text = String::from_utf8(inner.into_inner().unwrap()).unwrap();
             let mut rd = csv::ReaderBuilder::new().from_reader(text.as_bytes());
             let rec = rd.records().next().unwrap().unwrap();
-            let mut fields: Vec<&str> = rec.iter().collect();
-            assert_eq!(fields.pop(), Some("eager"));
-            fields[0] = "1";
+            let mut fields: Vec<&str> = rec.iter().take(header.len()).collect();
+            if schema == 1 {
+                assert_eq!(rec.get(36), Some("eager"));
+            }
+            fields[0] = if schema == 1 { "1" } else { "2" };
+            fields[3] = "cpu";
             w.write_record(&fields).unwrap();
         }
         String::from_utf8(w.into_inner().unwrap()).unwrap()
+    }
+
+    fn schema1_text(rows: &[Row]) -> String {
+        old_text(1, rows)
     }
 
     #[test]
@@ -644,6 +715,9 @@ mod tests {
             assert_eq!(r.schema, 1);
             assert_eq!(r.attention, Attention::Eager);
             assert_eq!(r.train_spec().attention, Attention::Eager);
+            assert_eq!(r.backend, Backend::Candle);
+            assert_eq!(r.device_kind, "cpu");
+            assert_eq!(r.optimizer_impl, OptimizerImpl::Loop);
         }
         assert_eq!(rows[1].batch, 4);
         // a schema-1 row with a 37th field is refused, not read
@@ -663,8 +737,8 @@ mod tests {
         append(&p, &s).unwrap();
         let text = std::fs::read_to_string(&p).unwrap();
         assert!(text.starts_with(&HEADER.join(",")), "{text}");
-        assert!(text.lines().nth(1).unwrap().ends_with(",eager"), "{text}");
-        assert!(text.lines().nth(2).unwrap().ends_with(",sdpa"), "{text}");
+        assert!(text.lines().nth(1).unwrap().contains(",eager,"), "{text}");
+        assert!(text.lines().nth(2).unwrap().contains(",sdpa,"), "{text}");
         let rows = read(&p).unwrap();
         assert_eq!(rows, vec![a.clone(), s.clone()]);
         assert_eq!(rows[1].train_spec().attention, Attention::Sdpa);
@@ -674,33 +748,54 @@ mod tests {
     }
 
     #[test]
-    fn migrating_schema1_keeps_every_row_and_marks_it_eager() {
+    fn migrating_older_schemas_keeps_every_row() {
         let dir = tempfile::tempdir().unwrap();
         let mut b = sample();
         b.error = "a, \"quoted\" message".into();
-        let p = write(dir.path(), &schema1_text(&[sample(), b]));
-        let before = read(&p).unwrap();
-        assert_eq!(migrate_schema1(&p).unwrap(), Some(2));
-        let text = std::fs::read_to_string(&p).unwrap();
-        assert_eq!(text.lines().next().unwrap(), HEADER.join(","));
-        let after = read(&p).unwrap();
-        assert_eq!(after.len(), 2);
-        for (x, y) in before.iter().zip(&after) {
-            assert_eq!(y.schema, 2);
-            assert_eq!(y.attention, Attention::Eager);
-            let mut x = x.clone();
-            x.schema = 2;
-            assert_eq!(&x, y);
-            assert_eq!(x.key(), y.key());
+        for old in [1, 2] {
+            let p = write(dir.path(), &old_text(old, &[sample(), b.clone()]));
+            let before = read(&p).unwrap();
+            assert_eq!(migrate(&p).unwrap(), Some(2));
+            let text = std::fs::read_to_string(&p).unwrap();
+            assert_eq!(text.lines().next().unwrap(), HEADER.join(","));
+            let after = read(&p).unwrap();
+            assert_eq!(after.len(), 2);
+            for (x, y) in before.iter().zip(&after) {
+                assert_eq!(y.schema, SCHEMA);
+                assert_eq!(y.attention, Attention::Eager);
+                assert_eq!(y.backend, Backend::Candle);
+                assert_eq!(y.device_kind, "cpu");
+                assert_eq!(y.optimizer_impl, OptimizerImpl::Loop);
+                let mut x = x.clone();
+                x.schema = SCHEMA;
+                assert_eq!(&x, y);
+                assert_eq!(x.key(), y.key());
+            }
+            // a current file is left alone
+            assert_eq!(migrate(&p).unwrap(), None);
+            assert_eq!(std::fs::read_to_string(&p).unwrap(), text);
         }
-        // a schema-2 file is left alone
-        assert_eq!(migrate_schema1(&p).unwrap(), None);
-        assert_eq!(std::fs::read_to_string(&p).unwrap(), text);
-        // a bad schema-1 file is refused, not rewritten
+        // a bad old file is refused, not rewritten
         let bad = schema1_text(&[sample()]).replace(",ok,", ",exploded,");
         let p = write(dir.path(), &bad);
-        assert!(migrate_schema1(&p).is_err());
+        assert!(migrate(&p).is_err());
         assert_eq!(std::fs::read_to_string(&p).unwrap(), bad);
+    }
+
+    #[test]
+    fn torch_rows_have_their_own_keys() {
+        let a = sample();
+        let mut t = sample();
+        t.backend = Backend::Torch;
+        let mut f = sample();
+        f.optimizer_impl = OptimizerImpl::Foreach;
+        assert!(t.key().ends_with("|torch"));
+        assert!(f.key().ends_with("|foreach"));
+        assert_ne!(a.key(), t.key());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.csv");
+        append(&p, &t).unwrap();
+        assert_eq!(read(&p).unwrap(), vec![t]);
     }
 
     #[test]
@@ -711,7 +806,7 @@ mod tests {
         assert_eq!(read(&write(dir.path(), &two)).unwrap().len(), 1);
         // a short line in the middle is an error, not a silently dropped point
         let mid = format!(
-            "{}\n2,cpu\n{}\n",
+            "{}\n3,cpu\n{}\n",
             HEADER.join(","),
             full.lines().nth(1).unwrap()
         );

@@ -28,7 +28,7 @@ use crate::coeffs::Coefficients;
 use crate::error::input_err;
 use crate::harness::grid::{self, Grid, Point};
 use crate::harness::measure::{self, DeviceInfo, DeviceSpec};
-use crate::harness::record::{self, point_key, Row, Status};
+use crate::harness::record::{self, point_key, Backend, Row, Status};
 use crate::spec::{ModelSpec, TrainSpec};
 use anyhow::Context;
 use serde::Serialize;
@@ -65,6 +65,8 @@ pub struct SweepOptions {
     pub timeout_s: u64,
     /// draw the progress bar even when stderr is not a terminal
     pub show_progress: bool,
+    /// what measures each point: candle, or PyTorch (`--backend torch`)
+    pub backend: Backend,
 }
 
 impl SweepOptions {
@@ -82,6 +84,7 @@ impl SweepOptions {
             coeffs: None,
             timeout_s: 300,
             show_progress: false,
+            backend: Backend::Candle,
         }
     }
 }
@@ -120,7 +123,7 @@ impl SweepSummary {
 /// which a child does not know before it opens the device).
 pub fn fail_key(model: &ModelSpec, train: &TrainSpec) -> String {
     let spec_json = serde_json::to_string(model).expect("specs serialise");
-    point_key("", &spec_json, train)
+    point_key("", Backend::Candle, &spec_json, train)
 }
 
 /// Parses `40GB`, `512MiB`, `1e9`, `123456` into bytes (decimal units for kB/MB/GB/TB,
@@ -163,6 +166,7 @@ fn probe_device(opts: &SweepOptions, device: DeviceSpec) -> anyhow::Result<Devic
     }
     let out = Command::new(&opts.exe)
         .args(["measure", "--device-info", "--device", &opts.device])
+        .args(["--backend", opts.backend.as_str()])
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {}", opts.exe.display()))?;
@@ -503,6 +507,8 @@ fn measure_point(
         .args(["--zero", &t.zero_stage.to_string()])
         .args(["--gpus", &t.gpus.to_string()])
         .args(["--attention", t.attention.as_str()])
+        .args(["--optimizer-impl", t.optimizer_impl.as_str()])
+        .args(["--backend", opts.backend.as_str()])
         .args(["--device", &opts.device])
         .args(["--warmup", &grid.warmup.to_string()])
         .args(["--repeats", &grid.repeats.to_string()])
@@ -575,11 +581,12 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
         // must be refused, not trimmed
         let rows = record::latest(record::read(&opts.out)?);
         repair_tail(&opts.out)?;
-        // rows of this vramcal are schema 2: never append them under a schema-1 header
-        if let Some(n) = record::migrate_schema1(&opts.out)? {
+        // rows of this vramcal are the current schema: never append them under an older header
+        if let Some(n) = record::migrate(&opts.out)? {
             eprintln!(
-                "note: {}: migrated {n} schema-1 rows to schema 2 in place (added the attention column, eager) before resuming",
-                opts.out.display()
+                "note: {}: migrated {n} older rows to schema {} in place (candle rows: backend candle, the device kind in device_kind, the for-loop optimizer; schema 1 also eager attention) before resuming",
+                opts.out.display(),
+                record::SCHEMA
             );
         }
         for r in &rows {
@@ -610,7 +617,7 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
             anyhow::bail!("interrupted by {}", signal_name(sig));
         }
         let spec_json = serde_json::to_string(&point.model)?;
-        let key = point_key(&info.id, &spec_json, &point.train);
+        let key = point_key(&info.id, opts.backend, &spec_json, &point.train);
         if done.contains(&key) {
             summary.already_done += 1;
             pb.inc(1);

@@ -1,0 +1,33 @@
+//! What runs a measured training step: candle (embedded, the default) or PyTorch (the reference
+//! users train with, run through a bundled Python runner: src/harness/torch/).
+
+use serde::{Deserialize, Serialize};
+
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    /// candle, embedded in vramcal: no Python needed. Schema-1/2 CSVs held the device kind in
+    /// this column (`cpu`, `cuda`); every such row was measured by candle.
+    #[default]
+    #[serde(alias = "cpu", alias = "cuda")]
+    Candle,
+    /// PyTorch with transformers' own model classes (needs `pip install torch transformers`)
+    Torch,
+}
+
+impl Backend {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Backend::Candle => "candle",
+            Backend::Torch => "torch",
+        }
+    }
+}
+
+impl std::fmt::Display for Backend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
