@@ -87,6 +87,10 @@ fn device_id(device: &str, backend: Backend) -> anyhow::Result<String> {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let device_id_of_rows = match &args.device_id {
+        Some(id) => id.clone(),
+        None => device_id(&args.device, args.backend)?,
+    };
     let id = match &args.device_id {
         Some(id) if id.is_empty() || id.contains(['/', '\\']) => {
             return input_err(
@@ -104,7 +108,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 ""
             };
             let quick = if args.quick { "-quick" } else { "" };
-            format!("{}{torch}{quick}", device_id(&args.device, args.backend)?)
+            format!("{device_id_of_rows}{torch}{quick}")
         }
     };
     let backend = if args.device == "cpu" { "cpu" } else { "cuda" };
@@ -145,12 +149,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         table.device_id = id.clone();
     }
     table.save(&table_path)?;
+    // A candle calibration is also scored on PyTorch rows of this device when they exist
+    // (`calibrate --backend torch` writes them).
+    let torch_csv = args.data_dir.join(format!("{device_id_of_rows}-torch.csv"));
+    let torch_csv = (args.backend == Backend::Candle && torch_csv.is_file()).then_some(torch_csv);
     let (acc, _) = super::report::report_files(
         &csv,
         &table,
         &report_dir,
         Some(&grid.display().to_string()),
         false,
+        torch_csv.as_deref(),
     )?;
     println!(
         "calibrated {id}: {} points ({} ok, {} oom, {} error, {} killed, {} timeout, {} skipped, {} resumed, {} retried) in {:.0} s; {}; wrote {}, {}, {}/",

@@ -25,6 +25,10 @@ pub struct Args {
     /// Score rows of several device_ids together (refused by default)
     #[arg(long)]
     pub allow_mixed_devices: bool,
+    /// PyTorch rows of the same device (`sweep --backend torch`): adds the section
+    /// "Predicting PyTorch", the table scored on configurations it never saw
+    #[arg(long)]
+    pub pytorch: Option<PathBuf>,
 }
 
 /// Scores and writes the report; returns the accuracy summary and the files written.
@@ -34,6 +38,7 @@ pub fn report_files(
     out: &Path,
     grid: Option<&str>,
     allow_mixed_devices: bool,
+    pytorch: Option<&Path>,
 ) -> anyhow::Result<(Accuracy, Vec<PathBuf>)> {
     // Checked before the (slow) scoring, and as an input error rather than create_dir_all's
     // "File exists".
@@ -61,6 +66,27 @@ pub fn report_files(
             ),
         );
     }
+    if table.device_id != fitted.meta.device_id && !allow_mixed_devices {
+        eprintln!(
+            "warning: the table {} was fitted on {}, the rows in {} are from {}; the report documents a table from another device",
+            table.device_name, table.device_id, data.display(), fitted.meta.device_id
+        );
+    }
+    let torch_rows = match pytorch {
+        Some(p) => {
+            let rows = crate::harness::record::latest(crate::harness::record::read(p)?);
+            if let Some(r) = rows.iter().find(|r| r.device_id != fitted.meta.device_id) {
+                eprintln!(
+                    "warning: {} holds rows of {}, not {}; PyTorch on another device is not what this table describes",
+                    p.display(),
+                    r.device_id,
+                    fitted.meta.device_id
+                );
+            }
+            Some((rows, p.display().to_string()))
+        }
+        None => None,
+    };
     let (kfold, extrap) = split::evaluate(&fitted.points, &fitted.meta)?;
     write(
         out,
@@ -72,14 +98,26 @@ pub fn report_files(
             extrapolation: &extrap,
             data_path: &data.display().to_string(),
             grid,
+            torch: torch_rows
+                .as_ref()
+                .map(|(rows, path)| (rows.as_slice(), path.as_str())),
         },
     )
 }
 
 /// The one-line accuracy summary; a metric with nothing scored says so instead of "0.00 %".
 pub fn summary(acc: &Accuracy) -> String {
+    let torch = acc.pytorch.as_ref().map_or(String::new(), |p| {
+        format!(
+            "; on {} PyTorch rows: fitted {}, literature {}, rule of thumb {}",
+            p.rows,
+            pct(&p.scores.fitted),
+            pct(&p.scores.literature),
+            pct(&p.scores.seed_formula)
+        )
+    });
     format!(
-        "{}, literature {}, rule of thumb {}; {}",
+        "{}, literature {}, rule of thumb {}; {}{torch}",
         acc.heldout.describe("held-out peak MAPE: fitted"),
         pct(&acc.literature),
         pct(&acc.seed_formula),
@@ -103,6 +141,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         &args.out,
         args.grid.as_deref(),
         args.allow_mixed_devices,
+        args.pytorch.as_deref(),
     )?;
     println!("{}", summary(&acc));
     println!(

@@ -52,6 +52,9 @@ pub struct Accuracy {
     pub excluded: Vec<Excluded>,
     /// the k-fold held-out points with the largest fitted-table errors
     pub worst: Vec<WorstPoint>,
+    /// the planner scored on PyTorch rows of this device, when the report was given them
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pytorch: Option<super::pytorch::PytorchSection>,
 }
 
 fn worst(eval: &Evaluation, points: &[Point], n: usize) -> Vec<WorstPoint> {
@@ -132,5 +135,6 @@ pub fn accuracy(
         rows_by_status,
         excluded: excluded.to_vec(),
         worst: worst(kfold, points, 10),
+        pytorch: None,
     }
 }

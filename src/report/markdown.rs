@@ -341,6 +341,9 @@ pub fn readme(i: &Inputs) -> String {
     out.push_str("\nPer group (extrapolation):\n\n");
     group_table(&mut out, &acc.extrapolation_per_group);
     findings_text(&mut out, i.findings, acc);
+    if let Some(p) = &acc.pytorch {
+        out.push_str(&super::pytorch::markdown(p, metrics_row));
+    }
     out.push_str("\n## Coefficients\n\nFitted on all ok rows (`calibration/<device-id>.json`), with the literature default beside each value. Activation coefficients are bytes per feature element; frag a fraction; const_bytes bytes; flops_per_s FLOP/s; t0_s seconds. The relative standard error says how tightly the data determines a fitted value.\n");
     coefficient_tables(&mut out, t);
     out.push_str("\n## Plots\n\n");

@@ -5,6 +5,7 @@ pub mod accuracy;
 pub mod findings;
 pub mod markdown;
 pub mod plots;
+pub mod pytorch;
 
 use crate::coeffs::Coefficients;
 use crate::fit::points::{Excluded, Point};
@@ -20,13 +21,18 @@ pub struct ReportInput<'a> {
     pub extrapolation: &'a Evaluation,
     pub data_path: &'a str,
     pub grid: Option<&'a str>,
+    /// PyTorch rows of the same device and their file, for "Predicting PyTorch"
+    pub torch: Option<(&'a [crate::harness::record::Row], &'a str)>,
 }
 
 /// Writes the report into `out`; returns the accuracy summary and the files written.
 pub fn write(out: &Path, r: &ReportInput) -> anyhow::Result<(accuracy::Accuracy, Vec<PathBuf>)> {
     std::fs::create_dir_all(out)
         .with_context(|| format!("creating the report directory {}", out.display()))?;
-    let acc = accuracy::accuracy(r.kfold, r.extrapolation, r.points, r.excluded);
+    let mut acc = accuracy::accuracy(r.kfold, r.extrapolation, r.points, r.excluded);
+    acc.pytorch = r
+        .torch
+        .and_then(|(rows, path)| pytorch::section(rows, path, r.points, r.kfold, r.table));
     let f = findings::findings(r.points);
     let mut files = Vec::new();
     let mut plots = Vec::new();

@@ -21,8 +21,11 @@ of the spec, so both backends measure the same model.
 
 Memory protocol (the same windows as the candle harness, src/harness/measure.rs):
 - CPU: a live-heap counter (malloc_peak_shim.c, LD_PRELOAD) counts malloc_usable_size of every
-  live block. Bytes are counted from the heap level after torch and transformers are imported and
-  before the model exists, so they hold the training job's memory, not the interpreter's.
+  live block. The baseline is the tensors alive between steps, counted exactly (parameters,
+  buffers, optimizer states, inputs; each storage once); the peak is that baseline plus the
+  heap's high-water rise above its level at the step's start. So both mean what
+  torch.cuda.memory_allocated / max_memory_allocated mean on a GPU, and the interpreter's and CPU
+  kernels' one-time buffers (a few MB, constant) are not counted as the job's memory.
 - CUDA: torch.cuda.memory_allocated / max_memory_allocated / max_memory_reserved, device used
   from cudaMemGetInfo, and NVML's per-process used memory when pynvml is installed.
 - `warmup` steps (at least one: AdamW creates its states in its first step) run first; the last
@@ -91,10 +94,9 @@ def main():
     torch.manual_seed(req.get("seed", 0))
     warm_runtime(torch, req, device)
     gc.collect()
-    pre_model = shim.shim_live() if shim else 0
 
     try:
-        out = measure(torch, req, device, shim, pre_model)
+        out = measure(torch, req, device, shim)
     except Exception as e:  # an out-of-memory point is a data point; anything else fails
         text = f"{type(e).__name__}: {e}"
         low = text.lower()
@@ -275,7 +277,7 @@ def build_cnn(torch, spec):
 # one step
 
 
-def measure(torch, req, device, shim, pre_model):
+def measure(torch, req, device, shim):
     train = req["train"]
     spec = req["model"]
     b = train["batch"]
@@ -381,15 +383,20 @@ def measure(torch, req, device, shim, pre_model):
     sync()
     gc.collect()
 
-    def live():
-        return shim.shim_live() - pre_model if shim else torch.cuda.memory_allocated(device)
-
-    baseline = live()
+    if shim:
+        # Tensor bytes, as on CUDA: what the step starts with, counted exactly from the tensors,
+        # plus the heap's rise above its level at the step's start. The interpreter's and the
+        # CPU kernels' own one-time buffers (a constant few MB that a tiny model would drown in,
+        # and that a GPU's allocator never counts) stay out of both numbers.
+        baseline = tensor_bytes(torch, model, opt, batch, targets)
+    else:
+        baseline = torch.cuda.memory_allocated(device)
     peak = 0
     reserved = 0
     times = []
     for _ in range(max(1, req.get("repeats", 1))):
         if shim:
+            start = shim.shim_live()
             shim.shim_reset_peak()
         else:
             torch.cuda.reset_peak_memory_stats(device)
@@ -398,7 +405,7 @@ def measure(torch, req, device, shim, pre_model):
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
         if shim:
-            peak = max(peak, shim.shim_peak() - pre_model)
+            peak = max(peak, baseline + shim.shim_peak() - start)
         else:
             peak = max(peak, torch.cuda.max_memory_allocated(device))
             reserved = max(reserved, torch.cuda.max_memory_reserved(device))
@@ -410,6 +417,30 @@ def measure(torch, req, device, shim, pre_model):
         out["memgetinfo_bytes"] = total - free
         out["nvml_bytes"] = nvml_used(device)
     return out
+
+
+def tensor_bytes(torch, model, opt, batch, targets):
+    """Bytes of every tensor alive between steps: parameters, buffers, gradients (none after
+    zero_grad(set_to_none=True)), optimizer states and the inputs, each storage once."""
+    storages = {}
+
+    def add(t):
+        if torch.is_tensor(t):
+            st = t.untyped_storage()
+            storages[st.data_ptr()] = st.nbytes()
+
+    for p in model.parameters():
+        add(p)
+        add(p.grad)
+    for b in model.buffers():
+        add(b)
+    for state in opt.state.values():
+        for v in state.values():
+            add(v)
+    for v in batch.values():
+        add(v)
+    add(targets)
+    return sum(storages.values())
 
 
 def optimizer(torch, train, model):
