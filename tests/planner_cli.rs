@@ -186,18 +186,40 @@ fn gpus_catalog_lists_the_required_cards() {
         .iter()
         .map(|g| g["id"].as_str().unwrap())
         .collect();
-    assert_eq!(
-        ids,
-        [
-            "rtx4090",
-            "l40s",
-            "a100-40gb",
-            "a100-80gb",
-            "h100",
-            "h200",
-            "b200"
-        ]
-    );
+    // issue 15's required cards, each with a datasheet source
+    for id in [
+        "v100-16gb",
+        "v100-32gb",
+        "t4",
+        "a10g",
+        "l4",
+        "rtx3090",
+        "rtx4090",
+        "rtx-a6000",
+        "l40s",
+        "a100-40gb",
+        "a100-80gb",
+        "h100",
+        "h100-pcie",
+        "h100-nvl",
+        "h200",
+        "b200",
+        "mi300x",
+    ] {
+        assert!(ids.contains(&id), "{id} missing from {ids:?}");
+    }
+    assert!(ids.len() >= 15);
+    for g in v.as_array().unwrap() {
+        assert!(!g["source"].as_str().unwrap().is_empty(), "{g}");
+    }
+    // smallest memory first, so the choice table reads from small to large cards
+    let mem: Vec<u64> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["memory_bytes"].as_u64().unwrap())
+        .collect();
+    assert!(mem.windows(2).all(|w| w[0] <= w[1]), "{mem:?}");
     let (code, out, _) = vramcal(&["gpus"]);
     assert_eq!(code, 0);
     assert!(out.contains("H100 80GB SXM") && out.contains("989.0"));
@@ -251,8 +273,8 @@ fn bad_inputs_exit_2_with_one_line_naming_the_field() {
             "invalid seq: 4096 exceeds the model's 1024 learned positions",
         ),
         (
-            &["--model", "gpt2", "--gpu", "v100"],
-            "invalid gpu: 'v100' is not in the catalog",
+            &["--model", "gpt2", "--gpu", "tpu-v5"],
+            "invalid gpu: 'tpu-v5' is not in the catalog",
         ),
         (
             &["--model", "gpt2", "--gpu-mem", "80XB", "--max-batch"],
