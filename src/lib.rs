@@ -10,4 +10,5 @@ pub mod fit;
 pub mod harness;
 pub mod plan;
 pub mod report;
+pub mod size;
 pub mod spec;

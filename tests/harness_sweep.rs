@@ -408,7 +408,7 @@ fn the_memory_cap_guard_records_skipped_points() {
     let grid = write_grid(dir.path());
     let out = dir.path().join("capped.csv");
     // a cap below every point: nothing runs
-    sweep(&grid, &out, &["--max-mem", "1000"], None);
+    sweep(&grid, &out, &["--max-mem", "1000B"], None);
     let rows = record::read(&out).unwrap();
     assert_eq!(rows.len(), 6);
     for r in &rows {
@@ -438,7 +438,7 @@ fn the_memory_cap_guard_records_skipped_points() {
     assert!(lo < hi);
     let cap = (lo + hi) / 2;
     let out2 = dir.path().join("half.csv");
-    sweep(&grid, &out2, &["--max-mem", &cap.to_string()], None);
+    sweep(&grid, &out2, &["--max-mem", &format!("{cap}B")], None);
     let rows2 = record::read(&out2).unwrap();
     for (r, p) in rows2.iter().zip(&planned) {
         let want = if *p > cap {

@@ -277,6 +277,10 @@ fn bad_inputs_exit_2_with_one_line_naming_the_field() {
             "invalid gpu: 'tpu-v5' is not in the catalog",
         ),
         (
+            &["--model", "gpt2", "--gpu-mem", "80"],
+            "invalid gpu-mem: '80' has no unit; accepted a size such as 80GB or 80GiB",
+        ),
+        (
             &["--model", "gpt2", "--gpu-mem", "80XB", "--max-batch"],
             "invalid gpu-mem: '80XB' is not a size",
         ),

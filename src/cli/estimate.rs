@@ -118,32 +118,7 @@ pub struct Flags {
 
 /// Parses a byte size: "80GB" (1e9), "80GiB" (2^30), "1.5TB", "512MiB", "123" (bytes).
 pub fn parse_size(field: &str, s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "kb" | "k" => 1e3,
-        "mb" | "m" => 1e6,
-        "gb" | "g" => 1e9,
-        "tb" | "t" => 1e12,
-        "kib" => 1024.0,
-        "mib" => (1u64 << 20) as f64,
-        "gib" => (1u64 << 30) as f64,
-        "tib" => (1u64 << 40) as f64,
-        _ => -1.0,
-    };
-    let value: f64 = num.parse().unwrap_or(-1.0);
-    let bytes = value * mult;
-    if value < 0.0 || mult < 0.0 || !bytes.is_finite() || bytes > 1e18 {
-        return input_err(
-            field,
-            format!("'{s}' is not a size; accepted a number with B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"),
-        );
-    }
-    Ok(bytes.round() as u64)
+    crate::size::parse_size(field, s)
 }
 
 fn explicit_transformer(a: &Flags) -> anyhow::Result<Option<TransformerSpec>> {
@@ -615,18 +590,6 @@ pub fn render(e: &Estimate) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes() {
-        assert_eq!(parse_size("x", "80GB").unwrap(), 80_000_000_000);
-        assert_eq!(parse_size("x", "80GiB").unwrap(), 80 << 30);
-        assert_eq!(parse_size("x", "1.5TB").unwrap(), 1_500_000_000_000);
-        assert_eq!(parse_size("x", "512").unwrap(), 512);
-        assert_eq!(parse_size("x", "24 GiB").unwrap(), 24 << 30);
-        assert!(parse_size("x", "80XB").is_err());
-        assert!(parse_size("x", "-1GB").is_err());
-        assert!(parse_size("x", "GB").is_err());
-    }
 
     #[test]
     fn thousands_groups() {

@@ -126,35 +126,9 @@ pub fn fail_key(model: &ModelSpec, train: &TrainSpec) -> String {
     point_key("", Backend::Candle, &spec_json, train)
 }
 
-/// Parses `40GB`, `512MiB`, `1e9`, `123456` into bytes (decimal units for kB/MB/GB/TB,
-/// binary for KiB/MiB/GiB/TiB).
+/// `--max-mem` as bytes (see [`crate::size::parse_size`]).
 pub fn parse_bytes(s: &str) -> anyhow::Result<u64> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| c.is_ascii_alphabetic() && c != 'e' && c != 'E')
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let mult: f64 = match unit.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1.0,
-        "k" | "kb" => 1e3,
-        "m" | "mb" => 1e6,
-        "g" | "gb" => 1e9,
-        "t" | "tb" => 1e12,
-        "kib" => 1024.0,
-        "mib" => 1024f64.powi(2),
-        "gib" => 1024f64.powi(3),
-        "tib" => 1024f64.powi(4),
-        _ => f64::NAN,
-    };
-    match num.trim().parse::<f64>() {
-        Ok(v) if v.is_finite() && v > 0.0 && mult.is_finite() => Ok((v * mult) as u64),
-        _ => input_err(
-            "max-mem",
-            format!(
-                "'{s}' is not a size; accepted bytes or a number with kB/MB/GB/TB/KiB/MiB/GiB/TiB"
-            ),
-        ),
-    }
+    crate::size::parse_size("max-mem", s)
 }
 
 /// Device identity and memory for the sweep. CPU: read here. CUDA: asked of a child process,
@@ -718,8 +692,8 @@ mod tests {
     fn sizes_parse_with_units() {
         assert_eq!(parse_bytes("40GB").unwrap(), 40_000_000_000);
         assert_eq!(parse_bytes("1GiB").unwrap(), 1 << 30);
-        assert_eq!(parse_bytes("1e9").unwrap(), 1_000_000_000);
-        assert_eq!(parse_bytes("123").unwrap(), 123);
+        assert_eq!(parse_bytes("1e9B").unwrap(), 1_000_000_000);
+        assert_eq!(parse_bytes("123B").unwrap(), 123);
         assert_eq!(
             crate::error::exit_code(&parse_bytes("lots").unwrap_err()),
             2
