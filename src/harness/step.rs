@@ -1,16 +1,14 @@
 //! One real training step: forward, cross-entropy, backward, optimizer update, in the modes the
 //! planner models (precision, gradient checkpointing, simulated ZeRO).
 //!
-//! Two backward strategies:
-//! - plain: one forward graph, one `loss.backward()`: what eager PyTorch does.
-//! - segmented (transformers with checkpointing or ZeRO stage >= 2): the embedding, each block
-//!   and the head are separate graphs joined by `Var` inputs. Backward runs the head, then each
-//!   block in reverse via `sum(out * grad_out)`, so the gradients of one block appear (and,
-//!   under ZeRO-2/3, are cut to the shard and the rest freed) before the next block is processed,
-//!   as bucketed reduce-scatter would. With checkpointing, the forward keeps only block inputs
-//!   and each block is recomputed from its input (same dropout masks) during backward.
-//!   Without checkpointing the block graphs are kept from the forward; making each block input a
-//!   `Var` costs one extra copy of `b*s*h` per block.
+//! Transformers run block-wise (CNNs as one graph and one `loss.backward()`): the embedding,
+//! each block and the head are separate graphs joined by `Var` inputs, so backward releases each
+//! block's saved tensors once it has run, as PyTorch does node by node. A block's output is held
+//! once, as the next block's input Var (`BlockOut`: its last residual join is kept as terms and
+//! seeded with the output gradient); the embedding's graph is rebuilt for its backward at the end.
+//! Under ZeRO-2/3 a block's gradients are cut to the shard before the next block runs, as bucketed
+//! reduce-scatter would. With checkpointing the forward keeps only block inputs and each block
+//! is recomputed from its input (same dropout masks) during backward.
 //!
 //! ZeRO simulation (rank 0 of `gpus`), see `layers::params`: stage >= 1 allocates optimizer
 //! states for the shard only; stage >= 2 keeps only shard gradients; stage 3 keeps only shard
@@ -28,7 +26,6 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
 
 enum Model {
     Transformer(Box<Transformer>),

@@ -457,7 +457,10 @@ impl Kept {
     /// Releases the tensors (PyTorch frees a node's saved tensors when its backward has run).
     fn release(&self) -> Vec<Tensor> {
         match &self.0 {
-            Some(m) => m.lock().map(|mut v| std::mem::take(&mut *v)).unwrap_or_default(),
+            Some(m) => m
+                .lock()
+                .map(|mut v| std::mem::take(&mut *v))
+                .unwrap_or_default(),
             None => Vec::new(),
         }
     }
@@ -776,7 +779,30 @@ impl CustomOp1 for ActOp {
 struct ActGradOp(Act);
 
 impl ActGradOp {
+    /// Runs [`Self::part`] over blocks of `ACT_CHUNK` elements into one output buffer, so that
+    /// the temporaries are block-sized and the op allocates one input-sized tensor, as PyTorch's
+    /// fused activation backward does.
     fn fwd<S: Store>(&self, g: View<S>, x: View<S>) -> Result<(S, Shape)> {
+        const ACT_CHUNK: usize = 1 << 16;
+        let n = x.1.shape().elem_count();
+        if n <= ACT_CHUNK || !x.1.is_contiguous() || !g.1.is_contiguous() {
+            return Ok(self.part(g, x)?.into_out());
+        }
+        let shape = x.1.shape().clone();
+        let mut dst = x.0.device().zeros_impl(&shape, x.0.dtype())?;
+        let mut start = 0;
+        while start < n {
+            let len = ACT_CHUNK.min(n - start);
+            let gl = Layout::contiguous_with_offset(len, g.1.start_offset() + start);
+            let xl = Layout::contiguous_with_offset(len, x.1.start_offset() + start);
+            let part = self.part((g.0, &gl), (x.0, &xl))?;
+            part.s.copy_strided_src(&mut dst, start, &part.l)?;
+            start += len;
+        }
+        Ok((dst, shape))
+    }
+
+    fn part<S: Store>(&self, g: View<S>, x: View<S>) -> Result<Buf<S>> {
         let mul = |a: &Buf<S>, b: View<S>| -> Result<Buf<S>> {
             Ok(Buf::new(
                 a.s.binary_impl::<kern::Mul>(b.0, &a.l, b.1)?,
@@ -818,7 +844,7 @@ impl ActGradOp {
                 mul(&sig, t.r())?
             }
         };
-        Ok(mul(&d, g)?.into_out())
+        mul(&d, g)
     }
 }
 

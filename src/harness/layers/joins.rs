@@ -87,7 +87,14 @@ struct ResidLinearOp {
 }
 
 impl ResidLinearOp {
-    fn grads(&self, x: &Tensor, w: &Tensor, has_b: bool, res: &Tensor, g: &Tensor) -> Result<[Option<Tensor>; 3]> {
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        has_b: bool,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<[Option<Tensor>; 3]> {
         if let Ok(mut s) = self.stash.lock() {
             *s = Some(match s.take() {
                 Some(a) => (a + g)?,
@@ -103,7 +110,13 @@ impl CustomOp2 for ResidLinearOp {
         "linear-residual"
     }
     handed_fwd!(a, b);
-    fn bwd(&self, x: &Tensor, w: &Tensor, res: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        res: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let [gx, gw, _] = self.grads(x, w, false, res, g)?;
         Ok((gx, gw))
     }
@@ -140,7 +153,12 @@ pub fn linear_residual(
     let lin = LinearOp { split: None, merge };
     let out = {
         let y = match merge {
-            Some(h) => super::fused::linear_merge_heads(&x.detach(), &w.detach(), b.map(|b| b.detach()).as_ref(), h)?,
+            Some(h) => super::fused::linear_merge_heads(
+                &x.detach(),
+                &w.detach(),
+                b.map(|b| b.detach()).as_ref(),
+                h,
+            )?,
             None => super::fused::linear(&x.detach(), &w.detach(), b.map(|b| b.detach()).as_ref())?,
         };
         (y + resid.detach())?
@@ -203,7 +221,13 @@ impl CustomOp2 for SeedLinearOp {
         "grad-seed-linear"
     }
     handed_fwd!(a, b);
-    fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, _: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let [gx, gw, _] = self.grads(x, w, false)?;
         Ok((gx, gw))
     }
@@ -253,7 +277,13 @@ impl CustomOp2 for LmLossOp {
         "lm-head-cross-entropy"
     }
     handed_fwd!(a, b);
-    fn bwd(&self, x: &Tensor, w: &Tensor, _: &Tensor, g: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let logp = self
             .logp
             .lock()

@@ -41,9 +41,11 @@ impl BlockOut {
         for t in &self.terms {
             let v = match t {
                 Term::Tensor(t) => t.detach(),
-                Term::Linear { x, w, b } => {
-                    fused::linear(&x.detach(), &w.detach(), b.as_ref().map(|b| b.detach()).as_ref())?
-                }
+                Term::Linear { x, w, b } => fused::linear(
+                    &x.detach(),
+                    &w.detach(),
+                    b.as_ref().map(|b| b.detach()).as_ref(),
+                )?,
             };
             acc = Some(match acc {
                 Some(a) => (a + v)?,
