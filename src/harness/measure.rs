@@ -428,7 +428,7 @@ pub fn measure(
 /// rayon hands work to whichever worker is free, so a worker first used during a measured step
 /// added its buffer to that step's peak at random (tiny-vit b1 32 px: 4.97 or 6.01 MB; a
 /// tiny-resnet50: 11.8 or 12.9 MB, run to run). Creating the buffer on every worker and on this
-/// thread before the warm-up makes it a constant part of every peak.
+/// thread before the baseline makes it part of the baseline, not of the step.
 fn touch_every_cpu_thread() {
     let touch = || gemm_common::gemm::L2_SLAB.with(|slab| drop(slab.borrow()));
     touch();
@@ -442,8 +442,10 @@ fn run_cpu(
     opts: &MeasureOptions,
 ) -> anyhow::Result<Measured> {
     let mut trainer = Trainer::new(model, train, device, opts.seed)?;
-    let baseline = probe::cpu::current_bytes();
+    // before the baseline: the buffers stay for the life of the process, as PyTorch's thread
+    // pools' do (its baseline is read after warm-up steps), so they are no part of a step's peak
     touch_every_cpu_thread();
+    let baseline = probe::cpu::current_bytes();
     for _ in 0..opts.warmup {
         trainer.step()?;
     }

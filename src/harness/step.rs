@@ -1,16 +1,14 @@
 //! One real training step: forward, cross-entropy, backward, optimizer update, in the modes the
 //! planner models (precision, gradient checkpointing, simulated ZeRO).
 //!
-//! Two backward strategies:
-//! - plain: one forward graph, one `loss.backward()`: what eager PyTorch does.
-//! - segmented (transformers with checkpointing or ZeRO stage >= 2): the embedding, each block
-//!   and the head are separate graphs joined by `Var` inputs. Backward runs the head, then each
-//!   block in reverse via `sum(out * grad_out)`, so the gradients of one block appear (and,
-//!   under ZeRO-2/3, are cut to the shard and the rest freed) before the next block is processed,
-//!   as bucketed reduce-scatter would. With checkpointing, the forward keeps only block inputs
-//!   and each block is recomputed from its input (same dropout masks) during backward.
-//!   Without checkpointing the block graphs are kept from the forward; making each block input a
-//!   `Var` costs one extra copy of `b*s*h` per block.
+//! Transformers run block-wise (CNNs as one graph and one `loss.backward()`): the embedding,
+//! each block and the head are separate graphs joined by `Var` inputs, so backward releases each
+//! block's saved tensors once it has run, as PyTorch does node by node. A block's output is held
+//! once, as the next block's input Var (`BlockOut`: its last residual join is kept as terms and
+//! seeded with the output gradient); the embedding's graph is rebuilt for its backward at the end.
+//! Under ZeRO-2/3 a block's gradients are cut to the shard before the next block runs, as bucketed
+//! reduce-scatter would. With checkpointing the forward keeps only block inputs and each block
+//! is recomputed from its input (same dropout masks) during backward.
 //!
 //! ZeRO simulation (rank 0 of `gpus`), see `layers::params`: stage >= 1 allocates optimizer
 //! states for the shard only; stage >= 2 keeps only shard gradients; stage 3 keeps only shard
@@ -19,6 +17,7 @@
 //! Communication itself is not simulated: its buffers are not allocated.
 
 use super::layers::params::Ctx;
+use super::layers::transformer::BlockOut;
 use super::layers::{Cnn, ParamStore, Transformer};
 use super::optim::Optim;
 use crate::error::input_err;
@@ -27,9 +26,6 @@ use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-
-/// Dropout probability of every dropout site (BERT/GPT-2's 0.1).
-pub const DROPOUT: f32 = 0.1;
 
 enum Model {
     Transformer(Box<Transformer>),
@@ -185,6 +181,11 @@ impl Trainer {
                 "full is implemented per transformer block; accepted none for CNNs",
             );
         }
+        // transformers' default per architecture (GPT-2, BERT 0.1; Llama, ViT none) or the spec's
+        let dropout = match model {
+            ModelSpec::Transformer(t) => t.dropout_p().0,
+            ModelSpec::Cnn(_) => 0.0,
+        };
         let mut store =
             ParamStore::new(device, storage, seed, train.zero_stage, train.gpus as usize);
         let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_da7a);
@@ -244,8 +245,7 @@ impl Trainer {
                 (Model::Cnn(m), input, targets)
             }
         };
-        let segmented =
-            matches!(model, Model::Transformer(_)) && (checkpoint || train.zero_stage >= 2);
+        let segmented = matches!(model, Model::Transformer(_));
         let optim = Optim::new(train.optimizer, &store)?;
         Ok(Self {
             model,
@@ -257,7 +257,7 @@ impl Trainer {
             checkpoint,
             segmented,
             flash_attention: train.attention == crate::spec::Attention::Sdpa,
-            dropout: DROPOUT,
+            dropout,
             seed,
             steps: 0,
         })
@@ -319,11 +319,9 @@ impl Trainer {
                 self.checkpoint,
                 &mut acc,
             )?,
-            (model, _) => {
-                let logits = match model {
-                    Model::Transformer(m) => m.forward(&ctx, &self.input)?,
-                    Model::Cnn(m) => m.forward(&ctx, &self.input)?,
-                };
+            (Model::Transformer(_), false) => unreachable!("transformers run segmented"),
+            (Model::Cnn(m), _) => {
+                let logits = m.forward(&ctx, &self.input)?;
                 let loss = super::layers::ops::cross_entropy(&logits, &self.targets)?;
                 drop(logits);
                 let gs = loss.backward()?;
@@ -349,31 +347,31 @@ fn segmented(
     checkpoint: bool,
     acc: &mut [Option<Tensor>],
 ) -> anyhow::Result<f32> {
-    let emb = m.embed(ctx, input)?;
-    let mut x = emb.detach();
-    // checkpoint: the stored block inputs; otherwise (input Var, output with its graph).
+    // The embedding's graph is not kept: it is rebuilt for its backward at the end (a lookup;
+    // its dropout mask is reseeded), so its output is held once, as block 0's input.
+    let mut x = m.embed(ctx, input)?.detach();
+    // checkpoint: the stored block inputs; otherwise (input Var, output terms with their graph).
     let mut inputs: Vec<Tensor> = Vec::new();
-    let mut kept: Vec<(Var, Tensor)> = Vec::new();
+    let mut kept: Vec<(Var, BlockOut)> = Vec::new();
     for i in 0..m.layers() {
         if checkpoint {
-            let out = m.block(ctx, i, &x)?.detach();
+            let out = m.block(ctx, i, &x)?.value()?;
             inputs.push(std::mem::replace(&mut x, out));
         } else {
             let v = Var::from_tensor(&x)?;
+            drop(x);
             let out = m.block(ctx, i, v.as_tensor())?;
-            x = out.detach();
+            x = out.value()?;
             kept.push((v, out));
         }
     }
     let hv = Var::from_tensor(&x)?;
     drop(x);
-    let logits = m.head(ctx, hv.as_tensor())?;
-    let loss = super::layers::ops::cross_entropy(&logits, targets)?;
-    drop(logits);
+    let loss = m.head_loss(ctx, hv.as_tensor(), targets)?;
     let gs = loss.backward()?;
-    // The loss holds the head's graph (logits, log-probabilities): release it now, as PyTorch
-    // frees a node's saved tensors once its backward has run.
-    let loss_value = loss.to_scalar::<f32>()?;
+    // The loss holds the head's graph: release it now, as PyTorch frees a node's saved tensors
+    // once its backward has run.
+    let loss_value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     drop(loss);
     collect(ctx.store, &gs, acc)?;
     let mut g = gs
@@ -392,15 +390,21 @@ fn segmented(
         } else {
             kept.pop().expect("one kept graph per block")
         };
-        let gs = out.mul(&g)?.sum_all()?.backward()?;
+        let gs = out.root(&g)?.backward()?;
+        drop(g);
+        let resid = out.residual_grad(v.as_tensor())?;
         drop(out);
         collect(ctx.store, &gs, acc)?;
-        g = gs
-            .get(v.as_tensor())
-            .cloned()
-            .ok_or_else(|| anyhow::anyhow!("no gradient reached block {i}'s input"))?;
+        let gv = gs.get(v.as_tensor()).cloned();
+        drop(gs);
+        g = match (gv, resid) {
+            (Some(a), Some(b)) => (a + b)?,
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => anyhow::bail!("no gradient reached block {i}'s input"),
+        };
     }
-    let gs = emb.mul(&g)?.sum_all()?.backward()?;
+    let emb = m.embed(ctx, input)?;
+    let gs = super::layers::joins::seed(&emb, &g)?.backward()?;
     collect(ctx.store, &gs, acc)?;
     Ok(loss_value)
 }

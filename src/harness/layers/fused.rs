@@ -246,9 +246,9 @@ const UNSPLIT: [usize; 5] = [1, 3, 0, 2, 4];
 /// unsplit product; `merge`: the input is `[b, a, s, d]` and is read as `[b*s, a*d]` without
 /// keeping a merged copy.
 #[derive(Debug, Clone, Copy, Default)]
-struct LinearOp {
-    split: Option<(Heads, usize)>,
-    merge: Option<Heads>,
+pub(super) struct LinearOp {
+    pub(super) split: Option<(Heads, usize)>,
+    pub(super) merge: Option<Heads>,
 }
 
 impl LinearOp {
@@ -308,7 +308,7 @@ impl LinearOp {
 
     /// Gradients of input, weight and bias. Only `x` (and the weight) were kept; the merged
     /// input is recomputed when needed.
-    fn grads(
+    pub(super) fn grads(
         &self,
         x: &Tensor,
         w: &Tensor,
@@ -433,12 +433,37 @@ fn reduce_keep<S: BackendStorage>((s, l): View<S>, op: ReduceOp, dims: &[usize])
 /// ReLU (torchvision's in-place ReLU after BN keeps one tensor, so the pair is one node here).
 /// Statistics in fp32 whatever the input dtype; output in the input dtype. `gamma`/`beta` come
 /// shaped to broadcast against the input (`[h]`, or `[1, c, 1, 1]` for BatchNorm).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct NormOp {
     eps: f64,
     rms: bool,
     stats: Stats,
     relu: bool,
+    /// Tensors held until backward only to keep what PyTorch keeps ([`Kept`]).
+    kept: Kept,
+}
+
+/// Tensors a node holds from its forward until its backward runs, although its backward
+/// recomputes what it needs: the ones a composed PyTorch module saves (transformers' RMSNorm
+/// saves the normalized input, `gelu_new` its tanh, `1 + tanh` and `x / 2`), so that the harness
+/// holds what PyTorch holds.
+#[derive(Debug, Clone, Default)]
+struct Kept(Option<std::sync::Arc<std::sync::Mutex<Vec<Tensor>>>>);
+
+impl Kept {
+    fn new(ts: Vec<Tensor>) -> Self {
+        Self(Some(std::sync::Arc::new(std::sync::Mutex::new(ts))))
+    }
+    /// Releases the tensors (PyTorch frees a node's saved tensors when its backward has run).
+    fn release(&self) -> Vec<Tensor> {
+        match &self.0 {
+            Some(m) => m
+                .lock()
+                .map(|mut v| std::mem::take(&mut *v))
+                .unwrap_or_default(),
+            None => Vec::new(),
+        }
+    }
 }
 
 impl NormOp {
@@ -487,6 +512,7 @@ impl NormOp {
         res: &Tensor,
         gy: &Tensor,
     ) -> Result<[Option<Tensor>; 3]> {
+        let _kept = self.kept.release();
         let xf = x.detach().to_dtype(DType::F32)?;
         let dims = self.stats.dims(xf.rank());
         let mean = |t: &Tensor| t.mean_keepdim(dims.as_slice());
@@ -529,14 +555,29 @@ impl NormOp {
 
 optional_third_arg!(NormOp, "fused-rms-norm", "fused-layer-norm");
 
-/// LayerNorm over the last dimension (`beta` given) or RMSNorm (`beta` None).
+/// LayerNorm over the last dimension (`beta` given: one fused kernel in PyTorch, keeping its
+/// input) or RMSNorm (`beta` None: composed in transformers, keeping its input, an fp32 copy of
+/// a half input, and the normalized input before the weight).
 pub fn norm(x: &Tensor, gamma: &Tensor, beta: Option<&Tensor>, eps: f64) -> Result<Tensor> {
     let x = x.contiguous()?;
+    let kept = if beta.is_none() {
+        let xf = x.detach().to_dtype(DType::F32)?;
+        let ms = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?;
+        let xhat = xf.broadcast_div(&ms.sqrt()?)?.to_dtype(x.dtype())?;
+        Kept::new(if x.dtype() == DType::F32 {
+            vec![xhat]
+        } else {
+            vec![xhat, xf]
+        })
+    } else {
+        Kept::default()
+    };
     let op = NormOp {
         eps,
         rms: beta.is_none(),
         stats: Stats::Last,
         relu: false,
+        kept,
     };
     match beta {
         Some(b) => x.apply_op3(gamma, b, op),
@@ -552,6 +593,7 @@ pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, relu: bool) -> Resu
         rms: false,
         stats: Stats::Channels,
         relu,
+        kept: Kept::default(),
     };
     x.contiguous()?.apply_op3(
         &gamma.reshape((1, c, 1, 1))?,
@@ -737,7 +779,30 @@ impl CustomOp1 for ActOp {
 struct ActGradOp(Act);
 
 impl ActGradOp {
+    /// Runs [`Self::part`] over blocks of `ACT_CHUNK` elements into one output buffer, so that
+    /// the temporaries are block-sized and the op allocates one input-sized tensor, as PyTorch's
+    /// fused activation backward does.
     fn fwd<S: Store>(&self, g: View<S>, x: View<S>) -> Result<(S, Shape)> {
+        const ACT_CHUNK: usize = 1 << 16;
+        let n = x.1.shape().elem_count();
+        if n <= ACT_CHUNK || !x.1.is_contiguous() || !g.1.is_contiguous() {
+            return Ok(self.part(g, x)?.into_out());
+        }
+        let shape = x.1.shape().clone();
+        let mut dst = x.0.device().zeros_impl(&shape, x.0.dtype())?;
+        let mut start = 0;
+        while start < n {
+            let len = ACT_CHUNK.min(n - start);
+            let gl = Layout::contiguous_with_offset(len, g.1.start_offset() + start);
+            let xl = Layout::contiguous_with_offset(len, x.1.start_offset() + start);
+            let part = self.part((g.0, &gl), (x.0, &xl))?;
+            part.s.copy_strided_src(&mut dst, start, &part.l)?;
+            start += len;
+        }
+        Ok((dst, shape))
+    }
+
+    fn part<S: Store>(&self, g: View<S>, x: View<S>) -> Result<Buf<S>> {
         let mul = |a: &Buf<S>, b: View<S>| -> Result<Buf<S>> {
             Ok(Buf::new(
                 a.s.binary_impl::<kern::Mul>(b.0, &a.l, b.1)?,
@@ -779,7 +844,7 @@ impl ActGradOp {
                 mul(&sig, t.r())?
             }
         };
-        Ok(mul(&d, g)?.into_out())
+        mul(&d, g)
     }
 }
 
@@ -816,6 +881,44 @@ fn clamp<S: Store>(x: View<S>, bound: f32) -> Result<Buf<S>> {
 /// GELU (tanh approximation) or SiLU of `x`, one node.
 pub fn activation(x: &Tensor, act: Act) -> Result<Tensor> {
     x.contiguous()?.apply_op1(ActOp(act))
+}
+
+/// transformers' `gelu_new` (GPT-2's default): the tanh GELU composed of elementwise ops, whose
+/// autograd keeps, besides the input, `tanh(..)`, `1 + tanh(..)` and `x / 2` (the harness computes
+/// with the fused tanh GELU and holds those three until backward).
+#[derive(Debug, Clone)]
+struct GeluNewOp(Kept);
+
+impl GeluNewOp {
+    fn fwd<S: BackendStorage>(&self, x: View<S>) -> Result<(S, Shape)> {
+        ActOp(Act::Gelu).fwd(x)
+    }
+}
+
+impl CustomOp1 for GeluNewOp {
+    fn name(&self) -> &'static str {
+        "gelu-new"
+    }
+    device_fwd1!();
+    fn bwd(&self, x: &Tensor, res: &Tensor, g: &Tensor) -> Result<Option<Tensor>> {
+        let _kept = self.0.release();
+        ActOp(Act::Gelu).bwd(x, res, g)
+    }
+}
+
+/// `gelu_new(x)`, holding what PyTorch's composed version holds.
+pub fn gelu_new(x: &Tensor) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let kept = {
+        let xd = x.detach();
+        let c = (2.0 / std::f64::consts::PI).sqrt();
+        let inner = (((xd.sqr()? * &xd)? * 0.044715)? + &xd)?;
+        let t = (inner * c)?.tanh()?;
+        let one_plus = (&t + 1.0)?;
+        let half = (&xd * 0.5)?;
+        Kept::new(vec![t, one_plus, half])
+    };
+    x.apply_op1(GeluNewOp(kept))
 }
 
 /// Inverted dropout with a 1-byte keep mask (`u8`, 1 = keep), as PyTorch stores it.
@@ -889,6 +992,11 @@ impl CustomOp1 for LogSoftmaxOp {
         let gx = (g - logp.detach().exp()?.broadcast_mul(&sum)?)?;
         Ok(Some(gx.to_dtype(x.dtype())?))
     }
+}
+
+/// fp32 log-softmax over the last dimension, outside the graph.
+pub fn log_softmax(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&LogSoftmaxOp)
 }
 
 /// Mean cross-entropy of `logits: [n, c]` (any float dtype) against class ids `[n]` (u32):

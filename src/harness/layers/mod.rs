@@ -3,6 +3,7 @@
 pub mod cnn;
 pub mod flash;
 pub mod fused;
+pub mod joins;
 pub mod ops;
 pub mod params;
 pub mod transformer;

@@ -58,6 +58,11 @@ impl Linear {
         fused::linear_merge_heads(x, &ctx.w(self.w)?, self.bias(ctx)?.as_ref(), h)
     }
 
+    /// The weight and bias in the compute dtype.
+    pub fn tensors(&self, ctx: &Ctx) -> Result<(Tensor, Option<Tensor>)> {
+        Ok((ctx.w(self.w)?, self.bias(ctx)?))
+    }
+
     fn bias(&self, ctx: &Ctx) -> Result<Option<Tensor>> {
         self.b.map(|b| ctx.w(b)).transpose()
     }

@@ -7,10 +7,77 @@
 //! and their elementwise cost is negligible next to the projections.
 
 use super::fused::{self, Act, Heads};
+use super::joins::{self, Stash};
 use super::ops::{Linear, Norm};
 use super::params::{Ctx, Init, ParamStore};
-use crate::spec::transformer::{Arch, FfnKind, Head, NormKind, TransformerSpec};
+use crate::spec::transformer::{Activation, Arch, FfnKind, Head, NormKind, TransformerSpec};
 use candle_core::{Result, Tensor};
+
+/// One term of a block's output sum.
+pub enum Term {
+    /// A graph tensor.
+    Tensor(Tensor),
+    /// `x @ w^T (+ b)`, never materialised as a kept node.
+    Linear {
+        x: Tensor,
+        w: Tensor,
+        b: Option<Tensor>,
+    },
+}
+
+/// A block's output as the terms of a sum (the last residual join), so that the output itself
+/// is held only once, as the next block's input, and not as a node of this block's graph.
+pub struct BlockOut {
+    pub terms: Vec<Term>,
+    /// The gradient the block's first residual join routed to the block input
+    /// ([`joins::linear_residual`]); add it to the input's gradient after backward.
+    pub stash: Stash,
+}
+
+impl BlockOut {
+    /// The output value, outside the graph.
+    pub fn value(&self) -> Result<Tensor> {
+        let mut acc: Option<Tensor> = None;
+        for t in &self.terms {
+            let v = match t {
+                Term::Tensor(t) => t.detach(),
+                Term::Linear { x, w, b } => fused::linear(
+                    &x.detach(),
+                    &w.detach(),
+                    b.as_ref().map(|b| b.detach()).as_ref(),
+                )?,
+            };
+            acc = Some(match acc {
+                Some(a) => (a + v)?,
+                None => v,
+            });
+        }
+        acc.ok_or_else(|| candle_core::Error::Msg("a block without output terms".into()))
+    }
+
+    /// Backward root for the output gradient `g`.
+    pub fn root(&self, g: &Tensor) -> Result<Tensor> {
+        let mut acc: Option<Tensor> = None;
+        for t in &self.terms {
+            let r = match t {
+                Term::Tensor(t) => joins::seed(t, g)?,
+                Term::Linear { x, w, b } => joins::seed_linear(x, w, b.as_ref(), g)?,
+            };
+            acc = Some(match acc {
+                Some(a) => (a + r)?,
+                None => r,
+            });
+        }
+        acc.ok_or_else(|| candle_core::Error::Msg("a block without output terms".into()))
+    }
+
+    /// The stashed residual gradient, shaped like the block input.
+    pub fn residual_grad(&self, like: &Tensor) -> Result<Option<Tensor>> {
+        joins::take_stash(&self.stash)
+            .map(|g| g.reshape(like.shape()))
+            .transpose()
+    }
+}
 
 /// Dropout sites within a block (the mask seed is `block * SITES + site`).
 const SITES: u64 = 8;
@@ -37,7 +104,8 @@ impl Attention {
     /// Projections straight into head layout, one node for QK^T/scale/mask/softmax, dropout on
     /// the probabilities, and the output projection reading the heads directly: the graph keeps
     /// Q, K, V, the probabilities, the dropped probabilities (+ a byte mask) and the context.
-    fn forward(&self, ctx: &Ctx, x: &Tensor, site: u64) -> Result<Tensor> {
+    /// The attention core's output `[b, a, s, d]` (before the output projection).
+    fn core(&self, ctx: &Ctx, x: &Tensor, site: u64) -> Result<(Tensor, Heads)> {
         let (b, s, _) = x.dims3()?;
         let heads = |a: usize| Heads {
             b,
@@ -74,7 +142,26 @@ impl Attention {
             let probs = fused::attention_probs(&q, &k, scale, self.causal)?;
             ctx.dropout(&probs, site)?.matmul(&v)?
         };
-        self.out.forward_merge_heads(ctx, &y, heads(self.heads))
+        Ok((y, heads(self.heads)))
+    }
+
+    /// `resid + dropout(out_proj(core(x)))`. Without dropout the projection and the join are one
+    /// node keeping only the projection's input, as PyTorch's residual add keeps nothing.
+    fn residual(
+        &self,
+        ctx: &Ctx,
+        resid: &Tensor,
+        x: &Tensor,
+        site: u64,
+        stash: &Stash,
+    ) -> Result<Tensor> {
+        let (y, h) = self.core(ctx, x, site)?;
+        if ctx.dropout > 0.0 {
+            let a = self.out.forward_merge_heads(ctx, &y, h)?;
+            return resid + ctx.dropout(&a, site + 1)?;
+        }
+        let (w, b) = self.out.tensors(ctx)?;
+        joins::linear_residual(resid, &y, &w, b.as_ref(), Some(h), stash)
     }
 }
 
@@ -83,6 +170,7 @@ enum Mlp {
     Gelu {
         fc1: Linear,
         fc2: Linear,
+        act: Activation,
     },
     Swiglu {
         gate: Linear,
@@ -92,16 +180,35 @@ enum Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+    /// The input of the last projection. Activations as transformers runs them: `gelu_new` and
+    /// `gelu_fast` composed (holding what the composition holds, [`fused::gelu_new`]); every
+    /// other GELU-like activation (`gelu`, `gelu_pytorch_tanh`, `quick_gelu`, `relu`) as one
+    /// fused node keeping its input, computed as the tanh GELU (same memory, other values).
+    fn hidden(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         match self {
-            Mlp::Gelu { fc1, fc2 } => {
-                fc2.forward(ctx, &fused::activation(&fc1.forward(ctx, x)?, Act::Gelu)?)
+            Mlp::Gelu { fc1, act, .. } => {
+                let h = fc1.forward(ctx, x)?;
+                match act {
+                    Activation::GeluNew | Activation::GeluFast => fused::gelu_new(&h),
+                    _ => fused::activation(&h, Act::Gelu),
+                }
             }
-            Mlp::Swiglu { gate, up, down } => {
+            Mlp::Swiglu { gate, up, .. } => {
                 let g = fused::activation(&gate.forward(ctx, x)?, Act::Silu)?;
-                down.forward(ctx, &(g * up.forward(ctx, x)?)?)
+                g * up.forward(ctx, x)?
             }
         }
+    }
+
+    fn last(&self) -> &Linear {
+        match self {
+            Mlp::Gelu { fc2, .. } => fc2,
+            Mlp::Swiglu { down, .. } => down,
+        }
+    }
+
+    fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        self.last().forward(ctx, &self.hidden(ctx, x)?)
     }
 }
 
@@ -208,6 +315,7 @@ impl Transformer {
                 FfnKind::Gelu => Mlp::Gelu {
                     fc1: Linear::new(store, &n("mlp.fc1"), h, f, spec.bias)?,
                     fc2: Linear::new(store, &n("mlp.fc2"), f, h, spec.bias)?,
+                    act: spec.activation_kind(),
                 },
                 FfnKind::Swiglu => Mlp::Swiglu {
                     gate: Linear::new(store, &n("mlp.gate"), h, f, spec.bias)?,
@@ -311,20 +419,32 @@ impl Transformer {
     }
 
     /// Block `i`: pre-LN (GPT-2, Llama, ViT) or post-LN when the spec has an embedding norm (BERT).
-    pub fn block(&self, ctx: &Ctx, i: usize, x: &Tensor) -> Result<Tensor> {
+    /// `x` must be a leaf (the block input Var, or a detached tensor): the first residual join
+    /// routes its gradient through [`BlockOut::stash`].
+    pub fn block(&self, ctx: &Ctx, i: usize, x: &Tensor) -> Result<BlockOut> {
         let blk = &self.blocks[i];
         let site = i as u64 * SITES;
-        if self.spec.embedding_norm {
-            let a = ctx.dropout(&blk.attn.forward(ctx, x, site)?, site + 1)?;
-            let x = blk.norm1.forward(ctx, &(x + a)?)?;
-            let m = ctx.dropout(&blk.mlp.forward(ctx, &x)?, site + 2)?;
-            blk.norm2.forward(ctx, &(x + m)?)
+        let stash = Stash::default();
+        let terms = if self.spec.embedding_norm {
+            let x1 = blk.attn.residual(ctx, x, x, site, &stash)?;
+            let x1 = blk.norm1.forward(ctx, &x1)?;
+            let m = ctx.dropout(&blk.mlp.forward(ctx, &x1)?, site + 2)?;
+            vec![Term::Tensor(blk.norm2.forward(ctx, &(x1 + m)?)?)]
         } else {
-            let a = blk.attn.forward(ctx, &blk.norm1.forward(ctx, x)?, site)?;
-            let x = (x + ctx.dropout(&a, site + 1)?)?;
-            let m = blk.mlp.forward(ctx, &blk.norm2.forward(ctx, &x)?)?;
-            x + ctx.dropout(&m, site + 2)?
-        }
+            let x2 = blk
+                .attn
+                .residual(ctx, x, &blk.norm1.forward(ctx, x)?, site, &stash)?;
+            let hidden = blk.mlp.hidden(ctx, &blk.norm2.forward(ctx, &x2)?)?;
+            let last = blk.mlp.last();
+            if ctx.dropout > 0.0 {
+                let m = ctx.dropout(&last.forward(ctx, &hidden)?, site + 2)?;
+                vec![Term::Tensor(x2), Term::Tensor(m)]
+            } else {
+                let (w, b) = last.tensors(ctx)?;
+                vec![Term::Tensor(x2), Term::Linear { x: hidden, w, b }]
+            }
+        };
+        Ok(BlockOut { terms, stash })
     }
 
     /// Final norm and head: logits `[rows, classes]` in the compute dtype. LM: one row per token
@@ -353,13 +473,25 @@ impl Transformer {
         }
     }
 
-    /// The whole forward pass (no checkpointing).
-    pub fn forward(&self, ctx: &Ctx, input: &Tensor) -> Result<Tensor> {
-        let mut x = self.embed(ctx, input)?;
-        for i in 0..self.blocks.len() {
-            x = self.block(ctx, i, &x)?;
+    /// Final norm, head and mean cross-entropy against `targets`. The LM head and its loss are
+    /// one node keeping the head's input and the fp32 log-probabilities ([`joins::lm_loss`]).
+    pub fn head_loss(&self, ctx: &Ctx, x: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        if let HeadLayer::Lm(w) = &self.head {
+            let x = match &self.final_norm {
+                Some(n) => n.forward(ctx, x)?,
+                None => x.clone(),
+            };
+            let w = match (w, &self.embedding) {
+                (Some(w), _) => ctx.w(*w)?,
+                (None, Embedding::Tokens { tok, .. }) => ctx.w(*tok)?,
+                (None, Embedding::Patches { .. }) => {
+                    candle_core::bail!("a tied LM head needs token embeddings")
+                }
+            };
+            let (b, s, h) = x.dims3()?;
+            return joins::lm_loss(&x.reshape((b * s, h))?, &w, targets);
         }
-        self.head(ctx, &x)
+        super::ops::cross_entropy(&self.head(ctx, x)?, targets)
     }
 
     /// Number of classes of the logits (vocabulary, hidden for the pooler, or classes).
