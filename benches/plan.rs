@@ -1,6 +1,6 @@
 //! Planner throughput: a planner that answers in microseconds can search large configuration
 //! spaces (every GPU type x count x ZeRO stage x checkpointing) interactively.
-//! Targets (issue 6): one estimate well under 10 us; a `--max-batch` search under 1 ms.
+//! Targets: one estimate well under 10 us; a `--max-batch` search under 1 ms.
 
 use criterion::{black_box, criterion_group, criterion_main, Criterion};
 use vramcal::coeffs::Coefficients;

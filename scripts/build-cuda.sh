@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build vramcal with the `cuda` feature on a machine that has no GPU and no system CUDA toolkit.
 #
-# Recipe (see DESIGN.md "Building with CUDA"):
+# Recipe (see docs/architecture.md, "Building with CUDA"):
 #   1. nvcc, the CUDA headers and the link-time libraries come from NVIDIA's PyPI wheels (CUDA 13.0, to match
 #      the GPU machines' driver 580 / CUDA 13.0), cached outside the clone.
 #   2. libcuda.so (the driver) only exists where the NVIDIA driver is installed; for linking we build a stub

@@ -1,5 +1,6 @@
 //! vramcal: a training capacity planner whose coefficients are measured by real training steps.
-//! Data flow (DESIGN.md): spec -> plan; spec -> harness -> measurements -> fit -> coefficients -> report.
+//! Data flow (docs/architecture.md): spec -> plan; spec -> harness (candle or torch) -> rows ->
+//! fit -> coefficient table -> report.
 
 pub mod atomic;
 pub mod bench_summary;

@@ -1,5 +1,5 @@
 //! The committed CPU calibration carries fused-attention (sdpa) points, and its fitted table
-//! predicts them: the measured rows are read through the schema-2 reader and re-planned with
+//! predicts them: the measured rows are read through the CSV reader (`record::read`) and re-planned with
 //! the committed table, as `vramcal estimate --coeffs calibration/cpu-x86_64.json` would.
 
 use std::path::Path;

@@ -99,7 +99,7 @@ fn extrapolation_holds_out_each_models_largest_configuration() {
         );
     }
     assert_eq!(eval.predictions.len(), held.iter().filter(|h| **h).count());
-    // Held-out predictions of the fitted table beat the seed rule on this synthetic device.
+    // Held-out predictions of the fitted table beat the rule of thumb on this synthetic device.
     let s = vramcal::fit::split::scores(eval.predictions.iter());
     assert!(
         s.fitted.mape < 2.0 && s.fitted.mape < s.seed_formula.mape,

@@ -63,10 +63,10 @@ fn tiny_gpt_peak_is_above_baseline_and_stable_run_to_run() {
     assert_eq!(a.model_spec().unwrap(), model);
 }
 
-/// Issue 3: the measured peak within 2x of the planner's literature estimate. The literature
-/// activation term (Korthikanti et al.) is what PyTorch's eager kernels save; the harness's fused
-/// single-node ops (`harness::layers::fused`) save the same tensors, so the peak may exceed the
-/// plan only by what backward adds (parameter gradients, candle's gradient temporaries). Measured
+/// The harness against the planner: the measured peak within 2x of the literature estimate.
+/// The literature activation term (Korthikanti et al.) is what PyTorch's eager kernels save; the
+/// harness's fused single-node ops (`harness::layers::fused`) save the same tensors, so the peak
+/// may exceed the plan only by what backward adds (parameter gradients, candle's gradient temporaries). Measured
 /// 63.3 MB vs 47.8 MB (1.32x); composed candle ops measured 153 MB (3.2x) before. The baseline
 /// must equal weights + two AdamW moments within 2 %.
 #[test]

@@ -284,7 +284,7 @@ fn gpu_choice_needs_more_gpus_for_bigger_models() {
     assert!(small.gpu_choice.iter().all(|g| g.layout.unwrap().gpus == 1));
 }
 
-/// Planner speed: prints the numbers reported to the lead; bounds are 10x the targets so a
+/// Planner speed: prints the measured times; bounds are 10x the targets (benches/plan.rs) so a
 /// loaded CI machine does not flake, but a regression to re-validating per probe would show.
 #[test]
 fn planner_is_fast() {

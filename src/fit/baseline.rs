@@ -1,5 +1,5 @@
-//! The rule of thumb `params·4·3 + batch·seq·hidden·10` (`plan::seed`), the baseline the calibrated model is compared
-//! against: `params*4*3 + batch*seq*hidden*10` bytes. Delegates to the planner's
+//! The rule of thumb `params·4·3 + batch·seq·hidden·10` bytes, the baseline the calibrated model
+//! is compared against. Delegates to the planner's
 //! `plan::seed::seed_bytes` (ViT: seq = effective sequence; CNN: its documented analogue,
 //! image^2 x first-conv width), so the report and `vramcal estimate` show the same baseline.
 

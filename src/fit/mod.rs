@@ -1,4 +1,4 @@
-//! Fitting the planner's coefficients from measurements (DESIGN.md "Fitting and reports"):
+//! Fitting the planner's coefficients from measurements (docs/architecture.md, "Fitting"):
 //! rows -> points (`points`), non-negative least squares (`nnls`), the memory and time
 //! regressions (`memfit`, `timefit`), a full table (`calibrate`), honest held-out scoring
 //! (`split`) against the rule of thumb (`baseline`) and the literature table.

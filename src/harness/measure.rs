@@ -1,7 +1,7 @@
 //! One measurement: build the model and optimizer on a device, run warm-up steps, then measured
 //! steps, and return a CSV [`Row`] with the baseline, the peak and the step times.
 //!
-//! Peak protocol (DESIGN.md "Measuring"): the baseline is read right after `Trainer::new` (weights,
+//! Peak protocol (docs/architecture.md, "Measuring protocol"): the baseline is read right after `Trainer::new` (weights,
 //! optimizer state and synthetic inputs exist, nothing else); then `warmup` steps run unmeasured
 //! (lazy allocations, kernel caches); then each of `repeats` steps runs in its own high-water
 //! window (reset right before the step, read after a device synchronise). The row's peak is the

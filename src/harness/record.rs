@@ -285,7 +285,7 @@ fn cell_err<T>(path: &Path, line: u64, column: &str, message: String) -> anyhow:
     )
 }
 
-/// Checks the header: vramcal's own (schema 2, or schema 1 without `attention`), returning its
+/// Checks the header: vramcal's own (schema 3, or an older schema 1/2), returning its
 /// schema, or a one-line input error saying what it is.
 fn check_header(
     path: &Path,
@@ -442,7 +442,7 @@ fn check_enum<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Reads every row. The header must be vramcal's schema-2 (or schema-1) header and every row
+/// Reads every row. The header must be vramcal's schema-3 (or schema-1/2) header and every row
 /// must parse:
 /// a bad cell is a one-line input error naming the file, line and column (a fit must not run on
 /// a silently shortened or poisoned table). Only a last line without its newline (a sweep killed

@@ -365,7 +365,8 @@ impl StateBytes {
     }
 }
 
-/// Exact state bytes: DESIGN.md "Model states" and Rajbhandari et al. 2020 for ZeRO sharding.
+/// Exact state bytes: docs/architecture.md, "Model states", and Rajbhandari et al. 2020 for ZeRO
+/// sharding.
 pub fn state_bytes(params: u64, train: &TrainSpec) -> StateBytes {
     let p = params as f64;
     let n = train.gpus as f64;

@@ -1,4 +1,5 @@
-//! Training FLOPs per step and the step-time model `t = FLOPs * recompute / R + t0`.
+//! Training FLOPs per step, and the activation and model-state traffic the step-time model
+//! (`plan::step_time`) adds to them.
 
 use crate::coeffs::Coefficients;
 use crate::plan::{memory, params};
