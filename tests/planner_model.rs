@@ -615,3 +615,45 @@ fn dropout_and_activation_terms_reproduce_pytorchs_saved_bytes() {
     }
     assert!(checked >= 150, "only {checked} rows checked");
 }
+
+/// Dropout 0 keeps no masks and a fused GELU keeps only its input: both plan fewer activation
+/// bytes than GPT-2's defaults (dropout 0.1, the composed `gelu_new`), by exactly the block's
+/// terms; a spec that leaves both unset plans exactly what the explicit defaults do.
+#[test]
+fn dropout_and_activation_change_gpt2_activation_bytes() {
+    use vramcal::spec::transformer::{Activation, DropoutP};
+    let lit = Coefficients::literature();
+    let ModelSpec::Transformer(gpt2) = preset("gpt2").unwrap() else {
+        panic!("gpt2 is a transformer")
+    };
+    let with = |dropout, activation| {
+        let m = ModelSpec::Transformer(vramcal::spec::transformer::TransformerSpec {
+            dropout,
+            activation,
+            ..gpt2.clone()
+        });
+        let t = TrainSpec {
+            attention: Attention::Eager,
+            ..train(4, 512)
+        };
+        memory::estimate(&m, &t, &lit).unwrap()
+    };
+    let default = with(None, None);
+    assert_eq!(
+        default,
+        with(Some(DropoutP(0.1)), Some(Activation::GeluNew))
+    );
+    let no_dropout = with(Some(DropoutP(0.0)), None);
+    let tanh = with(None, Some(Activation::GeluPytorchTanh));
+    assert!(no_dropout.activations < default.activations);
+    assert!(tanh.activations < default.activations);
+    // GPT-2 small: 12 layers, h 768, f 3072, 12 heads; b 4, s 512; fp32 eager
+    let (l, b, s, h, f, a) = (12.0, 4.0, 512.0, 768.0, 3072.0, 12.0);
+    let dropout_bytes = l * b * s * h * 2.0 + l * b * a * s * s * 5.0 + b * s * h;
+    let act_bytes = l * b * s * f * (16.0 - 4.0);
+    assert_eq!(
+        (default.activations - no_dropout.activations) as f64,
+        dropout_bytes
+    );
+    assert_eq!((default.activations - tanh.activations) as f64, act_bytes);
+}
