@@ -549,8 +549,7 @@ fn dropout_and_activation_terms_reproduce_pytorchs_saved_bytes() {
     let mut rdr = csv::Reader::from_path(&path).unwrap();
     let headers = rdr.headers().unwrap().clone();
     let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
-    let mode =
-        Coefficients::literature().mode(vramcal::spec::Family::Transformer, Precision::Fp32);
+    let mode = Coefficients::literature().mode(vramcal::spec::Family::Transformer, Precision::Fp32);
     // (arch, shape) -> [(dropout on, activation, saved bytes)]
     let mut groups: HashMap<(String, Vec<u64>), Vec<(bool, Activation, f64)>> = HashMap::new();
     for rec in rdr.records() {

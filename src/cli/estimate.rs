@@ -9,7 +9,9 @@ use crate::coeffs::Coefficients;
 use crate::error::{check_range, input_err, rename_field};
 use crate::plan::estimate::{estimate, Estimate, Options};
 use crate::plan::gpus;
-use crate::spec::transformer::{Activation, Arch, DropoutP, FfnKind, Head, NormKind, TransformerSpec};
+use crate::spec::transformer::{
+    Activation, Arch, DropoutP, FfnKind, Head, NormKind, TransformerSpec,
+};
 use crate::spec::{cnn_file, hf_config, presets, ModelSpec, TrainSpec};
 use std::fmt::Write as _;
 use std::path::PathBuf;

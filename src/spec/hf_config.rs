@@ -149,7 +149,11 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
 /// The dropout probability keys of each family with transformers' config-class defaults.
 fn dropout_keys(model_type: &str) -> &'static [(&'static str, f32)] {
     match model_type {
-        "gpt2" | "gpt_bigcode" => &[("resid_pdrop", 0.1), ("embd_pdrop", 0.1), ("attn_pdrop", 0.1)],
+        "gpt2" | "gpt_bigcode" => &[
+            ("resid_pdrop", 0.1),
+            ("embd_pdrop", 0.1),
+            ("attn_pdrop", 0.1),
+        ],
         "bert" | "roberta" | "xlm-roberta" | "camembert" => &[
             ("hidden_dropout_prob", 0.1),
             ("attention_probs_dropout_prob", 0.1),
@@ -434,6 +438,72 @@ mod tests {
             "vocab_size":151936,"rms_norm_eps":1e-6,"tie_word_embeddings":true}"#;
         let t = parse(text, "qwen2-0.5b").unwrap();
         assert_eq!(transformer(&t).total, 494_032_768);
+    }
+
+    #[test]
+    fn dropout_and_activation_keys_are_read() {
+        use crate::spec::transformer::{Activation, DropoutP};
+        let gpt2 = r#"{"model_type":"gpt2","n_embd":64,"n_layer":2,"n_head":2,"vocab_size":100,
+            "n_positions":128,"resid_pdrop":0.0,"embd_pdrop":0.0,"attn_pdrop":0.0,
+            "activation_function":"gelu_pytorch_tanh"}"#;
+        let t = parse(gpt2, "g").unwrap();
+        assert_eq!(t.dropout, Some(DropoutP(0.0)));
+        assert_eq!(t.activation, Some(Activation::GeluPytorchTanh));
+        // one site left at its class default (0.1) keeps masks: the largest counts
+        let t = parse(&gpt2.replace(r#""attn_pdrop":0.0,"#, ""), "g").unwrap();
+        assert_eq!(t.dropout, Some(DropoutP(0.1)));
+        // none of the keys: the architecture's default, as before
+        let bare = r#"{"model_type":"gpt2","n_embd":64,"n_layer":2,"n_head":2,"vocab_size":100,
+            "n_positions":128}"#;
+        let t = parse(bare, "g").unwrap();
+        assert_eq!((t.dropout, t.activation), (None, None));
+        assert_eq!(t.dropout_p(), DropoutP(0.1));
+        assert_eq!(t.activation_kind(), Activation::GeluNew);
+
+        let bert = r#"{"model_type":"bert","hidden_size":64,"num_hidden_layers":2,
+            "num_attention_heads":2,"intermediate_size":256,"vocab_size":100,
+            "max_position_embeddings":128,"hidden_dropout_prob":0.0,
+            "attention_probs_dropout_prob":0.0,"hidden_act":"relu"}"#;
+        let t = parse(bert, "b").unwrap();
+        assert_eq!(t.dropout_p(), DropoutP(0.0));
+        assert_eq!(t.activation_kind(), Activation::Relu);
+
+        let llama = r#"{"model_type":"llama","hidden_size":64,"intermediate_size":172,
+            "num_hidden_layers":2,"num_attention_heads":2,"vocab_size":100,"rms_norm_eps":1e-6,
+            "attention_dropout":0.1,"hidden_act":"silu"}"#;
+        let t = parse(llama, "l").unwrap();
+        assert_eq!(t.dropout, Some(DropoutP(0.1)));
+        assert_eq!(t.activation, Some(Activation::Silu));
+        // Gemma's hidden_activation wins over its legacy hidden_act
+        let gemma = llama.replace("\"llama\"", "\"gemma\"").replace(
+            r#""hidden_act":"silu""#,
+            r#""hidden_act":"gelu","hidden_activation":"gelu_pytorch_tanh""#,
+        );
+        assert_eq!(
+            parse(&gemma, "g").unwrap().activation,
+            Some(Activation::GeluPytorchTanh)
+        );
+    }
+
+    #[test]
+    fn bad_dropout_or_activation_names_the_key() {
+        let llama = r#"{"model_type":"llama","hidden_size":64,"intermediate_size":172,
+            "num_hidden_layers":2,"num_attention_heads":2,"vocab_size":100,"rms_norm_eps":1e-6,
+            "hidden_act":"gelu_python"}"#;
+        let err = parse(llama, "l").unwrap_err();
+        assert_eq!(
+            format!("{err}"),
+            "invalid config.json hidden_act: 'gelu_python' is not a modelled activation; accepted \
+             gelu, gelu_pytorch_tanh, gelu_new, gelu_fast, quick_gelu, relu, silu"
+        );
+        let bert = r#"{"model_type":"bert","hidden_size":64,"num_hidden_layers":2,
+            "num_attention_heads":2,"intermediate_size":256,"vocab_size":100,
+            "max_position_embeddings":128,"hidden_dropout_prob":1.5}"#;
+        let err = parse(bert, "b").unwrap_err();
+        assert_eq!(
+            format!("{err}"),
+            "invalid config.json hidden_dropout_prob: 1.5 is not a probability; accepted a number with 0 <= p < 1"
+        );
     }
 
     #[test]
