@@ -10,7 +10,8 @@ attention implementation ("eager", "sdpa") and each precision
   bf16           model.to(torch.bfloat16) ("true" bf16)
 
 the script runs ONE forward pass plus the model's own loss in train() mode (the architecture's default
-dropout values, use_cache=False, no attention_mask so that sdpa can use is_causal) inside
+dropout values and MLP activation unless --dropout P / --activation NAME set every dropout probability
+of the config or its activation_function / hidden_act; both are recorded per row), use_cache=False, no attention_mask so that sdpa can use is_causal) inside
 torch.autograd.graph.saved_tensors_hooks and records every tensor autograd packs. Once the forward is done
 every output except the scalar loss is dropped (so e.g. BertModel's pooler graph, or the returned logits,
 are not counted unless the loss needs them), and only the packed tensors still alive are kept. They are
@@ -54,6 +55,12 @@ Examples:
   python3 scripts/torch_saved_bytes.py --arch llama --attention sdpa --precision bf16 --out /tmp/l.csv
   python3 scripts/torch_saved_bytes.py --fit calibration/data/torch-saved-bytes-cpu.csv
   python3 scripts/torch_saved_bytes.py --dump --arch gpt2 --attention eager --precision fp32
+  python3 scripts/torch_saved_bytes.py --arch gpt2 --dropout 0 --activation gelu_pytorch_tanh \
+      --append --out calibration/data/torch-saved-bytes-cpu.csv
+
+--fit groups rows by (arch, attention, precision, dropout probabilities, activation). With
+transformers' default use_cache=True, GPT-2 under sdpa also saves the key/value cache's copies of k
+and v (+8 bytes per b*s*h per layer in fp32); use_cache=False here leaves them out.
 
 torch and transformers are imported lazily, so --help works without them.
 """

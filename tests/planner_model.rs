@@ -551,7 +551,8 @@ fn dropout_and_activation_terms_reproduce_pytorchs_saved_bytes() {
     let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
     let mode = Coefficients::literature().mode(vramcal::spec::Family::Transformer, Precision::Fp32);
     // (arch, shape) -> [(dropout on, activation, saved bytes)]
-    let mut groups: HashMap<(String, Vec<u64>), Vec<(bool, Activation, f64)>> = HashMap::new();
+    type Variants = Vec<(bool, Activation, f64)>;
+    let mut groups: HashMap<(String, Vec<u64>), Variants> = HashMap::new();
     for rec in rdr.records() {
         let rec = rec.unwrap();
         if &rec[col("attention")] != "eager" || &rec[col("precision")] != "fp32" {
