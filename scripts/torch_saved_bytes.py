@@ -10,7 +10,8 @@ attention implementation ("eager", "sdpa") and each precision
   bf16           model.to(torch.bfloat16) ("true" bf16)
 
 the script runs ONE forward pass plus the model's own loss in train() mode (the architecture's default
-dropout values, use_cache=False, no attention_mask so that sdpa can use is_causal) inside
+dropout values and MLP activation unless --dropout P / --activation NAME set every dropout probability
+of the config or its activation_function / hidden_act; both are recorded per row), use_cache=False, no attention_mask so that sdpa can use is_causal) inside
 torch.autograd.graph.saved_tensors_hooks and records every tensor autograd packs. Once the forward is done
 every output except the scalar loss is dropped (so e.g. BertModel's pooler graph, or the returned logits,
 are not counted unless the loss needs them), and only the packed tensors still alive are kept. They are
@@ -54,6 +55,12 @@ Examples:
   python3 scripts/torch_saved_bytes.py --arch llama --attention sdpa --precision bf16 --out /tmp/l.csv
   python3 scripts/torch_saved_bytes.py --fit calibration/data/torch-saved-bytes-cpu.csv
   python3 scripts/torch_saved_bytes.py --dump --arch gpt2 --attention eager --precision fp32
+  python3 scripts/torch_saved_bytes.py --arch gpt2 --dropout 0 --activation gelu_pytorch_tanh \
+      --append --out calibration/data/torch-saved-bytes-cpu.csv
+
+--fit groups rows by (arch, attention, precision, dropout probabilities, activation). With
+transformers' default use_cache=True, GPT-2 under sdpa also saves the key/value cache's copies of k
+and v (+8 bytes per b*s*h per layer in fp32); use_cache=False here leaves them out.
 
 torch and transformers are imported lazily, so --help works without them.
 """
@@ -77,8 +84,13 @@ COLUMNS = [
     "image_size", "embd_dropout", "hidden_dropout", "attn_dropout",
     "saved_bytes", "saved_fp32_bytes", "saved_bf16_bytes", "saved_bool_bytes", "saved_int64_bytes",
     "saved_other_bytes", "saved_storages", "saved_param_bytes", "weight_copy_bytes", "param_bytes",
-    "attn_impl_used", "device", "torch_version", "transformers_version", "seconds",
+    "attn_impl_used", "device", "torch_version", "transformers_version", "seconds", "activation",
 ]
+
+# transformers' default MLP activation per architecture (config.activation_function / hidden_act)
+DEFAULT_ACTIVATION = {"gpt2": "gelu_new", "bert": "gelu", "bert-mlm": "gelu", "llama": "silu",
+                      "mistral": "silu", "qwen2": "silu", "vit": "gelu"}
+ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "gelu_fast", "quick_gelu", "relu", "silu")
 
 # The sweep: a base point and one-at-a-time variations, plus a few combined moves so that every
 # fitted column varies independently. (b, s, h, f, a, kv, L, V)
@@ -113,10 +125,28 @@ def vit_image_size(s):
     return n * VIT_PATCH
 
 
-def build(arch, attention, c):
+def build(arch, attention, c, dropout=None, activation=None):
+    """dropout: None = the architecture's default, else every dropout probability of the config
+    (GPT-2 embd/resid/attn_pdrop, BERT/ViT hidden/attention_probs_dropout_prob, Llama-family
+    attention_dropout); activation: None = the default, else activation_function / hidden_act."""
     import transformers as T
     h, f, a, kv, L, V, s = c["h"], c["f"], c["a"], c["kv"], c["L"], c["V"], c["s"]
     common = dict(attn_implementation=attention)
+    if arch == "gpt2":
+        if dropout is not None:
+            common.update(embd_pdrop=dropout, resid_pdrop=dropout, attn_pdrop=dropout)
+        if activation is not None:
+            common.update(activation_function=activation)
+    elif arch in ("bert", "bert-mlm", "vit"):
+        if dropout is not None:
+            common.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+        if activation is not None:
+            common.update(hidden_act=activation)
+    else:
+        if dropout is not None:
+            common.update(attention_dropout=dropout)
+        if activation is not None:
+            common.update(hidden_act=activation)
     if arch == "gpt2":
         cfg = T.GPT2Config(vocab_size=V, n_positions=max(512, s), n_embd=h, n_layer=L, n_head=a,
                            n_inner=f, **common)
@@ -147,7 +177,8 @@ def build(arch, attention, c):
     else:
         raise ValueError(arch)
     used = getattr(model.config, "_attn_implementation", "?")
-    return model, drop, used
+    act = getattr(cfg, "activation_function", None) or getattr(cfg, "hidden_act")
+    return model, drop, used, act
 
 
 def make_inputs(arch, c, torch, dtype):
@@ -197,12 +228,12 @@ def _param_derived(t, param_ptrs):
     return False
 
 
-def measure(arch, attention, precision, c, device="cpu", dump=False):
+def measure(arch, attention, precision, c, device="cpu", dump=False, dropout=None, activation=None):
     import torch
     import transformers
 
     torch.manual_seed(0)
-    model, drop, used = build(arch, attention, c)
+    model, drop, used, act = build(arch, attention, c, dropout, activation)
     if precision == "bf16":
         model = model.to(torch.bfloat16)
     model = model.to(device)
@@ -293,7 +324,7 @@ def measure(arch, attention, precision, c, device="cpu", dump=False):
         V=c["V"], image_size=img, embd_dropout=drop[0], hidden_dropout=drop[1], attn_dropout=drop[2],
         saved_storages=n_act, param_bytes=param_bytes, attn_impl_used=used, device=device,
         torch_version=torch.__version__, transformers_version=transformers.__version__,
-        seconds=round(seconds, 3),
+        seconds=round(seconds, 3), activation=act,
     ))
     return row
 
@@ -341,12 +372,14 @@ def fit(path, out=sys.stdout, min_batch=1):
     rows = [r for r in csv.DictReader(open(path)) if int(r["b"]) >= min_batch]
     groups = {}
     for r in rows:
-        groups.setdefault((r["arch"], r["attention"], r["precision"]), []).append(r)
+        act = r.get("activation") or DEFAULT_ACTIVATION[r["arch"]]
+        drop = f"{r['embd_dropout']}/{r['hidden_dropout']}/{r['attn_dropout']}"
+        groups.setdefault((r["arch"], r["attention"], r["precision"], drop, act), []).append(r)
     allnames = ["alpha", "beta", "gamma", "delta", "nu", "lambda", "eps", "kappa", "zeta", "eta", "sigma",
                 "rho", "mu", "const"]
-    print(",".join(["arch", "attention", "precision", "n"] + allnames +
+    print(",".join(["arch", "attention", "precision", "dropout", "activation", "n"] + allnames +
                    ["max_rel_err", "rounded_max_abs_err_bytes", "rounded_max_rel_err", "rank_ok"]), file=out)
-    for (arch, att, prec), rs in groups.items():
+    for (arch, att, prec, drop, act), rs in groups.items():
         names, X, y = None, [], []
         for r in rs:
             b, s, h, f, a, kv, L, V = (int(r[k]) for k in ("b", "s", "h", "f", "a", "kv_heads", "L", "V"))
@@ -375,7 +408,7 @@ def fit(path, out=sys.stdout, min_batch=1):
         rerr = np.abs(X @ rounded - y)
         vals = dict(zip(names, coef))
         cells = [f"{vals[k]:.3f}" if k in vals else "" for k in allnames]
-        print(",".join([arch, att, prec, str(len(rs))] + cells +
+        print(",".join([arch, att, prec, drop, act, str(len(rs))] + cells +
                        [f"{err:.1e}", f"{rerr.max():.0f}", f"{np.max(rerr / y):.1e}", str(rank == X.shape[1])]),
               file=out)
 
@@ -386,6 +419,14 @@ def main():
     p.add_argument("--arch", choices=ARCHS, action="append", help="architecture(s) (default: all)")
     p.add_argument("--attention", choices=ATTENTIONS, action="append", help="eager | sdpa (default: both)")
     p.add_argument("--precision", choices=PRECISIONS, action="append", help="(default: all three)")
+    p.add_argument("--dropout", type=float, action="append", metavar="P",
+                   help="set every dropout probability of the config to P (repeatable; default: the "
+                        "architecture's own)")
+    p.add_argument("--activation", choices=ACTIVATIONS, action="append",
+                   help="MLP activation (activation_function / hidden_act; repeatable; default: the "
+                        "architecture's own)")
+    p.add_argument("--append", action="store_true",
+                   help="append rows to --out (its header must be this script's) instead of rewriting it")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     p.add_argument("--fit", metavar="CSV", help="fit the coefficients from CSV and print them; measure nothing")
@@ -407,40 +448,54 @@ def main():
     archs = args.arch or list(ARCHS)
     atts = args.attention or list(ATTENTIONS)
     precs = args.precision or list(PRECISIONS)
+    drops = args.dropout or [None]
+    acts = args.activation or [None]
 
     if args.dump:
         for arch in archs:
             for att in atts:
                 for prec in precs:
-                    print(f"== {arch} {att} {prec} {BASE}")
-                    r = measure(arch, att, prec, dict(BASE), args.device, dump=True)
-                    print(f"saved_bytes={r['saved_bytes']} param={r['saved_param_bytes']} "
-                          f"weight_copy={r['weight_copy_bytes']} attn_impl={r['attn_impl_used']}")
+                    for dp in drops:
+                        for act in acts:
+                            print(f"== {arch} {att} {prec} dropout={dp} activation={act} {BASE}")
+                            r = measure(arch, att, prec, dict(BASE), args.device, dump=True,
+                                        dropout=dp, activation=act)
+                            print(f"saved_bytes={r['saved_bytes']} param={r['saved_param_bytes']} "
+                                  f"weight_copy={r['weight_copy_bytes']} attn_impl={r['attn_impl_used']}")
         return
 
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w", newline="") as fh:
+    if args.append:
+        with open(args.out, newline="") as fh:
+            header = next(csv.reader(fh))
+        if header != COLUMNS:
+            sys.exit(f"{args.out}: header differs from this script's columns; not appending")
+    with open(args.out, "a" if args.append else "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
+        if not args.append:
+            w.writeheader()
         for arch in archs:
             for att in atts:
                 for prec in precs:
-                    done = set()
-                    for c in grid():
-                        if arch not in GQA_ARCHS:
-                            c["kv"] = c["a"]  # kv only matters for GQA models
-                            key = tuple(sorted(c.items()))
-                            if key in done:
-                                continue
-                            done.add(key)
-                        try:
-                            r = measure(arch, att, prec, c, args.device)
-                        except Exception as e:  # record and go on
-                            print(f"error {arch} {att} {prec} {c}: {type(e).__name__}: {e}", file=sys.stderr)
-                            continue
-                        w.writerow(r)
-                        fh.flush()
-                    print(f"done {arch} {att} {prec}", file=sys.stderr)
+                    for dp in drops:
+                        for act in acts:
+                            done = set()
+                            for c in grid():
+                                if arch not in GQA_ARCHS:
+                                    c["kv"] = c["a"]  # kv only matters for GQA models
+                                    key = tuple(sorted(c.items()))
+                                    if key in done:
+                                        continue
+                                    done.add(key)
+                                try:
+                                    r = measure(arch, att, prec, c, args.device, dropout=dp, activation=act)
+                                except Exception as e:  # record and go on
+                                    print(f"error {arch} {att} {prec} {dp} {act} {c}: {type(e).__name__}: {e}",
+                                          file=sys.stderr)
+                                    continue
+                                w.writerow(r)
+                                fh.flush()
+                            print(f"done {arch} {att} {prec} dropout={dp} activation={act}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,12 @@ pub struct ActivationCoeffs {
     /// kind); where one matches the model, it replaces c_h, c_f, c_att and c_logits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blocks: Vec<BlockCoeffs>,
+    /// With [`Self::blocks`]: bytes per b·s·f per layer that the MLP's activation function saves
+    /// for backward beyond its output (which the next linear saves anyway), per activation as
+    /// transformers names it; added to the matched block's `bsf`. A table with blocks has one
+    /// for every activation ([`Coefficients::validate`]).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub act_fns: std::collections::BTreeMap<crate::spec::transformer::Activation, Coef>,
     /// 1: activations are freed layer by layer as backward allocates gradients, so backward holds
     /// max(activations, gradients) (PyTorch autograd with gradients set to None each step); 0:
     /// both live in full at the end of backward (the candle harness). Tables written before the
@@ -144,19 +150,22 @@ pub struct TimeCoeffs {
 }
 
 /// What one measured transformer block implementation saves for backward, in bytes per element
-/// of each count (per layer unless `_once`). Measured with PyTorch and transformers' own model
-/// classes (scripts/torch_saved_bytes.py); the source says what was translated (dropout masks
-/// are 1-byte on CUDA, the dtype's size on the CPU where it was measured).
+/// of each count (per layer unless `_once`), with dropout off (p = 0) and without the MLP
+/// activation function's own saved tensors ([`ActivationCoeffs::act_fns`]). Measured with
+/// PyTorch and transformers' own model classes (scripts/torch_saved_bytes.py); the source says
+/// what was translated (dropout masks are 1-byte on CUDA, the dtype's size on the CPU where it
+/// was measured).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct BlockCoeffs {
     pub block: crate::spec::transformer::BlockKind,
     pub attention: crate::spec::Attention,
-    /// per b·s·h per layer (norms, projections' inputs, q/k/v at full width, dropout masks)
+    /// per b·s·h per layer (norms, projections' inputs, q/k/v at full width)
     pub bsh: f64,
-    /// per b·s·f per layer, f the FFN width (SwiGLU: gate, SiLU, up and down's input)
+    /// per b·s·f per layer, f the FFN width, besides the activation function's own (GELU MLP:
+    /// the down projection's input; SwiGLU: up, the activation's output and their product)
     pub bsf: f64,
-    /// per b·a·s² per stored layer (eager softmax output, its mask and dropped copy)
+    /// per b·a·s² per stored layer (eager softmax output and the AV matmul's input)
     pub bas2: f64,
     /// per b·a·s per layer (sdpa's fp32 log-sum-exp)
     pub bas: f64,
@@ -171,11 +180,32 @@ pub struct BlockCoeffs {
     /// per element of the head's output (LM: the fp32 log-softmax of b·s·V)
     pub bsv: f64,
     pub source: String,
+    /// what dropout adds when its probability is above 0
+    pub dropout: DropoutCoeffs,
+}
+
+/// Bytes a block keeps for its dropouts when the probability is above 0, per element of each
+/// count as in [`BlockCoeffs`]. At p = 0 `F.dropout` returns its input and keeps nothing; at
+/// p > 0 each dropout site keeps a mask (a 1-byte bool on CUDA, `native_dropout`), and the op
+/// after it may save the dropped copy instead of a tensor that was saved anyway.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DropoutCoeffs {
+    /// per b·s·h per layer: the hidden/residual dropout sites' masks
+    pub bsh: f64,
+    /// per b·a·s² per stored layer: the attention-probability mask and its dropped copy
+    pub bas2: f64,
+    /// per b·s·h once: the embedding dropout's mask
+    pub bsh_once: f64,
+    pub source: String,
 }
 
 impl BlockCoeffs {
-    fn ranged(&self) -> [(&'static str, f64); 9] {
+    fn ranged(&self) -> [(&'static str, f64); 12] {
         [
+            ("dropout.bsh", self.dropout.bsh),
+            ("dropout.bas2", self.dropout.bas2),
+            ("dropout.bsh_once", self.dropout.bsh_once),
             ("bsh", self.bsh),
             ("bsf", self.bsf),
             ("bas2", self.bas2),
@@ -438,6 +468,28 @@ impl Coefficients {
                         v,
                         MAX_BYTES_PER_ELEM,
                     )?;
+                }
+            }
+            for (act, c) in &m.activation.act_fns {
+                check_coef(
+                    || format!("{at} activation.act_fns.{act}"),
+                    c.value,
+                    MAX_BYTES_PER_ELEM,
+                )?;
+            }
+            if !m.activation.blocks.is_empty() {
+                use crate::spec::transformer::Activation;
+                if let Some(a) = Activation::ALL
+                    .iter()
+                    .find(|a| !m.activation.act_fns.contains_key(a))
+                {
+                    return input_err(
+                        &format!("{at} activation.act_fns"),
+                        format!(
+                            "has no {a}; accepted an entry for each of {} when the mode has blocks",
+                            Activation::accepted()
+                        ),
+                    );
                 }
             }
             for name in m.time.s_per_elem.keys() {

@@ -300,6 +300,19 @@ fn bad_inputs_exit_2_with_one_line_naming_the_field() {
             &["--model", "resnet50", "--max-seq", "--gpu", "h100"],
             "invalid max-seq:",
         ),
+        (
+            &["--model", "gpt2", "--activation", "gelu_python"],
+            "invalid activation: 'gelu_python' is unknown; accepted gelu, gelu_pytorch_tanh, \
+             gelu_new, gelu_fast, quick_gelu, relu, silu",
+        ),
+        (
+            &["--model", "gpt2", "--dropout", "1"],
+            "invalid dropout: '1' is not a probability; accepted a number with 0 <= p < 1",
+        ),
+        (
+            &["--model", "resnet50", "--dropout", "0"],
+            "invalid dropout: applies to transformer blocks only",
+        ),
     ];
     for (args, want) in cases {
         let mut a = vec!["estimate"];
@@ -383,9 +396,12 @@ fn readme_accuracy_table_is_the_committed_report() {
 /// GPT-2 with sdpa, fp32 and true bf16, foreach and for-loop AdamW, backward- and step-bound
 /// shapes, a tied embedding. The planner's allocated peak less its cuBLAS workspace (a CUDA
 /// buffer a CPU process lacks) is within 3 % of every such step (the bf16 runs carry ~11 MB of
-/// oneDNN runtime heap the planner does not model). Rows outside what the literature claims are
-/// skipped, not scored: GPT-2/BERT eager built with dropout 0 (the table assumes their default
-/// 0.1, with CUDA's 1-byte masks), GPT-2 with a fused tanh GELU, BERT from explicit flags.
+/// oneDNN runtime heap the planner does not model). GPT-2 runs are built with dropout 0 and
+/// their config's activation (gelu_new, gelu_pytorch_tanh, quick_gelu), which the planner is
+/// told (`--dropout 0 --activation ...`). Rows outside what the literature claims are skipped,
+/// not scored: dropout 0.1 on CPU (4-byte masks where the table counts CUDA's 1-byte ones),
+/// GPT-2 in true bf16 (-3 to -5 %: the oneDNN heap, and sdpa's copies of k and v from the
+/// key/value cache that GPT-2 builds by default), BERT from explicit flags.
 #[test]
 fn whole_step_peaks_match_real_pytorch_steps() {
     let path = concat!(
@@ -400,9 +416,7 @@ fn whole_step_peaks_match_real_pytorch_steps() {
         let rec = rec.unwrap();
         let name = &rec[col("name")];
         let claimed = name.starts_with("llama")
-            || (name.starts_with("gpt2")
-                && name.contains("sdpa")
-                && !name.contains("gelu_pytorch_tanh"));
+            || (name.starts_with("gpt2") && !name.contains("DROPOUT") && !name.contains(" bf16 "));
         if !claimed {
             continue;
         }
@@ -420,7 +434,7 @@ fn whole_step_peaks_match_real_pytorch_steps() {
         );
         scored += 1;
     }
-    assert!(scored >= 18, "only {scored} steps scored");
+    assert!(scored >= 25, "only {scored} steps scored");
 }
 
 /// README's "rules of thumb checked against measured pairs" figures are the committed report's

@@ -490,7 +490,12 @@ fn llama_block_coefficients_reproduce_pytorchs_saved_bytes() {
     for rec in rdr.records() {
         let rec = rec.unwrap();
         let get = |name: &str| rec[col(name)].parse::<f64>().unwrap();
-        if !["llama", "mistral", "qwen2"].contains(&&rec[col("arch")]) || get("b") < 2.0 {
+        // the default blocks: no attention dropout, SiLU (other rows vary them)
+        if !["llama", "mistral", "qwen2"].contains(&&rec[col("arch")])
+            || get("b") < 2.0
+            || get("attn_dropout") > 0.0
+            || &rec[col("activation")] != "silu"
+        {
             continue;
         }
         let precision = match &rec[col("precision")] {
@@ -509,8 +514,9 @@ fn llama_block_coefficients_reproduce_pytorchs_saved_bytes() {
             .expect("the literature has the Llama block");
         let (b, s, h, f, a) = (get("b"), get("s"), get("h"), get("f"), get("a"));
         let (kv, d, l, v) = (get("kv_heads"), get("head_dim"), get("L"), get("V"));
+        let silu = mode.activation.act_fns[&vramcal::spec::transformer::Activation::Silu].value;
         let per_layer = c.bsh * b * s * h
-            + c.bsf * b * s * f
+            + (c.bsf + silu) * b * s * f
             + c.bas2 * b * a * s * s
             + c.bas * b * a * s
             + c.bskv * b * s * kv * d
@@ -526,4 +532,128 @@ fn llama_block_coefficients_reproduce_pytorchs_saved_bytes() {
         checked += 1;
     }
     assert!(checked >= 100, "only {checked} rows checked");
+}
+
+/// The dropout terms and the activation functions' bytes of the literature's fp32 blocks
+/// reproduce what PyTorch keeps when transformers' configs change them
+/// (calibration/data/torch-saved-bytes-cpu.csv, scripts/torch_saved_bytes.py --dropout /
+/// --activation): for every measured eager fp32 shape, the measured difference between a
+/// variant and the architecture's default is exactly the planner's, with the dropout masks
+/// counted in the input's dtype (4 B) as the CPU keeps them instead of CUDA's 1-byte masks.
+#[test]
+fn dropout_and_activation_terms_reproduce_pytorchs_saved_bytes() {
+    use std::collections::HashMap;
+    use vramcal::spec::transformer::{Activation, BlockKind};
+    let path =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("calibration/data/torch-saved-bytes-cpu.csv");
+    let mut rdr = csv::Reader::from_path(&path).unwrap();
+    let headers = rdr.headers().unwrap().clone();
+    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let mode = Coefficients::literature().mode(vramcal::spec::Family::Transformer, Precision::Fp32);
+    // (arch, shape) -> [(dropout on, activation, saved bytes)]
+    type Variants = Vec<(bool, Activation, f64)>;
+    let mut groups: HashMap<(String, Vec<u64>), Variants> = HashMap::new();
+    for rec in rdr.records() {
+        let rec = rec.unwrap();
+        if &rec[col("attention")] != "eager" || &rec[col("precision")] != "fp32" {
+            continue;
+        }
+        let arch = rec[col("arch")].to_string();
+        if !["gpt2", "bert", "vit", "llama"].contains(&arch.as_str()) {
+            continue;
+        }
+        let shape = ["b", "s", "h", "f", "a", "kv_heads", "L", "V"]
+            .iter()
+            .map(|k| rec[col(k)].parse::<u64>().unwrap())
+            .collect();
+        let drop = rec[col("attn_dropout")].parse::<f64>().unwrap() > 0.0;
+        let act = Activation::from_name(&rec[col("activation")]).unwrap();
+        let saved = rec[col("saved_bytes")].parse::<f64>().unwrap();
+        groups
+            .entry((arch, shape))
+            .or_default()
+            .push((drop, act, saved));
+    }
+    let mut checked = 0;
+    for ((arch, shape), rows) in &groups {
+        let (kind, default_drop, default_act) = match arch.as_str() {
+            "gpt2" => (BlockKind::Gpt2, true, Activation::GeluNew),
+            "bert" => (BlockKind::Bert, true, Activation::Gelu),
+            "vit" => (BlockKind::Vit, false, Activation::Gelu),
+            _ => (BlockKind::Llama, false, Activation::Silu),
+        };
+        let Some(&(_, _, base)) = rows
+            .iter()
+            .find(|r| r.0 == default_drop && r.1 == default_act)
+        else {
+            continue;
+        };
+        let c = mode
+            .activation
+            .blocks
+            .iter()
+            .find(|c| c.block == kind && c.attention == Attention::Eager)
+            .unwrap();
+        let [b, s, h, f, a, _, l, _]: [f64; 8] = std::array::from_fn(|i| shape[i] as f64);
+        let act = |k: Activation| mode.activation.act_fns[&k].value;
+        // CPU: each mask has the input's dtype (4 B), not CUDA's 1 byte
+        let d = &c.dropout;
+        let dropout_cpu = l * b * s * h * d.bsh * 4.0
+            + l * b * a * s * s * (d.bas2 + 3.0)
+            + b * s * h * d.bsh_once * 4.0;
+        for &(drop, k, saved) in rows {
+            let on = |x: bool| if x { 1.0 } else { 0.0 };
+            let expected = (on(drop) - on(default_drop)) * dropout_cpu
+                + l * b * s * f * (act(k) - act(default_act));
+            assert_eq!(
+                saved - base,
+                expected,
+                "{arch} {shape:?} dropout {drop} {k}: measured {saved} against default {base}"
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 150, "only {checked} rows checked");
+}
+
+/// Dropout 0 keeps no masks and a fused GELU keeps only its input: both plan fewer activation
+/// bytes than GPT-2's defaults (dropout 0.1, the composed `gelu_new`), by exactly the block's
+/// terms; a spec that leaves both unset plans exactly what the explicit defaults do.
+#[test]
+fn dropout_and_activation_change_gpt2_activation_bytes() {
+    use vramcal::spec::transformer::{Activation, DropoutP};
+    let lit = Coefficients::literature();
+    let ModelSpec::Transformer(gpt2) = preset("gpt2").unwrap() else {
+        panic!("gpt2 is a transformer")
+    };
+    let with = |dropout, activation| {
+        let m = ModelSpec::Transformer(vramcal::spec::transformer::TransformerSpec {
+            dropout,
+            activation,
+            ..gpt2.clone()
+        });
+        let t = TrainSpec {
+            attention: Attention::Eager,
+            ..train(4, 512)
+        };
+        memory::estimate(&m, &t, &lit).unwrap()
+    };
+    let default = with(None, None);
+    assert_eq!(
+        default,
+        with(Some(DropoutP(0.1)), Some(Activation::GeluNew))
+    );
+    let no_dropout = with(Some(DropoutP(0.0)), None);
+    let tanh = with(None, Some(Activation::GeluPytorchTanh));
+    assert!(no_dropout.activations < default.activations);
+    assert!(tanh.activations < default.activations);
+    // GPT-2 small: 12 layers, h 768, f 3072, 12 heads; b 4, s 512; fp32 eager
+    let (l, b, s, h, f, a) = (12.0, 4.0, 512.0, 768.0, 3072.0, 12.0);
+    let dropout_bytes = l * b * s * h * 2.0 + l * b * a * s * s * 5.0 + b * s * h;
+    let act_bytes = l * b * s * f * (16.0 - 4.0);
+    assert_eq!(
+        (default.activations - no_dropout.activations) as f64,
+        dropout_bytes
+    );
+    assert_eq!((default.activations - tanh.activations) as f64, act_bytes);
 }

@@ -4,7 +4,9 @@ For each configuration, step.py runs HF transformers' own model class for two wa
 measured one (forward with labels, backward, AdamW step, zero_grad(set_to_none=True)) in a fresh
 process under an LD_PRELOAD malloc shim that tracks live heap bytes (malloc_peak_shim.c); the
 planner's `estimate --json` for the same shape is recorded beside it. The planner's total includes
-a 32 MiB cuBLAS workspace that a CPU process lacks, subtracted here.
+a 32 MiB cuBLAS workspace that a CPU process lacks, subtracted here. GPT-2 and BERT are built with
+dropout 0 unless a config sets `dropout` (step.py), and the planner is told so (`--dropout`,
+`--activation`); with dropout the CPU keeps 4-byte masks where the planner counts CUDA's 1-byte ones.
 
   cc -O2 -shared -fPIC -o scripts/torch_step_peak/malloc_peak_shim.so \
       src/harness/torch/malloc_peak_shim.c -ldl
@@ -57,6 +59,10 @@ CONFIGS = [
     c(G2, "gpt2-big fp32 sdpa loop b1s128", attn="sdpa", precision="fp32", impl="loop", batch=1, seq=128),
     c(BE, "bert-cls fp32 sdpa foreach b4s512", attn="sdpa", precision="fp32", impl="foreach", batch=4, seq=512),
     c(BE, "bert-cls fp32 eager foreach b4s512", attn="eager", precision="fp32", impl="foreach", batch=4, seq=512),
+    c(G1, "gpt2(gelu_pytorch_tanh) fp32 eager foreach b4s512", attn="eager", precision="fp32", impl="foreach", batch=4, seq=512, act="gelu_pytorch_tanh"),
+    c(G1, "gpt2(quick_gelu) fp32 sdpa foreach b4s512", attn="sdpa", precision="fp32", impl="foreach", batch=4, seq=512, act="quick_gelu"),
+    c(G1, "gpt2(relu) bf16 sdpa foreach b4s512", attn="sdpa", precision="bf16", impl="foreach", batch=4, seq=512, act="relu"),
+    c(G1, "gpt2(gelu_fast) bf16 eager foreach b2s512", attn="eager", precision="bf16", impl="foreach", batch=2, seq=512, act="gelu_fast"),
     c(BE, "bert-cls DROPOUT0.1 fp32 eager foreach b4s512 (CPU masks 4B)", attn="eager", precision="fp32", impl="foreach", batch=4, seq=512, dropout=0.1),
     c(G1, "gpt2 DROPOUT0.1 fp32 eager foreach b4s512 (CPU masks 4B)", attn="eager", precision="fp32", impl="foreach", batch=4, seq=512, dropout=0.1),
 ]
@@ -76,6 +82,11 @@ def planner(cf):
               "--classes", str(cf["classes"]), "--max-positions", str(cf["positions"])]
     else:
         a += ["--ffn-kind", "gelu", "--norm", "layernorm", "--max-positions", str(cf["positions"])]
+    if cf["model"] in ("gpt2", "bert"):
+        # step.py builds these with dropout 0 unless the config says otherwise, and with the
+        # config's activation: tell the planner (its defaults are transformers', 0.1)
+        a += ["--dropout", str(cf.get("dropout", 0.0)),
+              "--activation", cf.get("act", "gelu_new" if cf["model"] == "gpt2" else "gelu")]
     j = json.loads(subprocess.run(a, check=True, capture_output=True, text=True).stdout)
     return j, " ".join(a[1:])
 
@@ -89,47 +100,70 @@ def measure(cf):
     raise RuntimeError(p.stderr[-3000:])
 
 
+def row(cf, m):
+    j, cmd = planner(cf)
+    mem = j["memory"]
+    planned_states = mem["weights"] + mem["optimizer"]
+    planned_total = mem["total"] - CUBLAS
+    # planner's backward peak: weights+opt+grads+act-min(act,grads) ("backward holds about
+    # max(activations, gradients)"); when the optimizer step dominates, the planner moves the
+    # overlap into overhead, so recompute it here instead of reading total-overhead
+    planned_bwd = mem["weights"] + mem["optimizer"] + max(mem["activations"], mem["gradients"])
+    planned_opt_excess = mem["overhead"] - CUBLAS
+    meas_peak = m["peak_step_abs"] - m["pre_model_bytes"]
+    meas_fb = m["peak_fwd_bwd_abs"] - m["pre_model_bytes"]
+    # the planner's optimizer-step peak shows only through total exceeding its backward peak
+    plan_phase = "optimizer" if planned_total > planned_bwd + 2**20 else "backward"
+    return dict(name=cf["name"], params_torch=m["params"], params_planner=j["params"],
+                params_diff=j["params"] - m["params"],
+                meas_states=m["states_bytes"], plan_states=planned_states,
+                states_err_pct=100 * (planned_states - m["states_bytes"]) / m["states_bytes"],
+                meas_peak_fwd_bwd=meas_fb, plan_peak_bwd=planned_bwd,
+                fwd_bwd_err_pct=100 * (planned_bwd - meas_fb) / meas_fb,
+                meas_peak_step=meas_peak, plan_total_minus_cublas=planned_total,
+                step_err_pct=100 * (planned_total - meas_peak) / meas_peak,
+                meas_phase=m["peak_phase"], plan_phase=plan_phase,
+                meas_saved_act=m["live_after_fwd"], plan_act=mem["activations"],
+                meas_fwd_peak_above_base=m["peak_fwd_bytes"],
+                meas_bwd_peak_above_base=m["peak_bwd_bytes"],
+                meas_grads=m["live_after_bwd"], plan_grads=mem["gradients"],
+                meas_opt_peak_above_base=m["peak_opt_bytes"],
+                plan_overlap=mem["backward_overlap"], plan_opt_excess=planned_opt_excess,
+                meas_opt_transient=m["peak_opt_bytes"] - m["live_after_bwd"],
+                pre_model=m["pre_model_bytes"], baseline_abs=m["baseline_bytes"],
+                warm_s=m["warm_s"], planner_cmd=cmd)
+
+
+def measured_of(r):
+    """The measurements of a row already in the CSV (what step.py reported), to re-plan it."""
+    i = lambda k: int(float(r[k]))
+    pre = i("pre_model")
+    return dict(params=i("params_torch"), states_bytes=i("meas_states"),
+                peak_step_abs=i("meas_peak_step") + pre, peak_fwd_bwd_abs=i("meas_peak_fwd_bwd") + pre,
+                pre_model_bytes=pre, peak_phase=r["meas_phase"], live_after_fwd=i("meas_saved_act"),
+                peak_fwd_bytes=i("meas_fwd_peak_above_base"), peak_bwd_bytes=i("meas_bwd_peak_above_base"),
+                live_after_bwd=i("meas_grads"), peak_opt_bytes=i("meas_opt_peak_above_base"),
+                baseline_bytes=i("baseline_abs"), warm_s=float(r["warm_s"]))
+
+
 def main():
+    """run.py [NAME-PART...]: measure the configs whose names contain a part (all without one).
+    REPLAN=1: measure only configs not yet in $OUT, re-plan the rows already there from their
+    recorded measurements (after a planner change), and rewrite $OUT in CONFIGS order."""
     only = sys.argv[1:]
+    replan = os.environ.get("REPLAN") == "1"
+    out = os.environ.get("OUT", "torch-step-peaks-cpu.csv") if not only else os.environ.get("OUT", "torch-step-peaks-cpu.partial.csv")
+    old = {}
+    if replan and os.path.exists(out):
+        old = {r["name"]: r for r in csv.DictReader(open(out))}
     rows = []
     for cf in CONFIGS:
         if only and not any(o in cf["name"] for o in only):
             continue
-        m = measure(cf)
-        j, cmd = planner(cf)
-        mem = j["memory"]
-        planned_states = mem["weights"] + mem["optimizer"]
-        planned_total = mem["total"] - CUBLAS
-        # planner's backward peak: weights+opt+grads+act-min(act,grads) ("backward holds about
-        # max(activations, gradients)"); when the optimizer step dominates, the planner moves the
-        # overlap into overhead, so recompute it here instead of reading total-overhead
-        planned_bwd = mem["weights"] + mem["optimizer"] + max(mem["activations"], mem["gradients"])
-        planned_opt_excess = mem["overhead"] - CUBLAS
-        meas_peak = m["peak_step_abs"] - m["pre_model_bytes"]
-        meas_fb = m["peak_fwd_bwd_abs"] - m["pre_model_bytes"]
-        # the planner's optimizer-step peak shows only through total exceeding its backward peak
-        plan_phase = "optimizer" if planned_total > planned_bwd + 2**20 else "backward"
-        r = dict(name=cf["name"], params_torch=m["params"], params_planner=j["params"],
-                 params_diff=j["params"] - m["params"],
-                 meas_states=m["states_bytes"], plan_states=planned_states,
-                 states_err_pct=100 * (planned_states - m["states_bytes"]) / m["states_bytes"],
-                 meas_peak_fwd_bwd=meas_fb, plan_peak_bwd=planned_bwd,
-                 fwd_bwd_err_pct=100 * (planned_bwd - meas_fb) / meas_fb,
-                 meas_peak_step=meas_peak, plan_total_minus_cublas=planned_total,
-                 step_err_pct=100 * (planned_total - meas_peak) / meas_peak,
-                 meas_phase=m["peak_phase"], plan_phase=plan_phase,
-                 meas_saved_act=m["live_after_fwd"], plan_act=mem["activations"],
-                 meas_fwd_peak_above_base=m["peak_fwd_bytes"],
-                 meas_bwd_peak_above_base=m["peak_bwd_bytes"],
-                 meas_grads=m["live_after_bwd"], plan_grads=mem["gradients"],
-                 meas_opt_peak_above_base=m["peak_opt_bytes"],
-                 plan_overlap=mem["backward_overlap"], plan_opt_excess=planned_opt_excess,
-                 meas_opt_transient=m["peak_opt_bytes"] - m["live_after_bwd"],
-                 pre_model=m["pre_model_bytes"], baseline_abs=m["baseline_bytes"],
-                 warm_s=m["warm_s"], planner_cmd=cmd)
+        m = measured_of(old[cf["name"]]) if cf["name"] in old else measure(cf)
+        r = row(cf, m)
         rows.append(r)
         print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != "planner_cmd"}), flush=True)
-    out = os.environ.get("OUT", "torch-step-peaks-cpu.csv") if not only else os.environ.get("OUT", "torch-step-peaks-cpu.partial.csv")
     with open(out, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader(); w.writerows(rows)

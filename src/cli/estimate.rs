@@ -9,7 +9,9 @@ use crate::coeffs::Coefficients;
 use crate::error::{check_range, input_err, rename_field};
 use crate::plan::estimate::{estimate, Estimate, Options};
 use crate::plan::gpus;
-use crate::spec::transformer::{Arch, FfnKind, Head, NormKind, TransformerSpec};
+use crate::spec::transformer::{
+    Activation, Arch, DropoutP, FfnKind, Head, NormKind, TransformerSpec,
+};
 use crate::spec::{cnn_file, hf_config, presets, ModelSpec, TrainSpec};
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -74,6 +76,15 @@ pub struct Flags {
     /// Explicit encoder: classifier head with this many classes
     #[arg(long, allow_hyphen_values = true)]
     pub classes: Option<String>,
+    /// Transformer: dropout probability of every dropout site (0 keeps no masks)
+    /// [default: the architecture's transformers default, 0.1 for GPT-2 and BERT, else 0]
+    #[arg(long, allow_hyphen_values = true)]
+    pub dropout: Option<String>,
+    /// Transformer: MLP activation as transformers names it: gelu, gelu_pytorch_tanh, gelu_new,
+    /// gelu_fast, quick_gelu, relu, silu [default: the architecture's, gelu_new for GPT-2, silu
+    /// for SwiGLU, else gelu]
+    #[arg(long)]
+    pub activation: Option<String>,
 
     #[command(flatten)]
     pub train: TrainFlags,
@@ -202,8 +213,61 @@ fn explicit_transformer(a: &Flags) -> anyhow::Result<Option<TransformerSpec>> {
     }))
 }
 
-/// Exactly one model source: a preset, a config.json, a CNN file or explicit transformer flags.
+/// `--dropout` and `--activation`, parsed (each `None` when not given).
+fn block_settings(a: &Flags) -> anyhow::Result<(Option<DropoutP>, Option<Activation>)> {
+    let dropout = match &a.dropout {
+        None => None,
+        Some(t) => match t.trim().parse::<f32>() {
+            Ok(p) if p.is_finite() && (0.0..1.0).contains(&p) => Some(DropoutP(p)),
+            _ => {
+                return input_err(
+                    "dropout",
+                    format!("'{t}' is not a probability; accepted a number with 0 <= p < 1"),
+                )
+            }
+        },
+    };
+    let activation = match &a.activation {
+        None => None,
+        Some(t) => match Activation::from_name(t) {
+            Some(act) => Some(act),
+            None => {
+                return input_err(
+                    "activation",
+                    format!("'{t}' is unknown; accepted {}", Activation::accepted()),
+                )
+            }
+        },
+    };
+    Ok((dropout, activation))
+}
+
+/// Exactly one model source: a preset, a config.json, a CNN file or explicit transformer flags;
+/// `--dropout` / `--activation` override the transformer's own.
 pub fn model_from_args(a: &Flags) -> anyhow::Result<ModelSpec> {
+    let (dropout, activation) = block_settings(a)?;
+    let model = model_source(a)?;
+    if dropout.is_none() && activation.is_none() {
+        return Ok(model);
+    }
+    match model {
+        ModelSpec::Transformer(t) => Ok(ModelSpec::Transformer(TransformerSpec {
+            dropout: dropout.or(t.dropout),
+            activation: activation.or(t.activation),
+            ..t
+        })),
+        ModelSpec::Cnn(_) => input_err(
+            if dropout.is_some() {
+                "dropout"
+            } else {
+                "activation"
+            },
+            "applies to transformer blocks only; accepted with --model, --hf-config or --layers/--hidden/--heads of a transformer",
+        ),
+    }
+}
+
+fn model_source(a: &Flags) -> anyhow::Result<ModelSpec> {
     let explicit = explicit_transformer(a)?;
     let sources = [
         a.model.is_some(),

@@ -93,6 +93,8 @@ pub struct Estimate {
     pub params_12ld2: Option<u64>,
     /// tokens per sample actually processed (transformers; ViT: patches + class token)
     pub tokens_per_sample: Option<u64>,
+    /// transformers: the block settings the activation model used; null for CNNs
+    pub block: Option<BlockSettings>,
     pub train: TrainSpec,
     /// per GPU, bytes
     pub memory: MemoryBreakdown,
@@ -113,6 +115,30 @@ pub struct Estimate {
     pub notes: Vec<String>,
     /// device_id of the coefficient table used
     pub coefficients: String,
+}
+
+/// What a transformer's activations were planned with: the measured block implementation its
+/// blocks match (null when none does and the generic coefficients apply, which model neither
+/// setting), the dropout probability and the MLP activation in effect (the spec's own, else the
+/// architecture's transformers default).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct BlockSettings {
+    pub kind: Option<crate::spec::transformer::BlockKind>,
+    pub dropout: f32,
+    pub activation: crate::spec::transformer::Activation,
+}
+
+impl BlockSettings {
+    pub fn of(model: &ModelSpec) -> Option<Self> {
+        match model {
+            ModelSpec::Transformer(t) => Some(Self {
+                kind: t.block_kind(),
+                dropout: t.dropout_p().0,
+                activation: t.activation_kind(),
+            }),
+            ModelSpec::Cnn(_) => None,
+        }
+    }
 }
 
 fn step_for(
@@ -352,6 +378,7 @@ pub fn estimate(
         params: p,
         params_12ld2,
         tokens_per_sample: tokens,
+        block: BlockSettings::of(model),
         train: train.clone(),
         seed_vs_total_pct: (seed_formula_bytes as f64 - memory.total as f64) / memory.total as f64
             * 100.0,

@@ -8,7 +8,7 @@
 use crate::coeffs::{ActivationCoeffs, BlockCoeffs, Coefficients};
 use crate::error::input_err;
 use crate::plan::params;
-use crate::spec::transformer::{BlockKind, FfnKind, Head};
+use crate::spec::transformer::{Activation, BlockKind, FfnKind, Head};
 use crate::spec::{Attention, Checkpointing, ModelSpec, TrainSpec};
 use serde::Serialize;
 
@@ -72,6 +72,12 @@ pub struct Features {
     /// The measured PyTorch block implementation the model's blocks match, with the attention
     /// kind: selects [`crate::coeffs::BlockCoeffs`] when the table has them
     pub block: Option<(BlockKind, Attention)>,
+    /// The MLP activation in effect ([`crate::spec::transformer::TransformerSpec::activation_kind`]):
+    /// selects the activation function's bytes ([`ActivationCoeffs::act_fns`]) with `block`
+    pub act_fn: Option<Activation>,
+    /// Dropout probability above 0 ([`crate::spec::transformer::TransformerSpec::dropout_p`]):
+    /// adds the matched block's [`crate::coeffs::DropoutCoeffs`]
+    pub dropout: bool,
     /// b*s*f over the live layers, once per FFN (not doubled for SwiGLU)
     pub bsf_raw: f64,
     /// b*a*s over the live layers (attention rows)
@@ -138,8 +144,9 @@ impl Features {
 
     pub fn activation_bytes(&self, a: &ActivationCoeffs) -> f64 {
         let ws = a.c_workspace.value;
+        let drop = self.dropout_on();
         let once = self.measured(a).map_or(0.0, |m| {
-            self.bsh_once * m.bsh_once + self.bs_once * m.bs_once
+            self.bsh_once * (m.bsh_once + drop * m.dropout.bsh_once) + self.bs_once * m.bs_once
         });
         let common = once
             + self.ckpt_bsh * a.c_ckpt.value
@@ -158,14 +165,28 @@ impl Features {
         }
     }
 
+    /// 1 when dropout keeps masks, else 0: multiplies the block's dropout terms.
+    fn dropout_on(&self) -> f64 {
+        if self.dropout {
+            1.0
+        } else {
+            0.0
+        }
+    }
+
     /// Saved bytes of the head (logits, loss) and of the live blocks.
     fn saved_bytes(&self, a: &ActivationCoeffs) -> (f64, f64) {
         if let Some(m) = self.measured(a) {
+            let drop = self.dropout_on();
+            let act_fn = self
+                .act_fn
+                .and_then(|k| a.act_fns.get(&k))
+                .map_or(0.0, |c| c.value);
             return (
                 self.bsv * m.bsv,
-                self.bsh * m.bsh
-                    + self.bsf_raw * m.bsf
-                    + self.bas2 * m.bas2
+                self.bsh * (m.bsh + drop * m.dropout.bsh)
+                    + self.bsf_raw * (m.bsf + act_fn)
+                    + self.bas2 * (m.bas2 + drop * m.dropout.bas2)
                     + self.bas * m.bas
                     + self.bskv * m.bskv
                     + self.bs * m.bs,
@@ -305,6 +326,8 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 fused_attention_bytes,
                 group_update_bytes: group_update(params::count(model), train),
                 block: t.block_kind().map(|k| (k, train.attention)),
+                act_fn: Some(t.activation_kind()),
+                dropout: t.dropout_p().is_active(),
                 bsf_raw: live * b * s * f,
                 bas: live * b * a * s,
                 bskv: live * b * s * (t.kv_heads * t.head_dim()) as f64,

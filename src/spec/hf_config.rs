@@ -4,7 +4,9 @@
 //! input error naming it, so a user can fix the file rather than get a silently wrong plan.
 
 use super::presets;
-use super::transformer::{Arch, FfnKind, Head, NormKind, PatchEmbed, TransformerSpec};
+use super::transformer::{
+    Activation, Arch, DropoutP, FfnKind, Head, NormKind, PatchEmbed, TransformerSpec,
+};
 use crate::error::{input_err, rename_field};
 use serde_json::{Map, Value};
 use std::path::Path;
@@ -134,9 +136,106 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
             )
         }
     };
+    let spec = TransformerSpec {
+        dropout: dropout(&o, &model_type)?,
+        activation: activation(&o, &model_type)?,
+        ..spec
+    };
     spec.validate()
         .map_err(|e| rename_field(e, |f| config_key(&model_type, f)))?;
     Ok(spec)
+}
+
+/// The dropout probability keys of each family with transformers' config-class defaults.
+fn dropout_keys(model_type: &str) -> &'static [(&'static str, f32)] {
+    match model_type {
+        "gpt2" | "gpt_bigcode" => &[
+            ("resid_pdrop", 0.1),
+            ("embd_pdrop", 0.1),
+            ("attn_pdrop", 0.1),
+        ],
+        "bert" | "roberta" | "xlm-roberta" | "camembert" => &[
+            ("hidden_dropout_prob", 0.1),
+            ("attention_probs_dropout_prob", 0.1),
+        ],
+        "vit" => &[
+            ("hidden_dropout_prob", 0.0),
+            ("attention_probs_dropout_prob", 0.0),
+        ],
+        "gpt_neox" => &[("hidden_dropout", 0.0), ("attention_dropout", 0.0)],
+        "starcoder2" => &[
+            ("residual_dropout", 0.0),
+            ("embedding_dropout", 0.0),
+            ("attention_dropout", 0.0),
+        ],
+        _ => &[("attention_dropout", 0.0)],
+    }
+}
+
+/// The spec's dropout from the config's probabilities: the largest of the family's keys, each
+/// absent one at its config-class default (the planner keeps one probability for all sites, and
+/// any site above 0 keeps masks), or `None` (the architecture's default) when the config sets
+/// none of them and the block kind's default is the class's (GPT-2, BERT, ViT, Llama). GPT-NeoX
+/// and StarCoder2 are planned with the GPT-2 block, whose default (0.1) is not theirs (0), so
+/// theirs is always set.
+fn dropout(o: &Obj, model_type: &str) -> anyhow::Result<Option<DropoutP>> {
+    let keys = dropout_keys(model_type);
+    let mut any = matches!(model_type, "gpt_neox" | "starcoder2");
+    let mut p = 0.0f32;
+    for &(key, default) in keys {
+        let v = match o.get(key) {
+            None | Some(Value::Null) => default,
+            Some(v) => {
+                any = true;
+                match v.as_f64() {
+                    Some(x) if x.is_finite() && (0.0..1.0).contains(&x) => x as f32,
+                    _ => {
+                        return input_err(
+                            &field_name(key),
+                            format!("{v} is not a probability; accepted a number with 0 <= p < 1"),
+                        )
+                    }
+                }
+            }
+        };
+        p = p.max(v);
+    }
+    Ok(any.then_some(DropoutP(p)))
+}
+
+/// The MLP activation from `hidden_activation` (Gemma), `hidden_act` or `activation_function`
+/// (GPT-2), the first one set; `None` (the architecture's default) when none is, except for the
+/// families planned with another family's block, whose class default differs (GPT-NeoX `gelu`,
+/// StarCoder2 and Gemma `gelu_pytorch_tanh`).
+fn activation(o: &Obj, model_type: &str) -> anyhow::Result<Option<Activation>> {
+    for key in ["hidden_activation", "hidden_act", "activation_function"] {
+        match o.get(key) {
+            None | Some(Value::Null) => continue,
+            Some(Value::String(name)) => {
+                return match Activation::from_name(name) {
+                    Some(a) => Ok(Some(a)),
+                    None => input_err(
+                        &field_name(key),
+                        format!(
+                            "'{name}' is not a modelled activation; accepted {}",
+                            Activation::accepted()
+                        ),
+                    ),
+                }
+            }
+            Some(v) => {
+                return input_err(
+                    &field_name(key),
+                    format!("{v} is not a string; accepted {}", Activation::accepted()),
+                )
+            }
+        }
+    }
+    Ok(match model_type {
+        "gpt_neox" => Some(Activation::Gelu),
+        "starcoder2" | "gemma" => Some(Activation::GeluPytorchTanh),
+        _ => None,
+    })
 }
 
 /// The config.json key behind a spec field, per family, so a range error names the key the
@@ -225,8 +324,8 @@ fn gpt2(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
 /// MLP of `intermediate_size`, under HF's Llama-style keys: GPT-NeoX (Pythia; `attention_bias`,
 /// untied output embedding by default; its parallel residual and partial rotary change no
 /// parameter count) and StarCoder2 (`use_bias`, grouped-query attention, tied head by default).
-/// Activations are planned with the GPT-2 block's measured coefficients (composed GELU and
-/// dropout masks these fused-GELU, dropout-free blocks do not have), so they err high, never low.
+/// Activations are planned with the GPT-2 block's measured coefficients, with the config's own
+/// activation (fused GELU) and dropout (0 unless set) in place of GPT-2's defaults.
 fn rotary_gelu_decoder(
     o: &Obj,
     name: &str,
@@ -339,6 +438,72 @@ mod tests {
             "vocab_size":151936,"rms_norm_eps":1e-6,"tie_word_embeddings":true}"#;
         let t = parse(text, "qwen2-0.5b").unwrap();
         assert_eq!(transformer(&t).total, 494_032_768);
+    }
+
+    #[test]
+    fn dropout_and_activation_keys_are_read() {
+        use crate::spec::transformer::{Activation, DropoutP};
+        let gpt2 = r#"{"model_type":"gpt2","n_embd":64,"n_layer":2,"n_head":2,"vocab_size":100,
+            "n_positions":128,"resid_pdrop":0.0,"embd_pdrop":0.0,"attn_pdrop":0.0,
+            "activation_function":"gelu_pytorch_tanh"}"#;
+        let t = parse(gpt2, "g").unwrap();
+        assert_eq!(t.dropout, Some(DropoutP(0.0)));
+        assert_eq!(t.activation, Some(Activation::GeluPytorchTanh));
+        // one site left at its class default (0.1) keeps masks: the largest counts
+        let t = parse(&gpt2.replace(r#""attn_pdrop":0.0,"#, ""), "g").unwrap();
+        assert_eq!(t.dropout, Some(DropoutP(0.1)));
+        // none of the keys: the architecture's default, as before
+        let bare = r#"{"model_type":"gpt2","n_embd":64,"n_layer":2,"n_head":2,"vocab_size":100,
+            "n_positions":128}"#;
+        let t = parse(bare, "g").unwrap();
+        assert_eq!((t.dropout, t.activation), (None, None));
+        assert_eq!(t.dropout_p(), DropoutP(0.1));
+        assert_eq!(t.activation_kind(), Activation::GeluNew);
+
+        let bert = r#"{"model_type":"bert","hidden_size":64,"num_hidden_layers":2,
+            "num_attention_heads":2,"intermediate_size":256,"vocab_size":100,
+            "max_position_embeddings":128,"hidden_dropout_prob":0.0,
+            "attention_probs_dropout_prob":0.0,"hidden_act":"relu"}"#;
+        let t = parse(bert, "b").unwrap();
+        assert_eq!(t.dropout_p(), DropoutP(0.0));
+        assert_eq!(t.activation_kind(), Activation::Relu);
+
+        let llama = r#"{"model_type":"llama","hidden_size":64,"intermediate_size":172,
+            "num_hidden_layers":2,"num_attention_heads":2,"vocab_size":100,"rms_norm_eps":1e-6,
+            "attention_dropout":0.1,"hidden_act":"silu"}"#;
+        let t = parse(llama, "l").unwrap();
+        assert_eq!(t.dropout, Some(DropoutP(0.1)));
+        assert_eq!(t.activation, Some(Activation::Silu));
+        // Gemma's hidden_activation wins over its legacy hidden_act
+        let gemma = llama.replace("\"llama\"", "\"gemma\"").replace(
+            r#""hidden_act":"silu""#,
+            r#""hidden_act":"gelu","hidden_activation":"gelu_pytorch_tanh""#,
+        );
+        assert_eq!(
+            parse(&gemma, "g").unwrap().activation,
+            Some(Activation::GeluPytorchTanh)
+        );
+    }
+
+    #[test]
+    fn bad_dropout_or_activation_names_the_key() {
+        let llama = r#"{"model_type":"llama","hidden_size":64,"intermediate_size":172,
+            "num_hidden_layers":2,"num_attention_heads":2,"vocab_size":100,"rms_norm_eps":1e-6,
+            "hidden_act":"gelu_python"}"#;
+        let err = parse(llama, "l").unwrap_err();
+        assert_eq!(
+            format!("{err}"),
+            "invalid config.json hidden_act: 'gelu_python' is not a modelled activation; accepted \
+             gelu, gelu_pytorch_tanh, gelu_new, gelu_fast, quick_gelu, relu, silu"
+        );
+        let bert = r#"{"model_type":"bert","hidden_size":64,"num_hidden_layers":2,
+            "num_attention_heads":2,"intermediate_size":256,"vocab_size":100,
+            "max_position_embeddings":128,"hidden_dropout_prob":1.5}"#;
+        let err = parse(bert, "b").unwrap_err();
+        assert_eq!(
+            format!("{err}"),
+            "invalid config.json hidden_dropout_prob: 1.5 is not a probability; accepted a number with 0 <= p < 1"
+        );
     }
 
     #[test]
