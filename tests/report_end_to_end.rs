@@ -128,3 +128,56 @@ fn bad_input_exits_with_code_2() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The committed PyTorch reference rows (`calibrate --backend torch` on this CPU) parse as
+/// schema-3 torch rows, and the committed CPU report's "Predicting PyTorch" section is what the
+/// report code computes from them: regenerated here from the committed CSVs and table, its
+/// scores equal the committed accuracy.json's.
+#[test]
+fn committed_pytorch_rows_drive_the_reports_pytorch_section() {
+    use vramcal::harness::record::{self, Backend};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let id = "cpu-amd-epyc";
+    let torch_csv = root.join(format!("calibration/data/{id}-torch.csv"));
+    let rows = record::latest(record::read(&torch_csv).unwrap());
+    assert!(rows.iter().all(|r| r.backend == Backend::Torch && r.device_id == id));
+    let ok = rows.iter().filter(|r| r.status == Status::Ok).count();
+    assert!(ok >= 100, "only {ok} ok PyTorch rows");
+    // every ok row carries what the runner measures: tensors at the baseline, a peak above it,
+    // bytes saved for backward, step times
+    for r in rows.iter().filter(|r| r.status == Status::Ok) {
+        let (b, p) = (r.baseline_bytes.unwrap(), r.peak_bytes.unwrap());
+        assert!(p > b && b > 0, "{}: baseline {b} peak {p}", r.key());
+        assert!(r.saved_bytes.unwrap() > 0 && r.step_ms_median.unwrap() > 0.0);
+    }
+
+    let table =
+        vramcal::coeffs::Coefficients::load(&root.join(format!("calibration/{id}.json"))).unwrap();
+    let out = tempfile::tempdir().unwrap();
+    let (acc, _) = vramcal::cli::report::report_files(
+        &root.join(format!("calibration/data/{id}.csv")),
+        &table,
+        out.path(),
+        None,
+        false,
+        Some(&torch_csv),
+    )
+    .unwrap();
+    let section = acc.pytorch.expect("a PyTorch section");
+    assert_eq!(section.rows, ok);
+    let committed: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join(format!("reports/{id}/accuracy.json"))).unwrap(),
+    )
+    .unwrap();
+    for key in ["fitted", "literature", "seed_formula"] {
+        let want = committed["pytorch"]["scores"][key]["mape"].as_f64().unwrap();
+        let got = match key {
+            "fitted" => section.scores.fitted.mape,
+            "literature" => section.scores.literature.mape,
+            _ => section.scores.seed_formula.mape,
+        };
+        assert!((want - got).abs() < 1e-9, "{key}: committed {want}, regenerated {got}");
+    }
+    let md = std::fs::read_to_string(out.path().join("README.md")).unwrap();
+    assert!(md.contains("## Predicting PyTorch"));
+}
