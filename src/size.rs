@@ -65,7 +65,17 @@ mod tests {
 
     #[test]
     fn bare_numbers_and_bad_units_name_the_flag() {
-        for bad in ["80", "lots", "5 parsecs", "-1GB", "0GB", "1e30GB", "GB", "", "80XB"] {
+        for bad in [
+            "80",
+            "lots",
+            "5 parsecs",
+            "-1GB",
+            "0GB",
+            "1e30GB",
+            "GB",
+            "",
+            "80XB",
+        ] {
             let e = parse_size("gpu-mem", bad).unwrap_err();
             assert_eq!(crate::error::exit_code(&e), 2, "{bad}");
             let msg = format!("{e:#}");

@@ -54,6 +54,26 @@ fn tile_probs(
     candle_nn::ops::softmax_last_dim(&scores)
 }
 
+/// `k` or `v` with `kv` heads repeated to `heads` (grouped-query attention; a transient copy).
+fn repeat_kv(t: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, kv, s, d) = t.dims4()?;
+    if kv == heads {
+        return Ok(t.clone());
+    }
+    t.unsqueeze(2)?
+        .broadcast_as((b, kv, heads / kv, s, d))?
+        .reshape((b, heads, s, d))
+}
+
+/// The gradient of a repeated `k` or `v` summed back onto its `kv` heads.
+fn unrepeat(g: Tensor, kv: usize) -> Result<Tensor> {
+    let (b, heads, s, d) = g.dims4()?;
+    if kv == heads {
+        return Ok(g);
+    }
+    g.reshape((b, kv, heads / kv, s, d))?.sum(2)
+}
+
 fn tiles(s: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..s).step_by(TILE).map(move |r0| (r0, TILE.min(s - r0)))
 }
@@ -131,7 +151,12 @@ impl CustomOp3 for FlashAttnOp {
         out: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (q, k, v, out) = (q.detach(), k.detach(), v.detach(), out.detach());
+        let (heads, kv) = (q.dim(1)?, k.dim(1)?);
+        let (q, out) = (q.detach(), out.detach());
+        let (k, v) = (
+            repeat_kv(&k.detach(), heads)?,
+            repeat_kv(&v.detach(), heads)?,
+        );
         let grad = grad.contiguous()?;
         let kt = k.t()?.contiguous()?;
         let vt = v.t()?.contiguous()?;
@@ -153,18 +178,24 @@ impl CustomOp3 for FlashAttnOp {
                     .contiguous()?
                     .matmul(&q.narrow(2, r0, t)?.contiguous()?)?)?;
         }
-        Ok((Some(Tensor::cat(&dq, 2)?), Some(dk), Some(dv)))
+        Ok((
+            Some(Tensor::cat(&dq, 2)?),
+            Some(unrepeat(dk, kv)?),
+            Some(unrepeat(dv, kv)?),
+        ))
     }
 }
 
-/// `softmax(scale * q k^T [+ causal mask]) v` for `q, k, v: [b, a, s, d]`, keeping q, k, v and
-/// the output for backward, like PyTorch's fused kernels (which also keep an fp32 log-sum-exp
-/// of `b·a·s`, recomputed here instead).
+/// `softmax(scale * q k^T [+ causal mask]) v` for `q: [b, a, s, d]`, `k, v: [b, kv, s, d]` (`kv`
+/// divides `a`: grouped-query attention, as sdpa's `enable_gqa`), keeping q, k, v and the output
+/// for backward, like PyTorch's fused kernels (which also keep an fp32 log-sum-exp of `b·a·s`,
+/// recomputed here instead). K and V are repeated to all heads only transiently.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let out = {
-        let (qd, vd) = (q.detach(), v.detach());
-        let kt = k.detach().t()?.contiguous()?;
+        let heads = q.dim(1)?;
+        let (qd, vd) = (q.detach(), repeat_kv(&v.detach(), heads)?);
+        let kt = repeat_kv(&k.detach(), heads)?.t()?.contiguous()?;
         let s = q.dim(2)?;
         let mut parts = Vec::new();
         for (r0, t) in tiles(s) {

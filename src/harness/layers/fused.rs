@@ -921,7 +921,9 @@ pub fn gelu_new(x: &Tensor) -> Result<Tensor> {
     x.apply_op1(GeluNewOp(kept))
 }
 
-/// Inverted dropout with a 1-byte keep mask (`u8`, 1 = keep), as PyTorch stores it.
+/// Inverted dropout. The keep mask is either of `x`'s dtype holding 0 or `1 / (1 - p)` (what
+/// PyTorch's CPU dropout keeps: its scaled noise tensor) or `u8` (1 = keep, what PyTorch's CUDA
+/// kernel keeps as a bool mask).
 #[derive(Debug, Clone, Copy)]
 struct DropoutOp {
     scale: f64,
@@ -929,6 +931,10 @@ struct DropoutOp {
 
 impl DropoutOp {
     fn fwd<S: BackendStorage>(&self, x: View<S>, mask: View<S>) -> Result<(S, Shape)> {
+        if mask.0.dtype() == x.0.dtype() {
+            let y = x.0.binary_impl::<kern::Mul>(mask.0, x.1, mask.1)?;
+            return Ok((y, x.1.shape().clone()));
+        }
         let m = cast(mask, x.0.dtype())?;
         let y = Buf::new(
             x.0.binary_impl::<kern::Mul>(&m.s, x.1, &m.l)?,
@@ -950,12 +956,22 @@ impl CustomOp2 for DropoutOp {
         _: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let gx = (g * mask.to_dtype(g.dtype())?)?.affine(self.scale, 0.0)?;
-        Ok((Some(gx), None))
+        Ok((Some(dropout_grad(g, mask, self.scale)?), None))
     }
 }
 
-/// `x * mask / (1 - p)` with a `u8` keep mask of `x`'s shape.
+/// The gradient through inverted dropout: `g * mask` for a mask of `g`'s dtype (one
+/// allocation, as PyTorch's CPU backward), `g * mask * scale` for a `u8` mask.
+pub(super) fn dropout_grad(g: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    if mask.dtype() == g.dtype() {
+        return g.mul(&mask.reshape(g.shape())?);
+    }
+    (g * mask.reshape(g.shape())?.to_dtype(g.dtype())?)?.affine(scale, 0.0)
+}
+
+/// `x * mask / (1 - p)` with a keep mask of `x`'s shape ([`DropoutOp`]: `u8`, or of `x`'s dtype
+/// holding the scaled values). A graph node keeping `x` and the mask; [`super::joins`] has the
+/// nodes that keep only the mask.
 pub fn dropout(x: &Tensor, keep_mask: &Tensor, p: f32) -> Result<Tensor> {
     x.contiguous()?.apply_op2(
         &keep_mask.contiguous()?,
@@ -1232,6 +1248,56 @@ mod tests {
             |t| t[0].gelu(),
         );
         same(&[x], |t| activation(&t[0], Act::Silu), |t| t[0].silu());
+    }
+
+    /// The eager-attention node (one node, softmax backward in row tiles, dropout inside) equals
+    /// the composed graph, with and without dropout, for a float (CPU) and a u8 keep mask, and
+    /// over more rows than one tile.
+    #[test]
+    fn eager_attention_matches_the_composed_graph() {
+        let sh = [2, 2, 70, 4];
+        let (q, k, v) = (rand(&sh, 30), rand(&sh, 31), rand(&sh, 32));
+        let keep = rand(&[2, 2, 70, 70], 33).ge(-0.6).unwrap();
+        let fmask = (keep.to_dtype(DType::F32).unwrap() / 0.8).unwrap();
+        for causal in [false, true] {
+            for mask in [None, Some(&fmask), Some(&keep)] {
+                same(
+                    &[q.clone(), k.clone(), v.clone()],
+                    |t| {
+                        let drop = mask.map(|m| (m, 0.2f32));
+                        super::super::joins::eager_attention(&t[0], &t[1], &t[2], 0.5, causal, drop)
+                    },
+                    |t| {
+                        let p = attention_probs(&t[0], &t[1], 0.5, causal)?;
+                        let p = match mask {
+                            Some(_) => p.mul(&fmask)?,
+                            None => p,
+                        };
+                        p.matmul(&t[2])
+                    },
+                );
+            }
+        }
+    }
+
+    /// Flash attention with fewer K/V heads equals it on K/V repeated to all heads.
+    #[test]
+    fn flash_attention_grouped_query() {
+        let (q, k, v) = (
+            rand(&[1, 4, 70, 4], 34),
+            rand(&[1, 2, 70, 4], 35),
+            rand(&[1, 2, 70, 4], 36),
+        );
+        let rep = |t: &Tensor| -> Result<Tensor> {
+            t.unsqueeze(2)?
+                .broadcast_as((1, 2, 2, 70, 4))?
+                .reshape((1, 4, 70, 4))
+        };
+        same(
+            &[q, k, v],
+            |t| super::super::flash::attention(&t[0], &t[1], &t[2], 0.5, true),
+            |t| super::super::flash::attention(&t[0], &rep(&t[1])?, &rep(&t[2])?, 0.5, true),
+        );
     }
 
     #[test]

@@ -84,6 +84,27 @@ struct ResidLinearOp {
     lin: LinearOp,
     out: Handed,
     stash: Stash,
+    drop: Dropped,
+}
+
+/// The dropout a join applies to its linear's output: the keep mask, held until the join's
+/// backward (PyTorch's dropout keeps only its mask), and the `1 / (1 - p)` scale of a u8 mask.
+#[derive(Default)]
+struct Dropped(Mutex<Option<(Tensor, f64)>>);
+
+impl Dropped {
+    fn new(drop: Option<(&Tensor, f32)>) -> Self {
+        Self(Mutex::new(
+            drop.map(|(m, p)| (m.clone(), 1.0 / (1.0 - p as f64))),
+        ))
+    }
+    /// `g` through the dropout (the mask is released).
+    fn grad(&self, g: &Tensor) -> Result<Tensor> {
+        match self.0.lock().ok().and_then(|mut d| d.take()) {
+            Some((mask, scale)) => super::fused::dropout_grad(g, &mask, scale),
+            None => Ok(g.clone()),
+        }
+    }
 }
 
 impl ResidLinearOp {
@@ -101,7 +122,8 @@ impl ResidLinearOp {
                 None => g.clone(),
             });
         }
-        self.lin.grads(x, w, has_b, res, g)
+        let g = self.drop.grad(g)?;
+        self.lin.grads(x, w, has_b, res, &g)
     }
 }
 
@@ -139,8 +161,10 @@ impl CustomOp3 for ResidLinearOp {
     }
 }
 
-/// `resid + linear(x)` (`merge`: `x` is attention heads `[b, a, s, d]`), keeping only the linear's
-/// inputs; the residual's gradient goes to `stash`. `resid` must be a leaf (the block input Var).
+/// `resid + dropout(linear(x))` (`merge`: `x` is attention heads `[b, a, s, d]`; `drop`: the keep
+/// mask of [`Ctx::dropout_mask`](super::params::Ctx::dropout_mask) and p), keeping only the
+/// linear's inputs and the mask; the residual's gradient goes to `stash`. `resid` must be a leaf
+/// (the block input Var).
 pub fn linear_residual(
     resid: &Tensor,
     x: &Tensor,
@@ -148,6 +172,7 @@ pub fn linear_residual(
     b: Option<&Tensor>,
     merge: Option<Heads>,
     stash: &Stash,
+    drop: Option<(&Tensor, f32)>,
 ) -> Result<Tensor> {
     let x = x.contiguous()?;
     let lin = LinearOp { split: None, merge };
@@ -161,6 +186,10 @@ pub fn linear_residual(
             )?,
             None => super::fused::linear(&x.detach(), &w.detach(), b.map(|b| b.detach()).as_ref())?,
         };
+        let y = match drop {
+            Some((mask, p)) => super::fused::dropout(&y, mask, p)?,
+            None => y,
+        };
         (y + resid.detach())?
     };
     let shape = out.shape().clone();
@@ -168,6 +197,7 @@ pub fn linear_residual(
         lin,
         out: Handed::new(out.flatten_to(D::Minus2)?.contiguous()?),
         stash: stash.clone(),
+        drop: Dropped::new(drop),
     };
     let y = match b {
         Some(b) => x.apply_op3(w, b, op)?,
@@ -250,10 +280,21 @@ impl CustomOp3 for SeedLinearOp {
     }
 }
 
-/// A scalar whose backward is that of `linear(x, w, b)` receiving the output gradient `g`.
-pub fn seed_linear(x: &Tensor, w: &Tensor, b: Option<&Tensor>, g: &Tensor) -> Result<Tensor> {
+/// A scalar whose backward is that of `dropout(linear(x, w, b))` receiving the output gradient
+/// `g` (`drop`: keep mask and p, as [`linear_residual`]).
+pub fn seed_linear(
+    x: &Tensor,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    g: &Tensor,
+    drop: Option<(&Tensor, f32)>,
+) -> Result<Tensor> {
+    let g = match drop {
+        Some((mask, p)) => super::fused::dropout_grad(g, mask, 1.0 / (1.0 - p as f64))?,
+        None => g.clone(),
+    };
     let op = SeedLinearOp {
-        g: g.clone(),
+        g,
         out: zero_scalar(x)?,
     };
     let x = x.contiguous()?;
@@ -334,4 +375,104 @@ pub fn lm_loss(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
         targets: targets.clone(),
     };
     x.apply_op2(w, op)
+}
+
+/// Query rows of the softmax gradient computed at a time (temporaries are `b·a·rows·s`).
+const SOFTMAX_ROWS: usize = 64;
+
+struct EagerAttnOp {
+    out: Handed,
+    /// The probabilities; with dropout also the dropped probabilities and the keep mask.
+    kept: Mutex<Vec<Tensor>>,
+    scale: f64,
+    drop_scale: f64,
+}
+
+impl CustomOp3 for EagerAttnOp {
+    fn name(&self) -> &'static str {
+        "eager-attention"
+    }
+    handed_fwd!(a, b, c);
+    /// As PyTorch's autograd runs the composed attention: `P_d @ V` backward (dP_d = dO Vᵀ,
+    /// dV = P_dᵀ dO, then P_d is released), dropout backward (dP = dP_d ∘ mask, then the mask
+    /// is released), softmax backward into one score-sized gradient (computed in row tiles, as
+    /// the fused CPU kernel needs no temporaries), then `Q Kᵀ` backward.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let kept = std::mem::take(
+            &mut *self
+                .kept
+                .lock()
+                .map_err(|_| candle_core::Error::Msg("poisoned attention probabilities".into()))?,
+        );
+        let mut kept = kept.into_iter();
+        let p = kept
+            .next()
+            .ok_or_else(|| candle_core::Error::Msg("eager attention backward ran twice".into()))?;
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let g = g.contiguous()?;
+        let (gp, gv) = match (kept.next(), kept.next()) {
+            (Some(pd), Some(mask)) => {
+                let gpd = g.matmul(&v.t()?)?;
+                let gv = pd.t()?.matmul(&g)?;
+                drop(pd);
+                let gp = super::fused::dropout_grad(&gpd, &mask, self.drop_scale)?;
+                (gp, gv)
+            }
+            _ => (g.matmul(&v.t()?)?, p.t()?.matmul(&g)?),
+        };
+        // softmax backward (and the scale): dS = P ∘ (dP − rowsum(dP ∘ P)) · scale
+        let gs = gp.zeros_like()?;
+        let s = p.dim(2)?;
+        for r0 in (0..s).step_by(SOFTMAX_ROWS) {
+            let t = SOFTMAX_ROWS.min(s - r0);
+            let (pt, gt) = (p.narrow(2, r0, t)?, gp.narrow(2, r0, t)?);
+            let dot = (&gt * &pt)?.sum_keepdim(D::Minus1)?;
+            let part = ((gt.broadcast_sub(&dot)? * &pt)? * self.scale)?;
+            gs.slice_set(&part, 2, r0)?;
+        }
+        drop((p, gp));
+        let gq = gs.matmul(&k)?;
+        let gk = gs.t()?.matmul(&q)?;
+        Ok((Some(gq), Some(gk), Some(gv)))
+    }
+}
+
+/// Eager attention `dropout(softmax(scale · q kᵀ [+ causal mask])) v` for `q, k, v: [b, a, s, d]`
+/// as one node holding what PyTorch's composed eager attention holds: q, k, v, the
+/// probabilities and, with dropout (`drop`: keep mask of
+/// [`Ctx::dropout_mask`](super::params::Ctx::dropout_mask) and p), the mask and the dropped
+/// probabilities. Its backward makes the score-sized gradients PyTorch's makes, and none of
+/// candle's per-node gradient accumulation of score-sized tensors.
+pub fn eager_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    scale: f64,
+    causal: bool,
+    drop: Option<(&Tensor, f32)>,
+) -> Result<Tensor> {
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let p = super::fused::attention_probs(&q.detach(), &k.detach(), scale, causal)?;
+    let (out, kept) = match drop {
+        Some((mask, pr)) => {
+            let pd = super::fused::dropout(&p, mask, pr)?;
+            let out = pd.matmul(&v.detach())?;
+            (out, vec![p, pd, mask.clone()])
+        }
+        None => (p.matmul(&v.detach())?, vec![p]),
+    };
+    let op = EagerAttnOp {
+        out: Handed::new(out),
+        kept: Mutex::new(kept),
+        scale,
+        drop_scale: drop.map_or(1.0, |(_, p)| 1.0 / (1.0 - p as f64)),
+    };
+    q.apply_op3(&k, &v, op)
 }

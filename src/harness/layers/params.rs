@@ -178,32 +178,56 @@ impl<'a> Ctx<'a> {
         }
     }
 
-    /// Inverted dropout with a 1-byte keep mask derived from (step seed, site), stored as
-    /// PyTorch stores it ([`fused::dropout`]); the same seed gives the same mask (recompute).
+    /// Inverted dropout with the keep mask of [`Ctx::dropout_mask`] ([`fused::dropout`]: keeps
+    /// its input and the mask; [`super::joins`] has the joins that keep only the mask).
     pub fn dropout(&self, x: &Tensor, site: u64) -> candle_core::Result<Tensor> {
+        match self.dropout_mask(x.shape(), x.dtype(), x.device(), site)? {
+            Some(keep) => fused::dropout(x, &keep, self.dropout),
+            None => Ok(x.clone()),
+        }
+    }
+
+    /// The keep mask for dropout of a tensor of `shape` and `dtype` at `site` (None without
+    /// dropout), derived
+    /// from (step seed, site), so the same seed gives the same mask (recompute). Stored as
+    /// PyTorch stores it: on the CPU a tensor of `x`'s dtype holding 0 or `1 / (1 - p)` (the
+    /// scaled noise `at::dropout` keeps), on accelerators a 1-byte mask (`u8`, as the fused CUDA
+    /// kernel's bool mask).
+    pub fn dropout_mask(
+        &self,
+        shape: &candle_core::Shape,
+        dtype: DType,
+        dev: &Device,
+        site: u64,
+    ) -> candle_core::Result<Option<Tensor>> {
         if self.dropout <= 0.0 {
-            return Ok(x.clone());
+            return Ok(None);
         }
         let site_seed = self.seed.wrapping_mul(0x100_0000_01b3) ^ site;
-        let keep = if !x.device().is_cpu() && x.device().set_seed(site_seed).is_ok() {
+        if !dev.is_cpu() && dev.set_seed(site_seed).is_ok() {
             // Accelerators: the device RNG, reseeded per site, so masks are reproducible
             // without a host round trip (`ge` yields u8).
-            Tensor::rand(0f32, 1f32, x.shape(), x.device())?.ge(self.dropout as f64)?
-        } else {
-            let n = x.elem_count();
-            let threshold = (self.dropout as f64 * u32::MAX as f64) as u32;
-            let mut rng = FastRng::new(site_seed);
-            let mut mask = Vec::with_capacity(n);
-            while mask.len() < n {
-                let r = rng.next_u64();
-                for half in [r as u32, (r >> 32) as u32] {
-                    if mask.len() < n {
-                        mask.push(u8::from(half >= threshold));
-                    }
+            let keep = Tensor::rand(0f32, 1f32, shape, dev)?.ge(self.dropout as f64)?;
+            return Ok(Some(keep));
+        }
+        let n = shape.elem_count();
+        let threshold = (self.dropout as f64 * u32::MAX as f64) as u32;
+        let kept = (1.0 / (1.0 - self.dropout as f64)) as f32;
+        let mut rng = FastRng::new(site_seed);
+        let mut mask = Vec::with_capacity(n);
+        while mask.len() < n {
+            let r = rng.next_u64();
+            for half in [r as u32, (r >> 32) as u32] {
+                if mask.len() < n {
+                    mask.push(if half >= threshold { kept } else { 0.0 });
                 }
             }
-            Tensor::from_vec(mask, x.shape(), x.device())?
-        };
-        fused::dropout(x, &keep, self.dropout)
+        }
+        let mask = Tensor::from_vec(mask, shape, dev)?;
+        if !dev.is_cpu() {
+            // an accelerator without a seedable RNG: the host mask, as bytes
+            return Ok(Some(mask.ne(0f32)?));
+        }
+        Ok(Some(mask.to_dtype(dtype)?))
     }
 }

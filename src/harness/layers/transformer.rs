@@ -22,6 +22,8 @@ pub enum Term {
         x: Tensor,
         w: Tensor,
         b: Option<Tensor>,
+        /// Dropout on the linear's output: keep mask and p.
+        drop: Option<(Tensor, f32)>,
     },
 }
 
@@ -41,11 +43,17 @@ impl BlockOut {
         for t in &self.terms {
             let v = match t {
                 Term::Tensor(t) => t.detach(),
-                Term::Linear { x, w, b } => fused::linear(
-                    &x.detach(),
-                    &w.detach(),
-                    b.as_ref().map(|b| b.detach()).as_ref(),
-                )?,
+                Term::Linear { x, w, b, drop } => {
+                    let y = fused::linear(
+                        &x.detach(),
+                        &w.detach(),
+                        b.as_ref().map(|b| b.detach()).as_ref(),
+                    )?;
+                    match drop {
+                        Some((mask, p)) => fused::dropout(&y, mask, *p)?,
+                        None => y,
+                    }
+                }
             };
             acc = Some(match acc {
                 Some(a) => (a + v)?,
@@ -61,7 +69,9 @@ impl BlockOut {
         for t in &self.terms {
             let r = match t {
                 Term::Tensor(t) => joins::seed(t, g)?,
-                Term::Linear { x, w, b } => joins::seed_linear(x, w, b.as_ref(), g)?,
+                Term::Linear { x, w, b, drop } => {
+                    joins::seed_linear(x, w, b.as_ref(), g, drop.as_ref().map(|(m, p)| (m, *p)))?
+                }
             };
             acc = Some(match acc {
                 Some(a) => (a + r)?,
@@ -125,7 +135,9 @@ impl Attention {
                 group(&v.forward_split_heads(ctx, x, heads(self.kv_heads), 1)?, 0)?,
             ),
         };
-        if self.kv_heads != self.heads {
+        // PyTorch's flash path runs grouped-query attention on the K/V heads (transformers passes
+        // enable_gqa to sdpa when there is no mask); eager attention repeats them (repeat_kv).
+        if self.kv_heads != self.heads && !ctx.flash_attention {
             let rep = self.heads / self.kv_heads;
             let expand = |t: Tensor| -> Result<Tensor> {
                 t.unsqueeze(2)?
@@ -139,8 +151,10 @@ impl Attention {
         let y = if ctx.flash_attention {
             super::flash::attention(&q, &k, &v, scale, self.causal)?
         } else {
-            let probs = fused::attention_probs(&q, &k, scale, self.causal)?;
-            ctx.dropout(&probs, site)?.matmul(&v)?
+            let shape = (b, self.heads, s, s).into();
+            let mask = ctx.dropout_mask(&shape, q.dtype(), q.device(), site)?;
+            let drop = mask.as_ref().map(|m| (m, ctx.dropout));
+            joins::eager_attention(&q, &k, &v, scale, self.causal, drop)?
         };
         Ok((y, heads(self.heads)))
     }
@@ -156,12 +170,11 @@ impl Attention {
         stash: &Stash,
     ) -> Result<Tensor> {
         let (y, h) = self.core(ctx, x, site)?;
-        if ctx.dropout > 0.0 {
-            let a = self.out.forward_merge_heads(ctx, &y, h)?;
-            return resid + ctx.dropout(&a, site + 1)?;
-        }
         let (w, b) = self.out.tensors(ctx)?;
-        joins::linear_residual(resid, &y, &w, b.as_ref(), Some(h), stash)
+        let shape = (h.b, h.s, w.dim(0)?).into();
+        let mask = ctx.dropout_mask(&shape, y.dtype(), y.device(), site + 1)?;
+        let drop = mask.as_ref().map(|m| (m, ctx.dropout));
+        joins::linear_residual(resid, &y, &w, b.as_ref(), Some(h), stash, drop)
     }
 }
 
@@ -435,14 +448,21 @@ impl Transformer {
                 .attn
                 .residual(ctx, x, &blk.norm1.forward(ctx, x)?, site, &stash)?;
             let hidden = blk.mlp.hidden(ctx, &blk.norm2.forward(ctx, &x2)?)?;
-            let last = blk.mlp.last();
-            if ctx.dropout > 0.0 {
-                let m = ctx.dropout(&last.forward(ctx, &hidden)?, site + 2)?;
-                vec![Term::Tensor(x2), Term::Tensor(m)]
-            } else {
-                let (w, b) = last.tensors(ctx)?;
-                vec![Term::Tensor(x2), Term::Linear { x: hidden, w, b }]
-            }
+            let (w, b) = blk.mlp.last().tensors(ctx)?;
+            let (hb, hs, _) = hidden.dims3()?;
+            let shape = (hb, hs, w.dim(0)?).into();
+            let drop = ctx
+                .dropout_mask(&shape, hidden.dtype(), hidden.device(), site + 2)?
+                .map(|m| (m, ctx.dropout));
+            vec![
+                Term::Tensor(x2),
+                Term::Linear {
+                    x: hidden,
+                    w,
+                    b,
+                    drop,
+                },
+            ]
         };
         Ok(BlockOut { terms, stash })
     }
