@@ -1,6 +1,6 @@
 //! The committed CPU calibration carries fused-attention (sdpa) points, and its fitted table
 //! predicts them: the measured rows are read through the CSV reader (`record::read`) and re-planned with
-//! the committed table, as `vramcal estimate --coeffs calibration/cpu-x86_64.json` would.
+//! the committed table, as `vramcal estimate --coeffs calibration/cpu-amd-epyc.json` would.
 
 use std::path::Path;
 use vramcal::coeffs::Coefficients;
@@ -11,8 +11,9 @@ use vramcal::spec::Attention;
 #[test]
 fn the_committed_table_predicts_the_committed_sdpa_points() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let rows = record::latest(record::read(&root.join("calibration/data/cpu-x86_64.csv")).unwrap());
-    let table = Coefficients::load(&root.join("calibration/cpu-x86_64.json")).unwrap();
+    let rows =
+        record::latest(record::read(&root.join("calibration/data/cpu-amd-epyc.csv")).unwrap());
+    let table = Coefficients::load(&root.join("calibration/cpu-amd-epyc.json")).unwrap();
     let sdpa: Vec<_> = rows
         .iter()
         .filter(|r| r.attention == Attention::Sdpa && r.status == Status::Ok)

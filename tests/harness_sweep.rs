@@ -88,7 +88,8 @@ fn injected_failure_is_recorded_and_the_sweep_continues() {
     for r in &ok {
         assert!(r.peak_bytes.unwrap() > r.baseline_bytes.unwrap(), "{r:?}");
         assert!(r.step_ms_median.unwrap() > 0.0);
-        assert_eq!(r.device_id, format!("cpu-{}", std::env::consts::ARCH));
+        assert_eq!(r.device_id, vramcal::harness::measure::cpu_info().id);
+        assert!(r.device_id.starts_with("cpu-"));
     }
     // grid order is kept: gpt points first, CNN last
     assert_eq!(rows[5].model, "tiny-resnet18");
@@ -512,7 +513,7 @@ fn an_sdpa_point_is_measured_with_fused_attention_and_kept_apart_from_eager() {
         text.lines()
             .next()
             .unwrap()
-            .ends_with(",spec_json,attention"),
+            .ends_with(",spec_json,attention,device_kind,optimizer_impl,saved_bytes"),
         "{text}"
     );
     let rows = record::read(&out).unwrap();
@@ -538,18 +539,23 @@ fn resume_migrates_a_schema1_csv_in_place_before_appending() {
     let grid = write_grid(dir.path());
     let out = dir.path().join("data.csv");
     sweep(&grid, &out, &[], None);
-    let v2 = std::fs::read_to_string(&out).unwrap();
-    // the same rows as an older vramcal wrote them: no attention column, schema 1, first 4 rows
-    let mut r = csv::ReaderBuilder::new().from_reader(v2.as_bytes());
+    let v3 = std::fs::read_to_string(&out).unwrap();
+    // the same rows as an older vramcal wrote them: schema 1 (no attention, device_kind,
+    // optimizer_impl, saved_bytes; the device kind in `backend`), first 4 rows
+    let mut r = csv::ReaderBuilder::new().from_reader(v3.as_bytes());
     let mut w = csv::Writer::from_writer(Vec::new());
     let header: Vec<String> = r.headers().unwrap().iter().map(String::from).collect();
-    assert_eq!(header.last().map(String::as_str), Some("attention"));
-    w.write_record(&header[..header.len() - 1]).unwrap();
+    assert_eq!(header.len(), 40);
+    assert_eq!(header[36], "attention");
+    w.write_record(&header[..36]).unwrap();
     for rec in r.records().take(4) {
         let rec = rec.unwrap();
         let mut f: Vec<&str> = rec.iter().collect();
-        assert_eq!(f.pop(), Some("eager"));
+        assert_eq!(f[36], "eager");
+        assert_eq!(f[3], "candle");
+        f.truncate(36);
         f[0] = "1";
+        f[3] = "cpu";
         w.write_record(&f).unwrap();
     }
     let v1 = String::from_utf8(w.into_inner().unwrap()).unwrap();
@@ -562,18 +568,23 @@ fn resume_migrates_a_schema1_csv_in_place_before_appending() {
     let err = String::from_utf8_lossy(&o.stderr);
     let notes: Vec<&str> = err.lines().filter(|l| l.contains("migrated")).collect();
     assert_eq!(notes.len(), 1, "{err}");
-    assert!(notes[0].contains("4 schema-1 rows to schema 2"), "{err}");
+    assert!(
+        notes[0].contains("migrated 4 older rows to schema 3"),
+        "{err}"
+    );
     let text = std::fs::read_to_string(&out).unwrap();
-    // one header, schema 2, every line of the old file kept (with ",eager" and schema 2)
-    assert_eq!(text.lines().next(), v2.lines().next());
+    // one header, schema 3, every line of the old file kept (schema 3, backend candle, with
+    // eager, the device kind, the for-loop optimizer and no saved bytes appended)
+    assert_eq!(text.lines().next(), v3.lines().next());
     assert_eq!(text.lines().filter(|l| l.starts_with("schema,")).count(), 1);
     for (old_line, new_line) in v1.lines().skip(1).zip(text.lines().skip(1)) {
-        assert_eq!(format!("2{},eager", &old_line[1..]), new_line);
+        let want = format!("3{},eager,cpu,loop,", &old_line[1..]).replacen(",cpu,", ",candle,", 1);
+        assert_eq!(want, new_line);
     }
     let rows = record::read(&out).unwrap();
     // the 4 old points were skipped (their keys are unchanged), the 2 others measured
     assert_eq!(rows.len(), 6, "{rows:#?}");
     assert_no_duplicates(&rows);
-    assert!(rows.iter().all(|r| r.schema == 2));
+    assert!(rows.iter().all(|r| r.schema == 3));
     assert_eq!(keys(&rows[..4]), keys(&old));
 }

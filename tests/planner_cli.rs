@@ -354,14 +354,14 @@ fn readme_planning_example_is_the_binary_output() {
     }
 }
 
-/// README's accuracy table quotes the committed CPU report (reports/cpu-x86_64/accuracy.json),
+/// README's accuracy table quotes the committed CPU report (reports/cpu-amd-epyc/accuracy.json),
 /// not typed figures: each predictor's held-out MAPE and max error, as the report rounds them.
 #[test]
 fn readme_accuracy_table_is_the_committed_report() {
     let dir = env!("CARGO_MANIFEST_DIR");
     let readme = std::fs::read_to_string(format!("{dir}/README.md")).unwrap();
     let acc: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(format!("{dir}/reports/cpu-x86_64/accuracy.json")).unwrap(),
+        &std::fs::read_to_string(format!("{dir}/reports/cpu-amd-epyc/accuracy.json")).unwrap(),
     )
     .unwrap();
     for (key, label) in [
@@ -388,6 +388,66 @@ fn readme_accuracy_table_is_the_committed_report() {
             "README row '{row}' is not the report's '{cells}'"
         );
     }
+}
+
+/// README's second accuracy table quotes the committed reports' scores on PyTorch rows: the
+/// candle-fitted table, literature and rule of thumb from the candle report's "Predicting
+/// PyTorch" section, the PyTorch-fitted table from its own report (held out); and the median
+/// candle/PyTorch peak ratio quoted in the prose is the report's.
+#[test]
+fn readme_pytorch_table_is_the_committed_reports() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{dir}/README.md")).unwrap();
+    let load = |p: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(format!("{dir}/{p}")).unwrap()).unwrap()
+    };
+    let candle = load("reports/cpu-amd-epyc/accuracy.json");
+    let torch = load("reports/cpu-amd-epyc-torch/accuracy.json");
+    let start = readme.find("| predictor, on PyTorch |").expect("the table");
+    let table = &readme[start..start + readme[start..].find("\n\n").unwrap()];
+    for (label, m) in [
+        (
+            "| vramcal, table fitted on candle |",
+            &candle["pytorch"]["scores"]["fitted"],
+        ),
+        (
+            "| vramcal, table fitted on PyTorch (held out) |",
+            &torch["heldout"],
+        ),
+        (
+            "| vramcal, literature defaults |",
+            &candle["pytorch"]["scores"]["literature"],
+        ),
+        (
+            "| rule of thumb |",
+            &candle["pytorch"]["scores"]["seed_formula"],
+        ),
+    ] {
+        let cells = format!(
+            "| {:.1} % | {:.1} % |",
+            m["mape"].as_f64().unwrap(),
+            m["max_abs_pct"].as_f64().unwrap()
+        );
+        let row = table
+            .lines()
+            .find(|l| l.starts_with(label))
+            .unwrap_or_else(|| panic!("README's PyTorch table has no row '{label}'"));
+        assert!(
+            row.ends_with(&cells),
+            "README row '{row}' is not the report's '{cells}'"
+        );
+    }
+    let all = candle["pytorch"]["parity"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["model"] == "all")
+        .unwrap();
+    let ratio = format!("median {:.2}x", all["peak_ratio_median"].as_f64().unwrap());
+    assert!(
+        readme.contains(&ratio),
+        "README does not quote the report's {ratio}"
+    );
 }
 
 /// The planner's whole-step peak against real PyTorch 2.15 + transformers 5.24 training steps
@@ -444,7 +504,7 @@ fn whole_step_peaks_match_real_pytorch_steps() {
 fn readme_rule_of_thumb_findings_are_the_committed_report() {
     let dir = env!("CARGO_MANIFEST_DIR");
     let readme = std::fs::read_to_string(format!("{dir}/README.md")).unwrap();
-    let report = std::fs::read_to_string(format!("{dir}/reports/cpu-x86_64/README.md")).unwrap();
+    let report = std::fs::read_to_string(format!("{dir}/reports/cpu-amd-epyc/README.md")).unwrap();
     let findings: String = report
         .lines()
         .filter(|l| l.starts_with("- **Checkpointing**") || l.starts_with("- **Mixed precision**"))

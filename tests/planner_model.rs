@@ -465,7 +465,7 @@ fn device_used_exceeds_the_allocated_peak_on_every_gpu() {
     }
     // a CPU table plans a CPU process: no CUDA runtime at all
     let cpu = Coefficients::load(
-        &Path::new(env!("CARGO_MANIFEST_DIR")).join("calibration/cpu-x86_64.json"),
+        &Path::new(env!("CARGO_MANIFEST_DIR")).join("calibration/cpu-amd-epyc.json"),
     )
     .unwrap();
     let b = memory::estimate(&preset("gpt2").unwrap(), &train(2, 128), &cpu).unwrap();

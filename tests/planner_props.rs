@@ -19,7 +19,7 @@ use vramcal::spec::{
 };
 
 fn tables() -> Vec<Coefficients> {
-    let cpu = Path::new(env!("CARGO_MANIFEST_DIR")).join("calibration/cpu-x86_64.json");
+    let cpu = Path::new(env!("CARGO_MANIFEST_DIR")).join("calibration/cpu-amd-epyc.json");
     vec![
         Coefficients::literature(),
         Coefficients::load(&cpu).expect("committed CPU table loads and validates"),

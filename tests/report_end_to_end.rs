@@ -140,7 +140,9 @@ fn committed_pytorch_rows_drive_the_reports_pytorch_section() {
     let id = "cpu-amd-epyc";
     let torch_csv = root.join(format!("calibration/data/{id}-torch.csv"));
     let rows = record::latest(record::read(&torch_csv).unwrap());
-    assert!(rows.iter().all(|r| r.backend == Backend::Torch && r.device_id == id));
+    assert!(rows
+        .iter()
+        .all(|r| r.backend == Backend::Torch && r.device_id == id));
     let ok = rows.iter().filter(|r| r.status == Status::Ok).count();
     assert!(ok >= 100, "only {ok} ok PyTorch rows");
     // every ok row carries what the runner measures: tensors at the baseline, a peak above it,
@@ -170,13 +172,18 @@ fn committed_pytorch_rows_drive_the_reports_pytorch_section() {
     )
     .unwrap();
     for key in ["fitted", "literature", "seed_formula"] {
-        let want = committed["pytorch"]["scores"][key]["mape"].as_f64().unwrap();
+        let want = committed["pytorch"]["scores"][key]["mape"]
+            .as_f64()
+            .unwrap();
         let got = match key {
             "fitted" => section.scores.fitted.mape,
             "literature" => section.scores.literature.mape,
             _ => section.scores.seed_formula.mape,
         };
-        assert!((want - got).abs() < 1e-9, "{key}: committed {want}, regenerated {got}");
+        assert!(
+            (want - got).abs() < 1e-9,
+            "{key}: committed {want}, regenerated {got}"
+        );
     }
     let md = std::fs::read_to_string(out.path().join("README.md")).unwrap();
     assert!(md.contains("## Predicting PyTorch"));

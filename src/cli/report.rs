@@ -66,12 +66,6 @@ pub fn report_files(
             ),
         );
     }
-    if table.device_id != fitted.meta.device_id && !allow_mixed_devices {
-        eprintln!(
-            "warning: the table {} was fitted on {}, the rows in {} are from {}; the report documents a table from another device",
-            table.device_name, table.device_id, data.display(), fitted.meta.device_id
-        );
-    }
     let torch_rows = match pytorch {
         Some(p) => {
             let rows = crate::harness::record::latest(crate::harness::record::read(p)?);
@@ -88,6 +82,17 @@ pub fn report_files(
         None => None,
     };
     let (kfold, extrap) = split::evaluate(&fitted.points, &fitted.meta)?;
+    // A fitted table (not the literature defaults) from another device documents the wrong
+    // device: said once the report stands, so a refused input still gets one line.
+    if table.points > 0 && table.device_id != fitted.meta.device_id && !allow_mixed_devices {
+        eprintln!(
+            "warning: the table was fitted on {} ({}), the rows in {} are from {}; the report documents a table from another device",
+            table.device_id,
+            table.device_name,
+            data.display(),
+            fitted.meta.device_id
+        );
+    }
     write(
         out,
         &ReportInput {

@@ -501,12 +501,15 @@ fn measure_point(
             Some(Ok(row)) => Ok(row),
             _ => {
                 let mut row = measure::row_template(info, &point.model, t);
+                row.backend = opts.backend;
                 row.error = format!("child printed no row: {}", last_line(&end.stdout));
                 Ok(row)
             }
         };
     }
     let mut row = measure::row_template(info, &point.model, t);
+    // a failed point is a row of the backend that failed on it (its key says which)
+    row.backend = opts.backend;
     (row.status, row.error) = classify(&end, opts.timeout_s);
     Ok(row)
 }
@@ -618,6 +621,7 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
         };
         let row = if let Some(why) = skip {
             let mut row = measure::row_template(&info, &point.model, &point.train);
+            row.backend = opts.backend;
             row.status = Status::Skipped;
             row.error = why;
             row

@@ -407,7 +407,15 @@ mod tests {
         assert_eq!(find("H100").unwrap().id, "h100");
         assert_eq!(find("nvidia a100-40gb").unwrap().id, "a100-40gb");
         assert_eq!(find("RTX 4090").unwrap().id, "rtx4090");
-        assert!(find("v100").is_err());
+        assert_eq!(find("Tesla T4").unwrap().id, "t4");
+        assert_eq!(find("V100").unwrap().id, "v100-16gb");
+        assert_eq!(find("AMD Instinct MI300X").unwrap().id, "mi300x");
+        assert_eq!(find("H100 PCIe").unwrap().id, "h100-pcie");
+        assert!(find("tpu-v5").is_err());
+        // every catalog id resolves to itself
+        for g in CATALOG {
+            assert_eq!(find(g.id).unwrap().id, g.id);
+        }
     }
 
     #[test]
