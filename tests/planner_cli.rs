@@ -277,6 +277,14 @@ fn bad_inputs_exit_2_with_one_line_naming_the_field() {
             "invalid gpu: 'tpu-v5' is not in the catalog",
         ),
         (
+            &["--model", "gpt2", "--network-gbps", "fast"],
+            "invalid network-gbps: 'fast' is not a bandwidth",
+        ),
+        (
+            &["--model", "gpt2", "--gpus-per-node", "0"],
+            "invalid gpus-per-node:",
+        ),
+        (
             &["--model", "gpt2", "--gpu-mem", "80"],
             "invalid gpu-mem: '80' has no unit; accepted a size such as 80GB or 80GiB",
         ),
@@ -525,4 +533,48 @@ fn readme_rule_of_thumb_findings_are_the_committed_report() {
             "README's {m} % is not in the report's findings: {findings}"
         );
     }
+}
+
+/// 64 PCIe cards do not scale perfectly: the data-parallel traffic (ZeRO-3: 1.5x DDP's volume)
+/// over PCIe is in the step time, named and exposed, while 8 NVLink H100s hide theirs.
+#[test]
+fn communication_is_in_the_step_time() {
+    let step = |gpu: &str, gpus: &str, seq: &str| {
+        let v = json(&[
+            "estimate",
+            "--model",
+            "llama2-7b",
+            "--precision",
+            "bf16-mixed",
+            "--zero",
+            "3",
+            "--gpus",
+            gpus,
+            "--gpu",
+            gpu,
+            "--seq",
+            seq,
+            "--json",
+            "--no-gpu-choice",
+        ]);
+        v["step_time"].clone()
+    };
+    let pcie = step("rtx4090", "64", "512");
+    let c = pcie["communication_s"].as_f64().unwrap();
+    let compute = pcie["seconds_without_recompute"].as_f64().unwrap();
+    assert!(c > 0.5 * compute, "{pcie}");
+    assert!((pcie["seconds"].as_f64().unwrap() - (compute + c)).abs() < 1e-9 * compute.max(1.0));
+    // 7B parameters, ZeRO-3: (N-1)/N x (2 x 2 B weights + 2 B gradients) per parameter
+    let bytes = pcie["communication"]["bytes_per_gpu"].as_f64().unwrap();
+    assert!(
+        (bytes / (63.0 / 64.0 * 6.0 * 6.738e9) - 1.0).abs() < 0.01,
+        "{bytes}"
+    );
+    // enough compute per step (seq 4096) to hide ZeRO-3's traffic behind it on NVLink; at seq
+    // 512 the same job is communication-bound (about 46 of 98 ms exposed)
+    let nv = step("h100", "8", "4096");
+    assert!(nv["communication_s"].as_f64().unwrap() < 0.01 * nv["seconds"].as_f64().unwrap());
+    let one = step("h100", "1", "512");
+    assert_eq!(one["communication_s"].as_f64().unwrap(), 0.0);
+    assert!(one["communication"].is_null());
 }

@@ -109,6 +109,12 @@ pub struct Flags {
     /// Skip the per-GPU-type choice table
     #[arg(long)]
     pub no_gpu_choice: bool,
+    /// GPUs per node: past it, data-parallel communication crosses the network
+    #[arg(long, allow_hyphen_values = true, default_value = "8")]
+    pub gpus_per_node: String,
+    /// Network bandwidth per GPU between nodes, Gb/s (e.g. 400 for one 400G NIC per GPU)
+    #[arg(long, allow_hyphen_values = true, default_value = "400")]
+    pub network_gbps: String,
 
     /// Host RAM: bytes of one loaded sample [default: seq x 4, or C x H x W for images]
     #[arg(long, allow_hyphen_values = true)]
@@ -338,6 +344,20 @@ fn options_from_args(a: &Flags) -> anyhow::Result<Options> {
     check_range("workers", workers, 1, 1024)?;
     let kept = parse_int("keep-checkpoints", &a.keep_checkpoints)?;
     check_range("keep-checkpoints", kept, 0, 100_000)?;
+    let gpus_per_node = parse_int("gpus-per-node", &a.gpus_per_node)?;
+    check_range("gpus-per-node", gpus_per_node, 1, 1024)?;
+    let network_gbps: f64 = match a.network_gbps.trim().parse::<f64>() {
+        Ok(g) if g.is_finite() && (0.1..=100_000.0).contains(&g) => g,
+        _ => {
+            return input_err(
+                "network-gbps",
+                format!(
+                    "'{}' is not a bandwidth; accepted Gb/s per GPU in 0.1..=100000 (e.g. 400)",
+                    a.network_gbps
+                ),
+            )
+        }
+    };
     Ok(Options {
         gpu,
         capacity_bytes,
@@ -363,6 +383,10 @@ fn options_from_args(a: &Flags) -> anyhow::Result<Options> {
         max_batch: a.max_batch,
         max_seq: a.max_seq,
         choose_gpus: !a.no_gpu_choice,
+        cluster: crate::plan::comm::Cluster {
+            gpus_per_node,
+            network_gbps,
+        },
     })
 }
 
@@ -611,6 +635,21 @@ pub fn render(e: &Estimate) -> String {
             secs(st.seconds_without_recompute),
         );
         row(&mut o, "with recompute", secs(st.seconds_with_recompute));
+        if let Some(c) = &st.communication {
+            row(
+                &mut o,
+                "communication",
+                format!(
+                    "{} of {} not hidden by compute ({:.2} GB per GPU over {} at {:.0} GB/s)",
+                    secs(c.exposed_s),
+                    secs(c.total_s),
+                    c.bytes_per_gpu / 1e9,
+                    c.over,
+                    c.bandwidth_bytes_per_s / 1e9
+                ),
+            );
+        }
+        row(&mut o, "step", secs(st.seconds));
         row(
             &mut o,
             "samples/s (all GPUs)",

@@ -32,6 +32,8 @@ pub struct Options {
     pub max_seq: bool,
     /// per GPU type in the catalog, the fewest GPUs that fit (about 700 memory evaluations)
     pub choose_gpus: bool,
+    /// node size and network, for the data-parallel communication in the step time
+    pub cluster: crate::plan::comm::Cluster,
 }
 
 impl Default for Options {
@@ -47,6 +49,7 @@ impl Default for Options {
             max_batch: false,
             max_seq: false,
             choose_gpus: true,
+            cluster: crate::plan::comm::Cluster::default(),
         }
     }
 }
@@ -146,6 +149,7 @@ fn step_for(
     train: &TrainSpec,
     ev: &Evaluator,
     gpu: Option<&Gpu>,
+    cluster: &crate::plan::comm::Cluster,
 ) -> anyhow::Result<Option<StepTime>> {
     // A calibrated table's time terms describe the device it was measured on: they apply when
     // no GPU is named or the named GPU is that device (ids like "h100-80gb" start with "h100");
@@ -165,14 +169,16 @@ fn step_for(
         return Ok(None);
     };
     let flops = time::step_flops(model, train)?;
-    Ok(Some(step_time::step_time(
+    let step = step_time::step_time(
         &flops,
         rate,
         time,
         train.checkpointing,
         train.batch,
         train.gpus,
-    )))
+    );
+    let comm = crate::plan::comm::communication(ev.params(), train, gpu, cluster, step.seconds);
+    Ok(Some(step.with_communication(comm, train.batch, train.gpus)))
 }
 
 fn layout_train(train: &TrainSpec, l: Layout) -> TrainSpec {
@@ -192,6 +198,7 @@ fn choose_all(
     model: &ModelSpec,
     train: &TrainSpec,
     ev: &Evaluator,
+    cluster: &crate::plan::comm::Cluster,
 ) -> anyhow::Result<Vec<GpuChoice>> {
     let cnn = matches!(model, ModelSpec::Cnn(_));
     let mut out = Vec::with_capacity(gpus::CATALOG.len());
@@ -210,7 +217,7 @@ fn choose_all(
                 let t = layout_train(train, l);
                 (
                     Some(ev.breakdown(&t)?.device_used),
-                    step_for(model, &t, ev, Some(g))?,
+                    step_for(model, &t, ev, Some(g), cluster)?,
                 )
             }
             None => (None, None),
@@ -367,7 +374,7 @@ pub fn estimate(
         opts.checkpoints_kept,
     );
     let gpu_choice = if opts.choose_gpus {
-        choose_all(model, train, &ev)?
+        choose_all(model, train, &ev, &opts.cluster)?
     } else {
         Vec::new()
     };
@@ -386,7 +393,7 @@ pub fn estimate(
         seed_formula_bytes,
         host_ram,
         storage,
-        step_time: step_for(model, train, &ev, opts.gpu)?,
+        step_time: step_for(model, train, &ev, opts.gpu, &opts.cluster)?,
         recommendation: recommend(verdict.as_ref(), train, &gpu_choice),
         notes: counterintuitive(train, &memory, &ev)?,
         verdict,

@@ -27,6 +27,9 @@ pub struct Gpu {
     /// memory bandwidth, GB/s (1e9)
     pub bandwidth_gbs: f64,
     pub interconnect: &'static str,
+    /// per-direction GPU-to-GPU bandwidth within a node for collectives, GB/s: NVLink /
+    /// Infinity Fabric aggregate over two directions, or the PCIe slot's per-direction rate
+    pub link_gbs: f64,
     /// datasheet the figures come from
     pub source: &'static str,
 }
@@ -44,6 +47,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 8.1,
         bandwidth_gbs: 320.0,
         interconnect: "PCIe 3.0 x16 (16 GB/s per direction), no NVLink",
+        link_gbs: 16.0,
         source: "NVIDIA T4 datasheet (FP16 tensor; Turing has no BF16/TF32)",
     },
     // NVIDIA V100 Tensor Core GPU datasheet (SXM2): 125 FP16 tensor TFLOPS (mixed precision),
@@ -58,6 +62,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 15.7,
         bandwidth_gbs: 900.0,
         interconnect: "NVLink 2, 300 GB/s",
+        link_gbs: 150.0,
         source: "NVIDIA V100 datasheet (FP16 tensor; Volta has no BF16/TF32)",
     },
     // NVIDIA A10 datasheet: 125 BF16 dense (250 sparse), 62.5 TF32 dense, 31.2 FP32; 24GB
@@ -71,6 +76,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 31.2,
         bandwidth_gbs: 600.0,
         interconnect: "PCIe 4.0 x16 (32 GB/s per direction), no NVLink",
+        link_gbs: 32.0,
         source: "NVIDIA A10 datasheet",
     },
     // AWS A10G (g5 instances), the A10's GA102 with a lower tensor clock: NVIDIA publishes no
@@ -85,6 +91,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 31.2,
         bandwidth_gbs: 600.0,
         interconnect: "PCIe 4.0 x16 (32 GB/s per direction), no NVLink",
+        link_gbs: 32.0,
         source: "AWS EC2 G5 documentation; no NVIDIA datasheet (tensor peak as commonly cited)",
     },
     // NVIDIA L4 datasheet: 121 BF16 dense (242 sparse), 60 TF32 dense, 30.3 FP32; 24GB GDDR6
@@ -98,6 +105,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 30.3,
         bandwidth_gbs: 300.0,
         interconnect: "PCIe 4.0 x16 (32 GB/s per direction), no NVLink",
+        link_gbs: 32.0,
         source: "NVIDIA L4 datasheet",
     },
     // NVIDIA Ada Lovelace architecture whitepaper v2.1, appendix table 2 (GeForce RTX 4090):
@@ -111,6 +119,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 82.6,
         bandwidth_gbs: 1008.0,
         interconnect: "PCIe 4.0 x16 (32 GB/s per direction), no NVLink",
+        link_gbs: 32.0,
         source: "NVIDIA Ada Lovelace architecture whitepaper v2.1, table 2",
     },
     // NVIDIA Ampere GA102 whitepaper, table (GeForce RTX 3090): 71 dense FP16/BF16 tensor
@@ -125,6 +134,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 35.6,
         bandwidth_gbs: 936.0,
         interconnect: "PCIe 4.0 x16 (32 GB/s per direction); NVLink bridge 112.5 GB/s for 2 cards",
+        link_gbs: 32.0,
         source: "NVIDIA Ampere GA102 GPU architecture whitepaper",
     },
     // Same V100 datasheet, 32GB HBM2 SXM2. Driver total 32,510 MiB.
@@ -137,6 +147,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 15.7,
         bandwidth_gbs: 900.0,
         interconnect: "NVLink 2, 300 GB/s",
+        link_gbs: 150.0,
         source: "NVIDIA V100 datasheet (FP16 tensor; Volta has no BF16/TF32)",
     },
     // NVIDIA A100 Tensor Core GPU datasheet (SXM): 312 BF16, 156 TF32, 19.5 FP32;
@@ -150,6 +161,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 19.5,
         bandwidth_gbs: 1555.0,
         interconnect: "NVLink 3, 600 GB/s",
+        link_gbs: 300.0,
         source: "NVIDIA A100 datasheet",
     },
     // NVIDIA L40S product brief / datasheet: 362.05 BF16 dense (733 sparse), 183 TF32 dense,
@@ -163,6 +175,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 91.6,
         bandwidth_gbs: 864.0,
         interconnect: "PCIe 4.0 x16 (32 GB/s per direction), no NVLink",
+        link_gbs: 32.0,
         source: "NVIDIA L40S datasheet",
     },
     // NVIDIA Ampere GA102 whitepaper / RTX A6000 datasheet: 154.8 dense FP16/BF16 tensor
@@ -177,6 +190,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 38.7,
         bandwidth_gbs: 768.0,
         interconnect: "PCIe 4.0 x16 (32 GB/s per direction); NVLink bridge 112.5 GB/s for 2 cards",
+        link_gbs: 32.0,
         source: "NVIDIA RTX A6000 datasheet; Ampere GA102 whitepaper",
     },
     // NVIDIA H100 datasheet (SXM5): 989 BF16 dense (1979 sparse), 495 TF32 dense, 67 FP32;
@@ -190,6 +204,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 67.0,
         bandwidth_gbs: 3350.0,
         interconnect: "NVLink 4, 900 GB/s",
+        link_gbs: 450.0,
         source: "NVIDIA H100 datasheet",
     },
     // NVIDIA H100 datasheet (PCIe): 756 BF16 dense (1513 sparse), 378 TF32 dense, 51 FP32;
@@ -203,6 +218,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 51.0,
         bandwidth_gbs: 2000.0,
         interconnect: "PCIe 5.0 x16 (64 GB/s per direction); NVLink bridge 600 GB/s for 2 cards",
+        link_gbs: 64.0,
         source: "NVIDIA H100 datasheet",
     },
     // Same datasheet, 80GB HBM2e SXM at 2039 GB/s.
@@ -215,6 +231,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 19.5,
         bandwidth_gbs: 2039.0,
         interconnect: "NVLink 3, 600 GB/s",
+        link_gbs: 300.0,
         source: "NVIDIA A100 datasheet",
     },
     // NVIDIA A100 datasheet (PCIe 80GB): 312 BF16, 156 TF32, 19.5 FP32; 1935 GB/s; PCIe 4.0,
@@ -228,6 +245,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 19.5,
         bandwidth_gbs: 1935.0,
         interconnect: "PCIe 4.0 x16 (32 GB/s per direction); NVLink bridge 600 GB/s for 2 cards",
+        link_gbs: 32.0,
         source: "NVIDIA A100 datasheet",
     },
     // NVIDIA H100 NVL datasheet, per GPU: 835 BF16 dense (1671 sparse), 417.5 TF32 dense, 60
@@ -241,6 +259,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 60.0,
         bandwidth_gbs: 3900.0,
         interconnect: "PCIe 5.0; NVLink bridge 600 GB/s for 2 cards",
+        link_gbs: 64.0,
         source: "NVIDIA H100 NVL datasheet",
     },
     // NVIDIA H200 datasheet (SXM): H100 compute, 141GB HBM3e at 4.8 TB/s; NVLink 4 900 GB/s.
@@ -253,6 +272,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 67.0,
         bandwidth_gbs: 4800.0,
         interconnect: "NVLink 4, 900 GB/s",
+        link_gbs: 450.0,
         source: "NVIDIA H200 datasheet",
     },
     // NVIDIA HGX B200 datasheet, per GPU: 2.25 PFLOPS BF16 dense (4.5 sparse), 1.1 PFLOPS TF32
@@ -266,6 +286,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 75.0,
         bandwidth_gbs: 8000.0,
         interconnect: "NVLink 5, 1800 GB/s",
+        link_gbs: 900.0,
         source: "NVIDIA HGX B200 datasheet",
     },
     // AMD Instinct MI300X datasheet: 1307.4 BF16 dense (2614.9 sparse), 653.7 TF32 dense,
@@ -280,6 +301,7 @@ pub const CATALOG: &[Gpu] = &[
         fp32_tflops: 163.4,
         bandwidth_gbs: 5300.0,
         interconnect: "AMD Infinity Fabric, 896 GB/s",
+        link_gbs: 448.0,
         source: "AMD Instinct MI300X datasheet",
     },
 ];

@@ -24,8 +24,13 @@ pub struct StepTime {
     pub rate_source: &'static str,
     pub seconds_without_recompute: f64,
     pub seconds_with_recompute: f64,
-    /// the one that applies to the configuration's checkpointing mode
+    /// the one that applies to the configuration's checkpointing mode, plus the exposed
+    /// communication
     pub seconds: f64,
+    /// data-parallel communication compute does not hide, seconds (in `seconds`; 0 on one GPU)
+    pub communication_s: f64,
+    /// the communication behind it (null on one GPU or without a GPU's link)
+    pub communication: Option<crate::plan::comm::Communication>,
     /// samples per second over all data-parallel GPUs
     pub samples_per_s: f64,
 }
@@ -75,7 +80,27 @@ pub fn step_time(
         seconds_without_recompute: without,
         seconds_with_recompute: with,
         seconds,
+        communication_s: 0.0,
+        communication: None,
         samples_per_s: (batch * gpus) as f64 / seconds,
+    }
+}
+
+impl StepTime {
+    /// Adds the exposed part of `comm` to the step (see [`crate::plan::comm`]).
+    pub fn with_communication(
+        mut self,
+        comm: Option<crate::plan::comm::Communication>,
+        batch: u64,
+        gpus: u64,
+    ) -> Self {
+        if let Some(c) = comm {
+            self.communication_s = c.exposed_s;
+            self.seconds += c.exposed_s;
+            self.samples_per_s = (batch * gpus) as f64 / self.seconds;
+            self.communication = Some(c);
+        }
+        self
     }
 }
 
