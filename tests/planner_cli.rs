@@ -277,6 +277,14 @@ fn bad_inputs_exit_2_with_one_line_naming_the_field() {
             "invalid gpu: 'tpu-v5' is not in the catalog",
         ),
         (
+            &["--model", "gpt2", "--grad-accum", "0"],
+            "invalid grad-accum:",
+        ),
+        (
+            &["--model", "gpt2", "--tokens", "lots"],
+            "invalid tokens: 'lots' is not a token count",
+        ),
+        (
             &["--model", "gpt2", "--network-gbps", "fast"],
             "invalid network-gbps: 'fast' is not a bandwidth",
         ),
@@ -577,4 +585,59 @@ fn communication_is_in_the_step_time() {
     let one = step("h100", "1", "512");
     assert_eq!(one["communication_s"].as_f64().unwrap(), 0.0);
     assert!(one["communication"].is_null());
+}
+
+/// Gradient accumulation: the global batch is batch x accum x gpus; the optimizer step repeats
+/// the compute per micro-batch; gradients stay resident through every micro-batch, so the peak
+/// is never below one micro-batch's; and the time to train on D tokens is D over the tokens
+/// per optimizer step, times that step.
+#[test]
+fn grad_accum_and_time_to_train() {
+    let plan = |accum: &str| {
+        json(&[
+            "estimate",
+            "--model",
+            "llama2-7b",
+            "--precision",
+            "bf16-mixed",
+            "--zero",
+            "2",
+            "--gpus",
+            "8",
+            "--gpu",
+            "h100",
+            "--seq",
+            "4096",
+            "--grad-accum",
+            accum,
+            "--tokens",
+            "2T",
+            "--json",
+            "--no-gpu-choice",
+        ])
+    };
+    let (one, four) = (plan("1"), plan("4"));
+    assert_eq!(four["train"]["grad_accum"], 4);
+    assert_eq!(four["train"]["global_batch"], 32);
+    assert_eq!(four["train"]["global_tokens"], 32 * 4096);
+    let t1 = one["step_time"]["seconds_without_recompute"]
+        .as_f64()
+        .unwrap();
+    let t4 = four["step_time"]["seconds_without_recompute"]
+        .as_f64()
+        .unwrap();
+    assert!((t4 / t1 - 4.0).abs() < 1e-9, "{t1} {t4}");
+    assert!(four["memory"]["total"].as_u64() >= one["memory"]["total"].as_u64());
+    let tt = &four["training_time"];
+    let steps = tt["optimizer_steps"].as_u64().unwrap();
+    assert_eq!(steps, 2_000_000_000_000u64.div_ceil(32 * 4096));
+    let secs = tt["seconds"].as_f64().unwrap();
+    assert!(
+        (secs - steps as f64 * four["step_time"]["seconds"].as_f64().unwrap()).abs() < 1e-6 * secs
+    );
+    assert!((tt["gpu_hours"].as_f64().unwrap() - secs * 8.0 / 3600.0).abs() < 1e-6 * secs);
+    // about 6·P·D at 40 % of the H100's dense bf16 peak, plus attention: within 2x of that
+    let six_pd = 6.0 * 6.738e9 * 2e12 / (8.0 * 0.4 * 989e12);
+    assert!(secs > six_pd && secs < 2.0 * six_pd, "{secs} vs {six_pd}");
+    assert!(one["training_time"]["seconds"].is_number());
 }

@@ -59,9 +59,22 @@ fn train(cnn: bool) -> impl Strategy<Value = TrainSpec> {
             OptimizerImpl::Fused,
             OptimizerImpl::Loop,
         ]),
+        prop::sample::select(vec![1u64, 4]),
     )
         .prop_map(
-            move |(batch, seq, image, precision, optimizer, ckpt, zero, gpus, attention, imp)| {
+            move |(
+                batch,
+                seq,
+                image,
+                precision,
+                optimizer,
+                ckpt,
+                zero,
+                gpus,
+                attention,
+                imp,
+                accum,
+            )| {
                 TrainSpec {
                     batch,
                     seq,
@@ -73,6 +86,7 @@ fn train(cnn: bool) -> impl Strategy<Value = TrainSpec> {
                     gpus,
                     attention,
                     optimizer_impl: imp,
+                    grad_accum: accum,
                 }
             },
         )

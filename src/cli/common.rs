@@ -121,6 +121,7 @@ impl TrainFlags {
                 (None, Defaults::Planner) if zero > 0 => OptimizerImpl::Fused,
                 (None, Defaults::Planner) => OptimizerImpl::Foreach,
             },
+            grad_accum: 1,
         };
         train.validate()?;
         Ok(train)

@@ -109,6 +109,13 @@ pub struct Flags {
     /// Skip the per-GPU-type choice table
     #[arg(long)]
     pub no_gpu_choice: bool,
+    /// Micro-batches per optimizer step (gradient accumulation): global batch = batch x this x
+    /// gpus; gradients stay resident through every micro-batch
+    #[arg(long, allow_hyphen_values = true, default_value = "1")]
+    pub grad_accum: String,
+    /// Training tokens: adds the time to train on them (optimizer steps x step time)
+    #[arg(long, allow_hyphen_values = true)]
+    pub tokens: Option<String>,
     /// GPUs per node: past it, data-parallel communication crosses the network
     #[arg(long, allow_hyphen_values = true, default_value = "8")]
     pub gpus_per_node: String,
@@ -305,10 +312,40 @@ fn model_source(a: &Flags) -> anyhow::Result<ModelSpec> {
 
 /// Estimate's input sizes when left out: 512 tokens, 224-pixel images, whatever the model.
 pub fn train_from_args(a: &Flags) -> anyhow::Result<TrainSpec> {
-    a.train.to_train_spec(
+    let mut t = a.train.to_train_spec(
         |seq, image| (seq.unwrap_or(512), image.unwrap_or(224)),
         Defaults::Planner,
-    )
+    )?;
+    t.grad_accum = parse_int("grad-accum", &a.grad_accum)?;
+    t.validate()?;
+    Ok(t)
+}
+
+/// `--tokens`: a whole number or one with a suffix K, M, B, T (thousand .. trillion), e.g. 2T.
+fn parse_tokens(s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m = match c.to_ascii_uppercase() {
+                'K' => 1e3,
+                'M' => 1e6,
+                'B' | 'G' => 1e9,
+                'T' => 1e12,
+                _ => f64::NAN,
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1.0),
+    };
+    match num.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && v >= 1.0 && mult.is_finite() && v * mult <= 1e16 => {
+            Ok((v * mult).round() as u64)
+        }
+        _ => input_err(
+            "tokens",
+            format!("'{s}' is not a token count; accepted 1 to 1e16, optionally with K, M, B or T (e.g. 2T)"),
+        ),
+    }
 }
 
 fn options_from_args(a: &Flags) -> anyhow::Result<Options> {
@@ -383,6 +420,13 @@ fn options_from_args(a: &Flags) -> anyhow::Result<Options> {
         max_batch: a.max_batch,
         max_seq: a.max_seq,
         choose_gpus: !a.no_gpu_choice,
+        train_tokens: match a.tokens.as_deref() {
+            Some(t) => {
+                let n = parse_tokens(t)?;
+                Some(n)
+            }
+            None => None,
+        },
         cluster: crate::plan::comm::Cluster {
             gpus_per_node,
             network_gbps,
@@ -447,7 +491,7 @@ fn secs(s: f64) -> String {
 /// The human-readable report: one aligned `label  value` line per figure.
 pub fn render(e: &Estimate) -> String {
     let mut o = String::new();
-    let t = &e.train;
+    let t = &e.train.spec;
     let row = |o: &mut String, label: &str, value: String| {
         let _ = writeln!(o, "  {label:<28} {value}");
     };
@@ -487,8 +531,16 @@ pub fn render(e: &Estimate) -> String {
     };
     let _ = writeln!(
         o,
-        "batch {} per GPU, {input}, {}, {} ({}){attention}, checkpointing {}, ZeRO stage {} over {} GPU(s)\nstates: {layout}\n",
-        t.batch, t.precision, t.optimizer, t.optimizer_impl, t.checkpointing, t.zero_stage, t.gpus
+        "batch {} per GPU, {input}, {}, {} ({}){attention}, checkpointing {}, ZeRO stage {} over {} GPU(s){}\nstates: {layout}\n",
+        t.batch, t.precision, t.optimizer, t.optimizer_impl, t.checkpointing, t.zero_stage, t.gpus,
+        if t.grad_accum > 1 {
+            format!(
+                ", {} micro-batches per optimizer step (global batch {})",
+                t.grad_accum, e.train.global_batch
+            )
+        } else {
+            String::new()
+        }
     );
     let _ = writeln!(o, "Parameters");
     row(&mut o, "exact", thousands(e.params));
@@ -649,12 +701,34 @@ pub fn render(e: &Estimate) -> String {
                 ),
             );
         }
-        row(&mut o, "step", secs(st.seconds));
+        row(
+            &mut o,
+            if st.grad_accum > 1 {
+                "optimizer step"
+            } else {
+                "step"
+            },
+            secs(st.seconds),
+        );
         row(
             &mut o,
             "samples/s (all GPUs)",
             format!("{:.1}", st.samples_per_s),
         );
+    }
+    if let Some(tt) = &e.training_time {
+        let _ = writeln!(o, "\nTime to train on {} tokens", thousands(tt.tokens));
+        row(&mut o, "optimizer steps", thousands(tt.optimizer_steps));
+        row(
+            &mut o,
+            "wall time",
+            format!(
+                "{:.1} h ({:.1} days)",
+                tt.seconds / 3600.0,
+                tt.seconds / 86400.0
+            ),
+        );
+        row(&mut o, "GPU hours", format!("{:.0}", tt.gpu_hours));
     }
     if !e.gpu_choice.is_empty() {
         let _ = writeln!(o, "\nGPU choice (same per-GPU batch; fewest GPUs, then lowest ZeRO stage, then no checkpointing)");

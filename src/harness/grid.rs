@@ -426,6 +426,7 @@ fn expand(set: &PointSet, out: &mut Vec<Point>) -> anyhow::Result<()> {
                                                                 gpus,
                                                                 attention,
                                                                 optimizer_impl,
+                                                                grad_accum: 1,
                                                             };
                                                             model.validate_for(&train).with_context(|| {
                                                             format!("batch {batch} seq {seq} image {image}")

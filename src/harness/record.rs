@@ -153,6 +153,8 @@ impl Row {
             gpus: self.gpus,
             attention: self.attention,
             optimizer_impl: self.optimizer_impl,
+            // the harness measures one micro-batch per step
+            grad_accum: 1,
         }
     }
 

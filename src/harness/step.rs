@@ -116,6 +116,15 @@ fn refuse_planner_only(train: &TrainSpec) -> anyhow::Result<()> {
             "adamw-8bit is planned from the literature but not run by the candle harness; accepted adamw, sgd-momentum, sgd",
         );
     }
+    if train.grad_accum != 1 {
+        return input_err(
+            "grad-accum",
+            format!(
+                "{} micro-batches per step is planned, not run by the candle harness; accepted 1",
+                train.grad_accum
+            ),
+        );
+    }
     if train.optimizer_impl != OptimizerImpl::Loop {
         return input_err(
             "optimizer-impl",

@@ -32,6 +32,8 @@ pub struct Options {
     pub max_seq: bool,
     /// per GPU type in the catalog, the fewest GPUs that fit (about 700 memory evaluations)
     pub choose_gpus: bool,
+    /// training tokens (`--tokens`): the plan adds the time to train on them
+    pub train_tokens: Option<u64>,
     /// node size and network, for the data-parallel communication in the step time
     pub cluster: crate::plan::comm::Cluster,
 }
@@ -49,6 +51,7 @@ impl Default for Options {
             max_batch: false,
             max_seq: false,
             choose_gpus: true,
+            train_tokens: None,
             cluster: crate::plan::comm::Cluster::default(),
         }
     }
@@ -98,7 +101,7 @@ pub struct Estimate {
     pub tokens_per_sample: Option<u64>,
     /// transformers: the block settings the activation model used; null for CNNs
     pub block: Option<BlockSettings>,
-    pub train: TrainSpec,
+    pub train: TrainOut,
     /// per GPU, bytes
     pub memory: MemoryBreakdown,
     /// the rule of thumb params*4*3 + batch*seq*hidden*10 (see plan::seed)
@@ -118,6 +121,30 @@ pub struct Estimate {
     pub notes: Vec<String>,
     /// device_id of the coefficient table used
     pub coefficients: String,
+    /// with `--tokens` and a step time: how long training on them takes
+    pub training_time: Option<TrainingTime>,
+}
+
+/// The training configuration as planned, with what it implies per optimizer step.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainOut {
+    #[serde(flatten)]
+    pub spec: TrainSpec,
+    /// samples per optimizer step over all GPUs: batch x grad_accum x gpus
+    pub global_batch: u64,
+    /// tokens per optimizer step over all GPUs (transformers; null for CNNs)
+    pub global_tokens: Option<u64>,
+}
+
+/// Time to train on `tokens`: optimizer steps x the step time (which holds the step's FLOPs,
+/// 6·P per token plus attention, 8·P with full recompute, at the achieved rate, and the
+/// exposed communication).
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct TrainingTime {
+    pub tokens: u64,
+    pub optimizer_steps: u64,
+    pub seconds: f64,
+    pub gpu_hours: f64,
 }
 
 /// What a transformer's activations were planned with: the measured block implementation its
@@ -176,8 +203,11 @@ fn step_for(
         train.checkpointing,
         train.batch,
         train.gpus,
+        train.grad_accum,
     );
-    let comm = crate::plan::comm::communication(ev.params(), train, gpu, cluster, step.seconds);
+    // the last micro-batch's backward is the window communication can hide behind
+    let window = step.seconds / train.grad_accum.max(1) as f64;
+    let comm = crate::plan::comm::communication(ev.params(), train, gpu, cluster, window);
     Ok(Some(step.with_communication(comm, train.batch, train.gpus)))
 }
 
@@ -373,6 +403,7 @@ pub fn estimate(
         opts.cache_fraction,
         opts.checkpoints_kept,
     );
+    let step = step_for(model, train, &ev, opts.gpu, &opts.cluster)?;
     let gpu_choice = if opts.choose_gpus {
         choose_all(model, train, &ev, &opts.cluster)?
     } else {
@@ -386,14 +417,32 @@ pub fn estimate(
         params_12ld2,
         tokens_per_sample: tokens,
         block: BlockSettings::of(model),
-        train: train.clone(),
+        train: TrainOut {
+            spec: train.clone(),
+            global_batch: train.batch * train.grad_accum * train.gpus,
+            global_tokens: tokens.map(|t| t * train.batch * train.grad_accum * train.gpus),
+        },
         seed_vs_total_pct: (seed_formula_bytes as f64 - memory.total as f64) / memory.total as f64
             * 100.0,
         memory,
         seed_formula_bytes,
         host_ram,
         storage,
-        step_time: step_for(model, train, &ev, opts.gpu, &opts.cluster)?,
+        training_time: match (opts.train_tokens, step, tokens) {
+            (Some(d), Some(st), Some(t)) => {
+                let per_step = t * train.batch * train.grad_accum * train.gpus;
+                let steps = d.div_ceil(per_step.max(1));
+                let seconds = steps as f64 * st.seconds;
+                Some(TrainingTime {
+                    tokens: d,
+                    optimizer_steps: steps,
+                    seconds,
+                    gpu_hours: seconds * train.gpus as f64 / 3600.0,
+                })
+            }
+            _ => None,
+        },
+        step_time: step,
         recommendation: recommend(verdict.as_ref(), train, &gpu_choice),
         notes: counterintuitive(train, &memory, &ev)?,
         verdict,

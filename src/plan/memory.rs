@@ -94,6 +94,10 @@ pub struct Features {
     /// PyTorch's backward the embedding's second gradient and their sum briefly exist on top of
     /// all the gradients (measured: 2 x V*h in the gradient dtype)
     pub tied_grad_elems: f64,
+    /// Gradient accumulation: after the first micro-batch every gradient is resident through
+    /// forward and backward (they accumulate into `param.grad`), so activations and gradients
+    /// coexist in full whatever the backend's lifetimes
+    pub accumulating: bool,
 }
 
 impl Features {
@@ -339,6 +343,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 } else {
                     0.0
                 },
+                accumulating: train.grad_accum > 1,
             })
         }
         ModelSpec::Cnn(c) => {
@@ -365,6 +370,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 ops: walk.ops as f64,
                 max_param: update_transient(model, train),
                 group_update_bytes: group_update(c.params(), train),
+                accumulating: train.grad_accum > 1,
                 ..Features::default()
             })
         }
@@ -557,7 +563,11 @@ pub fn breakdown_with_mode(terms: &FitTerms, mode: &crate::coeffs::ModeCoeffs) -
     // set_to_none default), so backward holds about max(activations, gradients), and the
     // autocast weight copy is gone by the step. The candle harness keeps every saved tensor
     // and every gradient until backward ends (`grad_overlap` 0): activations + gradients.
-    let overlap = a.grad_overlap.value.clamp(0.0, 1.0);
+    let overlap = if terms.features.accumulating {
+        0.0
+    } else {
+        a.grad_overlap.value.clamp(0.0, 1.0)
+    };
     // A tied embedding's two gradients are summed at the very end of PyTorch's backward, when
     // the activations are gone and every other gradient exists: two more embedding-sized
     // tensors in the gradients' dtype (per-element bytes from the gradient state bytes).

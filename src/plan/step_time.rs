@@ -33,6 +33,10 @@ pub struct StepTime {
     pub communication: Option<crate::plan::comm::Communication>,
     /// samples per second over all data-parallel GPUs
     pub samples_per_s: f64,
+    /// micro-batches per optimizer step: the compute terms repeat per micro-batch, the
+    /// optimizer's pass and the communication happen once (DDP skips the all-reduce under
+    /// `no_sync` until the last micro-batch)
+    pub grad_accum: u64,
 }
 
 /// Achieved FLOP/s, or None when neither a calibrated rate nor a GPU is known.
@@ -60,10 +64,12 @@ pub fn step_time(
     checkpointing: Checkpointing,
     batch: u64,
     gpus: u64,
+    grad_accum: u64,
 ) -> StepTime {
-    let f = flops.total();
+    let accum = grad_accum.max(1) as f64;
+    let f = flops.total() * accum;
     // Memory-traffic terms only where a calibrated table measured them (0 = not modelled).
-    let repeated = time.repeated_s(flops, rate.0);
+    let repeated = time.repeated_s(flops, rate.0) * accum;
     let once = time.once_s(flops);
     let without = repeated + once;
     let with = repeated * time.recompute_factor.value + once;
@@ -71,7 +77,7 @@ pub fn step_time(
         Checkpointing::None => without,
         Checkpointing::Full => with,
         // one extra forward of the attention core (QK^T and AV): `StepFlops::recompute`
-        Checkpointing::Selective => without + flops.recompute / rate.0,
+        Checkpointing::Selective => without + accum * flops.recompute / rate.0,
     };
     StepTime {
         flops_per_gpu: f,
@@ -82,7 +88,8 @@ pub fn step_time(
         seconds,
         communication_s: 0.0,
         communication: None,
-        samples_per_s: (batch * gpus) as f64 / seconds,
+        samples_per_s: accum * (batch * gpus) as f64 / seconds,
+        grad_accum: grad_accum.max(1),
     }
 }
 
@@ -97,7 +104,7 @@ impl StepTime {
         if let Some(c) = comm {
             self.communication_s = c.exposed_s;
             self.seconds += c.exposed_s;
-            self.samples_per_s = (batch * gpus) as f64 / self.seconds;
+            self.samples_per_s = (self.grad_accum * batch * gpus) as f64 / self.seconds;
             self.communication = Some(c);
         }
         self
@@ -125,7 +132,7 @@ mod tests {
             state_traffic_bytes: 1.0e11,
             traffic: Default::default(),
         };
-        let t = step_time(&flops, r, &c.time, Checkpointing::Full, 8, 4);
+        let t = step_time(&flops, r, &c.time, Checkpointing::Full, 8, 4, 1);
         assert!((t.seconds_without_recompute - 4.0e15 / (0.4 * 989e12)).abs() < 1e-9);
         assert!((t.seconds_with_recompute / t.seconds_without_recompute - 4.0 / 3.0).abs() < 1e-12);
         assert_eq!(t.seconds, t.seconds_with_recompute);

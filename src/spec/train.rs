@@ -318,7 +318,18 @@ pub struct TrainSpec {
     /// Optimizer execution; files written before the field existed mean the harness's loop.
     #[serde(default = "OptimizerImpl::legacy")]
     pub optimizer_impl: OptimizerImpl,
+    /// Micro-batches per optimizer step (gradient accumulation); files written before the
+    /// field existed mean 1.
+    #[serde(default = "one_micro_batch")]
+    pub grad_accum: u64,
 }
+
+fn one_micro_batch() -> u64 {
+    1
+}
+
+/// Upper bound of `grad_accum` (a typo guard, far above any real schedule).
+pub const MAX_GRAD_ACCUM: u64 = 1 << 16;
 
 impl Default for TrainSpec {
     fn default() -> Self {
@@ -335,6 +346,7 @@ impl Default for TrainSpec {
             // `vramcal estimate` defaults to PyTorch's sdpa and foreach instead (cli::common).
             attention: Attention::legacy(),
             optimizer_impl: OptimizerImpl::legacy(),
+            grad_accum: 1,
         }
     }
 }
@@ -351,6 +363,7 @@ impl TrainSpec {
         check_range("seq", self.seq, 1, MAX_SEQ)?;
         check_range("image", self.image, 1, MAX_IMAGE)?;
         check_range("gpus", self.gpus, 1, MAX_GPUS)?;
+        check_range("grad-accum", self.grad_accum, 1, MAX_GRAD_ACCUM)?;
         if self.zero_stage > 3 {
             return input_err(
                 "zero",
