@@ -641,3 +641,18 @@ fn grad_accum_and_time_to_train() {
     assert!(secs > six_pd && secs < 2.0 * six_pd, "{secs} vs {six_pd}");
     assert!(one["training_time"]["seconds"].is_number());
 }
+
+/// `--no-gpu-choice` skips the search; the recommendation says so instead of claiming that no
+/// catalog GPU holds the job.
+#[test]
+fn no_gpu_choice_says_what_it_did_not_search() {
+    let v = json(&["estimate", "--model", "gpt2", "--no-gpu-choice", "--json"]);
+    let r = v["recommendation"].as_str().unwrap();
+    assert!(r.contains("not searched"), "{r}");
+    assert!(!r.contains("no catalog GPU holds it"), "{r}");
+    let v = json(&["estimate", "--model", "gpt2", "--json"]);
+    assert!(v["recommendation"]
+        .as_str()
+        .unwrap()
+        .starts_with("smallest fitting setup"));
+}

@@ -273,7 +273,12 @@ fn describe(l: &Layout, name: &str) -> String {
     )
 }
 
-fn recommend(verdict: Option<&Verdict>, train: &TrainSpec, choices: &[GpuChoice]) -> String {
+fn recommend(
+    verdict: Option<&Verdict>,
+    train: &TrainSpec,
+    choices: &[GpuChoice],
+    searched: bool,
+) -> String {
     // Fewest GPUs first, then the smallest card among them (the catalog is ordered by memory).
     let best = choices
         .iter()
@@ -281,7 +286,14 @@ fn recommend(verdict: Option<&Verdict>, train: &TrainSpec, choices: &[GpuChoice]
         .min_by_key(|(l, c)| (l.gpus, c.memory_bytes));
     let best_text = best
         .map(|(l, c)| format!("smallest fitting setup: {}", describe(&l, c.name)))
-        .unwrap_or_else(|| "no catalog GPU holds it with up to 4096 GPUs".to_string());
+        .unwrap_or_else(|| {
+            if searched {
+                "no catalog GPU holds it with up to 4096 GPUs".to_string()
+            } else {
+                // --no-gpu-choice: nothing was searched, so nothing can be said to be missing
+                "the catalog was not searched (--no-gpu-choice)".to_string()
+            }
+        });
     match verdict {
         Some(v) if v.fits => format!(
             "fits: {} GPU(s) with ZeRO stage {} and checkpointing {}, {:.1} GiB free per GPU",
@@ -443,7 +455,7 @@ pub fn estimate(
             _ => None,
         },
         step_time: step,
-        recommendation: recommend(verdict.as_ref(), train, &gpu_choice),
+        recommendation: recommend(verdict.as_ref(), train, &gpu_choice, opts.choose_gpus),
         notes: counterintuitive(train, &memory, &ev)?,
         verdict,
         search,
