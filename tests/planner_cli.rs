@@ -656,3 +656,46 @@ fn no_gpu_choice_says_what_it_did_not_search() {
         .unwrap()
         .starts_with("smallest fitting setup"));
 }
+
+/// The answer comes first: `--brief` prints exactly the full output's first line, which says
+/// whether the job fits (and the largest batch when asked).
+#[test]
+fn the_answer_is_the_first_line_and_brief_prints_only_it() {
+    let args = [
+        "estimate",
+        "--model",
+        "llama2-7b",
+        "--seq",
+        "4096",
+        "--precision",
+        "bf16-mixed",
+        "--zero",
+        "2",
+        "--gpus",
+        "8",
+        "--gpu",
+        "h100",
+        "--max-batch",
+    ];
+    let (code, full, _) = vramcal(&args);
+    assert_eq!(code, 0);
+    let mut brief_args = args.to_vec();
+    brief_args.push("--brief");
+    let (code, brief, _) = vramcal(&brief_args);
+    assert_eq!(code, 0);
+    assert_eq!(brief.lines().count(), 1, "{brief}");
+    assert_eq!(brief.trim_end(), full.lines().next().unwrap());
+    assert!(
+        brief.starts_with("FITS: ") && brief.contains("max batch"),
+        "{brief}"
+    );
+    let (_, small, _) = vramcal(&[
+        "estimate",
+        "--model",
+        "llama2-7b",
+        "--gpu",
+        "rtx4090",
+        "--brief",
+    ]);
+    assert!(small.starts_with("DOES NOT FIT: "), "{small}");
+}

@@ -109,6 +109,9 @@ pub struct Flags {
     /// Skip the per-GPU-type choice table
     #[arg(long)]
     pub no_gpu_choice: bool,
+    /// Print only the answer (the first line of the full output)
+    #[arg(long, conflicts_with = "json")]
+    pub brief: bool,
     /// Micro-batches per optimizer step (gradient accumulation): global batch = batch x this x
     /// gpus; gradients stay resident through every micro-batch
     #[arg(long, allow_hyphen_values = true, default_value = "1")]
@@ -446,6 +449,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let est = estimate(&model, &train, &coeffs, &opts)?;
     let text = if args.json {
         serde_json::to_string_pretty(&est)? + "\n"
+    } else if args.brief {
+        answer(&est) + "\n"
     } else {
         render(&est)
     };
@@ -488,9 +493,45 @@ fn secs(s: f64) -> String {
     }
 }
 
-/// The human-readable report: one aligned `label  value` line per figure.
+/// The answer in one line, read first: whether the job fits the named GPU (with the memory it
+/// needs of the capacity, and the largest batch / sequence when asked), else what the memory
+/// per GPU is and the smallest catalog setup that holds it.
+pub fn answer(e: &Estimate) -> String {
+    let need = e.memory.device_used as f64 / GIB;
+    let mut out = match &e.verdict {
+        Some(v) => format!(
+            "{}: {need:.1} GiB per GPU of {:.1} GiB{} ({} GPU(s), ZeRO {}, checkpointing {})",
+            if v.fits { "FITS" } else { "DOES NOT FIT" },
+            v.capacity_bytes as f64 / GIB,
+            v.gpu.map(|g| format!(" on {g}")).unwrap_or_default(),
+            e.train.spec.gpus,
+            e.train.spec.zero_stage,
+            e.train.spec.checkpointing
+        ),
+        None => format!("{need:.1} GiB per GPU (device memory at the peak)"),
+    };
+    if let Some(sr) = &e.search {
+        if let Some(b) = sr.max_batch {
+            out.push_str(&format!("; max batch {b}"));
+        }
+        if let Some(q) = sr.max_seq {
+            out.push_str(&format!("; max seq {q}"));
+        }
+    }
+    let fits = e.verdict.as_ref().is_some_and(|v| v.fits);
+    if !fits {
+        // the recommendation repeats the verdict before its "; " when there is one
+        let r = &e.recommendation;
+        let advice = r.split_once("; ").map_or(r.as_str(), |(_, rest)| rest);
+        out.push_str(&format!(" — {advice}"));
+    }
+    out
+}
+
+/// The human-readable report: the answer first, then one aligned `label  value` line per figure.
 pub fn render(e: &Estimate) -> String {
     let mut o = String::new();
+    let _ = writeln!(o, "{}\n", answer(e));
     let t = &e.train.spec;
     let row = |o: &mut String, label: &str, value: String| {
         let _ = writeln!(o, "  {label:<28} {value}");
