@@ -357,6 +357,18 @@ pub fn quantile(sorted: &[f64], q: f64) -> f64 {
     sorted[lo] + (sorted[hi] - sorted[lo]) * (pos - lo as f64)
 }
 
+/// Records the measured steps on an ok row: median, p10 and p90 of the step times (ms) and how
+/// many there were (both backends).
+pub fn set_step_times(row: &mut Row, times_ms: &[f64]) {
+    let mut t = times_ms.to_vec();
+    t.sort_by(f64::total_cmp);
+    row.step_ms_median = Some(quantile(&t, 0.5));
+    row.step_ms_p10 = Some(quantile(&t, 0.1));
+    row.step_ms_p90 = Some(quantile(&t, 0.9));
+    row.repeats = t.len() as u32;
+    row.status = Status::Ok;
+}
+
 /// What the probes saw.
 struct Measured {
     params: u64,
@@ -396,19 +408,13 @@ pub fn measure(
     };
     match result {
         Ok(m) => {
-            let mut t = m.times_ms.clone();
-            t.sort_by(f64::total_cmp);
             row.params = m.params;
             row.baseline_bytes = Some(m.baseline);
             row.peak_bytes = Some(m.peak);
             row.peak_reserved_bytes = m.reserved;
             row.memgetinfo_bytes = m.memgetinfo;
             row.nvml_bytes = m.nvml;
-            row.step_ms_median = Some(quantile(&t, 0.5));
-            row.step_ms_p10 = Some(quantile(&t, 0.1));
-            row.step_ms_p90 = Some(quantile(&t, 0.9));
-            row.repeats = t.len() as u32;
-            row.status = Status::Ok;
+            set_step_times(&mut row, &m.times_ms);
         }
         Err(e) if is_oom_message(&format!("{e:#} {e:?}")) => {
             row.status = Status::Oom;

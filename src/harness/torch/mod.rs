@@ -11,7 +11,9 @@
 
 use crate::error::{input_err, InputError};
 use crate::harness::measure::MeasureOptions;
-use crate::harness::measure::{cpu_info, quantile, row_template, slug, DeviceInfo, DeviceSpec};
+use crate::harness::measure::{
+    cpu_info, row_template, set_step_times, slug, DeviceInfo, DeviceSpec,
+};
 use crate::harness::record::{Backend, Row, Status};
 use crate::spec::{ModelSpec, TrainSpec};
 use anyhow::Context;
@@ -291,8 +293,6 @@ pub fn measure(
     row.driver = r.driver.clone();
     match r.status.as_str() {
         "ok" => {
-            let mut t = r.step_ms.clone();
-            t.sort_by(f64::total_cmp);
             row.params = r.params.unwrap_or(row.params);
             row.baseline_bytes = r.baseline_bytes;
             row.peak_bytes = r.peak_bytes;
@@ -300,11 +300,7 @@ pub fn measure(
             row.memgetinfo_bytes = r.memgetinfo_bytes;
             row.nvml_bytes = r.nvml_bytes;
             row.saved_bytes = r.saved_bytes;
-            row.step_ms_median = Some(quantile(&t, 0.5));
-            row.step_ms_p10 = Some(quantile(&t, 0.1));
-            row.step_ms_p90 = Some(quantile(&t, 0.9));
-            row.repeats = t.len() as u32;
-            row.status = Status::Ok;
+            set_step_times(&mut row, &r.step_ms);
         }
         "oom" => {
             row.status = Status::Oom;

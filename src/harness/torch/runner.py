@@ -356,8 +356,8 @@ def measure(torch, req, device, shim):
             del out
             return loss
 
-    def step():
-        loss = loss_of()
+    def finish(loss):
+        """Backward and the optimizer step, freeing the loss (and its graph) first."""
         if scaler is not None:
             scaler.scale(loss).backward()
             del loss
@@ -369,6 +369,9 @@ def measure(torch, req, device, shim):
             opt.step()
         opt.zero_grad(set_to_none=True)
 
+    def step():
+        finish(loss_of())
+
     def sync():
         if device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -377,7 +380,7 @@ def measure(torch, req, device, shim):
     saved = None
     for i in range(warmup):
         if i == warmup - 1:
-            saved = saved_bytes(torch, model, loss_of, step_rest=(opt, scaler))
+            saved = saved_bytes(torch, model, loss_of, finish)
         else:
             step()
     sync()
@@ -466,10 +469,9 @@ def optimizer(torch, train, model):
     refuse("optimizer", f"'{name}'; accepted adamw, sgd-momentum, sgd, adamw-8bit")
 
 
-def saved_bytes(torch, model, loss_of, step_rest):
+def saved_bytes(torch, model, loss_of, finish):
     """One full step whose forward records the bytes autograd saves for backward: each storage
     once (views share one), parameters excluded (they are weights, not activations)."""
-    opt, scaler = step_rest
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
     seen = {}
 
@@ -485,16 +487,7 @@ def saved_bytes(torch, model, loss_of, step_rest):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = loss_of()
-    if scaler is not None:
-        scaler.scale(loss).backward()
-        del loss
-        scaler.step(opt)
-        scaler.update()
-    else:
-        loss.backward()
-        del loss
-        opt.step()
-    opt.zero_grad(set_to_none=True)
+    finish(loss)
     return sum(seen.values())
 
 
