@@ -94,6 +94,10 @@ pub struct Features {
     /// PyTorch's backward the embedding's second gradient and their sum briefly exist on top of
     /// all the gradients (measured: 2 x V*h in the gradient dtype)
     pub tied_grad_elems: f64,
+    /// Bytes (not elements), fine-tuning only (`plan::finetune`): what LoRA adapter branches save
+    /// for backward over the live blocks, plus a quantized base's dequantized-weight transient.
+    /// Known, not fitted; 0 in full training.
+    pub adapter_bytes: f64,
 }
 
 impl Features {
@@ -155,7 +159,8 @@ impl Features {
             + self.act * a.c_act.value
             + self.pool * a.c_pool.value
             + self.input * a.c_input.value
-            + self.gathered * a.c_gathered.value;
+            + self.gathered * a.c_gathered.value
+            + self.adapter_bytes;
         if self.phased {
             let (head, block) = self.phase_peaks(a);
             common + head.max(block)
@@ -239,7 +244,7 @@ fn group_update(params: u64, train: &TrainSpec) -> f64 {
 }
 
 /// Ranks the optimizer's update is split over: each updates its shard under ZeRO >= 1.
-fn optimizer_shards(train: &TrainSpec) -> f64 {
+pub(crate) fn optimizer_shards(train: &TrainSpec) -> f64 {
     if train.zero_stage >= 1 {
         train.gpus as f64
     } else {
@@ -339,6 +344,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 } else {
                     0.0
                 },
+                adapter_bytes: 0.0,
             })
         }
         ModelSpec::Cnn(c) => {

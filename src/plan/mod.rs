@@ -1,6 +1,7 @@
 //! The analytical planner: spec + coefficients -> memory, host RAM, storage, time, GPU choice.
 
 pub mod estimate;
+pub mod finetune;
 pub mod gpus;
 pub mod host;
 pub mod memory;
