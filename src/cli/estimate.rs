@@ -8,6 +8,7 @@ use super::common::{parse_int, Defaults, TrainFlags};
 use crate::coeffs::Coefficients;
 use crate::error::{check_range, input_err, rename_field};
 use crate::plan::estimate::{estimate, Estimate, Options};
+use crate::plan::finetune::{resolve_targets, Finetune, FinetuneMode};
 use crate::plan::gpus;
 use crate::spec::transformer::{
     Activation, Arch, DropoutP, FfnKind, Head, NormKind, TransformerSpec,
@@ -88,6 +89,35 @@ pub struct Flags {
 
     #[command(flatten)]
     pub train: TrainFlags,
+    /// What is trained: full (every parameter), lora (frozen base, rank-R adapters; Hu et al.
+    /// 2021), qlora (frozen NF4 base, 4.127 bits/param; Dettmers et al. 2023) [default: full]
+    #[arg(long, allow_hyphen_values = true)]
+    pub finetune: Option<String>,
+    /// LoRA/QLoRA adapter rank [default: 16]
+    #[arg(long, allow_hyphen_values = true)]
+    pub lora_rank: Option<String>,
+    /// LoRA/QLoRA adapted linears: attn, mlp, all, or a comma list of the model's block linears
+    /// (q,k,v,o,qkv,gate,up,down,fc1,fc2; transformers names such as q_proj, c_attn also work)
+    /// [default: all block linears, as the QLoRA paper]
+    #[arg(long, allow_hyphen_values = true)]
+    pub lora_targets: Option<String>,
+    /// LoRA/QLoRA: peft lora_dropout on each adapter's input [default: 0]
+    #[arg(long, allow_hyphen_values = true)]
+    pub lora_dropout: Option<String>,
+    /// LoRA: bits of the frozen base's block linears: 16 (the precision's dtype), 8 (LLM.int8()),
+    /// 4 (NF4, as --finetune qlora) [default: 16; qlora: 4]
+    #[arg(long, allow_hyphen_values = true)]
+    pub base_bits: Option<String>,
+    /// Partial fine-tuning: freeze the embeddings and the first N blocks [default: 0]
+    #[arg(long, allow_hyphen_values = true)]
+    pub freeze_layers: Option<String>,
+    /// ZeRO-Offload to host RAM: none, optimizer (states and step on CPU; --zero 1-3),
+    /// optimizer+params (ZeRO-Infinity; --zero 3) [default: none]
+    #[arg(long, allow_hyphen_values = true)]
+    pub offload: Option<String>,
+    /// bitsandbytes paged optimizer (noted only; states planned as resident)
+    #[arg(long)]
+    pub paged_optimizer: bool,
     /// GPU from the catalog (`vramcal gpus`): capacity and peak FLOP/s
     #[arg(long)]
     pub gpu: Option<String>,
@@ -434,14 +464,118 @@ fn options_from_args(a: &Flags) -> anyhow::Result<Options> {
             gpus_per_node,
             network_gbps,
         },
+        finetune: Finetune::default(),
     })
+}
+
+/// Parses a clap `ValueEnum` from text, so a bad value is one line naming the flag.
+fn value_enum<T: clap::ValueEnum>(field: &str, s: &str) -> anyhow::Result<T> {
+    T::from_str(s.trim(), true).or_else(|_| {
+        let names: Vec<String> = T::value_variants()
+            .iter()
+            .filter_map(|v| v.to_possible_value().map(|p| p.get_name().to_string()))
+            .collect();
+        input_err(
+            field,
+            format!("'{s}' is unknown; accepted {}", names.join(", ")),
+        )
+    })
+}
+
+/// `--finetune`, `--lora-*`, `--base-bits`, `--freeze-layers`, `--offload`, checked against the
+/// model and the training configuration.
+pub fn finetune_from_args(
+    a: &Flags,
+    model: &ModelSpec,
+    train: &TrainSpec,
+) -> anyhow::Result<Finetune> {
+    let mode: FinetuneMode = match &a.finetune {
+        Some(s) => value_enum("finetune", s)?,
+        None => FinetuneMode::Full,
+    };
+    let mut ft = Finetune {
+        mode,
+        ..Finetune::default()
+    };
+    let adapter_flags = [
+        ("lora-rank", a.lora_rank.is_some()),
+        ("lora-targets", a.lora_targets.is_some()),
+        ("lora-dropout", a.lora_dropout.is_some()),
+        ("base-bits", a.base_bits.is_some()),
+    ];
+    if mode == FinetuneMode::Full {
+        if let Some((flag, _)) = adapter_flags.iter().find(|(_, given)| *given) {
+            return input_err(
+                flag,
+                "applies to adapters only; accepted with --finetune lora or qlora",
+            );
+        }
+    }
+    if let Some(r) = &a.lora_rank {
+        ft.rank = parse_int("lora-rank", r)?;
+    }
+    if let Some(p) = &a.lora_dropout {
+        ft.lora_dropout = match p.trim().parse::<f32>() {
+            Ok(p) if p.is_finite() && (0.0..1.0).contains(&p) => p,
+            _ => {
+                return input_err(
+                    "lora-dropout",
+                    format!("'{p}' is not a probability; accepted a number with 0 <= p < 1"),
+                )
+            }
+        };
+    }
+    ft.base_bits = match (&a.base_bits, mode) {
+        (None, FinetuneMode::Qlora) => 4,
+        (None, _) => 16,
+        (Some(b), FinetuneMode::Qlora) if b.trim() != "4" => {
+            return input_err(
+                "base-bits",
+                format!("'{b}' with --finetune qlora (NF4 is 4 bits); accepted 4, or --finetune lora --base-bits 8|16"),
+            )
+        }
+        (Some(b), _) => match b.trim() {
+            "4" => 4,
+            "8" => 8,
+            "16" => 16,
+            _ => {
+                return input_err(
+                    "base-bits",
+                    format!("'{b}' is unknown; accepted 4, 8, 16"),
+                )
+            }
+        },
+    };
+    if ft.base_bits < 16 && train.precision == crate::spec::Precision::Fp32 {
+        return input_err(
+            "precision",
+            format!("fp32 with a {}-bit base: bitsandbytes computes in 16 bits; accepted bf16-mixed, bf16, fp16-mixed", ft.base_bits),
+        );
+    }
+    if let Some(n) = &a.freeze_layers {
+        ft.freeze_layers = parse_int("freeze-layers", n)?;
+    }
+    if let Some(o) = &a.offload {
+        ft.offload = value_enum("offload", o)?;
+    }
+    ft.paged_optimizer = a.paged_optimizer;
+    if ft.is_adapter() {
+        if let ModelSpec::Transformer(t) = model {
+            if let Some(spec) = &a.lora_targets {
+                ft.targets = resolve_targets(t, spec)?;
+            }
+        }
+    }
+    ft.validate(model, train)?;
+    Ok(ft)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let args = *args.flags;
     let model = model_from_args(&args)?;
     let train = train_from_args(&args)?;
-    let opts = options_from_args(&args)?;
+    let mut opts = options_from_args(&args)?;
+    opts.finetune = finetune_from_args(&args, &model, &train)?;
     let coeffs = match &args.coeffs {
         Some(p) => Coefficients::load(p)?,
         None => Coefficients::literature(),
@@ -532,7 +666,7 @@ pub fn answer(e: &Estimate) -> String {
 pub fn render(e: &Estimate) -> String {
     let mut o = String::new();
     let _ = writeln!(o, "{}\n", answer(e));
-    let t = &e.train.spec;
+    let t = &e.train;
     let row = |o: &mut String, label: &str, value: String| {
         let _ = writeln!(o, "  {label:<28} {value}");
     };
@@ -572,7 +706,7 @@ pub fn render(e: &Estimate) -> String {
     };
     let _ = writeln!(
         o,
-        "batch {} per GPU, {input}, {}, {} ({}){attention}, checkpointing {}, ZeRO stage {} over {} GPU(s){}\nstates: {layout}\n",
+        "batch {} per GPU, {input}, {}, {} ({}){attention}, checkpointing {}, ZeRO stage {} over {} GPU(s){}\nstates: {layout}",
         t.batch, t.precision, t.optimizer, t.optimizer_impl, t.checkpointing, t.zero_stage, t.gpus,
         if t.grad_accum > 1 {
             format!(
@@ -582,6 +716,32 @@ pub fn render(e: &Estimate) -> String {
         } else {
             String::new()
         }
+    );
+    let tuning = match &t.lora {
+        Some(l) => format!(
+            "{} rank {} on {} of every block from block {}, base {} bits",
+            t.finetune.as_str(),
+            l.rank,
+            l.targets.join(","),
+            t.freeze_layers,
+            l.base_bits
+        ),
+        None if t.freeze_layers > 0 => format!(
+            "full, embeddings and the first {} block(s) frozen",
+            t.freeze_layers
+        ),
+        None => "full".to_string(),
+    };
+    let offload = if t.offload.optimizer() {
+        format!(", offload {} to host", t.offload.as_str())
+    } else {
+        String::new()
+    };
+    let _ = writeln!(
+        o,
+        "fine-tuning: {tuning}{offload}; trainable {} of {} parameters\n",
+        thousands(t.trainable_params),
+        thousands(e.params)
     );
     let _ = writeln!(o, "Parameters");
     row(&mut o, "exact", thousands(e.params));
@@ -672,6 +832,9 @@ pub fn render(e: &Estimate) -> String {
         ),
     );
     row(&mut o, "2 x parameter bytes", bytes(h.params_bytes));
+    if h.offload_bytes > 0 {
+        row(&mut o, "offloaded states (pinned)", bytes(h.offload_bytes));
+    }
     row(&mut o, "recommended (+30 %)", bytes(h.recommended_bytes));
     row(
         &mut o,
@@ -728,6 +891,20 @@ pub fn render(e: &Estimate) -> String {
             secs(st.seconds_without_recompute),
         );
         row(&mut o, "with recompute", secs(st.seconds_with_recompute));
+        if let Some(off) = &e.offload_time {
+            row(
+                &mut o,
+                "of which offload",
+                format!(
+                    "{}  ({:.2} GB over PCIe at {:.0} GB/s, CPU Adam on {:.3e} params at {:.0e}/s)",
+                    secs(off.seconds),
+                    off.pcie_bytes / 1e9,
+                    off.pcie_bytes_per_s / 1e9,
+                    off.cpu_params,
+                    off.cpu_params_per_s
+                ),
+            );
+        }
         if let Some(c) = &st.communication {
             row(
                 &mut o,

@@ -2,6 +2,7 @@
 //! struct whose JSON is the stable schema documented in docs/estimate-schema.md.
 
 use crate::coeffs::Coefficients;
+use crate::plan::finetune::{self, Finetune, OffloadTime};
 use crate::plan::gpus::{self, Gpu, Layout};
 use crate::plan::host::{self, HostRam};
 use crate::plan::memory::MemoryBreakdown;
@@ -36,6 +37,8 @@ pub struct Options {
     pub train_tokens: Option<u64>,
     /// node size and network, for the data-parallel communication in the step time
     pub cluster: crate::plan::comm::Cluster,
+    /// fine-tuning mode, frozen blocks and offload (`--finetune`, `--freeze-layers`, `--offload`)
+    pub finetune: Finetune,
 }
 
 impl Default for Options {
@@ -53,6 +56,7 @@ impl Default for Options {
             choose_gpus: true,
             train_tokens: None,
             cluster: crate::plan::comm::Cluster::default(),
+            finetune: Finetune::default(),
         }
     }
 }
@@ -101,6 +105,7 @@ pub struct Estimate {
     pub tokens_per_sample: Option<u64>,
     /// transformers: the block settings the activation model used; null for CNNs
     pub block: Option<BlockSettings>,
+    /// the training configuration, with what is fine-tuned and its exact trainable parameters
     pub train: TrainOut,
     /// per GPU, bytes
     pub memory: MemoryBreakdown,
@@ -112,6 +117,9 @@ pub struct Estimate {
     pub storage: Storage,
     /// null when neither `--gpu` nor a calibrated flops_per_s gives a rate
     pub step_time: Option<StepTime>,
+    /// with `--offload`: the PCIe transfers and CPU optimizer step added to `step_time` (also
+    /// without a GPU rate)
+    pub offload_time: Option<OffloadTime>,
     pub verdict: Option<Verdict>,
     pub search: Option<SearchResult>,
     pub gpu_choice: Vec<GpuChoice>,
@@ -125,17 +133,6 @@ pub struct Estimate {
     pub training_time: Option<TrainingTime>,
 }
 
-/// The training configuration as planned, with what it implies per optimizer step.
-#[derive(Debug, Clone, Serialize)]
-pub struct TrainOut {
-    #[serde(flatten)]
-    pub spec: TrainSpec,
-    /// samples per optimizer step over all GPUs: batch x grad_accum x gpus
-    pub global_batch: u64,
-    /// tokens per optimizer step over all GPUs (transformers; null for CNNs)
-    pub global_tokens: Option<u64>,
-}
-
 /// Time to train on `tokens`: optimizer steps x the step time (which holds the step's FLOPs,
 /// 6·P per token plus attention, 8·P with full recompute, at the achieved rate, and the
 /// exposed communication).
@@ -145,6 +142,94 @@ pub struct TrainingTime {
     pub optimizer_steps: u64,
     pub seconds: f64,
     pub gpu_hours: f64,
+}
+
+/// [`TrainSpec`] plus the fine-tuning settings (flattened into one JSON object `train`).
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainOut {
+    #[serde(flatten)]
+    pub spec: TrainSpec,
+    /// `full`, `lora` or `qlora`
+    pub finetune: finetune::FinetuneMode,
+    /// exact: parameters with gradients and optimizer states
+    pub trainable_params: u64,
+    /// frozen base parameters (0 in plain full training)
+    pub frozen_params: u64,
+    /// LoRA/QLoRA only: `rank`, `targets` (canonical linear names), `dropout`, `base_bits`,
+    /// `base_bytes_per_param` of the quantized block linears and its source
+    pub lora: Option<LoraOut>,
+    pub freeze_layers: u64,
+    /// `none`, `optimizer`, `optimizer+params`
+    pub offload: finetune::Offload,
+    /// bytes moved to pinned host memory per process by `offload`
+    pub offloaded_bytes: u64,
+    pub paged_optimizer: bool,
+    /// samples per optimizer step over all GPUs: batch x grad_accum x gpus
+    pub global_batch: u64,
+    /// tokens per optimizer step over all GPUs (transformers; null for CNNs)
+    pub global_tokens: Option<u64>,
+}
+
+impl std::ops::Deref for TrainOut {
+    type Target = TrainSpec;
+    fn deref(&self) -> &TrainSpec {
+        &self.spec
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LoraOut {
+    pub rank: u64,
+    pub targets: Vec<String>,
+    pub dropout: f32,
+    pub base_bits: u8,
+    /// bytes per quantized parameter (null when the base is not quantized)
+    pub base_bytes_per_param: Option<f64>,
+    pub base_source: Option<&'static str>,
+}
+
+fn train_out(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> TrainOut {
+    let s = finetune::split(model, ft);
+    let lora = match model {
+        ModelSpec::Transformer(t) if ft.is_adapter() => Some(LoraOut {
+            rank: ft.rank,
+            targets: ft.adapted(t).iter().map(|l| l.name.to_string()).collect(),
+            dropout: ft.lora_dropout,
+            base_bits: ft.base_bits,
+            base_bytes_per_param: match ft.base_bits {
+                4 => Some(finetune::NF4_BITS_PER_PARAM / 8.0),
+                8 => Some(1.0),
+                _ => None,
+            },
+            base_source: match ft.base_bits {
+                4 => Some("NF4 with double quantization: 4 + 8/64 + 32/(64*256) bits (Dettmers et al. 2023, QLoRA)"),
+                8 => Some("LLM.int8(): 1 byte per weight + an fp32 scale per output row (Dettmers et al. 2022)"),
+                _ => None,
+            },
+        }),
+        _ => None,
+    };
+    TrainOut {
+        spec: train.clone(),
+        finetune: ft.mode,
+        trainable_params: s.trainable,
+        frozen_params: s.frozen,
+        lora,
+        freeze_layers: ft.freeze_layers,
+        offload: ft.offload,
+        offloaded_bytes: finetune::offloaded_bytes(model, train, ft),
+        paged_optimizer: ft.paged_optimizer,
+        global_batch: train.batch * train.grad_accum * train.gpus,
+        global_tokens: match model {
+            ModelSpec::Transformer(t) => Some(
+                t.effective_seq(train.seq, train.image)
+                    * train.batch
+                    * train.grad_accum
+                    * train.gpus,
+            ),
+            ModelSpec::Cnn(_) => None,
+        },
+    }
 }
 
 /// What a transformer's activations were planned with: the measured block implementation its
@@ -195,7 +280,8 @@ fn step_for(
     let Some(rate) = step_time::rate(time, gpu, train.precision) else {
         return Ok(None);
     };
-    let flops = time::step_flops(model, train)?;
+    let ft = ev.finetune();
+    let flops = time::finetune_flops(model, train, ft, time::step_flops(model, train)?);
     let step = step_time::step_time(
         &flops,
         rate,
@@ -208,7 +294,23 @@ fn step_for(
     // the last micro-batch's backward is the window communication can hide behind
     let window = step.seconds / train.grad_accum.max(1) as f64;
     let comm = crate::plan::comm::communication(ev.params(), train, gpu, cluster, window);
-    Ok(Some(step.with_communication(comm, train.batch, train.gpus)))
+    Ok(Some(with_offload(
+        step.with_communication(comm, train.batch, train.gpus),
+        finetune::offload_time(model, train, ft),
+        train,
+    )))
+}
+
+/// Adds the offload's transfers and CPU optimizer step (`plan::finetune::offload_time`) to an
+/// assembled step time.
+fn with_offload(mut st: StepTime, off: Option<OffloadTime>, train: &TrainSpec) -> StepTime {
+    if let Some(o) = off {
+        st.seconds_without_recompute += o.seconds;
+        st.seconds_with_recompute += o.seconds;
+        st.seconds += o.seconds;
+        st.samples_per_s = (train.batch * train.grad_accum * train.gpus) as f64 / st.seconds;
+    }
+    st
 }
 
 fn layout_train(train: &TrainSpec, l: Layout) -> TrainSpec {
@@ -236,6 +338,13 @@ fn choose_all(
         let layout = gpus::choose(g.memory_bytes, |l| {
             if cnn && l.checkpointing {
                 return None; // checkpointing is modelled for transformer blocks only
+            }
+            if ev
+                .finetune()
+                .validate(model, &layout_train(train, l))
+                .is_err()
+            {
+                return None; // e.g. offload without ZeRO
             }
             ev.breakdown(&layout_train(train, l))
                 .ok()
@@ -362,7 +471,8 @@ pub fn estimate(
     coeffs: &Coefficients,
     opts: &Options,
 ) -> anyhow::Result<Estimate> {
-    let ev = Evaluator::new(model, train, coeffs)?;
+    opts.finetune.validate(model, train)?;
+    let ev = Evaluator::new(model, train, coeffs)?.with_finetune(opts.finetune.clone());
     let memory = ev.breakdown(train)?;
     let p = ev.params();
     let (params_12ld2, tokens) = match model {
@@ -407,7 +517,8 @@ pub fn estimate(
         sample_bytes,
         opts.workers,
         capacity.unwrap_or(memory.total),
-    );
+    )
+    .with_offload(finetune::offloaded_bytes(model, train, &opts.finetune));
     let storage = storage::storage(
         p,
         train,
@@ -429,11 +540,7 @@ pub fn estimate(
         params_12ld2,
         tokens_per_sample: tokens,
         block: BlockSettings::of(model),
-        train: TrainOut {
-            spec: train.clone(),
-            global_batch: train.batch * train.grad_accum * train.gpus,
-            global_tokens: tokens.map(|t| t * train.batch * train.grad_accum * train.gpus),
-        },
+        train: train_out(model, train, &opts.finetune),
         seed_vs_total_pct: (seed_formula_bytes as f64 - memory.total as f64) / memory.total as f64
             * 100.0,
         memory,
@@ -455,8 +562,15 @@ pub fn estimate(
             _ => None,
         },
         step_time: step,
+        offload_time: finetune::offload_time(model, train, &opts.finetune),
         recommendation: recommend(verdict.as_ref(), train, &gpu_choice, opts.choose_gpus),
-        notes: counterintuitive(train, &memory, &ev)?,
+        notes: {
+            let mut n = counterintuitive(train, &memory, &ev)?;
+            if opts.finetune.paged_optimizer {
+                n.push("paged optimizer: bitsandbytes keeps the optimizer states in CUDA unified memory and pages them to host RAM only under memory pressure; planned as resident (no saving counted)".into());
+            }
+            n
+        },
         verdict,
         search,
         gpu_choice,

@@ -49,6 +49,21 @@ pub struct HostRam {
     pub recommended_bytes: u64,
     /// 3 x the GPU memory this process drives (a rule of thumb, advice only)
     pub rule_of_thumb_bytes: u64,
+    /// pinned host memory holding the states `--offload` moved off this process's GPU; added
+    /// to `required_bytes` (0 without offload)
+    pub offload_bytes: u64,
+}
+
+impl HostRam {
+    /// Adds the states ZeRO-Offload / ZeRO-Infinity keep in pinned host memory: they come on top
+    /// of the loader and state-dict figures (pinned pages cannot be swapped or shared).
+    pub fn with_offload(mut self, bytes: u64) -> Self {
+        let bytes = bytes.min(MAX_PLAN_BYTES);
+        self.offload_bytes = bytes;
+        self.required_bytes += bytes;
+        self.recommended_bytes = (self.required_bytes as f64 * (1.0 + HEADROOM)).ceil() as u64;
+        self
+    }
 }
 
 /// `vram_bytes` is the GPU's capacity when known, else the estimated per-GPU total.
@@ -79,6 +94,7 @@ pub fn host_ram(
         required_bytes,
         recommended_bytes: (required_bytes as f64 * (1.0 + HEADROOM)).ceil() as u64,
         rule_of_thumb_bytes: cap(vram_bytes.saturating_mul(3)),
+        offload_bytes: 0,
     }
 }
 

@@ -98,6 +98,10 @@ pub struct Features {
     /// forward and backward (they accumulate into `param.grad`), so activations and gradients
     /// coexist in full whatever the backend's lifetimes
     pub accumulating: bool,
+    /// Bytes (not elements), fine-tuning only (`plan::finetune`): what LoRA adapter branches save
+    /// for backward over the live blocks, plus a quantized base's dequantized-weight transient.
+    /// Known, not fitted; 0 in full training.
+    pub adapter_bytes: f64,
 }
 
 impl Features {
@@ -159,7 +163,8 @@ impl Features {
             + self.act * a.c_act.value
             + self.pool * a.c_pool.value
             + self.input * a.c_input.value
-            + self.gathered * a.c_gathered.value;
+            + self.gathered * a.c_gathered.value
+            + self.adapter_bytes;
         if self.phased {
             let (head, block) = self.phase_peaks(a);
             common + head.max(block)
@@ -243,7 +248,7 @@ fn group_update(params: u64, train: &TrainSpec) -> f64 {
 }
 
 /// Ranks the optimizer's update is split over: each updates its shard under ZeRO >= 1.
-fn optimizer_shards(train: &TrainSpec) -> f64 {
+pub(crate) fn optimizer_shards(train: &TrainSpec) -> f64 {
     if train.zero_stage >= 1 {
         train.gpus as f64
     } else {
@@ -344,6 +349,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                     0.0
                 },
                 accumulating: train.grad_accum > 1,
+                adapter_bytes: 0.0,
             })
         }
         ModelSpec::Cnn(c) => {

@@ -2,6 +2,7 @@
 
 pub mod comm;
 pub mod estimate;
+pub mod finetune;
 pub mod gpus;
 pub mod host;
 pub mod memory;

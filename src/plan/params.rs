@@ -22,6 +22,8 @@ pub struct TransformerParams {
     /// weights that take part in a matrix multiply per token (FLOP count): block linears plus
     /// the head's projection (a tied LM head still multiplies), ViT patch projection.
     pub matmul: u64,
+    /// of `matmul`: the block linears' weights over all blocks
+    pub block_matmul: u64,
 }
 
 fn norm_params(kind: NormKind, h: u64) -> u64 {
@@ -73,6 +75,14 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
         head,
         total: embedding + t.layers * per_layer + final_norm + head,
         matmul: t.layers * (attn_w + mlp_w) + head_matmul + patch_w,
+        block_matmul: t.layers * (attn_w + mlp_w),
+    }
+}
+
+impl TransformerParams {
+    /// Matmul weights outside the blocks: the head's projection and a ViT's patch projection.
+    pub fn head_matmul_and_patch(&self) -> u64 {
+        self.matmul - self.block_matmul
     }
 }
 

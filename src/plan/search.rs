@@ -19,6 +19,8 @@ pub struct Evaluator<'a> {
     runtime: RuntimeCoeffs,
     /// device the coefficient table was measured on ("literature" for the default table)
     device_id: String,
+    /// what is trained and offloaded (full training of everything by default)
+    finetune: crate::plan::finetune::Finetune,
 }
 
 impl<'a> Evaluator<'a> {
@@ -35,7 +37,18 @@ impl<'a> Evaluator<'a> {
             mode: coeffs.mode(model.family(), train.precision),
             runtime: coeffs.runtime(),
             device_id: coeffs.device_id.clone(),
+            finetune: Default::default(),
         })
+    }
+
+    /// Plans a fine-tuning configuration (`plan::finetune`) instead of full training.
+    pub fn with_finetune(mut self, finetune: crate::plan::finetune::Finetune) -> Self {
+        self.finetune = finetune;
+        self
+    }
+
+    pub fn finetune(&self) -> &crate::plan::finetune::Finetune {
+        &self.finetune
     }
 
     pub fn params(&self) -> u64 {
@@ -53,10 +66,14 @@ impl<'a> Evaluator<'a> {
     /// Per-GPU breakdown. `train` must keep the precision given to [`Evaluator::new`]; sizes are
     /// not re-validated here (callers search within validated bounds).
     pub fn breakdown(&self, train: &TrainSpec) -> anyhow::Result<MemoryBreakdown> {
-        let terms = FitTerms {
-            params: self.params,
-            states: state_bytes(self.params, train),
-            features: features(self.model, train)?,
+        let terms = if self.finetune.is_plain() {
+            FitTerms {
+                params: self.params,
+                states: state_bytes(self.params, train),
+                features: features(self.model, train)?,
+            }
+        } else {
+            crate::plan::finetune::terms(self.model, train, &self.finetune)?
         };
         Ok(breakdown_with_mode(&terms, &self.mode).with_runtime(&self.runtime, train.gpus))
     }

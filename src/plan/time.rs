@@ -74,3 +74,44 @@ pub fn step_flops(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<StepFl
         traffic: act,
     })
 }
+
+/// FLOPs of a fine-tuning step (`plan::finetune`): a frozen weight needs no weight-gradient
+/// matmul (2 of the 6 FLOPs per weight and token), the frozen leading blocks run forward only
+/// (2 of 6, and a third of their attention FLOPs), and each adapter weight costs the full 6.
+/// Unchanged for plain full training.
+pub fn finetune_flops(
+    model: &ModelSpec,
+    train: &TrainSpec,
+    ft: &crate::plan::finetune::Finetune,
+    flops: StepFlops,
+) -> StepFlops {
+    let ModelSpec::Transformer(t) = model else {
+        return flops;
+    };
+    if ft.is_plain() {
+        return flops;
+    }
+    let tokens = (train.batch * t.effective_seq(train.seq, train.image)) as f64;
+    let p = params::transformer(t);
+    let block_mm = (p.matmul - p.head_matmul_and_patch()) as f64 / t.layers as f64;
+    let n = ft.freeze_layers as f64;
+    let l = t.layers as f64;
+    let dense = if ft.is_adapter() {
+        let s = crate::plan::finetune::split(model, ft);
+        tokens * (4.0 * p.matmul as f64 - 2.0 * n * block_mm + 6.0 * s.trainable as f64)
+    } else {
+        flops.dense - 4.0 * n * block_mm * tokens
+    };
+    let attention = flops.attention * (1.0 - 2.0 / 3.0 * n / l);
+    let recompute = match train.checkpointing {
+        Checkpointing::Full => (dense + attention) / 3.0,
+        Checkpointing::Selective => attention / 3.0,
+        Checkpointing::None => 0.0,
+    };
+    StepFlops {
+        dense,
+        attention,
+        recompute,
+        ..flops
+    }
+}

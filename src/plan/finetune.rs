@@ -1,0 +1,603 @@
+//! Parameter-efficient and partial fine-tuning: LoRA (Hu et al. 2021), QLoRA (Dettmers et al.
+//! 2023), an LLM.int8() base (Dettmers et al. 2022), frozen leading blocks, and ZeRO-Offload /
+//! ZeRO-Infinity of optimizer states and parameters to host memory (Ren et al. 2021, Rajbhandari
+//! et al. 2021). docs/architecture.md, "Fine-tuning", has the formulas and their sources.
+//!
+//! Full fine-tuning with nothing frozen and nothing offloaded ([`Finetune::default`]) leaves
+//! every plan exactly as without this module.
+
+use crate::error::{check_range, input_err};
+use crate::plan::memory::{state_bytes, FitTerms, StateBytes};
+use crate::plan::params;
+use crate::spec::transformer::{BlockKind, FfnKind, TransformerSpec};
+use crate::spec::{ModelSpec, Precision, TrainSpec};
+use serde::Serialize;
+
+/// What is trained.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FinetuneMode {
+    /// every parameter (less `--freeze-layers`)
+    #[default]
+    Full,
+    /// frozen base in the precision's weight dtype, rank-R adapters trained
+    Lora,
+    /// frozen NF4 base (block linears), 16-bit rest, rank-R adapters trained
+    Qlora,
+}
+
+impl FinetuneMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinetuneMode::Full => "full",
+            FinetuneMode::Lora => "lora",
+            FinetuneMode::Qlora => "qlora",
+        }
+    }
+}
+
+/// What ZeRO moves to host memory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+pub enum Offload {
+    #[default]
+    #[serde(rename = "none")]
+    #[value(name = "none")]
+    None,
+    /// ZeRO-Offload: optimizer states (and the fp32 master copy) and the optimizer step on CPU
+    #[serde(rename = "optimizer")]
+    #[value(name = "optimizer")]
+    Optimizer,
+    /// ZeRO-Infinity (stage 3): also the parameters, fetched block by block
+    #[serde(rename = "optimizer+params")]
+    #[value(name = "optimizer+params")]
+    OptimizerParams,
+}
+
+impl Offload {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Offload::None => "none",
+            Offload::Optimizer => "optimizer",
+            Offload::OptimizerParams => "optimizer+params",
+        }
+    }
+    pub fn optimizer(self) -> bool {
+        self != Offload::None
+    }
+    pub fn params(self) -> bool {
+        self == Offload::OptimizerParams
+    }
+}
+
+/// NF4 storage per quantized parameter: 4-bit code, one absmax per 64-value block stored as an
+/// 8-bit double-quantized constant, and one fp32 constant per 256 blocks
+/// (Dettmers et al. 2023, "QLoRA", sec. 2 "Double Quantization": 4 + 8/64 + 32/(64·256) bits).
+pub const NF4_BITS_PER_PARAM: f64 = 4.0 + 8.0 / 64.0 + 32.0 / (64.0 * 256.0);
+/// LLM.int8() (bitsandbytes `Linear8bitLt`): 1 byte per weight plus one fp32 scale per output
+/// row (Dettmers et al. 2022, "LLM.int8()", vector-wise quantization).
+pub const INT8_ROW_SCALE_BYTES: f64 = 4.0;
+
+/// The fine-tuning configuration (`vramcal estimate --finetune ...`).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Finetune {
+    pub mode: FinetuneMode,
+    /// adapter rank R (LoRA/QLoRA)
+    pub rank: u64,
+    /// adapted linears, canonical names ([`block_linears`]); empty = all block linears
+    pub targets: Vec<String>,
+    /// peft `lora_dropout`
+    pub lora_dropout: f32,
+    /// the first N blocks and the embeddings are frozen and save nothing for backward
+    pub freeze_layers: u64,
+    /// bits of the frozen base's block linears: 16 (or 32 in fp32) for LoRA, 8 for LLM.int8(),
+    /// 4 for QLoRA's NF4
+    pub base_bits: u8,
+    pub offload: Offload,
+    /// bitsandbytes paged optimizer: noted only (pages move to host under memory pressure)
+    pub paged_optimizer: bool,
+}
+
+impl Default for Finetune {
+    fn default() -> Self {
+        Self {
+            mode: FinetuneMode::Full,
+            rank: 16,
+            targets: Vec::new(),
+            lora_dropout: 0.0,
+            freeze_layers: 0,
+            base_bits: 16,
+            offload: Offload::None,
+            paged_optimizer: false,
+        }
+    }
+}
+
+/// Which part of a block a linear belongs to (`--lora-targets attn|mlp`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Part {
+    Attn,
+    Mlp,
+}
+
+/// One linear of a transformer block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Linear {
+    /// canonical name: q, k, v, o, qkv (fused), gate, up, down, fc1, fc2
+    pub name: &'static str,
+    /// what transformers calls it (for messages)
+    pub hf: &'static str,
+    pub d_in: u64,
+    pub d_out: u64,
+    pub part: Part,
+}
+
+/// The linears of one block as transformers builds them: Llama-family q/k/v/o + gate/up/down;
+/// GPT-2-style decoders (GPT-2, GPT-BigCode, GPT-NeoX) one fused qkv projection (`c_attn`,
+/// `query_key_value`) + o and a two-matrix MLP; BERT-style encoders and ViT separate q/k/v/o and
+/// fc1/fc2. Architectures that fuse differently (Phi-3's `qkv_proj`/`gate_up_proj`, StarCoder2's
+/// separate q/k/v in a GPT-2-shaped block) are counted with this layout.
+pub fn block_linears(t: &TransformerSpec) -> Vec<Linear> {
+    let h = t.hidden;
+    let kv = t.kv_heads * t.head_dim();
+    let f = t.ffn;
+    let l = |name, hf, d_in, d_out, part| Linear {
+        name,
+        hf,
+        d_in,
+        d_out,
+        part,
+    };
+    let mut v = Vec::new();
+    if t.block_kind() == Some(BlockKind::Gpt2) {
+        v.push(l("qkv", "c_attn", h, h + 2 * kv, Part::Attn));
+        v.push(l("o", "attn.c_proj", h, h, Part::Attn));
+    } else {
+        v.push(l("q", "q_proj/query", h, h, Part::Attn));
+        v.push(l("k", "k_proj/key", h, kv, Part::Attn));
+        v.push(l("v", "v_proj/value", h, kv, Part::Attn));
+        v.push(l("o", "o_proj/attention.output.dense", h, h, Part::Attn));
+    }
+    match t.ffn_kind {
+        FfnKind::Swiglu => {
+            v.push(l("gate", "gate_proj", h, f, Part::Mlp));
+            v.push(l("up", "up_proj", h, f, Part::Mlp));
+            v.push(l("down", "down_proj", f, h, Part::Mlp));
+        }
+        FfnKind::Gelu => {
+            v.push(l("fc1", "c_fc/intermediate.dense", h, f, Part::Mlp));
+            v.push(l("fc2", "mlp.c_proj/output.dense", f, h, Part::Mlp));
+        }
+    }
+    v
+}
+
+/// transformers' module names accepted as aliases of the canonical ones.
+fn alias(name: &str) -> &str {
+    match name {
+        "q_proj" | "query" => "q",
+        "k_proj" | "key" => "k",
+        "v_proj" | "value" => "v",
+        "o_proj" | "out_proj" => "o",
+        "c_attn" | "query_key_value" | "qkv_proj" => "qkv",
+        "gate_proj" => "gate",
+        "up_proj" => "up",
+        "down_proj" => "down",
+        "c_fc" => "fc1",
+        other => other,
+    }
+}
+
+/// Resolves `--lora-targets` (attn, mlp, all, or a comma list) against the model's linears into
+/// canonical names. An unknown name is an input error that lists the model's linears.
+pub fn resolve_targets(t: &TransformerSpec, spec: &str) -> anyhow::Result<Vec<String>> {
+    let linears = block_linears(t);
+    let names: Vec<&str> = linears.iter().map(|l| l.name).collect();
+    let pick = |part: Option<Part>| -> Vec<String> {
+        linears
+            .iter()
+            .filter(|l| part.is_none_or(|p| l.part == p))
+            .map(|l| l.name.to_string())
+            .collect()
+    };
+    let s = spec.trim().to_ascii_lowercase();
+    match s.as_str() {
+        "all" | "all-linear" => return Ok(pick(None)),
+        "attn" | "attention" => return Ok(pick(Some(Part::Attn))),
+        "mlp" | "ffn" => return Ok(pick(Some(Part::Mlp))),
+        _ => {}
+    }
+    let mut out: Vec<String> = Vec::new();
+    for raw in s.split(',').map(str::trim).filter(|x| !x.is_empty()) {
+        let n = alias(raw);
+        if !names.contains(&n) {
+            return input_err(
+                "lora-targets",
+                format!(
+                    "'{raw}' is not a linear of this model; accepted attn, mlp, all or a comma list of {}",
+                    names.join(", ")
+                ),
+            );
+        }
+        if !out.iter().any(|o| o == n) {
+            out.push(n.to_string());
+        }
+    }
+    if out.is_empty() {
+        return input_err(
+            "lora-targets",
+            format!(
+                "empty; accepted attn, mlp, all or a comma list of {}",
+                names.join(", ")
+            ),
+        );
+    }
+    Ok(out)
+}
+
+impl Finetune {
+    /// Full fine-tuning of every parameter with nothing offloaded: today's plan, untouched.
+    pub fn is_plain(&self) -> bool {
+        self.mode == FinetuneMode::Full && self.freeze_layers == 0 && !self.offload.optimizer()
+    }
+
+    pub fn is_adapter(&self) -> bool {
+        self.mode != FinetuneMode::Full
+    }
+
+    /// The adapted linears of one block (every block linear when `targets` is empty).
+    pub fn adapted(&self, t: &TransformerSpec) -> Vec<Linear> {
+        if !self.is_adapter() {
+            return Vec::new();
+        }
+        block_linears(t)
+            .into_iter()
+            .filter(|l| self.targets.is_empty() || self.targets.iter().any(|n| n == l.name))
+            .collect()
+    }
+
+    /// Checks the combination against the model and the training configuration; every message
+    /// names the flag as written.
+    pub fn validate(&self, model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<()> {
+        let t = match model {
+            ModelSpec::Transformer(t) => Some(t),
+            ModelSpec::Cnn(_) => None,
+        };
+        if self.is_adapter() || self.freeze_layers > 0 {
+            let Some(t) = t else {
+                let flag = if self.is_adapter() {
+                    "finetune"
+                } else {
+                    "freeze-layers"
+                };
+                return input_err(
+                    flag,
+                    "applies to transformer blocks only; accepted with --model, --hf-config or --layers/--hidden/--heads of a transformer",
+                );
+            };
+            let max_frozen = if self.is_adapter() {
+                t.layers - 1
+            } else {
+                t.layers
+            };
+            check_range("freeze-layers", self.freeze_layers, 0, max_frozen)?;
+        }
+        if let (true, Some(t)) = (self.is_adapter(), t) {
+            let width = block_linears(t)
+                .iter()
+                .map(|l| l.d_in.min(l.d_out))
+                .min()
+                .unwrap_or(1);
+            check_range("lora-rank", self.rank, 1, width)?;
+            if !(self.lora_dropout.is_finite() && (0.0..1.0).contains(&self.lora_dropout)) {
+                return input_err(
+                    "lora-dropout",
+                    format!(
+                        "{} is not a probability; accepted 0 <= p < 1",
+                        self.lora_dropout
+                    ),
+                );
+            }
+        }
+        if self.mode == FinetuneMode::Qlora && train.precision == Precision::Fp32 {
+            return input_err(
+                "precision",
+                "fp32 with --finetune qlora: the NF4 base computes in 16 bits; accepted bf16-mixed, bf16, fp16-mixed",
+            );
+        }
+        if self.offload.optimizer() {
+            if train.zero_stage == 0 {
+                return input_err(
+                    "offload",
+                    format!(
+                        "{} needs DeepSpeed ZeRO; accepted with --zero 1-3 (optimizer+params: --zero 3) and --gpus N",
+                        self.offload.as_str()
+                    ),
+                );
+            }
+            if self.offload.params() && train.zero_stage < 3 {
+                return input_err(
+                    "offload",
+                    format!(
+                        "optimizer+params needs ZeRO stage 3 (ZeRO-Infinity), not {}; accepted --zero 3",
+                        train.zero_stage
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Trainable and frozen parameter counts of a configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct ParamSplit {
+    /// parameters with gradients and optimizer states (adapters, or the unfrozen base)
+    pub trainable: u64,
+    /// frozen base parameters held in the base dtype
+    pub frozen: u64,
+    /// of `frozen`: the block linears' weights stored quantized (QLoRA, int8 base)
+    pub quantized: u64,
+    /// output rows of the quantized linears (int8 per-row scales)
+    pub quantized_rows: u64,
+    /// elements of the largest trainable tensor (the optimizer's per-tensor transients)
+    pub largest_trainable: u64,
+}
+
+/// Splits the model's parameters. Full fine-tuning: the embeddings (and a tied head with them)
+/// and the first N blocks are frozen. LoRA: the whole base is frozen; each adapted linear of
+/// the blocks past the first N gains A (R × d_in) and B (d_out × R) (peft `lora_A`/`lora_B`, no
+/// bias).
+pub fn split(model: &ModelSpec, ft: &Finetune) -> ParamSplit {
+    let total = params::count(model);
+    let ModelSpec::Transformer(t) = model else {
+        return ParamSplit {
+            trainable: total,
+            frozen: 0,
+            quantized: 0,
+            quantized_rows: 0,
+            largest_trainable: params::largest_tensor(model),
+        };
+    };
+    let p = params::transformer(t);
+    let per_layer = p.attention_per_layer + p.mlp_per_layer + p.norms_per_layer;
+    let n = ft.freeze_layers;
+    if !ft.is_adapter() {
+        let frozen = if n > 0 {
+            p.embedding + n * per_layer
+        } else {
+            0
+        };
+        return ParamSplit {
+            trainable: total - frozen,
+            frozen,
+            quantized: 0,
+            quantized_rows: 0,
+            largest_trainable: params::largest_tensor(model),
+        };
+    }
+    let adapted = ft.adapted(t);
+    let per_block: u64 = adapted.iter().map(|l| ft.rank * (l.d_in + l.d_out)).sum();
+    let largest = adapted
+        .iter()
+        .map(|l| ft.rank * l.d_in.max(l.d_out))
+        .max()
+        .unwrap_or(0);
+    let (quantized, quantized_rows) = if ft.base_bits < 16 {
+        let lin = block_linears(t);
+        (
+            t.layers * lin.iter().map(|l| l.d_in * l.d_out).sum::<u64>(),
+            t.layers * lin.iter().map(|l| l.d_out).sum::<u64>(),
+        )
+    } else {
+        (0, 0)
+    };
+    ParamSplit {
+        trainable: (t.layers - n) * per_block,
+        frozen: total,
+        quantized,
+        quantized_rows,
+        largest_trainable: largest,
+    }
+}
+
+/// Bytes of the frozen base on one rank (sharded under ZeRO-3 like any weight): quantized block
+/// linears at their storage rate, the rest in 16 bits under QLoRA/int8 (bitsandbytes replaces
+/// the blocks' `nn.Linear`s only; transformers' `BitsAndBytesConfig` skips the output head,
+/// `llm_int8_skip_modules` defaulting to `get_keys_to_not_convert`, i.e. `lm_head`); a 16-bit
+/// LoRA base in the compute dtype; frozen blocks of full fine-tuning in the weights' dtype.
+pub fn frozen_bytes(s: &ParamSplit, train: &TrainSpec, ft: &Finetune) -> f64 {
+    let unquantized = (s.frozen - s.quantized) as f64;
+    let bytes = match ft.base_bits {
+        4 => s.quantized as f64 * NF4_BITS_PER_PARAM / 8.0 + 2.0 * unquantized,
+        8 => {
+            s.quantized as f64 + s.quantized_rows as f64 * INT8_ROW_SCALE_BYTES + 2.0 * unquantized
+        }
+        // an adapter's frozen base is loaded in the compute dtype (transformers `torch_dtype`
+        // with peft): nothing needs an fp32 master copy of it
+        _ if ft.is_adapter() => train.precision.compute_bytes() as f64 * s.frozen as f64,
+        // partial full fine-tuning: the frozen blocks stay in the trained weights' dtype
+        _ => state_bytes(s.frozen, train).weights * shards_undo(train),
+    };
+    if train.zero_stage >= 3 {
+        bytes / train.gpus as f64
+    } else {
+        bytes
+    }
+}
+
+/// `state_bytes` already divides weights by N under ZeRO-3; [`frozen_bytes`] shards once itself.
+fn shards_undo(train: &TrainSpec) -> f64 {
+    if train.zero_stage >= 3 {
+        train.gpus as f64
+    } else {
+        1.0
+    }
+}
+
+/// Model states of one rank: the trainable parameters' states as in full training, plus the
+/// frozen base's weights (no gradients, no optimizer states). Offloaded states leave the GPU.
+pub fn states(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> StateBytes {
+    let s = split(model, ft);
+    let mut st = state_bytes(s.trainable, train);
+    st.weights += frozen_bytes(&s, train, ft);
+    if ft.offload.optimizer() {
+        st.optimizer = 0.0;
+    }
+    if ft.offload.params() {
+        st.weights = 0.0;
+        st.half_copy = 0.0;
+    }
+    st
+}
+
+/// Bytes moved to host memory by `--offload` on one rank (pinned): the optimizer states (with
+/// the fp32 master copy), and with `optimizer+params` the weights.
+pub fn offloaded_bytes(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> u64 {
+    if !ft.offload.optimizer() {
+        return 0;
+    }
+    let s = split(model, ft);
+    let mut st = state_bytes(s.trainable, train);
+    st.weights += frozen_bytes(&s, train, ft);
+    let mut b = st.optimizer;
+    if ft.offload.params() {
+        b += st.weights + st.half_copy;
+    }
+    b.round() as u64
+}
+
+/// Bytes saved for backward by the adapter branches of the live blocks, per live block: the
+/// rank-R intermediate `x·A` (b·s·R in the compute dtype) of each adapted linear, and with
+/// `lora_dropout` > 0 the dropped copy of its input that `lora_A` saves plus the mask
+/// (b·s·d_in × (compute bytes + 1)): peft applies `lora_dropout(x)` per adapted module.
+pub fn adapter_saved_per_block(t: &TransformerSpec, train: &TrainSpec, ft: &Finetune) -> f64 {
+    let bs = (train.batch * t.effective_seq(train.seq, train.image)) as f64;
+    let cb = train.precision.compute_bytes() as f64;
+    ft.adapted(t)
+        .iter()
+        .map(|l| {
+            let drop = if ft.lora_dropout > 0.0 {
+                bs * l.d_in as f64 * (cb + 1.0)
+            } else {
+                0.0
+            };
+            bs * ft.rank as f64 * cb + drop
+        })
+        .sum()
+}
+
+/// The dequantized 16-bit copy of the largest block linear that a 4- or 8-bit base materialises
+/// for one matmul at a time (forward and backward), bytes.
+pub fn dequant_transient(t: &TransformerSpec, ft: &Finetune) -> f64 {
+    if ft.base_bits >= 16 {
+        return 0.0;
+    }
+    2.0 * block_linears(t)
+        .iter()
+        .map(|l| l.d_in * l.d_out)
+        .max()
+        .unwrap_or(0) as f64
+}
+
+/// PCIe 4.0 x16 host<->device bandwidth achieved with pinned memory, bytes/s: 32 GB/s per
+/// direction on paper (PCI-SIG), about 25 GB/s measured (CUDA samples' `bandwidthTest`).
+pub const PCIE_BYTES_PER_S: f64 = 25e9;
+/// DeepSpeed CPU-Adam parameter updates per second on one process: an assumption of the order
+/// of magnitude Ren et al. 2021 ("ZeRO-Offload", CPU-Adam evaluation) report for a multi-core
+/// server CPU (about a second per billion parameters); not measured here.
+pub const CPU_ADAM_PARAMS_PER_S: f64 = 1e9;
+
+/// Time the offload adds to a step on one rank, seconds, and what it is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct OffloadTime {
+    /// bytes over PCIe per step: 16-bit gradients down, updated 16-bit weights up; with
+    /// parameters offloaded each block's 16-bit weights also come up in forward and backward
+    pub pcie_bytes: f64,
+    pub pcie_bytes_per_s: f64,
+    /// parameters this rank's CPU optimizer updates
+    pub cpu_params: f64,
+    pub cpu_params_per_s: f64,
+    /// transfers + CPU step, not overlapped with compute (an upper bound: DeepSpeed overlaps
+    /// part of the gradient transfer with backward)
+    pub seconds: f64,
+}
+
+/// See [`OffloadTime`]. None without `--offload`.
+pub fn offload_time(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> Option<OffloadTime> {
+    if !ft.offload.optimizer() {
+        return None;
+    }
+    let s = split(model, ft);
+    let n = train.gpus as f64;
+    let shard = s.trainable as f64 / n;
+    let mut pcie = shard * 2.0 + shard * 2.0;
+    if ft.offload.params() {
+        // each rank fetches its shard of every weight for forward and again for backward
+        pcie += 2.0 * frozen_bytes(&s, train, ft) + 2.0 * 2.0 * shard;
+    }
+    let seconds = pcie / PCIE_BYTES_PER_S + shard / CPU_ADAM_PARAMS_PER_S;
+    Some(OffloadTime {
+        pcie_bytes: pcie,
+        pcie_bytes_per_s: PCIE_BYTES_PER_S,
+        cpu_params: shard,
+        cpu_params_per_s: CPU_ADAM_PARAMS_PER_S,
+        seconds,
+    })
+}
+
+/// The memory model's terms for a fine-tuning configuration: [`states`] for the model states,
+/// and the full-training features with (1) the first N frozen blocks saving nothing (they are
+/// planned as a model of L − N blocks; the step-time `ops` keep all L), (2) the adapter branches'
+/// saved bytes and the dequantization transient as known bytes, (3) the optimizer's transients
+/// sized by the trainable tensors (none on the GPU when the optimizer is offloaded), and (4) no
+/// tied-embedding gradient when the embeddings are frozen.
+pub fn terms(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> anyhow::Result<FitTerms> {
+    use crate::plan::memory::{features, fit_terms, optimizer_shards, state_elem_bytes};
+    use crate::spec::{Optimizer, OptimizerImpl};
+    if ft.is_plain() {
+        return fit_terms(model, train);
+    }
+    let s = split(model, ft);
+    let mut f = match model {
+        ModelSpec::Transformer(t) if ft.freeze_layers > 0 => {
+            let live = TransformerSpec {
+                layers: t.layers - ft.freeze_layers,
+                ..t.clone()
+            };
+            let mut f = features(&ModelSpec::Transformer(live), train)?;
+            f.ops = t.layers as f64;
+            f
+        }
+        _ => features(model, train)?,
+    };
+    if let ModelSpec::Transformer(t) = model {
+        let live = if train.checkpointing.is_on() {
+            1.0
+        } else {
+            (t.layers - ft.freeze_layers) as f64
+        };
+        f.adapter_bytes = live * adapter_saved_per_block(t, train, ft) + dequant_transient(t, ft);
+        if ft.is_adapter() || ft.freeze_layers > 0 {
+            f.tied_grad_elems = 0.0;
+        }
+    }
+    let shards = optimizer_shards(train);
+    f.max_param = if train.optimizer_impl == OptimizerImpl::Loop && !ft.offload.optimizer() {
+        s.largest_trainable as f64 / shards * (1 + train.optimizer.states_per_param()) as f64
+    } else {
+        0.0
+    };
+    f.group_update_bytes = if train.optimizer == Optimizer::AdamW
+        && train.optimizer_impl == OptimizerImpl::Foreach
+        && !ft.offload.optimizer()
+    {
+        s.trainable as f64 / shards * state_elem_bytes(train)
+    } else {
+        0.0
+    };
+    Ok(FitTerms {
+        params: s.trainable,
+        states: states(model, train, ft),
+        features: f,
+    })
+}

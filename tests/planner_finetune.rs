@@ -1,0 +1,260 @@
+//! Fine-tuning plans (`--finetune`, `--freeze-layers`, `--offload`): trainable-parameter counts
+//! pinned against peft's own, the monotonic facts of the memory model, and bad input.
+
+mod common;
+use common::vramcal;
+use vramcal::coeffs::Coefficients;
+use vramcal::plan::estimate::{estimate, Options};
+use vramcal::plan::finetune::{resolve_targets, split, Finetune, FinetuneMode, Offload};
+use vramcal::plan::params::count;
+use vramcal::spec::presets::preset;
+use vramcal::spec::{hf_config, ModelSpec, Precision, TrainSpec};
+
+/// tests/hf_configs/lora-*/expected_lora.json: peft's `get_nb_trainable_parameters()` for each
+/// (targets, rank), written by scripts/peft_trainable.py with transformers' own classes.
+#[test]
+fn trainable_params_equal_peft_counts() {
+    for dir in ["lora-llama-tiny", "lora-gpt2-tiny", "lora-bert-tiny"] {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf_configs");
+        let t = hf_config::load(&root.join(dir).join("config.json")).unwrap();
+        let text = std::fs::read_to_string(root.join(dir).join("expected_lora.json")).unwrap();
+        let expected: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let cases = expected["cases"].as_array().unwrap();
+        assert_eq!(cases.len(), 12, "{dir}");
+        let model = ModelSpec::Transformer(t.clone());
+        for c in cases {
+            let targets = c["targets"].as_str().unwrap();
+            let ft = Finetune {
+                mode: FinetuneMode::Lora,
+                rank: c["rank"].as_u64().unwrap(),
+                targets: resolve_targets(&t, targets).unwrap(),
+                ..Finetune::default()
+            };
+            let s = split(&model, &ft);
+            assert_eq!(s.trainable, c["trainable"].as_u64().unwrap(), "{dir} {c}");
+            assert_eq!(s.frozen, c["base"].as_u64().unwrap(), "{dir} {c}");
+            assert_eq!(count(&model), c["base"].as_u64().unwrap(), "{dir}");
+        }
+    }
+}
+
+#[test]
+fn llama2_7b_rank16_all_linears_is_the_qlora_figure() {
+    let j = json(&[
+        "estimate",
+        "--model",
+        "llama2-7b",
+        "--precision",
+        "bf16-mixed",
+        "--finetune",
+        "lora",
+        "--no-gpu-choice",
+        "--json",
+    ]);
+    assert_eq!(j["train"]["trainable_params"], 39_976_960u64);
+    assert_eq!(j["train"]["finetune"], "lora");
+    assert_eq!(j["train"]["batch"], 1);
+    // full fine-tuning reports every parameter as trainable
+    let f = json(&[
+        "estimate",
+        "--model",
+        "llama2-7b",
+        "--no-gpu-choice",
+        "--json",
+    ]);
+    assert_eq!(f["train"]["trainable_params"], 6_738_415_616u64);
+    assert_eq!(f["train"]["finetune"], "full");
+}
+
+fn json(args: &[&str]) -> serde_json::Value {
+    let (code, out, err) = vramcal(args);
+    assert_eq!(code, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn plan(model: &ModelSpec, train: &TrainSpec, ft: Finetune) -> vramcal::plan::estimate::Estimate {
+    let opts = Options {
+        choose_gpus: false,
+        gpu: vramcal::plan::gpus::find("rtx4090").ok(),
+        finetune: ft,
+        ..Options::default()
+    };
+    estimate(model, train, &Coefficients::literature(), &opts).unwrap()
+}
+
+fn bf16_train() -> TrainSpec {
+    TrainSpec {
+        batch: 1,
+        seq: 512,
+        precision: Precision::Bf16Mixed,
+        attention: vramcal::spec::Attention::Sdpa,
+        optimizer_impl: vramcal::spec::OptimizerImpl::Foreach,
+        ..TrainSpec::default()
+    }
+}
+
+#[test]
+fn qlora_below_lora_below_full_and_llama2_7b_qlora_fits_24gb() {
+    let m = preset("llama2-7b").unwrap();
+    let t = bf16_train();
+    let full = plan(&m, &t, Finetune::default());
+    let lora = plan(
+        &m,
+        &t,
+        Finetune {
+            mode: FinetuneMode::Lora,
+            ..Finetune::default()
+        },
+    );
+    let qlora = plan(
+        &m,
+        &t,
+        Finetune {
+            mode: FinetuneMode::Qlora,
+            base_bits: 4,
+            ..Finetune::default()
+        },
+    );
+    let (f, l, q) = (&full.memory, &lora.memory, &qlora.memory);
+    assert!(q.weights < l.weights && l.weights < f.weights);
+    // gradients + optimizer: LoRA trains 0.6 % of the parameters
+    assert!((l.gradients + l.optimizer) * 100 < f.gradients + f.optimizer);
+    assert_eq!(l.gradients, q.gradients);
+    assert!(q.device_used < l.device_used && l.device_used < f.device_used);
+    assert!(
+        qlora.verdict.as_ref().unwrap().fits,
+        "QLoRA 7B fits a 24 GB card"
+    );
+    assert!(!full.verdict.as_ref().unwrap().fits);
+    // NF4 base: 6.48e9 block-linear weights at 4.127 bits + 16-bit embeddings, head and norms
+    let quant = 32u64 * (4 * 4096 * 4096 + 3 * 4096 * 11008);
+    let rest = 6_738_415_616u64 - quant;
+    let base = quant as f64 * 4.127 / 8.0 + rest as f64 * 2.0;
+    let adapters = 39_976_960.0 * (4.0 + 2.0); // fp32 adapters + their autocast copy
+    assert!(
+        (q.weights as f64 - base - adapters).abs() / base < 1e-3,
+        "{}",
+        q.weights
+    );
+    // the adapter branches add activations, never remove them
+    assert!(l.activations >= f.activations);
+}
+
+#[test]
+fn frozen_layers_shrink_activations_and_states() {
+    let m = preset("gpt2").unwrap();
+    let t = bf16_train();
+    let full = plan(&m, &t, Finetune::default());
+    let frozen = plan(
+        &m,
+        &t,
+        Finetune {
+            freeze_layers: 6,
+            ..Finetune::default()
+        },
+    );
+    assert!(frozen.memory.activations < full.memory.activations);
+    assert!(frozen.memory.optimizer < full.memory.optimizer);
+    assert!(frozen.train.trainable_params < full.train.trainable_params);
+    assert_eq!(
+        frozen.memory.weights,
+        full.memory.weights - 2 * (frozen.train.frozen_params)
+    );
+}
+
+#[test]
+fn offload_moves_states_to_host() {
+    let m = preset("llama2-7b").unwrap();
+    let t = TrainSpec {
+        zero_stage: 3,
+        gpus: 8,
+        optimizer_impl: vramcal::spec::OptimizerImpl::Fused,
+        ..bf16_train()
+    };
+    let on_gpu = plan(&m, &t, Finetune::default());
+    let opt = plan(
+        &m,
+        &t,
+        Finetune {
+            offload: Offload::Optimizer,
+            ..Finetune::default()
+        },
+    );
+    let all = plan(
+        &m,
+        &t,
+        Finetune {
+            offload: Offload::OptimizerParams,
+            ..Finetune::default()
+        },
+    );
+    assert!(opt.memory.device_used < on_gpu.memory.device_used);
+    assert!(all.memory.device_used < opt.memory.device_used);
+    assert_eq!(opt.memory.optimizer, 0);
+    assert_eq!(
+        opt.host_ram.required_bytes,
+        on_gpu.host_ram.required_bytes + on_gpu.memory.optimizer
+    );
+    assert_eq!(opt.host_ram.offload_bytes, on_gpu.memory.optimizer);
+    assert!(all.host_ram.offload_bytes > opt.host_ram.offload_bytes);
+    let (s0, s1) = (on_gpu.step_time.unwrap(), opt.step_time.unwrap());
+    assert!(s1.seconds > s0.seconds);
+    assert!((s1.seconds - s0.seconds - opt.offload_time.unwrap().seconds).abs() < 1e-9);
+}
+
+#[test]
+fn text_header_names_the_mode_and_trainable_params() {
+    let (code, out, err) = vramcal(&[
+        "estimate",
+        "--model",
+        "llama2-7b",
+        "--precision",
+        "bf16-mixed",
+        "--finetune",
+        "qlora",
+        "--no-gpu-choice",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("fine-tuning: qlora rank 16"), "{out}");
+    assert!(
+        out.contains("trainable 39,976,960 of 6,738,415,616 parameters"),
+        "{out}"
+    );
+}
+
+#[test]
+fn bad_finetune_inputs_exit_2_with_one_line_naming_the_flag() {
+    let cases: &[(&[&str], &str)] = &[
+        (&["--finetune", "dora"], "invalid finetune: 'dora' is unknown; accepted full, lora, qlora"),
+        (&["--finetune", "lora", "--lora-rank", "0"], "invalid lora-rank: 0 is out of range; accepted 1..=768"),
+        (&["--finetune", "lora", "--lora-rank", "5000"], "invalid lora-rank: 5000 is out of range; accepted 1..=768"),
+        (&["--finetune", "lora", "--lora-targets", "qkv,gate"], "invalid lora-targets: 'gate' is not a linear of this model; accepted attn, mlp, all or a comma list of qkv, o, fc1, fc2"),
+        (&["--finetune", "qlora"], "invalid precision: fp32 with a 4-bit base"),
+        (&["--lora-rank", "8"], "invalid lora-rank: applies to adapters only"),
+        (&["--finetune", "lora", "--lora-dropout", "1.5"], "invalid lora-dropout: '1.5' is not a probability"),
+        (&["--freeze-layers", "13"], "invalid freeze-layers: 13 is out of range; accepted 0..=12"),
+        (&["--offload", "optimizer"], "invalid offload: optimizer needs DeepSpeed ZeRO"),
+        (&["--offload", "optimizer+params", "--zero", "2", "--gpus", "2"], "invalid offload: optimizer+params needs ZeRO stage 3"),
+        (&["--offload", "disk"], "invalid offload: 'disk' is unknown; accepted none, optimizer, optimizer+params"),
+        (&["--offload", "optimizer", "--zero", "1", "--gpus", "0"], "invalid gpus: 0 is out of range"),
+        (&["--finetune", "lora", "--base-bits", "3", "--precision", "bf16"], "invalid base-bits: '3' is unknown; accepted 4, 8, 16"),
+    ];
+    for (args, want) in cases {
+        let mut a = vec!["estimate", "--model", "gpt2"];
+        a.extend_from_slice(args);
+        let (code, out, err) = vramcal(&a);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(out.is_empty(), "{args:?} printed {out}");
+        assert_eq!(err.trim_end().lines().count(), 1, "{args:?}: {err}");
+        assert!(
+            err.starts_with(&format!("error: {want}")),
+            "{args:?}: {err}"
+        );
+    }
+    let (code, _, err) = vramcal(&["estimate", "--model", "resnet50", "--finetune", "lora"]);
+    assert_eq!(code, 2);
+    assert!(
+        err.starts_with("error: invalid finetune: applies to transformer blocks only"),
+        "{err}"
+    );
+}
