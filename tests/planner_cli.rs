@@ -699,3 +699,65 @@ fn the_answer_is_the_first_line_and_brief_prints_only_it() {
     ]);
     assert!(small.starts_with("DOES NOT FIT: "), "{small}");
 }
+
+/// The cluster rules of thumb come labelled: below-NVLink interconnect when communication is a
+/// large share of the step, +20 % spare nodes past one node, and with `--spot-mtbf-hours` the
+/// Young/Daly checkpoint interval from the checkpoint size and `--storage-gbps`.
+#[test]
+fn cluster_advice_is_labelled() {
+    let v = json(&[
+        "estimate",
+        "--model",
+        "llama2-7b",
+        "--precision",
+        "bf16-mixed",
+        "--zero",
+        "3",
+        "--gpus",
+        "64",
+        "--gpu",
+        "rtx4090",
+        "--spot-mtbf-hours",
+        "6",
+        "--storage-gbps",
+        "10",
+        "--json",
+        "--no-gpu-choice",
+    ]);
+    let advice = v["advice"].as_array().unwrap();
+    let rules: Vec<&str> = advice.iter().map(|a| a["rule"].as_str().unwrap()).collect();
+    assert!(
+        rules.iter().any(|r| r.starts_with("interconnect")),
+        "{rules:?}"
+    );
+    assert!(
+        rules.iter().any(|r| r.starts_with("spare nodes")),
+        "{rules:?}"
+    );
+    let spot = advice
+        .iter()
+        .find(|a| {
+            a["rule"]
+                .as_str()
+                .unwrap()
+                .starts_with("checkpoint interval")
+        })
+        .unwrap();
+    // sqrt(2 x write x MTBF) with write = checkpoint bytes / 1.25 GB/s
+    let ckpt = v["storage"]["checkpoint_bytes"].as_f64().unwrap();
+    let minutes = (2.0 * ckpt / 1.25e9 * 6.0 * 3600.0).sqrt() / 60.0;
+    assert!(
+        spot["text"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("save every {minutes:.0} min")),
+        "{spot}"
+    );
+    assert!(advice
+        .iter()
+        .all(|a| !a["source"].as_str().unwrap().is_empty()));
+    // the storage policy is named: 3 checkpoints by default
+    assert_eq!(v["storage"]["checkpoints_kept"], 3);
+    let one = json(&["estimate", "--model", "gpt2", "--json"]);
+    assert!(one["advice"].as_array().unwrap().is_empty());
+}

@@ -149,6 +149,13 @@ pub struct Flags {
     /// Training tokens: adds the time to train on them (optimizer steps x step time)
     #[arg(long, allow_hyphen_values = true)]
     pub tokens: Option<String>,
+    /// A preemptible (spot) run: mean hours between interruptions; adds the checkpoint interval
+    /// that minimises lost work (Young/Daly) to the advice
+    #[arg(long, allow_hyphen_values = true)]
+    pub spot_mtbf_hours: Option<String>,
+    /// Checkpoint write bandwidth to storage, Gb/s (with --spot-mtbf-hours)
+    #[arg(long, allow_hyphen_values = true, default_value = "10")]
+    pub storage_gbps: String,
     /// GPUs per node: past it, data-parallel communication crosses the network
     #[arg(long, allow_hyphen_values = true, default_value = "8")]
     pub gpus_per_node: String,
@@ -168,8 +175,8 @@ pub struct Flags {
     /// Storage: preprocessing cache as a fraction of the raw data
     #[arg(long, allow_hyphen_values = true, default_value = "1.0")]
     pub cache_fraction: String,
-    /// Storage: checkpoints kept
-    #[arg(long, allow_hyphen_values = true, default_value = "10")]
+    /// Storage: checkpoints kept (policy: the last 3, enough to step back past a bad save)
+    #[arg(long, allow_hyphen_values = true, default_value = "3")]
     pub keep_checkpoints: String,
 }
 
@@ -354,6 +361,17 @@ pub fn train_from_args(a: &Flags) -> anyhow::Result<TrainSpec> {
     Ok(t)
 }
 
+/// A number in `lo..=hi` for `flag`, or a one-line error naming it and the range.
+fn positive(flag: &str, s: &str, lo: f64, hi: f64, unit: &str) -> anyhow::Result<f64> {
+    match s.trim().parse::<f64>() {
+        Ok(v) if v.is_finite() && (lo..=hi).contains(&v) => Ok(v),
+        _ => input_err(
+            flag,
+            format!("'{s}' is out of range; accepted {lo} to {hi} {unit}"),
+        ),
+    }
+}
+
 /// `--tokens`: a whole number or one with a suffix K, M, B, T (thousand .. trillion), e.g. 2T.
 fn parse_tokens(s: &str) -> anyhow::Result<u64> {
     let t = s.trim();
@@ -453,6 +471,19 @@ fn options_from_args(a: &Flags) -> anyhow::Result<Options> {
         max_batch: a.max_batch,
         max_seq: a.max_seq,
         choose_gpus: !a.no_gpu_choice,
+        spot: match a.spot_mtbf_hours.as_deref() {
+            Some(h) => Some(crate::plan::advice::Spot {
+                mtbf_hours: positive("spot-mtbf-hours", h, 0.01, 1e6, "hours, e.g. 6")?,
+                storage_gbps: positive(
+                    "storage-gbps",
+                    &a.storage_gbps,
+                    0.01,
+                    1e5,
+                    "Gb/s, e.g. 10",
+                )?,
+            }),
+            None => None,
+        },
         train_tokens: match a.tokens.as_deref() {
             Some(t) => {
                 let n = parse_tokens(t)?;
@@ -870,7 +901,7 @@ pub fn render(e: &Estimate) -> String {
         &mut o,
         "total",
         format!(
-            "{}  (data {:.2} GiB + cache {:.2} GiB + {} checkpoints)",
+            "{}  (data {:.2} GiB + cache {:.2} GiB + the last {} checkpoints kept; --keep-checkpoints)",
             bytes(s.total_bytes),
             s.raw_data_bytes as f64 / GIB,
             s.cache_bytes as f64 / GIB,
@@ -933,6 +964,12 @@ pub fn render(e: &Estimate) -> String {
             "samples/s (all GPUs)",
             format!("{:.1}", st.samples_per_s),
         );
+    }
+    if !e.advice.is_empty() {
+        let _ = writeln!(o, "\nAdvice (rules of thumb, each with its source)");
+        for a in &e.advice {
+            let _ = writeln!(o, "  - {}: {}\n    ({})", a.rule, a.text, a.source);
+        }
     }
     if let Some(tt) = &e.training_time {
         let _ = writeln!(o, "\nTime to train on {} tokens", thousands(tt.tokens));

@@ -35,6 +35,8 @@ pub struct Options {
     pub choose_gpus: bool,
     /// training tokens (`--tokens`): the plan adds the time to train on them
     pub train_tokens: Option<u64>,
+    /// a preemptible run (`--spot-mtbf-hours`): the advice adds a checkpoint interval
+    pub spot: Option<crate::plan::advice::Spot>,
     /// node size and network, for the data-parallel communication in the step time
     pub cluster: crate::plan::comm::Cluster,
     /// fine-tuning mode, frozen blocks and offload (`--finetune`, `--freeze-layers`, `--offload`)
@@ -55,6 +57,7 @@ impl Default for Options {
             max_seq: false,
             choose_gpus: true,
             train_tokens: None,
+            spot: None,
             cluster: crate::plan::comm::Cluster::default(),
             finetune: Finetune::default(),
         }
@@ -131,6 +134,8 @@ pub struct Estimate {
     pub coefficients: String,
     /// with `--tokens` and a step time: how long training on them takes
     pub training_time: Option<TrainingTime>,
+    /// the capacity-planning rules of thumb that apply, each labelled with its rule and source
+    pub advice: Vec<crate::plan::advice::Advice>,
 }
 
 /// Time to train on `tokens`: optimizer steps x the step time (which holds the step's FLOPs,
@@ -561,6 +566,14 @@ pub fn estimate(
             }
             _ => None,
         },
+        advice: crate::plan::advice::advice(
+            train.gpus,
+            &opts.cluster,
+            step.as_ref(),
+            opts.gpu.map(|g| g.link_gbs),
+            storage.checkpoint_bytes,
+            opts.spot.as_ref(),
+        ),
         step_time: step,
         offload_time: finetune::offload_time(model, train, &opts.finetune),
         recommendation: recommend(verdict.as_ref(), train, &gpu_choice, opts.choose_gpus),

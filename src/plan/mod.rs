@@ -1,5 +1,6 @@
 //! The analytical planner: spec + coefficients -> memory, host RAM, storage, time, GPU choice.
 
+pub mod advice;
 pub mod comm;
 pub mod estimate;
 pub mod finetune;

@@ -5,8 +5,9 @@ use crate::plan::memory::{state_bytes, MAX_PLAN_BYTES};
 use crate::spec::TrainSpec;
 use serde::Serialize;
 
-/// The usual reserve of 10 checkpoints' worth of space (a full save every 5000 steps).
-pub const DEFAULT_KEPT: u64 = 10;
+/// Checkpoints kept by default: the last 3 (enough to step back past a corrupt or diverged save;
+/// older ones are deleted as new ones land), the policy the output names.
+pub const DEFAULT_KEPT: u64 = 3;
 /// Preprocessing cache as a fraction of the raw data: a decoded/tokenised copy of the same size.
 pub const DEFAULT_CACHE_FRACTION: f64 = 1.0;
 
