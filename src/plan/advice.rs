@@ -113,7 +113,7 @@ mod tests {
     #[test]
     fn young_interval() {
         // 60 s writes, one interruption per 6 h: sqrt(2 * 60 * 21600) = 1609.97 s
-        assert!((checkpoint_interval_s(60.0, 21_600.0) - 1609.968_943).abs() < 1e-3);
+        assert!((checkpoint_interval_s(60.0, 21_600.0) - 1_609.968_943).abs() < 1e-3);
     }
 
     #[test]
