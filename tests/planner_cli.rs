@@ -464,6 +464,25 @@ fn readme_pytorch_table_is_the_committed_reports() {
         readme.contains(&ratio),
         "README does not quote the report's {ratio}"
     );
+    // the larger-step parity sentence counts the committed comparison's ratios within 5 %
+    let mut rdr =
+        csv::Reader::from_path(format!("{dir}/calibration/data/candle-vs-torch-cpu.csv")).unwrap();
+    let col = rdr
+        .headers()
+        .unwrap()
+        .iter()
+        .position(|h| h == "ratio")
+        .unwrap();
+    let ratios: Vec<f64> = rdr
+        .records()
+        .map(|r| r.unwrap()[col].parse::<f64>().unwrap())
+        .collect();
+    let within = ratios.iter().filter(|r| (*r - 1.0).abs() <= 0.05).count();
+    let sentence = format!("within 5 % on {within} of {} configurations", ratios.len());
+    assert!(
+        readme.contains(&sentence),
+        "README does not say '{sentence}'"
+    );
 }
 
 /// The planner's whole-step peak against real PyTorch 2.15 + transformers 5.24 training steps
