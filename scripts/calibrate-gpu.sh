@@ -14,10 +14,11 @@
 #   --quick          the short grid (calibration/grids/cuda-quick.toml) instead of calibration/grids/cuda.toml
 #   --grid FILE      any other grid
 #   --device-id ID   override the id derived from nvidia-smi (e.g. h100-80gb)
-#   --no-torch       skip the PyTorch reference (scripts/torch_reference.py)
+#   --no-torch       skip the PyTorch reference (`vramcal sweep --backend torch` on the same grid)
 #
 # Writes $OUT/calibration/data/$ID.csv (raw measurements), $OUT/calibration/$ID.json (coefficients),
-# $OUT/reports/$ID/ (report, plots, accuracy.json, torch_reference.csv, calibrate.log).
+# $OUT/reports/$ID/ (report with its "Predicting PyTorch" section, plots, accuracy.json,
+# calibrate.log) and $OUT/calibration/data/$ID-torch.csv (the PyTorch rows).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -207,19 +208,30 @@ CAL_S=$(($(now) - T_CAL))
 log "calibrate exited $CAL_RC after ${CAL_S} s (log: $LOG)"
 
 # --- PyTorch reference on the same GPU --------------------------------------------------------------------
+# The binary's own PyTorch backend (src/harness/torch/) over the same grid: transformers' classes,
+# torch.cuda counters; then the report is rewritten with its "Predicting PyTorch" section.
 TORCH_S="-"
 TORCH_STATUS="skipped"
-if [[ $TORCH == 1 ]] && command -v python3 >/dev/null 2>&1 && python3 -c 'import torch' >/dev/null 2>&1; then
+TORCH_CSV="$OUT/calibration/data/$ID-torch.csv"
+if [[ $TORCH == 1 ]] && command -v python3 >/dev/null 2>&1 && python3 -c 'import torch, transformers' >/dev/null 2>&1; then
     T_T=$(now)
-    if python3 "$REPO/scripts/torch_reference.py" --out "$OUT/reports/$ID/torch_reference.csv"; then
-        TORCH_STATUS="ok"
-    else
+    set +e
+    (cd "$REPO" && VRAMCAL_PYTHON="${VRAMCAL_PYTHON:-python3}" "$BIN" sweep --backend torch --device cuda:0 \
+        --grid "$GRID" --out "$TORCH_CSV" --resume --timeout-s 300) 2>&1 | tee -a "$LOG"
+    T_RC=${PIPESTATUS[0]}
+    if [[ $T_RC == 0 && -f "$OUT/calibration/$ID.json" ]]; then
+        (cd "$REPO" && "$BIN" report --data "$OUT/calibration/data/$ID.csv" --coeffs "$OUT/calibration/$ID.json" \
+            --out "$OUT/reports/$ID" --grid "$GRID" --pytorch "$TORCH_CSV") 2>&1 | tee -a "$LOG"
+        T_RC=${PIPESTATUS[0]}
+    fi
+    set -e
+    if [[ $T_RC == 0 ]]; then TORCH_STATUS="ok"; else
         TORCH_STATUS="failed"
-        log "warning: torch_reference.py failed (the calibration itself is unaffected)"
+        log "warning: the PyTorch reference failed (the calibration itself is unaffected)"
     fi
     TORCH_S=$(($(now) - T_T))
 elif [[ $TORCH == 1 ]]; then
-    log "torch not importable: skipping the PyTorch reference"
+    log "torch or transformers not importable: skipping the PyTorch reference"
 fi
 
 # --- summary ----------------------------------------------------------------------------------------------
@@ -256,7 +268,7 @@ calibrate      exit $CAL_RC, ${CAL_S} s, $ROWS rows in $OUT/calibration/data/$ID
 coefficients   $OUT/calibration/$ID.json
 report         $OUT/reports/$ID/README.md
 accuracy       $ACC_LINE
-torch ref      $TORCH_STATUS (${TORCH_S} s) $OUT/reports/$ID/torch_reference.csv
+torch ref      $TORCH_STATUS (${TORCH_S} s) $TORCH_CSV
 total          $(($(now) - T_START)) s
 EOF
 exit "$CAL_RC"
