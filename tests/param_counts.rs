@@ -33,6 +33,9 @@ fn more_published_counts() {
 /// classes (RobertaModel, XLMRobertaModel, GPTNeoXForCausalLM, Phi3ForCausalLM,
 /// GemmaForCausalLM, Starcoder2ForCausalLM, GPTBigCodeForCausalLM) built from them
 /// on the meta device (transformers 5.24); they equal the model cards' figures.
+/// The later families (Qwen3, Gemma2, Gemma3 text, OLMo2, Phi, OPT, GPT-J, Falcon) are
+/// hand-written configs of the published sizes, counted by scripts/count_hf_params.py the same
+/// way (*ForCausalLM on the meta device, transformers 5.24).
 #[test]
 fn hf_config_families_count_like_transformers() {
     let cases = [
@@ -43,6 +46,15 @@ fn hf_config_families_count_like_transformers() {
         ("gemma-2b", 2_506_172_416),
         ("starcoder2-3b", 3_030_371_328),
         ("gpt-bigcode-santacoder", 1_124_886_528),
+        ("qwen3-0.6b", 596_049_920),
+        ("gemma-2-2b", 2_614_341_888),
+        ("gemma-3-1b", 999_885_952),
+        ("olmo-2-1b", 1_484_916_736),
+        ("phi-2", 2_779_683_840),
+        ("opt-125m", 125_239_296),
+        ("opt-350m", 331_196_416),
+        ("gpt-j-6b", 6_050_882_784),
+        ("falcon-7b", 6_921_720_704),
     ];
     for (name, want) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -135,6 +135,7 @@ fn transformer() -> impl Strategy<Value = TransformerSpec> {
                 patch: None,
                 dropout: None,
                 activation: None,
+                extras: Default::default(),
             }
         })
 }

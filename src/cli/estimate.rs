@@ -263,6 +263,7 @@ fn explicit_transformer(a: &Flags) -> anyhow::Result<Option<TransformerSpec>> {
         patch: None,
         dropout: None,
         activation: None,
+        extras: Default::default(),
     }))
 }
 

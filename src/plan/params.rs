@@ -1,6 +1,6 @@
 //! Exact parameter counts, itemised, for transformers and CNNs.
 
-use crate::spec::transformer::{FfnKind, Head, NormKind, TransformerSpec};
+use crate::spec::transformer::{FfnKind, Head, NormKind, QkNorm, TransformerSpec};
 use crate::spec::ModelSpec;
 use serde::Serialize;
 
@@ -35,18 +35,35 @@ fn norm_params(kind: NormKind, h: u64) -> u64 {
 
 pub fn transformer(t: &TransformerSpec) -> TransformerParams {
     let h = t.hidden;
+    let x = &t.extras;
     let b = |n: u64| if t.bias { n } else { 0 };
-    let kv = t.kv_heads * t.head_dim();
-    let attn_w = h * h + 2 * h * kv + h * h;
-    let qkv_only = if t.qkv_bias && !t.bias { h + 2 * kv } else { 0 };
-    let attention_per_layer = attn_w + b(h + 2 * kv + h) + qkv_only;
+    let hd = t.head_dim();
+    let q = t.q_width();
+    let kv = t.kv_heads * hd;
+    let attn_w = h * q + 2 * h * kv + q * h;
+    let attn_b = if t.attn_bias() {
+        q + 2 * kv + h
+    } else if t.qkv_bias {
+        q + 2 * kv
+    } else {
+        0
+    };
+    let attention_per_layer = attn_w + attn_b;
     let (mlp_w, mlp_b) = match t.ffn_kind {
         FfnKind::Gelu => (2 * h * t.ffn, t.ffn + h),
         FfnKind::Swiglu => (3 * h * t.ffn, 2 * t.ffn + h),
     };
     let mlp_per_layer = mlp_w + b(mlp_b);
-    let norms_per_layer = 2 * norm_params(t.norm, h);
     let norm_h = norm_params(t.norm, h);
+    let qk_norms = match x.qk_norm {
+        QkNorm::None => 0,
+        QkNorm::PerHead => 2 * norm_params(t.norm, hd),
+        QkNorm::Full => norm_params(t.norm, q) + norm_params(t.norm, kv),
+    };
+    let norms_per_layer = x.block_norms.unwrap_or(2) * norm_h + qk_norms;
+    // OPT: the token embedding (and a tied head) at a narrower width, projected in and out
+    let e = t.embed_width();
+    let proj = if e != h { 2 * e * h } else { 0 };
     let (embedding, patch_w) = match &t.patch {
         Some(p) => {
             let conv_w = p.channels * p.patch * p.patch * h;
@@ -54,14 +71,20 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
             (conv_w + h + h + p.seq_for(p.image) * h, conv_w)
         }
         None => (
-            (t.vocab + t.max_positions + t.type_vocab) * h
+            t.vocab * e
+                + (t.max_positions + x.position_offset + t.type_vocab) * h
+                + proj
                 + if t.embedding_norm { norm_h } else { 0 },
             0,
         ),
     };
     let final_norm = if t.final_norm { norm_h } else { 0 };
     let (head, head_matmul) = match t.head {
-        Head::Lm => (if t.tied_embeddings { 0 } else { t.vocab * h }, t.vocab * h),
+        Head::Lm => (
+            if t.tied_embeddings { 0 } else { t.vocab * e }
+                + if x.lm_head_bias { t.vocab } else { 0 },
+            t.vocab * e,
+        ),
         Head::Pooler => (h * h + h, h * h),
         Head::Classifier { classes } => (h * classes + classes, h * classes),
     };
@@ -74,13 +97,14 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
         final_norm,
         head,
         total: embedding + t.layers * per_layer + final_norm + head,
-        matmul: t.layers * (attn_w + mlp_w) + head_matmul + patch_w,
+        matmul: t.layers * (attn_w + mlp_w) + head_matmul + patch_w + proj,
         block_matmul: t.layers * (attn_w + mlp_w),
     }
 }
 
 impl TransformerParams {
-    /// Matmul weights outside the blocks: the head's projection and a ViT's patch projection.
+    /// Matmul weights outside the blocks: the head's projection, a ViT's patch projection and
+    /// an OPT-style embedding projection.
     pub fn head_matmul_and_patch(&self) -> u64 {
         self.matmul - self.block_matmul
     }
@@ -124,21 +148,23 @@ pub fn largest_tensor(model: &ModelSpec) -> u64 {
         ModelSpec::Cnn(c) => c.layers.iter().map(cnn_max).max().unwrap_or(0),
         ModelSpec::Transformer(t) => {
             let h = t.hidden;
+            let q = t.q_width();
             let kv = t.kv_heads * t.head_dim();
             // fused QKV when every head has its own K/V, separate projections under GQA
             let qkv = if t.kv_heads == t.heads {
-                3 * h * h
+                3 * h * q
             } else {
-                h * h.max(kv)
+                h * q.max(kv)
             };
+            let e = t.embed_width();
             let head = match t.head {
-                Head::Lm => t.vocab * h,
+                Head::Lm => t.vocab * e,
                 Head::Pooler => h * h,
                 Head::Classifier { classes } => h * classes,
             };
             let embed = match &t.patch {
                 Some(p) => p.channels * p.patch * p.patch * h,
-                None => t.vocab * h,
+                None => t.vocab * e,
             };
             [qkv, h * t.ffn, head, embed, t.max_positions * h]
                 .into_iter()

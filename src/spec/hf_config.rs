@@ -1,11 +1,13 @@
 //! HuggingFace `config.json` -> [`TransformerSpec`], for the architectures whose field names the
 //! planner knows: BERT (and RoBERTa, XLM-RoBERTa, CamemBERT), GPT-2, GPT-BigCode, GPT-NeoX,
-//! StarCoder2, ViT, Llama, Mistral, Qwen2, Phi-3 and Gemma. A missing or mistyped field is an
+//! StarCoder2, ViT, Llama, Mistral, Qwen2, Phi-3, Gemma, Qwen3, Gemma2, Gemma3 (text), OLMo2,
+//! Phi, OPT, GPT-J and Falcon. A missing or mistyped field is an
 //! input error naming it, so a user can fix the file rather than get a silently wrong plan.
 
 use super::presets;
 use super::transformer::{
-    Activation, Arch, DropoutP, FfnKind, Head, NormKind, PatchEmbed, TransformerSpec,
+    Activation, Arch, BlockExtras, DropoutP, FfnKind, Head, NormKind, PatchEmbed, QkNorm,
+    TransformerSpec,
 };
 use crate::error::{input_err, rename_field};
 use serde_json::{Map, Value};
@@ -14,7 +16,8 @@ use std::path::Path;
 /// Architectures accepted in `model_type`.
 pub const MODEL_TYPES: &str =
     "bert, roberta, xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, \
-     starcoder2, vit, llama, mistral, qwen2, phi3, gemma";
+     starcoder2, vit, llama, mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, \
+     phi, opt, gptj, falcon";
 
 type Obj = Map<String, Value>;
 
@@ -128,7 +131,13 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
         "vit" => vit(&o, name)?,
         // Phi-3 fuses q/k/v and gate/up into single matrices of the same total size
         // Gemma: RMSNorm and a gated (GELU) MLP of three matrices, like Llama's
-        "llama" | "mistral" | "qwen2" | "phi3" | "gemma" => llama_like(&o, name, &model_type)?,
+        // Qwen3, Gemma2/3 and OLMo2: the same block with query/key norms and extra norms
+        "llama" | "mistral" | "qwen2" | "phi3" | "gemma" | "qwen3" | "gemma2" | "gemma3_text"
+        | "olmo2" => llama_like(&o, name, &model_type)?,
+        "phi" => phi(&o, name)?,
+        "opt" => opt(&o, name)?,
+        "gptj" => gptj(&o, name)?,
+        "falcon" => falcon(&o, name)?,
         other => {
             return input_err(
                 "config.json model_type",
@@ -168,6 +177,18 @@ fn dropout_keys(model_type: &str) -> &'static [(&'static str, f32)] {
             ("embedding_dropout", 0.0),
             ("attention_dropout", 0.0),
         ],
+        "phi" => &[
+            ("resid_pdrop", 0.0),
+            ("embd_pdrop", 0.0),
+            ("attention_dropout", 0.0),
+        ],
+        "gptj" => &[
+            ("resid_pdrop", 0.0),
+            ("embd_pdrop", 0.0),
+            ("attn_pdrop", 0.0),
+        ],
+        "opt" => &[("dropout", 0.1), ("attention_dropout", 0.0)],
+        "falcon" => &[("hidden_dropout", 0.0), ("attention_dropout", 0.0)],
         _ => &[("attention_dropout", 0.0)],
     }
 }
@@ -177,10 +198,14 @@ fn dropout_keys(model_type: &str) -> &'static [(&'static str, f32)] {
 /// any site above 0 keeps masks), or `None` (the architecture's default) when the config sets
 /// none of them and the block kind's default is the class's (GPT-2, BERT, ViT, Llama). GPT-NeoX
 /// and StarCoder2 are planned with the GPT-2 block, whose default (0.1) is not theirs (0), so
-/// theirs is always set.
+/// theirs is always set, as is that of the families with no measured block (Phi, OPT, GPT-J,
+/// Falcon).
 fn dropout(o: &Obj, model_type: &str) -> anyhow::Result<Option<DropoutP>> {
     let keys = dropout_keys(model_type);
-    let mut any = matches!(model_type, "gpt_neox" | "starcoder2");
+    let mut any = matches!(
+        model_type,
+        "gpt_neox" | "starcoder2" | "phi" | "opt" | "gptj" | "falcon"
+    );
     let mut p = 0.0f32;
     for &(key, default) in keys {
         let v = match o.get(key) {
@@ -233,7 +258,11 @@ fn activation(o: &Obj, model_type: &str) -> anyhow::Result<Option<Activation>> {
     }
     Ok(match model_type {
         "gpt_neox" => Some(Activation::Gelu),
-        "starcoder2" | "gemma" => Some(Activation::GeluPytorchTanh),
+        "starcoder2" | "gemma" | "gemma2" | "gemma3_text" => Some(Activation::GeluPytorchTanh),
+        "phi" | "gptj" => Some(Activation::GeluNew),
+        "opt" => Some(Activation::Relu),
+        // Falcon's MLP is nn.GELU() (its `activation` key defaults to it)
+        "falcon" => Some(Activation::Gelu),
         _ => None,
     })
 }
@@ -242,11 +271,16 @@ fn activation(o: &Obj, model_type: &str) -> anyhow::Result<Option<Activation>> {
 /// user can edit (`num_attention_heads`, not the planner's `heads`).
 fn config_key(model_type: &str, field: &str) -> Option<String> {
     let key = match (model_type, field) {
-        ("gpt2", "layers") => "n_layer",
-        ("gpt2", "hidden") => "n_embd",
-        ("gpt2", "heads" | "kv_heads") => "n_head",
-        ("gpt2", "ffn") => "n_inner",
-        ("gpt2", "max_positions") => "n_positions",
+        ("gpt2" | "gptj", "layers") => "n_layer",
+        ("gpt2" | "gptj", "hidden") => "n_embd",
+        ("gpt2" | "gptj", "heads" | "kv_heads") => "n_head",
+        ("gpt2" | "gptj", "ffn") => "n_inner",
+        ("gpt2" | "gptj", "max_positions") => "n_positions",
+        ("opt", "ffn") => "ffn_dim",
+        ("opt", "embed_proj") => "word_embed_proj_dim",
+        ("falcon", "kv_heads") => "num_kv_heads",
+        ("falcon", "ffn") => "ffn_hidden_size",
+        (_, "head_dim") => "head_dim",
         (_, "layers") => "num_hidden_layers",
         (_, "hidden") => "hidden_size",
         (_, "heads") => "num_attention_heads",
@@ -382,23 +416,18 @@ fn vit(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
 fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<TransformerSpec> {
     let hidden = req_u64(o, "hidden_size")?;
     let heads = req_u64(o, "num_attention_heads")?;
-    if let Some(hd) = opt_u64(o, "head_dim")? {
-        if heads > 0 && hd.checked_mul(heads) != Some(hidden) {
-            return input_err(
-                "config.json head_dim",
-                format!("{hd} x {heads} heads differs from hidden_size {hidden}; accepted head_dim = hidden_size / num_attention_heads"),
-            );
-        }
-    }
+    // head_dim: the config's, else the config class's default (Qwen3 128, Gemma2/3 256), else
+    // hidden / heads; kept only where it departs from hidden / heads
+    let class_head_dim = match model_type {
+        "qwen3" => Some(128),
+        "gemma2" | "gemma3_text" => Some(256),
+        _ => None,
+    };
+    let head_dim = opt_u64(o, "head_dim")?
+        .or(class_head_dim)
+        .filter(|&hd| heads == 0 || hd.checked_mul(heads) != Some(hidden));
     let attention_bias = opt_bool(o, "attention_bias", false)?;
     let mlp_bias = opt_bool(o, "mlp_bias", false)?;
-    if attention_bias != mlp_bias {
-        // Llama's attention_bias puts biases on q, k, v and o but not the MLP: not expressible.
-        return input_err(
-            "config.json attention_bias",
-            "differs from mlp_bias; accepted both false or both true",
-        );
-    }
     let base = presets::llama(
         name,
         req_u64(o, "num_hidden_layers")?,
@@ -408,19 +437,168 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
         req_u64(o, "intermediate_size")?,
         req_u64(o, "vocab_size")?,
     );
+    let (qk_norm, block_norms) = match model_type {
+        "qwen3" => (QkNorm::PerHead, None),
+        // input, post-attention, pre- and post-feed-forward norms
+        "gemma2" => (QkNorm::None, Some(4)),
+        "gemma3_text" => (QkNorm::PerHead, Some(4)),
+        // post-attention and post-feed-forward norms (no input norm), q/k norms full width
+        "olmo2" => (QkNorm::Full, None),
+        _ => (QkNorm::None, None),
+    };
     Ok(TransformerSpec {
         arch: Arch::Decoder,
         ffn_kind: FfnKind::Swiglu,
-        norm: if o.contains_key("rms_norm_eps") {
+        norm: if o.contains_key("rms_norm_eps")
+            || matches!(model_type, "qwen3" | "gemma2" | "gemma3_text" | "olmo2")
+        {
             NormKind::Rmsnorm
         } else {
             NormKind::Layernorm
         },
-        bias: attention_bias,
+        // Llama's attention_bias (q, k, v, o) and mlp_bias are independent
+        bias: mlp_bias,
         // Qwen2 hard-codes biases on q, k and v (and none on o or the MLP).
         qkv_bias: model_type == "qwen2",
         // Gemma ties its LM head to the embedding unless told otherwise (GemmaConfig default)
-        tied_embeddings: opt_bool(o, "tie_word_embeddings", model_type == "gemma")?,
+        tied_embeddings: opt_bool(
+            o,
+            "tie_word_embeddings",
+            matches!(model_type, "gemma" | "gemma2" | "gemma3_text"),
+        )?,
+        extras: BlockExtras {
+            head_dim,
+            qk_norm,
+            block_norms,
+            attn_bias: (attention_bias != mlp_bias).then_some(attention_bias),
+            ..BlockExtras::default()
+        },
+        ..base
+    })
+}
+
+/// A rotary decoder with one LayerNorm before parallel attention and GELU MLP, biases, and an
+/// LM head with a bias (`PhiForCausalLM`; Phi-1/1.5/2). `qk_layernorm` adds per-head
+/// LayerNorms on q and k.
+fn phi(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let heads = req_u64(o, "num_attention_heads")?;
+    let base = presets::gpt2(
+        name,
+        req_u64(o, "num_hidden_layers")?,
+        req_u64(o, "hidden_size")?,
+        heads,
+        req_u64(o, "vocab_size")?,
+        0,
+    );
+    Ok(TransformerSpec {
+        kv_heads: opt_u64(o, "num_key_value_heads")?.unwrap_or(heads),
+        ffn: req_u64(o, "intermediate_size")?,
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", false)?,
+        extras: BlockExtras {
+            qk_norm: if opt_bool(o, "qk_layernorm", false)? {
+                QkNorm::PerHead
+            } else {
+                QkNorm::None
+            },
+            block_norms: Some(1),
+            parallel_attn: true,
+            lm_head_bias: true,
+            ..BlockExtras::default()
+        },
+        ..base
+    })
+}
+
+/// OPT (`OPTForCausalLM`): learned positions with 2 unused offset rows, a token embedding of
+/// `word_embed_proj_dim` projected in and out when it differs from `hidden_size`, pre-LN
+/// (`do_layer_norm_before`, with a final norm) or post-LN (OPT-350m, none).
+fn opt(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let hidden = req_u64(o, "hidden_size")?;
+    let base = presets::gpt2(
+        name,
+        req_u64(o, "num_hidden_layers")?,
+        hidden,
+        req_u64(o, "num_attention_heads")?,
+        req_u64(o, "vocab_size")?,
+        req_pos(o, "max_position_embeddings")?,
+    );
+    let embed = opt_u64(o, "word_embed_proj_dim")?.unwrap_or(hidden);
+    Ok(TransformerSpec {
+        ffn: req_u64(o, "ffn_dim")?,
+        bias: opt_bool(o, "enable_bias", true)?,
+        final_norm: opt_bool(o, "do_layer_norm_before", true)?,
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
+        extras: BlockExtras {
+            position_offset: 2,
+            embed_proj: (embed != hidden).then_some(embed),
+            ..BlockExtras::default()
+        },
+        ..base
+    })
+}
+
+/// GPT-J (`GPTJForCausalLM`): GPT-2's keys, rotary positions, one LayerNorm before parallel
+/// attention (no biases) and MLP (biases), an untied LM head with a bias.
+fn gptj(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let hidden = req_u64(o, "n_embd")?;
+    let base = presets::gpt2(
+        name,
+        req_u64(o, "n_layer")?,
+        hidden,
+        req_u64(o, "n_head")?,
+        req_u64(o, "vocab_size")?,
+        0,
+    );
+    Ok(TransformerSpec {
+        ffn: opt_u64(o, "n_inner")?.unwrap_or(hidden.saturating_mul(4)),
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", false)?,
+        extras: BlockExtras {
+            block_norms: Some(1),
+            parallel_attn: true,
+            attn_bias: Some(false),
+            lm_head_bias: true,
+            ..BlockExtras::default()
+        },
+        ..base
+    })
+}
+
+/// Falcon (`FalconForCausalLM`): rotary (or ALiBi, no parameters either way), multi-query
+/// attention (`multi_query`) or grouped K/V (`new_decoder_architecture`, `num_kv_heads`),
+/// parallel attention and MLP under one LayerNorm (two with `num_ln_in_parallel_attn` = 2, the
+/// new architecture's default), `bias` on all linears, a tied LM head.
+fn falcon(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let hidden = req_u64(o, "hidden_size")?;
+    let heads = req_u64(o, "num_attention_heads")?;
+    let new_arch = opt_bool(o, "new_decoder_architecture", false)?;
+    let kv_heads = if new_arch {
+        opt_u64(o, "num_kv_heads")?.unwrap_or(heads)
+    } else if opt_bool(o, "multi_query", true)? {
+        1
+    } else {
+        heads
+    };
+    let parallel = opt_bool(o, "parallel_attn", true)?;
+    let lns = opt_u64(o, "num_ln_in_parallel_attn")?.or(new_arch.then_some(2));
+    let block_norms = if !parallel || lns == Some(2) { 2 } else { 1 };
+    let base = presets::gpt2(
+        name,
+        req_u64(o, "num_hidden_layers")?,
+        hidden,
+        heads,
+        req_u64(o, "vocab_size")?,
+        0,
+    );
+    Ok(TransformerSpec {
+        kv_heads,
+        ffn: opt_u64(o, "ffn_hidden_size")?.unwrap_or(hidden.saturating_mul(4)),
+        bias: opt_bool(o, "bias", false)?,
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
+        extras: BlockExtras {
+            block_norms: (block_norms != 2).then_some(block_norms),
+            parallel_attn: parallel,
+            ..BlockExtras::default()
+        },
         ..base
     })
 }
@@ -429,6 +607,7 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
 mod tests {
     use super::*;
     use crate::plan::params::transformer;
+    use crate::spec::ModelSpec;
 
     #[test]
     fn qwen2_has_qkv_bias_only() {
@@ -503,6 +682,68 @@ mod tests {
         assert_eq!(
             format!("{err}"),
             "invalid config.json hidden_dropout_prob: 1.5 is not a probability; accepted a number with 0 <= p < 1"
+        );
+    }
+
+    #[test]
+    fn family_extras_are_data_and_round_trip() {
+        let qwen3 = r#"{"model_type":"qwen3","hidden_size":64,"intermediate_size":172,
+            "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+            "head_dim":32,"vocab_size":100}"#;
+        let t = parse(qwen3, "q").unwrap();
+        assert_eq!(t.extras.head_dim, Some(32));
+        assert_eq!(t.extras.qk_norm, QkNorm::PerHead);
+        assert_eq!(t.norm, NormKind::Rmsnorm);
+        // q 64->128, k/v 64->64 each, o 128->64; q/k norms of 32
+        let p = transformer(&t);
+        assert_eq!(p.attention_per_layer, 64 * 128 * 2 + 2 * 64 * 64);
+        assert_eq!(p.norms_per_layer, 2 * 64 + 2 * 32);
+        let json = serde_json::to_string(&t).unwrap();
+        assert!(json.contains("\"head_dim\":32") && json.contains("\"qk_norm\":\"per_head\""));
+        let back: TransformerSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, t);
+        // a plain spec writes none of the extras, and old JSON without them reads as plain
+        let ModelSpec::Transformer(gpt2) = presets::preset("gpt2").unwrap() else {
+            unreachable!()
+        };
+        let json = serde_json::to_string(&gpt2).unwrap();
+        for key in [
+            "head_dim",
+            "qk_norm",
+            "block_norms",
+            "parallel_attn",
+            "embed_proj",
+        ] {
+            assert!(!json.contains(key), "{json}");
+        }
+        let back: TransformerSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, gpt2);
+        assert_eq!(
+            back.block_kind(),
+            Some(crate::spec::transformer::BlockKind::Gpt2)
+        );
+        assert_eq!(t.block_kind(), None);
+    }
+
+    #[test]
+    fn unknown_family_lists_the_supported_ones() {
+        let err = parse(r#"{"model_type":"mamba"}"#, "x").unwrap_err();
+        assert_eq!(
+            format!("{err}"),
+            "invalid config.json model_type: 'mamba' is not supported; accepted bert, roberta, \
+             xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, starcoder2, vit, llama, \
+             mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, phi, opt, gptj, \
+             falcon"
+        );
+        let err = parse(r#"{"model_type":"opt","hidden_size":64}"#, "x").unwrap_err();
+        assert_eq!(
+            format!("{err}"),
+            "invalid config.json num_hidden_layers: missing; accepted a non-negative integer"
+        );
+        let err = parse(r#"{"model_type":"falcon","num_hidden_layers":2}"#, "x").unwrap_err();
+        assert_eq!(
+            format!("{err}"),
+            "invalid config.json hidden_size: missing; accepted a non-negative integer"
         );
     }
 

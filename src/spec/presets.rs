@@ -53,6 +53,7 @@ fn base(name: &str, arch: Arch, layers: u64, hidden: u64, heads: u64) -> Transfo
         patch: None,
         dropout: None,
         activation: None,
+        extras: Default::default(),
     }
 }
 

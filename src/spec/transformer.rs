@@ -113,6 +113,59 @@ pub enum NormKind {
     Rmsnorm,
 }
 
+/// Per-head normalisation of queries and keys before attention, with the spec's norm kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QkNorm {
+    /// none (most families)
+    #[default]
+    None,
+    /// one norm of `head_dim` shared by all heads, for q and one for k (Qwen3, Gemma3)
+    PerHead,
+    /// one norm over the whole q projection (`heads x head_dim`) and one over k
+    /// (`kv_heads x head_dim`) (OLMo2)
+    Full,
+}
+
+/// The structural departures of newer families from the plain pre/post-norm block, as data: each
+/// one's default is the plain block, and a spec file without them (older CSV `spec_json`) reads
+/// with that meaning. Flattened into the spec's JSON; defaults are not written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+pub struct BlockExtras {
+    /// Width of one attention head when it is not `hidden / heads` (Qwen3, Gemma2/3): q is
+    /// `heads x head_dim` wide, k and v `kv_heads x head_dim`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<u64>,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub qk_norm: QkNorm,
+    /// Hidden-width norms in one block when not 2: 1 for a shared pre-norm before parallel
+    /// attention and MLP (Phi, GPT-J, Falcon-7B), 4 with Gemma2/3's pre/post feed-forward norms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_norms: Option<u64>,
+    /// Attention and MLP read the same input and add to the residual together (Phi, GPT-J,
+    /// Falcon). No parameter changes; recorded for the activation model.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub parallel_attn: bool,
+    /// Biases on the attention projections when they differ from `bias` (which then means the
+    /// MLP's only): GPT-J has MLP biases but none on q, k, v, o.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attn_bias: Option<bool>,
+    /// A bias on the LM head's vocabulary projection (Phi, GPT-J).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub lm_head_bias: bool,
+    /// Learned position rows beyond `max_positions` that no sequence position uses (OPT's 2).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub position_offset: u64,
+    /// Width of the token embedding (and of a tied LM head) when not `hidden`, with bias-free
+    /// projections in and out of the blocks (OPT's `word_embed_proj_dim`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embed_proj: Option<u64>,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
+}
+
 /// What sits on top of the final hidden states.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase", tag = "kind")]
@@ -181,6 +234,9 @@ pub struct TransformerSpec {
     /// ([`TransformerSpec::activation_kind`]). Absent in older spec files.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub activation: Option<Activation>,
+    /// Newer families' block departures ([`BlockExtras`]); all default for the plain block.
+    #[serde(flatten, default)]
+    pub extras: BlockExtras,
 }
 
 /// Transformer block implementations whose saved-for-backward tensors were measured in PyTorch
@@ -221,7 +277,11 @@ impl TransformerSpec {
     }
 
     /// The measured block implementation this spec's blocks are built like, if any.
+    /// Blocks with any [`BlockExtras`] departure were not measured: none (generic coefficients).
     pub fn block_kind(&self) -> Option<BlockKind> {
+        if self.extras != BlockExtras::default() {
+            return None;
+        }
         match (self.norm, self.ffn_kind, self.arch, self.patch.is_some()) {
             (NormKind::Rmsnorm, FfnKind::Swiglu, _, false) => Some(BlockKind::Llama),
             (NormKind::Layernorm, FfnKind::Gelu, Arch::Decoder, false) => Some(BlockKind::Gpt2),
@@ -242,7 +302,22 @@ pub const MAX_TYPE_VOCAB: u64 = 1 << 16;
 
 impl TransformerSpec {
     pub fn head_dim(&self) -> u64 {
-        self.hidden / self.heads
+        self.extras.head_dim.unwrap_or(self.hidden / self.heads)
+    }
+
+    /// Width of the query projection (and of the attention output): `heads x head_dim`.
+    pub fn q_width(&self) -> u64 {
+        self.heads * self.head_dim()
+    }
+
+    /// Whether the attention projections carry biases.
+    pub fn attn_bias(&self) -> bool {
+        self.extras.attn_bias.unwrap_or(self.bias)
+    }
+
+    /// Width of the token embedding (`hidden` unless projected, OPT).
+    pub fn embed_width(&self) -> u64 {
+        self.extras.embed_proj.unwrap_or(self.hidden)
     }
 
     /// Sequence length actually processed for a training input (ViT derives it from the image).
@@ -258,7 +333,17 @@ impl TransformerSpec {
         check_range("hidden", self.hidden, 1, MAX_HIDDEN)?;
         check_range("heads", self.heads, 1, self.hidden.max(1))?;
         check_range("ffn", self.ffn, 1, 64 * MAX_HIDDEN)?;
-        if !self.hidden.is_multiple_of(self.heads) {
+        if let Some(hd) = self.extras.head_dim {
+            check_range("head_dim", hd, 1, MAX_HIDDEN)?;
+        }
+        if let Some(e) = self.extras.embed_proj {
+            check_range("embed_proj", e, 1, MAX_HIDDEN)?;
+        }
+        if let Some(n) = self.extras.block_norms {
+            check_range("block_norms", n, 0, 8)?;
+        }
+        check_range("position_offset", self.extras.position_offset, 0, 1 << 12)?;
+        if self.extras.head_dim.is_none() && !self.hidden.is_multiple_of(self.heads) {
             return input_err(
                 "heads",
                 format!(
