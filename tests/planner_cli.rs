@@ -780,3 +780,56 @@ fn cluster_advice_is_labelled() {
     let one = json(&["estimate", "--model", "gpt2", "--json"]);
     assert!(one["advice"].as_array().unwrap().is_empty());
 }
+
+/// Every plan carries its expected error: from a calibrated table's k-fold held-out errors for
+/// the mode (95th percentile, stored by `calibrate`), or "error unknown" for the literature
+/// defaults; the verdict says whether it still fits at the band's upper edge.
+#[test]
+fn plans_carry_their_expected_error() {
+    let lit = json(&[
+        "estimate",
+        "--model",
+        "gpt2",
+        "--gpu",
+        "t4",
+        "--json",
+        "--no-gpu-choice",
+    ]);
+    let band = &lit["memory"]["error_band"];
+    assert!(band["low"].is_null() && band["high"].is_null() && band["pct"].is_null());
+    assert!(band["basis"].as_str().unwrap().contains("error unknown"));
+    assert!(lit["verdict"]["fits_at_band_high"].is_null());
+
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let table = format!("{dir}/calibration/cpu-amd-epyc.json");
+    let t: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&table).unwrap()).unwrap();
+    let p95 = t["residuals"]["transformer/fp32"]["heldout_memory"]["p95_abs_pct"]
+        .as_f64()
+        .unwrap();
+    let cal = json(&[
+        "estimate",
+        "--model",
+        "tiny-gpt",
+        "--coeffs",
+        &table,
+        "--gpu-mem",
+        "100MB",
+        "--json",
+        "--no-gpu-choice",
+    ]);
+    let band = &cal["memory"]["error_band"];
+    let used = cal["memory"]["device_used"].as_f64().unwrap();
+    assert_eq!(band["pct"].as_f64().unwrap(), p95);
+    let (lo, hi) = (
+        band["low"].as_f64().unwrap(),
+        band["high"].as_f64().unwrap(),
+    );
+    assert!((hi / used - (1.0 + p95 / 100.0)).abs() < 1e-6 && lo < used && used < hi);
+    assert!(band["basis"].as_str().unwrap().contains("held-out"));
+    let v = &cal["verdict"];
+    assert_eq!(
+        v["fits_at_band_high"].as_bool().unwrap(),
+        hi <= v["capacity_bytes"].as_f64().unwrap()
+    );
+}

@@ -113,6 +113,34 @@ fn warn_other_device(csv: &std::path::Path, table: &std::path::Path, device_id: 
     }
 }
 
+/// Adds each mode's k-fold held-out memory errors (`heldout_memory`: the 95th percentile of
+/// the absolute error, MAPE, n) to the table's residuals, keyed like them by family/precision.
+fn with_heldout(
+    residuals: Option<serde_json::Value>,
+    acc: &crate::report::accuracy::Accuracy,
+) -> serde_json::Value {
+    let mut map = match residuals {
+        Some(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    for (mode, errs) in &acc.heldout_errors_by_mode {
+        let mut abs: Vec<f64> = errs.iter().map(|e| e.abs()).collect();
+        abs.sort_by(f64::total_cmp);
+        let p95 = crate::harness::measure::quantile(&abs, 0.95);
+        let mape = abs.iter().sum::<f64>() / abs.len().max(1) as f64;
+        let entry = map
+            .entry(mode.clone())
+            .or_insert_with(|| serde_json::json!({}));
+        if let Some(o) = entry.as_object_mut() {
+            o.insert(
+                "heldout_memory".into(),
+                serde_json::json!({"p95_abs_pct": p95, "mape": mape, "n": abs.len()}),
+            );
+        }
+    }
+    serde_json::Value::Object(map)
+}
+
 pub fn run(args: Args) -> anyhow::Result<()> {
     let device_id_of_rows = match &args.device_id {
         Some(id) => id.clone(),
@@ -190,6 +218,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         false,
         torch_csv.as_deref(),
     )?;
+    // The plan's error band (`estimate`'s memory.error_band) comes from these held-out errors.
+    table.residuals = Some(with_heldout(table.residuals.take(), &acc));
+    table.save(&table_path)?;
     println!(
         "calibrated {id}: {} points ({} ok, {} oom, {} error, {} killed, {} timeout, {} skipped, {} resumed, {} retried) in {:.0} s; {}; wrote {}, {}, {}/",
         sweep.points,

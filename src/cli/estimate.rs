@@ -676,6 +676,17 @@ pub fn answer(e: &Estimate) -> String {
         ),
         None => format!("{need:.1} GiB per GPU (device memory at the peak)"),
     };
+    if let Some(v) = &e.verdict {
+        match (v.fits, v.fits_at_band_high, e.memory.error_band.pct) {
+            (true, Some(false), Some(p)) => out.push_str(&format!(
+                ", but not at the +{p:.1} % edge of its expected error"
+            )),
+            (true, Some(true), Some(p)) => out.push_str(&format!(
+                ", also at the +{p:.1} % edge of its expected error"
+            )),
+            _ => {}
+        }
+    }
     if let Some(sr) = &e.search {
         if let Some(b) = sr.max_batch {
             out.push_str(&format!("; max batch {b}"));
@@ -816,6 +827,20 @@ pub fn render(e: &Estimate) -> String {
         }
         row(&mut o, "device memory used", bytes(m.device_used));
     }
+    let band = &e.memory.error_band;
+    row(
+        &mut o,
+        "expected error",
+        match (band.low, band.high) {
+            (Some(l), Some(h)) => format!(
+                "{:.2} to {:.2} GiB: {}",
+                l as f64 / GIB,
+                h as f64 / GIB,
+                band.basis
+            ),
+            _ => band.basis.clone(),
+        },
+    );
     if m.too_large {
         row(
             &mut o,

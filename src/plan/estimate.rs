@@ -73,6 +73,8 @@ pub struct Verdict {
     pub fits: bool,
     /// capacity - total (negative when it does not fit)
     pub free_bytes: i64,
+    /// whether it still fits at the error band's upper edge (null when the band is unknown)
+    pub fits_at_band_high: Option<bool>,
 }
 
 /// `--max-batch` / `--max-seq` answers. null = not asked; 0 = not even 1 fits.
@@ -111,7 +113,7 @@ pub struct Estimate {
     /// the training configuration, with what is fine-tuned and its exact trainable parameters
     pub train: TrainOut,
     /// per GPU, bytes
-    pub memory: MemoryBreakdown,
+    pub memory: MemoryOut,
     /// the rule of thumb params*4*3 + batch*seq*hidden*10 (see plan::seed)
     pub seed_formula_bytes: u64,
     /// (seed - total) / total * 100
@@ -148,6 +150,75 @@ pub struct TrainingTime {
     pub seconds: f64,
     pub gpu_hours: f64,
 }
+
+/// The memory breakdown with the plan's expected error (flattened into one JSON object `memory`).
+#[derive(Debug, Clone, Serialize)]
+pub struct MemoryOut {
+    #[serde(flatten)]
+    pub breakdown: MemoryBreakdown,
+    pub error_band: ErrorBand,
+}
+
+impl std::ops::Deref for MemoryOut {
+    type Target = MemoryBreakdown;
+    fn deref(&self) -> &MemoryBreakdown {
+        &self.breakdown
+    }
+}
+
+/// How far the planned device memory may be off: from the coefficient table's k-fold held-out
+/// errors for this mode (95 % of the held-out points within ±`pct`), or unknown when the table
+/// holds none (the literature defaults, or a table fitted before it stored them).
+#[derive(Debug, Clone, Serialize)]
+pub struct ErrorBand {
+    /// bytes: `device_used` x (1 - pct/100), or null when unknown
+    pub low: Option<u64>,
+    /// bytes: `device_used` x (1 + pct/100), or null when unknown
+    pub high: Option<u64>,
+    /// the held-out 95th-percentile absolute error, percent
+    pub pct: Option<f64>,
+    pub basis: String,
+}
+
+/// The band for a plan under `coeffs` (see [`ErrorBand`]).
+pub fn error_band(
+    coeffs: &Coefficients,
+    model: &ModelSpec,
+    train: &TrainSpec,
+    device_used: u64,
+) -> ErrorBand {
+    let key = format!("{}/{}", model.family().as_str(), train.precision);
+    let held = coeffs
+        .residuals
+        .as_ref()
+        .and_then(|r| r.get(&key))
+        .and_then(|m| m.get("heldout_memory"));
+    let pct = held.and_then(|h| h["p95_abs_pct"].as_f64());
+    let n = held.and_then(|h| h["n"].as_u64()).unwrap_or(0);
+    match pct {
+        Some(p) if p.is_finite() && n > 0 => ErrorBand {
+            low: Some((device_used as f64 * (1.0 - p / 100.0)).max(0.0) as u64),
+            high: Some((device_used as f64 * (1.0 + p / 100.0)).min(MAX_BAND) as u64),
+            pct: Some(p),
+            basis: format!(
+                "95 % of {n} held-out {key} points on {} within ±{p:.1} % (k-fold, table {})",
+                coeffs.device_name, coeffs.device_id
+            ),
+        },
+        _ => ErrorBand {
+            low: None,
+            high: None,
+            pct: None,
+            basis: format!(
+                "uncalibrated for {key} on this device ({} table): error unknown",
+                coeffs.device_id
+            ),
+        },
+    }
+}
+
+/// Upper edge of a band, kept below u64's range.
+const MAX_BAND: f64 = 1.8e19;
 
 /// [`TrainSpec`] plus the fine-tuning settings (flattened into one JSON object `train`).
 #[derive(Debug, Clone, Serialize)]
@@ -488,6 +559,7 @@ pub fn estimate(
         ModelSpec::Cnn(_) => (None, None),
     };
     let seed_formula_bytes = seed::seed_bytes(model, p, train);
+    let band = error_band(coeffs, model, train, memory.device_used);
     let capacity = opts.capacity_bytes.or(opts.gpu.map(|g| g.memory_bytes));
     let verdict = capacity.map(|c| Verdict {
         gpu: opts.gpu.map(|g| g.id),
@@ -495,6 +567,7 @@ pub fn estimate(
         fits: memory.fits(c),
         // both sides are below 2^63 (capacity <= 1e18 by parse, device_used <= 3 * 2^60)
         free_bytes: (c as i128 - memory.device_used as i128) as i64,
+        fits_at_band_high: band.high.map(|h| memory.fits(c) && h <= c),
     });
     let search = match capacity {
         Some(c) if opts.max_batch || opts.max_seq => Some(SearchResult {
@@ -548,7 +621,10 @@ pub fn estimate(
         train: train_out(model, train, &opts.finetune),
         seed_vs_total_pct: (seed_formula_bytes as f64 - memory.total as f64) / memory.total as f64
             * 100.0,
-        memory,
+        memory: MemoryOut {
+            breakdown: memory,
+            error_band: band,
+        },
         seed_formula_bytes,
         host_ram,
         storage,

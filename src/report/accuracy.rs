@@ -55,6 +55,10 @@ pub struct Accuracy {
     /// the planner scored on PyTorch rows of this device, when the report was given them
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pytorch: Option<super::pytorch::PytorchSection>,
+    /// k-fold held-out percentage errors of the fitted table per mode ("family/precision"),
+    /// what `calibrate` stores in the table for the plan's error band
+    #[serde(skip)]
+    pub heldout_errors_by_mode: BTreeMap<String, Vec<f64>>,
 }
 
 fn worst(eval: &Evaluation, points: &[Point], n: usize) -> Vec<WorstPoint> {
@@ -136,5 +140,15 @@ pub fn accuracy(
         excluded: excluded.to_vec(),
         worst: worst(kfold, points, 10),
         pytorch: None,
+        heldout_errors_by_mode: {
+            let mut m: BTreeMap<String, Vec<f64>> = BTreeMap::new();
+            for q in &kfold.predictions {
+                let p = &points[q.point];
+                m.entry(format!("{}/{}", p.family().as_str(), p.precision()))
+                    .or_default()
+                    .push(Prediction::pct(q.fitted, q.measured));
+            }
+            m
+        },
     }
 }
