@@ -833,3 +833,31 @@ fn plans_carry_their_expected_error() {
         hi <= v["capacity_bytes"].as_f64().unwrap()
     );
 }
+
+/// Host RAM per node is the per-process recommendation times the processes on a node, and the
+/// rule of thumb appears in `--json` under its own name.
+#[test]
+fn host_ram_per_node_and_the_rule_of_thumb_by_name() {
+    let v = json(&[
+        "estimate",
+        "--model",
+        "llama2-7b",
+        "--gpus",
+        "16",
+        "--zero",
+        "3",
+        "--precision",
+        "bf16-mixed",
+        "--json",
+        "--no-gpu-choice",
+    ]);
+    let h = &v["host_ram"];
+    assert_eq!(h["processes_per_node"], 8);
+    assert_eq!(
+        h["per_node_recommended_bytes"].as_u64().unwrap(),
+        8 * h["recommended_bytes"].as_u64().unwrap()
+    );
+    assert_eq!(v["rule_of_thumb_bytes"], v["seed_formula_bytes"]);
+    let one = json(&["estimate", "--model", "gpt2", "--json", "--no-gpu-choice"]);
+    assert_eq!(one["host_ram"]["processes_per_node"], 1);
+}

@@ -898,6 +898,15 @@ pub fn render(e: &Estimate) -> String {
         "rule of thumb: 3 x VRAM",
         bytes(h.rule_of_thumb_bytes),
     );
+    row(
+        &mut o,
+        "per node",
+        format!(
+            "{}  ({} processes x recommended)",
+            bytes(h.per_node_recommended_bytes),
+            h.processes_per_node
+        ),
+    );
     let s = &e.storage;
     let _ = writeln!(o, "\nStorage");
     row(

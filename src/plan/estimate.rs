@@ -118,6 +118,9 @@ pub struct Estimate {
     pub seed_formula_bytes: u64,
     /// (seed - total) / total * 100
     pub seed_vs_total_pct: f64,
+    /// the rule of thumb params*4*3 + batch*seq*hidden*10, by its name (the same value as
+    /// `seed_formula_bytes`, which is kept for scripts written against schema 1)
+    pub rule_of_thumb_bytes: u64,
     pub host_ram: HostRam,
     pub storage: Storage,
     /// null when neither `--gpu` nor a calibrated flops_per_s gives a rate
@@ -596,7 +599,8 @@ pub fn estimate(
         opts.workers,
         capacity.unwrap_or(memory.total),
     )
-    .with_offload(finetune::offloaded_bytes(model, train, &opts.finetune));
+    .with_offload(finetune::offloaded_bytes(model, train, &opts.finetune))
+    .per_node(train.gpus, opts.cluster.gpus_per_node);
     let storage = storage::storage(
         p,
         train,
@@ -626,6 +630,7 @@ pub fn estimate(
             error_band: band,
         },
         seed_formula_bytes,
+        rule_of_thumb_bytes: seed_formula_bytes,
         host_ram,
         storage,
         training_time: match (opts.train_tokens, step, tokens) {

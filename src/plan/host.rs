@@ -52,6 +52,21 @@ pub struct HostRam {
     /// pinned host memory holding the states `--offload` moved off this process's GPU; added
     /// to `required_bytes` (0 without offload)
     pub offload_bytes: u64,
+    /// training processes (one per GPU) on one node: min(gpus, gpus per node)
+    pub processes_per_node: u64,
+    /// what one node needs: `recommended_bytes` x processes per node
+    pub per_node_recommended_bytes: u64,
+}
+
+impl HostRam {
+    /// Scales the per-process figures to a node of `gpus_per_node` GPUs running `gpus` in all.
+    pub fn per_node(mut self, gpus: u64, gpus_per_node: u64) -> Self {
+        self.processes_per_node = gpus.min(gpus_per_node).max(1);
+        self.per_node_recommended_bytes = self
+            .recommended_bytes
+            .saturating_mul(self.processes_per_node);
+        self
+    }
 }
 
 impl HostRam {
@@ -95,6 +110,8 @@ pub fn host_ram(
         recommended_bytes: (required_bytes as f64 * (1.0 + HEADROOM)).ceil() as u64,
         rule_of_thumb_bytes: cap(vram_bytes.saturating_mul(3)),
         offload_bytes: 0,
+        processes_per_node: 1,
+        per_node_recommended_bytes: 0,
     }
 }
 
