@@ -6,7 +6,7 @@ device (AutoModelForCausalLM for decoders, AutoModel for BERT, as vramcal counts
 with peft's LoRA for several ranks and target sets, and writes peft's
 `get_nb_trainable_parameters()` to expected_lora.json beside the config. vramcal's target names map
 to each architecture's module names below; `all` is every linear of the blocks (not the LM head or
-BERT's pooler). Run: /tmp/tv/bin/python scripts/peft_trainable.py
+BERT's pooler). Run with a Python that has torch, transformers and peft: python3 scripts/peft_trainable.py
 """
 import json
 import pathlib
