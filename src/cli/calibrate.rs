@@ -124,17 +124,17 @@ fn with_heldout(
         _ => serde_json::Map::new(),
     };
     for (mode, errs) in &acc.heldout_errors_by_mode {
+        let m = crate::fit::split::Metrics::from_errors(errs);
         let mut abs: Vec<f64> = errs.iter().map(|e| e.abs()).collect();
         abs.sort_by(f64::total_cmp);
         let p95 = crate::harness::measure::quantile(&abs, 0.95);
-        let mape = abs.iter().sum::<f64>() / abs.len().max(1) as f64;
         let entry = map
             .entry(mode.clone())
             .or_insert_with(|| serde_json::json!({}));
         if let Some(o) = entry.as_object_mut() {
             o.insert(
                 "heldout_memory".into(),
-                serde_json::json!({"p95_abs_pct": p95, "mape": mape, "n": abs.len()}),
+                serde_json::json!({"p95_abs_pct": p95, "mape": m.mape, "n": m.n}),
             );
         }
     }

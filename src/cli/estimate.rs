@@ -363,13 +363,17 @@ pub fn train_from_args(a: &Flags) -> anyhow::Result<TrainSpec> {
 }
 
 /// A number in `lo..=hi` for `flag`, or a one-line error naming it and the range.
-fn positive(flag: &str, s: &str, lo: f64, hi: f64, unit: &str) -> anyhow::Result<f64> {
+/// A number for `flag` in `lo..=hi`, or one line: "'<s>' is not <what>; accepted <accepted>".
+fn number_in(
+    flag: &str,
+    s: &str,
+    (lo, hi): (f64, f64),
+    what: &str,
+    accepted: &str,
+) -> anyhow::Result<f64> {
     match s.trim().parse::<f64>() {
         Ok(v) if v.is_finite() && (lo..=hi).contains(&v) => Ok(v),
-        _ => input_err(
-            flag,
-            format!("'{s}' is out of range; accepted {lo} to {hi} {unit}"),
-        ),
+        _ => input_err(flag, format!("'{s}' is not {what}; accepted {accepted}")),
     }
 }
 
@@ -417,36 +421,26 @@ fn options_from_args(a: &Flags) -> anyhow::Result<Options> {
             "needs a memory capacity; accepted with --gpu NAME or --gpu-mem SIZE",
         );
     }
-    let cache_fraction: f64 = match a.cache_fraction.trim().parse::<f64>() {
-        Ok(f) if (0.0..=100.0).contains(&f) => f,
-        _ => {
-            return input_err(
-                "cache-fraction",
-                format!(
-                    "'{}' is not a fraction; accepted a number in 0..=100",
-                    a.cache_fraction
-                ),
-            )
-        }
-    };
+    let cache_fraction = number_in(
+        "cache-fraction",
+        &a.cache_fraction,
+        (0.0, 100.0),
+        "a fraction",
+        "a number in 0..=100",
+    )?;
     let workers = parse_int("workers", &a.workers)?;
     check_range("workers", workers, 1, 1024)?;
     let kept = parse_int("keep-checkpoints", &a.keep_checkpoints)?;
     check_range("keep-checkpoints", kept, 0, 100_000)?;
     let gpus_per_node = parse_int("gpus-per-node", &a.gpus_per_node)?;
     check_range("gpus-per-node", gpus_per_node, 1, 1024)?;
-    let network_gbps: f64 = match a.network_gbps.trim().parse::<f64>() {
-        Ok(g) if g.is_finite() && (0.1..=100_000.0).contains(&g) => g,
-        _ => {
-            return input_err(
-                "network-gbps",
-                format!(
-                    "'{}' is not a bandwidth; accepted Gb/s per GPU in 0.1..=100000 (e.g. 400)",
-                    a.network_gbps
-                ),
-            )
-        }
-    };
+    let network_gbps = number_in(
+        "network-gbps",
+        &a.network_gbps,
+        (0.1, 100_000.0),
+        "a bandwidth",
+        "Gb/s per GPU in 0.1..=100000 (e.g. 400)",
+    )?;
     Ok(Options {
         gpu,
         capacity_bytes,
@@ -474,24 +468,24 @@ fn options_from_args(a: &Flags) -> anyhow::Result<Options> {
         choose_gpus: !a.no_gpu_choice,
         spot: match a.spot_mtbf_hours.as_deref() {
             Some(h) => Some(crate::plan::advice::Spot {
-                mtbf_hours: positive("spot-mtbf-hours", h, 0.01, 1e6, "hours, e.g. 6")?,
-                storage_gbps: positive(
+                mtbf_hours: number_in(
+                    "spot-mtbf-hours",
+                    h,
+                    (0.01, 1e6),
+                    "a number of hours",
+                    "0.01 to 1000000 hours (e.g. 6)",
+                )?,
+                storage_gbps: number_in(
                     "storage-gbps",
                     &a.storage_gbps,
-                    0.01,
-                    1e5,
-                    "Gb/s, e.g. 10",
+                    (0.01, 1e5),
+                    "a bandwidth",
+                    "Gb/s in 0.01..=100000 (e.g. 10)",
                 )?,
             }),
             None => None,
         },
-        train_tokens: match a.tokens.as_deref() {
-            Some(t) => {
-                let n = parse_tokens(t)?;
-                Some(n)
-            }
-            None => None,
-        },
+        train_tokens: a.tokens.as_deref().map(parse_tokens).transpose()?,
         cluster: crate::plan::comm::Cluster {
             gpus_per_node,
             network_gbps,
