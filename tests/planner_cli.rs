@@ -186,7 +186,7 @@ fn gpus_catalog_lists_the_required_cards() {
         .iter()
         .map(|g| g["id"].as_str().unwrap())
         .collect();
-    // issue 15's required cards, each with a datasheet source
+    // the cards a planner is asked about most, each with a datasheet source
     for id in [
         "v100-16gb",
         "v100-32gb",
