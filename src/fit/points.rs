@@ -127,7 +127,7 @@ pub fn prepare(rows: &[Row]) -> (Vec<Point>, Vec<Excluded>) {
             }
         };
         let planned = row.model_spec().and_then(|model| {
-            let train = row.train_spec();
+            let train = row.planned_train_spec()?;
             let terms = fit_terms(&model, &train)?;
             let flops = step_flops(&model, &train)?;
             Ok((model, train, terms, flops))

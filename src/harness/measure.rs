@@ -1,10 +1,12 @@
 //! One measurement: build the model and optimizer on a device, run warm-up steps, then measured
 //! steps, and return a CSV [`Row`] with the baseline, the peak and the step times.
 //!
-//! Peak protocol (docs/architecture.md, "Measuring protocol"): the baseline is read right after `Trainer::new` (weights,
-//! optimizer state and synthetic inputs exist, nothing else); then `warmup` steps run unmeasured
+//! Peak protocol (docs/architecture.md, "Measuring protocol"): `warmup` steps run unmeasured
 //! (lazy allocations, kernel caches); then each of `repeats` steps runs in its own high-water
-//! window (reset right before the step, read after a device synchronise). The row's peak is the
+//! window (reset right before the step, read after a device synchronise). On CUDA the baseline
+//! is the pool in use after `Trainer::new` and a window's peak the pool's high-water; on CPU the
+//! baseline is the tensors alive between steps counted exactly, and a window's peak that plus
+//! the heap's rise during the step (as the PyTorch reference counts). The row's peak is the
 //! largest window, the step time the median (p10/p90 beside it) of the same steps.
 
 use crate::error::input_err;
@@ -448,22 +450,29 @@ fn run_cpu(
     opts: &MeasureOptions,
 ) -> anyhow::Result<Measured> {
     let mut trainer = Trainer::new(model, train, device, opts.seed)?;
-    // before the baseline: the buffers stay for the life of the process, as PyTorch's thread
-    // pools' do (its baseline is read after warm-up steps), so they are no part of a step's peak
+    // the buffers stay for the life of the process, as PyTorch's thread pools' do, so they are
+    // no part of a step's peak
     touch_every_cpu_thread();
-    let baseline = probe::cpu::current_bytes();
     for _ in 0..opts.warmup {
         trainer.step()?;
     }
+    // The same protocol as the PyTorch reference on CPU (src/harness/torch/runner.py): the
+    // baseline is the tensors alive between steps, counted exactly, and a step's peak is that
+    // plus the heap's high-water rise above its level at the step's start. Both then mean what
+    // memory_allocated / max_memory_allocated mean on a GPU; the process's own heap (thread
+    // stacks, the gemm packing buffers, allocator caches: ~3 MB here) is in neither, as no GPU
+    // allocator counts it.
+    let baseline = trainer.tensor_bytes();
     let mut peak = 0;
     let mut times_ms = Vec::with_capacity(opts.repeats as usize);
     for _ in 0..opts.repeats {
+        let start = probe::cpu::current_bytes();
         probe::cpu::reset_peak();
         let t0 = Instant::now();
         trainer.step()?;
         device.synchronize()?;
         times_ms.push(t0.elapsed().as_secs_f64() * 1e3);
-        peak = peak.max(probe::cpu::peak_bytes());
+        peak = peak.max(baseline + probe::cpu::peak_bytes().saturating_sub(start));
     }
     Ok(Measured {
         params: trainer.params(),

@@ -11,3 +11,4 @@ pub mod record;
 pub mod step;
 pub mod sweep;
 pub mod torch;
+pub mod update;

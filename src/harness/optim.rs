@@ -9,6 +9,7 @@
 //! those rows are updated (the other rows would arrive by all-gather from the other ranks).
 
 use super::layers::ParamStore;
+use super::update;
 use crate::spec::Optimizer;
 use candle_core::{Result, Tensor, Var};
 
@@ -64,7 +65,10 @@ impl Optim {
             .flat_map(|s| s.m.iter().chain(s.v.iter()))
     }
 
-    /// Applies one update from `grads` (indexed like `store.params`; full or shard rows).
+    /// Applies one update from `grads` (indexed like `store.params`; full or shard rows), in
+    /// place as PyTorch's for-loop implementations update ([`super::update`]): AdamW allocates
+    /// only its denominator (`exp_avg_sq.sqrt()`, then its quotient by the bias correction: two
+    /// copies of the tensor at once), SGD with or without momentum nothing.
     pub fn step(&mut self, store: &ParamStore, grads: &[Option<Tensor>]) -> Result<()> {
         self.steps += 1;
         let t = self.steps as i32;
@@ -72,35 +76,27 @@ impl Optim {
             let Some(g) = g else { continue };
             let k = p.shard_rows;
             // the update runs in the weights' dtype, as torch's AdamW does on bf16 parameters
-            let g = g.narrow(0, 0, k)?.to_dtype(p.var.dtype())?;
+            let g = g.narrow(0, 0, k)?.to_dtype(p.var.dtype())?.contiguous()?;
+            // this rank's rows of the weight, a view sharing the Var's storage
             let w = p.var.as_tensor().narrow(0, 0, k)?;
-            let new_w = match self.kind {
+            match self.kind {
                 Optimizer::AdamW | Optimizer::AdamW8bit => {
                     let (b1, b2, eps, wd) = (0.9, 0.999, 1e-8, 1e-2);
-                    let m = st.m.as_ref().expect("adam m");
-                    let v = st.v.as_ref().expect("adam v");
-                    let new_m = ((m.as_tensor() * b1)? + (&g * (1.0 - b1))?)?;
-                    let new_v = ((v.as_tensor() * b2)? + (g.sqr()? * (1.0 - b2))?)?;
-                    m.set(&new_m)?;
-                    v.set(&new_v)?;
-                    let m_hat = (new_m / (1.0 - b1.powi(t)))?;
-                    let v_hat = (new_v / (1.0 - b2.powi(t)))?;
-                    let upd = (m_hat / (v_hat.sqrt()? + eps)?)?;
-                    ((&w * (1.0 - self.lr * wd))? - (upd * self.lr)?)?
+                    let m = st.m.as_ref().expect("adam m").as_tensor();
+                    let v = st.v.as_ref().expect("adam v").as_tensor();
+                    update::axpby(m, b1, 1.0 - b1, &g)?;
+                    update::axpby_square(v, b2, 1.0 - b2, &g)?;
+                    let bias1 = 1.0 - b1.powi(t);
+                    let bias2_sqrt = (1.0 - b2.powi(t)).sqrt();
+                    let denom = v.sqrt()?.affine(1.0 / bias2_sqrt, eps)?;
+                    update::addcdiv(&w, 1.0 - self.lr * wd, -self.lr / bias1, m, &denom)?;
                 }
                 Optimizer::SgdMomentum => {
-                    let m = st.m.as_ref().expect("momentum buffer");
-                    let new_m = ((m.as_tensor() * 0.9)? + &g)?;
-                    m.set(&new_m)?;
-                    (&w - (new_m * self.lr)?)?
+                    let m = st.m.as_ref().expect("momentum buffer").as_tensor();
+                    update::axpby(m, 0.9, 1.0, &g)?;
+                    update::axpby(&w, 1.0, -self.lr, m)?;
                 }
-                Optimizer::Sgd => (&w - (g * self.lr)?)?,
-            };
-            drop(w);
-            if k == p.var.dims()[0] {
-                p.var.set(&new_w)?;
-            } else {
-                p.var.as_tensor().slice_set(&new_w, 0, 0)?;
+                Optimizer::Sgd => update::axpby(&w, 1.0, -self.lr, &g)?,
             }
         }
         Ok(())

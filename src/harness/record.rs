@@ -158,6 +158,20 @@ impl Row {
         }
     }
 
+    /// The training as planned for this row's measurement: [`Row::train_spec`] with the
+    /// attention kernels that really ran on its device ([`Attention::kernels_on`]).
+    pub fn planned_train_spec(&self) -> anyhow::Result<TrainSpec> {
+        let mut train = self.train_spec();
+        let dropout = match self.model_spec()? {
+            ModelSpec::Transformer(t) => t.dropout_p().is_active(),
+            ModelSpec::Cnn(_) => false,
+        };
+        train.attention = train
+            .attention
+            .kernels_on(self.device_kind == "cpu", dropout);
+        Ok(train)
+    }
+
     /// Identity of the configuration (everything that defines the point, nothing measured):
     /// `--resume` skips a point whose key is already in the CSV.
     pub fn key(&self) -> String {

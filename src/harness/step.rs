@@ -265,7 +265,8 @@ impl Trainer {
             compute,
             checkpoint,
             segmented,
-            flash_attention: train.attention == crate::spec::Attention::Sdpa,
+            flash_attention: train.attention.kernels_on(device.is_cpu(), dropout > 0.0)
+                == crate::spec::Attention::Sdpa,
             dropout,
             seed,
             steps: 0,
@@ -281,6 +282,21 @@ impl Trainer {
     /// Sets the dropout probability (0 disables it); masks stay seeded either way.
     pub fn set_dropout(&mut self, p: f32) {
         self.dropout = p;
+    }
+
+    /// Bytes of the tensors alive between steps, each counted from its shape and dtype: the
+    /// weights (this rank's as held), the optimizer states and the synthetic inputs. What
+    /// PyTorch's `memory_allocated` counts between steps; the CPU protocol's baseline.
+    pub fn tensor_bytes(&self) -> u64 {
+        let bytes = |t: &Tensor| (t.elem_count() * t.dtype().size_in_bytes()) as u64;
+        let weights: u64 = self
+            .store
+            .params
+            .iter()
+            .map(|p| bytes(p.var.as_tensor()))
+            .sum();
+        let states: u64 = self.optim.states().map(|v| bytes(v.as_tensor())).sum();
+        weights + states + bytes(&self.input) + bytes(&self.targets)
     }
 
     /// The parameter store (names, Vars, shard sizes), for inspection.

@@ -122,7 +122,7 @@ fn forward_ops(ops: &[Op], ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
                 stride,
                 padding,
             } => {
-                let y = x.conv2d(&ctx.w(*w)?, *padding, *stride, 1, 1)?;
+                let y = super::conv::conv2d(&x, &ctx.w(*w)?, *padding, *stride)?;
                 match b {
                     Some(b) => {
                         fold_relu = relu_next;

@@ -1,6 +1,7 @@
 //! Real training layers (candle), shaped by the planner's spec types.
 
 pub mod cnn;
+pub mod conv;
 pub mod flash;
 pub mod fused;
 pub mod joins;

@@ -44,6 +44,11 @@ import sys
 import time
 
 
+# Steps GradScaler may skip in a row before the point fails (from its initial 2^16 scale, halving
+# each time, 40 skips reach 2^-24: gradients that still overflow are a broken model).
+MAX_SKIPPED_STEPS = 40
+
+
 class Refused(Exception):
     """A request this backend cannot run; `main` prints it as one line and exits 2 (the sweep
     records an error row and goes on)."""
@@ -357,20 +362,26 @@ def measure(torch, req, device, shim):
             return loss
 
     def finish(loss):
-        """Backward and the optimizer step, freeing the loss (and its graph) first."""
+        """Backward and the optimizer step, freeing the loss (and its graph) first. Returns
+        False when GradScaler skipped the optimizer step (inf/nan gradients: it then halves the
+        scale), True when the weights were updated."""
         if scaler is not None:
             scaler.scale(loss).backward()
             del loss
+            before = scaler.get_scale()
             scaler.step(opt)
             scaler.update()
+            stepped = scaler.get_scale() >= before
         else:
             loss.backward()
             del loss
             opt.step()
+            stepped = True
         opt.zero_grad(set_to_none=True)
+        return stepped
 
     def step():
-        finish(loss_of())
+        return finish(loss_of())
 
     def sync():
         if device.type == "cuda":
@@ -383,6 +394,14 @@ def measure(torch, req, device, shim):
             saved = saved_bytes(torch, model, loss_of, finish)
         else:
             step()
+    # fp16 loss scaling starts at 2^16 and skips the optimizer step (halving the scale) while
+    # the scaled gradients overflow, so early steps make no optimizer states and no update: a
+    # step measured then is not the run's steady state. Warm up until a step has really updated.
+    for _ in range(MAX_SKIPPED_STEPS):
+        if step():
+            break
+    else:
+        raise RuntimeError(f"GradScaler skipped {MAX_SKIPPED_STEPS} steps in a row")
     sync()
     gc.collect()
 
@@ -404,7 +423,16 @@ def measure(torch, req, device, shim):
         else:
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
-        step()
+        for _ in range(MAX_SKIPPED_STEPS):
+            # a skipped step (an overflow mid-run) has no optimizer update: measure another
+            if step():
+                break
+            if shim:
+                start = shim.shim_live()
+                shim.shim_reset_peak()
+            else:
+                torch.cuda.reset_peak_memory_stats(device)
+            t0 = time.perf_counter()
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
         if shim:
