@@ -261,7 +261,10 @@ pub(crate) fn optimizer_shards(train: &TrainSpec) -> f64 {
 /// the tensor being updated); foreach's are group-wide ([`Features::group_update_bytes`]) and a
 /// fused kernel has none.
 fn update_transient(model: &ModelSpec, train: &TrainSpec) -> f64 {
-    if train.optimizer_impl != crate::spec::OptimizerImpl::Loop {
+    use crate::spec::{Optimizer, OptimizerImpl};
+    // SGD's for-loop update is in place (`buf.mul_(momentum).add_(grad)`, `param.add_(buf)`):
+    // no temporaries; only AdamW allocates its denominator per tensor
+    if train.optimizer_impl != OptimizerImpl::Loop || train.optimizer != Optimizer::AdamW {
         return 0.0;
     }
     let tensors = 1 + train.optimizer.states_per_param();

@@ -387,3 +387,18 @@ impl TrainSpec {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Attention;
+
+    /// PyTorch's CPU flash kernel has no dropout: sdpa with attention dropout on a CPU is the
+    /// math path (eager memory); on CUDA, or without dropout, sdpa stays fused; eager stays eager.
+    #[test]
+    fn sdpa_with_cpu_dropout_runs_the_math_path() {
+        assert_eq!(Attention::Sdpa.kernels_on(true, true), Attention::Eager);
+        assert_eq!(Attention::Sdpa.kernels_on(true, false), Attention::Sdpa);
+        assert_eq!(Attention::Sdpa.kernels_on(false, true), Attention::Sdpa);
+        assert_eq!(Attention::Eager.kernels_on(false, false), Attention::Eager);
+    }
+}

@@ -7,6 +7,7 @@ pub mod fused;
 pub mod joins;
 pub mod ops;
 pub mod params;
+pub mod pool;
 pub mod transformer;
 
 pub use cnn::Cnn;

@@ -100,7 +100,7 @@ impl Norm {
 
 /// Pads dims 2 and 3 of an NCHW tensor by `p` on each side with `value` (0 for average pooling,
 /// -inf for max pooling so padding never wins).
-fn pad_hw(x: &Tensor, p: usize, value: f32) -> Result<Tensor> {
+pub(super) fn pad_hw(x: &Tensor, p: usize, value: f32) -> Result<Tensor> {
     if p == 0 {
         return Ok(x.clone());
     }
@@ -115,9 +115,10 @@ fn pad_hw(x: &Tensor, p: usize, value: f32) -> Result<Tensor> {
 }
 
 /// Max/avg pooling with any kernel, stride and padding (PyTorch semantics, average counting the
-/// padding). kernel == stride without padding uses candle's kernels; other shapes (the ResNet stem's
-/// 3x3/2 max pool) combine the k*k strided windows with `maximum`/`add`, because candle's pooling
-/// backward only supports kernel == stride.
+/// padding). kernel == stride without padding uses candle's kernels; other max pools (the ResNet
+/// stem's 3x3/2) are one node keeping the input and indices ([`super::pool`]); other average
+/// pools combine the k*k strided windows, because candle's pooling backward only supports
+/// kernel == stride.
 pub fn pool2d(x: &Tensor, kind: PoolKind, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
     if k == stride && pad == 0 {
         return match kind {
@@ -125,6 +126,21 @@ pub fn pool2d(x: &Tensor, kind: PoolKind, k: usize, stride: usize, pad: usize) -
             PoolKind::Avg => x.avg_pool2d_with_stride(k, stride),
         };
     }
+    match kind {
+        // one node keeping the input and int64 indices, as PyTorch's (super::pool)
+        PoolKind::Max => super::pool::max_pool2d(x, k, stride, pad),
+        PoolKind::Avg => pool2d_composed(x, kind, k, stride, pad),
+    }
+}
+
+/// Pooling composed from the k·k strided windows (what the graph keeps: every window).
+pub(super) fn pool2d_composed(
+    x: &Tensor,
+    kind: PoolKind,
+    k: usize,
+    stride: usize,
+    pad: usize,
+) -> Result<Tensor> {
     let fill = match kind {
         PoolKind::Max => f32::NEG_INFINITY,
         PoolKind::Avg => 0.0,

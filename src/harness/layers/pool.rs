@@ -1,0 +1,185 @@
+//! Max pooling with any kernel, stride and padding as one graph node keeping what PyTorch's
+//! `max_pool2d_with_indices` keeps: the input and an int64 index per output element.
+//!
+//! Why: candle's own pooling backward supports only kernel == stride, and composing the ResNet
+//! stem's 3x3/2 pool from k·k strided windows and `maximum` kept the padded copy, the row
+//! selections, every window and every partial maximum for backward, about 6.75 times the
+//! input where PyTorch keeps 1.5 times (fp32).
+
+use super::ops::pad_hw;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use std::sync::Mutex;
+
+struct MaxPoolOp {
+    k: usize,
+    stride: usize,
+    pad: usize,
+    /// The pooled output, computed before the node is made and moved out by its forward.
+    out: Mutex<Option<Tensor>>,
+}
+
+impl MaxPoolOp {
+    fn take_out<S>(&self, pick: impl Fn(&candle_core::Storage) -> Option<&S>) -> Result<(S, Shape)>
+    where
+        S: candle_core::backend::BackendStorage,
+    {
+        let out = self
+            .out
+            .lock()
+            .expect("pool output lock")
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("max-pool node evaluated twice".into()))?;
+        let (storage, layout) = out.storage_and_layout();
+        let s = pick(&storage)
+            .ok_or_else(|| candle_core::Error::Msg("max-pool output on another device".into()))?;
+        Ok((s.try_clone(layout)?, out.shape().clone()))
+    }
+}
+
+/// Ids `start, start + stride, ...` (n of them): the rows or columns of one window offset.
+fn offsets(start: usize, n: usize, stride: usize, dev: &candle_core::Device) -> Result<Tensor> {
+    let ids: Vec<u32> = (0..n).map(|i| (start + i * stride) as u32).collect();
+    Tensor::from_vec(ids, n, dev)
+}
+
+impl CustomOp2 for MaxPoolOp {
+    fn name(&self) -> &'static str {
+        "max-pool2d-with-indices"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.take_out(|s| match s {
+            candle_core::Storage::Cpu(c) => Some(c),
+            _ => None,
+        })
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.take_out(|s| match s {
+            candle_core::Storage::Cuda(c) => Some(c),
+            #[allow(unreachable_patterns)]
+            _ => None,
+        })
+    }
+
+    /// Routes each output gradient to the input element its window's index names.
+    fn bwd(
+        &self,
+        x: &Tensor,
+        window: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad.detach();
+        let (n, c, h, w) = x.dims4()?;
+        let (_, _, ho, wo) = g.dims4()?;
+        let (hp, wp) = (h + 2 * self.pad, w + 2 * self.pad);
+        let dev = x.device();
+        let zero = g.zeros_like()?;
+        let mut gx = Tensor::zeros((n, c, hp, wp), g.dtype(), dev)?;
+        for di in 0..self.k {
+            let mut rows = Tensor::zeros((n, c, ho, wp), g.dtype(), dev)?;
+            for dj in 0..self.k {
+                let here = window.eq((di * self.k + dj) as f64)?;
+                let part = here.where_cond(&g, &zero)?;
+                rows = rows.index_add(&offsets(dj, wo, self.stride, dev)?, &part, 3)?;
+            }
+            gx = gx.index_add(&offsets(di, ho, self.stride, dev)?, &rows, 2)?;
+        }
+        let gx = gx
+            .narrow(2, self.pad, h)?
+            .narrow(3, self.pad, w)?
+            .contiguous()?;
+        Ok((Some(gx), None))
+    }
+}
+
+/// Max pooling (PyTorch semantics; padding never wins) as one node with the lean backward.
+pub fn max_pool2d(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
+    let xp = pad_hw(&x.detach(), pad, f32::NEG_INFINITY)?;
+    let (_, _, h, w) = xp.dims4()?;
+    let (ho, wo) = ((h - k) / stride + 1, (w - k) / stride + 1);
+    let dev = x.device();
+    let mut best: Option<(Tensor, Tensor)> = None;
+    for di in 0..k {
+        let rows = xp.index_select(&offsets(di, ho, stride, dev)?, 2)?;
+        for dj in 0..k {
+            let win = rows.index_select(&offsets(dj, wo, stride, dev)?, 3)?;
+            let id = (di * k + dj) as f64;
+            best = Some(match best {
+                None => {
+                    let ids = Tensor::full(id as i64, win.shape(), dev)?;
+                    (win, ids)
+                }
+                // strictly greater: the first maximum in the window wins, as in PyTorch
+                Some((b, ids)) => {
+                    let gt = win.gt(&b)?;
+                    let here = Tensor::full(id as i64, win.shape(), dev)?;
+                    (gt.where_cond(&win, &b)?, gt.where_cond(&here, &ids)?)
+                }
+            });
+        }
+    }
+    let (out, window) = best.expect("kernel >= 1");
+    debug_assert_eq!(window.dtype(), DType::I64);
+    let op = MaxPoolOp {
+        k,
+        stride,
+        pad,
+        out: Mutex::new(Some(out)),
+    };
+    x.apply_op2(&window, op)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::cnn::PoolKind;
+    use candle_core::{Device, Var};
+
+    /// Output and input gradient equal the composed pooling's (ResNet stem 3x3/2 pad 1, and an
+    /// overlapping 3x3/1 window without padding).
+    #[test]
+    fn matches_the_composed_pooling() {
+        let dev = Device::Cpu;
+        for (k, stride, pad) in [(3, 2, 1), (3, 1, 0), (2, 2, 1)] {
+            let x =
+                Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 9, 9), &dev).unwrap()).unwrap();
+            let ours = max_pool2d(x.as_tensor(), k, stride, pad).unwrap();
+            let theirs =
+                super::super::ops::pool2d_composed(x.as_tensor(), PoolKind::Max, k, stride, pad)
+                    .unwrap();
+            let d = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
+            assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
+            let w = Tensor::randn(0f32, 1., ours.shape(), &dev).unwrap();
+            let go = (&ours * &w).unwrap().sum_all().unwrap().backward().unwrap();
+            let gt = (&theirs * &w)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let (a, b) = (
+                go.get(x.as_tensor()).unwrap(),
+                gt.get(x.as_tensor()).unwrap(),
+            );
+            let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(
+                d.to_scalar::<f32>().unwrap() < 1e-6,
+                "k{k} s{stride} p{pad}"
+            );
+        }
+    }
+}
