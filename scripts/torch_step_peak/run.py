@@ -12,6 +12,8 @@ dropout 0 unless a config sets `dropout` (step.py), and the planner is told so (
       src/harness/torch/malloc_peak_shim.c -ldl
   PYTHON=<python with torch + transformers> OUT=calibration/data/torch-step-peaks-cpu.csv \
       python3 scripts/torch_step_peak/run.py
+  FINETUNE=1 PYTHON=... OUT=calibration/data/torch-finetune-peaks-cpu.csv \
+      python3 scripts/torch_step_peak/run.py      # peft LoRA and frozen layers (needs peft)
 """
 import csv, json, os, subprocess, sys
 
@@ -67,6 +69,21 @@ CONFIGS = [
     c(G1, "gpt2 DROPOUT0.1 fp32 eager foreach b4s512 (CPU masks 4B)", attn="eager", precision="fp32", impl="foreach", batch=4, seq=512, dropout=0.1),
 ]
 
+# Parameter-efficient and partial fine-tuning (peft LoRA on the block linears; frozen layers):
+# the planner's --finetune lora / --freeze-layers plans against the same kind of real steps.
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+FINETUNE_CONFIGS = [
+    c(L1, "lora-all r16 llama-mha fp32 sdpa b4s512", attn="sdpa", precision="fp32", impl="foreach", batch=4, seq=512, lora=dict(r=16, targets=ALL)),
+    c(L1, "lora-all r16 llama-mha fp32 eager b2s1024", attn="eager", precision="fp32", impl="foreach", batch=2, seq=1024, lora=dict(r=16, targets=ALL)),
+    c(L1, "lora-qv r8 llama-mha fp32 sdpa b4s512", attn="sdpa", precision="fp32", impl="foreach", batch=4, seq=512, lora=dict(r=8, targets=["q_proj", "v_proj"])),
+    c(L1G, "lora-all r64 llama-gqa fp32 sdpa b8s256", attn="sdpa", precision="fp32", impl="foreach", batch=8, seq=256, lora=dict(r=64, targets=ALL)),
+    c(L2, "lora-all r16 llama-big fp32 sdpa b2s512", attn="sdpa", precision="fp32", impl="foreach", batch=2, seq=512, lora=dict(r=16, targets=ALL)),
+    c(L2, "lora-all r16 llama-big bf16 sdpa b2s512", attn="sdpa", precision="bf16", impl="foreach", batch=2, seq=512, lora=dict(r=16, targets=ALL)),
+    c(L1, "lora-all r16 DROPOUT0.1 llama-mha fp32 sdpa b4s512", attn="sdpa", precision="fp32", impl="foreach", batch=4, seq=512, lora=dict(r=16, targets=ALL, dropout=0.1)),
+    c(L1, "freeze2 llama-mha fp32 sdpa b4s512", attn="sdpa", precision="fp32", impl="foreach", batch=4, seq=512, freeze_layers=2),
+    c(L2, "freeze2 llama-big fp32 sdpa b2s512", attn="sdpa", precision="fp32", impl="foreach", batch=2, seq=512, freeze_layers=2),
+]
+
 
 def planner(cf):
     a = [VC, "estimate", "--layers", str(cf["layers"]), "--hidden", str(cf["hidden"]),
@@ -87,6 +104,13 @@ def planner(cf):
         # config's activation: tell the planner (its defaults are transformers', 0.1)
         a += ["--dropout", str(cf.get("dropout", 0.0)),
               "--activation", cf.get("act", "gelu_new" if cf["model"] == "gpt2" else "gelu")]
+    if "lora" in cf:
+        lc = cf["lora"]
+        a += ["--finetune", "lora", "--lora-rank", str(lc["r"]),
+              "--lora-targets", ",".join(lc["targets"]),
+              "--lora-dropout", str(lc.get("dropout", 0.0))]
+    if "freeze_layers" in cf:
+        a += ["--freeze-layers", str(cf["freeze_layers"])]
     j = json.loads(subprocess.run(a, check=True, capture_output=True, text=True).stdout)
     return j, " ".join(a[1:])
 
@@ -115,6 +139,8 @@ def row(cf, m):
     # the planner's optimizer-step peak shows only through total exceeding its backward peak
     plan_phase = "optimizer" if planned_total > planned_bwd + 2**20 else "backward"
     return dict(name=cf["name"], params_torch=m["params"], params_planner=j["params"],
+                trainable_torch=m.get("trainable_params", m["params"]),
+                trainable_planner=j["train"].get("trainable_params", j["params"]),
                 params_diff=j["params"] - m["params"],
                 meas_states=m["states_bytes"], plan_states=planned_states,
                 states_err_pct=100 * (planned_states - m["states_bytes"]) / m["states_bytes"],
@@ -138,7 +164,8 @@ def measured_of(r):
     """The measurements of a row already in the CSV (what step.py reported), to re-plan it."""
     i = lambda k: int(float(r[k]))
     pre = i("pre_model")
-    return dict(params=i("params_torch"), states_bytes=i("meas_states"),
+    return dict(params=i("params_torch"), trainable_params=i(r.get("trainable_torch") and "trainable_torch" or "params_torch"),
+                states_bytes=i("meas_states"),
                 peak_step_abs=i("meas_peak_step") + pre, peak_fwd_bwd_abs=i("meas_peak_fwd_bwd") + pre,
                 pre_model_bytes=pre, peak_phase=r["meas_phase"], live_after_fwd=i("meas_saved_act"),
                 peak_fwd_bytes=i("meas_fwd_peak_above_base"), peak_bwd_bytes=i("meas_bwd_peak_above_base"),
@@ -152,12 +179,13 @@ def main():
     recorded measurements (after a planner change), and rewrite $OUT in CONFIGS order."""
     only = sys.argv[1:]
     replan = os.environ.get("REPLAN") == "1"
+    configs = FINETUNE_CONFIGS if os.environ.get("FINETUNE") == "1" else CONFIGS
     out = os.environ.get("OUT", "torch-step-peaks-cpu.csv") if not only else os.environ.get("OUT", "torch-step-peaks-cpu.partial.csv")
     old = {}
     if replan and os.path.exists(out):
         old = {r["name"]: r for r in csv.DictReader(open(out))}
     rows = []
-    for cf in CONFIGS:
+    for cf in configs:
         if only and not any(o in cf["name"] for o in only):
             continue
         m = measured_of(old[cf["name"]]) if cf["name"] in old else measure(cf)

@@ -14,6 +14,8 @@ torch.manual_seed(0)
 
 import gc
 from transformers import LlamaConfig, LlamaForCausalLM, GPT2Config, GPT2LMHeadModel
+if "lora" in cfg:
+    import peft  # noqa: F401  (its modules are the interpreter's, not the model's bytes)
 gc.collect()
 pre_model = live()   # interpreter + torch + transformers, before any model tensor exists
 if cfg["model"] == "llama":
@@ -50,7 +52,26 @@ if cfg["precision"] == "bf16":
 model.train()
 nparams = sum(p.numel() for p in model.parameters())
 nbuf = sum(b.numel() * b.element_size() for b in model.buffers())
-opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=(cfg["impl"] == "foreach"))
+if "lora" in cfg:
+    # peft LoRA: the base frozen, rank-r adapters on the named linears (trainable, in the
+    # base's dtype), trained as HF Trainer/peft do: AdamW over the trainable parameters only
+    from peft import LoraConfig, get_peft_model
+    lc = cfg["lora"]
+    model = get_peft_model(model, LoraConfig(r=lc["r"], lora_alpha=2 * lc["r"],
+                                             target_modules=lc["targets"],
+                                             lora_dropout=lc.get("dropout", 0.0)))
+    if cfg["precision"] == "bf16":
+        model = model.to(torch.bfloat16)
+    model.train()
+if "freeze_layers" in cfg:
+    # partial fine-tuning: embeddings and the first N blocks frozen
+    inner = model.model
+    inner.embed_tokens.requires_grad_(False)
+    for layer in inner.layers[: cfg["freeze_layers"]]:
+        layer.requires_grad_(False)
+trainable = [p for p in model.parameters() if p.requires_grad]
+ntrainable = sum(p.numel() for p in trainable)
+opt = torch.optim.AdamW(trainable, lr=1e-4, foreach=(cfg["impl"] == "foreach"))
 
 B, T = cfg["batch"], cfg["seq"]
 ids = torch.randint(0, cfg["vocab"], (B, T))
@@ -98,7 +119,7 @@ live_end = live()
 peak_fwd_bwd = max(p_fwd, p_bwd)
 peak_step = max(peak_fwd_bwd, p_opt)
 phase = max((p_fwd, "forward"), (p_bwd, "backward"), (p_opt, "optimizer"))[1]
-out = dict(cfg, params=nparams, buffer_bytes=nbuf,
+out = dict(cfg, params=nparams, trainable_params=ntrainable, buffer_bytes=nbuf,
            pre_model_bytes=pre_model, baseline_bytes=baseline,
            states_bytes=baseline - pre_model,
            peak_fwd_bytes=p_fwd - baseline, live_after_fwd=live_fwd - baseline,
