@@ -198,8 +198,7 @@ impl Metrics {
         }
         if let (Some(peak), Some(reserved)) = (row.peak_bytes, row.peak_reserved_bytes) {
             if reserved > 0 && reserved >= peak {
-                self.fragmentation
-                    .set(1.0 - peak as f64 / reserved as f64);
+                self.fragmentation.set(1.0 - peak as f64 / reserved as f64);
             }
         }
     }
@@ -254,21 +253,22 @@ pub fn serve(addr: &str, metrics: &Metrics) -> anyhow::Result<Server> {
             format!("'{addr}' is not HOST:PORT; accepted e.g. 127.0.0.1:9400 or 0.0.0.0:9400"),
         );
     };
-    let listener = match TcpListener::bind(sock) {
-        Ok(l) => l,
-        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-            return input_err(
+    let listener =
+        match TcpListener::bind(sock) {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                return input_err(
+                    "metrics-addr",
+                    format!("{addr} is in use by another process; accepted a free HOST:PORT"),
+                )
+            }
+            Err(e) => return input_err(
                 "metrics-addr",
-                format!("{addr} is in use by another process; accepted a free HOST:PORT"),
-            )
-        }
-        Err(e) => {
-            return input_err(
-                "metrics-addr",
-                format!("cannot listen on {addr} ({e}); accepted a local HOST:PORT this user may bind"),
-            )
-        }
-    };
+                format!(
+                    "cannot listen on {addr} ({e}); accepted a local HOST:PORT this user may bind"
+                ),
+            ),
+        };
     let bound = listener.local_addr()?;
     let server = tiny_http::Server::from_listener(listener, None)
         .map_err(|e| anyhow::anyhow!("serving metrics on {addr}: {e}"))?;
@@ -318,12 +318,7 @@ mod tests {
     fn names(text: &str) -> std::collections::BTreeSet<String> {
         text.lines()
             .filter(|l| !l.starts_with('#') && !l.is_empty())
-            .map(|l| {
-                l.split(['{', ' '])
-                    .next()
-                    .unwrap_or("")
-                    .to_string()
-            })
+            .map(|l| l.split(['{', ' ']).next().unwrap_or("").to_string())
             .collect()
     }
 
@@ -360,14 +355,26 @@ mod tests {
             EXPORTED.iter().map(|s| s.to_string()).collect();
         assert_eq!(all, want, "{text}");
         assert!(text.contains("vramcal_points_total 7"), "{text}");
-        assert!(text.contains("vramcal_points_done_total{status=\"ok\"} 1"), "{text}");
-        assert!(text.contains("vramcal_points_done_total{status=\"oom\"} 1"), "{text}");
-        assert!(text.contains("vramcal_points_done_total{status=\"timeout\"} 0"), "{text}");
+        assert!(
+            text.contains("vramcal_points_done_total{status=\"ok\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vramcal_points_done_total{status=\"oom\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("vramcal_points_done_total{status=\"timeout\"} 0"),
+            "{text}"
+        );
         assert!(text.contains("vramcal_points_failed_total 1"), "{text}");
         assert!(text.contains("vramcal_point_peak_bytes 750"), "{text}");
         assert!(text.contains("vramcal_planned_bytes 900"), "{text}");
         assert!(text.contains("vramcal_point_step_seconds 0.0125"), "{text}");
-        assert!(text.contains("vramcal_allocator_fragmentation_ratio 0.25"), "{text}");
+        assert!(
+            text.contains("vramcal_allocator_fragmentation_ratio 0.25"),
+            "{text}"
+        );
         assert!(text.contains("shard=\"1/4\""), "{text}");
     }
 

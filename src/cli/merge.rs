@@ -33,7 +33,11 @@ pub fn summary_line(s: &MergeSummary, out: &std::path::Path) -> String {
         Some(n) => format!(" ({} of {n} shards)", s.shards.len()),
         None => String::new(),
     };
-    let statuses: Vec<String> = s.by_status.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    let statuses: Vec<String> = s
+        .by_status
+        .iter()
+        .map(|(k, v)| format!("{v} {k}"))
+        .collect();
     let mut missing = String::new();
     if !s.missing_shards.is_empty() {
         missing.push_str(&format!("; {} shards missing", s.missing_shards.len()));

@@ -48,7 +48,10 @@ pub fn read_plan(path: &Path) -> anyhow::Result<Planned> {
         Err(e) => {
             return input_err(
                 "plan",
-                format!("cannot read {} ({e}); accepted the JSON of `vramcal estimate --json`", path.display()),
+                format!(
+                    "cannot read {} ({e}); accepted the JSON of `vramcal estimate --json`",
+                    path.display()
+                ),
             )
         }
     };
@@ -57,7 +60,10 @@ pub fn read_plan(path: &Path) -> anyhow::Result<Planned> {
         Err(e) => {
             return input_err(
                 "plan",
-                format!("{} is not JSON ({e}); accepted the JSON of `vramcal estimate --json`", path.display()),
+                format!(
+                    "{} is not JSON ({e}); accepted the JSON of `vramcal estimate --json`",
+                    path.display()
+                ),
             )
         }
     };
@@ -110,15 +116,23 @@ fn poll(_: &Args, _: Planned, _: Option<&crate::metrics::Metrics>) -> anyhow::Re
 }
 
 #[cfg(feature = "cuda")]
-fn poll(args: &Args, plan: Planned, metrics: Option<&crate::metrics::Metrics>) -> anyhow::Result<()> {
+fn poll(
+    args: &Args,
+    plan: Planned,
+    metrics: Option<&crate::metrics::Metrics>,
+) -> anyhow::Result<()> {
     use anyhow::Context;
     use nvml_wrapper::enums::device::UsedGpuMemory;
-    let nvml = nvml_wrapper::Nvml::init().context("starting NVML (is the NVIDIA driver loaded?)")?;
+    let nvml =
+        nvml_wrapper::Nvml::init().context("starting NVML (is the NVIDIA driver loaded?)")?;
     let count = nvml.device_count()?;
     if args.gpu >= count {
         return input_err(
             "gpu",
-            format!("{}; accepted 0..{count} (the NVML indices of this machine's GPUs)", args.gpu),
+            format!(
+                "{}; accepted 0..{count} (the NVML indices of this machine's GPUs)",
+                args.gpu
+            ),
         );
     }
     let dev = nvml.device_by_index(args.gpu)?;
@@ -135,7 +149,12 @@ fn poll(args: &Args, plan: Planned, metrics: Option<&crate::metrics::Metrics>) -
         if let Some(m) = metrics {
             m.set_device_memory(Some(info.used), Some(info.total));
         }
-        let mut line = format!("{:>7.1} s  gpu {}: {}", start.elapsed().as_secs_f64(), args.gpu, compare(info.used, plan.device_used));
+        let mut line = format!(
+            "{:>7.1} s  gpu {}: {}",
+            start.elapsed().as_secs_f64(),
+            args.gpu,
+            compare(info.used, plan.device_used)
+        );
         if let Some(pid) = args.pid {
             let mut used = None;
             for i in 0..count {
@@ -151,7 +170,11 @@ fn poll(args: &Args, plan: Planned, metrics: Option<&crate::metrics::Metrics>) -
                     if let Some(m) = metrics {
                         m.set_process_memory(b);
                     }
-                    line = format!("{:>7.1} s  pid {pid}: {}", start.elapsed().as_secs_f64(), compare(b, plan.device_used));
+                    line = format!(
+                        "{:>7.1} s  pid {pid}: {}",
+                        start.elapsed().as_secs_f64(),
+                        compare(b, plan.device_used)
+                    );
                 }
                 None => line.push_str(&format!("; pid {pid} holds no GPU memory (yet)")),
             }
@@ -174,8 +197,18 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("plan.json");
         std::fs::write(&p, r#"{"memory":{"total":100,"device_used":600}}"#).unwrap();
-        assert_eq!(read_plan(&p).unwrap(), Planned { device_used: 600, total: 100 });
-        for bad in ["{}", "not json", r#"{"memory":{"total":-1,"device_used":5}}"#] {
+        assert_eq!(
+            read_plan(&p).unwrap(),
+            Planned {
+                device_used: 600,
+                total: 100
+            }
+        );
+        for bad in [
+            "{}",
+            "not json",
+            r#"{"memory":{"total":-1,"device_used":5}}"#,
+        ] {
             std::fs::write(&p, bad).unwrap();
             let e = read_plan(&p).unwrap_err();
             assert_eq!(crate::error::exit_code(&e), 2);

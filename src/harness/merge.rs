@@ -83,8 +83,17 @@ fn rank(s: Status) -> u8 {
 
 /// The same measurement (a file merged twice, or a copy), as opposed to a conflict.
 fn same_measurement(a: &Row, b: &Row) -> bool {
-    (a.peak_bytes, a.baseline_bytes, a.peak_reserved_bytes, a.step_ms_median)
-        == (b.peak_bytes, b.baseline_bytes, b.peak_reserved_bytes, b.step_ms_median)
+    (
+        a.peak_bytes,
+        a.baseline_bytes,
+        a.peak_reserved_bytes,
+        a.step_ms_median,
+    ) == (
+        b.peak_bytes,
+        b.baseline_bytes,
+        b.peak_reserved_bytes,
+        b.step_ms_median,
+    )
 }
 
 /// `tiny-gpt b2 s16 fp32 ...` for messages (falls back to the model name).
@@ -113,7 +122,10 @@ fn read_input(path: &Path) -> anyhow::Result<Vec<Row>> {
         Err(e) => {
             return input_err(
                 "inputs",
-                format!("cannot read {} ({e}); accepted measurement CSVs", path.display()),
+                format!(
+                    "cannot read {} ({e}); accepted measurement CSVs",
+                    path.display()
+                ),
             )
         }
     };
@@ -145,7 +157,10 @@ fn check_shards(
 ) -> anyhow::Result<Option<(u32, Vec<u32>, Vec<u32>)>> {
     let sharded: Vec<(&Path, Shard, &[Row])> = inputs
         .iter()
-        .filter_map(|(p, rows, s)| s.as_ref().map(|s| (p.as_path(), s.shard(), rows.as_slice())))
+        .filter_map(|(p, rows, s)| {
+            s.as_ref()
+                .map(|s| (p.as_path(), s.shard(), rows.as_slice()))
+        })
         .collect();
     let Some(&(first_path, first, _)) = sharded.first() else {
         return Ok(None);
@@ -199,7 +214,7 @@ fn check_shards(
         return input_err(
             "inputs",
             format!(
-                "shard{} {}{more} of {n} missing (got {} of {n}); accepted all {n} shards' CSVs, or --partial",
+                "shard{} {}{more} missing (got {} of {n} shards); accepted all {n} shards' CSVs, or --partial",
                 if missing.len() > 1 { "s" } else { "" },
                 shown.join(", "),
                 present.len()
@@ -212,7 +227,10 @@ fn check_shards(
 /// Merges (see the module docs); writes `out` atomically and returns the counts.
 pub fn merge(opts: &MergeOptions) -> anyhow::Result<MergeSummary> {
     if opts.inputs.is_empty() {
-        return input_err("inputs", "none given; accepted one or more measurement CSVs");
+        return input_err(
+            "inputs",
+            "none given; accepted one or more measurement CSVs",
+        );
     }
     let mut inputs = Vec::new();
     for p in &opts.inputs {
@@ -399,23 +417,37 @@ mod tests {
         let a = csv(
             dir.path(),
             "a.csv",
-            &[row(1, Status::Error, 0), row(2, Status::Ok, 200), row(3, Status::Ok, 300)],
+            &[
+                row(1, Status::Error, 0),
+                row(2, Status::Ok, 200),
+                row(3, Status::Ok, 300),
+            ],
         );
         let b = csv(
             dir.path(),
             "b.csv",
-            &[row(1, Status::Ok, 100), row(2, Status::Ok, 999), row(3, Status::Ok, 300), row(4, Status::Skipped, 0)],
+            &[
+                row(1, Status::Ok, 100),
+                row(2, Status::Ok, 999),
+                row(3, Status::Ok, 300),
+                row(4, Status::Skipped, 0),
+            ],
         );
         let out = dir.path().join("all.csv");
         let s = merge(&opts(vec![a, b], &out)).unwrap();
-        assert_eq!((s.rows_read, s.points, s.duplicates, s.ok_over_failed), (7, 4, 3, 1));
+        assert_eq!(
+            (s.rows_read, s.points, s.duplicates, s.ok_over_failed),
+            (7, 4, 3, 1)
+        );
         assert_eq!(s.conflicts.len(), 1, "{s:?}");
         assert_eq!(s.conflicts[0].kept_peak_bytes, Some(200));
         assert_eq!(s.conflicts[0].dropped_peak_bytes, Some(999));
         assert!(s.conflicts[0].kept.ends_with("a.csv"));
         let rows = record::read(&out).unwrap();
-        let peaks: Vec<(u64, Status, Option<u64>)> =
-            rows.iter().map(|r| (r.batch, r.status, r.peak_bytes)).collect();
+        let peaks: Vec<(u64, Status, Option<u64>)> = rows
+            .iter()
+            .map(|r| (r.batch, r.status, r.peak_bytes))
+            .collect();
         assert_eq!(
             peaks,
             vec![
@@ -473,15 +505,24 @@ mod tests {
             format!("{e:#}")
         };
         let m = msg(opts(vec![s0.clone(), s0b.clone(), s1.clone()], &out));
-        assert!(m.contains("shard 0/2") && m.contains("s0.csv and") && m.contains("s0b.csv") && m.contains("overlapping"), "{m}");
+        assert!(
+            m.contains("shard 0/2")
+                && m.contains("s0.csv and")
+                && m.contains("s0b.csv")
+                && m.contains("overlapping"),
+            "{m}"
+        );
         let m = msg(opts(vec![s1.clone()], &out));
-        assert!(m.contains("shard 0 of 2 missing"), "{m}");
+        assert!(m.contains("shard 0/2 missing (got 1 of 2 shards)"), "{m}");
         let mut o = opts(vec![s1.clone()], &out);
         o.partial = true;
         assert_eq!(merge(&o).unwrap().missing_shards, vec![0]);
         // a file labelled with the wrong shard
         shard::write_sidecar(&s0b, &side(1)).unwrap();
         let m = msg(opts(vec![s0, s0b], &out));
-        assert!(m.contains("s0b.csv is shard 1/2 but holds a point of shard 0/2"), "{m}");
+        assert!(
+            m.contains("s0b.csv is shard 1/2 but holds a point of shard 0/2"),
+            "{m}"
+        );
     }
 }

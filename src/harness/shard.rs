@@ -135,7 +135,9 @@ pub fn read_sidecar(csv: &Path) -> anyhow::Result<Option<Sidecar>> {
         Err(e) => {
             return input_err(
                 &path.display().to_string(),
-                format!("unreadable ({e}); accepted the shard file a `vramcal sweep --shard` wrote"),
+                format!(
+                    "unreadable ({e}); accepted the shard file a `vramcal sweep --shard` wrote"
+                ),
             )
         }
     };
@@ -174,7 +176,10 @@ mod tests {
             let e = bad.parse::<Shard>().unwrap_err();
             assert_eq!(crate::error::exit_code(&e), 2, "{bad}");
             let msg = format!("{e:#}");
-            assert!(msg.contains("invalid shard") && msg.contains("0 <= I < N"), "{msg}");
+            assert!(
+                msg.contains("invalid shard") && msg.contains("0 <= I < N"),
+                "{msg}"
+            );
         }
     }
 
@@ -198,13 +203,20 @@ precision = ["fp32", "bf16-mixed"]
             .replace("[1, 2, 4]", "[4, 1, 2]")
             .replace("[\"fp32\", \"bf16-mixed\"]", "[\"bf16-mixed\", \"fp32\"]");
         let r = grid::parse(&reordered).unwrap();
-        assert_ne!(g.points, r.points, "the reordered grid visits another order");
+        assert_ne!(
+            g.points, r.points,
+            "the reordered grid visits another order"
+        );
         let n = 3;
         let assign = |points: &[grid::Point]| {
             let mut by: std::collections::BTreeMap<String, u32> = Default::default();
             for p in points {
                 let hits: Vec<u32> = (0..n)
-                    .filter(|&i| Shard { index: i, count: n }.contains(&p.model, &p.train).unwrap())
+                    .filter(|&i| {
+                        Shard { index: i, count: n }
+                            .contains(&p.model, &p.train)
+                            .unwrap()
+                    })
                     .collect();
                 assert_eq!(hits.len(), 1, "{p:?} is in shards {hits:?}");
                 let key = shard_key(&serde_json::to_string(&p.model).unwrap(), &p.train);
@@ -219,17 +231,19 @@ precision = ["fp32", "bf16-mixed"]
             assert!(a.values().any(|&s| s == i), "shard {i} is empty: {a:?}");
         }
         // one shard is the whole grid
-        assert!(g
-            .points
-            .iter()
-            .all(|p| Shard { index: 0, count: 1 }.contains(&p.model, &p.train).unwrap()));
+        assert!(g.points.iter().all(|p| Shard { index: 0, count: 1 }
+            .contains(&p.model, &p.train)
+            .unwrap()));
     }
 
     #[test]
     fn the_hash_is_sha256_of_the_key() {
         // SHA-256("abc") starts ba7816bf8f01cfea: the partition is the documented one, not an
         // accident of this build
-        assert_eq!(shard_of_key("abc", u32::MAX), (0xba78_16bf_8f01_cfea_u64 % u64::from(u32::MAX)) as u32);
+        assert_eq!(
+            shard_of_key("abc", u32::MAX),
+            (0xba78_16bf_8f01_cfea_u64 % u64::from(u32::MAX)) as u32
+        );
     }
 
     #[test]
@@ -247,7 +261,11 @@ precision = ["fp32", "bf16-mixed"]
         write_sidecar(&csv, &s).unwrap();
         assert!(sidecar_path(&csv).ends_with("s.csv.shard.json"));
         assert_eq!(read_sidecar(&csv).unwrap(), Some(s));
-        std::fs::write(sidecar_path(&csv), r#"{"shard":4,"shards":4,"grid":"g","grid_points":1,"shard_points":1}"#).unwrap();
+        std::fs::write(
+            sidecar_path(&csv),
+            r#"{"shard":4,"shards":4,"grid":"g","grid_points":1,"shard_points":1}"#,
+        )
+        .unwrap();
         let e = read_sidecar(&csv).unwrap_err();
         assert_eq!(crate::error::exit_code(&e), 2);
         assert!(format!("{e:#}").contains("s.csv.shard.json"));

@@ -710,7 +710,8 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
         if let Some(m) = &opts.metrics {
             m.point_done(&row, planned.total);
             if device.is_cpu() {
-                let used = measure::cpu_available_bytes().map(|a| info.total_bytes.saturating_sub(a));
+                let used =
+                    measure::cpu_available_bytes().map(|a| info.total_bytes.saturating_sub(a));
                 m.set_device_memory(used, None);
             }
         }
