@@ -253,22 +253,23 @@ pub fn serve(addr: &str, metrics: &Metrics) -> anyhow::Result<Server> {
             format!("'{addr}' is not HOST:PORT; accepted e.g. 127.0.0.1:9400 or 0.0.0.0:9400"),
         );
     };
-    let listener =
-        match TcpListener::bind(sock) {
-            Ok(l) => l,
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                return input_err(
-                    "metrics-addr",
-                    format!("{addr} is in use by another process; accepted a free HOST:PORT"),
-                )
-            }
-            Err(e) => return input_err(
+    let listener = match TcpListener::bind(sock) {
+        Ok(l) => l,
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            return input_err(
+                "metrics-addr",
+                format!("{addr} is in use by another process; accepted a free HOST:PORT"),
+            )
+        }
+        Err(e) => {
+            return input_err(
                 "metrics-addr",
                 format!(
                     "cannot listen on {addr} ({e}); accepted a local HOST:PORT this user may bind"
                 ),
-            ),
-        };
+            )
+        }
+    };
     let bound = listener.local_addr()?;
     let server = tiny_http::Server::from_listener(listener, None)
         .map_err(|e| anyhow::anyhow!("serving metrics on {addr}: {e}"))?;

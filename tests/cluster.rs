@@ -302,7 +302,7 @@ fn metrics_are_scraped_from_a_running_sweep_and_a_busy_port_is_one_line() {
                 "{head}"
             );
             let done: f64 = values(&body, "vramcal_points_done_total").iter().sum();
-            if done >= 1.0 && done < 4.0 {
+            if (1.0..4.0).contains(&done) {
                 during = Some(body);
                 break;
             }

@@ -149,12 +149,18 @@ fn read_input(path: &Path) -> anyhow::Result<Vec<Row>> {
     Ok(record::latest(rows))
 }
 
-/// Checks the shard records of the inputs (see the module docs); returns the split and the
-/// missing shards.
-fn check_shards(
-    inputs: &[(PathBuf, Vec<Row>, Option<shard::Sidecar>)],
-    partial: bool,
-) -> anyhow::Result<Option<(u32, Vec<u32>, Vec<u32>)>> {
+/// One input: its path, its rows (last per point) and its shard record.
+type Input = (PathBuf, Vec<Row>, Option<shard::Sidecar>);
+
+/// The shards of a split found among the inputs.
+struct Coverage {
+    of: u32,
+    present: Vec<u32>,
+    missing: Vec<u32>,
+}
+
+/// Checks the shard records of the inputs (see the module docs); None when no input is a shard.
+fn check_shards(inputs: &[Input], partial: bool) -> anyhow::Result<Option<Coverage>> {
     let sharded: Vec<(&Path, Shard, &[Row])> = inputs
         .iter()
         .filter_map(|(p, rows, s)| {
@@ -221,7 +227,11 @@ fn check_shards(
             ),
         );
     }
-    Ok(Some((n, present, missing)))
+    Ok(Some(Coverage {
+        of: n,
+        present,
+        missing,
+    }))
 }
 
 /// Merges (see the module docs); writes `out` atomically and returns the counts.
@@ -232,7 +242,7 @@ pub fn merge(opts: &MergeOptions) -> anyhow::Result<MergeSummary> {
             "none given; accepted one or more measurement CSVs",
         );
     }
-    let mut inputs = Vec::new();
+    let mut inputs: Vec<Input> = Vec::new();
     for p in &opts.inputs {
         let rows = read_input(p)?;
         let side = shard::read_sidecar(p)?;
@@ -264,10 +274,10 @@ pub fn merge(opts: &MergeOptions) -> anyhow::Result<MergeSummary> {
         files: inputs.len(),
         ..Default::default()
     };
-    if let Some((n, present, missing)) = shards {
-        summary.shards_of = Some(n);
-        summary.shards = present;
-        summary.missing_shards = missing;
+    if let Some(c) = shards {
+        summary.shards_of = Some(c.of);
+        summary.shards = c.present;
+        summary.missing_shards = c.missing;
     }
     // kept rows in first-seen order, with the file each came from
     let mut kept: Vec<(Row, usize)> = Vec::new();
@@ -367,6 +377,11 @@ pub fn merge(opts: &MergeOptions) -> anyhow::Result<MergeSummary> {
         .into_inner()
         .map_err(|e| anyhow::anyhow!("{}", e.error()))?;
     crate::atomic::write(&opts.out, &bytes)?;
+    // the merged file is no single shard: a shard record left beside it would mislabel it
+    let stale = shard::sidecar_path(&opts.out);
+    if stale.exists() {
+        std::fs::remove_file(&stale).with_context(|| format!("removing {}", stale.display()))?;
+    }
     summary.points = kept.len();
     Ok(summary)
 }
@@ -499,6 +514,13 @@ mod tests {
         }
         let s = merge(&opts(vec![s0.clone(), s1.clone()], &out)).unwrap();
         assert_eq!((s.points, s.shards_of, s.shards.len()), (8, Some(2), 2));
+        // merged onto a shard's own file: it stops being labelled as that shard
+        let onto = dir.path().join("onto.csv");
+        std::fs::copy(&s0, &onto).unwrap();
+        shard::write_sidecar(&onto, &side(0)).unwrap();
+        merge(&opts(vec![onto.clone(), s1.clone()], &onto)).unwrap();
+        assert_eq!(shard::read_sidecar(&onto).unwrap(), None);
+        assert_eq!(record::read(&onto).unwrap().len(), 8);
         let msg = |o: MergeOptions| {
             let e = merge(&o).unwrap_err();
             assert_eq!(crate::error::exit_code(&e), 2);
