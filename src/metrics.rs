@@ -125,7 +125,7 @@ impl Metrics {
             ),
             planned: lazy(
                 "vramcal_planned_bytes",
-                "the planner's per-GPU peak for the last point (sweep) or the plan (watch)",
+                "the planner's per-GPU peak for the last ok point (sweep) or the plan (watch)",
             ),
             step_seconds: lazy(
                 "vramcal_point_step_seconds",
@@ -133,7 +133,7 @@ impl Metrics {
             ),
             device_used: lazy(
                 "vramcal_device_memory_used_bytes",
-                "device memory in use (CPU: host RAM less MemAvailable; CUDA: NVML or cuMemGetInfo)",
+                "device memory in use (CPU: host RAM less MemAvailable; CUDA: cuMemGetInfo, else NVML)",
             ),
             device_total: lazy(
                 "vramcal_device_memory_total_bytes",
@@ -172,7 +172,8 @@ impl Metrics {
     }
 
     /// A point finished with `row` (already resumed points are not counted: they were not
-    /// measured by this process); `planned` is the planner's per-GPU peak for it.
+    /// measured by this process); `planned` is the planner's per-GPU peak for it. Peak, plan,
+    /// step time and memory are those of the last `ok` point.
     pub fn point_done(&self, row: &Row, planned: u64) {
         self.points_done
             .with_label_values(&[row.status.as_str()])
@@ -183,17 +184,19 @@ impl Metrics {
         ) {
             self.points_failed.inc();
         }
-        self.planned.set(planned as f64);
         if row.status != Status::Ok {
             return;
         }
+        // set with the peak, so the two always describe the same point (the alert compares them)
+        self.planned.set(planned as f64);
         if let Some(p) = row.peak_bytes {
             self.point_peak.set(p as f64);
         }
         if let Some(ms) = row.step_ms_median {
             self.step_seconds.set(ms / 1000.0);
         }
-        if let Some(used) = row.nvml_bytes.or(row.memgetinfo_bytes) {
+        // cuMemGetInfo is device-wide (total - free); NVML's figure is the child's own share
+        if let Some(used) = row.memgetinfo_bytes.or(row.nvml_bytes) {
             self.device_used.set(used as f64);
         }
         if let (Some(peak), Some(reserved)) = (row.peak_bytes, row.peak_reserved_bytes) {
@@ -370,7 +373,8 @@ mod tests {
         );
         assert!(text.contains("vramcal_points_failed_total 1"), "{text}");
         assert!(text.contains("vramcal_point_peak_bytes 750"), "{text}");
-        assert!(text.contains("vramcal_planned_bytes 900"), "{text}");
+        // the plan of the ok point, not of the later failed one
+        assert!(text.contains("vramcal_planned_bytes 800"), "{text}");
         assert!(text.contains("vramcal_point_step_seconds 0.0125"), "{text}");
         assert!(
             text.contains("vramcal_allocator_fragmentation_ratio 0.25"),
