@@ -110,7 +110,7 @@ impl Metrics {
             info,
             points_total: IntGauge::new(
                 "vramcal_points_total",
-                "grid points this sweep (this shard) has to measure",
+                "grid points this sweep (this shard) has to measure, less those already in a resumed CSV",
             )
             .expect("valid"),
             points_done,

@@ -645,7 +645,18 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
     };
     if let Some(m) = &opts.metrics {
         let shard = opts.shard.map(|s| s.to_string()).unwrap_or_default();
-        m.start_sweep(&info.id, opts.backend.as_str(), &shard, grid.points.len());
+        // what this process will measure: points already in a resumed CSV are not to do
+        let mut to_do = 0;
+        for p in &grid.points {
+            let spec_json = serde_json::to_string(&p.model)?;
+            to_do += usize::from(!done.contains(&point_key(
+                &info.id,
+                opts.backend,
+                &spec_json,
+                &p.train,
+            )));
+        }
+        m.start_sweep(&info.id, opts.backend.as_str(), &shard, to_do);
         m.set_device_memory(None, Some(info.total_bytes));
     }
     let _signals = InterruptGuard::install();
