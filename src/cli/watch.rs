@@ -106,8 +106,23 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let plan = read_plan(&args.plan)?;
+    if let Some(pid) = args.pid.filter(|p| !pid_alive(*p)) {
+        return input_err(
+            "pid",
+            format!("{pid} is not a running process; accepted the pid of a running training job"),
+        );
+    }
     let served = crate::metrics::serve_opt(args.metrics_addr.as_deref())?;
     poll(&args, plan, served.as_ref().map(|(m, _)| m))
+}
+
+/// Whether a process with this pid exists (Linux: /proc; elsewhere assumed).
+fn pid_alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
 }
 
 #[cfg(not(feature = "cuda"))]
@@ -144,7 +159,15 @@ fn poll(
     }
     let start = std::time::Instant::now();
     let mut polls = 0u64;
+    let mut peak = 0u64;
     loop {
+        if let Some(pid) = args.pid.filter(|p| !pid_alive(*p)) {
+            println!(
+                "pid {pid} has ended; its highest reading was {}",
+                compare(peak, plan.device_used)
+            );
+            return Ok(());
+        }
         let info = dev.memory_info()?;
         if let Some(m) = metrics {
             m.set_device_memory(Some(info.used), Some(info.total));
@@ -170,6 +193,7 @@ fn poll(
                     if let Some(m) = metrics {
                         m.set_process_memory(b);
                     }
+                    peak = peak.max(b);
                     line = format!(
                         "{:>7.1} s  pid {pid}: {}",
                         start.elapsed().as_secs_f64(),
