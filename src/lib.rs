@@ -9,6 +9,7 @@ pub mod coeffs;
 pub mod error;
 pub mod fit;
 pub mod harness;
+pub mod metrics;
 pub mod plan;
 pub mod report;
 pub mod size;

@@ -50,6 +50,9 @@ pub struct Args {
     /// Per-point time limit in seconds
     #[arg(long, default_value_t = 300)]
     pub timeout_s: u64,
+    /// Serve Prometheus metrics of the sweep on HOST:PORT (see `vramcal sweep --help`)
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
 }
 
 /// The device id the sweep will record: CPU `cpu-<model>`; CUDA asks a child for the device
@@ -142,6 +145,8 @@ fn with_heldout(
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    // bound first: a port in use stops the run before anything is measured
+    let served = crate::metrics::serve_opt(args.metrics_addr.as_deref())?;
     let device_id_of_rows = match &args.device_id {
         Some(id) => id.clone(),
         None => device_id(&args.device, args.backend)?,
@@ -197,6 +202,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     opts.max_mem = args.max_mem.as_deref().map(parse_bytes).transpose()?;
     opts.timeout_s = args.timeout_s;
     opts.show_progress = true;
+    opts.metrics = served.as_ref().map(|(m, _)| m.clone());
     let sweep = run_sweep(&opts)?;
 
     // calibrate writes one device's CSV; rows of another device in it are a mistake to refuse

@@ -8,8 +8,10 @@ pub mod estimate;
 pub mod fit;
 pub mod gpus;
 pub mod measure;
+pub mod merge;
 pub mod report;
 pub mod sweep;
+pub mod watch;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +36,10 @@ pub enum Command {
     Measure(measure::Args),
     /// Run a grid of configurations, each in a fresh child process, appending rows to a CSV.
     Sweep(sweep::Args),
+    /// Join the CSVs of a sharded sweep (or several sweeps of one device) into one.
+    Merge(merge::Args),
+    /// Compare a running training job's GPU memory (NVML) with its plan; CUDA builds only.
+    Watch(watch::Args),
     /// Fit a coefficient table from a measurements CSV.
     Fit(fit::Args),
     /// Write the accuracy report (markdown + SVG plots) for a measurements CSV and a table.
@@ -50,6 +56,8 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Gpus(a) => gpus::run(a),
         Command::Measure(a) => measure::run(a),
         Command::Sweep(a) => sweep::run(a),
+        Command::Merge(a) => merge::run(a),
+        Command::Watch(a) => watch::run(a),
         Command::Fit(a) => fit::run(a),
         Command::Report(a) => report::run(a),
         Command::Calibrate(a) => calibrate::run(a),

@@ -1,6 +1,7 @@
 //! `vramcal sweep`: run a grid, each point in a fresh child process, appending rows to a CSV.
 
 use crate::harness::record::Backend;
+use crate::harness::shard::Shard;
 use crate::harness::sweep::{parse_bytes, run_sweep, SweepOptions};
 use std::path::PathBuf;
 
@@ -39,6 +40,14 @@ pub struct Args {
     /// Per-point time limit in seconds; a point over it is recorded as `timeout`
     #[arg(long, default_value_t = 300)]
     pub timeout_s: u64,
+    /// Measure only shard I of N (0 <= I < N): each point's shard is a stable hash of the
+    /// point, so N machines given 0/N .. N-1/N split the grid; `vramcal merge` joins them
+    #[arg(long)]
+    pub shard: Option<Shard>,
+    /// Serve Prometheus metrics of the sweep on HOST:PORT (e.g. 127.0.0.1:9400; port 0 picks
+    /// one, announced on stderr)
+    #[arg(long)]
+    pub metrics_addr: Option<String>,
     /// Print the summary as JSON
     #[arg(long)]
     pub json: bool,
@@ -54,13 +63,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     opts.max_mem = args.max_mem.as_deref().map(parse_bytes).transpose()?;
     opts.coeffs = args.coeffs;
     opts.timeout_s = args.timeout_s;
+    opts.shard = args.shard;
+    let served = crate::metrics::serve_opt(args.metrics_addr.as_deref())?;
+    opts.metrics = served.as_ref().map(|(m, _)| m.clone());
     let s = run_sweep(&opts)?;
     if args.json {
         println!("{}", serde_json::to_string(&s)?);
     } else {
         println!(
-            "{} points on {}: {} ok, {} oom, {} error, {} killed, {} timeout, {} skipped, {} already in {}, {} retried ({:.1} s)",
+            "{} points{} on {}: {} ok, {} oom, {} error, {} killed, {} timeout, {} skipped, {} already in {}, {} retried ({:.1} s)",
             s.points,
+            opts.shard
+                .map_or(String::new(), |sh| format!(" (shard {sh})")),
             s.device_id,
             s.ok,
             s.oom,

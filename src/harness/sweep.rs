@@ -20,6 +20,10 @@
 //! now (CPU: MemAvailable; unless `--no-memory-guard`) it is recorded as `skipped` instead of
 //! being run into the OOM killer (which on a CPU host may take the whole machine down).
 //!
+//! `--shard I/N` measures only the grid points of shard I (see [`crate::harness::shard`]) and
+//! records the shard beside the CSV for `vramcal merge`; a resume must name the same shard.
+//! With metrics (`--metrics-addr`), each finished point updates [`crate::metrics::Metrics`].
+//!
 //! Test hook: the environment variable `VRAMCAL_FAIL_POINT=[mode:]<substring>` makes `vramcal
 //! measure` fail for any point whose key (see [`fail_key`]) contains the substring, in the way
 //! the mode says (see `cli::measure`), so tests can check how each failure is recorded.
@@ -29,6 +33,8 @@ use crate::error::input_err;
 use crate::harness::grid::{self, Grid, Point};
 use crate::harness::measure::{self, DeviceInfo, DeviceSpec};
 use crate::harness::record::{self, point_key, Backend, Row, Status};
+use crate::harness::shard::{self, Shard};
+use crate::metrics::Metrics;
 use crate::spec::{ModelSpec, TrainSpec};
 use anyhow::Context;
 use serde::Serialize;
@@ -67,6 +73,10 @@ pub struct SweepOptions {
     pub show_progress: bool,
     /// what measures each point: candle, or PyTorch (`--backend torch`)
     pub backend: Backend,
+    /// measure only this shard's points (`--shard I/N`)
+    pub shard: Option<Shard>,
+    /// updated as points finish (`--metrics-addr`)
+    pub metrics: Option<Metrics>,
 }
 
 impl SweepOptions {
@@ -85,6 +95,8 @@ impl SweepOptions {
             timeout_s: 300,
             show_progress: false,
             backend: Backend::Candle,
+            shard: None,
+            metrics: None,
         }
     }
 }
@@ -527,11 +539,44 @@ fn free_now(device: DeviceSpec, info: &DeviceInfo) -> Option<u64> {
     (b > 0).then_some(b)
 }
 
+/// A CSV swept as one shard continues only as that shard: resuming it with another `--shard`
+/// (or none) would mix two shards' points in one file.
+fn check_shard(opts: &SweepOptions, out_has_rows: bool) -> anyhow::Result<()> {
+    let recorded = shard::read_sidecar(&opts.out)?.map(|s| s.shard());
+    if !out_has_rows && opts.shard.is_none() && recorded.is_some() {
+        // an empty CSV's stale shard record would make merge take a whole sweep for one shard
+        let p = shard::sidecar_path(&opts.out);
+        std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+    }
+    if !out_has_rows || recorded == opts.shard {
+        return Ok(());
+    }
+    let was = recorded.map_or("without --shard".to_string(), |s| format!("as shard {s}"));
+    let accepted = recorded.map_or("no --shard".to_string(), |s| format!("--shard {s}"));
+    input_err(
+        "shard",
+        format!(
+            "{} was swept {was}; accepted {accepted} to resume it, or a new --out",
+            opts.out.display()
+        ),
+    )
+}
+
 /// Runs a sweep (see the module docs). Returns counts per status.
 pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
     let started = Instant::now();
     let device: DeviceSpec = opts.device.parse()?;
-    let grid = grid::load(&opts.grid)?;
+    let mut grid = grid::load(&opts.grid)?;
+    let grid_points = grid.points.len();
+    if let Some(s) = opts.shard {
+        let mut mine = Vec::new();
+        for p in grid.points {
+            if s.contains(&p.model, &p.train)? {
+                mine.push(p);
+            }
+        }
+        grid.points = mine;
+    }
     let coeffs = match &opts.coeffs {
         Some(p) => Coefficients::load(p)?,
         None => Coefficients::literature(),
@@ -549,6 +594,17 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
                 opts.out.display()
             ),
         );
+    }
+    check_shard(opts, out_has_rows)?;
+    if let Some(s) = opts.shard {
+        let sidecar = shard::Sidecar {
+            shard: s.index,
+            shards: s.count,
+            grid: opts.grid.display().to_string(),
+            grid_points,
+            shard_points: grid.points.len(),
+        };
+        shard::write_sidecar(&opts.out, &sidecar)?;
     }
     let mut done: HashSet<String> = HashSet::new();
     // points whose last row failed and that --retry-failed runs again
@@ -587,6 +643,22 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
         device_id: info.id.clone(),
         ..Default::default()
     };
+    if let Some(m) = &opts.metrics {
+        let shard = opts.shard.map(|s| s.to_string()).unwrap_or_default();
+        // what this process will measure: points already in a resumed CSV are not to do
+        let mut to_do = 0;
+        for p in &grid.points {
+            let spec_json = serde_json::to_string(&p.model)?;
+            to_do += usize::from(!done.contains(&point_key(
+                &info.id,
+                opts.backend,
+                &spec_json,
+                &p.train,
+            )));
+        }
+        m.start_sweep(&info.id, opts.backend.as_str(), &shard, to_do);
+        m.set_device_memory(None, Some(info.total_bytes));
+    }
     let _signals = InterruptGuard::install();
     let pb = progress_bar(grid.points.len() as u64, opts.show_progress);
     for point in &grid.points {
@@ -646,6 +718,14 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
             row
         };
         record::append(&opts.out, &row)?;
+        if let Some(m) = &opts.metrics {
+            m.point_done(&row, planned.total);
+            if device.is_cpu() {
+                let used =
+                    measure::cpu_available_bytes().map(|a| info.total_bytes.saturating_sub(a));
+                m.set_device_memory(used, None);
+            }
+        }
         summary.count(row.status);
         done.insert(key);
         pb.inc(1);
@@ -655,7 +735,8 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
     Ok(summary)
 }
 
-fn describe(p: &Point) -> String {
+/// A point in a few words (`tiny-gpt b2 s16 fp32 ckpt=none adamw z0/1`), for messages.
+pub fn describe(p: &Point) -> String {
     let t = &p.train;
     let input = match &p.model {
         ModelSpec::Transformer(m) if m.patch.is_none() => format!("s{}", t.seq),
