@@ -265,11 +265,11 @@ fn bad_finetune_inputs_exit_2_with_one_line_naming_the_flag() {
 /// fp32 and true bf16, AdamW over the trainable parameters; embeddings and the first two blocks
 /// frozen), measured on CPU with the live-heap shim. The plan's trainable parameters equal peft's
 /// exactly, and its allocated peak less the cuBLAS workspace (a CUDA buffer a CPU process lacks)
-/// is within TOLERANCE of each step. Not scored: lora_dropout on CPU (4-byte masks where the plan
+/// is within 3 % of each step (largest: 1.8 % when written). Not scored: lora_dropout on CPU (4-byte masks where the plan
 /// counts CUDA's 1-byte ones).
 #[test]
 fn finetune_peaks_match_real_peft_steps() {
-    const TOLERANCE: f64 = 0.08;
+    const TOLERANCE: f64 = 0.03;
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/calibration/data/torch-finetune-peaks-cpu.csv"
@@ -285,7 +285,10 @@ fn finetune_peaks_match_real_peft_steps() {
         let v = json(&args);
         let trainable = v["train"]["trainable_params"].as_u64().unwrap();
         let measured_trainable: u64 = rec[col("trainable_torch")].parse().unwrap();
-        assert_eq!(trainable, measured_trainable, "{name}: trainable parameters");
+        assert_eq!(
+            trainable, measured_trainable,
+            "{name}: trainable parameters"
+        );
         if name.contains("DROPOUT") {
             continue;
         }
