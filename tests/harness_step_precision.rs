@@ -76,8 +76,14 @@ fn half_precision_peak_below_fp32() {
 #[test]
 fn cnn_half_precision_peak_below_fp32() {
     let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let (_, p32) = peak("tiny-resnet18", &train(Precision::Fp32, 8, 1));
-    let (_, p16) = peak("tiny-resnet18", &train(Precision::Fp16Mixed, 8, 1));
+    // at 96 px the activations dominate; at 32 px the 16-bit weight copies outweigh their
+    // saving (PyTorch's CPU steps of the same model peak higher in fp16-mixed there too)
+    let image = |p| TrainSpec {
+        image: 96,
+        ..train(p, 8, 1)
+    };
+    let (_, p32) = peak("tiny-resnet18", &image(Precision::Fp32));
+    let (_, p16) = peak("tiny-resnet18", &image(Precision::Fp16Mixed));
     eprintln!("resnet fp32 peak {p32}; fp16-mixed peak {p16}");
     assert!(p16 < p32);
 }

@@ -136,8 +136,11 @@ fn qlora_below_lora_below_full_and_llama2_7b_qlora_fits_24gb() {
         "{}",
         q.weights
     );
-    // the adapter branches add activations, never remove them
-    assert!(l.activations >= f.activations);
+    // with every linear adapted, the frozen RMSNorms keep less than full training does and
+    // the adapter branches add back only their rank-16 intermediates (measured with peft,
+    // `finetune_peaks_match_real_peft_steps`)
+    assert!(l.activations < f.activations);
+    assert!(l.activations as f64 > 0.8 * f.activations as f64);
 }
 
 #[test]
