@@ -55,6 +55,16 @@ impl Point {
             _ => self.train.image,
         }
     }
+    /// The model's name with its shape: grids reuse a preset name with other layer counts or
+    /// widths.
+    pub fn model_label(&self) -> String {
+        match &self.model {
+            ModelSpec::Transformer(t) => {
+                format!("{} L{} h{} f{}", t.name, t.layers, t.hidden, t.ffn)
+            }
+            ModelSpec::Cnn(c) => format!("{} ({} params)", c.name, self.terms.params),
+        }
+    }
     /// "family/precision/ckpt" label used for per-group metrics.
     pub fn group(&self) -> String {
         format!(

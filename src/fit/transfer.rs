@@ -8,7 +8,7 @@
 //! 60-70 %; the 16-bit activation scale is a property of the device and framework more than of
 //! the model family.
 
-use super::calibrate::Meta;
+use super::meta::Meta;
 use super::memfit::{Col, COLS};
 use super::points::Point;
 use super::scaled;

@@ -2,12 +2,14 @@
 
 pub mod backend;
 pub mod compare;
+pub mod device;
 pub mod grid;
 pub mod layers;
 pub mod measure;
 pub mod optim;
 pub mod probe;
 pub mod record;
+pub mod row_fill;
 pub mod step;
 pub mod sweep;
 pub mod torch;

@@ -97,7 +97,7 @@ pub fn findings(points: &[Point]) -> Findings {
         .filter(|p| p.ckpt())
         .filter_map(|p| {
             Some((
-                super::plots::model_label(p),
+                p.model_label(),
                 *plain.get(&key(p, false, true))?,
                 p,
             ))
@@ -113,7 +113,7 @@ pub fn findings(points: &[Point]) -> Findings {
         .filter(|p| p.precision().is_mixed())
         .filter_map(|p| {
             Some((
-                format!("{} {}", super::plots::model_label(p), p.precision()),
+                format!("{} {}", p.model_label(), p.precision()),
                 *fp32.get(&key(p, true, false))?,
                 p,
             ))
