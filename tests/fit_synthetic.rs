@@ -303,3 +303,36 @@ fn sdpa_points_fit_with_their_fused_attention_bytes_known() {
         assert!(mape < 0.1, "{precision}: in-sample MAPE {mape} %");
     }
 }
+
+/// The memory fit hands back where it put each point's peak (optimizer step or backward) as
+/// data: one regime per point, the one its own fitted coefficients put the point in, both
+/// regimes occurring on this grid (small models peak at the optimizer step, large ones in
+/// backward); the points it was given are only read.
+#[test]
+fn the_memory_fit_returns_each_points_regime() {
+    use vramcal::fit::memfit;
+    let rows = synthetic_rows(0.0, 7);
+    let (points, _) = vramcal::fit::prepare(&rows);
+    let refs: Vec<&vramcal::fit::Point> = points
+        .iter()
+        .filter(|p| p.family() == Family::Transformer && p.precision() == Precision::Fp32)
+        .collect();
+    let lit = Coefficients::literature().mode(Family::Transformer, Precision::Fp32);
+    let f = memfit::fit(&refs, &lit).unwrap();
+    assert_eq!(f.regimes.len(), refs.len());
+    let mut mode = lit.clone();
+    for (k, c) in COLS.iter().enumerate() {
+        c.coef_mut(&mut mode).value = f.values[k];
+    }
+    assert_eq!(f.regimes, memfit::regimes_under(&refs, &mode));
+    let at_step = f.regimes.iter().filter(|r| r.optimizer_step).count();
+    assert!(
+        at_step > 0 && at_step < refs.len(),
+        "{at_step} of {}",
+        refs.len()
+    );
+    // a second fit of the same points gives the same answer: nothing was left on them
+    let again = memfit::fit(&refs, &lit).unwrap();
+    assert_eq!(again.values, f.values);
+    assert_eq!(again.regimes, f.regimes);
+}

@@ -69,7 +69,10 @@ fn strip(text: &str) -> String {
         } else if b[i] == b'\'' {
             // char literal ('x', '\n', '\'') or a lifetime ('a)
             let lit = if b.get(i + 1) == Some(&b'\\') {
-                b[i + 2..].iter().position(|&c| c == b'\'').map(|p| i + 3 + p)
+                b[i + 2..]
+                    .iter()
+                    .position(|&c| c == b'\'')
+                    .map(|p| i + 3 + p)
             } else if b.get(i + 2) == Some(&b'\'') {
                 Some(i + 3)
             } else {
@@ -236,8 +239,10 @@ impl Crate {
                     stack.push(path);
                 } else if path.extension().is_some_and(|e| e == "rs") {
                     let rel = path.strip_prefix(src).unwrap().with_extension("");
-                    let mut module: Module =
-                        rel.iter().map(|s| s.to_string_lossy().into_owned()).collect();
+                    let mut module: Module = rel
+                        .iter()
+                        .map(|s| s.to_string_lossy().into_owned())
+                        .collect();
                     if module.last().is_some_and(|s| s == "mod") {
                         module.pop();
                     }
@@ -309,9 +314,11 @@ impl Crate {
             if at > 0 && is_ident(b[at - 1]) {
                 continue;
             }
-            let public = code[..at].trim_end().ends_with("pub")
-                || code[..at].trim_end().ends_with(')');
-            let Some(semi) = code[at..].find(';') else { continue };
+            let public =
+                code[..at].trim_end().ends_with("pub") || code[..at].trim_end().ends_with(')');
+            let Some(semi) = code[at..].find(';') else {
+                continue;
+            };
             for path in expand(&code[at + 4..at + semi]) {
                 out.push((path, at, public));
             }
@@ -488,8 +495,11 @@ fn the_checker_sees_a_cycle_through_a_re_export_and_super() {
         "pub struct X;\nfn f() { crate::b::g(); }\n#[cfg(test)]\nmod tests { use crate::a::y; }\n",
     )
     .unwrap();
-    std::fs::write(src.join("a/y.rs"), "use super::x::X;\nconst S: &str = \"crate::b\";\n")
-        .unwrap();
+    std::fs::write(
+        src.join("a/y.rs"),
+        "use super::x::X;\nconst S: &str = \"crate::b\";\n",
+    )
+    .unwrap();
     std::fs::write(src.join("b.rs"), "use crate::a::X;\npub fn g() {}\n").unwrap();
     let krate = Crate::load(src);
     let graph = krate.graph();

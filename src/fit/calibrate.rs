@@ -138,7 +138,18 @@ pub fn fit_mode(
         let pooled = memfit::fit(fam_pts, &lit)?;
         let mut prior = lit.clone();
         apply(&mut prior, &pooled, fam_label, meta);
-        let (f, alpha) = scaled::fit(exact, &prior)?;
+        // each of this precision's points in the regime the pooled fit assigned it
+        let regimes: Vec<memfit::Regime> = exact
+            .iter()
+            .map(|e| {
+                let i = fam_pts
+                    .iter()
+                    .position(|p| std::ptr::eq(*p, *e))
+                    .expect("the family scope holds the precision's points");
+                pooled.regimes[i]
+            })
+            .collect();
+        let (f, alpha) = scaled::fit(exact, &regimes, &prior)?;
         let own = format!("{} {} points", exact.len(), precision);
         for (k, col) in COLS.iter().enumerate() {
             let prior_coef = col.coef_mut(&mut prior).clone();

@@ -153,7 +153,9 @@ mod tests {
         let t = timestamp_now();
         assert_eq!(t.len(), "2026-01-31T12:00:00Z".len(), "{t}");
         assert!(t.ends_with('Z'), "{t}");
-        let parsed = chrono::DateTime::parse_from_rfc3339(&t).unwrap().timestamp();
+        let parsed = chrono::DateTime::parse_from_rfc3339(&t)
+            .unwrap()
+            .timestamp();
         assert!((before..=before + 5).contains(&parsed), "{t}");
     }
 

@@ -46,7 +46,6 @@ impl StepFlops {
     }
 }
 
-
 /// FLOPs recompute adds: one extra forward pass (a third of forward + backward), of everything
 /// under full checkpointing, of the attention core (QK^T, AV) under selective recomputation.
 pub fn recompute_flops(checkpointing: Checkpointing, dense: f64, attention: f64) -> f64 {

@@ -95,13 +95,7 @@ pub fn findings(points: &[Point]) -> Findings {
     let ck_pairs = points
         .iter()
         .filter(|p| p.ckpt())
-        .filter_map(|p| {
-            Some((
-                p.model_label(),
-                *plain.get(&key(p, false, true))?,
-                p,
-            ))
-        })
+        .filter_map(|p| Some((p.model_label(), *plain.get(&key(p, false, true))?, p)))
         .collect();
     let fp32: HashMap<String, &Point> = points
         .iter()
