@@ -46,8 +46,8 @@ fn supported(p: Precision) -> bool {
             let ie = e
                 .downcast_ref::<InputError>()
                 .expect("refusal is an input error");
-            assert_eq!(ie.field, "precision");
-            assert!(ie.message.contains("accepted"), "{}", ie.message);
+            assert_eq!(ie.field(), "precision");
+            assert!(ie.message().contains("accepted"), "{}", ie.message());
             assert_eq!(vramcal::error::exit_code(&e), 2);
             false
         }
