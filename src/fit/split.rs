@@ -215,7 +215,7 @@ pub fn beyond_training(eval: &Evaluation, points: &[Point]) -> Vec<bool> {
 /// reliably (one point moves them by its whole error).
 pub const MIN_GROUP_POINTS: usize = 10;
 
-/// Metrics of one scheme for fitted / literature / seed memory and fitted time.
+/// Metrics of one scheme for fitted / literature / rule-of-thumb memory and fitted time.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Scores {
     pub fitted: Metrics,

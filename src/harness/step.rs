@@ -278,11 +278,6 @@ impl Trainer {
         self.store.total()
     }
 
-    /// Sets the dropout probability (0 disables it); masks stay seeded either way.
-    pub fn set_dropout(&mut self, p: f32) {
-        self.dropout = p;
-    }
-
     /// The parameter store (names, Vars, shard sizes), for inspection.
     pub fn store(&self) -> &ParamStore {
         &self.store

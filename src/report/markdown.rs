@@ -38,7 +38,7 @@ fn opt_pct(v: Option<f64>) -> String {
 }
 
 fn group_table(out: &mut String, groups: &[GroupScores]) {
-    out.push_str("| group (family/precision/ckpt) | n | fitted MAPE | fitted max | literature MAPE | seed MAPE | time MAPE (fitted) | time max |\n|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| group (family/precision/ckpt) | n | fitted MAPE | fitted max | literature MAPE | rule-of-thumb MAPE | time MAPE (fitted) | time max |\n|---|---|---|---|---|---|---|---|\n");
     for g in groups {
         let t = if g.time_fitted.n > 0 {
             format!(

@@ -490,8 +490,3 @@ pub fn checkpointing_bars(path: &Path, f: &Findings) -> anyhow::Result<bool> {
     })?;
     Ok(true)
 }
-
-/// Held-out fitted step time errors need the table: kept here so plots and tables agree.
-pub fn time_prediction(p: &Point, table: &Coefficients) -> Option<f64> {
-    timefit::predict(p, &table.mode(p.family(), p.precision()))
-}
