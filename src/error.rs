@@ -166,7 +166,10 @@ mod tests {
     fn check_range_names_value_and_range_and_exits_2() {
         assert!(check_range("seq", 8, 1, 8).is_ok());
         let e = check_range("seq", 9, 1, 8).unwrap_err();
-        assert_eq!(e.to_string(), "invalid seq: 9 is out of range; accepted 1..=8");
+        assert_eq!(
+            e.to_string(),
+            "invalid seq: 9 is out of range; accepted 1..=8"
+        );
         assert_eq!(exit_code(&e), 2);
         assert_eq!(exit_code(&anyhow::anyhow!("disk full")), 1);
         let wrapped = e.context("planning");

