@@ -6,9 +6,9 @@
 //! `warmup` steps run unmeasured (lazy allocations, kernel caches); then each of `repeats` steps
 //! runs in its own high-water window (reset right before the step, read after a device
 //! synchronise). The row's peak is the largest window, the step time the median (p10/p90 beside
-//! it) of the same steps. The protocol is one loop ([`run`]); what differs per device (what is
+//! it) of the same steps. The protocol is one loop (`run`); what differs per device (what is
 //! settled before the baseline, how a window is reset and read, how the device is synchronised)
-//! is a [`Protocol`], implemented once for the CPU and once for CUDA.
+//! is a `Protocol`, implemented once for the CPU and once for CUDA.
 
 use crate::error::input_err;
 use crate::harness::backend::Backend;

@@ -54,7 +54,7 @@ pub(crate) fn dropout_grad(g: &Tensor, mask: &Tensor, scale: f64) -> Result<Tens
     (g * mask.reshape(g.shape())?.to_dtype(g.dtype())?)?.affine(scale, 0.0)
 }
 
-/// `x * mask / (1 - p)` with a keep mask of `x`'s shape ([`DropoutOp`]: `u8`, or of `x`'s dtype
+/// `x * mask / (1 - p)` with a keep mask of `x`'s shape (`DropoutOp`: `u8`, or of `x`'s dtype
 /// holding the scaled values). A graph node keeping `x` and the mask; [`crate::harness::layers::joins`] has the
 /// nodes that keep only the mask.
 pub fn dropout(x: &Tensor, keep_mask: &Tensor, p: f32) -> Result<Tensor> {
