@@ -11,7 +11,7 @@
 //! is a `Protocol`, implemented once for the CPU and once for CUDA.
 
 use crate::error::input_err;
-use crate::harness::backend::Backend;
+use crate::harness::backend::{Backend, MeasureOptions};
 use crate::harness::device::{cuda_info, open};
 use crate::harness::probe;
 use crate::harness::record::{Row, Status};
@@ -20,13 +20,9 @@ use crate::harness::step::Trainer;
 use crate::spec::{ModelSpec, TrainSpec};
 use std::time::Instant;
 
-// The measuring vocabulary lives in `backend` (options), `device` (device names and identity)
-// and `row_fill` (row columns); re-exported for the callers (sweep, calibrate) that take it
-// from here.
-pub use crate::harness::backend::MeasureOptions;
-pub use crate::harness::device::{
-    cpu_available_bytes, cpu_info, device_info, slug, DeviceInfo, DeviceSpec,
-};
+// Device identity lives in `device`, row filling in `row_fill`; re-exported for the callers that
+// take them from here (the sweep, `vramcal calibrate`, the row tests).
+pub use crate::harness::device::{cpu_available_bytes, cpu_info, DeviceInfo, DeviceSpec};
 pub use crate::harness::row_fill::{git_commit, is_oom_message, quantile, row_template};
 
 /// What the probes saw.
