@@ -2,7 +2,7 @@
 
 Builds each config's transformers class on the meta device (no weights are allocated) and prints
 `name count`, the sum of p.numel() over model.parameters() (tied weights once): the figures
-tests/param_counts.rs expects. Decoders are built as *ForCausalLM, encoders as the bare model.
+tests/it/param_counts.rs expects. Decoders are built as *ForCausalLM, encoders as the bare model.
 
     python scripts/count_hf_params.py [name ...]
 """

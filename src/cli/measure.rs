@@ -3,8 +3,10 @@
 use super::common::{parse_opt_int, Defaults, TrainFlags};
 use crate::coeffs::Coefficients;
 use crate::error::input_err;
+use crate::harness::backend::MeasureOptions;
+use crate::harness::device::{cpu_available_bytes, device_info, DeviceSpec};
 use crate::harness::grid::{input_dims, ModelOverrides};
-use crate::harness::measure::{self, DeviceSpec, MeasureOptions};
+use crate::harness::measure;
 use crate::harness::record::{Backend, Row};
 use crate::harness::sweep::{fail_key, FAIL_POINT_ENV};
 use crate::spec::presets::preset;
@@ -71,11 +73,8 @@ fn memory_guard(
 ) -> anyhow::Result<()> {
     let planned = crate::plan::memory::estimate(model, train, &Coefficients::literature())?.total;
     let (free, what) = match device {
-        DeviceSpec::Cpu => (measure::cpu_available_bytes(), "MemAvailable"),
-        DeviceSpec::Cuda(_) => (
-            Some(measure::device_info(device)?.free_bytes),
-            "free device memory",
-        ),
+        DeviceSpec::Cpu => (cpu_available_bytes(), "MemAvailable"),
+        DeviceSpec::Cuda(_) => (Some(device_info(device)?.free_bytes), "free device memory"),
     };
     match free {
         Some(free) if free > 0 && planned > free => input_err(
@@ -125,7 +124,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let device: DeviceSpec = args.device.parse()?;
     if args.device_info {
         let info = match args.backend {
-            Backend::Candle => measure::device_info(device)?,
+            Backend::Candle => device_info(device)?,
             Backend::Torch => crate::harness::torch::device_info(device)?,
         };
         println!("{}", serde_json::to_string(&info)?);

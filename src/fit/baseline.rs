@@ -6,7 +6,7 @@
 use crate::plan::params;
 use crate::spec::{ModelSpec, TrainSpec};
 
-/// Seed-rule peak bytes for one configuration, with the exact parameter count.
+/// Rule-of-thumb peak bytes for one configuration, with the exact parameter count.
 pub fn seed_bytes(model: &ModelSpec, train: &TrainSpec) -> f64 {
     crate::plan::seed::seed_bytes(model, params::count(model), train) as f64
 }

@@ -4,6 +4,7 @@
 //! the whole family; otherwise it stays at the literature values. Every value records its source.
 
 use super::memfit::{self, Origin, COLS};
+use super::meta::Meta;
 use super::points::Point;
 use super::scaled;
 use super::timefit;
@@ -15,37 +16,6 @@ use std::collections::BTreeSet;
 
 /// Equations beyond the unknowns a point set needs before it is fitted alone.
 pub const MARGIN: usize = 3;
-
-/// Identity of the device and the date written into the table.
-#[derive(Debug, Clone)]
-pub struct Meta {
-    pub device_id: String,
-    pub device_name: String,
-    pub backend: String,
-    pub driver: String,
-    pub date: String,
-}
-
-impl Meta {
-    /// From the rows: the first row's device, the latest timestamp's date (so a refit of the same
-    /// CSV gives the same table).
-    pub fn from_points(points: &[Point]) -> Self {
-        let first = points.first().map(|p| &p.row);
-        let date = points
-            .iter()
-            .map(|p| p.row.timestamp.get(..10).unwrap_or("").to_string())
-            .max()
-            .filter(|d| !d.is_empty())
-            .unwrap_or_else(|| "unknown".into());
-        Meta {
-            device_id: first.map(|r| r.device_id.clone()).unwrap_or_default(),
-            device_name: first.map(|r| r.device_name.clone()).unwrap_or_default(),
-            backend: first.map(|r| r.backend.to_string()).unwrap_or_default(),
-            driver: first.map(|r| r.driver.clone()).unwrap_or_default(),
-            date,
-        }
-    }
-}
 
 /// The candidate point sets for a mode, narrowest first, with a label for sources.
 fn scopes<'a>(
@@ -168,7 +138,18 @@ pub fn fit_mode(
         let pooled = memfit::fit(fam_pts, &lit)?;
         let mut prior = lit.clone();
         apply(&mut prior, &pooled, fam_label, meta);
-        let (f, alpha) = scaled::fit(exact, &prior)?;
+        // each of this precision's points in the regime the pooled fit assigned it
+        let regimes: Vec<memfit::Regime> = exact
+            .iter()
+            .map(|e| {
+                let i = fam_pts
+                    .iter()
+                    .position(|p| std::ptr::eq(*p, *e))
+                    .expect("the family scope holds the precision's points");
+                pooled.regimes[i]
+            })
+            .collect();
+        let (f, alpha) = scaled::fit(exact, &regimes, &prior)?;
         let own = format!("{} {} points", exact.len(), precision);
         for (k, col) in COLS.iter().enumerate() {
             let prior_coef = col.coef_mut(&mut prior).clone();
@@ -265,11 +246,11 @@ pub fn fit_mode(
         .collect();
     diag.insert(
         "in_sample_memory".into(),
-        json!(super::split::Metrics::from_errors(&mem_err)),
+        json!(super::metrics::Metrics::from_errors(&mem_err)),
     );
     diag.insert(
         "in_sample_time".into(),
-        json!(super::split::Metrics::from_errors(&time_err)),
+        json!(super::metrics::Metrics::from_errors(&time_err)),
     );
     Ok((mode, serde_json::Value::Object(diag)))
 }

@@ -17,6 +17,18 @@ use super::points::Point;
 use crate::coeffs::ModeCoeffs;
 use nalgebra::{DMatrix, DVector};
 
+/// Where a point's peak sits, as the memory fit assigns it ([`fit`] returns one per point; the
+/// points themselves are never changed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Regime {
+    /// the peak is at the optimizer step (per-tensor transients above the activations) rather
+    /// than in backward
+    pub optimizer_step: bool,
+    /// for a checkpointed point: the head's backward, not a block's recompute and backward,
+    /// holds the peak (see `plan::memory::Features::phased`)
+    pub head_phase: bool,
+}
+
 /// One unknown of the memory regression.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Col {
@@ -100,12 +112,12 @@ impl Col {
         }
     }
 
-    /// The regressor of this column for one point.
-    pub fn value(self, p: &Point) -> f64 {
+    /// The regressor of this column for one point in regime `r`.
+    pub fn value(self, p: &Point, r: Regime) -> f64 {
         let f = &p.terms.features;
         // Regime (see `fit`): at the optimizer step the activations are gone and the largest
         // tensor's transients count; in backward it is the other way round.
-        let opt = p.opt_regime.get();
+        let opt = r.optimizer_step;
         if self == Col::MaxParam {
             return if opt { f.max_param } else { 0.0 };
         }
@@ -113,7 +125,7 @@ impl Col {
             return 0.0;
         }
         // Full checkpointing: only the phase (head or blocks) holding the peak contributes.
-        let head = p.head_regime.get();
+        let head = r.head_phase;
         if f.phased && ((head && self.is_block()) || (!head && self == Col::Logits)) {
             return 0.0;
         }
@@ -201,17 +213,17 @@ impl Col {
     }
 }
 
-/// Bytes of a point that no coefficient scales, in the regime set on it (before 1 + frag): at
+/// Bytes of a point that no coefficient scales, in regime `r` (before 1 + frag): at
 /// the optimizer step the group-wide update temporaries; in backward the fused attention
 /// kernel's saved output and log-sum-exp (a block's, so none in a checkpointed step's head
 /// phase). The planner counts the same bytes (`Features::activation_bytes`,
 /// `Features::step_transient_bytes`).
-pub fn known_bytes(p: &Point) -> f64 {
+pub fn known_bytes(p: &Point, r: Regime) -> f64 {
     let f = &p.terms.features;
-    if p.opt_regime.get() {
+    if r.optimizer_step {
         return f.group_update_bytes;
     }
-    if f.phased && p.head_regime.get() {
+    if f.phased && r.head_phase {
         return 0.0;
     }
     f.fused_attention_bytes
@@ -236,6 +248,8 @@ pub struct MemFit {
     /// and `(A'W'WA)^-1`); large values mean the data barely determines the coefficient
     pub rel_se: [Option<f64>; COLS.len()],
     pub n: usize,
+    /// the regime of each fitted point (in the order given), as the fit assigned it
+    pub regimes: Vec<Regime>,
 }
 
 /// Relative standard errors of a weighted least-squares solution `x` (None where x = 0 or the
@@ -272,21 +286,49 @@ fn relative_se(
         .collect()
 }
 
-/// Columns with a non-zero regressor somewhere in `points`.
+/// Columns with a non-zero regressor somewhere in `points`, every point in backward (its block
+/// phase when checkpointed): the unknowns the data's features call for.
 pub fn present(points: &[&Point]) -> Vec<Col> {
+    present_in(points, &vec![Regime::default(); points.len()])
+}
+
+/// Columns with a non-zero regressor somewhere in `points`, each in its regime.
+fn present_in(points: &[&Point], regimes: &[Regime]) -> Vec<Col> {
     COLS.iter()
         .copied()
-        .filter(|c| points.iter().any(|p| c.value(p) != 0.0))
+        .filter(|c| {
+            points
+                .iter()
+                .zip(regimes)
+                .any(|(p, r)| c.value(p, *r) != 0.0)
+        })
         .collect()
 }
 
-fn design(points: &[&Point], cols: &[Col]) -> DMatrix<f64> {
-    DMatrix::from_fn(points.len(), cols.len(), |i, j| cols[j].value(points[i]))
+fn design(points: &[&Point], regimes: &[Regime], cols: &[Col]) -> DMatrix<f64> {
+    DMatrix::from_fn(points.len(), cols.len(), |i, j| {
+        cols[j].value(points[i], regimes[i])
+    })
+}
+
+/// Each point's regime under a mode's coefficients (where its planner peak sits).
+pub fn regimes_under(points: &[&Point], mode: &ModeCoeffs) -> Vec<Regime> {
+    let mut values = [0.0; COLS.len()];
+    for (k, c) in COLS.iter().enumerate() {
+        values[k] = c.get(mode);
+    }
+    let eval = Eval::new(&values);
+    points.iter().map(|p| eval.regime(p)).collect()
 }
 
 /// Drops columns until the weighted, normalised design has full column rank; returns the kept
 /// and the dropped ones.
-fn identifiable(points: &[&Point], mut cols: Vec<Col>, w: &[f64]) -> (Vec<Col>, Vec<Col>) {
+fn identifiable(
+    points: &[&Point],
+    regimes: &[Regime],
+    mut cols: Vec<Col>,
+    w: &[f64],
+) -> (Vec<Col>, Vec<Col>) {
     let mut dropped = Vec::new();
     while !cols.is_empty() {
         if points.len() < cols.len() + 1 {
@@ -300,7 +342,7 @@ fn identifiable(points: &[&Point], mut cols: Vec<Col>, w: &[f64]) -> (Vec<Col>, 
             dropped.push(c);
             continue;
         }
-        let (sv, vt) = nnls::scaled_singular(&design(points, &cols), Some(w));
+        let (sv, vt) = nnls::scaled_singular(&design(points, regimes, &cols), Some(w));
         let (imin, smin) =
             sv.iter().enumerate().fold(
                 (0, f64::INFINITY),
@@ -353,37 +395,27 @@ pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
     } else {
         vec![0.0]
     };
-    // Fits the linear part for one `c_max_param` (regimes and coefficients alternately).
     // Fits the linear part for one `c_max_param`, regimes and coefficients alternately, from a
     // starting assignment of the regimes (None: every point in backward, its block phase).
-    type Regimes = Vec<(bool, bool)>;
+    type Regimes = Vec<Regime>;
     let alternate = |k: f64, start: Option<&Regimes>| -> anyhow::Result<(f64, MemFit, Regimes)> {
         let mut fixed = lit.clone();
         fixed.activation.c_max_param.value = k;
-        for (i, p) in points.iter().enumerate() {
-            let (opt, head) = start.map_or((false, false), |r| r[i]);
-            p.opt_regime.set(opt);
-            p.head_regime.set(head);
-        }
-        let mut f = fit_linear(points, &fixed, false)?;
+        let mut regimes: Regimes = match start {
+            Some(r) => r.clone(),
+            None => vec![Regime::default(); points.len()],
+        };
+        let mut f = fit_linear(points, &regimes, &fixed, false)?;
         for _ in 0..20 {
-            let mut changed = false;
             let eval = Eval::new(&f.values);
-            for p in points {
-                let (opt, head) = eval.regime(p);
-                changed |= opt != p.opt_regime.get() || head != p.head_regime.get();
-                p.opt_regime.set(opt);
-                p.head_regime.set(head);
-            }
+            let next: Regimes = points.iter().map(|p| eval.regime(p)).collect();
+            let changed = next != regimes;
+            regimes = next;
             if !changed {
                 break;
             }
-            f = fit_linear(points, &fixed, false)?;
+            f = fit_linear(points, &regimes, &fixed, false)?;
         }
-        let regimes = points
-            .iter()
-            .map(|p| (p.opt_regime.get(), p.head_regime.get()))
-            .collect();
         Ok((sse(&f), f, regimes))
     };
     // Alternation finds a local optimum of the assignment, so it runs from several starts and
@@ -442,21 +474,18 @@ pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
         }
     }
     let (best_sse, k_best, mut f, regimes) = best.expect("the scan has at least one value");
-    for (p, (opt, head)) in points.iter().zip(regimes) {
-        p.opt_regime.set(opt);
-        p.head_regime.set(head);
-    }
     // Polish: with the regimes found, c_max_param is one more linear unknown (its column is
     // non-zero on the optimizer-step points only); refitting it jointly removes the scan's
     // finite resolution. Kept only if it lowers the error and leaves the regimes as they were.
     if k_best > 0.0 {
         let mut start = lit.clone();
         start.activation.c_max_param.value = k_best;
-        let joint = fit_linear(points, &start, true)?;
+        let joint = fit_linear(points, &regimes, &start, true)?;
         let eval = Eval::new(&joint.values);
         let stable = points
             .iter()
-            .all(|p| eval.regime(p) == (p.opt_regime.get(), p.head_regime.get()));
+            .zip(&regimes)
+            .all(|(p, r)| eval.regime(p) == *r);
         if stable && sse(&joint) < best_sse {
             f = joint;
         }
@@ -468,6 +497,7 @@ pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
     if f.values[k] > 0.0 {
         f.origin[k] = Origin::Fitted;
     }
+    f.regimes = regimes;
     Ok(f)
 }
 
@@ -510,13 +540,16 @@ impl<'a> Eval<'a> {
 
     /// The point's regimes under these values: (peak at the optimizer step, and, for a
     /// checkpointed point, in the head's phase rather than a block's).
-    fn regime(&self, p: &Point) -> (bool, bool) {
+    fn regime(&self, p: &Point) -> Regime {
         let f = &p.terms.features;
         let head = f.phased && {
             let (head, block) = f.phase_peaks(&self.activation);
             head > block
         };
-        (self.transient(p) > self.activation(p), head)
+        Regime {
+            optimizer_step: self.transient(p) > self.activation(p),
+            head_phase: head,
+        }
     }
 
     /// The planner's peak for a point (kept in step with `plan::memory`).
@@ -530,12 +563,17 @@ impl<'a> Eval<'a> {
     }
 }
 
-/// One linear fit with the regimes currently set on the points. `fit_max_param` false keeps
-/// `c_max_param` at `lit`'s value (the scan in [`fit`] chooses it).
-fn fit_linear(points: &[&Point], lit: &ModeCoeffs, fit_max_param: bool) -> anyhow::Result<MemFit> {
+/// One linear fit with the points in `regimes`. `fit_max_param` false keeps `c_max_param` at
+/// `lit`'s value (the scan in [`fit`] chooses it).
+fn fit_linear(
+    points: &[&Point],
+    regimes: &[Regime],
+    lit: &ModeCoeffs,
+    fit_max_param: bool,
+) -> anyhow::Result<MemFit> {
     anyhow::ensure!(!points.is_empty(), "memory fit: no points");
     let w: Vec<f64> = points.iter().map(|p| 1.0 / p.peak).collect();
-    let mut present = present(points);
+    let mut present = present_in(points, regimes);
     if !fit_max_param {
         present.retain(|c| *c != Col::MaxParam);
     }
@@ -543,7 +581,7 @@ fn fit_linear(points: &[&Point], lit: &ModeCoeffs, fit_max_param: bool) -> anyho
     // fitted, it trades off against frag and chases noise (values above 1 are unphysical), so it
     // keeps the literature residency.
     present.retain(|c| *c != Col::HalfCopy);
-    let (cols, dropped) = identifiable(points, present.clone(), &w);
+    let (cols, dropped) = identifiable(points, regimes, present.clone(), &w);
     let mut values = [0.0; COLS.len()];
     let mut origin = [Origin::Absent; COLS.len()];
     for (k, c) in COLS.iter().enumerate() {
@@ -554,23 +592,24 @@ fn fit_linear(points: &[&Point], lit: &ModeCoeffs, fit_max_param: bool) -> anyho
             origin[k] = Origin::Unidentifiable;
         }
     }
-    let a = design(points, &cols);
+    let a = design(points, regimes, &cols);
     let mut rel_se = [None; COLS.len()];
     // Literature terms depend on frag through (1 + frag); two refinements converge (frag is small).
     for _ in 0..3 {
         let frag = values[0];
         let y = DVector::from_iterator(
             points.len(),
-            points.iter().map(|p| {
+            points.iter().zip(regimes).map(|(p, r)| {
+                let r = *r;
                 // known bytes (sdpa's saved output and log-sum-exp) scale with 1 + frag
-                let mut y = p.peak - p.terms.states.fixed() - (1.0 + frag) * known_bytes(p);
+                let mut y = p.peak - p.terms.states.fixed() - (1.0 + frag) * known_bytes(p, r);
                 for (k, c) in COLS.iter().enumerate() {
                     if origin[k] != Origin::Fitted {
                         let scale = if c.scaled_by_frag() { 1.0 + frag } else { 1.0 };
                         let v = if *c == Col::Frag {
-                            values[k] * c.value(p)
+                            values[k] * c.value(p, r)
                         } else {
-                            scale * values[k] * c.value(p)
+                            scale * values[k] * c.value(p, r)
                         };
                         y -= v;
                     }
@@ -605,5 +644,6 @@ fn fit_linear(points: &[&Point], lit: &ModeCoeffs, fit_max_param: bool) -> anyho
         origin,
         rel_se,
         n: points.len(),
+        regimes: regimes.to_vec(),
     })
 }

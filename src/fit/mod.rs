@@ -6,6 +6,8 @@
 pub mod baseline;
 pub mod calibrate;
 pub mod memfit;
+pub mod meta;
+pub mod metrics;
 pub mod nnls;
 pub mod points;
 pub mod scaled;
@@ -14,7 +16,8 @@ pub mod timefit;
 pub mod transfer;
 
 use crate::harness::record::Row;
-pub use calibrate::{fit_table, Meta};
+pub use calibrate::fit_table;
+pub use meta::Meta;
 pub use points::{prepare, Excluded, Point};
 
 /// Everything `fit` and `report` need from one CSV.

@@ -23,12 +23,6 @@ pub struct Point {
     /// configuration shape: model spec + batch + seq/image + precision + checkpointing + ZeRO.
     /// Rows sharing it are one configuration for cross-validation (never split across folds).
     pub shape: String,
-    /// Set by the memory fit: the point's peak is at the optimizer step (per-tensor transients
-    /// above the activations) rather than in backward; see `memfit::fit`.
-    pub opt_regime: std::cell::Cell<bool>,
-    /// Set by the memory fit for checkpointed points: the head's backward, not a block's
-    /// recompute and backward, holds the peak; see `plan::memory::Features::phased`.
-    pub head_regime: std::cell::Cell<bool>,
 }
 
 impl Point {
@@ -53,6 +47,16 @@ impl Point {
         match &self.model {
             ModelSpec::Transformer(t) if t.patch.is_none() => self.train.seq,
             _ => self.train.image,
+        }
+    }
+    /// The model's name with its shape: grids reuse a preset name with other layer counts or
+    /// widths.
+    pub fn model_label(&self) -> String {
+        match &self.model {
+            ModelSpec::Transformer(t) => {
+                format!("{} L{} h{} f{}", t.name, t.layers, t.hidden, t.ffn)
+            }
+            ModelSpec::Cnn(c) => format!("{} ({} params)", c.name, self.terms.params),
         }
     }
     /// "family/precision/ckpt" label used for per-group metrics.
@@ -142,8 +146,6 @@ pub fn prepare(rows: &[Row]) -> (Vec<Point>, Vec<Excluded>) {
                 terms,
                 flops,
                 peak,
-                opt_regime: std::cell::Cell::new(false),
-                head_regime: std::cell::Cell::new(false),
             }),
             Err(e) => excluded.push(exclude(format!("cannot re-plan the row: {e:#}"))),
         }

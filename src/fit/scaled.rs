@@ -11,24 +11,30 @@
 //! kept, so the pooled coefficients are the right shape and wrong scale. Pooling coefficients
 //! across precisions directly (fp32 data dominating) predicted 16-bit peaks 25-65 % off on CPU.
 
-use super::memfit::{known_bytes, Col, MemFit, Origin, COLS};
+use super::memfit::{known_bytes, Col, MemFit, Origin, Regime, COLS};
 use super::nnls;
 use super::points::Point;
 use crate::coeffs::ModeCoeffs;
 use nalgebra::{DMatrix, DVector};
 
-/// Fits `alpha` (and frag, const with >= 5 points) on `points` around the `prior` mode.
-pub fn fit(points: &[&Point], prior: &ModeCoeffs) -> anyhow::Result<(MemFit, f64)> {
+/// Fits `alpha` (and frag, const with >= 5 points) on `points`, each in its regime (from the
+/// fit that gave the prior), around the `prior` mode.
+pub fn fit(
+    points: &[&Point],
+    regimes: &[Regime],
+    prior: &ModeCoeffs,
+) -> anyhow::Result<(MemFit, f64)> {
     anyhow::ensure!(points.len() >= 2, "scaled fit needs at least 2 points");
+    anyhow::ensure!(points.len() == regimes.len(), "one regime per point");
     let act_cols: Vec<Col> = COLS
         .iter()
         .copied()
         .filter(|c| !matches!(c, Col::Frag | Col::HalfCopy | Col::Const))
         .collect();
-    let a_pooled = |p: &Point| {
+    let a_pooled = |p: &Point, r: Regime| {
         act_cols
             .iter()
-            .map(|c| c.get(prior) * c.value(p))
+            .map(|c| c.get(prior) * c.value(p, r))
             .sum::<f64>()
     };
     let hc = Col::HalfCopy.get(prior);
@@ -37,15 +43,15 @@ pub fn fit(points: &[&Point], prior: &ModeCoeffs) -> anyhow::Result<(MemFit, f64
     let ncols = if full { 3 } else { 1 };
     let (frag0, const0) = (Col::Frag.get(prior), Col::Const.get(prior));
     let a = DMatrix::from_fn(points.len(), ncols, |i, j| match j {
-        0 => a_pooled(points[i]),
-        1 => points[i].terms.states.fixed() + known_bytes(points[i]),
+        0 => a_pooled(points[i], regimes[i]),
+        1 => points[i].terms.states.fixed() + known_bytes(points[i], regimes[i]),
         _ => 1.0,
     });
     let y = DVector::from_iterator(
         points.len(),
-        points.iter().map(|p| {
+        points.iter().zip(regimes).map(|(p, r)| {
             let s = &p.terms.states;
-            let known = known_bytes(p);
+            let known = known_bytes(p, *r);
             let base = p.peak - s.fixed() - hc * s.half_copy - known;
             if full {
                 base
@@ -87,6 +93,7 @@ pub fn fit(points: &[&Point], prior: &ModeCoeffs) -> anyhow::Result<(MemFit, f64
             origin,
             rel_se: [None; COLS.len()],
             n: points.len(),
+            regimes: regimes.to_vec(),
         },
         alpha,
     ))

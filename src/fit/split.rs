@@ -10,7 +10,10 @@
 //! on the same point, memory through the planner's own `plan::memory::breakdown`.
 
 use super::baseline::seed_bytes;
-use super::calibrate::{fit_table, Meta};
+use super::calibrate::fit_table;
+use super::meta::Meta;
+/// The scores' type, re-exported where the scores are made.
+pub use super::metrics::Metrics;
 use super::points::Point;
 use super::timefit;
 use crate::coeffs::Coefficients;
@@ -19,61 +22,6 @@ use serde::Serialize;
 use std::collections::{BTreeMap, HashMap};
 
 pub const K: usize = 5;
-
-/// Error summary in percent. With no points (`n == 0`) the percentages mean nothing: they
-/// serialise as `null`, never as a 0 % a CI threshold would pass (see [`Metrics::describe`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Metrics {
-    pub mape: f64,
-    pub median_abs_pct: f64,
-    pub max_abs_pct: f64,
-    pub n: usize,
-}
-
-impl Serialize for Metrics {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct;
-        let pct = |v: f64| (self.n > 0).then_some(v);
-        let mut st = s.serialize_struct("Metrics", 4)?;
-        st.serialize_field("mape", &pct(self.mape))?;
-        st.serialize_field("median_abs_pct", &pct(self.median_abs_pct))?;
-        st.serialize_field("max_abs_pct", &pct(self.max_abs_pct))?;
-        st.serialize_field("n", &self.n)?;
-        st.end()
-    }
-}
-
-impl Metrics {
-    /// "3.21 % (max 9.80 %, n = 40)", or what is missing when nothing was scored.
-    pub fn describe(&self, what: &str) -> String {
-        if self.n == 0 {
-            format!("{what}: none scored (no valid points, n = 0)")
-        } else {
-            format!(
-                "{what} {:.2} % (max {:.2} %, n = {})",
-                self.mape, self.max_abs_pct, self.n
-            )
-        }
-    }
-
-    /// From signed percentage errors.
-    pub fn from_errors(errors: &[f64]) -> Self {
-        if errors.is_empty() {
-            return Self::default();
-        }
-        let mut abs: Vec<f64> = errors.iter().map(|e| e.abs()).collect();
-        let n = abs.len();
-        let mape = abs.iter().sum::<f64>() / n as f64;
-        let max = abs.iter().copied().fold(0.0, f64::max);
-        let median = timefit::median(&mut abs).unwrap_or(0.0);
-        Self {
-            mape,
-            median_abs_pct: median,
-            max_abs_pct: max,
-            n,
-        }
-    }
-}
 
 /// Predictions for one held-out point (index into the point slice).
 #[derive(Debug, Clone, Serialize)]
@@ -267,7 +215,7 @@ pub fn beyond_training(eval: &Evaluation, points: &[Point]) -> Vec<bool> {
 /// reliably (one point moves them by its whole error).
 pub const MIN_GROUP_POINTS: usize = 10;
 
-/// Metrics of one scheme for fitted / literature / seed memory and fitted time.
+/// Metrics of one scheme for fitted / literature / rule-of-thumb memory and fitted time.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Scores {
     pub fitted: Metrics,

@@ -1,4 +1,4 @@
-//! The step-time regression
+//! The step-time regression: fits the terms of `plan::step_time`'s formula
 //! `t = (FLOPs / R + sum_j tau_j * f_j) * (ckpt ? r : 1) + S / B_state + t0`:
 //! achieved FLOP/s `R`, seconds per element `tau_j` of each activation feature `f_j` (memory-bound
 //! kernels cost per op kind: norms, softmax, GELU, pooling), the effective bandwidth of the
@@ -13,6 +13,7 @@ use super::nnls;
 use super::points::Point;
 use crate::coeffs::ModeCoeffs;
 use crate::plan::memory::Features;
+use crate::plan::step_time;
 use nalgebra::{DMatrix, DVector};
 use std::collections::HashMap;
 
@@ -51,12 +52,7 @@ pub fn predict(p: &Point, m: &ModeCoeffs) -> Option<f64> {
     if r <= 0.0 {
         return None;
     }
-    let factor = if p.ckpt() {
-        m.time.recompute_factor.value
-    } else {
-        1.0
-    };
-    Some(m.time.repeated_s(&p.flops, r) * factor + m.time.once_s(&p.flops))
+    Some(step_time::seconds(&p.flops, r, &m.time, p.train.checkpointing, 1).applied)
 }
 
 fn pair_key(p: &Point) -> String {
@@ -160,7 +156,8 @@ pub fn fit(points: &[&Point]) -> anyhow::Result<Option<TimeFit>> {
         .iter()
         .map(|n| (*n, coef(&Column::Traffic(n))))
         .collect();
-    // the part of a step checkpointing does not repeat: the optimizer pass and the fixed time
+    // the part of a step checkpointing does not repeat (`step_time::once_s`), in the
+    // regression's fitted terms: the optimizer pass and the fixed time
     let fixed = |p: &Point| p.flops.state_traffic_bytes * inv_state + t0;
     let by_key: HashMap<String, f64> = plain
         .iter()

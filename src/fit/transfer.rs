@@ -8,8 +8,8 @@
 //! 60-70 %; the 16-bit activation scale is a property of the device and framework more than of
 //! the model family.
 
-use super::calibrate::Meta;
-use super::memfit::{Col, COLS};
+use super::memfit::{self, Col, COLS};
+use super::meta::Meta;
 use super::points::Point;
 use super::scaled;
 use crate::coeffs::{Coef, ModeCoeffs};
@@ -58,7 +58,9 @@ pub fn borrowed(
                 }
                 let mut prior = g_base.clone();
                 prior.activation.half_copy = g_mode.activation.half_copy.clone();
-                let (_, alpha) = scaled::fit(&g_pts, &prior)?;
+                // each point in the regime its own fitted mode puts it in
+                let regimes = memfit::regimes_under(&g_pts, g_mode);
+                let (_, alpha) = scaled::fit(&g_pts, &regimes, &prior)?;
                 let mut mode = base.clone();
                 mode.precision = p;
                 let why = format!(

@@ -1,5 +1,6 @@
 //! What runs a measured training step: candle (embedded, the default) or PyTorch (the reference
-//! users train with, run through a bundled Python runner: src/harness/torch/).
+//! users train with, run through a bundled Python runner: src/harness/torch/), and the options
+//! both take (warm-up and measured steps, seed).
 
 use serde::{Deserialize, Serialize};
 
@@ -29,5 +30,27 @@ impl Backend {
 impl std::fmt::Display for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
+    }
+}
+
+/// How one point is measured, by either backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeasureOptions {
+    pub warmup: u32,
+    pub repeats: u32,
+    pub seed: u64,
+    /// what runs the steps: candle here, or PyTorch in a Python child
+    #[serde(default)]
+    pub backend: Backend,
+}
+
+impl Default for MeasureOptions {
+    fn default() -> Self {
+        Self {
+            warmup: 2,
+            repeats: 5,
+            seed: 0,
+            backend: Backend::Candle,
+        }
     }
 }

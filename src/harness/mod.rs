@@ -2,6 +2,7 @@
 
 pub mod backend;
 pub mod compare;
+pub mod device;
 pub mod grid;
 pub mod layers;
 pub mod measure;
@@ -9,6 +10,7 @@ pub mod merge;
 pub mod optim;
 pub mod probe;
 pub mod record;
+pub mod row_fill;
 pub mod shard;
 pub mod step;
 pub mod sweep;

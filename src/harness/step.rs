@@ -279,11 +279,6 @@ impl Trainer {
         self.store.total()
     }
 
-    /// Sets the dropout probability (0 disables it); masks stay seeded either way.
-    pub fn set_dropout(&mut self, p: f32) {
-        self.dropout = p;
-    }
-
     /// Bytes of the tensors alive between steps, each counted from its shape and dtype: the
     /// weights (this rank's as held), the optimizer states and the synthetic inputs. What
     /// PyTorch's `memory_allocated` counts between steps; the CPU protocol's baseline.

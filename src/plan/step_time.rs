@@ -1,7 +1,12 @@
-//! Step time per GPU: `t = (FLOPs / R + traffic) * (recompute ? recompute_factor : 1)
-//! + S / B_state + t0`, where the traffic term (seconds per element of each activation feature,
-//! or activation bytes over a bandwidth) and the optimizer's pass over the S state bytes apply
-//! only with a calibrated table that measured them (see `fit::timefit`).
+//! The step-time model, the one formula the planner and the fit share:
+//!
+//! `t = (FLOPs / R + traffic) * (recompute ? recompute_factor : 1) + S / B_state + t0`
+//!
+//! per GPU and micro-batch, where the traffic term (seconds per element of each activation
+//! feature, or activation bytes over a bandwidth) and the optimizer's pass over the S state bytes
+//! apply only with a calibrated table that measured them (see `fit::timefit`, which fits R, the
+//! traffic weights, B_state and t0, and the recompute factor). The inputs are a [`StepFlops`]
+//! (counted by `plan::time`) and a table's [`TimeCoeffs`].
 //!
 //! `R` is the achieved FLOP/s: the calibrated `flops_per_s` when the table has one (it was measured
 //! on that device), otherwise `mfu x` the GPU's datasheet peak for the precision. `--batch` is the
@@ -10,9 +15,113 @@
 
 use crate::coeffs::TimeCoeffs;
 use crate::plan::gpus::Gpu;
-use crate::plan::time::StepFlops;
+use crate::plan::memory::Features;
 use crate::spec::{Checkpointing, Precision};
 use serde::Serialize;
+
+/// FLOPs of one training step (forward + backward), without recompute.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct StepFlops {
+    /// 6 * matmul params * tokens (CNN: 6 * MACs * batch; 2 per MAC, x3 for forward + backward)
+    pub dense: f64,
+    /// 12 * L * b * s^2 * h: QK^T and AV, forward and backward
+    pub attention: f64,
+    /// one extra forward pass, added under full checkpointing: (dense + attention) / 3; under
+    /// selective recomputation only the attention core's: attention / 3
+    pub recompute: f64,
+    /// activation bytes the literature model stores for this step without checkpointing: the
+    /// memory-bound elementwise kernels (norms, softmax, GELU, dropout, residual adds) read and
+    /// write them, so step time grows with them apart from FLOPs
+    pub activation_traffic_bytes: f64,
+    /// weights + gradients + optimizer states on this rank: the optimizer update streams them once
+    pub state_traffic_bytes: f64,
+    /// activation feature elements of the step without checkpointing: per-op memory traffic,
+    /// which a calibrated table may cost per feature (`TimeCoeffs::s_per_elem`)
+    pub traffic: Features,
+}
+
+impl StepFlops {
+    pub fn total(&self) -> f64 {
+        self.dense + self.attention
+    }
+}
+
+/// FLOPs recompute adds: one extra forward pass (a third of forward + backward), of everything
+/// under full checkpointing, of the attention core (QK^T, AV) under selective recomputation.
+pub fn recompute_flops(checkpointing: Checkpointing, dense: f64, attention: f64) -> f64 {
+    match checkpointing {
+        Checkpointing::Full => (dense + attention) / 3.0,
+        Checkpointing::Selective => attention / 3.0,
+        Checkpointing::None => 0.0,
+    }
+}
+
+/// Seconds of one step that scale with compute and activation traffic (what recompute
+/// repeats), given the achieved FLOP/s `rate`.
+pub fn repeated_s(time: &TimeCoeffs, flops: &StepFlops, rate: f64) -> f64 {
+    let traffic = if time.s_per_elem.is_empty() {
+        if time.act_bytes_per_s.value > 0.0 {
+            flops.activation_traffic_bytes / time.act_bytes_per_s.value
+        } else {
+            0.0
+        }
+    } else {
+        flops
+            .traffic
+            .named()
+            .iter()
+            .map(|(n, x)| x * time.s_per_elem.get(*n).map_or(0.0, |c| c.value))
+            .sum()
+    };
+    flops.total() / rate + traffic
+}
+
+/// Seconds of one step that checkpointing does not repeat: the optimizer pass and t0.
+pub fn once_s(time: &TimeCoeffs, flops: &StepFlops) -> f64 {
+    let state = if time.state_bytes_per_s.value > 0.0 {
+        flops.state_traffic_bytes / time.state_bytes_per_s.value
+    } else {
+        0.0
+    };
+    state + time.t0_s.value
+}
+
+/// The formula's three readings for `grad_accum` micro-batches: seconds without recompute, with
+/// full recompute, and the one that applies to `checkpointing`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Seconds {
+    pub without_recompute: f64,
+    pub with_recompute: f64,
+    pub applied: f64,
+}
+
+/// The step-time formula (see the module doc) at achieved FLOP/s `rate`: the compute terms
+/// repeat per micro-batch, the optimizer's pass happens once.
+pub fn seconds(
+    flops: &StepFlops,
+    rate: f64,
+    time: &TimeCoeffs,
+    checkpointing: Checkpointing,
+    grad_accum: u64,
+) -> Seconds {
+    let accum = grad_accum.max(1) as f64;
+    // Memory-traffic terms only where a calibrated table measured them (0 = not modelled).
+    let repeated = repeated_s(time, flops, rate) * accum;
+    let once = once_s(time, flops);
+    let without = repeated + once;
+    let with = repeated * time.recompute_factor.value + once;
+    let applied = match checkpointing {
+        Checkpointing::None => without,
+        Checkpointing::Full => with,
+        // one extra forward of the attention core (QK^T and AV): `StepFlops::recompute`
+        Checkpointing::Selective => without + accum * flops.recompute / rate,
+    };
+    Seconds {
+        without_recompute: without,
+        with_recompute: with,
+        applied,
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct StepTime {
@@ -67,28 +176,17 @@ pub fn step_time(
     grad_accum: u64,
 ) -> StepTime {
     let accum = grad_accum.max(1) as f64;
-    let f = flops.total() * accum;
-    // Memory-traffic terms only where a calibrated table measured them (0 = not modelled).
-    let repeated = time.repeated_s(flops, rate.0) * accum;
-    let once = time.once_s(flops);
-    let without = repeated + once;
-    let with = repeated * time.recompute_factor.value + once;
-    let seconds = match checkpointing {
-        Checkpointing::None => without,
-        Checkpointing::Full => with,
-        // one extra forward of the attention core (QK^T and AV): `StepFlops::recompute`
-        Checkpointing::Selective => without + accum * flops.recompute / rate.0,
-    };
+    let t = seconds(flops, rate.0, time, checkpointing, grad_accum);
     StepTime {
-        flops_per_gpu: f,
+        flops_per_gpu: flops.total() * accum,
         rate_flops_per_s: rate.0,
         rate_source: rate.1,
-        seconds_without_recompute: without,
-        seconds_with_recompute: with,
-        seconds,
+        seconds_without_recompute: t.without_recompute,
+        seconds_with_recompute: t.with_recompute,
+        seconds: t.applied,
         communication_s: 0.0,
         communication: None,
-        samples_per_s: accum * (batch * gpus) as f64 / seconds,
+        samples_per_s: accum * (batch * gpus) as f64 / t.applied,
         grad_accum: grad_accum.max(1),
     }
 }

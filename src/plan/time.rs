@@ -1,37 +1,12 @@
-//! Training FLOPs per step, and the activation and model-state traffic the step-time model
-//! (`plan::step_time`) adds to them.
+//! Counting a step: the training FLOPs of a model and configuration (full training and
+//! fine-tuning) and the activation and model-state traffic, as the [`StepFlops`] the step-time
+//! model (`plan::step_time`) turns into seconds.
 
 use crate::coeffs::Coefficients;
+use crate::plan::step_time::recompute_flops;
+pub use crate::plan::step_time::StepFlops;
 use crate::plan::{memory, params};
-use crate::spec::{Checkpointing, ModelSpec, TrainSpec};
-use serde::Serialize;
-
-/// FLOPs of one training step (forward + backward), without recompute.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
-pub struct StepFlops {
-    /// 6 * matmul params * tokens (CNN: 6 * MACs * batch; 2 per MAC, x3 for forward + backward)
-    pub dense: f64,
-    /// 12 * L * b * s^2 * h: QK^T and AV, forward and backward
-    pub attention: f64,
-    /// one extra forward pass, added under full checkpointing: (dense + attention) / 3; under
-    /// selective recomputation only the attention core's: attention / 3
-    pub recompute: f64,
-    /// activation bytes the literature model stores for this step without checkpointing: the
-    /// memory-bound elementwise kernels (norms, softmax, GELU, dropout, residual adds) read and
-    /// write them, so step time grows with them apart from FLOPs
-    pub activation_traffic_bytes: f64,
-    /// weights + gradients + optimizer states on this rank: the optimizer update streams them once
-    pub state_traffic_bytes: f64,
-    /// activation feature elements of the step without checkpointing: per-op memory traffic,
-    /// which a calibrated table may cost per feature (`TimeCoeffs::s_per_elem`)
-    pub traffic: memory::Features,
-}
-
-impl StepFlops {
-    pub fn total(&self) -> f64 {
-        self.dense + self.attention
-    }
-}
+use crate::spec::{ModelSpec, TrainSpec};
 
 pub fn step_flops(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<StepFlops> {
     let b = train.batch as f64;
@@ -46,18 +21,12 @@ pub fn step_flops(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<StepFl
         }
         ModelSpec::Cnn(c) => (6.0 * c.walk(train.image)?.macs as f64 * b, 0.0),
     };
-    // Recompute repeats the forward pass (a third of forward + backward): of everything under
-    // full checkpointing, of the attention core (QK^T, AV) under selective recomputation.
-    let recompute = match train.checkpointing {
-        Checkpointing::Full => (dense + attention) / 3.0,
-        Checkpointing::Selective => attention / 3.0,
-        Checkpointing::None => 0.0,
-    };
+    let recompute = recompute_flops(train.checkpointing, dense, attention);
     // Traffic is defined by the fixed literature weights, not by a fitted table, so the time fit
     // does not depend on the memory fit; recompute repeats it, which the time model multiplies.
     let lit = Coefficients::literature_ref();
     let plain = TrainSpec {
-        checkpointing: Checkpointing::None,
+        checkpointing: crate::spec::Checkpointing::None,
         ..train.clone()
     };
     let terms = memory::fit_terms(model, &plain)?;
@@ -103,11 +72,7 @@ pub fn finetune_flops(
         flops.dense - 4.0 * n * block_mm * tokens
     };
     let attention = flops.attention * (1.0 - 2.0 / 3.0 * n / l);
-    let recompute = match train.checkpointing {
-        Checkpointing::Full => (dense + attention) / 3.0,
-        Checkpointing::Selective => attention / 3.0,
-        Checkpointing::None => 0.0,
-    };
+    let recompute = recompute_flops(train.checkpointing, dense, attention);
     StepFlops {
         dense,
         attention,

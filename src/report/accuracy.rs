@@ -73,7 +73,7 @@ fn worst(eval: &Evaluation, points: &[Point], n: usize) -> Vec<WorstPoint> {
             WorstPoint {
                 key: format!(
                     "{} b{} len{} {} ckpt={} {} z{}/{}",
-                    super::plots::model_label(p),
+                    p.model_label(),
                     r.batch,
                     p.length(),
                     r.precision,

@@ -95,13 +95,7 @@ pub fn findings(points: &[Point]) -> Findings {
     let ck_pairs = points
         .iter()
         .filter(|p| p.ckpt())
-        .filter_map(|p| {
-            Some((
-                super::plots::model_label(p),
-                *plain.get(&key(p, false, true))?,
-                p,
-            ))
-        })
+        .filter_map(|p| Some((p.model_label(), *plain.get(&key(p, false, true))?, p)))
         .collect();
     let fp32: HashMap<String, &Point> = points
         .iter()
@@ -113,7 +107,7 @@ pub fn findings(points: &[Point]) -> Findings {
         .filter(|p| p.precision().is_mixed())
         .filter_map(|p| {
             Some((
-                format!("{} {}", super::plots::model_label(p), p.precision()),
+                format!("{} {}", p.model_label(), p.precision()),
                 *fp32.get(&key(p, true, false))?,
                 p,
             ))

@@ -38,7 +38,7 @@ fn opt_pct(v: Option<f64>) -> String {
 }
 
 fn group_table(out: &mut String, groups: &[GroupScores]) {
-    out.push_str("| group (family/precision/ckpt) | n | fitted MAPE | fitted max | literature MAPE | seed MAPE | time MAPE (fitted) | time max |\n|---|---|---|---|---|---|---|---|\n");
+    out.push_str("| group (family/precision/ckpt) | n | fitted MAPE | fitted max | literature MAPE | rule-of-thumb MAPE | time MAPE (fitted) | time max |\n|---|---|---|---|---|---|---|---|\n");
     for g in groups {
         let t = if g.time_fitted.n > 0 {
             format!(
@@ -69,7 +69,7 @@ fn group_table(out: &mut String, groups: &[GroupScores]) {
 fn grid_summary(points: &[Point]) -> String {
     let mut by: BTreeMap<String, [BTreeSet<String>; 5]> = BTreeMap::new();
     for p in points {
-        let e = by.entry(super::plots::model_label(p)).or_default();
+        let e = by.entry(p.model_label()).or_default();
         e[0].insert(format!("{:>5}", p.train.batch));
         e[1].insert(format!("{:>5}", p.length()));
         e[2].insert(p.precision().to_string());
@@ -80,7 +80,7 @@ fn grid_summary(points: &[Point]) -> String {
     for (m, sets) in by {
         let params = points
             .iter()
-            .find(|p| super::plots::model_label(p) == m)
+            .find(|p| p.model_label() == m)
             .map(|p| p.terms.params)
             .unwrap_or(0);
         let j = |s: &BTreeSet<String>| {

@@ -159,16 +159,6 @@ fn x_of(p: &Point, axis: Axis) -> u64 {
     }
 }
 
-/// A model's name with its shape: grids reuse a preset name with other layer counts or widths.
-pub fn model_label(p: &Point) -> String {
-    match &p.model {
-        ModelSpec::Transformer(t) => {
-            format!("{} L{} h{} f{}", t.name, t.layers, t.hidden, t.ffn)
-        }
-        ModelSpec::Cnn(c) => format!("{} ({} params)", c.name, p.terms.params),
-    }
-}
-
 /// For each model, the slice (all settings but the varied one) with the most distinct x values.
 fn slices(points: &[Point], axis: Axis) -> Vec<(String, Vec<&Point>)> {
     let mut by: BTreeMap<(String, String), Vec<&Point>> = BTreeMap::new();
@@ -195,7 +185,7 @@ fn slices(points: &[Point], axis: Axis) -> Vec<(String, Vec<&Point>)> {
             "{other}{}, ckpt {}, {}{zero}",
             r.precision, r.checkpointing, r.optimizer
         );
-        by.entry((model_label(p), label)).or_default().push(p);
+        by.entry((p.model_label(), label)).or_default().push(p);
     }
     let mut best: BTreeMap<String, (String, Vec<&Point>)> = BTreeMap::new();
     for ((model, label), pts) in by {
@@ -499,9 +489,4 @@ pub fn checkpointing_bars(path: &Path, f: &Findings) -> anyhow::Result<bool> {
         Ok(())
     })?;
     Ok(true)
-}
-
-/// Held-out fitted step time errors need the table: kept here so plots and tables agree.
-pub fn time_prediction(p: &Point, table: &Coefficients) -> Option<f64> {
-    timefit::predict(p, &table.mode(p.family(), p.precision()))
 }

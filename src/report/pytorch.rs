@@ -61,7 +61,7 @@ fn config_key(row: &Row) -> String {
 
 fn median(v: &mut [f64]) -> f64 {
     v.sort_by(f64::total_cmp);
-    crate::harness::measure::quantile(v, 0.5)
+    crate::harness::row_fill::quantile(v, 0.5)
 }
 
 fn parity(model: &str, pairs: &[(&Point, &Point)]) -> Parity {

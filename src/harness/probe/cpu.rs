@@ -57,8 +57,9 @@ unsafe impl GlobalAlloc for CountingAlloc {
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
         let p = System.realloc(ptr, layout, new_size);
         if !p.is_null() {
-            // Count the new block before releasing the old one: during a moving realloc both
-            // exist, and an upper bound on the peak is what the planner must cover.
+            // Only the change in size is counted: a realloc that moves the block holds the old
+            // and the new block together while it copies, inside `System.realloc`, where no
+            // counter sees it, so during such a copy the peak can read low by the old size.
             if new_size > layout.size() {
                 grew(new_size - layout.size());
             } else {

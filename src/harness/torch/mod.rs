@@ -10,11 +10,10 @@
 //! `python3`. Each point runs in a fresh interpreter; the protocol is in runner.py's docstring.
 
 use crate::error::{input_err, InputError};
-use crate::harness::measure::MeasureOptions;
-use crate::harness::measure::{
-    cpu_info, row_template, set_step_times, slug, DeviceInfo, DeviceSpec,
-};
+use crate::harness::backend::MeasureOptions;
+use crate::harness::device::{cpu_info, slug, DeviceInfo, DeviceSpec};
 use crate::harness::record::{Backend, Row, Status};
+use crate::harness::row_fill::{row_template, set_step_times};
 use crate::spec::{ModelSpec, TrainSpec};
 use anyhow::Context;
 use serde::Deserialize;

@@ -1,9 +1,7 @@
 //! `vramcal fit` and `vramcal report` on a CSV written through `record::append`: the table,
 //! accuracy.json (schema and real values), README.md and every plot it references.
 
-mod fit_common;
-
-use fit_common::{row, synthetic_rows};
+use crate::fit_common::{row, synthetic_rows};
 use std::process::Command;
 use vramcal::harness::record::{append, Status};
 use vramcal::spec::presets::preset;

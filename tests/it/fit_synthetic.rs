@@ -10,9 +10,7 @@
 //! data determines to 0.6 % (1 sigma) or better must be within 2 % (3.3 sigma) of the truth, the core terms
 //! must be among those, and the noiseless test recovers every coefficient exactly.
 
-mod fit_common;
-
-use fit_common::{grid, synthetic_rows, truth};
+use crate::fit_common::{grid, synthetic_rows, truth};
 use vramcal::coeffs::Coefficients;
 use vramcal::fit::fit_rows;
 use vramcal::fit::memfit::COLS;
@@ -258,7 +256,7 @@ fn sdpa_points_fit_with_their_fused_attention_bytes_known() {
         let terms = fit_terms(&m, &t).unwrap();
         assert!(terms.features.fused_attention_bytes > 0.0);
         let peak = breakdown(&terms, &m, &t, &truth).total as f64;
-        rows.push(fit_common::row(
+        rows.push(crate::fit_common::row(
             &m,
             &t,
             peak,
@@ -308,4 +306,37 @@ fn sdpa_points_fit_with_their_fused_attention_bytes_known() {
             .unwrap();
         assert!(mape < 0.1, "{precision}: in-sample MAPE {mape} %");
     }
+}
+
+/// The memory fit hands back where it put each point's peak (optimizer step or backward) as
+/// data: one regime per point, the one its own fitted coefficients put the point in, both
+/// regimes occurring on this grid (small models peak at the optimizer step, large ones in
+/// backward); the points it was given are only read.
+#[test]
+fn the_memory_fit_returns_each_points_regime() {
+    use vramcal::fit::memfit;
+    let rows = synthetic_rows(0.0, 7);
+    let (points, _) = vramcal::fit::prepare(&rows);
+    let refs: Vec<&vramcal::fit::Point> = points
+        .iter()
+        .filter(|p| p.family() == Family::Transformer && p.precision() == Precision::Fp32)
+        .collect();
+    let lit = Coefficients::literature().mode(Family::Transformer, Precision::Fp32);
+    let f = memfit::fit(&refs, &lit).unwrap();
+    assert_eq!(f.regimes.len(), refs.len());
+    let mut mode = lit.clone();
+    for (k, c) in COLS.iter().enumerate() {
+        c.coef_mut(&mut mode).value = f.values[k];
+    }
+    assert_eq!(f.regimes, memfit::regimes_under(&refs, &mode));
+    let at_step = f.regimes.iter().filter(|r| r.optimizer_step).count();
+    assert!(
+        at_step > 0 && at_step < refs.len(),
+        "{at_step} of {}",
+        refs.len()
+    );
+    // a second fit of the same points gives the same answer: nothing was left on them
+    let again = memfit::fit(&refs, &lit).unwrap();
+    assert_eq!(again.values, f.values);
+    assert_eq!(again.regimes, f.regimes);
 }

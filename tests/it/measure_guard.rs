@@ -39,7 +39,7 @@ fn a_point_above_free_memory_is_refused_in_one_line() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert_eq!(err.trim().lines().count(), 1, "{err}");
-    let available = vramcal::harness::measure::cpu_available_bytes().unwrap();
+    let available = vramcal::harness::device::cpu_available_bytes().unwrap();
     assert!(
         err.contains("MemAvailable") && err.contains("--no-memory-guard"),
         "{err}"

@@ -2,9 +2,7 @@
 //! the file (and line and column for a bad cell) with exit code 2, never a table or a 0 % score
 //! built on bad rows.
 
-mod fit_common;
-
-use fit_common::synthetic_rows;
+use crate::fit_common::synthetic_rows;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use vramcal::harness::record::{append, Row, Status, HEADER};

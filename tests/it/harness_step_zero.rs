@@ -2,14 +2,11 @@
 //! weights (3), so per-rank memory falls stage by stage.
 
 use candle_core::Device;
-use std::sync::Mutex;
 use vramcal::harness::compare::max_abs;
 use vramcal::harness::probe::cpu;
 use vramcal::harness::step::Trainer;
 use vramcal::spec::presets::preset;
 use vramcal::spec::{Checkpointing, TrainSpec};
-
-static SERIAL: Mutex<()> = Mutex::new(());
 
 fn train(stage: u8, gpus: u64, ckpt: Checkpointing) -> TrainSpec {
     TrainSpec {
@@ -36,7 +33,9 @@ fn measure(t: &TrainSpec) -> (u64, u64) {
 
 #[test]
 fn stages_shrink_memory() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !crate::common::alone() {
+        return;
+    }
     let p = 4 * Trainer::new(
         &preset("tiny-gpt").unwrap(),
         &train(0, 1, Checkpointing::None),
@@ -73,7 +72,6 @@ fn stages_shrink_memory() {
 
 #[test]
 fn sharded_runs_still_train() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     for stage in 1..=3 {
         for ckpt in [Checkpointing::None, Checkpointing::Full] {
             let mut tr = Trainer::new(
@@ -99,7 +97,6 @@ fn sharded_runs_still_train() {
 
 #[test]
 fn stage2_gradients_are_the_shard_of_the_full_ones() {
-    let _g = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let spec = preset("tiny-gpt").unwrap();
     let full = Trainer::new(&spec, &train(0, 4, Checkpointing::None), &Device::Cpu, 9)
         .unwrap()

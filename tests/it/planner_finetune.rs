@@ -1,8 +1,7 @@
 //! Fine-tuning plans (`--finetune`, `--freeze-layers`, `--offload`): trainable-parameter counts
 //! pinned against peft's own, the monotonic facts of the memory model, and bad input.
 
-mod common;
-use common::vramcal;
+use crate::common::vramcal;
 use vramcal::coeffs::Coefficients;
 use vramcal::plan::estimate::{estimate, Options};
 use vramcal::plan::finetune::{resolve_targets, split, Finetune, FinetuneMode, Offload};

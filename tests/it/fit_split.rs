@@ -2,9 +2,7 @@
 //! exact points each fold was given, and every scored point must be absent from its fold's set,
 //! along with every other row of the same configuration shape.
 
-mod fit_common;
-
-use fit_common::synthetic_rows;
+use crate::fit_common::synthetic_rows;
 use std::collections::{HashMap, HashSet};
 use vramcal::fit::split::{
     extrapolation_holdout, extrapolation_with, fold_of, kfold_with, Evaluation,

@@ -88,7 +88,7 @@ fn injected_failure_is_recorded_and_the_sweep_continues() {
     for r in &ok {
         assert!(r.peak_bytes.unwrap() > r.baseline_bytes.unwrap(), "{r:?}");
         assert!(r.step_ms_median.unwrap() > 0.0);
-        assert_eq!(r.device_id, vramcal::harness::measure::cpu_info().id);
+        assert_eq!(r.device_id, vramcal::harness::device::cpu_info().id);
         assert!(r.device_id.starts_with("cpu-"));
     }
     // grid order is kept: gpt points first, CNN last

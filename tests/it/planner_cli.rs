@@ -1,8 +1,7 @@
 //! The `vramcal estimate` / `vramcal gpus` binary: the done-when command, the 7B question,
 //! and every bad input exiting 2 with one line naming the field.
 
-mod common;
-use common::vramcal;
+use crate::common::vramcal;
 
 fn json(args: &[&str]) -> serde_json::Value {
     let (code, out, err) = vramcal(args);

@@ -1,0 +1,155 @@
+//! Eager attention's probabilities `softmax(scale * q k^T + causal mask)` as one node keeping q,
+//! k and the probabilities (the composed graph keeps the scores too).
+
+use super::kernels::*;
+use candle_core::backend::BackendDevice;
+use candle_core::op::{self as kern};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+
+/// `softmax(scale * q k^T + causal mask)` for `q, k: [b, a, s, d]`, one graph node keeping q, k
+/// and the probabilities (what PyTorch's eager attention keeps).
+#[derive(Debug, Clone, Copy)]
+struct AttnProbsOp {
+    scale: f64,
+    causal: bool,
+}
+
+impl AttnProbsOp {
+    fn fwd<S: Store>(&self, (q, ql): View<S>, (k, kl): View<S>) -> Result<(S, Shape)> {
+        let (b, a, s, d) = ql.shape().dims4()?;
+        let kt = kl.transpose(2, 3)?;
+        let scores = Buf::new(q.matmul(k, (b * a, s, s, d), ql, &kt)?, (b, a, s, s));
+        let scores = affine(scores.r(), self.scale, 0.0)?;
+        let scores = if self.causal {
+            let mask: Vec<f32> = (0..s)
+                .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+                .collect();
+            let mask = Buf::new(q.device().storage_from_slice(&mask)?, (s, s));
+            let mask = cast(mask.r(), q.dtype())?;
+            bcast::<S, kern::Add>(scores.r(), mask.r())?
+        } else {
+            scores
+        };
+        Ok(softmax_last(scores.r())?.into_out())
+    }
+}
+
+impl CustomOp2 for AttnProbsOp {
+    fn name(&self) -> &'static str {
+        "fused-attention-probs"
+    }
+    device_fwd2!();
+    /// dscores = p * (dp - sum(dp * p)); masked entries have p = 0 and get no gradient.
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        p: &Tensor,
+        gp: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let p = p.detach();
+        let dot = (gp * &p)?.sum_keepdim(D::Minus1)?;
+        let gs = (gp.broadcast_sub(&dot)? * &p)?.affine(self.scale, 0.0)?;
+        let gq = gs.matmul(&k.detach())?;
+        let gk = gs.t()?.matmul(&q.detach())?;
+        Ok((Some(gq), Some(gk)))
+    }
+}
+
+/// Attention probabilities for `q, k: [b, a, s, d]` (contiguous).
+pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    q.contiguous()?
+        .apply_op2(&k.contiguous()?, AttnProbsOp { scale, causal })
+}
+
+#[cfg(test)]
+mod tests {
+    //! Against the same function composed from candle's primitive ops: outputs and every input
+    //! gradient agree to fp32 rounding.
+    use super::super::testing::{rand, same};
+    use super::*;
+    use candle_core::{DType, Device, Tensor};
+
+    #[test]
+    fn attention_probs_causal_and_not() {
+        let (q, k) = (rand(&[2, 3, 6, 4], 12), rand(&[2, 3, 6, 4], 13));
+        for causal in [false, true] {
+            same(
+                &[q.clone(), k.clone()],
+                |t| attention_probs(&t[0], &t[1], 0.5, causal),
+                |t| {
+                    let mut s = (t[0].matmul(&t[1].t()?)? * 0.5)?;
+                    if causal {
+                        let m: Vec<f32> = (0..6)
+                            .flat_map(|i| {
+                                (0..6).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })
+                            })
+                            .collect();
+                        s = s.broadcast_add(&Tensor::from_vec(m, (6, 6), &Device::Cpu)?)?;
+                    }
+                    candle_nn::ops::softmax(&s, D::Minus1)
+                },
+            );
+        }
+    }
+
+    /// The eager-attention node (one node, softmax backward in row tiles, dropout inside) equals
+    /// the composed graph, with and without dropout, for a float (CPU) and a u8 keep mask, and
+    /// over more rows than one tile.
+    #[test]
+    fn eager_attention_matches_the_composed_graph() {
+        let sh = [2, 2, 70, 4];
+        let (q, k, v) = (rand(&sh, 30), rand(&sh, 31), rand(&sh, 32));
+        let keep = rand(&[2, 2, 70, 70], 33).ge(-0.6).unwrap();
+        let fmask = (keep.to_dtype(DType::F32).unwrap() / 0.8).unwrap();
+        for causal in [false, true] {
+            for mask in [None, Some(&fmask), Some(&keep)] {
+                same(
+                    &[q.clone(), k.clone(), v.clone()],
+                    |t| {
+                        let drop = mask.map(|m| (m, 0.2f32));
+                        crate::harness::layers::joins::eager_attention(
+                            &t[0], &t[1], &t[2], 0.5, causal, drop,
+                        )
+                    },
+                    |t| {
+                        let p = attention_probs(&t[0], &t[1], 0.5, causal)?;
+                        let p = match mask {
+                            Some(_) => p.mul(&fmask)?,
+                            None => p,
+                        };
+                        p.matmul(&t[2])
+                    },
+                );
+            }
+        }
+    }
+
+    /// Flash attention with fewer K/V heads equals it on K/V repeated to all heads.
+    #[test]
+    fn flash_attention_grouped_query() {
+        let (q, k, v) = (
+            rand(&[1, 4, 70, 4], 34),
+            rand(&[1, 2, 70, 4], 35),
+            rand(&[1, 2, 70, 4], 36),
+        );
+        let rep = |t: &Tensor| -> Result<Tensor> {
+            t.unsqueeze(2)?
+                .broadcast_as((1, 2, 2, 70, 4))?
+                .reshape((1, 4, 70, 4))
+        };
+        same(
+            &[q, k, v],
+            |t| crate::harness::layers::flash::attention(&t[0], &t[1], &t[2], 0.5, true),
+            |t| {
+                crate::harness::layers::flash::attention(
+                    &t[0],
+                    &rep(&t[1])?,
+                    &rep(&t[2])?,
+                    0.5,
+                    true,
+                )
+            },
+        );
+    }
+}
