@@ -4,6 +4,7 @@
 
 use super::fused::{self, Heads};
 use super::params::{Ctx, Init, ParamStore};
+use super::pool::pad_hw;
 use crate::spec::cnn::PoolKind;
 use candle_core::{Result, Tensor};
 
@@ -98,21 +99,6 @@ impl Norm {
     }
 }
 
-/// Pads dims 2 and 3 of an NCHW tensor by `p` on each side with `value` (0 for average pooling,
-/// -inf for max pooling so padding never wins).
-pub(super) fn pad_hw(x: &Tensor, p: usize, value: f32) -> Result<Tensor> {
-    if p == 0 {
-        return Ok(x.clone());
-    }
-    if value == 0.0 {
-        return x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p);
-    }
-    let (n, c, h, w) = x.dims4()?;
-    let rows = Tensor::full(value, (n, c, p, w), x.device())?.to_dtype(x.dtype())?;
-    let x = Tensor::cat(&[&rows, x, &rows], 2)?;
-    let cols = Tensor::full(value, (n, c, h + 2 * p, p), x.device())?.to_dtype(x.dtype())?;
-    Tensor::cat(&[&cols, &x, &cols], 3)
-}
 
 /// Max/avg pooling with any kernel, stride and padding (PyTorch semantics, average counting the
 /// padding). kernel == stride without padding uses candle's kernels; other max pools (the ResNet

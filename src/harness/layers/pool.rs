@@ -6,9 +6,24 @@
 //! selections, every window and every partial maximum for backward, about 6.75 times the
 //! input where PyTorch keeps 1.5 times (fp32).
 
-use super::ops::pad_hw;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use std::sync::Mutex;
+
+/// Pads dims 2 and 3 of an NCHW tensor by `p` on each side with `value` (0 for average pooling,
+/// -inf for max pooling so padding never wins).
+pub(super) fn pad_hw(x: &Tensor, p: usize, value: f32) -> Result<Tensor> {
+    if p == 0 {
+        return Ok(x.clone());
+    }
+    if value == 0.0 {
+        return x.pad_with_zeros(2, p, p)?.pad_with_zeros(3, p, p);
+    }
+    let (n, c, h, w) = x.dims4()?;
+    let rows = Tensor::full(value, (n, c, p, w), x.device())?.to_dtype(x.dtype())?;
+    let x = Tensor::cat(&[&rows, x, &rows], 2)?;
+    let cols = Tensor::full(value, (n, c, h + 2 * p, p), x.device())?.to_dtype(x.dtype())?;
+    Tensor::cat(&[&cols, &x, &cols], 3)
+}
 
 struct MaxPoolOp {
     k: usize,
@@ -159,7 +174,7 @@ mod tests {
                 Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 9, 9), &dev).unwrap()).unwrap();
             let ours = max_pool2d(x.as_tensor(), k, stride, pad).unwrap();
             let theirs =
-                super::super::ops::pool2d_composed(x.as_tensor(), PoolKind::Max, k, stride, pad)
+                crate::harness::layers::ops::pool2d_composed(x.as_tensor(), PoolKind::Max, k, stride, pad)
                     .unwrap();
             let d = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
             assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
