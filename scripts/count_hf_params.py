@@ -3,6 +3,9 @@
 Builds each config's transformers class on the meta device (no weights are allocated) and prints
 `name count`, the sum of p.numel() over model.parameters() (tied weights once): the figures
 tests/param_counts.rs expects. Decoders are built as *ForCausalLM, encoders as the bare model.
+Mixture-of-experts configs (num_experts_per_tok) print a third figure, the parameters one token
+uses: the total less, in every `*.experts` module, the (experts - top-k) experts it does not
+route to (each expert's share is the module's parameters / experts).
 
     python scripts/count_hf_params.py [name ...]
 """
@@ -15,13 +18,23 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "hf_configs"
 ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "vit", "distilbert", "electra"}
 
 
-def count(directory: pathlib.Path) -> int:
+def count(directory: pathlib.Path) -> str:
     raw = json.loads((directory / "config.json").read_text())
     cfg = AutoConfig.for_model(**raw)
     auto = AutoModel if raw["model_type"] in ENCODERS else AutoModelForCausalLM
     with torch.device("meta"):
         model = auto.from_config(cfg)
-    return sum(p.numel() for p in model.parameters())
+    total = sum(p.numel() for p in model.parameters())
+    k = raw.get("num_experts_per_tok")
+    if not k:
+        return str(total)
+    experts = raw.get("num_local_experts") or raw.get("num_experts") or raw["n_routed_experts"]
+    idle = sum(
+        sum(p.numel() for p in mod.parameters()) // experts * (experts - k)
+        for name, mod in model.named_modules()
+        if name.endswith(".experts")
+    )
+    return f"{total} {total - idle}"
 
 
 names = sys.argv[1:] or sorted(p.name for p in ROOT.iterdir() if (p / "config.json").exists())

@@ -66,3 +66,28 @@ fn hf_config_families_count_like_transformers() {
         assert_eq!(got, want, "{name}");
     }
 }
+
+/// Mixture-of-experts configs (published sizes of Mixtral-8x7B, Qwen1.5-MoE-A2.7B,
+/// Qwen3-30B-A3B, and a tiny Qwen2-MoE with dense blocks from `decoder_sparse_step` 2 and
+/// `mlp_only_layers`): total parameters as transformers counts MixtralForCausalLM /
+/// Qwen2MoeForCausalLM / Qwen3MoeForCausalLM on the meta device, and active parameters as
+/// scripts/count_hf_params.py derives them from the built model's `experts` modules (transformers
+/// 5.24). The model cards state 46.7B / 12.9B, 14.3B / 2.7B, 30.5B / 3.3B.
+#[test]
+fn moe_families_count_total_and_active_like_transformers() {
+    let cases = [
+        ("mixtral-8x7b", 46_702_792_704u64, 12_879_925_248u64),
+        ("qwen1.5-moe-a2.7b", 14_315_784_192, 2_689_173_504),
+        ("qwen3-30b-a3b", 30_532_122_624, 3_353_032_704),
+        ("qwen2-moe-tiny-mixed", 177_024, 164_736),
+    ];
+    for (name, total, active) in cases {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/hf_configs")
+            .join(name)
+            .join("config.json");
+        let spec = vramcal::spec::hf_config::load(&path).unwrap();
+        let p = vramcal::plan::params::transformer(&spec);
+        assert_eq!((p.total, p.active), (total, active), "{name}");
+    }
+}

@@ -34,6 +34,20 @@ pub struct Flags {
     /// StarCoder2, ViT, Llama, Mistral, Qwen2, Phi-3, Gemma)
     #[arg(long)]
     pub hf_config: Option<PathBuf>,
+    /// safetensors checkpoint (a .safetensors file or its model.safetensors.index.json): exact
+    /// parameter count and dtypes from the headers only, cross-checked with the config.json
+    /// beside it (or --hf-config), whose architecture is planned; without a supported config,
+    /// the counts alone
+    #[arg(long, conflicts_with_all = ["model", "cnn_file"])]
+    pub safetensors: Option<PathBuf>,
+    /// Mixture of experts: ranks each MoE block's experts are split over (a divisor of the
+    /// experts and of --gpus) [default: 1]
+    #[arg(long, allow_hyphen_values = true)]
+    pub expert_parallel: Option<String>,
+    /// Mixture of experts: routed-token slots per expert relative to an even split [default: 1.0,
+    /// dropless routing as transformers' MoE blocks do]
+    #[arg(long, allow_hyphen_values = true)]
+    pub capacity_factor: Option<String>,
     /// CNN layer list, TOML or JSON (see presets/custom-cnn.toml)
     #[arg(long)]
     pub cnn_file: Option<PathBuf>,
@@ -597,22 +611,31 @@ pub fn finetune_from_args(
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let args = *args.flags;
-    let model = model_from_args(&args)?;
+    // `--safetensors`: its config becomes the model source, or without one the counts alone
+    let (args, checkpoint) = match super::checkpoint::route(*args.flags)? {
+        super::checkpoint::Route::Plan(flags, ck) => (*flags, ck),
+        super::checkpoint::Route::Done => return Ok(()),
+    };
     let train = train_from_args(&args)?;
+    let model = super::moe_flags::apply(model_from_args(&args)?, &args, &train)?;
     let mut opts = options_from_args(&args)?;
     opts.finetune = finetune_from_args(&args, &model, &train)?;
     let coeffs = match &args.coeffs {
         Some(p) => Coefficients::load(p)?,
         None => Coefficients::literature(),
     };
-    let est = estimate(&model, &train, &coeffs, &opts)?;
+    let mut est = estimate(&model, &train, &coeffs, &opts)?;
+    est.checkpoint = checkpoint.map(|ck| super::checkpoint::report(&ck, &model));
     let text = if args.json {
         serde_json::to_string_pretty(&est)? + "\n"
     } else if args.brief {
         answer(&est) + "\n"
     } else {
         render(&est)
+            + &est
+                .checkpoint
+                .as_ref()
+                .map_or(String::new(), super::checkpoint::render)
     };
     write_stdout(&text)
 }
@@ -782,6 +805,18 @@ pub fn render(e: &Estimate) -> String {
     );
     let _ = writeln!(o, "Parameters");
     row(&mut o, "exact", thousands(e.params));
+    if let Some(moe) = &e.moe {
+        row(
+            &mut o,
+            "active per token",
+            format!(
+                "{} (top {} of {} experts)",
+                thousands(moe.active_params),
+                moe.top_k,
+                moe.experts
+            ),
+        );
+    }
     if let Some(a) = e.params_12ld2 {
         row(
             &mut o,

@@ -3,11 +3,13 @@
 
 pub mod bench_table;
 pub mod calibrate;
+pub mod checkpoint;
 pub mod common;
 pub mod estimate;
 pub mod fit;
 pub mod gpus;
 pub mod measure;
+pub mod moe_flags;
 pub mod report;
 pub mod sweep;
 

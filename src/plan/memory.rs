@@ -7,7 +7,7 @@
 
 use crate::coeffs::{ActivationCoeffs, BlockCoeffs, Coefficients};
 use crate::error::input_err;
-use crate::plan::params;
+use crate::plan::{moe, params};
 use crate::spec::transformer::{Activation, BlockKind, FfnKind, Head};
 use crate::spec::{Attention, Checkpointing, ModelSpec, TrainSpec};
 use serde::Serialize;
@@ -102,6 +102,10 @@ pub struct Features {
     /// for backward over the live blocks, plus a quantized base's dequantized-weight transient.
     /// Known, not fitted; 0 in full training.
     pub adapter_bytes: f64,
+    /// Bytes (not elements) the live MoE blocks save beyond a dense block: router logits and
+    /// their fp32 softmax, and the extra routed copies of each token's expert input and output
+    /// ([`moe::extra_bytes_per_token`]). Known, not fitted; 0 without experts.
+    pub moe_bytes: f64,
 }
 
 impl Features {
@@ -198,7 +202,8 @@ impl Features {
                     + self.bas2 * (m.bas2 + drop * m.dropout.bas2)
                     + self.bas * m.bas
                     + self.bskv * m.bskv
-                    + self.bs * m.bs,
+                    + self.bs * m.bs
+                    + self.moe_bytes,
             );
         }
         (
@@ -206,7 +211,8 @@ impl Features {
             self.bsh * a.c_h.value
                 + self.bsf * a.c_f.value
                 + self.bas2 * a.c_att.value
-                + self.fused_attention_bytes,
+                + self.fused_attention_bytes
+                + self.moe_bytes,
         )
     }
 
@@ -274,7 +280,10 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
     match model {
         ModelSpec::Transformer(t) => {
             let s = t.effective_seq(train.seq, train.image) as f64;
-            let (h, f, a) = (t.hidden as f64, t.ffn as f64, t.heads as f64);
+            let (h, a) = (t.hidden as f64, t.heads as f64);
+            // feed-forward width per token: the MLP's, or in MoE blocks the routed experts'
+            // (plan::moe); `f_max` is the widest block's, for the backward workspace
+            let (f, f_max) = moe::ffn_widths(t);
             let l = t.layers as f64;
             let ffn_streams = match t.ffn_kind {
                 FfnKind::Gelu => 1.0,
@@ -319,14 +328,13 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 act: 0.0,
                 pool: 0.0,
                 input: b * input,
-                workspace: b * ws_scores.max(s * f).max(head),
+                workspace: b * ws_scores.max(s * f_max).max(head),
                 ws_head: b * head,
-                ws_block: b * ws_scores.max(s * f),
+                ws_block: b * ws_scores.max(s * f_max),
                 phased: train.checkpointing.is_on(),
                 gathered: if train.zero_stage >= 3 {
                     let p = params::transformer(t);
-                    (p.attention_per_layer + p.mlp_per_layer + p.norms_per_layer) as f64
-                        + params::largest_tensor(model) as f64
+                    p.block(p.moe_layers > 0) as f64 + params::largest_tensor(model) as f64
                 } else {
                     0.0
                 },
@@ -350,6 +358,10 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 },
                 accumulating: train.grad_accum > 1,
                 adapter_bytes: 0.0,
+                moe_bytes: moe::live_moe_layers(t, live)
+                    * b
+                    * s
+                    * moe::extra_bytes_per_token(t, train.precision.compute_bytes() as f64),
             })
         }
         ModelSpec::Cnn(c) => {
@@ -450,7 +462,7 @@ pub fn fit_terms(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<FitTerm
     let params = params::count(model);
     Ok(FitTerms {
         params,
-        states: state_bytes(params, train),
+        states: moe::rank_state_bytes(model, params, train),
         features: features(model, train)?,
     })
 }

@@ -1,5 +1,6 @@
 //! Exact parameter counts, itemised, for transformers and CNNs.
 
+use crate::plan::moe;
 use crate::spec::transformer::{FfnKind, Head, NormKind, QkNorm, TransformerSpec};
 use crate::spec::ModelSpec;
 use serde::Serialize;
@@ -11,8 +12,15 @@ pub struct TransformerParams {
     pub embedding: u64,
     /// attention projections of one block
     pub attention_per_layer: u64,
-    /// feed-forward of one block
+    /// feed-forward of one block (of a dense block in a mixture-of-experts model)
     pub mlp_per_layer: u64,
+    /// feed-forward of one MoE block, every expert (0 without experts)
+    pub moe_mlp_per_layer: u64,
+    /// blocks with an MoE feed-forward (0 without experts)
+    pub moe_layers: u64,
+    /// what one token's forward uses: `total` less the routed experts it is not sent to
+    /// (equal to `total` without experts)
+    pub active: u64,
     /// the norms of one block
     pub norms_per_layer: u64,
     pub final_norm: u64,
@@ -89,20 +97,49 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
         Head::Classifier { classes } => (h * classes + classes, h * classes),
     };
     let per_layer = attention_per_layer + mlp_per_layer + norms_per_layer;
+    // mixture of experts: `moe_layers` blocks carry the MoE feed-forward instead of the MLP
+    let (moe_layers, moe_mlp, moe_active) = match &x.moe {
+        Some(m) => {
+            let p = moe::MoeParams::new(t, m);
+            (m.moe_layers(t.layers), p.block(m), p.block_active(m))
+        }
+        None => (0, 0, 0),
+    };
+    let dense_layers = t.layers - moe_layers;
+    let outside = embedding + final_norm + head;
+    let block_matmul = dense_layers * (attn_w + mlp_w) + moe_layers * (attn_w + moe_active);
     TransformerParams {
         embedding,
         attention_per_layer,
         mlp_per_layer,
+        moe_mlp_per_layer: moe_mlp,
+        moe_layers,
+        active: outside
+            + dense_layers * per_layer
+            + moe_layers * (per_layer - mlp_per_layer + moe_active),
         norms_per_layer,
         final_norm,
         head,
-        total: embedding + t.layers * per_layer + final_norm + head,
-        matmul: t.layers * (attn_w + mlp_w) + head_matmul + patch_w + proj,
-        block_matmul: t.layers * (attn_w + mlp_w),
+        total: outside
+            + dense_layers * per_layer
+            + moe_layers * (per_layer - mlp_per_layer + moe_mlp),
+        matmul: block_matmul + head_matmul + patch_w + proj,
+        block_matmul,
     }
 }
 
 impl TransformerParams {
+    /// Parameters of one block: a dense one, or with `moe` an MoE one (every expert).
+    pub fn block(&self, moe: bool) -> u64 {
+        self.attention_per_layer
+            + self.norms_per_layer
+            + if moe {
+                self.moe_mlp_per_layer
+            } else {
+                self.mlp_per_layer
+            }
+    }
+
     /// Matmul weights outside the blocks: the head's projection, a ViT's patch projection and
     /// an OPT-style embedding projection.
     pub fn head_matmul_and_patch(&self) -> u64 {
@@ -166,7 +203,10 @@ pub fn largest_tensor(model: &ModelSpec) -> u64 {
                 Some(p) => p.channels * p.patch * p.patch * h,
                 None => t.vocab * e,
             };
-            [qkv, h * t.ffn, head, embed, t.max_positions * h]
+            // transformers 5 stores each MoE block's experts as one tensor: gate and up of all
+            // experts fused, `experts x 2 expert_ffn x hidden`
+            let experts = t.extras.moe.map_or(0, |m| m.experts * 2 * m.expert_ffn * h);
+            [qkv, h * t.ffn, head, embed, t.max_positions * h, experts]
                 .into_iter()
                 .max()
                 .unwrap_or(0)

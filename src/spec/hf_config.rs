@@ -1,9 +1,11 @@
 //! HuggingFace `config.json` -> [`TransformerSpec`], for the architectures whose field names the
 //! planner knows: BERT (and RoBERTa, XLM-RoBERTa, CamemBERT), GPT-2, GPT-BigCode, GPT-NeoX,
 //! StarCoder2, ViT, Llama, Mistral, Qwen2, Phi-3, Gemma, Qwen3, Gemma2, Gemma3 (text), OLMo2,
-//! Phi, OPT, GPT-J and Falcon. A missing or mistyped field is an
+//! Phi, OPT, GPT-J and Falcon, and the mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE
+//! ([`super::moe::Moe`]). A missing or mistyped field is an
 //! input error naming it, so a user can fix the file rather than get a silently wrong plan.
 
+use super::moe::{CapacityFactor, Moe};
 use super::presets;
 use super::transformer::{
     Activation, Arch, BlockExtras, DropoutP, FfnKind, Head, NormKind, PatchEmbed, QkNorm,
@@ -17,7 +19,7 @@ use std::path::Path;
 pub const MODEL_TYPES: &str =
     "bert, roberta, xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, \
      starcoder2, vit, llama, mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, \
-     phi, opt, gptj, falcon";
+     phi, opt, gptj, falcon, mixtral, qwen2_moe, qwen3_moe";
 
 type Obj = Map<String, Value>;
 
@@ -134,6 +136,17 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
         // Qwen3, Gemma2/3 and OLMo2: the same block with query/key norms and extra norms
         "llama" | "mistral" | "qwen2" | "phi3" | "gemma" | "qwen3" | "gemma2" | "gemma3_text"
         | "olmo2" => llama_like(&o, name, &model_type)?,
+        // the same blocks with a mixture-of-experts feed-forward
+        "mixtral" | "qwen2_moe" | "qwen3_moe" => {
+            let base = llama_like(&o, name, &model_type)?;
+            TransformerSpec {
+                extras: BlockExtras {
+                    moe: Some(moe(&o, &model_type, base.layers)?),
+                    ..base.extras
+                },
+                ..base
+            }
+        }
         "phi" => phi(&o, name)?,
         "opt" => opt(&o, name)?,
         "gptj" => gptj(&o, name)?,
@@ -141,7 +154,10 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
         other => {
             return input_err(
                 "config.json model_type",
-                format!("'{other}' is not supported; accepted {MODEL_TYPES}"),
+                format!(
+                    "'{other}' is not supported; accepted {MODEL_TYPES} (for any other \
+                     checkpoint, `--safetensors` counts its parameters from the weights' headers)"
+                ),
             )
         }
     };
@@ -280,6 +296,13 @@ fn config_key(model_type: &str, field: &str) -> Option<String> {
         ("opt", "embed_proj") => "word_embed_proj_dim",
         ("falcon", "kv_heads") => "num_kv_heads",
         ("falcon", "ffn") => "ffn_hidden_size",
+        ("mixtral", "experts") => "num_local_experts",
+        ("mixtral", "expert_ffn") => "intermediate_size",
+        (_, "experts") => "num_experts",
+        (_, "top_k") => "num_experts_per_tok",
+        (_, "expert_ffn") => "moe_intermediate_size",
+        (_, "shared_ffn") => "shared_expert_intermediate_size",
+        (_, "dense_layers") => "mlp_only_layers",
         (_, "head_dim") => "head_dim",
         (_, "layers") => "num_hidden_layers",
         (_, "hidden") => "hidden_size",
@@ -438,7 +461,7 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
         req_u64(o, "vocab_size")?,
     );
     let (qk_norm, block_norms) = match model_type {
-        "qwen3" => (QkNorm::PerHead, None),
+        "qwen3" | "qwen3_moe" => (QkNorm::PerHead, None),
         // input, post-attention, pre- and post-feed-forward norms
         "gemma2" => (QkNorm::None, Some(4)),
         "gemma3_text" => (QkNorm::PerHead, Some(4)),
@@ -450,16 +473,26 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
         arch: Arch::Decoder,
         ffn_kind: FfnKind::Swiglu,
         norm: if o.contains_key("rms_norm_eps")
-            || matches!(model_type, "qwen3" | "gemma2" | "gemma3_text" | "olmo2")
-        {
+            || matches!(
+                model_type,
+                "qwen3"
+                    | "gemma2"
+                    | "gemma3_text"
+                    | "olmo2"
+                    | "mixtral"
+                    | "qwen2_moe"
+                    | "qwen3_moe"
+            ) {
             NormKind::Rmsnorm
         } else {
             NormKind::Layernorm
         },
         // Llama's attention_bias (q, k, v, o) and mlp_bias are independent
         bias: mlp_bias,
-        // Qwen2 hard-codes biases on q, k and v (and none on o or the MLP).
-        qkv_bias: model_type == "qwen2",
+        // Qwen2 hard-codes biases on q, k and v (and none on o or the MLP); Qwen2-MoE has them
+        // unless its `qkv_bias` says otherwise
+        qkv_bias: model_type == "qwen2"
+            || (model_type == "qwen2_moe" && opt_bool(o, "qkv_bias", true)?),
         // Gemma ties its LM head to the embedding unless told otherwise (GemmaConfig default)
         tied_embeddings: opt_bool(
             o,
@@ -474,6 +507,78 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
             ..BlockExtras::default()
         },
         ..base
+    })
+}
+
+/// The mixture-of-experts keys: experts (`num_local_experts`, Qwen's `num_experts`), top-k, the
+/// expert width (Mixtral's `intermediate_size`, Qwen's `moe_intermediate_size`), Qwen2-MoE's
+/// gated shared expert, and which blocks keep the dense MLP: transformers makes block `i`
+/// sparse when `i` is not in `mlp_only_layers` and `(i + 1) % decoder_sparse_step == 0`.
+fn moe(o: &Obj, model_type: &str, layers: u64) -> anyhow::Result<Moe> {
+    let experts = match (
+        opt_u64(o, "num_local_experts")?,
+        opt_u64(o, "num_experts")?,
+        model_type,
+    ) {
+        (Some(n), _, _) | (None, Some(n), _) => n,
+        (None, None, "mixtral") => req_u64(o, "num_local_experts")?,
+        (None, None, _) => req_u64(o, "num_experts")?,
+    };
+    let top_k = req_u64(o, "num_experts_per_tok")?;
+    if model_type == "mixtral" {
+        return Ok(Moe {
+            experts,
+            top_k,
+            expert_ffn: req_u64(o, "intermediate_size")?,
+            shared_ffn: 0,
+            shared_gate: false,
+            dense_layers: 0,
+            expert_parallel: 1,
+            capacity_factor: CapacityFactor::default(),
+        });
+    }
+    let step = opt_u64(o, "decoder_sparse_step")?.unwrap_or(1);
+    if step == 0 {
+        return input_err(
+            &field_name("decoder_sparse_step"),
+            "0; accepted a positive integer",
+        );
+    }
+    let mlp_only: Vec<u64> = match o.get("mlp_only_layers") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => match a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>() {
+            Some(v) => v,
+            None => {
+                return input_err(
+                    &field_name("mlp_only_layers"),
+                    "has an entry that is not a block index; accepted a list of integers",
+                )
+            }
+        },
+        Some(v) => {
+            return input_err(
+                &field_name("mlp_only_layers"),
+                format!("{v} is not a list; accepted a list of block indices"),
+            )
+        }
+    };
+    let sparse = (0..layers)
+        .filter(|i| !mlp_only.contains(i) && (i + 1) % step == 0)
+        .count() as u64;
+    let shared_ffn = if model_type == "qwen2_moe" {
+        req_u64(o, "shared_expert_intermediate_size")?
+    } else {
+        0
+    };
+    Ok(Moe {
+        experts,
+        top_k,
+        expert_ffn: req_u64(o, "moe_intermediate_size")?,
+        shared_ffn,
+        shared_gate: shared_ffn > 0,
+        dense_layers: layers - sparse,
+        expert_parallel: 1,
+        capacity_factor: CapacityFactor::default(),
     })
 }
 
@@ -733,7 +838,8 @@ mod tests {
             "invalid config.json model_type: 'mamba' is not supported; accepted bert, roberta, \
              xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, starcoder2, vit, llama, \
              mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, phi, opt, gptj, \
-             falcon"
+             falcon, mixtral, qwen2_moe, qwen3_moe (for any other checkpoint, `--safetensors` \
+             counts its parameters from the weights' headers)"
         );
         let err = parse(r#"{"model_type":"opt","hidden_size":64}"#, "x").unwrap_err();
         assert_eq!(

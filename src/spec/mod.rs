@@ -3,7 +3,9 @@
 pub mod cnn;
 pub mod cnn_file;
 pub mod hf_config;
+pub mod moe;
 pub mod presets;
+pub mod safetensors;
 pub mod train;
 pub mod transformer;
 

@@ -160,6 +160,10 @@ pub struct BlockExtras {
     /// projections in and out of the blocks (OPT's `word_embed_proj_dim`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embed_proj: Option<u64>,
+    /// A mixture-of-experts feed-forward in place of the dense MLP (in all blocks but
+    /// `moe.dense_layers` of them): Mixtral, Qwen2-MoE, Qwen3-MoE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<super::moe::Moe>,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -343,6 +347,9 @@ impl TransformerSpec {
             check_range("block_norms", n, 0, 8)?;
         }
         check_range("position_offset", self.extras.position_offset, 0, 1 << 12)?;
+        if let Some(m) = &self.extras.moe {
+            m.validate(self.layers)?;
+        }
         if self.extras.head_dim.is_none() && !self.hidden.is_multiple_of(self.heads) {
             return input_err(
                 "heads",

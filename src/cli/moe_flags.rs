@@ -1,0 +1,76 @@
+//! `estimate --expert-parallel` / `--capacity-factor`: the mixture-of-experts layout flags,
+//! written onto the model's [`Moe`](crate::spec::moe::Moe) (where the planner reads them).
+
+use super::common::parse_int;
+use super::estimate::Flags;
+use crate::error::{input_err, rename_field};
+use crate::spec::moe::{CapacityFactor, MAX_CAPACITY_FACTOR};
+use crate::spec::transformer::TransformerSpec;
+use crate::spec::{ModelSpec, TrainSpec};
+
+/// The model with the flags' expert layout; an input error naming the flag when the model has
+/// no experts or a value is out of range (expert parallelism must divide the experts and the
+/// GPUs).
+pub fn apply(model: ModelSpec, a: &Flags, train: &TrainSpec) -> anyhow::Result<ModelSpec> {
+    if a.expert_parallel.is_none() && a.capacity_factor.is_none() {
+        return Ok(model);
+    }
+    let flag = if a.expert_parallel.is_some() {
+        "expert-parallel"
+    } else {
+        "capacity-factor"
+    };
+    let ModelSpec::Transformer(t) = model else {
+        return input_err(
+            flag,
+            "applies to mixture-of-experts models only; accepted with a Mixtral, Qwen2-MoE or Qwen3-MoE config",
+        );
+    };
+    let Some(mut moe) = t.extras.moe else {
+        return input_err(
+            flag,
+            format!(
+                "{} has no experts; accepted with a Mixtral, Qwen2-MoE or Qwen3-MoE config",
+                t.name
+            ),
+        );
+    };
+    if let Some(s) = &a.expert_parallel {
+        let ep = parse_int("expert-parallel", s)?;
+        if ep == 0 || !train.gpus.is_multiple_of(ep) {
+            return input_err(
+                "expert-parallel",
+                format!(
+                    "{ep} does not divide --gpus {}; accepted a divisor of the GPUs and of the {} experts",
+                    train.gpus, moe.experts
+                ),
+            );
+        }
+        moe.expert_parallel = ep;
+    }
+    if let Some(s) = &a.capacity_factor {
+        match s.trim().parse::<f32>() {
+            Ok(v) if v.is_finite() && v > 0.0 && v <= MAX_CAPACITY_FACTOR => {
+                moe.capacity_factor = CapacityFactor(v)
+            }
+            _ => {
+                return input_err(
+                    "capacity-factor",
+                    format!(
+                        "'{s}' is not a capacity factor; accepted a number above 0 and at most {MAX_CAPACITY_FACTOR}"
+                    ),
+                )
+            }
+        }
+    }
+    let mut t = TransformerSpec { ..t };
+    t.extras.moe = Some(moe);
+    t.validate().map_err(|e| {
+        rename_field(e, |f| match f {
+            "expert_parallel" => Some("expert-parallel".into()),
+            "capacity_factor" => Some("capacity-factor".into()),
+            _ => None,
+        })
+    })?;
+    Ok(ModelSpec::Transformer(t))
+}
