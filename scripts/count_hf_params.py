@@ -2,7 +2,8 @@
 
 Builds each config's transformers class on the meta device (no weights are allocated) and prints
 `name count`, the sum of p.numel() over model.parameters() (tied weights once): the figures
-tests/param_counts.rs expects. Decoders are built as *ForCausalLM, encoders as the bare model.
+tests/param_counts.rs expects. Decoders are built as *ForCausalLM, BERT-family encoders and ViT as the bare model
+(with BERT's pooler), DistilBERT/DeBERTa-v2 as *ForMaskedLM, ELECTRA as ElectraForPreTraining.
 Mixture-of-experts configs (num_experts_per_tok) print a third figure, the parameters one token
 uses: the total less, in every `*.experts` module, the (experts - top-k) experts it does not
 route to (each expert's share is the module's parameters / experts).
@@ -12,16 +13,22 @@ route to (each expert's share is the module's parameters / experts).
 import json, pathlib, sys
 
 import torch
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
+                          AutoModelForPreTraining)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "hf_configs"
-ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "vit", "distilbert", "electra"}
+ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "vit"}
+# encoders trained with their pre-training head rather than bare: DistilBERT and DeBERTa-v2 as
+# *ForMaskedLM, ELECTRA as its discriminator (ElectraForPreTraining)
+WITH_HEAD = {"distilbert": AutoModelForMaskedLM, "deberta-v2": AutoModelForMaskedLM,
+             "electra": AutoModelForPreTraining}
 
 
 def count(directory: pathlib.Path) -> str:
     raw = json.loads((directory / "config.json").read_text())
     cfg = AutoConfig.for_model(**raw)
-    auto = AutoModel if raw["model_type"] in ENCODERS else AutoModelForCausalLM
+    auto = WITH_HEAD.get(raw["model_type"]) or (
+        AutoModel if raw["model_type"] in ENCODERS else AutoModelForCausalLM)
     with torch.device("meta"):
         model = auto.from_config(cfg)
     total = sum(p.numel() for p in model.parameters())

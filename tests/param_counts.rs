@@ -33,9 +33,12 @@ fn more_published_counts() {
 /// classes (RobertaModel, XLMRobertaModel, GPTNeoXForCausalLM, Phi3ForCausalLM,
 /// GemmaForCausalLM, Starcoder2ForCausalLM, GPTBigCodeForCausalLM) built from them
 /// on the meta device (transformers 5.24); they equal the model cards' figures.
-/// The later families (Qwen3, Gemma2, Gemma3 text, OLMo2, Phi, OPT, GPT-J, Falcon) are
-/// hand-written configs of the published sizes, counted by scripts/count_hf_params.py the same
-/// way (*ForCausalLM on the meta device, transformers 5.24).
+/// The later families (Qwen3, Gemma2, Gemma3 text, OLMo2, Phi, OPT, GPT-J, Falcon, BLOOM, OLMo)
+/// are hand-written configs of the published sizes, counted by scripts/count_hf_params.py the
+/// same way (*ForCausalLM on the meta device, transformers 5.24); DistilBERT and DeBERTa-v3 as
+/// *ForMaskedLM, the class they are pre-trained and fine-tuned from (DistilBERT's 66,985,530
+/// is its model card's figure with the MLM head; the tiny DeBERTa-v2 has unshared c2p/p2c
+/// position projections and a relative table of 2 x max_position_embeddings rows).
 #[test]
 fn hf_config_families_count_like_transformers() {
     let cases = [
@@ -55,6 +58,11 @@ fn hf_config_families_count_like_transformers() {
         ("opt-350m", 331_196_416),
         ("gpt-j-6b", 6_050_882_784),
         ("falcon-7b", 6_921_720_704),
+        ("bloom-560m", 559_214_592),
+        ("olmo-1b", 1_176_764_416),
+        ("distilbert-base", 66_985_530),
+        ("deberta-v3-base", 184_551_780),
+        ("deberta-v2-tiny-unshared", 30_468),
     ];
     for (name, want) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -59,7 +59,10 @@ fn expert_parallelism_divides_only_the_experts_states() {
         .unwrap()
         .states;
     let plain = state_bytes(MIXTRAL_TOTAL, &zero3);
-    assert!((s.fixed() - plain.fixed()).abs() < 1.0, "{s:?} vs {plain:?}");
+    assert!(
+        (s.fixed() - plain.fixed()).abs() < 1.0,
+        "{s:?} vs {plain:?}"
+    );
 }
 
 #[test]
@@ -146,7 +149,10 @@ fn moe_input_errors_exit_2_naming_the_flag_or_key() {
     }
     let (code, _, err) = vramcal(&["estimate", "--model", "gpt2", "--expert-parallel", "2"]);
     assert_eq!(code, 2);
-    assert!(err.starts_with("error: invalid expert-parallel: gpt2 has no experts"), "{err}");
+    assert!(
+        err.starts_with("error: invalid expert-parallel: gpt2 has no experts"),
+        "{err}"
+    );
     let text = std::fs::read_to_string(
         Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf_configs/mixtral-8x7b/config.json"),
     )
@@ -157,7 +163,14 @@ fn moe_input_errors_exit_2_naming_the_flag_or_key() {
         format!("{err}"),
         "invalid config.json num_experts_per_tok: missing; accepted a non-negative integer"
     );
-    let err = hf_config::parse(&text.replace("\"num_local_experts\": 8,", "\"num_local_experts\": 8, \"num_experts_per_tok\": 9,"), "m").unwrap_err();
+    let err = hf_config::parse(
+        &text.replace(
+            "\"num_local_experts\": 8,",
+            "\"num_local_experts\": 8, \"num_experts_per_tok\": 9,",
+        ),
+        "m",
+    )
+    .unwrap_err();
     assert_eq!(
         format!("{err}"),
         "invalid config.json num_experts_per_tok: 9 is out of range; accepted 1..=8"

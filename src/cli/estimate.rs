@@ -30,8 +30,9 @@ pub struct Flags {
     /// Preset name (bert-base, gpt2, llama2-7b, vit-large-16, resnet50, ...)
     #[arg(long)]
     pub model: Option<String>,
-    /// HuggingFace config.json (BERT, RoBERTa, XLM-R, CamemBERT, GPT-2, GPT-BigCode, GPT-NeoX,
-    /// StarCoder2, ViT, Llama, Mistral, Qwen2, Phi-3, Gemma)
+    /// HuggingFace config.json (BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, DeBERTa-v2, GPT-2,
+    /// GPT-BigCode, GPT-NeoX, GPT-J, OPT, BLOOM, Falcon, Phi, Phi-3, StarCoder2, ViT, Llama,
+    /// Mistral, Qwen2/3, Gemma 1-3, OLMo 1-2, Mixtral, Qwen2-MoE, Qwen3-MoE)
     #[arg(long)]
     pub hf_config: Option<PathBuf>,
     /// safetensors checkpoint (a .safetensors file or its model.safetensors.index.json): exact

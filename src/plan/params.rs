@@ -56,7 +56,9 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
     } else {
         0
     };
-    let attention_per_layer = attn_w + attn_b;
+    // DeBERTa-v2's unshared position projections act on the relative-position table, not on
+    // the tokens: parameters, but no per-token matmul
+    let attention_per_layer = attn_w + attn_b + x.pos_proj * (h * h + h);
     let (mlp_w, mlp_b) = match t.ffn_kind {
         FfnKind::Gelu => (2 * h * t.ffn, t.ffn + h),
         FfnKind::Swiglu => (3 * h * t.ffn, 2 * t.ffn + h),
@@ -82,16 +84,25 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
             t.vocab * e
                 + (t.max_positions + x.position_offset + t.type_vocab) * h
                 + proj
-                + if t.embedding_norm { norm_h } else { 0 },
+                + if t.embedding_norm { norm_h } else { 0 }
+                + x.rel_positions * h
+                + if x.rel_norm { norm_h } else { 0 },
             0,
         ),
+    };
+    // a masked-LM head's dense + norm before the vocabulary projection
+    let transform = if x.lm_head_transform && t.head == Head::Lm {
+        h * h + h + norm_h
+    } else {
+        0
     };
     let final_norm = if t.final_norm { norm_h } else { 0 };
     let (head, head_matmul) = match t.head {
         Head::Lm => (
             if t.tied_embeddings { 0 } else { t.vocab * e }
-                + if x.lm_head_bias { t.vocab } else { 0 },
-            t.vocab * e,
+                + if x.lm_head_bias { t.vocab } else { 0 }
+                + transform,
+            t.vocab * e + if transform > 0 { h * h } else { 0 },
         ),
         Head::Pooler => (h * h + h, h * h),
         Head::Classifier { classes } => (h * classes + classes, h * classes),

@@ -1,7 +1,7 @@
 //! HuggingFace `config.json` -> [`TransformerSpec`], for the architectures whose field names the
 //! planner knows: BERT (and RoBERTa, XLM-RoBERTa, CamemBERT), GPT-2, GPT-BigCode, GPT-NeoX,
 //! StarCoder2, ViT, Llama, Mistral, Qwen2, Phi-3, Gemma, Qwen3, Gemma2, Gemma3 (text), OLMo2,
-//! Phi, OPT, GPT-J and Falcon, and the mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE
+//! Phi, OPT, GPT-J, Falcon, BLOOM, OLMo, DistilBERT and DeBERTa-v2, and the mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE
 //! ([`super::moe::Moe`]). A missing or mistyped field is an
 //! input error naming it, so a user can fix the file rather than get a silently wrong plan.
 
@@ -19,7 +19,7 @@ use std::path::Path;
 pub const MODEL_TYPES: &str =
     "bert, roberta, xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, \
      starcoder2, vit, llama, mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, \
-     phi, opt, gptj, falcon, mixtral, qwen2_moe, qwen3_moe";
+     phi, opt, gptj, falcon, bloom, olmo, distilbert, deberta-v2, mixtral, qwen2_moe, qwen3_moe";
 
 type Obj = Map<String, Value>;
 
@@ -148,6 +148,21 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
             }
         }
         "phi" => phi(&o, name)?,
+        "bloom" => bloom(&o, name)?,
+        // Llama's block with parameter-free LayerNorms (OLMo v1)
+        "olmo" => {
+            let base = llama_like(&o, name, &model_type)?;
+            TransformerSpec {
+                final_norm: false,
+                extras: BlockExtras {
+                    block_norms: Some(0),
+                    ..base.extras
+                },
+                ..base
+            }
+        }
+        "distilbert" => distilbert(&o, name)?,
+        "deberta-v2" => deberta_v2(&o, name)?,
         "opt" => opt(&o, name)?,
         "gptj" => gptj(&o, name)?,
         "falcon" => falcon(&o, name)?,
@@ -204,7 +219,12 @@ fn dropout_keys(model_type: &str) -> &'static [(&'static str, f32)] {
             ("attn_pdrop", 0.0),
         ],
         "opt" => &[("dropout", 0.1), ("attention_dropout", 0.0)],
-        "falcon" => &[("hidden_dropout", 0.0), ("attention_dropout", 0.0)],
+        "falcon" | "bloom" => &[("hidden_dropout", 0.0), ("attention_dropout", 0.0)],
+        "distilbert" => &[("dropout", 0.1), ("attention_dropout", 0.1)],
+        "deberta-v2" => &[
+            ("hidden_dropout_prob", 0.1),
+            ("attention_probs_dropout_prob", 0.1),
+        ],
         _ => &[("attention_dropout", 0.0)],
     }
 }
@@ -220,7 +240,15 @@ fn dropout(o: &Obj, model_type: &str) -> anyhow::Result<Option<DropoutP>> {
     let keys = dropout_keys(model_type);
     let mut any = matches!(
         model_type,
-        "gpt_neox" | "starcoder2" | "phi" | "opt" | "gptj" | "falcon"
+        "gpt_neox"
+            | "starcoder2"
+            | "phi"
+            | "opt"
+            | "gptj"
+            | "falcon"
+            | "bloom"
+            | "distilbert"
+            | "deberta-v2"
     );
     let mut p = 0.0f32;
     for &(key, default) in keys {
@@ -249,7 +277,13 @@ fn dropout(o: &Obj, model_type: &str) -> anyhow::Result<Option<DropoutP>> {
 /// families planned with another family's block, whose class default differs (GPT-NeoX `gelu`,
 /// StarCoder2 and Gemma `gelu_pytorch_tanh`).
 fn activation(o: &Obj, model_type: &str) -> anyhow::Result<Option<Activation>> {
-    for key in ["hidden_activation", "hidden_act", "activation_function"] {
+    // DistilBERT names it `activation`; Falcon's `activation` is the same key
+    let keys: &[&str] = if model_type == "distilbert" {
+        &["activation"]
+    } else {
+        &["hidden_activation", "hidden_act", "activation_function"]
+    };
+    for &key in keys {
         match o.get(key) {
             None | Some(Value::Null) => continue,
             Some(Value::String(name)) => {
@@ -279,6 +313,10 @@ fn activation(o: &Obj, model_type: &str) -> anyhow::Result<Option<Activation>> {
         "opt" => Some(Activation::Relu),
         // Falcon's MLP is nn.GELU() (its `activation` key defaults to it)
         "falcon" => Some(Activation::Gelu),
+        // BLOOM's GeLUFunction: the tanh approximation as one autograd function that saves its
+        // input only, like the fused `gelu_pytorch_tanh`
+        "bloom" => Some(Activation::GeluPytorchTanh),
+        "distilbert" | "deberta-v2" => Some(Activation::Gelu),
         _ => None,
     })
 }
@@ -293,6 +331,13 @@ fn config_key(model_type: &str, field: &str) -> Option<String> {
         ("gpt2" | "gptj", "ffn") => "n_inner",
         ("gpt2" | "gptj", "max_positions") => "n_positions",
         ("opt", "ffn") => "ffn_dim",
+        ("bloom", "layers") => "n_layer",
+        ("bloom", "heads" | "kv_heads") => "n_head",
+        ("distilbert", "layers") => "n_layers",
+        ("distilbert", "hidden") => "dim",
+        ("distilbert", "heads" | "kv_heads") => "n_heads",
+        ("distilbert", "ffn") => "hidden_dim",
+        ("deberta-v2", "rel_positions") => "position_buckets",
         ("opt", "embed_proj") => "word_embed_proj_dim",
         ("falcon", "kv_heads") => "num_kv_heads",
         ("falcon", "ffn") => "ffn_hidden_size",
@@ -582,6 +627,137 @@ fn moe(o: &Obj, model_type: &str, layers: u64) -> anyhow::Result<Moe> {
     })
 }
 
+/// BLOOM (`BloomForCausalLM`): GPT-2's pre-LN block with fused biased q/k/v and a 4h GELU MLP,
+/// ALiBi position biases (no position table, no parameters), a LayerNorm right after the word
+/// embedding, a tied LM head. `hidden_size` is also written `n_embed` in older configs.
+fn bloom(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let hidden = match opt_u64(o, "n_embed")? {
+        Some(h) if !o.contains_key("hidden_size") => h,
+        _ => req_u64(o, "hidden_size")?,
+    };
+    let base = presets::gpt2(
+        name,
+        req_u64(o, "n_layer")?,
+        hidden,
+        req_u64(o, "n_head")?,
+        req_u64(o, "vocab_size")?,
+        0,
+    );
+    Ok(TransformerSpec {
+        embedding_norm: true,
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
+        ..base
+    })
+}
+
+/// DistilBERT as `DistilBertForMaskedLM` (what it is pre-trained and usually fine-tuned from):
+/// BERT's post-LN block under its own keys (`dim`, `n_layers`, `n_heads`, `hidden_dim`), learned
+/// positions, no token types, and the masked-LM head: dense + LayerNorm, then the vocabulary
+/// projection tied to the word embedding with its own bias.
+fn distilbert(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let base = presets::bert(
+        name,
+        req_u64(o, "n_layers")?,
+        req_u64(o, "dim")?,
+        req_u64(o, "n_heads")?,
+    );
+    Ok(TransformerSpec {
+        vocab: req_u64(o, "vocab_size")?,
+        ffn: req_u64(o, "hidden_dim")?,
+        max_positions: req_u64(o, "max_position_embeddings")?,
+        type_vocab: 0,
+        head: Head::Lm,
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
+        extras: BlockExtras {
+            lm_head_bias: true,
+            lm_head_transform: true,
+            ..BlockExtras::default()
+        },
+        ..base
+    })
+}
+
+/// DeBERTa-v2/v3 as `DebertaV2ForMaskedLM`: BERT's post-LN block and keys; absolute positions
+/// only with `position_biased_input` (default true; v3 false); with `relative_attention` a
+/// relative-position table shared by all blocks (`2 x position_buckets` rows, or `2 x
+/// max_relative_positions`, which -1 sets to `max_position_embeddings`) and a LayerNorm over it
+/// when `norm_rel_ebd` says `layer_norm`; without `share_att_key`, a key projection for c2p and
+/// a query projection for p2c in every block (`pos_att_type`); the masked-LM head with dense +
+/// LayerNorm and a vocabulary bias, tied to the word embedding. The convolution of `conv_kernel_size`
+/// (DeBERTa-v2-xlarge) is not modelled and is refused.
+fn deberta_v2(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    if opt_u64(o, "conv_kernel_size")?.unwrap_or(0) > 0 {
+        return input_err(
+            &field_name("conv_kernel_size"),
+            "above 0 (a convolution layer the planner does not model); accepted 0 or absent",
+        );
+    }
+    let base = presets::bert(
+        name,
+        req_u64(o, "num_hidden_layers")?,
+        req_u64(o, "hidden_size")?,
+        req_u64(o, "num_attention_heads")?,
+    );
+    let max_positions = req_u64(o, "max_position_embeddings")?;
+    let relative = opt_bool(o, "relative_attention", false)?;
+    let rel_positions = if relative {
+        // both default to -1 (unset) in DebertaV2Config
+        match o.get("position_buckets").and_then(Value::as_i64) {
+            Some(b) if b > 0 => 2 * b as u64,
+            _ => match o.get("max_relative_positions").and_then(Value::as_i64) {
+                Some(m) if m >= 1 => 2 * m as u64,
+                _ => 2 * max_positions,
+            },
+        }
+    } else {
+        0
+    };
+    let norm_rel = match o.get("norm_rel_ebd") {
+        Some(Value::String(s)) => s.split('|').any(|p| p.trim() == "layer_norm"),
+        _ => false,
+    };
+    let pos_att: Vec<String> = match o.get("pos_att_type") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_ascii_lowercase))
+            .collect(),
+        Some(Value::String(s)) => s
+            .split('|')
+            .map(|p| p.trim().to_ascii_lowercase())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let pos_proj = if relative && !opt_bool(o, "share_att_key", false)? {
+        ["c2p", "p2c"]
+            .iter()
+            .filter(|k| pos_att.iter().any(|p| p == *k))
+            .count() as u64
+    } else {
+        0
+    };
+    Ok(TransformerSpec {
+        vocab: req_u64(o, "vocab_size")?,
+        ffn: req_u64(o, "intermediate_size")?,
+        max_positions: if opt_bool(o, "position_biased_input", true)? {
+            max_positions
+        } else {
+            0
+        },
+        type_vocab: opt_u64(o, "type_vocab_size")?.unwrap_or(0),
+        head: Head::Lm,
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
+        extras: BlockExtras {
+            lm_head_bias: true,
+            lm_head_transform: true,
+            rel_positions,
+            rel_norm: relative && norm_rel,
+            pos_proj,
+            ..BlockExtras::default()
+        },
+        ..base
+    })
+}
+
 /// A rotary decoder with one LayerNorm before parallel attention and GELU MLP, biases, and an
 /// LM head with a bias (`PhiForCausalLM`; Phi-1/1.5/2). `qk_layernorm` adds per-head
 /// LayerNorms on q and k.
@@ -838,8 +1014,9 @@ mod tests {
             "invalid config.json model_type: 'mamba' is not supported; accepted bert, roberta, \
              xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, starcoder2, vit, llama, \
              mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, phi, opt, gptj, \
-             falcon, mixtral, qwen2_moe, qwen3_moe (for any other checkpoint, `--safetensors` \
-             counts its parameters from the weights' headers)"
+             falcon, bloom, olmo, distilbert, deberta-v2, mixtral, qwen2_moe, qwen3_moe (for \
+             any other checkpoint, `--safetensors` counts its parameters from the weights' \
+             headers)"
         );
         let err = parse(r#"{"model_type":"opt","hidden_size":64}"#, "x").unwrap_err();
         assert_eq!(

@@ -160,6 +160,20 @@ pub struct BlockExtras {
     /// projections in and out of the blocks (OPT's `word_embed_proj_dim`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embed_proj: Option<u64>,
+    /// A masked-LM head's transform before the vocabulary projection: a dense `hidden ->
+    /// hidden` with bias and a norm (DistilBERT, DeBERTa-v2 `*ForMaskedLM`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub lm_head_transform: bool,
+    /// Rows of a relative-position embedding table shared by all blocks, with a norm over it
+    /// when `rel_norm` (DeBERTa-v2: `2 x position_buckets`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub rel_positions: u64,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub rel_norm: bool,
+    /// Position projections (`hidden -> hidden` with bias) per block on top of q, k, v, o
+    /// (DeBERTa-v2 without `share_att_key`: one for c2p, one for p2c).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub pos_proj: u64,
     /// A mixture-of-experts feed-forward in place of the dense MLP (in all blocks but
     /// `moe.dense_layers` of them): Mixtral, Qwen2-MoE, Qwen3-MoE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -347,6 +361,8 @@ impl TransformerSpec {
             check_range("block_norms", n, 0, 8)?;
         }
         check_range("position_offset", self.extras.position_offset, 0, 1 << 12)?;
+        check_range("rel_positions", self.extras.rel_positions, 0, MAX_POSITIONS)?;
+        check_range("pos_proj", self.extras.pos_proj, 0, 2)?;
         if let Some(m) = &self.extras.moe {
             m.validate(self.layers)?;
         }
