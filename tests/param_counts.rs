@@ -36,7 +36,8 @@ fn more_published_counts() {
 /// The later families (Qwen3, Gemma2, Gemma3 text, OLMo2, Phi, OPT, GPT-J, Falcon, BLOOM, OLMo)
 /// are hand-written configs of the published sizes, counted by scripts/count_hf_params.py the
 /// same way (*ForCausalLM on the meta device, transformers 5.24); DistilBERT and DeBERTa-v3 as
-/// *ForMaskedLM, the class they are pre-trained and fine-tuned from (DistilBERT's 66,985,530
+/// *ForMaskedLM, ELECTRA-small as ElectraForPreTraining (the discriminator), the classes they are
+/// pre-trained and fine-tuned from (DistilBERT's 66,985,530
 /// is its model card's figure with the MLM head; the tiny DeBERTa-v2 has unshared c2p/p2c
 /// position projections and a relative table of 2 x max_position_embeddings rows).
 #[test]
@@ -61,6 +62,7 @@ fn hf_config_families_count_like_transformers() {
         ("bloom-560m", 559_214_592),
         ("olmo-1b", 1_176_764_416),
         ("distilbert-base", 66_985_530),
+        ("electra-small-discriminator", 13_549_057),
         ("deberta-v3-base", 184_551_780),
         ("deberta-v2-tiny-unshared", 30_468),
     ];

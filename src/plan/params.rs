@@ -1,7 +1,7 @@
 //! Exact parameter counts, itemised, for transformers and CNNs.
 
 use crate::plan::moe;
-use crate::spec::transformer::{FfnKind, Head, NormKind, QkNorm, TransformerSpec};
+use crate::spec::transformer::{FfnKind, Head, HeadTransform, NormKind, QkNorm, TransformerSpec};
 use crate::spec::ModelSpec;
 use serde::Serialize;
 
@@ -74,6 +74,12 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
     // OPT: the token embedding (and a tied head) at a narrower width, projected in and out
     let e = t.embed_width();
     let proj = if e != h { 2 * e * h } else { 0 };
+    // ELECTRA: every embedding table and the embedding norm at a narrower width, then a
+    // biased linear up to `hidden`
+    let (emb_w, emb_norm, emb_up) = match x.factorized_embedding {
+        Some(f) if f != h => (f, norm_params(t.norm, f), f * h + h),
+        _ => (h, norm_h, 0),
+    };
     let (embedding, patch_w) = match &t.patch {
         Some(p) => {
             let conv_w = p.channels * p.patch * p.patch * h;
@@ -81,31 +87,35 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
             (conv_w + h + h + p.seq_for(p.image) * h, conv_w)
         }
         None => (
-            t.vocab * e
-                + (t.max_positions + x.position_offset + t.type_vocab) * h
+            t.vocab * if emb_up > 0 { emb_w } else { e }
+                + (t.max_positions + x.position_offset + t.type_vocab) * emb_w
                 + proj
-                + if t.embedding_norm { norm_h } else { 0 }
+                + emb_up
+                + if t.embedding_norm { emb_norm } else { 0 }
                 + x.rel_positions * h
                 + if x.rel_norm { norm_h } else { 0 },
             0,
         ),
     };
-    // a masked-LM head's dense + norm before the vocabulary projection
-    let transform = if x.lm_head_transform && t.head == Head::Lm {
-        h * h + h + norm_h
-    } else {
-        0
+    // a dense (and norm) between the last block and the head's projection
+    let transform = match x.head_transform {
+        HeadTransform::None => 0,
+        HeadTransform::Dense => h * h + h,
+        HeadTransform::DenseNorm => h * h + h + norm_h,
     };
+    let transform_w = if transform > 0 { h * h } else { 0 };
     let final_norm = if t.final_norm { norm_h } else { 0 };
     let (head, head_matmul) = match t.head {
         Head::Lm => (
             if t.tied_embeddings { 0 } else { t.vocab * e }
                 + if x.lm_head_bias { t.vocab } else { 0 }
                 + transform,
-            t.vocab * e + if transform > 0 { h * h } else { 0 },
+            t.vocab * e + transform_w,
         ),
-        Head::Pooler => (h * h + h, h * h),
-        Head::Classifier { classes } => (h * classes + classes, h * classes),
+        Head::Pooler => (h * h + h + transform, h * h + transform_w),
+        Head::Classifier { classes } => {
+            (h * classes + classes + transform, h * classes + transform_w)
+        }
     };
     let per_layer = attention_per_layer + mlp_per_layer + norms_per_layer;
     // mixture of experts: `moe_layers` blocks carry the MoE feed-forward instead of the MLP

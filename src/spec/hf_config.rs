@@ -1,15 +1,15 @@
 //! HuggingFace `config.json` -> [`TransformerSpec`], for the architectures whose field names the
 //! planner knows: BERT (and RoBERTa, XLM-RoBERTa, CamemBERT), GPT-2, GPT-BigCode, GPT-NeoX,
 //! StarCoder2, ViT, Llama, Mistral, Qwen2, Phi-3, Gemma, Qwen3, Gemma2, Gemma3 (text), OLMo2,
-//! Phi, OPT, GPT-J, Falcon, BLOOM, OLMo, DistilBERT and DeBERTa-v2, and the mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE
+//! Phi, OPT, GPT-J, Falcon, BLOOM, OLMo, DistilBERT, ELECTRA and DeBERTa-v2, and the mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE
 //! ([`super::moe::Moe`]). A missing or mistyped field is an
 //! input error naming it, so a user can fix the file rather than get a silently wrong plan.
 
 use super::moe::{CapacityFactor, Moe};
 use super::presets;
 use super::transformer::{
-    Activation, Arch, BlockExtras, DropoutP, FfnKind, Head, NormKind, PatchEmbed, QkNorm,
-    TransformerSpec,
+    Activation, Arch, BlockExtras, DropoutP, FfnKind, Head, HeadTransform, NormKind, PatchEmbed,
+    QkNorm, TransformerSpec,
 };
 use crate::error::{input_err, rename_field};
 use serde_json::{Map, Value};
@@ -19,7 +19,7 @@ use std::path::Path;
 pub const MODEL_TYPES: &str =
     "bert, roberta, xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, \
      starcoder2, vit, llama, mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, \
-     phi, opt, gptj, falcon, bloom, olmo, distilbert, deberta-v2, mixtral, qwen2_moe, qwen3_moe";
+     phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, qwen3_moe";
 
 type Obj = Map<String, Value>;
 
@@ -162,6 +162,7 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
             }
         }
         "distilbert" => distilbert(&o, name)?,
+        "electra" => electra(&o, name)?,
         "deberta-v2" => deberta_v2(&o, name)?,
         "opt" => opt(&o, name)?,
         "gptj" => gptj(&o, name)?,
@@ -194,7 +195,7 @@ fn dropout_keys(model_type: &str) -> &'static [(&'static str, f32)] {
             ("embd_pdrop", 0.1),
             ("attn_pdrop", 0.1),
         ],
-        "bert" | "roberta" | "xlm-roberta" | "camembert" => &[
+        "bert" | "roberta" | "xlm-roberta" | "camembert" | "electra" => &[
             ("hidden_dropout_prob", 0.1),
             ("attention_probs_dropout_prob", 0.1),
         ],
@@ -338,6 +339,7 @@ fn config_key(model_type: &str, field: &str) -> Option<String> {
         ("distilbert", "heads" | "kv_heads") => "n_heads",
         ("distilbert", "ffn") => "hidden_dim",
         ("deberta-v2", "rel_positions") => "position_buckets",
+        (_, "embedding_size") => "embedding_size",
         ("opt", "embed_proj") => "word_embed_proj_dim",
         ("falcon", "kv_heads") => "num_kv_heads",
         ("falcon", "ffn") => "ffn_hidden_size",
@@ -670,10 +672,28 @@ fn distilbert(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
         tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
         extras: BlockExtras {
             lm_head_bias: true,
-            lm_head_transform: true,
+            head_transform: HeadTransform::DenseNorm,
             ..BlockExtras::default()
         },
         ..base
+    })
+}
+
+/// ELECTRA as its discriminator (`ElectraForPreTraining`, what is released and fine-tuned):
+/// BERT's blocks and keys without a pooler, word/position/token-type embeddings and their
+/// LayerNorm at `embedding_size` (default 128) with a biased linear up to `hidden_size` when the
+/// two differ, and the discriminator head: dense + a one-logit projection per token.
+fn electra(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let hidden = req_u64(o, "hidden_size")?;
+    let embed = opt_u64(o, "embedding_size")?.unwrap_or(128);
+    Ok(TransformerSpec {
+        head: Head::Classifier { classes: 1 },
+        extras: BlockExtras {
+            head_transform: HeadTransform::Dense,
+            factorized_embedding: (embed != hidden).then_some(embed),
+            ..BlockExtras::default()
+        },
+        ..bert(o, name)?
     })
 }
 
@@ -748,7 +768,7 @@ fn deberta_v2(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
         tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
         extras: BlockExtras {
             lm_head_bias: true,
-            lm_head_transform: true,
+            head_transform: HeadTransform::DenseNorm,
             rel_positions,
             rel_norm: relative && norm_rel,
             pos_proj,
@@ -1014,8 +1034,8 @@ mod tests {
             "invalid config.json model_type: 'mamba' is not supported; accepted bert, roberta, \
              xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, starcoder2, vit, llama, \
              mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, phi, opt, gptj, \
-             falcon, bloom, olmo, distilbert, deberta-v2, mixtral, qwen2_moe, qwen3_moe (for \
-             any other checkpoint, `--safetensors` counts its parameters from the weights' \
+             falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, qwen3_moe (for \
+             (for any other checkpoint, `--safetensors` counts its parameters from the weights' \
              headers)"
         );
         let err = parse(r#"{"model_type":"opt","hidden_size":64}"#, "x").unwrap_err();

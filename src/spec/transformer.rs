@@ -160,10 +160,14 @@ pub struct BlockExtras {
     /// projections in and out of the blocks (OPT's `word_embed_proj_dim`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embed_proj: Option<u64>,
-    /// A masked-LM head's transform before the vocabulary projection: a dense `hidden ->
-    /// hidden` with bias and a norm (DistilBERT, DeBERTa-v2 `*ForMaskedLM`).
+    /// A transform of the final hidden states before the head's projection (masked-LM heads,
+    /// ELECTRA's discriminator).
     #[serde(default, skip_serializing_if = "is_default")]
-    pub lm_head_transform: bool,
+    pub head_transform: HeadTransform,
+    /// Width of every embedding table (and the embedding norm) when factorised below `hidden`,
+    /// with a biased linear up to `hidden` (ELECTRA's `embedding_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factorized_embedding: Option<u64>,
     /// Rows of a relative-position embedding table shared by all blocks, with a norm over it
     /// when `rel_norm` (DeBERTa-v2: `2 x position_buckets`).
     #[serde(default, skip_serializing_if = "is_default")]
@@ -178,6 +182,19 @@ pub struct BlockExtras {
     /// `moe.dense_layers` of them): Mixtral, Qwen2-MoE, Qwen3-MoE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<super::moe::Moe>,
+}
+
+/// What sits between the last block and the head's projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadTransform {
+    #[default]
+    None,
+    /// a dense `hidden -> hidden` with bias (ELECTRA's discriminator)
+    Dense,
+    /// a dense `hidden -> hidden` with bias and a norm (BERT-family masked-LM heads:
+    /// DistilBERT, DeBERTa-v2)
+    DenseNorm,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -363,6 +380,9 @@ impl TransformerSpec {
         check_range("position_offset", self.extras.position_offset, 0, 1 << 12)?;
         check_range("rel_positions", self.extras.rel_positions, 0, MAX_POSITIONS)?;
         check_range("pos_proj", self.extras.pos_proj, 0, 2)?;
+        if let Some(e) = self.extras.factorized_embedding {
+            check_range("embedding_size", e, 1, MAX_HIDDEN)?;
+        }
         if let Some(m) = &self.extras.moe {
             m.validate(self.layers)?;
         }
