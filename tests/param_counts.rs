@@ -82,7 +82,10 @@ fn hf_config_families_count_like_transformers() {
 /// `mlp_only_layers`): total parameters as transformers counts MixtralForCausalLM /
 /// Qwen2MoeForCausalLM / Qwen3MoeForCausalLM on the meta device, and active parameters as
 /// scripts/count_hf_params.py derives them from the built model's `experts` modules (transformers
-/// 5.24). The model cards state 46.7B / 12.9B, 14.3B / 2.7B, 30.5B / 3.3B.
+/// 5.24). The model cards state 46.7B / 12.9B, 14.3B / 2.7B, 30.5B / 3.3B. DeepSeek-V2-Lite
+/// (plain query projection, 1 dense block, 2 shared experts) and DeepSeek-V3 (query bottleneck,
+/// 3 dense blocks, 1 shared expert) exercise latent attention; V3's card states 671B / 37B
+/// (without its multi-token-prediction module, which transformers does not build).
 #[test]
 fn moe_families_count_total_and_active_like_transformers() {
     let cases = [
@@ -90,6 +93,8 @@ fn moe_families_count_total_and_active_like_transformers() {
         ("qwen1.5-moe-a2.7b", 14_315_784_192, 2_689_173_504),
         ("qwen3-30b-a3b", 30_532_122_624, 3_353_032_704),
         ("qwen2-moe-tiny-mixed", 177_024, 164_736),
+        ("deepseek-v2-lite", 15_706_484_224, 2_661_150_208),
+        ("deepseek-v3", 671_026_404_352, 37_552_282_624),
     ];
     for (name, total, active) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -176,3 +176,18 @@ fn moe_input_errors_exit_2_naming_the_flag_or_key() {
         "invalid config.json num_experts_per_tok: 9 is out of range; accepted 1..=8"
     );
 }
+
+#[test]
+fn zero3_gathers_only_the_ranks_own_experts() {
+    let train = TrainSpec {
+        gpus: 8,
+        zero_stage: 3,
+        ..TrainSpec::default()
+    };
+    let f = features(&with_layout(config("mixtral-8x7b"), 8, 1.0), &train).unwrap();
+    // one Mixtral block with 1 of its 8 experts: q and o 4096², k and v 4096 x 1024, two
+    // RMSNorms, the 4096 x 8 router, one expert 3 x 4096 x 14336; plus the largest tensor
+    // outside the blocks, the 32000 x 4096 LM head (one expert's fused gate/up is smaller)
+    let block = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 2 * 4096 + 4096 * 8 + 3 * 4096 * 14336;
+    assert_eq!(f.gathered, (block + 32000 * 4096) as f64);
+}

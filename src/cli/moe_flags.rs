@@ -23,14 +23,14 @@ pub fn apply(model: ModelSpec, a: &Flags, train: &TrainSpec) -> anyhow::Result<M
     let ModelSpec::Transformer(t) = model else {
         return input_err(
             flag,
-            "applies to mixture-of-experts models only; accepted with a Mixtral, Qwen2-MoE or Qwen3-MoE config",
+            "applies to mixture-of-experts models only; accepted with a Mixtral, Qwen2-MoE, Qwen3-MoE or DeepSeek-V2/V3 config",
         );
     };
     let Some(mut moe) = t.extras.moe else {
         return input_err(
             flag,
             format!(
-                "{} has no experts; accepted with a Mixtral, Qwen2-MoE or Qwen3-MoE config",
+                "{} has no experts; accepted with a Mixtral, Qwen2-MoE, Qwen3-MoE or DeepSeek-V2/V3 config",
                 t.name
             ),
         );

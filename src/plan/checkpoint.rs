@@ -40,6 +40,8 @@ fn is_buffer(t: &Tensor) -> bool {
     n.ends_with(".inv_freq")
         || n.ends_with("position_ids")
         || n.ends_with(".masked_bias")
+        // DeepSeek-V3's router score correction, a buffer in transformers
+        || n.ends_with("e_score_correction_bias")
         // GPT-2's causal mask `attn.bias`, [1, 1, n_positions, n_positions]
         || (n.ends_with("attn.bias") && t.shape.len() == 4)
 }

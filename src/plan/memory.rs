@@ -334,7 +334,8 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 phased: train.checkpointing.is_on(),
                 gathered: if train.zero_stage >= 3 {
                     let p = params::transformer(t);
-                    p.block(p.moe_layers > 0) as f64 + params::largest_tensor(model) as f64
+                    moe::gathered_block(t, &p, train.gpus) as f64
+                        + params::largest_tensor(model) as f64
                 } else {
                     0.0
                 },

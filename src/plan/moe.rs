@@ -93,6 +93,29 @@ pub fn rank_state_bytes(model: &ModelSpec, params: u64, train: &TrainSpec) -> St
     }
 }
 
+/// Parameters ZeRO-3 gathers for one block at a time: the largest block, with only this rank's
+/// `experts / ep` routed experts in an MoE block (each expert-parallel rank gathers its own
+/// experts' shards, never the others').
+pub fn gathered_block(
+    t: &TransformerSpec,
+    p: &crate::plan::params::TransformerParams,
+    gpus: u64,
+) -> u64 {
+    match &t.extras.moe {
+        Some(m) if p.moe_layers > 0 => {
+            let ep = gcd(m.expert_parallel, gpus);
+            let per_expert = MoeParams::new(t, m).per_expert;
+            let moe_block = p.block(true) - m.experts * per_expert + m.experts / ep * per_expert;
+            if p.moe_layers < t.layers {
+                moe_block.max(p.block(false))
+            } else {
+                moe_block
+            }
+        }
+        _ => p.block(false),
+    }
+}
+
 /// Feed-forward widths per token for the activation model, averaged over the blocks: dense
 /// blocks `ffn`, MoE blocks `top_k x capacity_factor x expert_ffn` (each routed copy of a token
 /// runs one expert) plus the shared expert's width. Returns (mean width, widest block's width).

@@ -48,7 +48,11 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
     let hd = t.head_dim();
     let q = t.q_width();
     let kv = t.kv_heads * hd;
-    let attn_w = h * q + 2 * h * kv + q * h;
+    // DeepSeek's latent attention has its own projections (and two low-rank RMSNorms)
+    let (attn_w, mla_norms) = match &x.mla {
+        Some(m) => m.params(h, t.heads),
+        None => (h * q + 2 * h * kv + q * h, 0),
+    };
     let attn_b = if t.attn_bias() {
         q + 2 * kv + h
     } else if t.qkv_bias {
@@ -58,7 +62,7 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
     };
     // DeBERTa-v2's unshared position projections act on the relative-position table, not on
     // the tokens: parameters, but no per-token matmul
-    let attention_per_layer = attn_w + attn_b + x.pos_proj * (h * h + h);
+    let attention_per_layer = attn_w + attn_b + mla_norms + x.pos_proj * (h * h + h);
     let (mlp_w, mlp_b) = match t.ffn_kind {
         FfnKind::Gelu => (2 * h * t.ffn, t.ffn + h),
         FfnKind::Swiglu => (3 * h * t.ffn, 2 * t.ffn + h),
@@ -225,8 +229,10 @@ pub fn largest_tensor(model: &ModelSpec) -> u64 {
                 None => t.vocab * e,
             };
             // transformers 5 stores each MoE block's experts as one tensor: gate and up of all
-            // experts fused, `experts x 2 expert_ffn x hidden`
-            let experts = t.extras.moe.map_or(0, |m| m.experts * 2 * m.expert_ffn * h);
+            // experts fused, `experts x 2 expert_ffn x hidden` (a rank's `experts / ep` of them)
+            let experts = t.extras.moe.map_or(0, |m| {
+                m.experts / m.expert_parallel.max(1) * 2 * m.expert_ffn * h
+            });
             [qkv, h * t.ffn, head, embed, t.max_positions * h, experts]
                 .into_iter()
                 .max()

@@ -1,11 +1,13 @@
 //! HuggingFace `config.json` -> [`TransformerSpec`], for the architectures whose field names the
 //! planner knows: BERT (and RoBERTa, XLM-RoBERTa, CamemBERT), GPT-2, GPT-BigCode, GPT-NeoX,
 //! StarCoder2, ViT, Llama, Mistral, Qwen2, Phi-3, Gemma, Qwen3, Gemma2, Gemma3 (text), OLMo2,
-//! Phi, OPT, GPT-J, Falcon, BLOOM, OLMo, DistilBERT, ELECTRA and DeBERTa-v2, and the mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE
-//! ([`super::moe::Moe`]). A missing or mistyped field is an
+//! Phi, OPT, GPT-J, Falcon, BLOOM, OLMo, DistilBERT, ELECTRA and DeBERTa-v2, the
+//! mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE
+//! ([`super::moe::Moe`]), and DeepSeek-V2/V3 (latent attention, [`super::moe::Mla`], and MoE
+//! with shared experts). A missing or mistyped field is an
 //! input error naming it, so a user can fix the file rather than get a silently wrong plan.
 
-use super::moe::{CapacityFactor, Moe};
+use super::moe::{CapacityFactor, Mla, Moe};
 use super::presets;
 use super::transformer::{
     Activation, Arch, BlockExtras, DropoutP, FfnKind, Head, HeadTransform, NormKind, PatchEmbed,
@@ -19,7 +21,7 @@ use std::path::Path;
 pub const MODEL_TYPES: &str =
     "bert, roberta, xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, \
      starcoder2, vit, llama, mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, \
-     phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, qwen3_moe";
+     phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3";
 
 type Obj = Map<String, Value>;
 
@@ -137,6 +139,7 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
         "llama" | "mistral" | "qwen2" | "phi3" | "gemma" | "qwen3" | "gemma2" | "gemma3_text"
         | "olmo2" => llama_like(&o, name, &model_type)?,
         // the same blocks with a mixture-of-experts feed-forward
+        "deepseek_v2" | "deepseek_v3" => deepseek(&o, name, &model_type)?,
         "mixtral" | "qwen2_moe" | "qwen3_moe" => {
             let base = llama_like(&o, name, &model_type)?;
             TransformerSpec {
@@ -343,6 +346,13 @@ fn config_key(model_type: &str, field: &str) -> Option<String> {
         ("opt", "embed_proj") => "word_embed_proj_dim",
         ("falcon", "kv_heads") => "num_kv_heads",
         ("falcon", "ffn") => "ffn_hidden_size",
+        ("deepseek_v2" | "deepseek_v3", "experts") => "n_routed_experts",
+        ("deepseek_v2" | "deepseek_v3", "shared_ffn") => "n_shared_experts",
+        ("deepseek_v2" | "deepseek_v3", "dense_layers") => "first_k_dense_replace",
+        (
+            _,
+            "q_lora_rank" | "kv_lora_rank" | "qk_nope_head_dim" | "qk_rope_head_dim" | "v_head_dim",
+        ) => field,
         ("mixtral", "experts") => "num_local_experts",
         ("mixtral", "expert_ffn") => "intermediate_size",
         (_, "experts") => "num_experts",
@@ -773,6 +783,55 @@ fn deberta_v2(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
             rel_norm: relative && norm_rel,
             pos_proj,
             ..BlockExtras::default()
+        },
+        ..base
+    })
+}
+
+/// DeepSeek-V2/V3 (`DeepseekV2ForCausalLM`, `DeepseekV3ForCausalLM`): Llama's block with
+/// multi-head latent attention (`q_lora_rank` null for a plain query projection) and, from block
+/// `first_k_dense_replace` on, an MoE of `n_routed_experts` experts of `moe_intermediate_size`
+/// with `n_shared_experts` always-used experts of the same width (one MLP `n_shared x` wide) and
+/// a bias-free router; V3's router score correction is a buffer. Biased attention projections
+/// (`attention_bias`) are not modelled and are refused.
+fn deepseek(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<TransformerSpec> {
+    if opt_bool(o, "attention_bias", false)? {
+        return input_err(
+            &field_name("attention_bias"),
+            "true (biased latent-attention projections are not modelled); accepted false",
+        );
+    }
+    let base = llama_like(o, name, model_type)?;
+    let mla = Mla {
+        q_lora_rank: opt_u64(o, "q_lora_rank")?.unwrap_or(0),
+        kv_lora_rank: req_u64(o, "kv_lora_rank")?,
+        qk_nope: req_u64(o, "qk_nope_head_dim")?,
+        qk_rope: req_u64(o, "qk_rope_head_dim")?,
+        v_head: req_u64(o, "v_head_dim")?,
+    };
+    let moe_ffn = req_u64(o, "moe_intermediate_size")?;
+    let moe = Moe {
+        experts: req_u64(o, "n_routed_experts")?,
+        top_k: req_u64(o, "num_experts_per_tok")?,
+        expert_ffn: moe_ffn,
+        shared_ffn: opt_u64(o, "n_shared_experts")?
+            .unwrap_or(0)
+            .saturating_mul(moe_ffn),
+        shared_gate: false,
+        dense_layers: opt_u64(o, "first_k_dense_replace")?
+            .unwrap_or(0)
+            .min(base.layers),
+        expert_parallel: 1,
+        capacity_factor: CapacityFactor::default(),
+    };
+    Ok(TransformerSpec {
+        kv_heads: base.heads,
+        extras: BlockExtras {
+            head_dim: Some(mla.qk_nope + mla.qk_rope),
+            attn_bias: None,
+            mla: Some(mla),
+            moe: Some(moe),
+            ..base.extras
         },
         ..base
     })

@@ -34,7 +34,7 @@ impl Default for CapacityFactor {
 pub const MAX_CAPACITY_FACTOR: f32 = 64.0;
 
 /// The MoE feed-forward of a transformer's sparse blocks (SwiGLU experts, a bias-free linear
-/// router over the experts): Mixtral, Qwen2-MoE, Qwen3-MoE.
+/// router over the experts): Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct Moe {
     /// routed experts in each MoE block
@@ -109,6 +109,53 @@ impl Moe {
                 format!("{cf} is out of range; accepted 0 < factor <= {MAX_CAPACITY_FACTOR}"),
             );
         }
+        Ok(())
+    }
+}
+
+/// Multi-head latent attention (DeepSeek-V2/V3): queries through an optional low-rank
+/// bottleneck, keys and values through a shared low-rank latent plus one decoupled rotary key,
+/// all as data on the spec (its `heads`, and `head_dim` = `qk_nope + qk_rope`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Mla {
+    /// rank of the query bottleneck (`q_a_proj`, its RMSNorm, `q_b_proj`); 0 for a plain
+    /// `q_proj` (DeepSeek-V2-Lite)
+    pub q_lora_rank: u64,
+    /// rank of the key/value latent (`kv_a_proj_with_mqa`, its RMSNorm, `kv_b_proj`)
+    pub kv_lora_rank: u64,
+    /// per-head query/key width without rotary
+    pub qk_nope: u64,
+    /// per-head rotary query/key width (the rotary key is shared by all heads)
+    pub qk_rope: u64,
+    /// per-head value width
+    pub v_head: u64,
+}
+
+impl Mla {
+    /// (matmul weights, norm weights) of one block's attention, as transformers'
+    /// `DeepseekV2Attention` / `DeepseekV3Attention` build it (no biases).
+    pub fn params(&self, hidden: u64, heads: u64) -> (u64, u64) {
+        let qk = self.qk_nope + self.qk_rope;
+        let (q, q_norm) = if self.q_lora_rank > 0 {
+            (
+                hidden * self.q_lora_rank + self.q_lora_rank * heads * qk,
+                self.q_lora_rank,
+            )
+        } else {
+            (hidden * heads * qk, 0)
+        };
+        let kv = hidden * (self.kv_lora_rank + self.qk_rope)
+            + self.kv_lora_rank * heads * (self.qk_nope + self.v_head);
+        let o = heads * self.v_head * hidden;
+        (q + kv + o, q_norm + self.kv_lora_rank)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        check_range("q_lora_rank", self.q_lora_rank, 0, 1 << 20)?;
+        check_range("kv_lora_rank", self.kv_lora_rank, 1, 1 << 20)?;
+        check_range("qk_nope_head_dim", self.qk_nope, 0, 1 << 16)?;
+        check_range("qk_rope_head_dim", self.qk_rope, 0, 1 << 16)?;
+        check_range("v_head_dim", self.v_head, 1, 1 << 16)?;
         Ok(())
     }
 }

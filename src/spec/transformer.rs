@@ -178,6 +178,9 @@ pub struct BlockExtras {
     /// (DeBERTa-v2 without `share_att_key`: one for c2p, one for p2c).
     #[serde(default, skip_serializing_if = "is_default")]
     pub pos_proj: u64,
+    /// Multi-head latent attention in place of q/k/v/o projections (DeepSeek-V2/V3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mla: Option<super::moe::Mla>,
     /// A mixture-of-experts feed-forward in place of the dense MLP (in all blocks but
     /// `moe.dense_layers` of them): Mixtral, Qwen2-MoE, Qwen3-MoE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -385,6 +388,9 @@ impl TransformerSpec {
         }
         if let Some(m) = &self.extras.moe {
             m.validate(self.layers)?;
+        }
+        if let Some(m) = &self.extras.mla {
+            m.validate()?;
         }
         if self.extras.head_dim.is_none() && !self.hidden.is_multiple_of(self.heads) {
             return input_err(
