@@ -5,7 +5,6 @@ use super::common::parse_int;
 use super::estimate::Flags;
 use crate::error::{input_err, rename_field};
 use crate::spec::moe::{CapacityFactor, MAX_CAPACITY_FACTOR};
-use crate::spec::transformer::TransformerSpec;
 use crate::spec::{ModelSpec, TrainSpec};
 
 /// The model with the flags' expert layout; an input error naming the flag when the model has
@@ -26,7 +25,7 @@ pub fn apply(model: ModelSpec, a: &Flags, train: &TrainSpec) -> anyhow::Result<M
             "applies to mixture-of-experts models only; accepted with a Mixtral, Qwen2-MoE, Qwen3-MoE or DeepSeek-V2/V3 config",
         );
     };
-    let Some(mut moe) = t.extras.moe else {
+    let Some(mut moe) = t.extras.moe.as_deref().copied() else {
         return input_err(
             flag,
             format!(
@@ -63,8 +62,8 @@ pub fn apply(model: ModelSpec, a: &Flags, train: &TrainSpec) -> anyhow::Result<M
             }
         }
     }
-    let mut t = TransformerSpec { ..t };
-    t.extras.moe = Some(moe);
+    let mut t = t;
+    t.extras.moe = Some(Box::new(moe));
     t.validate().map_err(|e| {
         rename_field(e, |f| match f {
             "expert_parallel" => Some("expert-parallel".into()),

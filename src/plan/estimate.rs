@@ -174,7 +174,7 @@ impl MoeOut {
         let ModelSpec::Transformer(t) = model else {
             return None;
         };
-        let m = t.extras.moe?;
+        let m = t.extras.moe.as_deref()?;
         let p = params::transformer(t);
         Some(MoeOut {
             total_params: p.total,

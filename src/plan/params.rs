@@ -62,7 +62,7 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
     };
     // DeBERTa-v2's unshared position projections act on the relative-position table, not on
     // the tokens: parameters, but no per-token matmul
-    let attention_per_layer = attn_w + attn_b + mla_norms + x.pos_proj * (h * h + h);
+    let attention_per_layer = attn_w + attn_b + mla_norms + x.pos_proj as u64 * (h * h + h);
     let (mlp_w, mlp_b) = match t.ffn_kind {
         FfnKind::Gelu => (2 * h * t.ffn, t.ffn + h),
         FfnKind::Swiglu => (3 * h * t.ffn, 2 * t.ffn + h),
@@ -96,7 +96,7 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
                 + proj
                 + emb_up
                 + if t.embedding_norm { emb_norm } else { 0 }
-                + x.rel_positions * h
+                + x.rel_positions as u64 * h
                 + if x.rel_norm { norm_h } else { 0 },
             0,
         ),
@@ -230,7 +230,7 @@ pub fn largest_tensor(model: &ModelSpec) -> u64 {
             };
             // transformers 5 stores each MoE block's experts as one tensor: gate and up of all
             // experts fused, `experts x 2 expert_ffn x hidden` (a rank's `experts / ep` of them)
-            let experts = t.extras.moe.map_or(0, |m| {
+            let experts = t.extras.moe.as_ref().map_or(0, |m| {
                 m.experts / m.expert_parallel.max(1) * 2 * m.expert_ffn * h
             });
             [qkv, h * t.ffn, head, embed, t.max_positions * h, experts]

@@ -21,7 +21,8 @@ use std::path::Path;
 pub const MODEL_TYPES: &str =
     "bert, roberta, xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, \
      starcoder2, vit, llama, mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, \
-     phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, qwen3_moe, deepseek_v2, deepseek_v3";
+     phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, \
+     qwen3_moe, deepseek_v2, deepseek_v3";
 
 type Obj = Map<String, Value>;
 
@@ -144,7 +145,7 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
             let base = llama_like(&o, name, &model_type)?;
             TransformerSpec {
                 extras: BlockExtras {
-                    moe: Some(moe(&o, &model_type, base.layers)?),
+                    moe: Some(Box::new(moe(&o, &model_type, base.layers)?)),
                     ..base.extras
                 },
                 ..base
@@ -341,7 +342,6 @@ fn config_key(model_type: &str, field: &str) -> Option<String> {
         ("distilbert", "hidden") => "dim",
         ("distilbert", "heads" | "kv_heads") => "n_heads",
         ("distilbert", "ffn") => "hidden_dim",
-        ("deberta-v2", "rel_positions") => "position_buckets",
         (_, "embedding_size") => "embedding_size",
         ("opt", "embed_proj") => "word_embed_proj_dim",
         ("falcon", "kv_heads") => "num_kv_heads",
@@ -742,6 +742,13 @@ fn deberta_v2(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
     } else {
         0
     };
+    // the table is bounded like any position table (`transformer::MAX_POSITIONS`)
+    crate::error::check_range(
+        &field_name("position_buckets"),
+        rel_positions,
+        0,
+        super::transformer::MAX_POSITIONS,
+    )?;
     let norm_rel = match o.get("norm_rel_ebd") {
         Some(Value::String(s)) => s.split('|').any(|p| p.trim() == "layer_norm"),
         _ => false,
@@ -761,7 +768,7 @@ fn deberta_v2(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
         ["c2p", "p2c"]
             .iter()
             .filter(|k| pos_att.iter().any(|p| p == *k))
-            .count() as u64
+            .count() as u8
     } else {
         0
     };
@@ -779,7 +786,7 @@ fn deberta_v2(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
         extras: BlockExtras {
             lm_head_bias: true,
             head_transform: HeadTransform::DenseNorm,
-            rel_positions,
+            rel_positions: rel_positions as u32,
             rel_norm: relative && norm_rel,
             pos_proj,
             ..BlockExtras::default()
@@ -829,8 +836,8 @@ fn deepseek(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transformer
         extras: BlockExtras {
             head_dim: Some(mla.qk_nope + mla.qk_rope),
             attn_bias: None,
-            mla: Some(mla),
-            moe: Some(moe),
+            mla: Some(Box::new(mla)),
+            moe: Some(Box::new(moe)),
             ..base.extras
         },
         ..base
@@ -1093,9 +1100,9 @@ mod tests {
             "invalid config.json model_type: 'mamba' is not supported; accepted bert, roberta, \
              xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, starcoder2, vit, llama, \
              mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, phi, opt, gptj, \
-             falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, qwen3_moe (for \
-             (for any other checkpoint, `--safetensors` counts its parameters from the weights' \
-             headers)"
+             falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, qwen3_moe, \
+             deepseek_v2, deepseek_v3 (for any other checkpoint, `--safetensors` counts its \
+             parameters from the weights' headers)"
         );
         let err = parse(r#"{"model_type":"opt","hidden_size":64}"#, "x").unwrap_err();
         assert_eq!(

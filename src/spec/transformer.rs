@@ -130,7 +130,7 @@ pub enum QkNorm {
 /// The structural departures of newer families from the plain pre/post-norm block, as data: each
 /// one's default is the plain block, and a spec file without them (older CSV `spec_json`) reads
 /// with that meaning. Flattened into the spec's JSON; defaults are not written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct BlockExtras {
     /// Width of one attention head when it is not `hidden / heads` (Qwen3, Gemma2/3): q is
     /// `heads x head_dim` wide, k and v `kv_heads x head_dim`.
@@ -171,20 +171,21 @@ pub struct BlockExtras {
     /// Rows of a relative-position embedding table shared by all blocks, with a norm over it
     /// when `rel_norm` (DeBERTa-v2: `2 x position_buckets`).
     #[serde(default, skip_serializing_if = "is_default")]
-    pub rel_positions: u64,
+    pub rel_positions: u32,
     #[serde(default, skip_serializing_if = "is_default")]
     pub rel_norm: bool,
     /// Position projections (`hidden -> hidden` with bias) per block on top of q, k, v, o
     /// (DeBERTa-v2 without `share_att_key`: one for c2p, one for p2c).
     #[serde(default, skip_serializing_if = "is_default")]
-    pub pos_proj: u64,
+    pub pos_proj: u8,
     /// Multi-head latent attention in place of q/k/v/o projections (DeepSeek-V2/V3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mla: Option<super::moe::Mla>,
+    pub mla: Option<Box<super::moe::Mla>>,
+    /// (Boxed, as is `mla`: rare, and `ModelSpec` stays small.)
     /// A mixture-of-experts feed-forward in place of the dense MLP (in all blocks but
     /// `moe.dense_layers` of them): Mixtral, Qwen2-MoE, Qwen3-MoE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub moe: Option<super::moe::Moe>,
+    pub moe: Option<Box<super::moe::Moe>>,
 }
 
 /// What sits between the last block and the head's projection.
@@ -381,8 +382,7 @@ impl TransformerSpec {
             check_range("block_norms", n, 0, 8)?;
         }
         check_range("position_offset", self.extras.position_offset, 0, 1 << 12)?;
-        check_range("rel_positions", self.extras.rel_positions, 0, MAX_POSITIONS)?;
-        check_range("pos_proj", self.extras.pos_proj, 0, 2)?;
+        check_range("pos_proj", self.extras.pos_proj as u64, 0, 2)?;
         if let Some(e) = self.extras.factorized_embedding {
             check_range("embedding_size", e, 1, MAX_HIDDEN)?;
         }
