@@ -210,3 +210,67 @@ fn checkpoint_input_errors_exit_2_naming_the_flag() {
         "{err}"
     );
 }
+
+/// tests/hf_configs/qwen2-moe-tiny-mixed as transformers names a checkpoint's tensors on disk
+/// (one tensor per expert): hidden 64, q 64 and k/v 32 wide with biases, blocks 0, 2, 3, 4 dense
+/// (MLP 96), block 1 MoE (4 experts of 32, router, shared expert 48 with its gate).
+fn qwen2_moe_tensors() -> Vec<(String, Vec<u64>)> {
+    let mut t = vec![
+        ("model.embed_tokens.weight".to_string(), vec![100, 64]),
+        ("model.norm.weight".to_string(), vec![64]),
+    ];
+    for i in 0..5 {
+        let p = format!("model.layers.{i}");
+        let mut add = |n: &str, s: Vec<u64>| t.push((format!("{p}.{n}"), s));
+        for (n, out) in [("q", 64), ("k", 32), ("v", 32)] {
+            add(&format!("self_attn.{n}_proj.weight"), vec![out, 64]);
+            add(&format!("self_attn.{n}_proj.bias"), vec![out]);
+        }
+        add("self_attn.o_proj.weight", vec![64, 64]);
+        add("input_layernorm.weight", vec![64]);
+        add("post_attention_layernorm.weight", vec![64]);
+        let mlp = |add: &mut dyn FnMut(&str, Vec<u64>), prefix: &str, f: u64| {
+            add(&format!("{prefix}.gate_proj.weight"), vec![f, 64]);
+            add(&format!("{prefix}.up_proj.weight"), vec![f, 64]);
+            add(&format!("{prefix}.down_proj.weight"), vec![64, f]);
+        };
+        if i == 1 {
+            add("mlp.gate.weight", vec![4, 64]);
+            for e in 0..4 {
+                mlp(&mut add, &format!("mlp.experts.{e}"), 32);
+            }
+            mlp(&mut add, "mlp.shared_expert", 48);
+            add("mlp.shared_expert_gate.weight", vec![1, 64]);
+        } else {
+            mlp(&mut add, "mlp", 96);
+        }
+    }
+    t
+}
+
+#[test]
+fn moe_checkpoint_blocks_are_checked_against_dense_and_moe_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        "tests/hf_configs/qwen2-moe-tiny-mixed/config.json",
+        dir.path().join("config.json"),
+    )
+    .unwrap();
+    let st = dir.path().join("model.safetensors");
+    write_safetensors(&st, &as_refs(&qwen2_moe_tensors()));
+    // transformers' count of the config (tests/param_counts.rs)
+    let ck = checkpoint_json(&["--safetensors", st.to_str().unwrap()]);
+    assert_eq!(ck["params"], 177_024);
+    assert_eq!(ck["matches_config"], true);
+    // without the shared expert's gate, the MoE block is 64 short and is the one named
+    let t: Vec<_> = qwen2_moe_tensors()
+        .into_iter()
+        .filter(|(n, _)| !n.ends_with("shared_expert_gate.weight"))
+        .collect();
+    write_safetensors(&st, &as_refs(&t));
+    let ck = checkpoint_json(&["--safetensors", st.to_str().unwrap()]);
+    let diffs = ck["differences"].as_array().unwrap();
+    assert_eq!(diffs.len(), 1, "{diffs:?}");
+    let d = diffs[0].as_str().unwrap();
+    assert!(d.starts_with("block model.layers.1: "), "{d}");
+}

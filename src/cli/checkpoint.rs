@@ -2,7 +2,7 @@
 //! `--hf-config`) to plan with, and renders the checkpoint's counts and their cross-check. Without
 //! a config of a supported architecture, the counts alone are the answer.
 
-use super::estimate::{write_stdout, Flags};
+use super::estimate::{thousands, write_stdout, Flags};
 use crate::error::InputError;
 use crate::plan::checkpoint::{self, CheckpointReport};
 use crate::spec::hf_config;
@@ -72,18 +72,6 @@ pub fn report(ck: &Checkpoint, model: &ModelSpec) -> CheckpointReport {
         ModelSpec::Transformer(t) => checkpoint::report(ck, Some(t)),
         ModelSpec::Cnn(_) => checkpoint::report(ck, None),
     }
-}
-
-fn thousands(n: u64) -> String {
-    let s = n.to_string();
-    let mut out = String::new();
-    for (i, c) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i).is_multiple_of(3) {
-            out.push(',');
-        }
-        out.push(c);
-    }
-    out
 }
 
 /// The checkpoint section of the table.

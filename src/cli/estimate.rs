@@ -658,7 +658,7 @@ fn bytes(b: u64) -> String {
     format!("{:>10.2} GiB  ({} B)", b as f64 / GIB, thousands(b))
 }
 
-fn thousands(n: u64) -> String {
+pub(crate) fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
