@@ -175,6 +175,17 @@ fn moe_input_errors_exit_2_naming_the_flag_or_key() {
         format!("{err}"),
         "invalid config.json num_experts_per_tok: 9 is out of range; accepted 1..=8"
     );
+    // DeepSeek's latent-attention keys are named as config.json writes them
+    let deepseek = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf_configs/deepseek-v3/config.json"),
+    )
+    .unwrap()
+    .replace("\"kv_lora_rank\": 512,", "");
+    let err = hf_config::parse(&deepseek, "d").unwrap_err();
+    assert_eq!(
+        format!("{err}"),
+        "invalid config.json kv_lora_rank: missing; accepted a non-negative integer"
+    );
 }
 
 #[test]

@@ -274,3 +274,21 @@ fn moe_checkpoint_blocks_are_checked_against_dense_and_moe_blocks() {
     let d = diffs[0].as_str().unwrap();
     assert!(d.starts_with("block model.layers.1: "), "{d}");
 }
+
+#[test]
+fn unknown_architecture_points_to_safetensors_and_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("config.json");
+    std::fs::write(&cfg, r#"{"model_type":"mamba","hidden_size":768}"#).unwrap();
+    let (code, _, err) = vramcal(&["estimate", "--hf-config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 2);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.starts_with(
+            "error: invalid config.json model_type: 'mamba' is not supported; accepted bert, "
+        ) && err.contains(
+            "deepseek_v3 (for any other checkpoint, `--safetensors` counts its parameters"
+        ),
+        "{err}"
+    );
+}
