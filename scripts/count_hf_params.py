@@ -3,7 +3,8 @@
 Builds each config's transformers class on the meta device (no weights are allocated) and prints
 `name count`, the sum of p.numel() over model.parameters() (tied weights once): the figures
 tests/param_counts.rs expects. Decoders are built as *ForCausalLM, BERT-family encoders and ViT as the bare model
-(with BERT's pooler), DistilBERT/DeBERTa-v2 as *ForMaskedLM, ELECTRA as ElectraForPreTraining.
+(with BERT's pooler), DistilBERT/DeBERTa-v2 as *ForMaskedLM, ELECTRA as ElectraForPreTraining,
+T5/mT5/BART as *ForConditionalGeneration.
 Mixture-of-experts configs (num_experts_per_tok) print a third figure, the parameters one token
 uses: the total less, in every `*.experts` module, the (experts - top-k) experts it does not
 route to (each expert's share is the module's parameters / experts).
@@ -14,14 +15,16 @@ import json, pathlib, sys
 
 import torch
 from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
-                          AutoModelForPreTraining)
+                          AutoModelForPreTraining, AutoModelForSeq2SeqLM)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "hf_configs"
 ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "vit"}
 # encoders trained with their pre-training head rather than bare: DistilBERT and DeBERTa-v2 as
 # *ForMaskedLM, ELECTRA as its discriminator (ElectraForPreTraining)
 WITH_HEAD = {"distilbert": AutoModelForMaskedLM, "deberta-v2": AutoModelForMaskedLM,
-             "electra": AutoModelForPreTraining}
+             "electra": AutoModelForPreTraining,
+             # encoder-decoders as *ForConditionalGeneration: both stacks and the LM head
+             "t5": AutoModelForSeq2SeqLM, "mt5": AutoModelForSeq2SeqLM, "bart": AutoModelForSeq2SeqLM}
 
 
 def count(directory: pathlib.Path) -> str:

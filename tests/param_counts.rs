@@ -39,7 +39,10 @@ fn more_published_counts() {
 /// *ForMaskedLM, ELECTRA-small as ElectraForPreTraining (the discriminator), the classes they are
 /// pre-trained and fine-tuned from (DistilBERT's 66,985,530
 /// is its model card's figure with the MLM head; the tiny DeBERTa-v2 has unshared c2p/p2c
-/// position projections and a relative table of 2 x max_position_embeddings rows).
+/// position projections and a relative table of 2 x max_position_embeddings rows). T5, T5 v1.1,
+/// mT5 and BART as *ForConditionalGeneration, both stacks; transformers 5 ties T5's and mT5's LM
+/// head to the shared embedding whatever `tie_word_embeddings` says (so mT5-small is 172M here,
+/// not transformers 4's 300M with its separate head).
 #[test]
 fn hf_config_families_count_like_transformers() {
     let cases = [
@@ -65,6 +68,10 @@ fn hf_config_families_count_like_transformers() {
         ("electra-small-discriminator", 13_549_057),
         ("deberta-v3-base", 184_551_780),
         ("deberta-v2-tiny-unshared", 30_468),
+        ("t5-small", 60_506_624),
+        ("t5-v1_1-small", 60_511_616),
+        ("mt5-small", 172_119_424),
+        ("bart-base", 139_420_416),
     ];
     for (name, want) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

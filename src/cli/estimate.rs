@@ -42,6 +42,9 @@ pub struct Flags {
     /// the counts alone
     #[arg(long, conflicts_with_all = ["model", "cnn_file"])]
     pub safetensors: Option<PathBuf>,
+    /// Encoder-decoder (T5, mT5, BART): decoder tokens per sample [default: --seq]
+    #[arg(long, allow_hyphen_values = true)]
+    pub target_seq: Option<String>,
     /// Mixture of experts: ranks each MoE block's experts are split over (a divisor of the
     /// experts and of --gpus) [default: 1]
     #[arg(long, allow_hyphen_values = true)]
@@ -619,7 +622,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         super::checkpoint::Route::Done => return Ok(()),
     };
     let train = train_from_args(&args)?;
-    let model = super::moe_flags::apply(model_from_args(&args)?, &args, &train)?;
+    let model = super::layout_flags::apply(model_from_args(&args)?, &args, &train)?;
     let mut opts = options_from_args(&args)?;
     opts.finetune = finetune_from_args(&args, &model, &train)?;
     let coeffs = match &args.coeffs {

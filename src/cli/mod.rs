@@ -8,8 +8,8 @@ pub mod common;
 pub mod estimate;
 pub mod fit;
 pub mod gpus;
+pub mod layout_flags;
 pub mod measure;
-pub mod moe_flags;
 pub mod report;
 pub mod sweep;
 

@@ -40,8 +40,9 @@ fn is_buffer(t: &Tensor) -> bool {
     n.ends_with(".inv_freq")
         || n.ends_with("position_ids")
         || n.ends_with(".masked_bias")
-        // DeepSeek-V3's router score correction, a buffer in transformers
+        // DeepSeek-V3's router score correction and BART's logits bias: buffers in transformers
         || n.ends_with("e_score_correction_bias")
+        || n.ends_with("final_logits_bias")
         // GPT-2's causal mask `attn.bias`, [1, 1, n_positions, n_positions]
         || (n.ends_with("attn.bias") && t.shape.len() == 4)
 }
@@ -84,7 +85,10 @@ pub fn report(ck: &Checkpoint, spec: Option<&TransformerSpec>) -> CheckpointRepo
     // a tied head stored anyway: `lm_head.weight` with the shape of an embedding tensor
     let tied = spec.is_some_and(|t| t.tied_embeddings && t.head == Head::Lm);
     let is_embedding = |t: &Tensor| {
-        !t.name.ends_with("lm_head.weight") && (t.name.contains("embed") || t.name.contains("wte"))
+        !t.name.ends_with("lm_head.weight")
+            && (t.name.contains("embed")
+                || t.name.contains("wte")
+                || t.name.ends_with("shared.weight"))
     };
     let tied_dup: Vec<&Tensor> = if tied {
         rest.iter()
@@ -159,6 +163,14 @@ fn differences(
     if p.moe_layers > 0 {
         allowed.push(p.block(true));
     }
+    if p.decoder_layers > 0 {
+        allowed.push(p.decoder_per_layer);
+    }
+    // T5 stores each stack's relative-position bias in its first block
+    if p.rel_bias > 0 {
+        let with_bias: Vec<u64> = allowed.iter().map(|n| n + p.rel_bias / 2).collect();
+        allowed.extend(with_bias);
+    }
     let allowed_text = allowed
         .iter()
         .map(|&n| thousands(n))
@@ -191,15 +203,15 @@ fn differences(
             tensors.join(", ")
         ));
     }
-    if blocks.len() as u64 != t.layers {
+    if blocks.len() as u64 != t.layers + p.decoder_layers {
         lines.push(format!(
             "{} blocks in the checkpoint, {} in the config",
             blocks.len(),
-            t.layers
+            t.layers + p.decoder_layers
         ));
     }
     let outside_sum: u64 = outside.iter().map(|t| t.elems).sum();
-    let outside_want = p.embedding + p.final_norm + p.head;
+    let outside_want = p.embedding - p.rel_bias + p.final_norm + p.head;
     if outside_sum != outside_want {
         lines.push(format!(
             "outside the blocks: {} parameters in the checkpoint, {} from the config (embeddings, final norm, head); the checkpoint's: {}",

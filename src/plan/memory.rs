@@ -106,6 +106,10 @@ pub struct Features {
     /// their fp32 softmax, and the extra routed copies of each token's expert input and output
     /// ([`moe::extra_bytes_per_token`]). Known, not fitted; 0 without experts.
     pub moe_bytes: f64,
+    /// Bytes (not elements) an encoder-decoder's cross-attention saves over the live decoder
+    /// blocks beyond its scores ([`crate::plan::encdec::encdec_features`]). Known, not fitted;
+    /// 0 otherwise.
+    pub cross_attention_bytes: f64,
 }
 
 impl Features {
@@ -203,7 +207,8 @@ impl Features {
                     + self.bas * m.bas
                     + self.bskv * m.bskv
                     + self.bs * m.bs
-                    + self.moe_bytes,
+                    + self.moe_bytes
+                    + self.cross_attention_bytes,
             );
         }
         (
@@ -212,7 +217,8 @@ impl Features {
                 + self.bsf * a.c_f.value
                 + self.bas2 * a.c_att.value
                 + self.fused_attention_bytes
-                + self.moe_bytes,
+                + self.moe_bytes
+                + self.cross_attention_bytes,
         )
     }
 
@@ -245,7 +251,7 @@ pub fn state_elem_bytes(train: &TrainSpec) -> f64 {
 /// See [`Features::group_update_bytes`]. Only AdamW's foreach path allocates group-wide; SGD's
 /// foreach updates are in place (no weight decay by default), fused kernels and 8-bit AdamW
 /// (bitsandbytes' own kernel) allocate nothing per parameter.
-fn group_update(params: u64, train: &TrainSpec) -> f64 {
+pub(crate) fn group_update(params: u64, train: &TrainSpec) -> f64 {
     use crate::spec::{Optimizer, OptimizerImpl};
     if train.optimizer != Optimizer::AdamW || train.optimizer_impl != OptimizerImpl::Foreach {
         return 0.0;
@@ -266,7 +272,7 @@ pub(crate) fn optimizer_shards(train: &TrainSpec) -> f64 {
 /// temporaries (PyTorch's for-loop AdamW: `exp_avg_sq.sqrt()` and its quotient, two copies of
 /// the tensor being updated); foreach's are group-wide ([`Features::group_update_bytes`]) and a
 /// fused kernel has none.
-fn update_transient(model: &ModelSpec, train: &TrainSpec) -> f64 {
+pub(crate) fn update_transient(model: &ModelSpec, train: &TrainSpec) -> f64 {
     if train.optimizer_impl != crate::spec::OptimizerImpl::Loop {
         return 0.0;
     }
@@ -278,6 +284,10 @@ fn update_transient(model: &ModelSpec, train: &TrainSpec) -> f64 {
 pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features> {
     let b = train.batch as f64;
     match model {
+        ModelSpec::Transformer(t) if t.extras.enc_dec.is_some() => {
+            let e = t.extras.enc_dec.as_deref().expect("matched");
+            crate::plan::encdec::encdec_features(model, t, e, train)
+        }
         ModelSpec::Transformer(t) => {
             let s = t.effective_seq(train.seq, train.image) as f64;
             let (h, a) = (t.hidden as f64, t.heads as f64);
@@ -359,6 +369,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 },
                 accumulating: train.grad_accum > 1,
                 adapter_bytes: 0.0,
+                cross_attention_bytes: 0.0,
                 moe_bytes: moe::live_moe_layers(t, live)
                     * b
                     * s

@@ -3,6 +3,7 @@
 pub mod advice;
 pub mod checkpoint;
 pub mod comm;
+pub mod encdec;
 pub mod estimate;
 pub mod finetune;
 pub mod gpus;

@@ -21,6 +21,12 @@ pub struct TransformerParams {
     /// what one token's forward uses: `total` less the routed experts it is not sent to
     /// (equal to `total` without experts)
     pub active: u64,
+    /// encoder-decoder: decoder blocks (0 otherwise)
+    pub decoder_layers: u64,
+    /// encoder-decoder: one decoder block, with its cross-attention and third norm
+    pub decoder_per_layer: u64,
+    /// encoder-decoder: T5's relative-position bias tables, both stacks (in `embedding`)
+    pub rel_bias: u64,
     /// the norms of one block
     pub norms_per_layer: u64,
     pub final_norm: u64,
@@ -108,7 +114,23 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
         HeadTransform::DenseNorm => h * h + h + norm_h,
     };
     let transform_w = if transform > 0 { h * h } else { 0 };
-    let final_norm = if t.final_norm { norm_h } else { 0 };
+    // encoder-decoder: the decoder's own position table, embedding norm, relative-position bias
+    // and final norm beside the encoder's (the token embedding is shared)
+    let stacks = if x.enc_dec.is_some() { 2 } else { 1 };
+    let rel_bias = x
+        .enc_dec
+        .as_ref()
+        .map_or(0, |e| 2 * e.rel_buckets * t.heads);
+    let embedding = match (&t.patch, &x.enc_dec) {
+        (None, Some(_)) => {
+            embedding
+                + (t.max_positions + x.position_offset) * emb_w
+                + if t.embedding_norm { emb_norm } else { 0 }
+                + rel_bias
+        }
+        _ => embedding,
+    };
+    let final_norm = if t.final_norm { stacks * norm_h } else { 0 };
     let (head, head_matmul) = match t.head {
         Head::Lm => (
             if t.tied_embeddings { 0 } else { t.vocab * e }
@@ -132,7 +154,15 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
     };
     let dense_layers = t.layers - moe_layers;
     let outside = embedding + final_norm + head;
-    let block_matmul = dense_layers * (attn_w + mlp_w) + moe_layers * (attn_w + moe_active);
+    // decoder blocks: the encoder's block plus cross-attention (its q, k, v, o) and its norm
+    let (decoder_layers, decoder_per_layer) = match &x.enc_dec {
+        Some(e) => (e.decoder_layers, per_layer + attention_per_layer + norm_h),
+        None => (0, 0),
+    };
+    let block_matmul = dense_layers * (attn_w + mlp_w)
+        + moe_layers * (attn_w + moe_active)
+        + decoder_layers * (2 * attn_w + mlp_w);
+    let decoder = decoder_layers * decoder_per_layer;
     TransformerParams {
         embedding,
         attention_per_layer,
@@ -141,13 +171,18 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
         moe_layers,
         active: outside
             + dense_layers * per_layer
-            + moe_layers * (per_layer - mlp_per_layer + moe_active),
+            + moe_layers * (per_layer - mlp_per_layer + moe_active)
+            + decoder,
         norms_per_layer,
         final_norm,
         head,
         total: outside
             + dense_layers * per_layer
-            + moe_layers * (per_layer - mlp_per_layer + moe_mlp),
+            + moe_layers * (per_layer - mlp_per_layer + moe_mlp)
+            + decoder,
+        decoder_layers,
+        decoder_per_layer,
+        rel_bias,
         matmul: block_matmul + head_matmul + patch_w + proj,
         block_matmul,
     }

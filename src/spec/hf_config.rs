@@ -4,9 +4,11 @@
 //! Phi, OPT, GPT-J, Falcon, BLOOM, OLMo, DistilBERT, ELECTRA and DeBERTa-v2, the
 //! mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE
 //! ([`super::moe::Moe`]), and DeepSeek-V2/V3 (latent attention, [`super::moe::Mla`], and MoE
-//! with shared experts). A missing or mistyped field is an
+//! with shared experts), and the encoder-decoders T5, mT5 and BART ([`super::encdec::EncDec`]).
+//! A missing or mistyped field is an
 //! input error naming it, so a user can fix the file rather than get a silently wrong plan.
 
+use super::encdec::EncDec;
 use super::moe::{CapacityFactor, Mla, Moe};
 use super::presets;
 use super::transformer::{
@@ -22,7 +24,7 @@ pub const MODEL_TYPES: &str =
     "bert, roberta, xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, \
      starcoder2, vit, llama, mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, \
      phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, \
-     qwen3_moe, deepseek_v2, deepseek_v3";
+     qwen3_moe, deepseek_v2, deepseek_v3, t5, mt5, bart";
 
 type Obj = Map<String, Value>;
 
@@ -141,6 +143,8 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
         | "olmo2" => llama_like(&o, name, &model_type)?,
         // the same blocks with a mixture-of-experts feed-forward
         "deepseek_v2" | "deepseek_v3" => deepseek(&o, name, &model_type)?,
+        "t5" | "mt5" => t5(&o, name)?,
+        "bart" => bart(&o, name)?,
         "mixtral" | "qwen2_moe" | "qwen3_moe" => {
             let base = llama_like(&o, name, &model_type)?;
             TransformerSpec {
@@ -225,6 +229,12 @@ fn dropout_keys(model_type: &str) -> &'static [(&'static str, f32)] {
         ],
         "opt" => &[("dropout", 0.1), ("attention_dropout", 0.0)],
         "falcon" | "bloom" => &[("hidden_dropout", 0.0), ("attention_dropout", 0.0)],
+        "t5" | "mt5" => &[("dropout_rate", 0.1)],
+        "bart" => &[
+            ("dropout", 0.1),
+            ("attention_dropout", 0.0),
+            ("activation_dropout", 0.0),
+        ],
         "distilbert" => &[("dropout", 0.1), ("attention_dropout", 0.1)],
         "deberta-v2" => &[
             ("hidden_dropout_prob", 0.1),
@@ -254,6 +264,9 @@ fn dropout(o: &Obj, model_type: &str) -> anyhow::Result<Option<DropoutP>> {
             | "bloom"
             | "distilbert"
             | "deberta-v2"
+            | "t5"
+            | "mt5"
+            | "bart"
     );
     let mut p = 0.0f32;
     for &(key, default) in keys {
@@ -285,6 +298,9 @@ fn activation(o: &Obj, model_type: &str) -> anyhow::Result<Option<Activation>> {
     // DistilBERT names it `activation`; Falcon's `activation` is the same key
     let keys: &[&str] = if model_type == "distilbert" {
         &["activation"]
+    } else if matches!(model_type, "t5" | "mt5") {
+        // T5's activation is inside `feed_forward_proj` (read by `t5`)
+        &[]
     } else {
         &["hidden_activation", "hidden_act", "activation_function"]
     };
@@ -321,7 +337,7 @@ fn activation(o: &Obj, model_type: &str) -> anyhow::Result<Option<Activation>> {
         // BLOOM's GeLUFunction: the tanh approximation as one autograd function that saves its
         // input only, like the fused `gelu_pytorch_tanh`
         "bloom" => Some(Activation::GeluPytorchTanh),
-        "distilbert" | "deberta-v2" => Some(Activation::Gelu),
+        "distilbert" | "deberta-v2" | "bart" => Some(Activation::Gelu),
         _ => None,
     })
 }
@@ -346,6 +362,18 @@ fn config_key(model_type: &str, field: &str) -> Option<String> {
         ("opt", "embed_proj") => "word_embed_proj_dim",
         ("falcon", "kv_heads") => "num_kv_heads",
         ("falcon", "ffn") => "ffn_hidden_size",
+        ("t5" | "mt5", "layers") => "num_layers",
+        ("t5" | "mt5", "hidden") => "d_model",
+        ("t5" | "mt5", "heads" | "kv_heads") => "num_heads",
+        ("t5" | "mt5", "ffn") => "d_ff",
+        ("t5" | "mt5", "head_dim") => "d_kv",
+        ("t5" | "mt5", "decoder_layers") => "num_decoder_layers",
+        ("t5" | "mt5", "rel_buckets") => "relative_attention_num_buckets",
+        ("bart", "layers") => "encoder_layers",
+        ("bart", "decoder_layers") => "decoder_layers",
+        ("bart", "hidden") => "d_model",
+        ("bart", "heads" | "kv_heads") => "encoder_attention_heads",
+        ("bart", "ffn") => "encoder_ffn_dim",
         ("deepseek_v2" | "deepseek_v3", "experts") => "n_routed_experts",
         ("deepseek_v2" | "deepseek_v3", "shared_ffn") => "n_shared_experts",
         ("deepseek_v2" | "deepseek_v3", "dense_layers") => "first_k_dense_replace",
@@ -844,6 +872,132 @@ fn deepseek(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transformer
     })
 }
 
+/// T5 and mT5 (`T5ForConditionalGeneration`, `MT5ForConditionalGeneration`): pre-RMSNorm blocks
+/// without biases, attention `num_heads x d_kv` wide (not necessarily `d_model`), no position
+/// table but a relative-position bias of `relative_attention_num_buckets x num_heads` in each
+/// stack's first block, a final norm per stack, and `feed_forward_proj`: `relu` (T5 v1.0: two
+/// matrices) or `gated-gelu` (v1.1, mT5: three, with transformers' tanh `gelu_new`), and the LM
+/// head tied to the shared embedding. transformers 5 ties it always: `T5Config` / `MT5Config`
+/// read v1.1's and mT5's `tie_word_embeddings: false` only as "do not scale the decoder output"
+/// (transformers 4 kept a separate `vocab x d_model` head for them, which a checkpoint written
+/// then still stores; `--safetensors` lists it as a tied duplicate).
+fn t5(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let hidden = req_u64(o, "d_model")?;
+    let heads = req_u64(o, "num_heads")?;
+    let layers = req_u64(o, "num_layers")?;
+    let d_kv = req_u64(o, "d_kv")?;
+    let proj = match o.get("feed_forward_proj") {
+        None | Some(Value::Null) => "relu".to_string(),
+        Some(Value::String(s)) => s.to_ascii_lowercase(),
+        Some(v) => {
+            return input_err(
+                &field_name("feed_forward_proj"),
+                format!("{v} is not a string; accepted relu, gated-gelu, gated-silu, ..."),
+            )
+        }
+    };
+    let (gated, act_name) = match proj.strip_prefix("gated-") {
+        Some(a) => (true, a),
+        None => (false, proj.as_str()),
+    };
+    // transformers' T5Config maps "gated-gelu" to the tanh `gelu_new`
+    let act_name = if gated && act_name == "gelu" {
+        "gelu_new"
+    } else {
+        act_name
+    };
+    let Some(act) = Activation::from_name(act_name) else {
+        return input_err(
+            &field_name("feed_forward_proj"),
+            format!(
+                "'{proj}' is not a modelled activation; accepted relu, gated-gelu, or [gated-]{}",
+                Activation::accepted()
+            ),
+        );
+    };
+    let base = presets::llama(
+        name,
+        layers,
+        hidden,
+        heads,
+        heads,
+        req_u64(o, "d_ff")?,
+        req_u64(o, "vocab_size")?,
+    );
+    Ok(TransformerSpec {
+        arch: Arch::Encoder,
+        ffn_kind: if gated {
+            FfnKind::Swiglu
+        } else {
+            FfnKind::Gelu
+        },
+        activation: Some(act),
+        tied_embeddings: true,
+        extras: BlockExtras {
+            head_dim: (d_kv * heads != hidden).then_some(d_kv),
+            enc_dec: Some(Box::new(EncDec {
+                decoder_layers: opt_u64(o, "num_decoder_layers")?.unwrap_or(layers),
+                rel_buckets: opt_u64(o, "relative_attention_num_buckets")?.unwrap_or(32),
+                target_seq: 0,
+            })),
+            ..BlockExtras::default()
+        },
+        ..base
+    })
+}
+
+/// BART (`BartForConditionalGeneration`): post-LayerNorm blocks with biases and a GELU MLP,
+/// learned positions per stack with transformers' 2 offset rows and a LayerNorm after each
+/// stack's embedding, no final norms, the LM head tied to the shared embedding
+/// (`final_logits_bias` is a buffer). The decoder must match the encoder's heads and FFN width.
+fn bart(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let heads = req_u64(o, "encoder_attention_heads")?;
+    let ffn = req_u64(o, "encoder_ffn_dim")?;
+    for (key, enc, enc_key) in [
+        ("decoder_attention_heads", heads, "encoder_attention_heads"),
+        ("decoder_ffn_dim", ffn, "encoder_ffn_dim"),
+    ] {
+        if let Some(d) = opt_u64(o, key)? {
+            if d != enc {
+                return input_err(
+                    &field_name(key),
+                    format!("{d} differs from {enc_key} {enc}; accepted {enc} (the planner models equal stacks)"),
+                );
+            }
+        }
+    }
+    if opt_bool(o, "add_final_layer_norm", false)? {
+        return input_err(
+            &field_name("add_final_layer_norm"),
+            "true (mBART's final norms are not modelled under model_type bart); accepted false",
+        );
+    }
+    let base = presets::bert(
+        name,
+        req_u64(o, "encoder_layers")?,
+        req_u64(o, "d_model")?,
+        heads,
+    );
+    Ok(TransformerSpec {
+        vocab: req_u64(o, "vocab_size")?,
+        ffn,
+        max_positions: req_pos(o, "max_position_embeddings")?,
+        type_vocab: 0,
+        head: Head::Lm,
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
+        extras: BlockExtras {
+            position_offset: 2,
+            enc_dec: Some(Box::new(EncDec {
+                decoder_layers: req_u64(o, "decoder_layers")?,
+                rel_buckets: 0,
+                target_seq: 0,
+            })),
+            ..BlockExtras::default()
+        },
+        ..base
+    })
+}
+
 /// A rotary decoder with one LayerNorm before parallel attention and GELU MLP, biases, and an
 /// LM head with a bias (`PhiForCausalLM`; Phi-1/1.5/2). `qk_layernorm` adds per-head
 /// LayerNorms on q and k.
@@ -1101,8 +1255,8 @@ mod tests {
              xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, starcoder2, vit, llama, \
              mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, phi, opt, gptj, \
              falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, qwen3_moe, \
-             deepseek_v2, deepseek_v3 (for any other checkpoint, `--safetensors` counts its \
-             parameters from the weights' headers)"
+             deepseek_v2, deepseek_v3, t5, mt5, bart (for any other checkpoint, `--safetensors` \
+             counts its parameters from the weights' headers)"
         );
         let err = parse(r#"{"model_type":"opt","hidden_size":64}"#, "x").unwrap_err();
         assert_eq!(

@@ -2,6 +2,7 @@
 
 pub mod cnn;
 pub mod cnn_file;
+pub mod encdec;
 pub mod hf_config;
 pub mod moe;
 pub mod presets;

@@ -178,6 +178,9 @@ pub struct BlockExtras {
     /// (DeBERTa-v2 without `share_att_key`: one for c2p, one for p2c).
     #[serde(default, skip_serializing_if = "is_default")]
     pub pos_proj: u8,
+    /// A decoder stack beside these (encoder) blocks: T5, mT5, BART.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enc_dec: Option<Box<super::encdec::EncDec>>,
     /// Multi-head latent attention in place of q/k/v/o projections (DeepSeek-V2/V3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mla: Option<Box<super::moe::Mla>>,
@@ -391,6 +394,9 @@ impl TransformerSpec {
         }
         if let Some(m) = &self.extras.mla {
             m.validate()?;
+        }
+        if let Some(e) = &self.extras.enc_dec {
+            e.validate()?;
         }
         if self.extras.head_dim.is_none() && !self.hidden.is_multiple_of(self.heads) {
             return input_err(

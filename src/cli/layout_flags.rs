@@ -1,5 +1,7 @@
-//! `estimate --expert-parallel` / `--capacity-factor`: the mixture-of-experts layout flags,
-//! written onto the model's [`Moe`](crate::spec::moe::Moe) (where the planner reads them).
+//! `estimate --expert-parallel` / `--capacity-factor` (mixture of experts) and `--target-seq`
+//! (encoder-decoder): the model-layout flags, written onto the model's
+//! [`Moe`](crate::spec::moe::Moe) / [`EncDec`](crate::spec::encdec::EncDec), where the planner
+//! reads them.
 
 use super::common::parse_int;
 use super::estimate::Flags;
@@ -11,6 +13,7 @@ use crate::spec::{ModelSpec, TrainSpec};
 /// no experts or a value is out of range (expert parallelism must divide the experts and the
 /// GPUs).
 pub fn apply(model: ModelSpec, a: &Flags, train: &TrainSpec) -> anyhow::Result<ModelSpec> {
+    let model = target_seq(model, a)?;
     if a.expert_parallel.is_none() && a.capacity_factor.is_none() {
         return Ok(model);
     }
@@ -71,5 +74,41 @@ pub fn apply(model: ModelSpec, a: &Flags, train: &TrainSpec) -> anyhow::Result<M
             _ => None,
         })
     })?;
+    Ok(ModelSpec::Transformer(t))
+}
+
+/// `--target-seq`: the decoder's tokens per sample of an encoder-decoder model.
+fn target_seq(model: ModelSpec, a: &Flags) -> anyhow::Result<ModelSpec> {
+    let Some(s) = &a.target_seq else {
+        return Ok(model);
+    };
+    let ModelSpec::Transformer(mut t) = model else {
+        return input_err(
+            "target-seq",
+            "applies to encoder-decoder models only; accepted with a T5, mT5 or BART config",
+        );
+    };
+    let Some(mut e) = t.extras.enc_dec.as_deref().copied() else {
+        return input_err(
+            "target-seq",
+            format!(
+                "{} has no decoder stack; accepted with a T5, mT5 or BART config",
+                t.name
+            ),
+        );
+    };
+    let n = parse_int("target-seq", s)?;
+    crate::error::check_range("target-seq", n, 1, crate::spec::train::MAX_SEQ)?;
+    if t.max_positions > 0 && n > t.max_positions {
+        return input_err(
+            "target-seq",
+            format!(
+                "{n} exceeds the model's {} learned positions; accepted 1..={}",
+                t.max_positions, t.max_positions
+            ),
+        );
+    }
+    e.target_seq = n;
+    t.extras.enc_dec = Some(Box::new(e));
     Ok(ModelSpec::Transformer(t))
 }
