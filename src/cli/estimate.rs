@@ -33,7 +33,7 @@ pub struct Flags {
     /// HuggingFace config.json (BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, DeBERTa-v2, GPT-2,
     /// GPT-BigCode, GPT-NeoX, GPT-J, OPT, BLOOM, Falcon, Phi, Phi-3, StarCoder2, ViT, Llama,
     /// Mistral, Qwen2/3, Gemma 1-3, OLMo 1-2, ELECTRA, Mixtral, Qwen2-MoE, Qwen3-MoE,
-    /// DeepSeek-V2/V3)
+    /// DeepSeek-V2/V3, T5, mT5, BART)
     #[arg(long)]
     pub hf_config: Option<PathBuf>,
     /// safetensors checkpoint (a .safetensors file or its model.safetensors.index.json): exact
