@@ -98,7 +98,7 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
         }
         None => (
             t.vocab * if emb_up > 0 { emb_w } else { e }
-                + (t.max_positions + x.position_offset + t.type_vocab) * emb_w
+                + (t.max_positions + x.position_offset as u64 + t.type_vocab) * emb_w
                 + proj
                 + emb_up
                 + if t.embedding_norm { emb_norm } else { 0 }
@@ -124,7 +124,7 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
     let embedding = match (&t.patch, &x.enc_dec) {
         (None, Some(_)) => {
             embedding
-                + (t.max_positions + x.position_offset) * emb_w
+                + (t.max_positions + x.position_offset as u64) * emb_w
                 + if t.embedding_norm { emb_norm } else { 0 }
                 + rel_bias
         }

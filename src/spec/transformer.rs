@@ -155,7 +155,7 @@ pub struct BlockExtras {
     pub lm_head_bias: bool,
     /// Learned position rows beyond `max_positions` that no sequence position uses (OPT's 2).
     #[serde(default, skip_serializing_if = "is_default")]
-    pub position_offset: u64,
+    pub position_offset: u16,
     /// Width of the token embedding (and of a tied LM head) when not `hidden`, with bias-free
     /// projections in and out of the blocks (OPT's `word_embed_proj_dim`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -384,7 +384,12 @@ impl TransformerSpec {
         if let Some(n) = self.extras.block_norms {
             check_range("block_norms", n, 0, 8)?;
         }
-        check_range("position_offset", self.extras.position_offset, 0, 1 << 12)?;
+        check_range(
+            "position_offset",
+            self.extras.position_offset as u64,
+            0,
+            1 << 12,
+        )?;
         check_range("pos_proj", self.extras.pos_proj as u64, 0, 2)?;
         if let Some(e) = self.extras.factorized_embedding {
             check_range("embedding_size", e, 1, MAX_HIDDEN)?;
