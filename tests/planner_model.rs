@@ -257,7 +257,10 @@ fn hf_config_errors_name_the_field() {
         "{err}"
     );
     let err = hf_config::parse(r#"{"model_type":"mamba"}"#, "x").unwrap_err();
-    assert!(format!("{err}").contains("'mamba' is not supported"), "{err}");
+    assert!(
+        format!("{err}").contains("'mamba' is not supported"),
+        "{err}"
+    );
 }
 
 #[test]

@@ -287,7 +287,7 @@ fn unknown_architecture_points_to_safetensors_and_exits_2() {
         err.starts_with(
             "error: invalid config.json model_type: 'mamba' is not supported; accepted bert, "
         ) && err.contains(
-            "deepseek_v3 (for any other checkpoint, `--safetensors` counts its parameters"
+            "bart (for any other checkpoint, `--safetensors` counts its parameters"
         ),
         "{err}"
     );
