@@ -286,9 +286,7 @@ fn unknown_architecture_points_to_safetensors_and_exits_2() {
     assert!(
         err.starts_with(
             "error: invalid config.json model_type: 'mamba' is not supported; accepted bert, "
-        ) && err.contains(
-            "bart (for any other checkpoint, `--safetensors` counts its parameters"
-        ),
+        ) && err.contains("bart (for any other checkpoint, `--safetensors` counts its parameters"),
         "{err}"
     );
 }
