@@ -616,13 +616,30 @@ pub fn finetune_from_args(
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    let mut args = *args.flags;
     // `--safetensors`: its config becomes the model source, or without one the counts alone
-    let (args, checkpoint) = match super::checkpoint::route(*args.flags)? {
-        super::checkpoint::Route::Plan(flags, ck) => (*flags, ck),
-        super::checkpoint::Route::Done => return Ok(()),
+    let checkpoint = match &args.safetensors {
+        None => None,
+        Some(st) => {
+            let explicit = args.layers.is_some() || args.hidden.is_some() || args.heads.is_some();
+            let route =
+                super::checkpoint::route(st, args.hf_config.as_deref(), explicit, args.json)?;
+            match route {
+                super::checkpoint::Route::Plan(config, ck) => {
+                    args.hf_config = Some(config);
+                    Some(ck)
+                }
+                super::checkpoint::Route::CountsOnly(text) => return write_stdout(&text),
+            }
+        }
     };
     let train = train_from_args(&args)?;
-    let model = super::layout_flags::apply(model_from_args(&args)?, &args, &train)?;
+    let layout = super::layout_flags::LayoutFlags {
+        target_seq: args.target_seq.as_deref(),
+        expert_parallel: args.expert_parallel.as_deref(),
+        capacity_factor: args.capacity_factor.as_deref(),
+    };
+    let model = layout.apply(model_from_args(&args)?, &train)?;
     let mut opts = options_from_args(&args)?;
     opts.finetune = finetune_from_args(&args, &model, &train)?;
     let coeffs = match &args.coeffs {
@@ -640,7 +657,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             + &est
                 .checkpoint
                 .as_ref()
-                .map_or(String::new(), super::checkpoint::render)
+                .map_or(String::new(), crate::plan::checkpoint::render)
     };
     write_stdout(&text)
 }

@@ -4,7 +4,6 @@
 //! reads them.
 
 use super::common::parse_int;
-use super::estimate::Flags;
 use crate::error::{input_err, rename_field};
 use crate::spec::moe::{CapacityFactor, MAX_CAPACITY_FACTOR};
 use crate::spec::{ModelSpec, TrainSpec};
@@ -12,7 +11,20 @@ use crate::spec::{ModelSpec, TrainSpec};
 /// The model with the flags' expert layout; an input error naming the flag when the model has
 /// no experts or a value is out of range (expert parallelism must divide the experts and the
 /// GPUs).
-pub fn apply(model: ModelSpec, a: &Flags, train: &TrainSpec) -> anyhow::Result<ModelSpec> {
+/// The flags as the user wrote them (`None` when not given).
+pub struct LayoutFlags<'a> {
+    pub target_seq: Option<&'a str>,
+    pub expert_parallel: Option<&'a str>,
+    pub capacity_factor: Option<&'a str>,
+}
+
+impl LayoutFlags<'_> {
+    pub fn apply(&self, model: ModelSpec, train: &TrainSpec) -> anyhow::Result<ModelSpec> {
+        apply(model, self, train)
+    }
+}
+
+fn apply(model: ModelSpec, a: &LayoutFlags, train: &TrainSpec) -> anyhow::Result<ModelSpec> {
     let model = target_seq(model, a)?;
     if a.expert_parallel.is_none() && a.capacity_factor.is_none() {
         return Ok(model);
@@ -37,7 +49,7 @@ pub fn apply(model: ModelSpec, a: &Flags, train: &TrainSpec) -> anyhow::Result<M
             ),
         );
     };
-    if let Some(s) = &a.expert_parallel {
+    if let Some(s) = a.expert_parallel {
         let ep = parse_int("expert-parallel", s)?;
         if ep == 0 || !train.gpus.is_multiple_of(ep) {
             return input_err(
@@ -50,7 +62,7 @@ pub fn apply(model: ModelSpec, a: &Flags, train: &TrainSpec) -> anyhow::Result<M
         }
         moe.expert_parallel = ep;
     }
-    if let Some(s) = &a.capacity_factor {
+    if let Some(s) = a.capacity_factor {
         match s.trim().parse::<f32>() {
             Ok(v) if v.is_finite() && v > 0.0 && v <= MAX_CAPACITY_FACTOR => {
                 moe.capacity_factor = CapacityFactor(v)
@@ -78,8 +90,8 @@ pub fn apply(model: ModelSpec, a: &Flags, train: &TrainSpec) -> anyhow::Result<M
 }
 
 /// `--target-seq`: the decoder's tokens per sample of an encoder-decoder model.
-fn target_seq(model: ModelSpec, a: &Flags) -> anyhow::Result<ModelSpec> {
-    let Some(s) = &a.target_seq else {
+fn target_seq(model: ModelSpec, a: &LayoutFlags) -> anyhow::Result<ModelSpec> {
+    let Some(s) = a.target_seq else {
         return Ok(model);
     };
     let ModelSpec::Transformer(mut t) = model else {

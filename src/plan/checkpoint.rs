@@ -223,6 +223,52 @@ fn differences(
     lines
 }
 
+/// The checkpoint section of `estimate`'s table.
+pub fn render(r: &CheckpointReport) -> String {
+    use std::fmt::Write as _;
+    let mut o = String::new();
+    let row = |o: &mut String, label: &str, value: String| {
+        let _ = writeln!(o, "  {label:<28} {value}");
+    };
+    let _ = writeln!(
+        o,
+        "\nCheckpoint (safetensors headers: {} file(s), {} tensors)",
+        r.files.len(),
+        r.tensors
+    );
+    let vs = match (r.config_params, r.matches_config) {
+        (Some(c), Some(true)) => format!(" (config: {}, equal)", thousands(c)),
+        (Some(c), _) => format!(" (config: {}, DIFFERENT)", thousands(c)),
+        _ => String::new(),
+    };
+    row(&mut o, "parameters", format!("{}{vs}", thousands(r.params)));
+    for d in &r.by_dtype {
+        row(
+            &mut o,
+            &format!("stored {}", d.dtype),
+            format!(
+                "{} elements, {:.2} GiB",
+                thousands(d.elems),
+                d.bytes as f64 / (1u64 << 30) as f64
+            ),
+        );
+    }
+    if !r.tied_duplicates.is_empty() {
+        row(&mut o, "tied, counted once", r.tied_duplicates.join(", "));
+    }
+    if !r.buffers.is_empty() {
+        row(
+            &mut o,
+            "buffers, not parameters",
+            format!("{} tensors, e.g. {}", r.buffers.len(), r.buffers[0]),
+        );
+    }
+    for d in &r.differences {
+        row(&mut o, "differs", d.clone());
+    }
+    o
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,8 +7,9 @@
 
 use crate::coeffs::{ActivationCoeffs, BlockCoeffs, Coefficients};
 use crate::error::input_err;
-use crate::plan::{moe, params};
-use crate::spec::transformer::{Activation, BlockKind, FfnKind, Head};
+use crate::plan::{encdec, moe, params};
+use crate::spec::encdec::EncDec;
+use crate::spec::transformer::{Activation, BlockKind, FfnKind, Head, TransformerSpec};
 use crate::spec::{Attention, Checkpointing, ModelSpec, TrainSpec};
 use serde::Serialize;
 
@@ -107,7 +108,7 @@ pub struct Features {
     /// ([`moe::extra_bytes_per_token`]). Known, not fitted; 0 without experts.
     pub moe_bytes: f64,
     /// Bytes (not elements) an encoder-decoder's cross-attention saves over the live decoder
-    /// blocks beyond its scores ([`crate::plan::encdec::encdec_features`]). Known, not fitted;
+    /// blocks beyond its scores ([`encdec::CrossAttention::saved_bytes`]). Known, not fitted;
     /// 0 otherwise.
     pub cross_attention_bytes: f64,
 }
@@ -251,7 +252,7 @@ pub fn state_elem_bytes(train: &TrainSpec) -> f64 {
 /// See [`Features::group_update_bytes`]. Only AdamW's foreach path allocates group-wide; SGD's
 /// foreach updates are in place (no weight decay by default), fused kernels and 8-bit AdamW
 /// (bitsandbytes' own kernel) allocate nothing per parameter.
-pub(crate) fn group_update(params: u64, train: &TrainSpec) -> f64 {
+fn group_update(params: u64, train: &TrainSpec) -> f64 {
     use crate::spec::{Optimizer, OptimizerImpl};
     if train.optimizer != Optimizer::AdamW || train.optimizer_impl != OptimizerImpl::Foreach {
         return 0.0;
@@ -272,7 +273,7 @@ pub(crate) fn optimizer_shards(train: &TrainSpec) -> f64 {
 /// temporaries (PyTorch's for-loop AdamW: `exp_avg_sq.sqrt()` and its quotient, two copies of
 /// the tensor being updated); foreach's are group-wide ([`Features::group_update_bytes`]) and a
 /// fused kernel has none.
-pub(crate) fn update_transient(model: &ModelSpec, train: &TrainSpec) -> f64 {
+fn update_transient(model: &ModelSpec, train: &TrainSpec) -> f64 {
     if train.optimizer_impl != crate::spec::OptimizerImpl::Loop {
         return 0.0;
     }
@@ -286,7 +287,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
     match model {
         ModelSpec::Transformer(t) if t.extras.enc_dec.is_some() => {
             let e = t.extras.enc_dec.as_deref().expect("matched");
-            crate::plan::encdec::encdec_features(model, t, e, train)
+            encdec_features(model, t, e, train)
         }
         ModelSpec::Transformer(t) => {
             let s = t.effective_seq(train.seq, train.image) as f64;
@@ -344,7 +345,17 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 phased: train.checkpointing.is_on(),
                 gathered: if train.zero_stage >= 3 {
                     let p = params::transformer(t);
-                    moe::gathered_block(t, &p, train.gpus) as f64
+                    // the largest block; an MoE one without the other ranks' experts
+                    (if p.moe_layers > 0 {
+                        let moe_block = p.block(true) - moe::unheld_per_block(t, train.gpus);
+                        if p.moe_layers < t.layers {
+                            moe_block.max(p.block(false))
+                        } else {
+                            moe_block
+                        }
+                    } else {
+                        p.block(false)
+                    }) as f64
                         + params::largest_tensor(model) as f64
                 } else {
                     0.0
@@ -407,6 +418,64 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
     }
 }
 
+/// Activation features of an encoder-decoder model: the two stacks' features added (the head
+/// only the decoder's) plus the decoder's cross-attention ([`encdec::CrossAttention`]). Under
+/// full checkpointing one block of each stack is counted live (the recompute holds one at a
+/// time: conservative by the smaller block).
+fn encdec_features(
+    model: &ModelSpec,
+    t: &TransformerSpec,
+    e: &EncDec,
+    train: &TrainSpec,
+) -> anyhow::Result<Features> {
+    let enc = features(&encdec::stack(t, t.layers), train)?;
+    let dec = features(
+        &encdec::stack(t, e.decoder_layers),
+        &encdec::decoder_train(e, train),
+    )?;
+    let cross = encdec::CrossAttention::new(t, e, train);
+    let b = train.batch as f64;
+    let ws_block = enc.ws_block.max(dec.ws_block).max(b * cross.ws_scores);
+    let p = params::transformer(t);
+    Ok(Features {
+        bsh: enc.bsh + dec.bsh,
+        bsf: enc.bsf + dec.bsf,
+        bas2: enc.bas2 + dec.bas2 + cross.scores,
+        bsv: dec.bsv,
+        ckpt_bsh: enc.ckpt_bsh + dec.ckpt_bsh,
+        workspace: ws_block.max(dec.ws_head),
+        ws_head: dec.ws_head,
+        ws_block,
+        phased: dec.phased,
+        // one decoder block (the larger) and the largest tensor
+        gathered: if train.zero_stage >= 3 {
+            (p.decoder_per_layer + params::largest_tensor(model)) as f64
+        } else {
+            0.0
+        },
+        ops: enc.ops + dec.ops,
+        max_param: update_transient(model, train),
+        fused_attention_bytes: enc.fused_attention_bytes
+            + dec.fused_attention_bytes
+            + cross.fused_bytes,
+        group_update_bytes: group_update(p.total, train),
+        // the stacks' blocks are not the measured PyTorch blocks: generic coefficients
+        block: None,
+        act_fn: enc.act_fn,
+        dropout: enc.dropout,
+        bsf_raw: enc.bsf_raw + dec.bsf_raw,
+        bas: enc.bas + dec.bas,
+        bskv: enc.bskv + dec.bskv,
+        bs: enc.bs + dec.bs,
+        bsh_once: enc.bsh_once + dec.bsh_once,
+        bs_once: enc.bs_once + dec.bs_once,
+        tied_grad_elems: dec.tied_grad_elems,
+        accumulating: enc.accumulating,
+        cross_attention_bytes: cross.saved_bytes,
+        ..Features::default()
+    })
+}
+
 /// Model-state bytes on one rank, before the fitted half-copy coefficient is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct StateBytes {
@@ -462,6 +531,37 @@ pub fn state_bytes(params: u64, train: &TrainSpec) -> StateBytes {
     }
 }
 
+/// Model-state bytes on one rank. Without experts, [`state_bytes`] of all parameters. With
+/// them, the non-expert parameters as usual, and the routed experts split over the
+/// `expert_parallel` ranks of an expert group: each holds `1/ep` of them, and ZeRO shards
+/// those over the `gpus / ep` ranks that hold the same experts (DeepSpeed-MoE's
+/// expert-data-parallel group), so a ZeRO-sharded state is `experts / gpus` per rank either way
+/// and an unsharded one `experts / ep` ([`moe::effective_ep`] with fewer GPUs than `ep`).
+pub fn rank_state_bytes(model: &ModelSpec, params: u64, train: &TrainSpec) -> StateBytes {
+    let (experts, ep) = match model {
+        ModelSpec::Transformer(t) => match &t.extras.moe {
+            Some(m) if moe::effective_ep(m, train.gpus) > 1 => {
+                (moe::expert_params(t), moe::effective_ep(m, train.gpus))
+            }
+            _ => return state_bytes(params, train),
+        },
+        ModelSpec::Cnn(_) => return state_bytes(params, train),
+    };
+    let dense = state_bytes(params - experts, train);
+    let group = TrainSpec {
+        gpus: (train.gpus / ep).max(1),
+        ..train.clone()
+    };
+    let e = state_bytes(experts, &group);
+    let epf = ep as f64;
+    StateBytes {
+        weights: dense.weights + e.weights / epf,
+        half_copy: dense.half_copy + e.half_copy / epf,
+        gradients: dense.gradients + e.gradients / epf,
+        optimizer: dense.optimizer + e.optimizer / epf,
+    }
+}
+
 /// The terms of the linear memory model for one configuration (what the fit regresses on).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct FitTerms {
@@ -474,7 +574,7 @@ pub fn fit_terms(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<FitTerm
     let params = params::count(model);
     Ok(FitTerms {
         params,
-        states: moe::rank_state_bytes(model, params, train),
+        states: rank_state_bytes(model, params, train),
         features: features(model, train)?,
     })
 }

@@ -1,12 +1,10 @@
 //! Mixture-of-experts arithmetic: the parameters of an MoE feed-forward (all experts vs the
-//! top-k a token uses), the model states one rank holds under expert parallelism, and the
-//! activations of the routed tokens and the router. Formulas and sources: docs/architecture.md,
+//! top-k a token uses), what one rank holds under expert parallelism, and the activations of
+//! the routed tokens and the router. (`plan::memory` assembles these into states and features.) Formulas and sources: docs/architecture.md,
 //! "Mixture of experts".
 
-use crate::plan::memory::{state_bytes, StateBytes};
 use crate::spec::moe::Moe;
 use crate::spec::transformer::TransformerSpec;
-use crate::spec::{ModelSpec, TrainSpec};
 
 /// Parameters of one MoE block's feed-forward, as transformers builds it (Mixtral/Qwen MoE:
 /// SwiGLU experts without biases, a bias-free `hidden -> experts` router, an optional SwiGLU
@@ -60,59 +58,22 @@ pub fn expert_params(t: &TransformerSpec) -> u64 {
     }
 }
 
-/// Model-state bytes on one rank. Without experts, [`state_bytes`] of all parameters. With
-/// them, the non-expert parameters as usual, and the routed experts split over the
-/// `expert_parallel` ranks of an expert group: each holds `1/ep` of them, and ZeRO shards
-/// those over the `gpus / ep` ranks that hold the same experts (DeepSpeed-MoE's
-/// expert-data-parallel group), so a ZeRO-sharded state is `experts / gpus` per rank either way
-/// and an unsharded one `experts / ep`. A layout with fewer GPUs than `ep` (the GPU-choice
-/// search tries 1, 2, 4, ...) splits the experts over the largest degree both allow,
+/// The expert-parallel degree in effect on `gpus` ranks: the requested one, or with fewer GPUs
+/// than it (the GPU-choice search tries 1, 2, 4, ...) the largest degree both allow,
 /// `gcd(ep, gpus)`.
-pub fn rank_state_bytes(model: &ModelSpec, params: u64, train: &TrainSpec) -> StateBytes {
-    let (experts, ep) = match model {
-        ModelSpec::Transformer(t) => match &t.extras.moe {
-            Some(m) if gcd(m.expert_parallel, train.gpus) > 1 => {
-                (expert_params(t), gcd(m.expert_parallel, train.gpus))
-            }
-            _ => return state_bytes(params, train),
-        },
-        ModelSpec::Cnn(_) => return state_bytes(params, train),
-    };
-    let dense = state_bytes(params - experts, train);
-    let group = TrainSpec {
-        gpus: (train.gpus / ep).max(1),
-        ..train.clone()
-    };
-    let e = state_bytes(experts, &group);
-    let epf = ep as f64;
-    StateBytes {
-        weights: dense.weights + e.weights / epf,
-        half_copy: dense.half_copy + e.half_copy / epf,
-        gradients: dense.gradients + e.gradients / epf,
-        optimizer: dense.optimizer + e.optimizer / epf,
-    }
+pub fn effective_ep(m: &Moe, gpus: u64) -> u64 {
+    gcd(m.expert_parallel, gpus).max(1)
 }
 
-/// Parameters ZeRO-3 gathers for one block at a time: the largest block, with only this rank's
-/// `experts / ep` routed experts in an MoE block (each expert-parallel rank gathers its own
-/// experts' shards, never the others').
-pub fn gathered_block(
-    t: &TransformerSpec,
-    p: &crate::plan::params::TransformerParams,
-    gpus: u64,
-) -> u64 {
+/// Routed-expert parameters of one MoE block that a rank does not hold under expert parallelism
+/// (the other ranks' experts): ZeRO-3 gathers one block at a time without them.
+pub fn unheld_per_block(t: &TransformerSpec, gpus: u64) -> u64 {
     match &t.extras.moe {
-        Some(m) if p.moe_layers > 0 => {
-            let ep = gcd(m.expert_parallel, gpus);
-            let per_expert = MoeParams::new(t, m).per_expert;
-            let moe_block = p.block(true) - m.experts * per_expert + m.experts / ep * per_expert;
-            if p.moe_layers < t.layers {
-                moe_block.max(p.block(false))
-            } else {
-                moe_block
-            }
+        Some(m) => {
+            let ep = effective_ep(m, gpus);
+            (m.experts - m.experts / ep) * MoeParams::new(t, m).per_expert
         }
-        _ => p.block(false),
+        None => 0,
     }
 }
 

@@ -69,7 +69,7 @@ impl<'a> Evaluator<'a> {
         let terms = if self.finetune.is_plain() {
             FitTerms {
                 params: self.params,
-                states: crate::plan::moe::rank_state_bytes(self.model, self.params, train),
+                states: crate::plan::memory::rank_state_bytes(self.model, self.params, train),
                 features: features(self.model, train)?,
             }
         } else {

@@ -34,13 +34,9 @@ impl EncDec {
         }
     }
 
-    pub fn validate(&self) -> anyhow::Result<()> {
-        check_range(
-            "decoder_layers",
-            self.decoder_layers,
-            1,
-            super::transformer::MAX_LAYERS,
-        )?;
+    /// Range checks; `max_layers` is the spec's bound on blocks per stack.
+    pub fn validate(&self, max_layers: u64) -> anyhow::Result<()> {
+        check_range("decoder_layers", self.decoder_layers, 1, max_layers)?;
         check_range("rel_buckets", self.rel_buckets, 0, 1 << 16)?;
         check_range("target_seq", self.target_seq, 0, super::train::MAX_SEQ)?;
         Ok(())

@@ -401,7 +401,7 @@ impl TransformerSpec {
             m.validate()?;
         }
         if let Some(e) = &self.extras.enc_dec {
-            e.validate()?;
+            e.validate(MAX_LAYERS)?;
         }
         if self.extras.head_dim.is_none() && !self.hidden.is_multiple_of(self.heads) {
             return input_err(
