@@ -202,3 +202,18 @@ fn zero3_gathers_only_the_ranks_own_experts() {
     let block = 2 * 4096 * 4096 + 2 * 4096 * 1024 + 2 * 4096 + 4096 * 8 + 3 * 4096 * 14336;
     assert_eq!(f.gathered, (block + 32000 * 4096) as f64);
 }
+
+#[test]
+fn foreach_adamw_temporaries_cover_only_the_ranks_experts() {
+    // `_foreach_sqrt(exp_avg_sq)`: one fp32 state-sized tensor per parameter the rank updates
+    let train = TrainSpec {
+        gpus: 8,
+        optimizer_impl: vramcal::spec::OptimizerImpl::Foreach,
+        ..TrainSpec::default()
+    };
+    let f = features(&with_layout(config("mixtral-8x7b"), 8, 1.0), &train).unwrap();
+    let held = MIXTRAL_TOTAL - MIXTRAL_EXPERTS / 8 * 7;
+    assert_eq!(f.group_update_bytes, 4.0 * held as f64);
+    let all = features(&with_layout(config("mixtral-8x7b"), 1, 1.0), &train).unwrap();
+    assert_eq!(all.group_update_bytes, 4.0 * MIXTRAL_TOTAL as f64);
+}

@@ -363,7 +363,11 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 ops: l,
                 max_param: update_transient(model, train),
                 fused_attention_bytes,
-                group_update_bytes: group_update(params::count(model), train),
+                // the parameters this rank's optimizer updates: not the other ranks' experts
+                group_update_bytes: group_update(
+                    params::count(model) - moe::unheld(t, train.gpus),
+                    train,
+                ),
                 block: t.block_kind().map(|k| (k, train.attention)),
                 act_fn: Some(t.activation_kind()),
                 dropout: t.dropout_p().is_active(),

@@ -77,6 +77,15 @@ pub fn unheld_per_block(t: &TransformerSpec, gpus: u64) -> u64 {
     }
 }
 
+/// Routed-expert parameters over all MoE blocks that a rank does not hold under expert
+/// parallelism: what its optimizer never updates.
+pub fn unheld(t: &TransformerSpec, gpus: u64) -> u64 {
+    t.extras
+        .moe
+        .as_ref()
+        .map_or(0, |m| m.moe_layers(t.layers) * unheld_per_block(t, gpus))
+}
+
 /// Feed-forward widths per token for the activation model, averaged over the blocks: dense
 /// blocks `ffn`, MoE blocks `top_k x capacity_factor x expert_ffn` (each routed copy of a token
 /// runs one expert) plus the shared expert's width. Returns (mean width, widest block's width).
