@@ -30,10 +30,29 @@ pub struct Flags {
     /// Preset name (bert-base, gpt2, llama2-7b, vit-large-16, resnet50, ...)
     #[arg(long)]
     pub model: Option<String>,
-    /// HuggingFace config.json (BERT, RoBERTa, XLM-R, CamemBERT, GPT-2, GPT-BigCode, GPT-NeoX,
-    /// StarCoder2, ViT, Llama, Mistral, Qwen2, Phi-3, Gemma)
+    /// HuggingFace config.json (BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, DeBERTa-v2, GPT-2,
+    /// GPT-BigCode, GPT-NeoX, GPT-J, OPT, BLOOM, Falcon, Phi, Phi-3, StarCoder2, ViT, Llama,
+    /// Mistral, Qwen2/3, Gemma 1-3, OLMo 1-2, ELECTRA, Mixtral, Qwen2-MoE, Qwen3-MoE,
+    /// DeepSeek-V2/V3, T5, mT5, BART)
     #[arg(long)]
     pub hf_config: Option<PathBuf>,
+    /// safetensors checkpoint (a .safetensors file or its model.safetensors.index.json): exact
+    /// parameter count and dtypes from the headers only, cross-checked with the config.json
+    /// beside it (or --hf-config), whose architecture is planned; without a supported config,
+    /// the counts alone
+    #[arg(long, conflicts_with_all = ["model", "cnn_file"])]
+    pub safetensors: Option<PathBuf>,
+    /// Encoder-decoder (T5, mT5, BART): decoder tokens per sample [default: --seq]
+    #[arg(long, allow_hyphen_values = true)]
+    pub target_seq: Option<String>,
+    /// Mixture of experts: ranks each MoE block's experts are split over (a divisor of the
+    /// experts and of --gpus) [default: 1]
+    #[arg(long, allow_hyphen_values = true)]
+    pub expert_parallel: Option<String>,
+    /// Mixture of experts: routed-token slots per expert relative to an even split [default: 1.0,
+    /// dropless routing as transformers' MoE blocks do]
+    #[arg(long, allow_hyphen_values = true)]
+    pub capacity_factor: Option<String>,
     /// CNN layer list, TOML or JSON (see presets/custom-cnn.toml)
     #[arg(long)]
     pub cnn_file: Option<PathBuf>,
@@ -597,22 +616,48 @@ pub fn finetune_from_args(
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
-    let args = *args.flags;
-    let model = model_from_args(&args)?;
+    let mut args = *args.flags;
+    // `--safetensors`: its config becomes the model source, or without one the counts alone
+    let checkpoint = match &args.safetensors {
+        None => None,
+        Some(st) => {
+            let explicit = args.layers.is_some() || args.hidden.is_some() || args.heads.is_some();
+            let route =
+                super::checkpoint::route(st, args.hf_config.as_deref(), explicit, args.json)?;
+            match route {
+                super::checkpoint::Route::Plan(config, ck) => {
+                    args.hf_config = Some(config);
+                    Some(ck)
+                }
+                super::checkpoint::Route::CountsOnly(text) => return write_stdout(&text),
+            }
+        }
+    };
     let train = train_from_args(&args)?;
+    let layout = super::layout_flags::LayoutFlags {
+        target_seq: args.target_seq.as_deref(),
+        expert_parallel: args.expert_parallel.as_deref(),
+        capacity_factor: args.capacity_factor.as_deref(),
+    };
+    let model = layout.apply(model_from_args(&args)?, &train)?;
     let mut opts = options_from_args(&args)?;
     opts.finetune = finetune_from_args(&args, &model, &train)?;
     let coeffs = match &args.coeffs {
         Some(p) => Coefficients::load(p)?,
         None => Coefficients::literature(),
     };
-    let est = estimate(&model, &train, &coeffs, &opts)?;
+    let mut est = estimate(&model, &train, &coeffs, &opts)?;
+    est.checkpoint = checkpoint.map(|ck| super::checkpoint::report(&ck, &model));
     let text = if args.json {
         serde_json::to_string_pretty(&est)? + "\n"
     } else if args.brief {
         answer(&est) + "\n"
     } else {
         render(&est)
+            + &est
+                .checkpoint
+                .as_ref()
+                .map_or(String::new(), crate::plan::checkpoint::render)
     };
     write_stdout(&text)
 }
@@ -633,7 +678,7 @@ fn bytes(b: u64) -> String {
     format!("{:>10.2} GiB  ({} B)", b as f64 / GIB, thousands(b))
 }
 
-fn thousands(n: u64) -> String {
+pub(crate) fn thousands(n: u64) -> String {
     let s = n.to_string();
     let mut out = String::with_capacity(s.len() + s.len() / 3);
     for (i, c) in s.chars().enumerate() {
@@ -782,6 +827,18 @@ pub fn render(e: &Estimate) -> String {
     );
     let _ = writeln!(o, "Parameters");
     row(&mut o, "exact", thousands(e.params));
+    if let Some(moe) = &e.moe {
+        row(
+            &mut o,
+            "active per token",
+            format!(
+                "{} (top {} of {} experts)",
+                thousands(moe.active_params),
+                moe.top_k,
+                moe.experts
+            ),
+        );
+    }
     if let Some(a) = e.params_12ld2 {
         row(
             &mut o,

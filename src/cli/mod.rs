@@ -3,10 +3,12 @@
 
 pub mod bench_table;
 pub mod calibrate;
+pub mod checkpoint;
 pub mod common;
 pub mod estimate;
 pub mod fit;
 pub mod gpus;
+pub mod layout_flags;
 pub mod measure;
 pub mod merge;
 pub mod report;

@@ -100,6 +100,27 @@ fn check_backend(device: &Device, p: Precision, dtype: DType) -> anyhow::Result<
     )
 }
 
+/// Blocks the planner counts but this harness does not build (it would build a dense
+/// single-stack model of other parameters and record it under their name).
+fn refuse_unbuilt_blocks(model: &ModelSpec) -> anyhow::Result<()> {
+    let ModelSpec::Transformer(t) = model else {
+        return Ok(());
+    };
+    let kind = if t.extras.moe.is_some() {
+        "mixture-of-experts"
+    } else if t.extras.mla.is_some() {
+        "latent-attention"
+    } else if t.extras.enc_dec.is_some() {
+        "encoder-decoder"
+    } else {
+        return Ok(());
+    };
+    input_err(
+        "model",
+        format!("{kind} blocks are planned, not built by the candle harness; accepted a dense single-stack transformer or a CNN"),
+    )
+}
+
 /// Settings the planner models from the literature but this harness cannot run yet; running
 /// them silently as something else would record a wrong measurement under their name.
 fn refuse_planner_only(train: &TrainSpec) -> anyhow::Result<()> {
@@ -183,6 +204,7 @@ impl Trainer {
         compute: DType,
     ) -> anyhow::Result<Self> {
         refuse_planner_only(train)?;
+        refuse_unbuilt_blocks(model)?;
         let checkpoint = train.checkpointing.is_on();
         if checkpoint && matches!(model, ModelSpec::Cnn(_)) {
             return input_err(
@@ -502,6 +524,28 @@ mod tests {
             assert_eq!(crate::error::exit_code(&e), 2, "{train:?}");
         }
         assert!(Trainer::new(&spec, &base, &Device::Cpu, 0).is_ok());
+        // MoE (as other unbuilt blocks) is refused rather than built dense
+        let ModelSpec::Transformer(mut t) = spec else {
+            unreachable!()
+        };
+        t.extras.moe = Some(Box::new(crate::spec::moe::Moe {
+            experts: 4,
+            top_k: 2,
+            expert_ffn: 8,
+            shared_ffn: 0,
+            shared_gate: false,
+            dense_layers: 0,
+            expert_parallel: 1,
+            capacity_factor: Default::default(),
+        }));
+        let e = Trainer::new(&ModelSpec::Transformer(t), &base, &Device::Cpu, 0)
+            .err()
+            .unwrap();
+        assert!(
+            format!("{e}")
+                .starts_with("invalid model: mixture-of-experts blocks are planned, not built"),
+            "{e}"
+        );
     }
 
     #[test]

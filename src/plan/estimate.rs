@@ -141,6 +141,52 @@ pub struct Estimate {
     pub training_time: Option<TrainingTime>,
     /// the capacity-planning rules of thumb that apply, each labelled with its rule and source
     pub advice: Vec<crate::plan::advice::Advice>,
+    /// mixture of experts: total and active parameters and the expert layout; absent for
+    /// dense models
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub moe: Option<MoeOut>,
+    /// `--safetensors`: the checkpoint's exact counts and dtypes and their cross-check with the
+    /// config; absent without it (set by the CLI, which reads the file)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<crate::plan::checkpoint::CheckpointReport>,
+}
+
+/// A mixture-of-experts model's parameters and expert layout.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct MoeOut {
+    /// every parameter, all experts (= `params`): what the model states hold
+    pub total_params: u64,
+    /// what one token's forward uses: the top-k routed experts, router, shared expert and
+    /// everything outside the feed-forward
+    pub active_params: u64,
+    /// routed experts' parameters over all blocks (what `expert_parallel` divides)
+    pub expert_params: u64,
+    pub experts: u64,
+    pub top_k: u64,
+    pub moe_layers: u64,
+    pub expert_parallel: u64,
+    /// routed slots per expert relative to an even split (1.0: dropless, as in transformers)
+    pub capacity_factor: f32,
+}
+
+impl MoeOut {
+    pub fn of(model: &ModelSpec) -> Option<MoeOut> {
+        let ModelSpec::Transformer(t) = model else {
+            return None;
+        };
+        let m = t.extras.moe.as_deref()?;
+        let p = params::transformer(t);
+        Some(MoeOut {
+            total_params: p.total,
+            active_params: p.active,
+            expert_params: crate::plan::moe::expert_params(t),
+            experts: m.experts,
+            top_k: m.top_k,
+            moe_layers: p.moe_layers,
+            expert_parallel: m.expert_parallel,
+            capacity_factor: m.capacity_factor.0,
+        })
+    }
 }
 
 /// Time to train on `tokens`: optimizer steps x the step time (which holds the step's FLOPs,
@@ -656,6 +702,8 @@ pub fn estimate(
             opts.spot.as_ref(),
         ),
         step_time: step,
+        moe: MoeOut::of(model),
+        checkpoint: None,
         offload_time: finetune::offload_time(model, train, &opts.finetune),
         recommendation: recommend(verdict.as_ref(), train, &gpu_choice, opts.choose_gpus),
         notes: {

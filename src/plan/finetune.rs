@@ -263,6 +263,22 @@ impl Finetune {
             ModelSpec::Cnn(_) => None,
         };
         if self.is_adapter() || self.freeze_layers > 0 {
+            // the trainable split counts one kind of block: refused where blocks differ
+            if let Some(t) = t.filter(|t| t.extras.moe.is_some() || t.extras.enc_dec.is_some()) {
+                let kind = if t.extras.moe.is_some() {
+                    "mixture-of-experts"
+                } else {
+                    "encoder-decoder"
+                };
+                return input_err(
+                    if self.is_adapter() {
+                        "finetune"
+                    } else {
+                        "freeze-layers"
+                    },
+                    format!("is not modelled for {kind} models; accepted full fine-tuning of every block"),
+                );
+            }
             let Some(t) = t else {
                 let flag = if self.is_adapter() {
                     "finetune"

@@ -7,8 +7,9 @@
 
 use crate::coeffs::{ActivationCoeffs, BlockCoeffs, Coefficients};
 use crate::error::input_err;
-use crate::plan::params;
-use crate::spec::transformer::{Activation, BlockKind, FfnKind, Head};
+use crate::plan::{encdec, moe, params};
+use crate::spec::encdec::EncDec;
+use crate::spec::transformer::{Activation, BlockKind, FfnKind, Head, TransformerSpec};
 use crate::spec::{Attention, Checkpointing, ModelSpec, TrainSpec};
 use serde::Serialize;
 
@@ -102,6 +103,14 @@ pub struct Features {
     /// for backward over the live blocks, plus a quantized base's dequantized-weight transient.
     /// Known, not fitted; 0 in full training.
     pub adapter_bytes: f64,
+    /// Bytes (not elements) the live MoE blocks save beyond a dense block: router logits and
+    /// their fp32 softmax, and the extra routed copies of each token's expert input and output
+    /// ([`moe::extra_bytes_per_token`]). Known, not fitted; 0 without experts.
+    pub moe_bytes: f64,
+    /// Bytes (not elements) an encoder-decoder's cross-attention saves over the live decoder
+    /// blocks beyond its scores ([`encdec::CrossAttention::saved_bytes`]). Known, not fitted;
+    /// 0 otherwise.
+    pub cross_attention_bytes: f64,
 }
 
 impl Features {
@@ -198,7 +207,9 @@ impl Features {
                     + self.bas2 * (m.bas2 + drop * m.dropout.bas2)
                     + self.bas * m.bas
                     + self.bskv * m.bskv
-                    + self.bs * m.bs,
+                    + self.bs * m.bs
+                    + self.moe_bytes
+                    + self.cross_attention_bytes,
             );
         }
         (
@@ -206,7 +217,9 @@ impl Features {
             self.bsh * a.c_h.value
                 + self.bsf * a.c_f.value
                 + self.bas2 * a.c_att.value
-                + self.fused_attention_bytes,
+                + self.fused_attention_bytes
+                + self.moe_bytes
+                + self.cross_attention_bytes,
         )
     }
 
@@ -275,9 +288,16 @@ fn update_transient(model: &ModelSpec, train: &TrainSpec) -> f64 {
 pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features> {
     let b = train.batch as f64;
     match model {
+        ModelSpec::Transformer(t) if t.extras.enc_dec.is_some() => {
+            let e = t.extras.enc_dec.as_deref().expect("matched");
+            encdec_features(model, t, e, train)
+        }
         ModelSpec::Transformer(t) => {
             let s = t.effective_seq(train.seq, train.image) as f64;
-            let (h, f, a) = (t.hidden as f64, t.ffn as f64, t.heads as f64);
+            let (h, a) = (t.hidden as f64, t.heads as f64);
+            // feed-forward width per token: the MLP's, or in MoE blocks the routed experts'
+            // (plan::moe); `f_max` is the widest block's, for the backward workspace
+            let (f, f_max) = moe::ffn_widths(t);
             let l = t.layers as f64;
             let ffn_streams = match t.ffn_kind {
                 FfnKind::Gelu => 1.0,
@@ -322,13 +342,23 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 act: 0.0,
                 pool: 0.0,
                 input: b * input,
-                workspace: b * ws_scores.max(s * f).max(head),
+                workspace: b * ws_scores.max(s * f_max).max(head),
                 ws_head: b * head,
-                ws_block: b * ws_scores.max(s * f),
+                ws_block: b * ws_scores.max(s * f_max),
                 phased: train.checkpointing.is_on(),
                 gathered: if train.zero_stage >= 3 {
                     let p = params::transformer(t);
-                    (p.attention_per_layer + p.mlp_per_layer + p.norms_per_layer) as f64
+                    // the largest block; an MoE one without the other ranks' experts
+                    (if p.moe_layers > 0 {
+                        let moe_block = p.block(true) - moe::unheld_per_block(t, train.gpus);
+                        if p.moe_layers < t.layers {
+                            moe_block.max(p.block(false))
+                        } else {
+                            moe_block
+                        }
+                    } else {
+                        p.block(false)
+                    }) as f64
                         + params::largest_tensor(model) as f64
                 } else {
                     0.0
@@ -336,7 +366,11 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 ops: l,
                 max_param: update_transient(model, train),
                 fused_attention_bytes,
-                group_update_bytes: group_update(params::count(model), train),
+                // the parameters this rank's optimizer updates: not the other ranks' experts
+                group_update_bytes: group_update(
+                    params::count(model) - moe::unheld(t, train.gpus),
+                    train,
+                ),
                 block: t.block_kind().map(|k| (k, train.attention)),
                 act_fn: Some(t.activation_kind()),
                 dropout: t.dropout_p().is_active(),
@@ -353,6 +387,11 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 },
                 accumulating: train.grad_accum > 1,
                 adapter_bytes: 0.0,
+                cross_attention_bytes: 0.0,
+                moe_bytes: moe::live_moe_layers(t, live)
+                    * b
+                    * s
+                    * moe::extra_bytes_per_token(t, train.precision.compute_bytes() as f64),
             })
         }
         ModelSpec::Cnn(c) => {
@@ -384,6 +423,64 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
             })
         }
     }
+}
+
+/// Activation features of an encoder-decoder model: the two stacks' features added (the head
+/// only the decoder's) plus the decoder's cross-attention ([`encdec::CrossAttention`]). Under
+/// full checkpointing one block of each stack is counted live (the recompute holds one at a
+/// time: conservative by the smaller block).
+fn encdec_features(
+    model: &ModelSpec,
+    t: &TransformerSpec,
+    e: &EncDec,
+    train: &TrainSpec,
+) -> anyhow::Result<Features> {
+    let enc = features(&encdec::stack(t, t.layers), train)?;
+    let dec = features(
+        &encdec::stack(t, e.decoder_layers),
+        &encdec::decoder_train(e, train),
+    )?;
+    let cross = encdec::CrossAttention::new(t, e, train);
+    let b = train.batch as f64;
+    let ws_block = enc.ws_block.max(dec.ws_block).max(b * cross.ws_scores);
+    let p = params::transformer(t);
+    Ok(Features {
+        bsh: enc.bsh + dec.bsh,
+        bsf: enc.bsf + dec.bsf,
+        bas2: enc.bas2 + dec.bas2 + cross.scores,
+        bsv: dec.bsv,
+        ckpt_bsh: enc.ckpt_bsh + dec.ckpt_bsh,
+        workspace: ws_block.max(dec.ws_head),
+        ws_head: dec.ws_head,
+        ws_block,
+        phased: dec.phased,
+        // one decoder block (the larger) and the largest tensor
+        gathered: if train.zero_stage >= 3 {
+            (p.decoder_per_layer + params::largest_tensor(model)) as f64
+        } else {
+            0.0
+        },
+        ops: enc.ops + dec.ops,
+        max_param: update_transient(model, train),
+        fused_attention_bytes: enc.fused_attention_bytes
+            + dec.fused_attention_bytes
+            + cross.fused_bytes,
+        group_update_bytes: group_update(p.total, train),
+        // the stacks' blocks are not the measured PyTorch blocks: generic coefficients
+        block: None,
+        act_fn: enc.act_fn,
+        dropout: enc.dropout,
+        bsf_raw: enc.bsf_raw + dec.bsf_raw,
+        bas: enc.bas + dec.bas,
+        bskv: enc.bskv + dec.bskv,
+        bs: enc.bs + dec.bs,
+        bsh_once: enc.bsh_once + dec.bsh_once,
+        bs_once: enc.bs_once + dec.bs_once,
+        tied_grad_elems: dec.tied_grad_elems,
+        accumulating: enc.accumulating,
+        cross_attention_bytes: cross.saved_bytes,
+        ..Features::default()
+    })
 }
 
 /// Model-state bytes on one rank, before the fitted half-copy coefficient is applied.
@@ -441,6 +538,37 @@ pub fn state_bytes(params: u64, train: &TrainSpec) -> StateBytes {
     }
 }
 
+/// Model-state bytes on one rank. Without experts, [`state_bytes`] of all parameters. With
+/// them, the non-expert parameters as usual, and the routed experts split over the
+/// `expert_parallel` ranks of an expert group: each holds `1/ep` of them, and ZeRO shards
+/// those over the `gpus / ep` ranks that hold the same experts (DeepSpeed-MoE's
+/// expert-data-parallel group), so a ZeRO-sharded state is `experts / gpus` per rank either way
+/// and an unsharded one `experts / ep` ([`moe::effective_ep`] with fewer GPUs than `ep`).
+pub fn rank_state_bytes(model: &ModelSpec, params: u64, train: &TrainSpec) -> StateBytes {
+    let (experts, ep) = match model {
+        ModelSpec::Transformer(t) => match &t.extras.moe {
+            Some(m) if moe::effective_ep(m, train.gpus) > 1 => {
+                (moe::expert_params(t), moe::effective_ep(m, train.gpus))
+            }
+            _ => return state_bytes(params, train),
+        },
+        ModelSpec::Cnn(_) => return state_bytes(params, train),
+    };
+    let dense = state_bytes(params - experts, train);
+    let group = TrainSpec {
+        gpus: (train.gpus / ep).max(1),
+        ..train.clone()
+    };
+    let e = state_bytes(experts, &group);
+    let epf = ep as f64;
+    StateBytes {
+        weights: dense.weights + e.weights / epf,
+        half_copy: dense.half_copy + e.half_copy / epf,
+        gradients: dense.gradients + e.gradients / epf,
+        optimizer: dense.optimizer + e.optimizer / epf,
+    }
+}
+
 /// The terms of the linear memory model for one configuration (what the fit regresses on).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct FitTerms {
@@ -453,7 +581,7 @@ pub fn fit_terms(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<FitTerm
     let params = params::count(model);
     Ok(FitTerms {
         params,
-        states: state_bytes(params, train),
+        states: rank_state_bytes(model, params, train),
         features: features(model, train)?,
     })
 }

@@ -1,12 +1,15 @@
 //! The analytical planner: spec + coefficients -> memory, host RAM, storage, time, GPU choice.
 
 pub mod advice;
+pub mod checkpoint;
 pub mod comm;
+pub mod encdec;
 pub mod estimate;
 pub mod finetune;
 pub mod gpus;
 pub mod host;
 pub mod memory;
+pub mod moe;
 pub mod params;
 pub mod search;
 pub mod seed;

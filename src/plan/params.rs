@@ -1,6 +1,7 @@
 //! Exact parameter counts, itemised, for transformers and CNNs.
 
-use crate::spec::transformer::{FfnKind, Head, NormKind, QkNorm, TransformerSpec};
+use crate::plan::moe;
+use crate::spec::transformer::{FfnKind, Head, HeadTransform, NormKind, QkNorm, TransformerSpec};
 use crate::spec::ModelSpec;
 use serde::Serialize;
 
@@ -11,8 +12,21 @@ pub struct TransformerParams {
     pub embedding: u64,
     /// attention projections of one block
     pub attention_per_layer: u64,
-    /// feed-forward of one block
+    /// feed-forward of one block (of a dense block in a mixture-of-experts model)
     pub mlp_per_layer: u64,
+    /// feed-forward of one MoE block, every expert (0 without experts)
+    pub moe_mlp_per_layer: u64,
+    /// blocks with an MoE feed-forward (0 without experts)
+    pub moe_layers: u64,
+    /// what one token's forward uses: `total` less the routed experts it is not sent to
+    /// (equal to `total` without experts)
+    pub active: u64,
+    /// encoder-decoder: decoder blocks (0 otherwise)
+    pub decoder_layers: u64,
+    /// encoder-decoder: one decoder block, with its cross-attention and third norm
+    pub decoder_per_layer: u64,
+    /// encoder-decoder: T5's relative-position bias tables, both stacks (in `embedding`)
+    pub rel_bias: u64,
     /// the norms of one block
     pub norms_per_layer: u64,
     pub final_norm: u64,
@@ -40,7 +54,11 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
     let hd = t.head_dim();
     let q = t.q_width();
     let kv = t.kv_heads * hd;
-    let attn_w = h * q + 2 * h * kv + q * h;
+    // DeepSeek's latent attention has its own projections (and two low-rank RMSNorms)
+    let (attn_w, mla_norms) = match &x.mla {
+        Some(m) => m.params(h, t.heads),
+        None => (h * q + 2 * h * kv + q * h, 0),
+    };
     let attn_b = if t.attn_bias() {
         q + 2 * kv + h
     } else if t.qkv_bias {
@@ -48,7 +66,9 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
     } else {
         0
     };
-    let attention_per_layer = attn_w + attn_b;
+    // DeBERTa-v2's unshared position projections act on the relative-position table, not on
+    // the tokens: parameters, but no per-token matmul
+    let attention_per_layer = attn_w + attn_b + mla_norms + x.pos_proj as u64 * (h * h + h);
     let (mlp_w, mlp_b) = match t.ffn_kind {
         FfnKind::Gelu => (2 * h * t.ffn, t.ffn + h),
         FfnKind::Swiglu => (3 * h * t.ffn, 2 * t.ffn + h),
@@ -64,6 +84,12 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
     // OPT: the token embedding (and a tied head) at a narrower width, projected in and out
     let e = t.embed_width();
     let proj = if e != h { 2 * e * h } else { 0 };
+    // ELECTRA: every embedding table and the embedding norm at a narrower width, then a
+    // biased linear up to `hidden`
+    let (emb_w, emb_norm, emb_up) = match x.factorized_embedding {
+        Some(f) if f != h => (f, norm_params(t.norm, f), f * h + h),
+        _ => (h, norm_h, 0),
+    };
     let (embedding, patch_w) = match &t.patch {
         Some(p) => {
             let conv_w = p.channels * p.patch * p.patch * h;
@@ -71,38 +97,109 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
             (conv_w + h + h + p.seq_for(p.image) * h, conv_w)
         }
         None => (
-            t.vocab * e
-                + (t.max_positions + x.position_offset + t.type_vocab) * h
+            t.vocab * if emb_up > 0 { emb_w } else { e }
+                + (t.max_positions + x.position_offset as u64 + t.type_vocab) * emb_w
                 + proj
-                + if t.embedding_norm { norm_h } else { 0 },
+                + emb_up
+                + if t.embedding_norm { emb_norm } else { 0 }
+                + x.rel_positions as u64 * h
+                + if x.rel_norm { norm_h } else { 0 },
             0,
         ),
     };
-    let final_norm = if t.final_norm { norm_h } else { 0 };
+    // a dense (and norm) between the last block and the head's projection
+    let transform = match x.head_transform {
+        HeadTransform::None => 0,
+        HeadTransform::Dense => h * h + h,
+        HeadTransform::DenseNorm => h * h + h + norm_h,
+    };
+    let transform_w = if transform > 0 { h * h } else { 0 };
+    // encoder-decoder: the decoder's own position table, embedding norm, relative-position bias
+    // and final norm beside the encoder's (the token embedding is shared)
+    let stacks = if x.enc_dec.is_some() { 2 } else { 1 };
+    let rel_bias = x
+        .enc_dec
+        .as_ref()
+        .map_or(0, |e| 2 * e.rel_buckets * t.heads);
+    let embedding = match (&t.patch, &x.enc_dec) {
+        (None, Some(_)) => {
+            embedding
+                + (t.max_positions + x.position_offset as u64) * emb_w
+                + if t.embedding_norm { emb_norm } else { 0 }
+                + rel_bias
+        }
+        _ => embedding,
+    };
+    let final_norm = if t.final_norm { stacks * norm_h } else { 0 };
     let (head, head_matmul) = match t.head {
         Head::Lm => (
             if t.tied_embeddings { 0 } else { t.vocab * e }
-                + if x.lm_head_bias { t.vocab } else { 0 },
-            t.vocab * e,
+                + if x.lm_head_bias { t.vocab } else { 0 }
+                + transform,
+            t.vocab * e + transform_w,
         ),
-        Head::Pooler => (h * h + h, h * h),
-        Head::Classifier { classes } => (h * classes + classes, h * classes),
+        Head::Pooler => (h * h + h + transform, h * h + transform_w),
+        Head::Classifier { classes } => {
+            (h * classes + classes + transform, h * classes + transform_w)
+        }
     };
     let per_layer = attention_per_layer + mlp_per_layer + norms_per_layer;
+    // mixture of experts: `moe_layers` blocks carry the MoE feed-forward instead of the MLP
+    let (moe_layers, moe_mlp, moe_active) = match &x.moe {
+        Some(m) => {
+            let p = moe::MoeParams::new(t, m);
+            (m.moe_layers(t.layers), p.block(m), p.block_active(m))
+        }
+        None => (0, 0, 0),
+    };
+    let dense_layers = t.layers - moe_layers;
+    let outside = embedding + final_norm + head;
+    // decoder blocks: the encoder's block plus cross-attention (its q, k, v, o) and its norm
+    let (decoder_layers, decoder_per_layer) = match &x.enc_dec {
+        Some(e) => (e.decoder_layers, per_layer + attention_per_layer + norm_h),
+        None => (0, 0),
+    };
+    let block_matmul = dense_layers * (attn_w + mlp_w)
+        + moe_layers * (attn_w + moe_active)
+        + decoder_layers * (2 * attn_w + mlp_w);
+    let decoder = decoder_layers * decoder_per_layer;
     TransformerParams {
         embedding,
         attention_per_layer,
         mlp_per_layer,
+        moe_mlp_per_layer: moe_mlp,
+        moe_layers,
+        active: outside
+            + dense_layers * per_layer
+            + moe_layers * (per_layer - mlp_per_layer + moe_active)
+            + decoder,
         norms_per_layer,
         final_norm,
         head,
-        total: embedding + t.layers * per_layer + final_norm + head,
-        matmul: t.layers * (attn_w + mlp_w) + head_matmul + patch_w + proj,
-        block_matmul: t.layers * (attn_w + mlp_w),
+        total: outside
+            + dense_layers * per_layer
+            + moe_layers * (per_layer - mlp_per_layer + moe_mlp)
+            + decoder,
+        decoder_layers,
+        decoder_per_layer,
+        rel_bias,
+        matmul: block_matmul + head_matmul + patch_w + proj,
+        block_matmul,
     }
 }
 
 impl TransformerParams {
+    /// Parameters of one block: a dense one, or with `moe` an MoE one (every expert).
+    pub fn block(&self, moe: bool) -> u64 {
+        self.attention_per_layer
+            + self.norms_per_layer
+            + if moe {
+                self.moe_mlp_per_layer
+            } else {
+                self.mlp_per_layer
+            }
+    }
+
     /// Matmul weights outside the blocks: the head's projection, a ViT's patch projection and
     /// an OPT-style embedding projection.
     pub fn head_matmul_and_patch(&self) -> u64 {
@@ -166,7 +263,12 @@ pub fn largest_tensor(model: &ModelSpec) -> u64 {
                 Some(p) => p.channels * p.patch * p.patch * h,
                 None => t.vocab * e,
             };
-            [qkv, h * t.ffn, head, embed, t.max_positions * h]
+            // transformers 5 stores each MoE block's experts as one tensor: gate and up of all
+            // experts fused, `experts x 2 expert_ffn x hidden` (a rank's `experts / ep` of them)
+            let experts = t.extras.moe.as_ref().map_or(0, |m| {
+                m.experts / m.expert_parallel.max(1) * 2 * m.expert_ffn * h
+            });
+            [qkv, h * t.ffn, head, embed, t.max_positions * h, experts]
                 .into_iter()
                 .max()
                 .unwrap_or(0)

@@ -5,7 +5,7 @@
 
 use crate::coeffs::{Coefficients, ModeCoeffs, RuntimeCoeffs};
 use crate::error::input_err;
-use crate::plan::memory::{breakdown_with_mode, features, state_bytes, FitTerms, MemoryBreakdown};
+use crate::plan::memory::{breakdown_with_mode, features, FitTerms, MemoryBreakdown};
 use crate::plan::params;
 use crate::spec::train::{MAX_BATCH, MAX_SEQ};
 use crate::spec::{ModelSpec, TrainSpec};
@@ -69,7 +69,7 @@ impl<'a> Evaluator<'a> {
         let terms = if self.finetune.is_plain() {
             FitTerms {
                 params: self.params,
-                states: state_bytes(self.params, train),
+                states: crate::plan::memory::rank_state_bytes(self.model, self.params, train),
                 features: features(self.model, train)?,
             }
         } else {

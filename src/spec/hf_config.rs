@@ -1,13 +1,19 @@
 //! HuggingFace `config.json` -> [`TransformerSpec`], for the architectures whose field names the
 //! planner knows: BERT (and RoBERTa, XLM-RoBERTa, CamemBERT), GPT-2, GPT-BigCode, GPT-NeoX,
 //! StarCoder2, ViT, Llama, Mistral, Qwen2, Phi-3, Gemma, Qwen3, Gemma2, Gemma3 (text), OLMo2,
-//! Phi, OPT, GPT-J and Falcon. A missing or mistyped field is an
+//! Phi, OPT, GPT-J, Falcon, BLOOM, OLMo, DistilBERT, ELECTRA and DeBERTa-v2, the
+//! mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE
+//! ([`super::moe::Moe`]), and DeepSeek-V2/V3 (latent attention, [`super::moe::Mla`], and MoE
+//! with shared experts), and the encoder-decoders T5, mT5 and BART ([`super::encdec::EncDec`]).
+//! A missing or mistyped field is an
 //! input error naming it, so a user can fix the file rather than get a silently wrong plan.
 
+use super::encdec::EncDec;
+use super::moe::{CapacityFactor, Mla, Moe};
 use super::presets;
 use super::transformer::{
-    Activation, Arch, BlockExtras, DropoutP, FfnKind, Head, NormKind, PatchEmbed, QkNorm,
-    TransformerSpec,
+    Activation, Arch, BlockExtras, DropoutP, FfnKind, Head, HeadTransform, NormKind, PatchEmbed,
+    QkNorm, TransformerSpec,
 };
 use crate::error::{input_err, rename_field};
 use serde_json::{Map, Value};
@@ -17,7 +23,8 @@ use std::path::Path;
 pub const MODEL_TYPES: &str =
     "bert, roberta, xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, \
      starcoder2, vit, llama, mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, \
-     phi, opt, gptj, falcon";
+     phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, \
+     qwen3_moe, deepseek_v2, deepseek_v3, t5, mt5, bart";
 
 type Obj = Map<String, Value>;
 
@@ -134,14 +141,47 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
         // Qwen3, Gemma2/3 and OLMo2: the same block with query/key norms and extra norms
         "llama" | "mistral" | "qwen2" | "phi3" | "gemma" | "qwen3" | "gemma2" | "gemma3_text"
         | "olmo2" => llama_like(&o, name, &model_type)?,
+        // the same blocks with a mixture-of-experts feed-forward
+        "deepseek_v2" | "deepseek_v3" => deepseek(&o, name, &model_type)?,
+        "t5" | "mt5" => t5(&o, name)?,
+        "bart" => bart(&o, name)?,
+        "mixtral" | "qwen2_moe" | "qwen3_moe" => {
+            let base = llama_like(&o, name, &model_type)?;
+            TransformerSpec {
+                extras: BlockExtras {
+                    moe: Some(Box::new(moe(&o, &model_type, base.layers)?)),
+                    ..base.extras
+                },
+                ..base
+            }
+        }
         "phi" => phi(&o, name)?,
+        "bloom" => bloom(&o, name)?,
+        // Llama's block with parameter-free LayerNorms (OLMo v1)
+        "olmo" => {
+            let base = llama_like(&o, name, &model_type)?;
+            TransformerSpec {
+                final_norm: false,
+                extras: BlockExtras {
+                    block_norms: Some(0),
+                    ..base.extras
+                },
+                ..base
+            }
+        }
+        "distilbert" => distilbert(&o, name)?,
+        "electra" => electra(&o, name)?,
+        "deberta-v2" => deberta_v2(&o, name)?,
         "opt" => opt(&o, name)?,
         "gptj" => gptj(&o, name)?,
         "falcon" => falcon(&o, name)?,
         other => {
             return input_err(
                 "config.json model_type",
-                format!("'{other}' is not supported; accepted {MODEL_TYPES}"),
+                format!(
+                    "'{other}' is not supported; accepted {MODEL_TYPES} (for any other \
+                     checkpoint, `--safetensors` counts its parameters from the weights' headers)"
+                ),
             )
         }
     };
@@ -163,7 +203,7 @@ fn dropout_keys(model_type: &str) -> &'static [(&'static str, f32)] {
             ("embd_pdrop", 0.1),
             ("attn_pdrop", 0.1),
         ],
-        "bert" | "roberta" | "xlm-roberta" | "camembert" => &[
+        "bert" | "roberta" | "xlm-roberta" | "camembert" | "electra" => &[
             ("hidden_dropout_prob", 0.1),
             ("attention_probs_dropout_prob", 0.1),
         ],
@@ -188,7 +228,18 @@ fn dropout_keys(model_type: &str) -> &'static [(&'static str, f32)] {
             ("attn_pdrop", 0.0),
         ],
         "opt" => &[("dropout", 0.1), ("attention_dropout", 0.0)],
-        "falcon" => &[("hidden_dropout", 0.0), ("attention_dropout", 0.0)],
+        "falcon" | "bloom" => &[("hidden_dropout", 0.0), ("attention_dropout", 0.0)],
+        "t5" | "mt5" => &[("dropout_rate", 0.1)],
+        "bart" => &[
+            ("dropout", 0.1),
+            ("attention_dropout", 0.0),
+            ("activation_dropout", 0.0),
+        ],
+        "distilbert" => &[("dropout", 0.1), ("attention_dropout", 0.1)],
+        "deberta-v2" => &[
+            ("hidden_dropout_prob", 0.1),
+            ("attention_probs_dropout_prob", 0.1),
+        ],
         _ => &[("attention_dropout", 0.0)],
     }
 }
@@ -204,7 +255,18 @@ fn dropout(o: &Obj, model_type: &str) -> anyhow::Result<Option<DropoutP>> {
     let keys = dropout_keys(model_type);
     let mut any = matches!(
         model_type,
-        "gpt_neox" | "starcoder2" | "phi" | "opt" | "gptj" | "falcon"
+        "gpt_neox"
+            | "starcoder2"
+            | "phi"
+            | "opt"
+            | "gptj"
+            | "falcon"
+            | "bloom"
+            | "distilbert"
+            | "deberta-v2"
+            | "t5"
+            | "mt5"
+            | "bart"
     );
     let mut p = 0.0f32;
     for &(key, default) in keys {
@@ -233,7 +295,16 @@ fn dropout(o: &Obj, model_type: &str) -> anyhow::Result<Option<DropoutP>> {
 /// families planned with another family's block, whose class default differs (GPT-NeoX `gelu`,
 /// StarCoder2 and Gemma `gelu_pytorch_tanh`).
 fn activation(o: &Obj, model_type: &str) -> anyhow::Result<Option<Activation>> {
-    for key in ["hidden_activation", "hidden_act", "activation_function"] {
+    // DistilBERT names it `activation`; Falcon's `activation` is the same key
+    let keys: &[&str] = if model_type == "distilbert" {
+        &["activation"]
+    } else if matches!(model_type, "t5" | "mt5") {
+        // T5's activation is inside `feed_forward_proj` (read by `t5`)
+        &[]
+    } else {
+        &["hidden_activation", "hidden_act", "activation_function"]
+    };
+    for &key in keys {
         match o.get(key) {
             None | Some(Value::Null) => continue,
             Some(Value::String(name)) => {
@@ -263,6 +334,10 @@ fn activation(o: &Obj, model_type: &str) -> anyhow::Result<Option<Activation>> {
         "opt" => Some(Activation::Relu),
         // Falcon's MLP is nn.GELU() (its `activation` key defaults to it)
         "falcon" => Some(Activation::Gelu),
+        // BLOOM's GeLUFunction: the tanh approximation as one autograd function that saves its
+        // input only, like the fused `gelu_pytorch_tanh`
+        "bloom" => Some(Activation::GeluPytorchTanh),
+        "distilbert" | "deberta-v2" | "bart" => Some(Activation::Gelu),
         _ => None,
     })
 }
@@ -277,9 +352,42 @@ fn config_key(model_type: &str, field: &str) -> Option<String> {
         ("gpt2" | "gptj", "ffn") => "n_inner",
         ("gpt2" | "gptj", "max_positions") => "n_positions",
         ("opt", "ffn") => "ffn_dim",
+        ("bloom", "layers") => "n_layer",
+        ("bloom", "heads" | "kv_heads") => "n_head",
+        ("distilbert", "layers") => "n_layers",
+        ("distilbert", "hidden") => "dim",
+        ("distilbert", "heads" | "kv_heads") => "n_heads",
+        ("distilbert", "ffn") => "hidden_dim",
+        (_, "embedding_size") => "embedding_size",
         ("opt", "embed_proj") => "word_embed_proj_dim",
         ("falcon", "kv_heads") => "num_kv_heads",
         ("falcon", "ffn") => "ffn_hidden_size",
+        ("t5" | "mt5", "layers") => "num_layers",
+        ("t5" | "mt5", "hidden") => "d_model",
+        ("t5" | "mt5", "heads" | "kv_heads") => "num_heads",
+        ("t5" | "mt5", "ffn") => "d_ff",
+        ("t5" | "mt5", "head_dim") => "d_kv",
+        ("t5" | "mt5", "decoder_layers") => "num_decoder_layers",
+        ("t5" | "mt5", "rel_buckets") => "relative_attention_num_buckets",
+        ("bart", "layers") => "encoder_layers",
+        ("bart", "decoder_layers") => "decoder_layers",
+        ("bart", "hidden") => "d_model",
+        ("bart", "heads" | "kv_heads") => "encoder_attention_heads",
+        ("bart", "ffn") => "encoder_ffn_dim",
+        ("deepseek_v2" | "deepseek_v3", "experts") => "n_routed_experts",
+        ("deepseek_v2" | "deepseek_v3", "shared_ffn") => "n_shared_experts",
+        ("deepseek_v2" | "deepseek_v3", "dense_layers") => "first_k_dense_replace",
+        (
+            _,
+            "q_lora_rank" | "kv_lora_rank" | "qk_nope_head_dim" | "qk_rope_head_dim" | "v_head_dim",
+        ) => field,
+        ("mixtral", "experts") => "num_local_experts",
+        ("mixtral", "expert_ffn") => "intermediate_size",
+        (_, "experts") => "num_experts",
+        (_, "top_k") => "num_experts_per_tok",
+        (_, "expert_ffn") => "moe_intermediate_size",
+        (_, "shared_ffn") => "shared_expert_intermediate_size",
+        (_, "dense_layers") => "mlp_only_layers",
         (_, "head_dim") => "head_dim",
         (_, "layers") => "num_hidden_layers",
         (_, "hidden") => "hidden_size",
@@ -438,7 +546,7 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
         req_u64(o, "vocab_size")?,
     );
     let (qk_norm, block_norms) = match model_type {
-        "qwen3" => (QkNorm::PerHead, None),
+        "qwen3" | "qwen3_moe" => (QkNorm::PerHead, None),
         // input, post-attention, pre- and post-feed-forward norms
         "gemma2" => (QkNorm::None, Some(4)),
         "gemma3_text" => (QkNorm::PerHead, Some(4)),
@@ -450,16 +558,26 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
         arch: Arch::Decoder,
         ffn_kind: FfnKind::Swiglu,
         norm: if o.contains_key("rms_norm_eps")
-            || matches!(model_type, "qwen3" | "gemma2" | "gemma3_text" | "olmo2")
-        {
+            || matches!(
+                model_type,
+                "qwen3"
+                    | "gemma2"
+                    | "gemma3_text"
+                    | "olmo2"
+                    | "mixtral"
+                    | "qwen2_moe"
+                    | "qwen3_moe"
+            ) {
             NormKind::Rmsnorm
         } else {
             NormKind::Layernorm
         },
         // Llama's attention_bias (q, k, v, o) and mlp_bias are independent
         bias: mlp_bias,
-        // Qwen2 hard-codes biases on q, k and v (and none on o or the MLP).
-        qkv_bias: model_type == "qwen2",
+        // Qwen2 hard-codes biases on q, k and v (and none on o or the MLP); Qwen2-MoE has them
+        // unless its `qkv_bias` says otherwise
+        qkv_bias: model_type == "qwen2"
+            || (model_type == "qwen2_moe" && opt_bool(o, "qkv_bias", true)?),
         // Gemma ties its LM head to the embedding unless told otherwise (GemmaConfig default)
         tied_embeddings: opt_bool(
             o,
@@ -471,6 +589,409 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
             qk_norm,
             block_norms,
             attn_bias: (attention_bias != mlp_bias).then_some(attention_bias),
+            ..BlockExtras::default()
+        },
+        ..base
+    })
+}
+
+/// The mixture-of-experts keys: experts (`num_local_experts`, Qwen's `num_experts`), top-k, the
+/// expert width (Mixtral's `intermediate_size`, Qwen's `moe_intermediate_size`), Qwen2-MoE's
+/// gated shared expert, and which blocks keep the dense MLP: transformers makes block `i`
+/// sparse when `i` is not in `mlp_only_layers` and `(i + 1) % decoder_sparse_step == 0`.
+fn moe(o: &Obj, model_type: &str, layers: u64) -> anyhow::Result<Moe> {
+    let experts = match (
+        opt_u64(o, "num_local_experts")?,
+        opt_u64(o, "num_experts")?,
+        model_type,
+    ) {
+        (Some(n), _, _) | (None, Some(n), _) => n,
+        (None, None, "mixtral") => req_u64(o, "num_local_experts")?,
+        (None, None, _) => req_u64(o, "num_experts")?,
+    };
+    let top_k = req_u64(o, "num_experts_per_tok")?;
+    if model_type == "mixtral" {
+        return Ok(Moe {
+            experts,
+            top_k,
+            expert_ffn: req_u64(o, "intermediate_size")?,
+            shared_ffn: 0,
+            shared_gate: false,
+            dense_layers: 0,
+            expert_parallel: 1,
+            capacity_factor: CapacityFactor::default(),
+        });
+    }
+    let step = opt_u64(o, "decoder_sparse_step")?.unwrap_or(1);
+    if step == 0 {
+        return input_err(
+            &field_name("decoder_sparse_step"),
+            "0; accepted a positive integer",
+        );
+    }
+    let mlp_only: Vec<u64> = match o.get("mlp_only_layers") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => match a.iter().map(Value::as_u64).collect::<Option<Vec<_>>>() {
+            Some(v) => v,
+            None => {
+                return input_err(
+                    &field_name("mlp_only_layers"),
+                    "has an entry that is not a block index; accepted a list of integers",
+                )
+            }
+        },
+        Some(v) => {
+            return input_err(
+                &field_name("mlp_only_layers"),
+                format!("{v} is not a list; accepted a list of block indices"),
+            )
+        }
+    };
+    let sparse = (0..layers)
+        .filter(|i| !mlp_only.contains(i) && (i + 1) % step == 0)
+        .count() as u64;
+    let shared_ffn = if model_type == "qwen2_moe" {
+        req_u64(o, "shared_expert_intermediate_size")?
+    } else {
+        0
+    };
+    Ok(Moe {
+        experts,
+        top_k,
+        expert_ffn: req_u64(o, "moe_intermediate_size")?,
+        shared_ffn,
+        shared_gate: shared_ffn > 0,
+        dense_layers: layers - sparse,
+        expert_parallel: 1,
+        capacity_factor: CapacityFactor::default(),
+    })
+}
+
+/// BLOOM (`BloomForCausalLM`): GPT-2's pre-LN block with fused biased q/k/v and a 4h GELU MLP,
+/// ALiBi position biases (no position table, no parameters), a LayerNorm right after the word
+/// embedding, a tied LM head. `hidden_size` is also written `n_embed` in older configs.
+fn bloom(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let hidden = match opt_u64(o, "n_embed")? {
+        Some(h) if !o.contains_key("hidden_size") => h,
+        _ => req_u64(o, "hidden_size")?,
+    };
+    let base = presets::gpt2(
+        name,
+        req_u64(o, "n_layer")?,
+        hidden,
+        req_u64(o, "n_head")?,
+        req_u64(o, "vocab_size")?,
+        0,
+    );
+    Ok(TransformerSpec {
+        embedding_norm: true,
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
+        ..base
+    })
+}
+
+/// DistilBERT as `DistilBertForMaskedLM` (what it is pre-trained and usually fine-tuned from):
+/// BERT's post-LN block under its own keys (`dim`, `n_layers`, `n_heads`, `hidden_dim`), learned
+/// positions, no token types, and the masked-LM head: dense + LayerNorm, then the vocabulary
+/// projection tied to the word embedding with its own bias.
+fn distilbert(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let base = presets::bert(
+        name,
+        req_u64(o, "n_layers")?,
+        req_u64(o, "dim")?,
+        req_u64(o, "n_heads")?,
+    );
+    Ok(TransformerSpec {
+        vocab: req_u64(o, "vocab_size")?,
+        ffn: req_u64(o, "hidden_dim")?,
+        max_positions: req_u64(o, "max_position_embeddings")?,
+        type_vocab: 0,
+        head: Head::Lm,
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
+        extras: BlockExtras {
+            lm_head_bias: true,
+            head_transform: HeadTransform::DenseNorm,
+            ..BlockExtras::default()
+        },
+        ..base
+    })
+}
+
+/// ELECTRA as its discriminator (`ElectraForPreTraining`, what is released and fine-tuned):
+/// BERT's blocks and keys without a pooler, word/position/token-type embeddings and their
+/// LayerNorm at `embedding_size` (default 128) with a biased linear up to `hidden_size` when the
+/// two differ, and the discriminator head: dense + a one-logit projection per token.
+fn electra(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let hidden = req_u64(o, "hidden_size")?;
+    let embed = opt_u64(o, "embedding_size")?.unwrap_or(128);
+    Ok(TransformerSpec {
+        head: Head::Classifier { classes: 1 },
+        extras: BlockExtras {
+            head_transform: HeadTransform::Dense,
+            factorized_embedding: (embed != hidden).then_some(embed),
+            ..BlockExtras::default()
+        },
+        ..bert(o, name)?
+    })
+}
+
+/// DeBERTa-v2/v3 as `DebertaV2ForMaskedLM`: BERT's post-LN block and keys; absolute positions
+/// only with `position_biased_input` (default true; v3 false); with `relative_attention` a
+/// relative-position table shared by all blocks (`2 x position_buckets` rows, or `2 x
+/// max_relative_positions`, which -1 sets to `max_position_embeddings`) and a LayerNorm over it
+/// when `norm_rel_ebd` says `layer_norm`; without `share_att_key`, a key projection for c2p and
+/// a query projection for p2c in every block (`pos_att_type`); the masked-LM head with dense +
+/// LayerNorm and a vocabulary bias, tied to the word embedding. The convolution of `conv_kernel_size`
+/// (DeBERTa-v2-xlarge) is not modelled and is refused.
+fn deberta_v2(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    if opt_u64(o, "conv_kernel_size")?.unwrap_or(0) > 0 {
+        return input_err(
+            &field_name("conv_kernel_size"),
+            "above 0 (a convolution layer the planner does not model); accepted 0 or absent",
+        );
+    }
+    let base = presets::bert(
+        name,
+        req_u64(o, "num_hidden_layers")?,
+        req_u64(o, "hidden_size")?,
+        req_u64(o, "num_attention_heads")?,
+    );
+    let max_positions = req_u64(o, "max_position_embeddings")?;
+    let relative = opt_bool(o, "relative_attention", false)?;
+    let rel_positions = if relative {
+        // both default to -1 (unset) in DebertaV2Config
+        match o.get("position_buckets").and_then(Value::as_i64) {
+            Some(b) if b > 0 => 2 * b as u64,
+            _ => match o.get("max_relative_positions").and_then(Value::as_i64) {
+                Some(m) if m >= 1 => 2 * m as u64,
+                _ => 2 * max_positions,
+            },
+        }
+    } else {
+        0
+    };
+    // the table is bounded like any position table (`transformer::MAX_POSITIONS`)
+    crate::error::check_range(
+        &field_name("position_buckets"),
+        rel_positions,
+        0,
+        super::transformer::MAX_POSITIONS,
+    )?;
+    let norm_rel = match o.get("norm_rel_ebd") {
+        Some(Value::String(s)) => s.split('|').any(|p| p.trim() == "layer_norm"),
+        _ => false,
+    };
+    let pos_att: Vec<String> = match o.get("pos_att_type") {
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.as_str().map(str::to_ascii_lowercase))
+            .collect(),
+        Some(Value::String(s)) => s
+            .split('|')
+            .map(|p| p.trim().to_ascii_lowercase())
+            .collect(),
+        _ => Vec::new(),
+    };
+    let pos_proj = if relative && !opt_bool(o, "share_att_key", false)? {
+        ["c2p", "p2c"]
+            .iter()
+            .filter(|k| pos_att.iter().any(|p| p == *k))
+            .count() as u8
+    } else {
+        0
+    };
+    Ok(TransformerSpec {
+        vocab: req_u64(o, "vocab_size")?,
+        ffn: req_u64(o, "intermediate_size")?,
+        max_positions: if opt_bool(o, "position_biased_input", true)? {
+            max_positions
+        } else {
+            0
+        },
+        type_vocab: opt_u64(o, "type_vocab_size")?.unwrap_or(0),
+        head: Head::Lm,
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
+        extras: BlockExtras {
+            lm_head_bias: true,
+            head_transform: HeadTransform::DenseNorm,
+            rel_positions: rel_positions as u32,
+            rel_norm: relative && norm_rel,
+            pos_proj,
+            ..BlockExtras::default()
+        },
+        ..base
+    })
+}
+
+/// DeepSeek-V2/V3 (`DeepseekV2ForCausalLM`, `DeepseekV3ForCausalLM`): Llama's block with
+/// multi-head latent attention (`q_lora_rank` null for a plain query projection) and, from block
+/// `first_k_dense_replace` on, an MoE of `n_routed_experts` experts of `moe_intermediate_size`
+/// with `n_shared_experts` always-used experts of the same width (one MLP `n_shared x` wide) and
+/// a bias-free router; V3's router score correction is a buffer. Biased attention projections
+/// (`attention_bias`) are not modelled and are refused.
+fn deepseek(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<TransformerSpec> {
+    if opt_bool(o, "attention_bias", false)? {
+        return input_err(
+            &field_name("attention_bias"),
+            "true (biased latent-attention projections are not modelled); accepted false",
+        );
+    }
+    let base = llama_like(o, name, model_type)?;
+    let mla = Mla {
+        q_lora_rank: opt_u64(o, "q_lora_rank")?.unwrap_or(0),
+        kv_lora_rank: req_u64(o, "kv_lora_rank")?,
+        qk_nope: req_u64(o, "qk_nope_head_dim")?,
+        qk_rope: req_u64(o, "qk_rope_head_dim")?,
+        v_head: req_u64(o, "v_head_dim")?,
+    };
+    let moe_ffn = req_u64(o, "moe_intermediate_size")?;
+    let moe = Moe {
+        experts: req_u64(o, "n_routed_experts")?,
+        top_k: req_u64(o, "num_experts_per_tok")?,
+        expert_ffn: moe_ffn,
+        shared_ffn: opt_u64(o, "n_shared_experts")?
+            .unwrap_or(0)
+            .saturating_mul(moe_ffn),
+        shared_gate: false,
+        dense_layers: opt_u64(o, "first_k_dense_replace")?
+            .unwrap_or(0)
+            .min(base.layers),
+        expert_parallel: 1,
+        capacity_factor: CapacityFactor::default(),
+    };
+    Ok(TransformerSpec {
+        kv_heads: base.heads,
+        extras: BlockExtras {
+            head_dim: Some(mla.qk_nope + mla.qk_rope),
+            attn_bias: None,
+            mla: Some(Box::new(mla)),
+            moe: Some(Box::new(moe)),
+            ..base.extras
+        },
+        ..base
+    })
+}
+
+/// T5 and mT5 (`T5ForConditionalGeneration`, `MT5ForConditionalGeneration`): pre-RMSNorm blocks
+/// without biases, attention `num_heads x d_kv` wide (not necessarily `d_model`), no position
+/// table but a relative-position bias of `relative_attention_num_buckets x num_heads` in each
+/// stack's first block, a final norm per stack, and `feed_forward_proj`: `relu` (T5 v1.0: two
+/// matrices) or `gated-gelu` (v1.1, mT5: three, with transformers' tanh `gelu_new`), and the LM
+/// head tied to the shared embedding. transformers 5 ties it always: `T5Config` / `MT5Config`
+/// read v1.1's and mT5's `tie_word_embeddings: false` only as "do not scale the decoder output"
+/// (transformers 4 kept a separate `vocab x d_model` head for them, which a checkpoint written
+/// then still stores; `--safetensors` lists it as a tied duplicate).
+fn t5(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let hidden = req_u64(o, "d_model")?;
+    let heads = req_u64(o, "num_heads")?;
+    let layers = req_u64(o, "num_layers")?;
+    let d_kv = req_u64(o, "d_kv")?;
+    let proj = match o.get("feed_forward_proj") {
+        None | Some(Value::Null) => "relu".to_string(),
+        Some(Value::String(s)) => s.to_ascii_lowercase(),
+        Some(v) => {
+            return input_err(
+                &field_name("feed_forward_proj"),
+                format!("{v} is not a string; accepted relu, gated-gelu, gated-silu, ..."),
+            )
+        }
+    };
+    let (gated, act_name) = match proj.strip_prefix("gated-") {
+        Some(a) => (true, a),
+        None => (false, proj.as_str()),
+    };
+    // transformers' T5Config maps "gated-gelu" to the tanh `gelu_new`
+    let act_name = if gated && act_name == "gelu" {
+        "gelu_new"
+    } else {
+        act_name
+    };
+    let Some(act) = Activation::from_name(act_name) else {
+        return input_err(
+            &field_name("feed_forward_proj"),
+            format!(
+                "'{proj}' is not a modelled activation; accepted relu, gated-gelu, or [gated-]{}",
+                Activation::accepted()
+            ),
+        );
+    };
+    let base = presets::llama(
+        name,
+        layers,
+        hidden,
+        heads,
+        heads,
+        req_u64(o, "d_ff")?,
+        req_u64(o, "vocab_size")?,
+    );
+    Ok(TransformerSpec {
+        arch: Arch::Encoder,
+        ffn_kind: if gated {
+            FfnKind::Swiglu
+        } else {
+            FfnKind::Gelu
+        },
+        activation: Some(act),
+        tied_embeddings: true,
+        extras: BlockExtras {
+            head_dim: (d_kv * heads != hidden).then_some(d_kv),
+            enc_dec: Some(Box::new(EncDec {
+                decoder_layers: opt_u64(o, "num_decoder_layers")?.unwrap_or(layers),
+                rel_buckets: opt_u64(o, "relative_attention_num_buckets")?.unwrap_or(32),
+                target_seq: 0,
+            })),
+            ..BlockExtras::default()
+        },
+        ..base
+    })
+}
+
+/// BART (`BartForConditionalGeneration`): post-LayerNorm blocks with biases and a GELU MLP,
+/// learned positions per stack with transformers' 2 offset rows and a LayerNorm after each
+/// stack's embedding, no final norms, the LM head tied to the shared embedding
+/// (`final_logits_bias` is a buffer). The decoder must match the encoder's heads and FFN width.
+fn bart(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
+    let heads = req_u64(o, "encoder_attention_heads")?;
+    let ffn = req_u64(o, "encoder_ffn_dim")?;
+    for (key, enc, enc_key) in [
+        ("decoder_attention_heads", heads, "encoder_attention_heads"),
+        ("decoder_ffn_dim", ffn, "encoder_ffn_dim"),
+    ] {
+        if let Some(d) = opt_u64(o, key)? {
+            if d != enc {
+                return input_err(
+                    &field_name(key),
+                    format!("{d} differs from {enc_key} {enc}; accepted {enc} (the planner models equal stacks)"),
+                );
+            }
+        }
+    }
+    if opt_bool(o, "add_final_layer_norm", false)? {
+        return input_err(
+            &field_name("add_final_layer_norm"),
+            "true (mBART's final norms are not modelled under model_type bart); accepted false",
+        );
+    }
+    let base = presets::bert(
+        name,
+        req_u64(o, "encoder_layers")?,
+        req_u64(o, "d_model")?,
+        heads,
+    );
+    Ok(TransformerSpec {
+        vocab: req_u64(o, "vocab_size")?,
+        ffn,
+        max_positions: req_pos(o, "max_position_embeddings")?,
+        type_vocab: 0,
+        head: Head::Lm,
+        tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
+        extras: BlockExtras {
+            position_offset: 2,
+            enc_dec: Some(Box::new(EncDec {
+                decoder_layers: req_u64(o, "decoder_layers")?,
+                rel_buckets: 0,
+                target_seq: 0,
+            })),
             ..BlockExtras::default()
         },
         ..base
@@ -733,7 +1254,9 @@ mod tests {
             "invalid config.json model_type: 'mamba' is not supported; accepted bert, roberta, \
              xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, starcoder2, vit, llama, \
              mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, phi, opt, gptj, \
-             falcon"
+             falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, qwen3_moe, \
+             deepseek_v2, deepseek_v3, t5, mt5, bart (for any other checkpoint, `--safetensors` \
+             counts its parameters from the weights' headers)"
         );
         let err = parse(r#"{"model_type":"opt","hidden_size":64}"#, "x").unwrap_err();
         assert_eq!(

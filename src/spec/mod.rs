@@ -2,8 +2,11 @@
 
 pub mod cnn;
 pub mod cnn_file;
+pub mod encdec;
 pub mod hf_config;
+pub mod moe;
 pub mod presets;
+pub mod safetensors;
 pub mod train;
 pub mod transformer;
 

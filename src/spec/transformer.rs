@@ -130,7 +130,7 @@ pub enum QkNorm {
 /// The structural departures of newer families from the plain pre/post-norm block, as data: each
 /// one's default is the plain block, and a spec file without them (older CSV `spec_json`) reads
 /// with that meaning. Flattened into the spec's JSON; defaults are not written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 pub struct BlockExtras {
     /// Width of one attention head when it is not `hidden / heads` (Qwen3, Gemma2/3): q is
     /// `heads x head_dim` wide, k and v `kv_heads x head_dim`.
@@ -155,11 +155,53 @@ pub struct BlockExtras {
     pub lm_head_bias: bool,
     /// Learned position rows beyond `max_positions` that no sequence position uses (OPT's 2).
     #[serde(default, skip_serializing_if = "is_default")]
-    pub position_offset: u64,
+    pub position_offset: u16,
     /// Width of the token embedding (and of a tied LM head) when not `hidden`, with bias-free
     /// projections in and out of the blocks (OPT's `word_embed_proj_dim`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub embed_proj: Option<u64>,
+    /// A transform of the final hidden states before the head's projection (masked-LM heads,
+    /// ELECTRA's discriminator).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub head_transform: HeadTransform,
+    /// Width of every embedding table (and the embedding norm) when factorised below `hidden`,
+    /// with a biased linear up to `hidden` (ELECTRA's `embedding_size`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub factorized_embedding: Option<u64>,
+    /// Rows of a relative-position embedding table shared by all blocks, with a norm over it
+    /// when `rel_norm` (DeBERTa-v2: `2 x position_buckets`).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub rel_positions: u32,
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub rel_norm: bool,
+    /// Position projections (`hidden -> hidden` with bias) per block on top of q, k, v, o
+    /// (DeBERTa-v2 without `share_att_key`: one for c2p, one for p2c).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub pos_proj: u8,
+    /// A decoder stack beside these (encoder) blocks: T5, mT5, BART.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enc_dec: Option<Box<super::encdec::EncDec>>,
+    /// Multi-head latent attention in place of q/k/v/o projections (DeepSeek-V2/V3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mla: Option<Box<super::moe::Mla>>,
+    /// (Boxed, as is `mla`: rare, and `ModelSpec` stays small.)
+    /// A mixture-of-experts feed-forward in place of the dense MLP (in all blocks but
+    /// `moe.dense_layers` of them): Mixtral, Qwen2-MoE, Qwen3-MoE.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moe: Option<Box<super::moe::Moe>>,
+}
+
+/// What sits between the last block and the head's projection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HeadTransform {
+    #[default]
+    None,
+    /// a dense `hidden -> hidden` with bias (ELECTRA's discriminator)
+    Dense,
+    /// a dense `hidden -> hidden` with bias and a norm (BERT-family masked-LM heads:
+    /// DistilBERT, DeBERTa-v2)
+    DenseNorm,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -342,7 +384,25 @@ impl TransformerSpec {
         if let Some(n) = self.extras.block_norms {
             check_range("block_norms", n, 0, 8)?;
         }
-        check_range("position_offset", self.extras.position_offset, 0, 1 << 12)?;
+        check_range(
+            "position_offset",
+            self.extras.position_offset as u64,
+            0,
+            1 << 12,
+        )?;
+        check_range("pos_proj", self.extras.pos_proj as u64, 0, 2)?;
+        if let Some(e) = self.extras.factorized_embedding {
+            check_range("embedding_size", e, 1, MAX_HIDDEN)?;
+        }
+        if let Some(m) = &self.extras.moe {
+            m.validate(self.layers)?;
+        }
+        if let Some(m) = &self.extras.mla {
+            m.validate()?;
+        }
+        if let Some(e) = &self.extras.enc_dec {
+            e.validate(MAX_LAYERS)?;
+        }
         if self.extras.head_dim.is_none() && !self.hidden.is_multiple_of(self.heads) {
             return input_err(
                 "heads",

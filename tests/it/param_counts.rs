@@ -33,9 +33,16 @@ fn more_published_counts() {
 /// classes (RobertaModel, XLMRobertaModel, GPTNeoXForCausalLM, Phi3ForCausalLM,
 /// GemmaForCausalLM, Starcoder2ForCausalLM, GPTBigCodeForCausalLM) built from them
 /// on the meta device (transformers 5.24); they equal the model cards' figures.
-/// The later families (Qwen3, Gemma2, Gemma3 text, OLMo2, Phi, OPT, GPT-J, Falcon) are
-/// hand-written configs of the published sizes, counted by scripts/count_hf_params.py the same
-/// way (*ForCausalLM on the meta device, transformers 5.24).
+/// The later families (Qwen3, Gemma2, Gemma3 text, OLMo2, Phi, OPT, GPT-J, Falcon, BLOOM, OLMo)
+/// are hand-written configs of the published sizes, counted by scripts/count_hf_params.py the
+/// same way (*ForCausalLM on the meta device, transformers 5.24); DistilBERT and DeBERTa-v3 as
+/// *ForMaskedLM, ELECTRA-small as ElectraForPreTraining (the discriminator), the classes they are
+/// pre-trained and fine-tuned from (DistilBERT's 66,985,530
+/// is its model card's figure with the MLM head; the tiny DeBERTa-v2 has unshared c2p/p2c
+/// position projections and a relative table of 2 x max_position_embeddings rows). T5, T5 v1.1,
+/// mT5 and BART as *ForConditionalGeneration, both stacks; transformers 5 ties T5's and mT5's LM
+/// head to the shared embedding whatever `tie_word_embeddings` says (so mT5-small is 172M here,
+/// not transformers 4's 300M with its separate head).
 #[test]
 fn hf_config_families_count_like_transformers() {
     let cases = [
@@ -55,6 +62,16 @@ fn hf_config_families_count_like_transformers() {
         ("opt-350m", 331_196_416),
         ("gpt-j-6b", 6_050_882_784),
         ("falcon-7b", 6_921_720_704),
+        ("bloom-560m", 559_214_592),
+        ("olmo-1b", 1_176_764_416),
+        ("distilbert-base", 66_985_530),
+        ("electra-small-discriminator", 13_549_057),
+        ("deberta-v3-base", 184_551_780),
+        ("deberta-v2-tiny-unshared", 30_468),
+        ("t5-small", 60_506_624),
+        ("t5-v1_1-small", 60_511_616),
+        ("mt5-small", 172_119_424),
+        ("bart-base", 139_420_416),
     ];
     for (name, want) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -64,5 +81,35 @@ fn hf_config_families_count_like_transformers() {
         let spec = vramcal::spec::hf_config::load(&path).unwrap();
         let got = count(&vramcal::spec::ModelSpec::Transformer(spec));
         assert_eq!(got, want, "{name}");
+    }
+}
+
+/// Mixture-of-experts configs (published sizes of Mixtral-8x7B, Qwen1.5-MoE-A2.7B,
+/// Qwen3-30B-A3B, and a tiny Qwen2-MoE with dense blocks from `decoder_sparse_step` 2 and
+/// `mlp_only_layers`): total parameters as transformers counts MixtralForCausalLM /
+/// Qwen2MoeForCausalLM / Qwen3MoeForCausalLM on the meta device, and active parameters as
+/// scripts/count_hf_params.py derives them from the built model's `experts` modules (transformers
+/// 5.24). The model cards state 46.7B / 12.9B, 14.3B / 2.7B, 30.5B / 3.3B. DeepSeek-V2-Lite
+/// (plain query projection, 1 dense block, 2 shared experts) and DeepSeek-V3 (query bottleneck,
+/// 3 dense blocks, 1 shared expert) exercise latent attention; V3's card states 671B / 37B
+/// (without its multi-token-prediction module, which transformers does not build).
+#[test]
+fn moe_families_count_total_and_active_like_transformers() {
+    let cases = [
+        ("mixtral-8x7b", 46_702_792_704u64, 12_879_925_248u64),
+        ("qwen1.5-moe-a2.7b", 14_315_784_192, 2_689_173_504),
+        ("qwen3-30b-a3b", 30_532_122_624, 3_353_032_704),
+        ("qwen2-moe-tiny-mixed", 177_024, 164_736),
+        ("deepseek-v2-lite", 15_706_484_224, 2_661_150_208),
+        ("deepseek-v3", 671_026_404_352, 37_552_282_624),
+    ];
+    for (name, total, active) in cases {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/hf_configs")
+            .join(name)
+            .join("config.json");
+        let spec = vramcal::spec::hf_config::load(&path).unwrap();
+        let p = vramcal::plan::params::transformer(&spec);
+        assert_eq!((p.total, p.active), (total, active), "{name}");
     }
 }

@@ -256,8 +256,11 @@ fn hf_config_errors_name_the_field() {
         format!("{err}").contains("config.json num_attention_heads: missing"),
         "{err}"
     );
-    let err = hf_config::parse(r#"{"model_type":"t5"}"#, "x").unwrap_err();
-    assert!(format!("{err}").contains("'t5' is not supported"), "{err}");
+    let err = hf_config::parse(r#"{"model_type":"mamba"}"#, "x").unwrap_err();
+    assert!(
+        format!("{err}").contains("'mamba' is not supported"),
+        "{err}"
+    );
 }
 
 #[test]
