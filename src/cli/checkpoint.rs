@@ -45,8 +45,8 @@ pub fn route(
             Ok(_) => return Ok(Route::Plan(p, ck)),
             Err(e) => match e.downcast_ref::<InputError>() {
                 // an architecture the planner does not know: the counts are still exact
-                Some(ie) if ie.field == "config.json model_type" => {
-                    format!("no memory plan: {}", ie.message)
+                Some(ie) if ie.field() == "config.json model_type" => {
+                    format!("no memory plan: {}", ie.message())
                 }
                 _ => return Err(e),
             },
