@@ -45,6 +45,12 @@ pub struct ActivationCoeffs {
     pub c_f: Coef,
     /// per b*a*s^2 per layer (attention scores/probabilities)
     pub c_att: Coef,
+    /// per dropout element of a block (2·b·s·h for the attention-output and MLP-output sites
+    /// plus the stored b·a·s² probabilities; 0 without dropout): its mask and dropped copy. The
+    /// literature's c_h and c_att include dropout (Korthikanti et al.), so its value there is 0;
+    /// a fit separates it so that blocks with and without dropout are planned apart
+    #[serde(default = "Coef::unset")]
+    pub c_dropout: Coef,
     /// per b*s*V (head logits and loss)
     pub c_logits: Coef,
     /// per b*s*h per layer kept as block inputs under checkpointing

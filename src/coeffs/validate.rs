@@ -33,6 +33,7 @@ impl ModeCoeffs {
             ("activation.c_h", &a.c_h),
             ("activation.c_f", &a.c_f),
             ("activation.c_att", &a.c_att),
+            ("activation.c_dropout", &a.c_dropout),
             ("activation.c_logits", &a.c_logits),
             ("activation.c_ckpt", &a.c_ckpt),
             ("activation.c_conv", &a.c_conv),

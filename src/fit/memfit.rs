@@ -37,6 +37,7 @@ pub enum Col {
     H,
     F,
     Att,
+    Dropout,
     Logits,
     Ckpt,
     Conv,
@@ -50,12 +51,13 @@ pub enum Col {
     Const,
 }
 
-pub const COLS: [Col; 16] = [
+pub const COLS: [Col; 17] = [
     Col::Frag,
     Col::HalfCopy,
     Col::H,
     Col::F,
     Col::Att,
+    Col::Dropout,
     Col::Logits,
     Col::Ckpt,
     Col::Conv,
@@ -71,8 +73,9 @@ pub const COLS: [Col; 16] = [
 
 /// Which column to give up first when the data cannot separate several: the ones the data
 /// usually varies least (the half copy, checkpoint retention) before the core terms.
-const DROP_ORDER: [Col; 16] = [
+const DROP_ORDER: [Col; 17] = [
     Col::HalfCopy,
+    Col::Dropout,
     Col::Gathered,
     Col::MaxParam,
     Col::Ckpt,
@@ -98,6 +101,7 @@ impl Col {
             Col::H => "c_h",
             Col::F => "c_f",
             Col::Att => "c_att",
+            Col::Dropout => "c_dropout",
             Col::Logits => "c_logits",
             Col::Ckpt => "c_ckpt",
             Col::Conv => "c_conv",
@@ -135,6 +139,7 @@ impl Col {
             Col::H => f.bsh,
             Col::F => f.bsf,
             Col::Att => f.bas2,
+            Col::Dropout => f.dropout_elems,
             Col::Logits => f.bsv,
             Col::Ckpt => f.ckpt_bsh,
             Col::Conv => f.conv,
@@ -153,7 +158,7 @@ impl Col {
 
     /// Saved activations of the live blocks (the block phase of a checkpointed step).
     fn is_block(self) -> bool {
-        matches!(self, Col::H | Col::F | Col::Att)
+        matches!(self, Col::H | Col::F | Col::Att | Col::Dropout)
     }
 
     /// The coefficient in the planner's units from a mode table.
@@ -165,6 +170,7 @@ impl Col {
             Col::H => a.c_h.value,
             Col::F => a.c_f.value,
             Col::Att => a.c_att.value,
+            Col::Dropout => a.c_dropout.value,
             Col::Logits => a.c_logits.value,
             Col::Ckpt => a.c_ckpt.value,
             Col::Conv => a.c_conv.value,
@@ -188,6 +194,7 @@ impl Col {
             Col::H => &mut a.c_h,
             Col::F => &mut a.c_f,
             Col::Att => &mut a.c_att,
+            Col::Dropout => &mut a.c_dropout,
             Col::Logits => &mut a.c_logits,
             Col::Ckpt => &mut a.c_ckpt,
             Col::Conv => &mut a.c_conv,

@@ -10,6 +10,8 @@
 //!
 //! [[point_set]]
 //! model = "tiny-gpt"          # a preset name (`vramcal estimate --help` lists them)
+//! dropout = 0.0               # optional: transformer dropout of every site (default: the
+//!                             #   architecture's)
 //! layers = [2, 4]             # optional shape overrides, a number or a list (each value is a
 //! hidden = [64, 128]          #   grid axis): layers, hidden, heads, ffn, vocab (transformers),
 //!                             #   width (CNNs: first-stage channels of the ResNet/VGG builder)
@@ -110,6 +112,9 @@ struct PointSet {
     attention: Vec<Attention>,
     #[serde(default)]
     optimizer_impl: Vec<OptimizerImpl>,
+    /// Transformer dropout probability of every site (default: the architecture's, as
+    /// transformers sets it): 0 gives GPT-2/BERT blocks whose sdpa runs fused on a CPU too
+    dropout: Option<f32>,
 }
 
 /// One configuration to measure.
@@ -224,6 +229,26 @@ impl ModelOverrides {
                 Ok(ModelSpec::Cnn(rebuilt))
             }
         }
+    }
+}
+
+/// The model with the point set's dropout probability, when it gives one (transformers only).
+fn with_dropout(model: ModelSpec, dropout: Option<f32>) -> anyhow::Result<ModelSpec> {
+    let Some(p) = dropout else {
+        return Ok(model);
+    };
+    if !(0.0..1.0).contains(&p) {
+        return input_err("dropout", format!("{p}; accepted 0 <= p < 1"));
+    }
+    match model {
+        ModelSpec::Transformer(mut t) => {
+            t.dropout = Some(crate::spec::transformer::DropoutP(p));
+            Ok(ModelSpec::Transformer(t))
+        }
+        ModelSpec::Cnn(c) => input_err(
+            "dropout",
+            format!("{} is a CNN; accepted for transformer models only", c.name),
+        ),
     }
 }
 
@@ -396,7 +421,7 @@ fn expand(set: &PointSet, out: &mut Vec<Point>) -> anyhow::Result<()> {
                                 vocab,
                                 width,
                             };
-                            let model = ov.apply(&base)?;
+                            let model = with_dropout(ov.apply(&base)?, set.dropout)?;
                             for &precision in &precisions {
                                 for &checkpointing in &ckpts {
                                     for &optimizer in &optims {

@@ -79,6 +79,9 @@ pub struct Features {
     /// Dropout probability above 0 ([`crate::spec::transformer::TransformerSpec::dropout_p`]):
     /// adds the matched block's [`crate::coeffs::DropoutCoeffs`]
     pub dropout: bool,
+    /// Dropout elements of the live blocks when dropout is on (2·bsh for the two residual-branch
+    /// sites + the stored probabilities bas2), else 0: the fitted tables' `c_dropout` feature.
+    pub dropout_elems: f64,
     /// b*s*f over the live layers, once per FFN (not doubled for SwiGLU)
     pub bsf_raw: f64,
     /// b*a*s over the live layers (attention rows)
@@ -217,6 +220,7 @@ impl Features {
             self.bsh * a.c_h.value
                 + self.bsf * a.c_f.value
                 + self.bas2 * a.c_att.value
+                + self.dropout_elems * a.c_dropout.value
                 + self.fused_attention_bytes
                 + self.moe_bytes
                 + self.cross_attention_bytes,
@@ -374,6 +378,11 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 block: t.block_kind().map(|k| (k, train.attention)),
                 act_fn: Some(t.activation_kind()),
                 dropout: t.dropout_p().is_active(),
+                dropout_elems: if t.dropout_p().is_active() {
+                    2.0 * live * b * s * h + if stored_scores { live * scores } else { 0.0 }
+                } else {
+                    0.0
+                },
                 bsf_raw: live * b * s * f,
                 bas: live * b * a * s,
                 bskv: live * b * s * (t.kv_heads * t.head_dim()) as f64,
@@ -470,6 +479,7 @@ fn encdec_features(
         block: None,
         act_fn: enc.act_fn,
         dropout: enc.dropout,
+        dropout_elems: enc.dropout_elems + dec.dropout_elems,
         bsf_raw: enc.bsf_raw + dec.bsf_raw,
         bas: enc.bas + dec.bas,
         bskv: enc.bskv + dec.bskv,

@@ -20,11 +20,16 @@ fn the_committed_table_predicts_the_committed_sdpa_points() {
         .collect();
     assert!(sdpa.len() >= 10, "{} sdpa points", sdpa.len());
     let mut errors = Vec::new();
+    let mut fused = 0;
     for r in &sdpa {
-        let (m, t) = (r.model_spec().unwrap(), r.train_spec());
-        assert_eq!(t.attention, Attention::Sdpa);
+        // planned with the kernels that ran: on a CPU, sdpa with attention dropout is PyTorch's
+        // math path (`Attention::kernels_on`), as the fit plans it
+        let (m, t) = (r.model_spec().unwrap(), r.planned_train_spec().unwrap());
         let terms = fit_terms(&m, &t).unwrap();
-        assert!(terms.features.fused_attention_bytes > 0.0);
+        if t.attention == Attention::Sdpa {
+            assert!(terms.features.fused_attention_bytes > 0.0);
+            fused += 1;
+        }
         let peak = r.peak_bytes.unwrap() as f64;
         let err = 100.0 * (breakdown(&terms, &m, &t, &table).total as f64 - peak) / peak;
         eprintln!(
@@ -41,6 +46,7 @@ fn the_committed_table_predicts_the_committed_sdpa_points() {
         );
         errors.push(err.abs());
     }
+    assert!(fused >= 5, "{fused} points ran fused attention");
     let mape = errors.iter().sum::<f64>() / errors.len() as f64;
     assert!(mape < 10.0, "sdpa in-sample MAPE {mape:.2} %");
     // and the fit's own in-sample residuals of the modes holding them are reasonable

@@ -2,7 +2,6 @@
 //! decoder's cross-attention over the encoder's tokens, `--target-seq`, and the refusals.
 //! Expected values are written from the architecture by hand, not from the planner.
 
-
 use crate::common::vramcal;
 use std::path::Path;
 use vramcal::plan::memory::features;

@@ -2,7 +2,6 @@
 //! activations and the router's, the flags' input errors, and `--json`'s total and active
 //! parameters. Expected values are written from the architecture by hand, not from the planner.
 
-
 use crate::common::vramcal;
 use std::path::Path;
 use vramcal::plan::memory::{features, fit_terms, state_bytes};

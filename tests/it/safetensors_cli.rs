@@ -2,7 +2,6 @@
 //! zero bytes, the format's layout) and of one written by transformers' `save_pretrained`, the
 //! cross-check against the config.json beside it, and the counts-only answer without one.
 
-
 use crate::common::vramcal;
 use std::path::Path;
 

@@ -99,7 +99,6 @@ impl Norm {
     }
 }
 
-
 /// Max/avg pooling with any kernel, stride and padding (PyTorch semantics, average counting the
 /// padding). kernel == stride without padding uses candle's kernels; other max pools (the ResNet
 /// stem's 3x3/2) are one node keeping the input and indices ([`super::pool`]); other average

@@ -173,9 +173,14 @@ mod tests {
             let x =
                 Var::from_tensor(&Tensor::randn(0f32, 1., (2, 3, 9, 9), &dev).unwrap()).unwrap();
             let ours = max_pool2d(x.as_tensor(), k, stride, pad).unwrap();
-            let theirs =
-                crate::harness::layers::ops::pool2d_composed(x.as_tensor(), PoolKind::Max, k, stride, pad)
-                    .unwrap();
+            let theirs = crate::harness::layers::ops::pool2d_composed(
+                x.as_tensor(),
+                PoolKind::Max,
+                k,
+                stride,
+                pad,
+            )
+            .unwrap();
             let d = (&ours - &theirs).unwrap().abs().unwrap().max_all().unwrap();
             assert_eq!(d.to_scalar::<f32>().unwrap(), 0.0);
             let w = Tensor::randn(0f32, 1., ours.shape(), &dev).unwrap();
