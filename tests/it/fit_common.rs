@@ -23,6 +23,7 @@ pub fn truth() -> Coefficients {
         a.c_h.value = if half { 21.0 } else { 41.0 };
         a.c_f.value = if half { 5.5 } else { 11.0 };
         a.c_att.value = if half { 6.0 } else { 12.0 };
+        a.c_dropout.value = if half { 4.0 } else { 8.0 };
         a.c_logits.value = if half { 14.0 } else { 9.0 };
         a.c_ckpt.value = if half { 3.0 } else { 5.0 };
         a.c_conv.value = if half { 3.5 } else { 6.0 };

@@ -210,19 +210,16 @@ fn fused_attention_drops_the_score_tensors() {
         ])
     };
     let (eager, sdpa) = (run("eager"), run("sdpa"));
-    // The planner's fused-attention model (no stored scores; the kernel's output and row
-    // log-sum-exp instead), with the committed CPU table, predicts the fused peak within 10 %.
-    let cpu = Coefficients::load(std::path::Path::new(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/calibration/cpu-amd-epyc.json"
-    )))
-    .unwrap();
-    let planned = vramcal::plan::memory::estimate(&model, &sdpa.train_spec(), &cpu)
-        .unwrap()
-        .total as f64;
+    // The harness keeps what PyTorch keeps: the literature table's GPT-2 sdpa block (PyTorch's
+    // own saved bytes, calibration/data/torch-saved-bytes-cpu.csv) plans the harness's fused
+    // peak within 5 % (its allocated peak less the cuBLAS workspace, a CUDA buffer a CPU
+    // process lacks; -1.1 % when written).
+    let lit = Coefficients::literature();
+    let plan = vramcal::plan::memory::estimate(&model, &sdpa.train_spec(), &lit).unwrap();
+    let planned = (plan.total - plan.overhead) as f64;
     let measured = sdpa.peak_bytes.unwrap() as f64;
     assert!(
-        (planned / measured - 1.0).abs() < 0.10,
+        (planned / measured - 1.0).abs() < 0.05,
         "planned {planned} B vs measured {measured} B"
     );
     assert_eq!(eager.attention, vramcal::spec::Attention::Eager);
