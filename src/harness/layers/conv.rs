@@ -13,8 +13,8 @@
 //! each band the same convolution trick on a slice small enough that its im2col tile stays under
 //! [`WEIGHT_GRAD_TILE`] elements. The graph keeps the input and the weight, as PyTorch's does.
 
+use super::handed::{handed_fwd, Handed};
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
-use std::sync::Mutex;
 
 /// Most elements of one band's im2col tile in the weight gradient (`band rows·out_w` by the
 /// kernel's positions): 64 Ki elements, 256 KB in fp32.
@@ -25,25 +25,7 @@ struct Conv2dOp {
     stride: usize,
     /// The forward's result, computed by candle's conv2d before the node is made and moved
     /// out by the node's forward (so the op held by the graph keeps no copy of it).
-    out: Mutex<Option<Tensor>>,
-}
-
-impl Conv2dOp {
-    fn take_out<S>(&self, pick: impl Fn(&candle_core::Storage) -> Option<&S>) -> Result<(S, Shape)>
-    where
-        S: candle_core::backend::BackendStorage,
-    {
-        let out = self
-            .out
-            .lock()
-            .expect("conv output lock")
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("conv2d node evaluated twice".into()))?;
-        let (storage, layout) = out.storage_and_layout();
-        let s = pick(&storage)
-            .ok_or_else(|| candle_core::Error::Msg("conv2d output on another device".into()))?;
-        Ok((s.try_clone(layout)?, out.shape().clone()))
-    }
+    out: Handed,
 }
 
 impl CustomOp2 for Conv2dOp {
@@ -51,32 +33,7 @@ impl CustomOp2 for Conv2dOp {
         "conv2d-lean-backward"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.take_out(|s| match s {
-            candle_core::Storage::Cpu(c) => Some(c),
-            _ => None,
-        })
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.take_out(|s| match s {
-            candle_core::Storage::Cuda(c) => Some(c),
-            #[allow(unreachable_patterns)]
-            _ => None,
-        })
-    }
+    handed_fwd!(x, w);
 
     fn bwd(
         &self,
@@ -155,7 +112,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
     let op = Conv2dOp {
         padding,
         stride,
-        out: Mutex::new(Some(out)),
+        out: Handed::new(out),
     };
     x.apply_op2(w, op)
 }

@@ -17,60 +17,12 @@
 //! pattern of `flash`), so one function serves CPU and CUDA.
 
 use super::fused::{Heads, LinearOp};
+use super::handed::{handed_fwd, Handed};
 use candle_core::{
-    backend::BackendStorage, CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType,
-    Layout, Result, Shape, Storage, Tensor, D,
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
+    D,
 };
 use std::sync::{Arc, Mutex};
-
-/// A value computed outside the node, taken once by the node's forward.
-struct Handed(Mutex<Option<Tensor>>);
-
-impl Handed {
-    fn new(t: Tensor) -> Self {
-        Self(Mutex::new(Some(t)))
-    }
-    fn take(&self) -> Result<Tensor> {
-        self.0
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("poisoned hand-over".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("hand-over forward ran twice".into()))
-    }
-    fn cpu(&self) -> Result<(CpuStorage, Shape)> {
-        self.give(|s| match s {
-            Storage::Cpu(c) => Some(c),
-            _ => None,
-        })
-    }
-    fn cuda(&self) -> Result<(CudaStorage, Shape)> {
-        self.give(|s| match s {
-            Storage::Cuda(c) => Some(c),
-            _ => None,
-        })
-    }
-    fn give<S: BackendStorage>(&self, pick: fn(&Storage) -> Option<&S>) -> Result<(S, Shape)> {
-        let out = self.take()?;
-        let (storage, layout) = out.storage_and_layout();
-        match pick(&storage) {
-            Some(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            None => candle_core::bail!("hand-over: value on another device than the inputs"),
-        }
-    }
-}
-
-macro_rules! handed_fwd {
-    ($($arg:ident),*) => {
-        fn cpu_fwd(&self, $($arg: &CpuStorage, _: &Layout),*) -> Result<(CpuStorage, Shape)> {
-            $(let _ = $arg;)*
-            self.out.cpu()
-        }
-        fn cuda_fwd(&self, $($arg: &CudaStorage, _: &Layout),*) -> Result<(CudaStorage, Shape)> {
-            $(let _ = $arg;)*
-            self.out.cuda()
-        }
-    };
-}
 
 /// Where a [`linear_residual`] node leaves the residual's gradient.
 pub type Stash = Arc<Mutex<Option<Tensor>>>;

@@ -4,6 +4,7 @@ pub mod cnn;
 pub mod conv;
 pub mod flash;
 pub mod fused;
+mod handed;
 pub mod joins;
 pub mod ops;
 pub mod params;

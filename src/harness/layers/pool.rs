@@ -6,8 +6,8 @@
 //! selections, every window and every partial maximum for backward, about 6.75 times the
 //! input where PyTorch keeps 1.5 times (fp32).
 
+use super::handed::{handed_fwd, Handed};
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
-use std::sync::Mutex;
 
 /// Pads dims 2 and 3 of an NCHW tensor by `p` on each side with `value` (0 for average pooling,
 /// -inf for max pooling so padding never wins).
@@ -30,25 +30,7 @@ struct MaxPoolOp {
     stride: usize,
     pad: usize,
     /// The pooled output, computed before the node is made and moved out by its forward.
-    out: Mutex<Option<Tensor>>,
-}
-
-impl MaxPoolOp {
-    fn take_out<S>(&self, pick: impl Fn(&candle_core::Storage) -> Option<&S>) -> Result<(S, Shape)>
-    where
-        S: candle_core::backend::BackendStorage,
-    {
-        let out = self
-            .out
-            .lock()
-            .expect("pool output lock")
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("max-pool node evaluated twice".into()))?;
-        let (storage, layout) = out.storage_and_layout();
-        let s = pick(&storage)
-            .ok_or_else(|| candle_core::Error::Msg("max-pool output on another device".into()))?;
-        Ok((s.try_clone(layout)?, out.shape().clone()))
-    }
+    out: Handed,
 }
 
 /// Ids `start, start + stride, ...` (n of them): the rows or columns of one window offset.
@@ -62,32 +44,7 @@ impl CustomOp2 for MaxPoolOp {
         "max-pool2d-with-indices"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.take_out(|s| match s {
-            candle_core::Storage::Cpu(c) => Some(c),
-            _ => None,
-        })
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.take_out(|s| match s {
-            candle_core::Storage::Cuda(c) => Some(c),
-            #[allow(unreachable_patterns)]
-            _ => None,
-        })
-    }
+    handed_fwd!(x, w);
 
     /// Routes each output gradient to the input element its window's index names.
     fn bwd(
@@ -153,7 +110,7 @@ pub fn max_pool2d(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Ten
         k,
         stride,
         pad,
-        out: Mutex::new(Some(out)),
+        out: Handed::new(out),
     };
     x.apply_op2(&window, op)
 }
