@@ -21,7 +21,14 @@ fn main() {
             // block and tips would make a multi-line error of it.
             let text = e.render().to_string();
             let first = text.lines().next().unwrap_or("error: invalid arguments");
-            eprintln!("{first} (see --help)");
+            // an enum flag's accepted values are on clap's second line: keep them on this one
+            let accepted = text
+                .lines()
+                .map(str::trim)
+                .find(|l| l.starts_with("[possible values:"))
+                .map(|l| format!(" {l}"))
+                .unwrap_or_default();
+            eprintln!("{first}{accepted} (see --help)");
             std::process::exit(2);
         }
     };

@@ -34,6 +34,27 @@ pub enum Defaults {
     Planner,
 }
 
+/// A transformer's shape, declared once for `estimate` (an explicit model: --layers, --hidden and
+/// --heads together) and `measure` (overrides on the --model preset).
+#[derive(Debug, clap::Args)]
+pub struct ShapeFlags {
+    /// Transformer blocks (estimate: of an explicit transformer; measure: overrides the preset's)
+    #[arg(long, allow_hyphen_values = true)]
+    pub layers: Option<String>,
+    /// Hidden size (measure: the preset's FFN width scales with it unless --ffn is given)
+    #[arg(long, allow_hyphen_values = true)]
+    pub hidden: Option<String>,
+    /// Attention heads (measure: the preset's heads/kv-heads ratio is kept)
+    #[arg(long, allow_hyphen_values = true)]
+    pub heads: Option<String>,
+    /// FFN width [estimate default: 4 x hidden]
+    #[arg(long, allow_hyphen_values = true)]
+    pub ffn: Option<String>,
+    /// Vocabulary size [estimate default: 50257, GPT-2's]
+    #[arg(long, allow_hyphen_values = true)]
+    pub vocab: Option<String>,
+}
+
 /// The training configuration: batch, input size, precision, optimizer, checkpointing, ZeRO.
 #[derive(Debug, clap::Args)]
 pub struct TrainFlags {

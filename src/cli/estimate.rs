@@ -4,7 +4,7 @@
 //! Numeric flags are taken as text and parsed here, so a bad value (zero, negative, absurd, not
 //! a number) becomes one line naming the flag with exit code 2, never clap's multi-line usage.
 
-use super::common::{parse_int, Defaults, TrainFlags};
+use super::common::{parse_int, Defaults, ShapeFlags, TrainFlags};
 use crate::coeffs::Coefficients;
 use crate::error::{check_range, input_err, rename_field};
 use crate::plan::estimate::{estimate, Estimate, Options};
@@ -57,36 +57,24 @@ pub struct Flags {
     #[arg(long)]
     pub cnn_file: Option<PathBuf>,
 
-    /// Explicit transformer: number of blocks
-    #[arg(long, allow_hyphen_values = true)]
-    pub layers: Option<String>,
-    /// Explicit transformer: hidden size
-    #[arg(long, allow_hyphen_values = true)]
-    pub hidden: Option<String>,
-    /// Explicit transformer: attention heads
-    #[arg(long, allow_hyphen_values = true)]
-    pub heads: Option<String>,
+    /// Explicit transformer: --layers, --hidden and --heads together (plus the flags below)
+    #[command(flatten)]
+    pub shape: ShapeFlags,
     /// Explicit transformer: key/value heads (GQA) [default: heads]
     #[arg(long, allow_hyphen_values = true)]
     pub kv_heads: Option<String>,
-    /// Explicit transformer: FFN width [default: 4 x hidden]
-    #[arg(long, allow_hyphen_values = true)]
-    pub ffn: Option<String>,
-    /// Explicit transformer: gelu or swiglu
-    #[arg(long, default_value = "gelu")]
-    pub ffn_kind: String,
-    /// Explicit transformer: vocabulary size
-    #[arg(long, allow_hyphen_values = true, default_value = "50257")]
-    pub vocab: String,
+    /// Explicit transformer: two-matrix GELU MLP or three-matrix SwiGLU (gate, up, down)
+    #[arg(long, value_enum, ignore_case = true, default_value_t = FfnKind::Gelu)]
+    pub ffn_kind: FfnKind,
     /// Explicit transformer: learned positions (0 = rotary, no table)
     #[arg(long, allow_hyphen_values = true, default_value = "0")]
     pub max_positions: String,
     /// Explicit transformer: decoder (LM head) or encoder (pooler, or classifier with --classes)
-    #[arg(long, default_value = "decoder")]
-    pub arch: String,
-    /// Explicit transformer: layernorm or rmsnorm
-    #[arg(long, default_value = "layernorm")]
-    pub norm: String,
+    #[arg(long, value_enum, ignore_case = true, default_value_t = Arch::Decoder)]
+    pub arch: Arch,
+    /// Explicit transformer: LayerNorm (weight + bias) or RMSNorm (weight only)
+    #[arg(long, value_enum, ignore_case = true, default_value_t = NormKind::Layernorm)]
+    pub norm: NormKind,
     /// Explicit transformer: no biases on the linears
     #[arg(long)]
     pub no_bias: bool,
@@ -205,8 +193,10 @@ pub fn parse_size(field: &str, s: &str) -> anyhow::Result<u64> {
 }
 
 fn explicit_transformer(a: &Flags) -> anyhow::Result<Option<TransformerSpec>> {
-    let (Some(layers), Some(hidden), Some(heads)) = (&a.layers, &a.hidden, &a.heads) else {
-        if a.layers.is_some() || a.hidden.is_some() || a.heads.is_some() {
+    let shape = &a.shape;
+    let (Some(layers), Some(hidden), Some(heads)) = (&shape.layers, &shape.hidden, &shape.heads)
+    else {
+        if shape.layers.is_some() || shape.hidden.is_some() || shape.heads.is_some() {
             return input_err(
                 "model",
                 "an explicit transformer needs --layers, --hidden and --heads together",
@@ -216,36 +206,7 @@ fn explicit_transformer(a: &Flags) -> anyhow::Result<Option<TransformerSpec>> {
     };
     let hidden = parse_int("hidden", hidden)?;
     let heads = parse_int("heads", heads)?;
-    let arch = match a.arch.to_ascii_lowercase().as_str() {
-        "decoder" => Arch::Decoder,
-        "encoder" => Arch::Encoder,
-        other => {
-            return input_err(
-                "arch",
-                format!("'{other}' is unknown; accepted decoder, encoder"),
-            )
-        }
-    };
-    let ffn_kind = match a.ffn_kind.to_ascii_lowercase().as_str() {
-        "gelu" => FfnKind::Gelu,
-        "swiglu" => FfnKind::Swiglu,
-        other => {
-            return input_err(
-                "ffn-kind",
-                format!("'{other}' is unknown; accepted gelu, swiglu"),
-            )
-        }
-    };
-    let norm = match a.norm.to_ascii_lowercase().as_str() {
-        "layernorm" => NormKind::Layernorm,
-        "rmsnorm" => NormKind::Rmsnorm,
-        other => {
-            return input_err(
-                "norm",
-                format!("'{other}' is unknown; accepted layernorm, rmsnorm"),
-            )
-        }
-    };
+    let (arch, ffn_kind, norm) = (a.arch, a.ffn_kind, a.norm);
     let head = match (&a.classes, arch) {
         (Some(c), _) => Head::Classifier {
             classes: parse_int("classes", c)?,
@@ -263,12 +224,12 @@ fn explicit_transformer(a: &Flags) -> anyhow::Result<Option<TransformerSpec>> {
             Some(k) => parse_int("kv-heads", k)?,
             None => heads,
         },
-        ffn: match &a.ffn {
+        ffn: match &shape.ffn {
             Some(f) => parse_int("ffn", f)?,
             None => hidden.saturating_mul(4),
         },
         ffn_kind,
-        vocab: parse_int("vocab", &a.vocab)?,
+        vocab: parse_int("vocab", shape.vocab.as_deref().unwrap_or("50257"))?,
         max_positions: parse_int("max-positions", &a.max_positions)?,
         type_vocab: 0,
         norm,
@@ -621,7 +582,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let checkpoint = match &args.safetensors {
         None => None,
         Some(st) => {
-            let explicit = args.layers.is_some() || args.hidden.is_some() || args.heads.is_some();
+            let explicit = args.shape.layers.is_some()
+                || args.shape.hidden.is_some()
+                || args.shape.heads.is_some();
             let route =
                 super::checkpoint::route(st, args.hf_config.as_deref(), explicit, args.json)?;
             match route {

@@ -1,6 +1,6 @@
 //! `vramcal measure`: one configuration, real training steps, peak memory and step time.
 
-use super::common::{parse_opt_int, Defaults, TrainFlags};
+use super::common::{parse_opt_int, Defaults, ShapeFlags, TrainFlags};
 use crate::coeffs::Coefficients;
 use crate::error::input_err;
 use crate::harness::backend::MeasureOptions;
@@ -21,16 +21,8 @@ pub struct Args {
     #[arg(long)]
     pub spec_json: Option<String>,
     /// Shape overrides on the preset (transformers)
-    #[arg(long, allow_hyphen_values = true)]
-    pub layers: Option<String>,
-    #[arg(long, allow_hyphen_values = true)]
-    pub hidden: Option<String>,
-    #[arg(long, allow_hyphen_values = true)]
-    pub heads: Option<String>,
-    #[arg(long, allow_hyphen_values = true)]
-    pub ffn: Option<String>,
-    #[arg(long, allow_hyphen_values = true)]
-    pub vocab: Option<String>,
+    #[command(flatten)]
+    pub shape: ShapeFlags,
     /// CNN first-stage width override
     #[arg(long, allow_hyphen_values = true)]
     pub width: Option<String>,
@@ -93,11 +85,11 @@ const GIB: f64 = (1u64 << 30) as f64;
 
 fn model_of(args: &Args) -> anyhow::Result<ModelSpec> {
     let ov = ModelOverrides {
-        layers: parse_opt_int("layers", args.layers.as_deref())?,
-        hidden: parse_opt_int("hidden", args.hidden.as_deref())?,
-        heads: parse_opt_int("heads", args.heads.as_deref())?,
-        ffn: parse_opt_int("ffn", args.ffn.as_deref())?,
-        vocab: parse_opt_int("vocab", args.vocab.as_deref())?,
+        layers: parse_opt_int("layers", args.shape.layers.as_deref())?,
+        hidden: parse_opt_int("hidden", args.shape.hidden.as_deref())?,
+        heads: parse_opt_int("heads", args.shape.heads.as_deref())?,
+        ffn: parse_opt_int("ffn", args.shape.ffn.as_deref())?,
+        vocab: parse_opt_int("vocab", args.shape.vocab.as_deref())?,
         width: parse_opt_int("width", args.width.as_deref())?,
     };
     let base = match (&args.spec_json, &args.model) {

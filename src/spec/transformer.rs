@@ -4,7 +4,7 @@ use crate::error::{check_range, input_err};
 use serde::{Deserialize, Serialize};
 
 /// Encoder (BERT, ViT: bidirectional) or decoder (GPT, Llama: causal mask, LM head).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
     Encoder,
@@ -12,7 +12,7 @@ pub enum Arch {
 }
 
 /// Feed-forward kind: two-matrix GELU MLP, or three-matrix SwiGLU (gate, up, down).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum FfnKind {
     Gelu,
@@ -106,7 +106,7 @@ impl std::hash::Hash for DropoutP {
 }
 
 /// LayerNorm (weight + bias) or RMSNorm (weight only).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum NormKind {
     Layernorm,

@@ -860,3 +860,27 @@ fn host_ram_per_node_and_the_rule_of_thumb_by_name() {
     let one = json(&["estimate", "--model", "gpt2", "--json", "--no-gpu-choice"]);
     assert_eq!(one["host_ram"]["processes_per_node"], 1);
 }
+
+/// An enum flag's bad value is one line naming the flag and the accepted values (clap's
+/// ValueEnum; its list is folded into the line), exit 2; the values are matched ignoring case.
+#[test]
+fn enum_flags_name_their_accepted_values_on_one_line() {
+    let base = [
+        "estimate", "--layers", "2", "--hidden", "64", "--heads", "4", "--brief",
+    ];
+    for (flag, value, accepted) in [
+        ("--ffn-kind", "geglu", "gelu, swiglu"),
+        ("--norm", "batchnorm", "layernorm, rmsnorm"),
+        ("--arch", "seq2seq", "encoder, decoder"),
+    ] {
+        let mut args = base.to_vec();
+        args.extend([flag, value]);
+        let (code, _, err) = vramcal(&args);
+        assert_eq!(code, 2, "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+        assert!(err.contains(flag) && err.contains(accepted), "{err}");
+    }
+    let mut args = base.to_vec();
+    args.extend(["--ffn-kind", "SwiGLU", "--norm", "RMSNorm"]);
+    assert_eq!(vramcal(&args).0, 0);
+}
