@@ -47,3 +47,52 @@ pub fn alone() -> bool {
     );
     false
 }
+
+/// One row of a committed `scripts/torch_step_peak` CSV, re-planned: its name, the plan of
+/// its recorded planner command (`estimate --json`), and a reader for its other columns.
+pub struct StepPeakRow {
+    pub name: String,
+    pub plan: serde_json::Value,
+    pub cells: std::collections::HashMap<String, String>,
+}
+
+impl StepPeakRow {
+    pub fn num(&self, column: &str) -> f64 {
+        self.cells[column].parse().unwrap()
+    }
+
+    /// The plan's allocated peak less its cuBLAS workspace, a CUDA buffer a CPU process lacks.
+    pub fn planned_peak_on_cpu(&self) -> f64 {
+        self.plan["memory"]["total"].as_f64().unwrap() - 33_554_432.0
+    }
+}
+
+/// The rows of `calibration/data/<file>` whose name `keep` accepts, each re-planned.
+pub fn step_peak_rows(file: &str, keep: impl Fn(&str) -> bool) -> Vec<StepPeakRow> {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("calibration/data")
+        .join(file);
+    let mut rdr = csv::Reader::from_path(path).unwrap();
+    let headers = rdr.headers().unwrap().clone();
+    rdr.records()
+        .map(|r| {
+            let cells: std::collections::HashMap<String, String> = headers
+                .iter()
+                .map(String::from)
+                .zip(r.unwrap().iter().map(String::from))
+                .collect();
+            cells
+        })
+        .filter(|cells| keep(&cells["name"]))
+        .map(|cells| {
+            let args: Vec<&str> = cells["planner_cmd"].split_whitespace().collect();
+            let (code, out, err) = vramcal(&args);
+            assert_eq!(code, 0, "{}: {err}", cells["name"]);
+            StepPeakRow {
+                name: cells["name"].clone(),
+                plan: serde_json::from_str(&out).unwrap(),
+                cells,
+            }
+        })
+        .collect()
+}

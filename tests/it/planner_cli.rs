@@ -498,36 +498,21 @@ fn readme_pytorch_table_is_the_committed_reports() {
 /// key/value cache that GPT-2 builds by default), BERT from explicit flags.
 #[test]
 fn whole_step_peaks_match_real_pytorch_steps() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/calibration/data/torch-step-peaks-cpu.csv"
-    );
-    let mut rdr = csv::Reader::from_path(path).unwrap();
-    let headers = rdr.headers().unwrap().clone();
-    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
-    let mut scored = 0;
-    for rec in rdr.records() {
-        let rec = rec.unwrap();
-        let name = &rec[col("name")];
-        let claimed = name.starts_with("llama")
-            || (name.starts_with("gpt2") && !name.contains("DROPOUT") && !name.contains(" bf16 "));
-        if !claimed {
-            continue;
-        }
-        let args: Vec<&str> = rec[col("planner_cmd")].split_whitespace().collect();
-        let (code, out, err) = vramcal(&args);
-        assert_eq!(code, 0, "{name}: {err}");
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        let planned = v["memory"]["total"].as_f64().unwrap() - 33_554_432.0;
-        let measured: f64 = rec[col("meas_peak_step")].parse().unwrap();
+    let rows = crate::common::step_peak_rows("torch-step-peaks-cpu.csv", |name| {
+        name.starts_with("llama")
+            || (name.starts_with("gpt2") && !name.contains("DROPOUT") && !name.contains(" bf16 "))
+    });
+    for row in &rows {
+        let (planned, measured) = (row.planned_peak_on_cpu(), row.num("meas_peak_step"));
         let err = (planned - measured) / measured;
         assert!(
             err.abs() < 0.03,
-            "{name}: planned {planned} B, measured {measured} B ({:+.1} %)",
+            "{}: planned {planned} B, measured {measured} B ({:+.1} %)",
+            row.name,
             err * 100.0
         );
-        scored += 1;
     }
+    let scored = rows.len();
     assert!(scored >= 25, "only {scored} steps scored");
 }
 

@@ -272,34 +272,25 @@ fn bad_finetune_inputs_exit_2_with_one_line_naming_the_flag() {
 #[test]
 fn finetune_peaks_match_real_peft_steps() {
     const TOLERANCE: f64 = 0.03;
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/calibration/data/torch-finetune-peaks-cpu.csv"
-    );
-    let mut rdr = csv::Reader::from_path(path).unwrap();
-    let headers = rdr.headers().unwrap().clone();
-    let col = |name: &str| headers.iter().position(|h| h == name).unwrap();
+    let rows = crate::common::step_peak_rows("torch-finetune-peaks-cpu.csv", |_| true);
     let mut scored = 0;
-    for rec in rdr.records() {
-        let rec = rec.unwrap();
-        let name = &rec[col("name")];
-        let args: Vec<&str> = rec[col("planner_cmd")].split_whitespace().collect();
-        let v = json(&args);
-        let trainable = v["train"]["trainable_params"].as_u64().unwrap();
-        let measured_trainable: u64 = rec[col("trainable_torch")].parse().unwrap();
+    for row in &rows {
+        let trainable = row.plan["train"]["trainable_params"].as_u64().unwrap();
         assert_eq!(
-            trainable, measured_trainable,
-            "{name}: trainable parameters"
+            trainable as f64,
+            row.num("trainable_torch"),
+            "{}: trainable parameters",
+            row.name
         );
-        if name.contains("DROPOUT") {
+        if row.name.contains("DROPOUT") {
             continue;
         }
-        let planned = v["memory"]["total"].as_f64().unwrap() - 33_554_432.0;
-        let measured: f64 = rec[col("meas_peak_step")].parse().unwrap();
+        let (planned, measured) = (row.planned_peak_on_cpu(), row.num("meas_peak_step"));
         let err = (planned - measured) / measured;
         assert!(
             err.abs() < TOLERANCE,
-            "{name}: planned {planned} B, measured {measured} B ({:+.1} %)",
+            "{}: planned {planned} B, measured {measured} B ({:+.1} %)",
+            row.name,
             err * 100.0
         );
         scored += 1;
