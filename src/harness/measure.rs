@@ -48,14 +48,12 @@ struct Extra {
 
 /// The per-device half of the measuring protocol; [`run`] is the other half.
 trait Protocol {
-    /// Settles what the process keeps for its lifetime and returns the baseline bytes as the
-    /// device reads them; called once the trainer exists, before warm-up.
-    fn prepare(&mut self) -> anyhow::Result<u64>;
-    /// The baseline the rows record, after the warm-up: `prepared` (what [`Protocol::prepare`]
-    /// read) unless the device counts it another way.
-    fn baseline(&mut self, _trainer: &Trainer, prepared: u64) -> u64 {
-        prepared
-    }
+    /// Settles what the process keeps for its lifetime; called once the trainer exists,
+    /// before warm-up.
+    fn prepare(&mut self) -> anyhow::Result<()>;
+    /// The baseline the rows record, asked for after the warm-up (CUDA: the pool in use read in
+    /// `prepare`; CPU: the trainer's tensors counted exactly).
+    fn baseline(&mut self, trainer: &Trainer) -> u64;
     /// Waits for the device's queued work.
     fn sync(&self) -> anyhow::Result<()>;
     /// Starts a high-water window.
@@ -122,12 +120,12 @@ fn run<P: Protocol>(
     mut device: P,
     opts: &MeasureOptions,
 ) -> anyhow::Result<Measured> {
-    let prepared = device.prepare()?;
+    device.prepare()?;
     for _ in 0..opts.warmup {
         trainer.step()?;
     }
     device.sync()?;
-    let baseline = device.baseline(trainer, prepared);
+    let baseline = device.baseline(trainer);
     let mut peak = 0;
     let mut times_ms = Vec::with_capacity(opts.repeats as usize);
     for _ in 0..opts.repeats {
@@ -187,13 +185,13 @@ impl<'a> Cpu<'a> {
 }
 
 impl Protocol for Cpu<'_> {
-    fn prepare(&mut self) -> anyhow::Result<u64> {
+    fn prepare(&mut self) -> anyhow::Result<()> {
         // the buffers stay for the life of the process, as PyTorch's thread pools' do, so they
         // are no part of a step's peak
         touch_every_cpu_thread();
-        Ok(probe::cpu::current_bytes())
+        Ok(())
     }
-    fn baseline(&mut self, trainer: &Trainer, _prepared: u64) -> u64 {
+    fn baseline(&mut self, trainer: &Trainer) -> u64 {
         self.baseline = trainer.tensor_bytes();
         self.baseline
     }
@@ -226,6 +224,8 @@ mod cuda {
     struct Cuda<'a> {
         device: &'a candle_core::Device,
         probe: probe::cuda::Probe,
+        /// the pool in use once the trainer exists
+        baseline: u64,
         peak: u64,
         reserved: Option<u64>,
         used: u64,
@@ -243,6 +243,7 @@ mod cuda {
         let cuda = Cuda {
             device,
             probe,
+            baseline: 0,
             peak: 0,
             reserved: None,
             used: 0,
@@ -251,9 +252,13 @@ mod cuda {
     }
 
     impl Protocol for Cuda<'_> {
-        fn prepare(&mut self) -> anyhow::Result<u64> {
+        fn prepare(&mut self) -> anyhow::Result<()> {
             self.device.synchronize()?;
-            self.probe.current()
+            self.baseline = self.probe.current()?;
+            Ok(())
+        }
+        fn baseline(&mut self, _trainer: &Trainer) -> u64 {
+            self.baseline
         }
         fn sync(&self) -> anyhow::Result<()> {
             Ok(self.device.synchronize()?)

@@ -20,16 +20,12 @@ use candle_core::{
     bail, CpuStorage, CudaStorage, InplaceOp2, InplaceOp3, Layout, Result, Tensor, WithDType,
 };
 
-/// `dst = a·dst + b·src`: the first moment (`lerp_`), momentum buffers, plain SGD steps.
+/// `dst = a·dst + b·src` (the first moment's `lerp_`, momentum buffers, plain SGD steps), or with
+/// `square` `dst = a·dst + b·src²` (AdamW's second moment, `mul_(beta2).addcmul_(g, g, 1 - beta2)`).
 pub struct Axpby {
     pub a: f64,
     pub b: f64,
-}
-
-/// `dst = a·dst + b·src²`: AdamW's second moment (`mul_(beta2).addcmul_(g, g, 1 - beta2)`).
-pub struct AxpbySquare {
-    pub a: f64,
-    pub b: f64,
+    pub square: bool,
 }
 
 /// `dst = a·dst + b·num/den`: AdamW's weight update (`addcdiv_`), decoupled weight decay folded
@@ -125,7 +121,11 @@ fn add_scaled<S: BackendStorage>(x: &S, xl: &Layout, a: f64, y: S, l: &Layout) -
 
 impl InplaceOp2 for Axpby {
     fn name(&self) -> &'static str {
-        "axpby"
+        if self.square {
+            "axpby-square"
+        } else {
+            "axpby"
+        }
     }
     fn cpu_fwd(
         &self,
@@ -135,7 +135,7 @@ impl InplaceOp2 for Axpby {
         sl: &Layout,
     ) -> Result<()> {
         cpu_apply(self.name(), dst, dst_l, [(s, sl)], |d, [s]| {
-            self.a * d + self.b * s
+            self.a * d + self.b * if self.square { s * s } else { s }
         })
     }
     fn cuda_fwd(
@@ -146,36 +146,12 @@ impl InplaceOp2 for Axpby {
         sl: &Layout,
     ) -> Result<()> {
         chunked(self.name(), dst, dst_l, [(s, sl)], |d, dl, [(s, sl)], l| {
-            add_scaled(d, dl, self.a, s.affine(sl, self.b, 0.0)?, l)
-        })
-    }
-}
-
-impl InplaceOp2 for AxpbySquare {
-    fn name(&self) -> &'static str {
-        "axpby-square"
-    }
-    fn cpu_fwd(
-        &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        s: &CpuStorage,
-        sl: &Layout,
-    ) -> Result<()> {
-        cpu_apply(self.name(), dst, dst_l, [(s, sl)], |d, [s]| {
-            self.a * d + self.b * s * s
-        })
-    }
-    fn cuda_fwd(
-        &self,
-        dst: &mut CudaStorage,
-        dst_l: &Layout,
-        s: &CudaStorage,
-        sl: &Layout,
-    ) -> Result<()> {
-        chunked(self.name(), dst, dst_l, [(s, sl)], |d, dl, [(s, sl)], l| {
-            let sq = s.unary_impl::<kern::Sqr>(sl)?.affine(l, self.b, 0.0)?;
-            add_scaled(d, dl, self.a, sq, l)
+            let scaled = if self.square {
+                s.unary_impl::<kern::Sqr>(sl)?.affine(l, self.b, 0.0)?
+            } else {
+                s.affine(sl, self.b, 0.0)?
+            };
+            add_scaled(d, dl, self.a, scaled, l)
         })
     }
 }
@@ -229,12 +205,19 @@ impl InplaceOp3 for Addcdiv {
 
 /// `dst = a·dst + b·src` in place.
 pub fn axpby(dst: &Tensor, a: f64, b: f64, src: &Tensor) -> Result<()> {
-    dst.inplace_op2(src, &Axpby { a, b })
+    dst.inplace_op2(
+        src,
+        &Axpby {
+            a,
+            b,
+            square: false,
+        },
+    )
 }
 
 /// `dst = a·dst + b·src²` in place.
 pub fn axpby_square(dst: &Tensor, a: f64, b: f64, src: &Tensor) -> Result<()> {
-    dst.inplace_op2(src, &AxpbySquare { a, b })
+    dst.inplace_op2(src, &Axpby { a, b, square: true })
 }
 
 /// `dst = a·dst + b·num/den` in place.

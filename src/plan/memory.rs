@@ -313,6 +313,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
             // Fused attention never stores the b·a·s² scores; selective recomputation drops
             // them from what is stored (the recompute still materialises one layer's scores in
             // eager attention, which the block workspace keeps).
+            let dropout = t.dropout_p().is_active();
             let sdpa = train.attention == Attention::Sdpa;
             let stored_scores = !(sdpa || train.checkpointing == Checkpointing::Selective);
             let scores = b * a * s * s;
@@ -377,8 +378,8 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 ),
                 block: t.block_kind().map(|k| (k, train.attention)),
                 act_fn: Some(t.activation_kind()),
-                dropout: t.dropout_p().is_active(),
-                dropout_elems: if t.dropout_p().is_active() {
+                dropout,
+                dropout_elems: if dropout {
                     2.0 * live * b * s * h + if stored_scores { live * scores } else { 0.0 }
                 } else {
                     0.0

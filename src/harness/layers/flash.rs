@@ -12,11 +12,8 @@
 //! Attention-probability dropout is not applied on this path (the CUDA kernels replay it from a
 //! saved RNG state, which costs no memory); the residual dropouts are unchanged.
 
-use candle_core::{
-    backend::BackendStorage, CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape,
-    Storage, Tensor, D,
-};
-use std::sync::Mutex;
+use super::handed::{handed_fwd, Handed};
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
 /// Query rows per tile: a tile's scores are `b·a·TILE·s` elements, a small fraction of `s²`.
 pub const TILE: usize = 64;
@@ -81,29 +78,9 @@ fn tiles(s: usize) -> impl Iterator<Item = (usize, usize)> {
 /// The graph node: its forward hands over the output computed tile by tile (taken once, so the
 /// op stored in the graph does not keep a second copy alive); its backward is the tiled one.
 struct FlashAttnOp {
-    out: Mutex<Option<Tensor>>,
+    out: Handed,
     scale: f64,
     causal: bool,
-}
-
-impl FlashAttnOp {
-    /// The output computed by [`attention`], as the storage of the backend running the op.
-    fn hand_over<S: BackendStorage>(&self, pick: fn(&Storage) -> Option<&S>) -> Result<(S, Shape)> {
-        let out = self.take()?;
-        let (storage, layout) = out.storage_and_layout();
-        match pick(&storage) {
-            Some(s) => Ok((s.try_clone(layout)?, layout.shape().clone())),
-            None => candle_core::bail!("flash attention: output on another device than its inputs"),
-        }
-    }
-
-    fn take(&self) -> Result<Tensor> {
-        self.out
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("flash attention: poisoned output".into()))?
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("flash attention: forward ran twice".into()))
-    }
 }
 
 impl CustomOp3 for FlashAttnOp {
@@ -111,35 +88,7 @@ impl CustomOp3 for FlashAttnOp {
         "flash-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        self.hand_over(|s| match s {
-            Storage::Cpu(c) => Some(c),
-            _ => None,
-        })
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        self.hand_over(|s| match s {
-            Storage::Cuda(c) => Some(c),
-            _ => None,
-        })
-    }
+    handed_fwd!(q, k, v);
 
     /// Per tile: P from q, k; dV += Pᵀ dO; dP = dO vᵀ; dS = P ∘ (dP − rowsum(dO ∘ O)) · scale;
     /// dQ = dS k; dK += dSᵀ q.
@@ -204,7 +153,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -
         Tensor::cat(&parts, 2)?
     };
     let op = FlashAttnOp {
-        out: Mutex::new(Some(out)),
+        out: Handed::new(out),
         scale,
         causal,
     };

@@ -1,7 +1,7 @@
 //! Handing a forward value computed outside a graph node to the node: the value is computed with
 //! tensor ops on detached inputs (so one function serves CPU and CUDA and its temporaries are
 //! freed), and the node's forward takes it once. The node then keeps only the inputs it is given,
-//! which are chosen to be what PyTorch's kernel saves (`joins`, `conv`, `pool`).
+//! which are chosen to be what PyTorch's kernel saves (`joins`, `flash`, `conv`, `pool`).
 
 use candle_core::{
     backend::BackendStorage, CpuStorage, CudaStorage, Result, Shape, Storage, Tensor,

@@ -13,8 +13,8 @@
 //!   logit gradient as PyTorch's `nll_loss` and `log_softmax` backward do, then frees the
 //!   log-probabilities before the head's matmuls.
 //!
-//! Forward values are computed with tensor ops on detached inputs and handed over to the node (the
-//! pattern of `flash`), so one function serves CPU and CUDA.
+//! Forward values are computed with tensor ops on detached inputs and handed over to the node
+//! ([`super::handed`]), so one function serves CPU and CUDA.
 
 use super::fused::{Heads, LinearOp};
 use super::handed::{handed_fwd, Handed};

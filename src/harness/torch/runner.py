@@ -413,26 +413,25 @@ def measure(torch, req, device, shim):
         baseline = tensor_bytes(torch, model, opt, batch, targets)
     else:
         baseline = torch.cuda.memory_allocated(device)
-    peak = 0
-    reserved = 0
-    times = []
-    for _ in range(max(1, req.get("repeats", 1))):
+    def open_window():
+        """Starts a high-water window: the heap level it starts from (CPU) and the time."""
+        start = 0
         if shim:
             start = shim.shim_live()
             shim.shim_reset_peak()
         else:
             torch.cuda.reset_peak_memory_stats(device)
-        t0 = time.perf_counter()
+        return start, time.perf_counter()
+
+    peak = 0
+    reserved = 0
+    times = []
+    for _ in range(max(1, req.get("repeats", 1))):
         for _ in range(MAX_SKIPPED_STEPS):
             # a skipped step (an overflow mid-run) has no optimizer update: measure another
+            start, t0 = open_window()
             if step():
                 break
-            if shim:
-                start = shim.shim_live()
-                shim.shim_reset_peak()
-            else:
-                torch.cuda.reset_peak_memory_stats(device)
-            t0 = time.perf_counter()
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
         if shim:
