@@ -1,9 +1,10 @@
 //! One real training step: forward, cross-entropy, backward, optimizer update, in the modes the
 //! planner models (precision, gradient checkpointing, simulated ZeRO).
 //!
-//! Transformers run block-wise (CNNs as one graph and one `loss.backward()`): the embedding,
-//! each block and the head are separate graphs joined by `Var` inputs, so backward releases each
-//! block's saved tensors once it has run, as PyTorch does node by node. A block's output is held
+//! Transformers run block-wise and CNNs residual block by residual block (`layers::cnn`; a CNN
+//! without residual blocks is one graph): the embedding, each block and the head are separate
+//! graphs joined by `Var` inputs, so backward releases each block's saved tensors once it has
+//! run, as PyTorch does node by node. A block's output is held
 //! once, as the next block's input Var (`BlockOut`: its last residual join is kept as terms and
 //! seeded with the output gradient); the embedding's graph is rebuilt for its backward at the end.
 //! Under ZeRO-2/3 a block's gradients are cut to the shard before the next block runs, as bucketed
@@ -16,6 +17,7 @@
 //! until the block's backward, or, with checkpointing, until the block's forward/recompute ends).
 //! Communication itself is not simulated: its buffers are not allocated.
 
+use super::layers::cnn::Join;
 use super::layers::params::Ctx;
 use super::layers::transformer::BlockOut;
 use super::layers::{Cnn, ParamStore, Transformer};
@@ -362,14 +364,7 @@ impl Trainer {
                 &mut acc,
             )?,
             (Model::Transformer(_), false) => unreachable!("transformers run segmented"),
-            (Model::Cnn(m), _) => {
-                let logits = m.forward(&ctx, &self.input)?;
-                let loss = super::layers::ops::cross_entropy(&logits, &self.targets)?;
-                drop(logits);
-                let gs = loss.backward()?;
-                collect(&self.store, &gs, &mut acc)?;
-                loss.to_scalar::<f32>()?
-            }
+            (Model::Cnn(m), _) => segmented_cnn(m, &ctx, &self.input, &self.targets, &mut acc)?,
         };
         Ok((loss, acc))
     }
@@ -448,6 +443,56 @@ fn segmented(
     let emb = m.embed(ctx, input)?;
     let gs = super::layers::joins::seed(&emb, &g)?.backward()?;
     collect(ctx.store, &gs, acc)?;
+    Ok(loss_value)
+}
+
+/// Segment-wise forward and backward of a CNN (see `layers::cnn`). Returns the loss.
+fn segmented_cnn(
+    m: &Cnn,
+    ctx: &Ctx,
+    images: &Tensor,
+    targets: &Tensor,
+    acc: &mut [Option<Tensor>],
+) -> anyhow::Result<f32> {
+    // (the segment's input Var, None for the images; its output join)
+    let mut kept: Vec<(Option<Var>, Join)> = Vec::new();
+    let mut input: Option<Var> = None;
+    for i in 0..m.segments() {
+        let join = m.segment(ctx, i, input.as_ref().map_or(images, |v| v.as_tensor()))?;
+        let out = join.value()?;
+        let next = Var::from_tensor(&out)?;
+        drop(out);
+        kept.push((input.replace(next), join));
+    }
+    let loss = m.head_loss(
+        ctx,
+        input.as_ref().map_or(images, |v| v.as_tensor()),
+        targets,
+    )?;
+    let gs = loss.backward()?;
+    let loss_value = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    drop(loss);
+    collect(ctx.store, &gs, acc)?;
+    let mut g = input.as_ref().and_then(|v| gs.get(v.as_tensor()).cloned());
+    drop(gs);
+    // `input` is now the last segment's output: the ReLU mask of its join
+    while let Some((seg_input, join)) = kept.pop() {
+        let out = input
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("a CNN segment without its output"))?;
+        let grad = g
+            .take()
+            .ok_or_else(|| anyhow::anyhow!("no gradient reached a CNN segment's output"))?;
+        let root = join.root(&grad, out.as_tensor())?;
+        drop((out, grad));
+        let gs = root.backward()?;
+        drop((root, join));
+        collect(ctx.store, &gs, acc)?;
+        g = seg_input
+            .as_ref()
+            .and_then(|v| gs.get(v.as_tensor()).cloned());
+        input = seg_input;
+    }
     Ok(loss_value)
 }
 

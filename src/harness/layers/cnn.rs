@@ -1,7 +1,17 @@
 //! Any [`CnnSpec`] as a real network: the spec's layer tree is mirrored one-to-one, each node
 //! holding the indices of its parameters in the [`ParamStore`].
+//!
+//! The trainer runs it segment by segment ([`Cnn::segment`], [`Cnn::head_loss`]), as it runs a
+//! transformer block by block: each top-level residual block ends a segment, so a segment's
+//! graph (and the activations it keeps) is released once its backward has run, as PyTorch frees
+//! each node's saved tensors during backward. A block's output `relu(body + shortcut)` is not a
+//! graph node: it is computed outside the graph and held once, as the next segment's input
+//! (torchvision adds the shortcut into the last BatchNorm's output in place and applies ReLU in
+//! place, so PyTorch holds one tensor there too), and the block's backward is seeded into the
+//! branches' last BatchNorms ([`Join`]). A network without residual blocks (VGG) is one graph.
 
 use super::fused;
+use super::joins;
 use super::ops::{adaptive_pool2d, pool2d, Linear};
 use super::params::{Ctx, Init, ParamStore};
 use crate::spec::cnn::{CnnLayer, CnnSpec, PoolKind};
@@ -122,13 +132,14 @@ fn forward_ops(ops: &[Op], ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
                 stride,
                 padding,
             } => {
-                let y = super::conv::conv2d(&x, &ctx.w(*w)?, *padding, *stride)?;
+                let w = ctx.w(*w)?;
                 match b {
                     Some(b) => {
                         fold_relu = relu_next;
-                        fused::bias_act(&y, &ctx.w(*b)?, fold_relu)?
+                        let b = ctx.w(*b)?;
+                        super::conv::conv2d_bias(&x, &w, &b, *padding, *stride, fold_relu)?
                     }
-                    None => y,
+                    None => super::conv::conv2d(&x, &w, *padding, *stride)?,
                 }
             }
             Op::Batchnorm { w, b } => {
@@ -156,24 +167,138 @@ fn forward_ops(ops: &[Op], ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
     Ok(x)
 }
 
+/// One term of a residual block's output sum (before its ReLU).
+enum Term {
+    /// A branch ending in BatchNorm, kept as the norm's input and parameters: its output is
+    /// never a graph node.
+    BatchNorm {
+        x: Tensor,
+        gamma: Tensor,
+        beta: Tensor,
+    },
+    /// Any other branch output (an identity shortcut: the block's input, kept anyway).
+    Tensor(Tensor),
+}
+
+/// A residual block's output `relu(sum of terms)`, held outside the graph.
+pub struct Join {
+    terms: Vec<Term>,
+}
+
+impl Join {
+    /// The block's output value, outside the graph.
+    pub fn value(&self) -> Result<Tensor> {
+        let mut acc: Option<Tensor> = None;
+        for t in &self.terms {
+            let v = match t {
+                Term::BatchNorm { x, gamma, beta } => {
+                    fused::batch_norm(&x.detach(), &gamma.detach(), &beta.detach(), false)?
+                }
+                Term::Tensor(t) => t.detach(),
+            };
+            acc = Some(match acc {
+                Some(a) => (a + v)?,
+                None => v,
+            });
+        }
+        acc.ok_or_else(|| candle_core::Error::Msg("a residual block without branches".into()))?
+            .relu()
+    }
+
+    /// Backward root for the output gradient `g`, given the output value `out` (the ReLU mask;
+    /// the caller may free it once this returns).
+    pub fn root(&self, g: &Tensor, out: &Tensor) -> Result<Tensor> {
+        let g = (g * out.gt(0.0)?.to_dtype(g.dtype())?)?;
+        let mut acc: Option<Tensor> = None;
+        for t in &self.terms {
+            let r = match t {
+                Term::BatchNorm { x, gamma, beta } => fused::seed_batch_norm(x, gamma, beta, &g)?,
+                Term::Tensor(t) => joins::seed(t, &g)?,
+            };
+            acc = Some(match acc {
+                Some(a) => (a + r)?,
+                None => r,
+            });
+        }
+        acc.ok_or_else(|| candle_core::Error::Msg("a residual block without branches".into()))
+    }
+}
+
+/// A branch's ops as a join term: up to its last BatchNorm in the graph, the BN itself kept as
+/// its input and parameters.
+fn branch(ops: &[Op], ctx: &Ctx, x: &Tensor) -> Result<Term> {
+    match ops.split_last() {
+        Some((Op::Batchnorm { w, b }, rest)) => Ok(Term::BatchNorm {
+            x: forward_ops(rest, ctx, x)?,
+            gamma: ctx.w(*w)?,
+            beta: ctx.w(*b)?,
+        }),
+        _ => Ok(Term::Tensor(forward_ops(ops, ctx, x)?)),
+    }
+}
+
 /// The network built from a [`CnnSpec`].
 #[derive(Debug)]
 pub struct Cnn {
     pub spec: CnnSpec,
     ops: Vec<Op>,
+    /// End (exclusive) of each segment in `ops`: each ends with a top-level residual block.
+    ends: Vec<usize>,
 }
 
 impl Cnn {
     pub fn new(spec: &CnnSpec, store: &mut ParamStore) -> anyhow::Result<Self> {
         spec.validate()?;
+        let ops = build(&spec.layers, store, "")?;
+        let ends = ops
+            .iter()
+            .enumerate()
+            .filter(|(_, op)| matches!(op, Op::Residual { .. }))
+            .map(|(i, _)| i + 1)
+            .collect();
         Ok(Self {
             spec: spec.clone(),
-            ops: build(&spec.layers, store, "")?,
+            ops,
+            ends,
         })
     }
 
-    /// Images `[b, c, H, W]` (any dtype) -> logits `[b, classes]` in the compute dtype.
-    pub fn forward(&self, ctx: &Ctx, images: &Tensor) -> Result<Tensor> {
-        forward_ops(&self.ops, ctx, &images.to_dtype(ctx.dtype)?)
+    /// Segments that end with a residual block (0 for a network without one).
+    pub fn segments(&self) -> usize {
+        self.ends.len()
+    }
+
+    /// Segment `i` on `x` (segment 0: the images `[b, c, H, W]`, any dtype; later ones: the
+    /// previous segment's output): the ops before its residual block in the graph, and the
+    /// block's output join.
+    pub fn segment(&self, ctx: &Ctx, i: usize, x: &Tensor) -> Result<Join> {
+        let start = if i == 0 { 0 } else { self.ends[i - 1] };
+        let end = self.ends[i];
+        let x = self.input(ctx, i, x)?;
+        let x = forward_ops(&self.ops[start..end - 1], ctx, &x)?;
+        let Op::Residual { body, shortcut } = &self.ops[end - 1] else {
+            unreachable!("segments end with a residual block")
+        };
+        Ok(Join {
+            terms: vec![branch(body, ctx, &x)?, branch(shortcut, ctx, &x)?],
+        })
+    }
+
+    /// The ops after the last residual block (all of them without one) and the mean
+    /// cross-entropy against class ids `targets` `[b]`.
+    pub fn head_loss(&self, ctx: &Ctx, x: &Tensor, targets: &Tensor) -> Result<Tensor> {
+        let start = self.ends.last().copied().unwrap_or(0);
+        let x = self.input(ctx, self.segments(), x)?;
+        let logits = forward_ops(&self.ops[start..], ctx, &x)?;
+        super::ops::cross_entropy(&logits, targets)
+    }
+
+    /// Images enter in any dtype and are cast to the compute dtype once, by the first segment.
+    fn input(&self, ctx: &Ctx, i: usize, x: &Tensor) -> Result<Tensor> {
+        if i == 0 {
+            x.to_dtype(ctx.dtype)
+        } else {
+            Ok(x.clone())
+        }
     }
 }

@@ -12,17 +12,24 @@
 //! one: images do not) and the weight gradient sample by sample and band by band of output rows,
 //! each band the same convolution trick on a slice small enough that its im2col tile stays under
 //! [`WEIGHT_GRAD_TILE`] elements. The graph keeps the input and the weight, as PyTorch's does.
+//!
+//! A conv with a bias (VGG) adds it inside the node, optionally followed by ReLU, as PyTorch's
+//! conv adds its bias in the kernel and torchvision's in-place ReLU overwrites the conv output:
+//! one kept tensor per conv (the output, also the next layer's input), where a separate bias/ReLU
+//! node kept the pre-bias product as well.
 
 use super::handed::{handed_fwd, Handed};
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Most elements of one band's im2col tile in the weight gradient (`band rows·out_w` by the
 /// kernel's positions): 64 Ki elements, 256 KB in fp32.
-const WEIGHT_GRAD_TILE: usize = 1 << 16;
+const WEIGHT_GRAD_TILE: usize = 1 << 14;
 
 struct Conv2dOp {
     padding: usize,
     stride: usize,
+    /// ReLU applied to the output inside the node (its backward masks by the output)
+    relu: bool,
     /// The forward's result, computed by candle's conv2d before the node is made and moved
     /// out by the node's forward (so the op held by the graph keeps no copy of it).
     out: Handed,
@@ -39,12 +46,51 @@ impl CustomOp2 for Conv2dOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [gx, gw, _] = self.grads(x, w, false, res, grad)?;
+        Ok((gx, gw))
+    }
+}
+
+impl CustomOp3 for Conv2dOp {
+    fn name(&self) -> &'static str {
+        "conv2d-bias-lean-backward"
+    }
+
+    handed_fwd!(x, w, b);
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok(self.grads(x, w, true, res, grad)?.into())
+    }
+}
+
+impl Conv2dOp {
+    /// (dx, dw, db) for the output gradient `grad`; `res` is the node's output (the ReLU mask).
+    fn grads(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        has_bias: bool,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<[Option<Tensor>; 3]> {
         // an input no gradient reaches (the images) gets none, as PyTorch's needs_input_grad
         let needs_input_grad = x.track_op();
-        let (x, w, g) = (x.detach(), w.detach(), grad.detach());
+        let (x, w) = (x.detach(), w.detach());
+        let g = if self.relu {
+            (grad.detach() * res.detach().gt(0.0)?.to_dtype(grad.dtype())?)?
+        } else {
+            grad.detach()
+        };
         let grad_x = if needs_input_grad {
             // candle's own formula (backprop.rs): the transposed convolution with the output
             // padding that restores the input's height
@@ -56,7 +102,12 @@ impl CustomOp2 for Conv2dOp {
             None
         };
         let grad_w = weight_grad(&x, &w, &g, self.padding, self.stride)?;
-        Ok((grad_x, Some(grad_w)))
+        let grad_b = if has_bias {
+            Some(g.sum((0, 2, 3))?)
+        } else {
+            None
+        };
+        Ok([grad_x, Some(grad_w), grad_b])
     }
 }
 
@@ -112,9 +163,35 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
     let op = Conv2dOp {
         padding,
         stride,
+        relu: false,
         out: Handed::new(out),
     };
     x.apply_op2(w, op)
+}
+
+/// `conv2d(x, w) + b` per channel, then ReLU when `relu`, as one node keeping the input, the
+/// weights and its output.
+pub fn conv2d_bias(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    padding: usize,
+    stride: usize,
+    relu: bool,
+) -> Result<Tensor> {
+    let c = w.dim(0)?;
+    let y = x
+        .detach()
+        .conv2d(&w.detach(), padding, stride, 1, 1)?
+        .broadcast_add(&b.detach().reshape((1, c, 1, 1))?)?;
+    let out = if relu { y.relu()? } else { y };
+    let op = Conv2dOp {
+        padding,
+        stride,
+        relu,
+        out: Handed::new(out),
+    };
+    x.apply_op3(w, b, op)
 }
 
 #[cfg(test)]
@@ -167,6 +244,52 @@ mod tests {
                     diff(a, b) < 1e-4,
                     "gradient k{k} s{stride} p{padding}: {}",
                     diff(a, b)
+                );
+            }
+        }
+    }
+
+    /// The bias (and ReLU) inside the node: output and every gradient equal candle's composed
+    /// conv2d, broadcast add and relu.
+    #[test]
+    fn bias_and_relu_match_composed_ops() {
+        let dev = Device::Cpu;
+        let var = |shape: &[usize]| {
+            Var::from_tensor(&Tensor::randn(0f32, 1., shape, &dev).unwrap()).unwrap()
+        };
+        let (x, w, b) = (var(&[2, 3, 9, 9]), var(&[4, 3, 3, 3]), var(&[4]));
+        for relu in [false, true] {
+            let ours =
+                conv2d_bias(x.as_tensor(), w.as_tensor(), b.as_tensor(), 1, 2, relu).unwrap();
+            let y = x
+                .as_tensor()
+                .conv2d(w.as_tensor(), 1, 2, 1, 1)
+                .unwrap()
+                .broadcast_add(&b.as_tensor().reshape((1, 4, 1, 1)).unwrap())
+                .unwrap();
+            let theirs = if relu { y.relu().unwrap() } else { y };
+            let max_diff = |a: &Tensor, b: &Tensor| -> f32 {
+                (a - b)
+                    .unwrap()
+                    .abs()
+                    .unwrap()
+                    .max_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            };
+            assert!(max_diff(&ours, &theirs) < 1e-5, "forward relu={relu}");
+            let go = ours.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            let gt = theirs.sqr().unwrap().sum_all().unwrap().backward().unwrap();
+            for v in [&x, &w, &b] {
+                let (a, e) = (
+                    go.get(v.as_tensor()).unwrap(),
+                    gt.get(v.as_tensor()).unwrap(),
+                );
+                assert!(
+                    max_diff(a, e) < 1e-3,
+                    "gradient relu={relu}: {}",
+                    max_diff(a, e)
                 );
             }
         }

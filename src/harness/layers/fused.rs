@@ -23,7 +23,7 @@
 //! | `log_softmax` | its input and output |
 //!
 //! One file per op family: `linear.rs`, `norm.rs` (LayerNorm, RMSNorm, BatchNorm), `bias_relu.rs`
-//! (the CNN's residual and bias joins), `attention.rs` (eager attention's probabilities),
+//! (the CNN's nested residual join), `attention.rs` (eager attention's probabilities),
 //! `activation.rs` (GELU, SiLU, `gelu_new`), `dropout.rs`, `loss.rs` (log-softmax,
 //! cross-entropy), all written with `kernels.rs`.
 
@@ -41,10 +41,10 @@ mod testing;
 
 pub use activation::{activation, gelu_new, Act};
 pub use attention::attention_probs;
-pub use bias_relu::{add_relu, bias_act};
+pub use bias_relu::add_relu;
 pub use dropout::dropout;
 pub(crate) use dropout::dropout_grad;
 pub(crate) use linear::LinearOp;
 pub use linear::{linear, linear_merge_heads, linear_split_heads, Heads};
 pub use loss::{cross_entropy, log_softmax};
-pub use norm::{batch_norm, norm};
+pub use norm::{batch_norm, norm, seed_batch_norm};

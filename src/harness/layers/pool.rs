@@ -26,9 +26,6 @@ pub(super) fn pad_hw(x: &Tensor, p: usize, value: f32) -> Result<Tensor> {
 }
 
 struct MaxPoolOp {
-    k: usize,
-    stride: usize,
-    pad: usize,
     /// The pooled output, computed before the node is made and moved out by its forward.
     out: Handed,
 }
@@ -46,73 +43,71 @@ impl CustomOp2 for MaxPoolOp {
 
     handed_fwd!(x, w);
 
-    /// Routes each output gradient to the input element its window's index names.
+    /// Adds each output gradient into the input element its index names (one scatter-add into
+    /// a zeroed input-sized gradient, as PyTorch's `max_pool2d_with_indices_backward`).
     fn bwd(
         &self,
         x: &Tensor,
-        window: &Tensor,
+        indices: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = grad.detach();
         let (n, c, h, w) = x.dims4()?;
-        let (_, _, ho, wo) = g.dims4()?;
-        let (hp, wp) = (h + 2 * self.pad, w + 2 * self.pad);
-        let dev = x.device();
-        let zero = g.zeros_like()?;
-        let mut gx = Tensor::zeros((n, c, hp, wp), g.dtype(), dev)?;
-        for di in 0..self.k {
-            let mut rows = Tensor::zeros((n, c, ho, wp), g.dtype(), dev)?;
-            for dj in 0..self.k {
-                let here = window.eq((di * self.k + dj) as f64)?;
-                let part = here.where_cond(&g, &zero)?;
-                rows = rows.index_add(&offsets(dj, wo, self.stride, dev)?, &part, 3)?;
-            }
-            gx = gx.index_add(&offsets(di, ho, self.stride, dev)?, &rows, 2)?;
-        }
-        let gx = gx
-            .narrow(2, self.pad, h)?
-            .narrow(3, self.pad, w)?
-            .contiguous()?;
-        Ok((Some(gx), None))
+        let (_, _, ho, wo) = grad.dims4()?;
+        let gx = Tensor::zeros((n, c, h * w), grad.dtype(), x.device())?;
+        gx.scatter_add_set(
+            &indices.reshape((n, c, ho * wo))?,
+            &grad.detach().contiguous()?.reshape((n, c, ho * wo))?,
+            2,
+        )?;
+        Ok((Some(gx.reshape((n, c, h, w))?), None))
     }
 }
 
-/// Max pooling (PyTorch semantics; padding never wins) as one node with the lean backward.
+/// Max pooling (PyTorch semantics; padding never wins) as one node with the lean backward. The
+/// index kept per output element is the flat position of its maximum in the input plane
+/// (`y·W + x`, int64), as PyTorch's.
 pub fn max_pool2d(x: &Tensor, k: usize, stride: usize, pad: usize) -> Result<Tensor> {
     let xp = pad_hw(&x.detach(), pad, f32::NEG_INFINITY)?;
-    let (_, _, h, w) = xp.dims4()?;
-    let (ho, wo) = ((h - k) / stride + 1, (w - k) / stride + 1);
+    let (n, c, _, w) = x.dims4()?;
+    let (_, _, hp, wp) = xp.dims4()?;
+    let (ho, wo) = ((hp - k) / stride + 1, (wp - k) / stride + 1);
     let dev = x.device();
+    // flat input positions of one window offset's elements (padding positions never win: -inf)
+    let positions = |di: usize, dj: usize| -> Result<Tensor> {
+        let mut ids = Vec::with_capacity(ho * wo);
+        for r in 0..ho {
+            for col in 0..wo {
+                let y = (r * stride + di) as i64 - pad as i64;
+                let xx = (col * stride + dj) as i64 - pad as i64;
+                ids.push(y * w as i64 + xx);
+            }
+        }
+        Tensor::from_vec(ids, (1, 1, ho, wo), dev)?.broadcast_as((n, c, ho, wo))
+    };
     let mut best: Option<(Tensor, Tensor)> = None;
     for di in 0..k {
         let rows = xp.index_select(&offsets(di, ho, stride, dev)?, 2)?;
         for dj in 0..k {
             let win = rows.index_select(&offsets(dj, wo, stride, dev)?, 3)?;
-            let id = (di * k + dj) as f64;
+            let here = positions(di, dj)?;
             best = Some(match best {
-                None => {
-                    let ids = Tensor::full(id as i64, win.shape(), dev)?;
-                    (win, ids)
-                }
+                None => (win, here.contiguous()?),
                 // strictly greater: the first maximum in the window wins, as in PyTorch
                 Some((b, ids)) => {
                     let gt = win.gt(&b)?;
-                    let here = Tensor::full(id as i64, win.shape(), dev)?;
                     (gt.where_cond(&win, &b)?, gt.where_cond(&here, &ids)?)
                 }
             });
         }
     }
-    let (out, window) = best.expect("kernel >= 1");
-    debug_assert_eq!(window.dtype(), DType::I64);
+    drop(xp);
+    let (out, indices) = best.expect("kernel >= 1");
+    debug_assert_eq!(indices.dtype(), DType::I64);
     let op = MaxPoolOp {
-        k,
-        stride,
-        pad,
         out: Handed::new(out),
     };
-    x.apply_op2(&window, op)
+    x.apply_op2(&indices, op)
 }
 
 #[cfg(test)]

@@ -1,5 +1,6 @@
-//! The CNN's joins as single nodes: a residual `relu(a + b)` keeping only its output, and a conv
-//! bias add optionally followed by ReLU.
+//! The CNN's residual join `relu(a + b)` as a single node (used for residual blocks nested inside
+//! a branch; top-level blocks join outside the graph, `layers::cnn`). A conv's bias and ReLU run
+//! inside the conv node (`layers::conv`).
 
 use super::kernels::*;
 use candle_core::backend::BackendStorage;
@@ -42,52 +43,6 @@ pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     a.contiguous()?.apply_op2(&b.contiguous()?, AddReluOp)
 }
 
-/// Per-channel bias add on NCHW `y` (a conv output), optionally followed by ReLU, one node.
-#[derive(Debug, Clone, Copy)]
-struct BiasActOp {
-    relu: bool,
-}
-
-impl BiasActOp {
-    fn fwd<S: BackendStorage>(&self, y: View<S>, b: View<S>) -> Result<(S, Shape)> {
-        let out = bcast::<S, kern::Add>(y, b)?;
-        if self.relu {
-            Ok(unary::<S, kern::Relu>(out.r())?.into_out())
-        } else {
-            Ok(out.into_out())
-        }
-    }
-}
-
-impl CustomOp2 for BiasActOp {
-    fn name(&self) -> &'static str {
-        "fused-bias-act"
-    }
-    device_fwd2!();
-    fn bwd(
-        &self,
-        _: &Tensor,
-        b: &Tensor,
-        res: &Tensor,
-        g: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let g = if self.relu {
-            (g * res.detach().gt(0.0)?.to_dtype(g.dtype())?)?
-        } else {
-            g.clone()
-        };
-        let gb = g.sum_keepdim((0, 2, 3))?.reshape(b.shape())?;
-        Ok((Some(g), Some(gb)))
-    }
-}
-
-/// `y + b` per channel (then ReLU when `relu`) for NCHW `y`.
-pub fn bias_act(y: &Tensor, b: &Tensor, relu: bool) -> Result<Tensor> {
-    let c = y.dim(1)?;
-    y.contiguous()?
-        .apply_op2(&b.reshape((1, c, 1, 1))?, BiasActOp { relu })
-}
-
 #[cfg(test)]
 mod tests {
     //! Against the same function composed from candle's primitive ops: outputs and every input
@@ -98,7 +53,7 @@ mod tests {
     use candle_core::Tensor;
 
     #[test]
-    fn batch_norm_relu_add_relu_bias_act() {
+    fn batch_norm_relu_and_add_relu() {
         let (x, g, b) = (rand(&[3, 4, 5, 5], 20), rand(&[4], 21), rand(&[4], 22));
         let bc = |t: &Tensor| t.reshape((1, 4, 1, 1));
         for relu in [false, true] {
@@ -110,18 +65,6 @@ mod tests {
                     let var = xc.sqr()?.mean_keepdim((0, 2, 3))?;
                     let y = xc.broadcast_div(&(var + 1e-5)?.sqrt()?)?;
                     let y = y.broadcast_mul(&bc(&t[1])?)?.broadcast_add(&bc(&t[2])?)?;
-                    if relu {
-                        y.relu()
-                    } else {
-                        Ok(y)
-                    }
-                },
-            );
-            same(
-                &[x.clone(), b.clone()],
-                |t| bias_act(&t[0], &t[1], relu),
-                |t| {
-                    let y = t[0].broadcast_add(&bc(&t[1])?)?;
                     if relu {
                         y.relu()
                     } else {
