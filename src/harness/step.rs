@@ -44,6 +44,8 @@ pub struct Trainer {
     targets: Tensor,
     compute: DType,
     checkpoint: bool,
+    /// selective checkpointing: eager attention recomputes its probabilities in backward
+    selective: bool,
     segmented: bool,
     /// fused (sdpa-like) attention instead of the composed one
     flash_attention: bool,
@@ -126,13 +128,7 @@ fn refuse_unbuilt_blocks(model: &ModelSpec) -> anyhow::Result<()> {
 /// Settings the planner models from the literature but this harness cannot run yet; running
 /// them silently as something else would record a wrong measurement under their name.
 fn refuse_planner_only(train: &TrainSpec) -> anyhow::Result<()> {
-    use crate::spec::{Checkpointing, Optimizer, OptimizerImpl};
-    if train.checkpointing == Checkpointing::Selective {
-        return input_err(
-            "checkpointing",
-            "selective is planned from the literature but not run by the candle harness; accepted none, full",
-        );
-    }
+    use crate::spec::{Optimizer, OptimizerImpl};
     if train.optimizer == Optimizer::AdamW8bit {
         return input_err(
             "optimizer",
@@ -208,10 +204,21 @@ impl Trainer {
         refuse_planner_only(train)?;
         refuse_unbuilt_blocks(model)?;
         let checkpoint = train.checkpointing.is_on();
-        if checkpoint && matches!(model, ModelSpec::Cnn(_)) {
+        let selective = train.checkpointing == crate::spec::Checkpointing::Selective;
+        if (checkpoint || selective) && matches!(model, ModelSpec::Cnn(_)) {
             return input_err(
                 "checkpointing",
-                "full is implemented per transformer block; accepted none for CNNs",
+                format!(
+                    "{} is implemented per transformer block; accepted none for CNNs",
+                    train.checkpointing
+                ),
+            );
+        }
+        if selective && train.attention == crate::spec::Attention::Sdpa {
+            return input_err(
+                "checkpointing",
+                "selective recomputes eager attention's probabilities, which sdpa never keeps; \
+                 accepted none, full with sdpa",
             );
         }
         // transformers' default per architecture (GPT-2, BERT 0.1; Llama, ViT none) or the spec's
@@ -288,6 +295,7 @@ impl Trainer {
             targets,
             compute,
             checkpoint,
+            selective,
             segmented,
             flash_attention: train.attention.kernels_on(device.is_cpu(), dropout > 0.0)
                 == crate::spec::Attention::Sdpa,
@@ -351,6 +359,7 @@ impl Trainer {
             dtype: self.compute,
             dropout: self.dropout,
             flash_attention: self.flash_attention,
+            recompute_attention: self.selective,
             seed: self.seed.wrapping_mul(0x9e37_79b9).wrapping_add(self.steps),
         };
         let mut acc = vec![None; self.store.params.len()];
@@ -543,17 +552,13 @@ mod tests {
 
     #[test]
     fn planner_only_settings_are_refused() {
-        use crate::spec::{Checkpointing, Optimizer, OptimizerImpl};
+        use crate::spec::{Optimizer, OptimizerImpl};
         let base = TrainSpec {
             batch: 1,
             seq: 16,
             ..TrainSpec::default()
         };
         let cases = [
-            TrainSpec {
-                checkpointing: Checkpointing::Selective,
-                ..base.clone()
-            },
             TrainSpec {
                 optimizer: Optimizer::AdamW8bit,
                 ..base.clone()

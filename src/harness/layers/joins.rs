@@ -18,6 +18,7 @@
 
 use super::fused::{Heads, LinearOp};
 use super::handed::{handed_fwd, Handed};
+use super::params::MaskSite;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor,
     D,
@@ -334,10 +335,34 @@ const SOFTMAX_ROWS: usize = 64;
 
 struct EagerAttnOp {
     out: Handed,
-    /// The probabilities; with dropout also the dropped probabilities and the keep mask.
+    /// The probabilities; with dropout also the dropped probabilities and the keep mask. Empty
+    /// under selective recomputation.
     kept: Mutex<Vec<Tensor>>,
     scale: f64,
     drop_scale: f64,
+    /// Selective recomputation: causal or not, and the dropout site whose mask backward
+    /// regenerates.
+    recompute: Option<(bool, MaskSite)>,
+}
+
+impl EagerAttnOp {
+    /// What `kept` held, recomputed from q and k (selective checkpointing): the probabilities
+    /// and, with dropout, the dropped probabilities and the regenerated mask.
+    fn recomputed(&self, q: &Tensor, k: &Tensor) -> Result<Vec<Tensor>> {
+        let Some((causal, site)) = &self.recompute else {
+            return Err(candle_core::Error::Msg(
+                "eager attention backward ran twice".into(),
+            ));
+        };
+        let p = super::fused::attention_probs(&q.detach(), &k.detach(), self.scale, *causal)?;
+        Ok(match site.mask()? {
+            Some(mask) => {
+                let pd = super::fused::dropout(&p, &mask, site.p)?;
+                vec![p, pd, mask]
+            }
+            None => vec![p],
+        })
+    }
 }
 
 impl CustomOp3 for EagerAttnOp {
@@ -357,12 +382,15 @@ impl CustomOp3 for EagerAttnOp {
         _: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let kept = std::mem::take(
+        let mut kept = std::mem::take(
             &mut *self
                 .kept
                 .lock()
                 .map_err(|_| candle_core::Error::Msg("poisoned attention probabilities".into()))?,
         );
+        if kept.is_empty() {
+            kept = self.recomputed(q, k)?;
+        }
         let mut kept = kept.into_iter();
         let p = kept
             .next()
@@ -402,6 +430,9 @@ impl CustomOp3 for EagerAttnOp {
 /// [`Ctx::dropout_mask`](super::params::Ctx::dropout_mask) and p), the mask and the dropped
 /// probabilities. Its backward makes the score-sized gradients PyTorch's makes, and none of
 /// candle's per-node gradient accumulation of score-sized tensors.
+///
+/// `recompute` (selective checkpointing): the dropout site of the probabilities; the node then
+/// keeps only q, k and v and its backward recomputes the probabilities and regenerates the mask.
 pub fn eager_attention(
     q: &Tensor,
     k: &Tensor,
@@ -409,6 +440,7 @@ pub fn eager_attention(
     scale: f64,
     causal: bool,
     drop: Option<(&Tensor, f32)>,
+    recompute: Option<MaskSite>,
 ) -> Result<Tensor> {
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
     let p = super::fused::attention_probs(&q.detach(), &k.detach(), scale, causal)?;
@@ -422,9 +454,14 @@ pub fn eager_attention(
     };
     let op = EagerAttnOp {
         out: Handed::new(out),
-        kept: Mutex::new(kept),
+        kept: Mutex::new(if recompute.is_some() {
+            Vec::new()
+        } else {
+            kept
+        }),
         scale,
         drop_scale: drop.map_or(1.0, |(_, p)| 1.0 / (1.0 - p as f64)),
+        recompute: recompute.map(|site| (causal, site)),
     };
     q.apply_op3(&k, &v, op)
 }

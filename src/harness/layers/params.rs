@@ -149,6 +149,60 @@ pub struct Ctx<'a> {
     /// Fused attention (`layers::flash`, PyTorch's sdpa kernels' memory) instead of the
     /// composed softmax(QK^T)V that stores the probabilities.
     pub flash_attention: bool,
+    /// Selective checkpointing (Korthikanti et al. 2022): eager attention keeps only q, k, v and
+    /// recomputes its probabilities (and their dropout mask) in backward.
+    pub recompute_attention: bool,
+}
+
+/// Everything that regenerates one dropout site's keep mask: the same site gives the same mask,
+/// so selective recomputation rebuilds the attention probabilities' mask in backward instead of
+/// keeping it.
+#[derive(Debug, Clone)]
+pub struct MaskSite {
+    /// the step's dropout seed
+    pub seed: u64,
+    /// dropout probability (0: no mask)
+    pub p: f32,
+    pub site: u64,
+    pub shape: candle_core::Shape,
+    pub dtype: DType,
+    pub device: Device,
+}
+
+impl MaskSite {
+    /// The keep mask (None without dropout), as [`Ctx::dropout_mask`] describes it.
+    pub fn mask(&self) -> candle_core::Result<Option<Tensor>> {
+        if self.p <= 0.0 {
+            return Ok(None);
+        }
+        let (shape, dev) = (&self.shape, &self.device);
+        let site_seed = self.seed.wrapping_mul(0x100_0000_01b3) ^ self.site;
+        if !dev.is_cpu() && dev.set_seed(site_seed).is_ok() {
+            // Accelerators: the device RNG, reseeded per site, so masks are reproducible
+            // without a host round trip (`ge` yields u8).
+            let keep = Tensor::rand(0f32, 1f32, shape, dev)?.ge(self.p as f64)?;
+            return Ok(Some(keep));
+        }
+        let n = shape.elem_count();
+        let threshold = (self.p as f64 * u32::MAX as f64) as u32;
+        let kept = (1.0 / (1.0 - self.p as f64)) as f32;
+        let mut rng = FastRng::new(site_seed);
+        let mut mask = Vec::with_capacity(n);
+        while mask.len() < n {
+            let r = rng.next_u64();
+            for half in [r as u32, (r >> 32) as u32] {
+                if mask.len() < n {
+                    mask.push(if half >= threshold { kept } else { 0.0 });
+                }
+            }
+        }
+        let mask = Tensor::from_vec(mask, shape, dev)?;
+        if !dev.is_cpu() {
+            // an accelerator without a seedable RNG: the host mask, as bytes
+            return Ok(Some(mask.ne(0f32)?));
+        }
+        Ok(Some(mask.to_dtype(self.dtype)?))
+    }
 }
 
 impl<'a> Ctx<'a> {
@@ -200,34 +254,24 @@ impl<'a> Ctx<'a> {
         dev: &Device,
         site: u64,
     ) -> candle_core::Result<Option<Tensor>> {
-        if self.dropout <= 0.0 {
-            return Ok(None);
+        self.mask_site(shape, dtype, dev, site).mask()
+    }
+
+    /// What regenerates the mask of [`Ctx::dropout_mask`] with these arguments.
+    pub fn mask_site(
+        &self,
+        shape: &candle_core::Shape,
+        dtype: DType,
+        dev: &Device,
+        site: u64,
+    ) -> MaskSite {
+        MaskSite {
+            seed: self.seed,
+            p: self.dropout,
+            site,
+            shape: shape.clone(),
+            dtype,
+            device: dev.clone(),
         }
-        let site_seed = self.seed.wrapping_mul(0x100_0000_01b3) ^ site;
-        if !dev.is_cpu() && dev.set_seed(site_seed).is_ok() {
-            // Accelerators: the device RNG, reseeded per site, so masks are reproducible
-            // without a host round trip (`ge` yields u8).
-            let keep = Tensor::rand(0f32, 1f32, shape, dev)?.ge(self.dropout as f64)?;
-            return Ok(Some(keep));
-        }
-        let n = shape.elem_count();
-        let threshold = (self.dropout as f64 * u32::MAX as f64) as u32;
-        let kept = (1.0 / (1.0 - self.dropout as f64)) as f32;
-        let mut rng = FastRng::new(site_seed);
-        let mut mask = Vec::with_capacity(n);
-        while mask.len() < n {
-            let r = rng.next_u64();
-            for half in [r as u32, (r >> 32) as u32] {
-                if mask.len() < n {
-                    mask.push(if half >= threshold { kept } else { 0.0 });
-                }
-            }
-        }
-        let mask = Tensor::from_vec(mask, shape, dev)?;
-        if !dev.is_cpu() {
-            // an accelerator without a seedable RNG: the host mask, as bytes
-            return Ok(Some(mask.ne(0f32)?));
-        }
-        Ok(Some(mask.to_dtype(dtype)?))
     }
 }

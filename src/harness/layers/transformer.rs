@@ -154,7 +154,10 @@ impl Attention {
             let shape = (b, self.heads, s, s).into();
             let mask = ctx.dropout_mask(&shape, q.dtype(), q.device(), site)?;
             let drop = mask.as_ref().map(|m| (m, ctx.dropout));
-            joins::eager_attention(&q, &k, &v, scale, self.causal, drop)?
+            let recompute = ctx
+                .recompute_attention
+                .then(|| ctx.mask_site(&shape, q.dtype(), q.device(), site));
+            joins::eager_attention(&q, &k, &v, scale, self.causal, drop, recompute)?
         };
         Ok((y, heads(self.heads)))
     }

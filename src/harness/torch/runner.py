@@ -145,10 +145,12 @@ def check_train(train, model_spec):
     if train["zero_stage"] != 0:
         refuse("zero", f"stage {train['zero_stage']} needs DeepSpeed across GPUs; "
                "accepted 0 with the torch backend")
-    if train["checkpointing"] == "selective":
-        refuse("checkpointing", "selective is planner only; accepted none, full")
-    if train["checkpointing"] == "full" and model_spec["family"] != "transformer":
-        refuse("checkpointing", "full is per transformer block; accepted none for CNNs")
+    if train["checkpointing"] != "none" and model_spec["family"] != "transformer":
+        refuse("checkpointing", f"{train['checkpointing']} is per transformer block; "
+               "accepted none for CNNs")
+    if train["checkpointing"] == "selective" and train["attention"] != "eager":
+        refuse("checkpointing", "selective recomputes eager attention's probabilities, which "
+               "sdpa never keeps; accepted none, full with sdpa")
     if train["precision"] not in ("fp32", "bf16-mixed", "fp16-mixed", "bf16", "fp16"):
         refuse("precision", f"'{train['precision']}'; accepted fp32, bf16-mixed, fp16-mixed, bf16")
 
@@ -304,6 +306,8 @@ def measure(torch, req, device, shim):
     model.train()
     if train["checkpointing"] == "full":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif train["checkpointing"] == "selective":
+        recompute_attention_core(model)
 
     # inputs
     if task in ("lm", "pooler", "classifier"):
@@ -447,6 +451,25 @@ def measure(torch, req, device, shim):
         out["memgetinfo_bytes"] = total - free
         out["nvml_bytes"] = nvml_used(device)
     return out
+
+
+def recompute_attention_core(model):
+    """Selective checkpointing (Korthikanti et al. 2022): the attention core (QK^T, softmax,
+    dropout, PV) is recomputed in backward and only its inputs q, k, v are kept. transformers
+    looks its module's `eager_attention_forward` up at every call, so the module's function is
+    replaced by one wrapped in non-reentrant torch.utils.checkpoint (which restores the RNG
+    state, so the recompute draws the same dropout mask). The runner measures one point per
+    process, so the patch never outlives the point."""
+    import sys
+    from torch.utils.checkpoint import checkpoint
+    module = sys.modules[type(model).__module__]
+    eager = module.eager_attention_forward
+
+    def recomputed(attn, query, key, value, attention_mask, **kwargs):
+        return checkpoint(lambda q, k, v: eager(attn, q, k, v, attention_mask, **kwargs),
+                          query, key, value, use_reentrant=False)
+
+    module.eager_attention_forward = recomputed
 
 
 def tensor_bytes(torch, model, opt, batch, targets):

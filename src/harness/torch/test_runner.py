@@ -71,20 +71,23 @@ class TransformerPlan(unittest.TestCase):
 
 
 class TrainChecks(unittest.TestCase):
-    def test_zero_and_selective_are_refused(self):
-        for key, value, field in (("zero_stage", 2, "zero"),
-                                  ("checkpointing", "selective", "checkpointing")):
+    def test_zero_and_selective_with_sdpa_are_refused(self):
+        for train, field in ((dict(TRAIN, zero_stage=2), "zero"),
+                             (dict(TRAIN, checkpointing="selective", attention="sdpa"),
+                              "checkpointing")):
             with self.assertRaises(runner.Refused) as e:
-                runner.check_train(dict(TRAIN, **{key: value}), LLAMA)
+                runner.check_train(train, LLAMA)
             self.assertIn(f"invalid {field}:", str(e.exception))
 
     def test_cnn_checkpointing_is_refused(self):
-        with self.assertRaises(runner.Refused):
-            runner.check_train(dict(TRAIN, checkpointing="full"), {"family": "cnn"})
+        for mode in ("full", "selective"):
+            with self.assertRaises(runner.Refused):
+                runner.check_train(dict(TRAIN, checkpointing=mode), {"family": "cnn"})
 
     def test_supported_points_pass(self):
         runner.check_train(TRAIN, LLAMA)
         runner.check_train(dict(TRAIN, precision="bf16-mixed", checkpointing="full"), LLAMA)
+        runner.check_train(dict(TRAIN, checkpointing="selective", attention="eager"), LLAMA)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ mod tests {
                     |t| {
                         let drop = mask.map(|m| (m, 0.2f32));
                         crate::harness::layers::joins::eager_attention(
-                            &t[0], &t[1], &t[2], 0.5, causal, drop,
+                            &t[0], &t[1], &t[2], 0.5, causal, drop, None,
                         )
                     },
                     |t| {
@@ -122,6 +122,34 @@ mod tests {
                     },
                 );
             }
+        }
+    }
+
+    /// Selective recomputation (probabilities and dropout mask rebuilt in backward from the
+    /// mask's site) gives the output and gradients of the attention that kept them.
+    #[test]
+    fn recomputed_eager_attention_matches_the_kept_one() {
+        use crate::harness::layers::joins::eager_attention;
+        use crate::harness::layers::params::MaskSite;
+        let sh = [2, 2, 70, 4];
+        let (q, k, v) = (rand(&sh, 40), rand(&sh, 41), rand(&sh, 42));
+        for (causal, p) in [(false, 0.2f32), (true, 0.0)] {
+            let site = MaskSite {
+                seed: 7,
+                p,
+                site: 3,
+                shape: (2, 2, 70, 70).into(),
+                dtype: DType::F32,
+                device: Device::Cpu,
+            };
+            let mask = site.mask().unwrap();
+            assert_eq!(mask.is_some(), p > 0.0);
+            let drop = mask.as_ref().map(|m| (m, p));
+            same(
+                &[q.clone(), k.clone(), v.clone()],
+                |t| eager_attention(&t[0], &t[1], &t[2], 0.5, causal, drop, Some(site.clone())),
+                |t| eager_attention(&t[0], &t[1], &t[2], 0.5, causal, drop, None),
+            );
         }
     }
 
