@@ -2,7 +2,8 @@
 //! planner models (precision, gradient checkpointing, simulated ZeRO).
 //!
 //! Transformers run block-wise and CNNs residual block by residual block (`layers::cnn`; a CNN
-//! without residual blocks is one graph): the embedding, each block and the head are separate
+//! with neither residual blocks nor conv + ReLU pairs is one graph): the embedding, each block and
+//! the head are separate
 //! graphs joined by `Var` inputs, so backward releases each block's saved tensors once it has
 //! run, as PyTorch does node by node. A block's output is held
 //! once, as the next block's input Var (`BlockOut`: its last residual join is kept as terms and
@@ -164,7 +165,9 @@ fn collect(store: &ParamStore, gs: &GradStore, acc: &mut [Option<Tensor>]) -> an
             // copy so the full gradient's storage is released with the GradStore
             g.narrow(0, 0, p.shard_rows)?.copy()?
         } else {
-            g.clone()
+            // detached: candle leaves a Var's gradient with the history of the ops that made
+            // it, which would keep their inputs alive until the optimizer step
+            g.detach()
         };
         acc[i] = Some(match acc[i].take() {
             Some(a) => (a + g)?,

@@ -2,13 +2,15 @@
 //! holding the indices of its parameters in the [`ParamStore`].
 //!
 //! The trainer runs it segment by segment ([`Cnn::segment`], [`Cnn::head_loss`]), as it runs a
-//! transformer block by block: each top-level residual block ends a segment, so a segment's
+//! transformer block by block: each top-level residual block (or conv + ReLU) ends a segment, so a segment's
 //! graph (and the activations it keeps) is released once its backward has run, as PyTorch frees
 //! each node's saved tensors during backward. A block's output `relu(body + shortcut)` is not a
 //! graph node: it is computed outside the graph and held once, as the next segment's input
 //! (torchvision adds the shortcut into the last BatchNorm's output in place and applies ReLU in
 //! place, so PyTorch holds one tensor there too), and the block's backward is seeded into the
-//! branches' last BatchNorms ([`Join`]). A network without residual blocks (VGG) is one graph.
+//! branches' last BatchNorms ([`Join`]). A conv with bias followed by ReLU (VGG) ends a segment
+//! the same way: its output is held once, as the next segment's input (PyTorch's in-place ReLU
+//! overwrites the conv output), and its backward is seeded into the conv.
 
 use super::fused;
 use super::joins;
@@ -167,7 +169,7 @@ fn forward_ops(ops: &[Op], ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
     Ok(x)
 }
 
-/// One term of a residual block's output sum (before its ReLU).
+/// One term of a segment's output sum (before its ReLU).
 enum Term {
     /// A branch ending in BatchNorm, kept as the norm's input and parameters: its output is
     /// never a graph node.
@@ -176,11 +178,20 @@ enum Term {
         gamma: Tensor,
         beta: Tensor,
     },
+    /// A conv with bias (VGG's conv + ReLU), kept as its input and parameters.
+    Conv {
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        padding: usize,
+        stride: usize,
+    },
     /// Any other branch output (an identity shortcut: the block's input, kept anyway).
     Tensor(Tensor),
 }
 
-/// A residual block's output `relu(sum of terms)`, held outside the graph.
+/// A segment's output `relu(sum of terms)` (a residual block's join, or a conv's ReLU), held
+/// outside the graph.
 pub struct Join {
     terms: Vec<Term>,
 }
@@ -194,6 +205,20 @@ impl Join {
                 Term::BatchNorm { x, gamma, beta } => {
                     fused::batch_norm(&x.detach(), &gamma.detach(), &beta.detach(), false)?
                 }
+                Term::Conv {
+                    x,
+                    w,
+                    b,
+                    padding,
+                    stride,
+                } => super::conv::conv2d_bias(
+                    &x.detach(),
+                    &w.detach(),
+                    &b.detach(),
+                    *padding,
+                    *stride,
+                    false,
+                )?,
                 Term::Tensor(t) => t.detach(),
             };
             acc = Some(match acc {
@@ -208,11 +233,20 @@ impl Join {
     /// Backward root for the output gradient `g`, given the output value `out` (the ReLU mask;
     /// the caller may free it once this returns).
     pub fn root(&self, g: &Tensor, out: &Tensor) -> Result<Tensor> {
-        let g = (g * out.gt(0.0)?.to_dtype(g.dtype())?)?;
+        // detached: a gradient that carries graph history (the mask is computed from the
+        // output Var) would keep that history alive in every parameter gradient made from it
+        let g = (g.detach() * out.detach().gt(0.0)?.to_dtype(g.dtype())?)?;
         let mut acc: Option<Tensor> = None;
         for t in &self.terms {
             let r = match t {
                 Term::BatchNorm { x, gamma, beta } => fused::seed_batch_norm(x, gamma, beta, &g)?,
+                Term::Conv {
+                    x,
+                    w,
+                    b,
+                    padding,
+                    stride,
+                } => super::conv::seed_conv2d_bias(x, w, b, &g, *padding, *stride)?,
                 Term::Tensor(t) => joins::seed(t, &g)?,
             };
             acc = Some(match acc {
@@ -242,7 +276,8 @@ fn branch(ops: &[Op], ctx: &Ctx, x: &Tensor) -> Result<Term> {
 pub struct Cnn {
     pub spec: CnnSpec,
     ops: Vec<Op>,
-    /// End (exclusive) of each segment in `ops`: each ends with a top-level residual block.
+    /// End (exclusive) of each segment in `ops`: each ends with a top-level residual block or a
+    /// top-level conv with bias followed by ReLU.
     ends: Vec<usize>,
 }
 
@@ -250,11 +285,12 @@ impl Cnn {
     pub fn new(spec: &CnnSpec, store: &mut ParamStore) -> anyhow::Result<Self> {
         spec.validate()?;
         let ops = build(&spec.layers, store, "")?;
-        let ends = ops
-            .iter()
-            .enumerate()
-            .filter(|(_, op)| matches!(op, Op::Residual { .. }))
-            .map(|(i, _)| i + 1)
+        let ends = (0..ops.len())
+            .filter_map(|i| match (&ops[i], ops.get(i + 1)) {
+                (Op::Residual { .. }, _) => Some(i + 1),
+                (Op::Conv { b: Some(_), .. }, Some(Op::Relu)) => Some(i + 2),
+                _ => None,
+            })
             .collect();
         Ok(Self {
             spec: spec.clone(),
@@ -263,28 +299,50 @@ impl Cnn {
         })
     }
 
-    /// Segments that end with a residual block (0 for a network without one).
+    /// Segments that end with a residual block or a conv + ReLU (0 for a network with neither).
     pub fn segments(&self) -> usize {
         self.ends.len()
     }
 
     /// Segment `i` on `x` (segment 0: the images `[b, c, H, W]`, any dtype; later ones: the
-    /// previous segment's output): the ops before its residual block in the graph, and the
-    /// block's output join.
+    /// previous segment's output): the ops before its last op in the graph, and the last op (a
+    /// residual block, or a conv with bias and its ReLU) as the output join.
     pub fn segment(&self, ctx: &Ctx, i: usize, x: &Tensor) -> Result<Join> {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
         let end = self.ends[i];
         let x = self.input(ctx, i, x)?;
-        let x = forward_ops(&self.ops[start..end - 1], ctx, &x)?;
-        let Op::Residual { body, shortcut } = &self.ops[end - 1] else {
-            unreachable!("segments end with a residual block")
-        };
-        Ok(Join {
-            terms: vec![branch(body, ctx, &x)?, branch(shortcut, ctx, &x)?],
-        })
+        match &self.ops[end - 1] {
+            Op::Residual { body, shortcut } => {
+                let x = forward_ops(&self.ops[start..end - 1], ctx, &x)?;
+                Ok(Join {
+                    terms: vec![branch(body, ctx, &x)?, branch(shortcut, ctx, &x)?],
+                })
+            }
+            _ => {
+                let Op::Conv {
+                    w,
+                    b: Some(b),
+                    stride,
+                    padding,
+                } = &self.ops[end - 2]
+                else {
+                    unreachable!("segments end with a residual block or a conv with bias + ReLU")
+                };
+                let x = forward_ops(&self.ops[start..end - 2], ctx, &x)?;
+                Ok(Join {
+                    terms: vec![Term::Conv {
+                        x,
+                        w: ctx.w(*w)?,
+                        b: ctx.w(*b)?,
+                        padding: *padding,
+                        stride: *stride,
+                    }],
+                })
+            }
+        }
     }
 
-    /// The ops after the last residual block (all of them without one) and the mean
+    /// The ops after the last segment (all of them without one) and the mean
     /// cross-entropy against class ids `targets` `[b]`.
     pub fn head_loss(&self, ctx: &Ctx, x: &Tensor, targets: &Tensor) -> Result<Tensor> {
         let start = self.ends.last().copied().unwrap_or(0);

@@ -84,32 +84,89 @@ impl Conv2dOp {
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<[Option<Tensor>; 3]> {
-        // an input no gradient reaches (the images) gets none, as PyTorch's needs_input_grad
-        let needs_input_grad = x.track_op();
-        let (x, w) = (x.detach(), w.detach());
         let g = if self.relu {
             (grad.detach() * res.detach().gt(0.0)?.to_dtype(grad.dtype())?)?
         } else {
             grad.detach()
         };
-        let grad_x = if needs_input_grad {
-            // candle's own formula (backprop.rs): the transposed convolution with the output
-            // padding that restores the input's height
-            let (k_h, g_h) = (w.dim(2)?, g.dim(2)?);
-            let out_size = (g_h - 1) * self.stride + k_h - 2 * self.padding;
-            let out_padding = x.dim(2)? - out_size;
-            Some(g.conv_transpose2d(&w, self.padding, out_padding, self.stride, 1)?)
-        } else {
-            None
-        };
-        let grad_w = weight_grad(&x, &w, &g, self.padding, self.stride)?;
-        let grad_b = if has_bias {
-            Some(g.sum((0, 2, 3))?)
-        } else {
-            None
-        };
-        Ok([grad_x, Some(grad_w), grad_b])
+        conv_grads(x, w, has_bias, &g, self.padding, self.stride)
     }
+}
+
+/// (dx, dw, db) of `conv2d(x, w) (+ b)` for its output gradient `g`.
+fn conv_grads(
+    x: &Tensor,
+    w: &Tensor,
+    has_bias: bool,
+    g: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<[Option<Tensor>; 3]> {
+    // an input no gradient reaches (the images) gets none, as PyTorch's needs_input_grad
+    let needs_input_grad = x.track_op();
+    let (x, w) = (x.detach(), w.detach());
+    let grad_x = if needs_input_grad {
+        // candle's own formula (backprop.rs): the transposed convolution with the output
+        // padding that restores the input's height
+        let (k_h, g_h) = (w.dim(2)?, g.dim(2)?);
+        let out_size = (g_h - 1) * stride + k_h - 2 * padding;
+        let out_padding = x.dim(2)? - out_size;
+        Some(g.conv_transpose2d(&w, padding, out_padding, stride, 1)?)
+    } else {
+        None
+    };
+    let grad_w = weight_grad(&x, &w, g, padding, stride)?;
+    let grad_b = if has_bias {
+        Some(g.sum((0, 2, 3))?)
+    } else {
+        None
+    };
+    Ok([grad_x, Some(grad_w), grad_b])
+}
+
+struct SeedConvOp {
+    padding: usize,
+    stride: usize,
+    /// the conv output's gradient
+    g: Tensor,
+    out: Handed,
+}
+
+impl CustomOp3 for SeedConvOp {
+    fn name(&self) -> &'static str {
+        "grad-seed-conv2d-bias"
+    }
+    handed_fwd!(x, w, b);
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        _grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok(conv_grads(x, w, true, &self.g, self.padding, self.stride)?.into())
+    }
+}
+
+/// A scalar whose backward is that of `conv2d(x, w) + b` receiving the output gradient `g`: the
+/// root of a CNN segment's backward (`layers::cnn`) when the conv's output is held only as the
+/// next segment's input, not as a graph node.
+pub fn seed_conv2d_bias(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    g: &Tensor,
+    padding: usize,
+    stride: usize,
+) -> Result<Tensor> {
+    let op = SeedConvOp {
+        padding,
+        stride,
+        g: g.clone(),
+        out: Handed::new(Tensor::zeros((), candle_core::DType::F32, x.device())?),
+    };
+    x.apply_op3(w, b, op)
 }
 
 /// `dL/dw` summed over the batch, one sample and one band of output rows at a time:
