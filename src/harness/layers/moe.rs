@@ -276,12 +276,28 @@ fn ranges(counts: &[usize]) -> impl Iterator<Item = (usize, usize, usize)> + '_ 
         .filter(|&(_, _, n)| n > 0)
 }
 
-/// `rows @ w[e]^T` for each expert's rows, concatenated (the grouped matmul).
-fn grouped(rows: &Tensor, w: &Tensor, counts: &[usize]) -> Result<Tensor> {
-    let parts = ranges(counts)
-        .map(|(e, s, n)| rows.narrow(0, s, n)?.matmul(&w.get(e)?.t()?))
-        .collect::<Result<Vec<_>>>()?;
-    Tensor::cat(&parts, 0)
+/// The grouped matmul: `rows @ w[e]^T` (`w` `[E, out, in]`; `rhs` transposes each expert's
+/// matrix when false) for each expert's rows, written into one output as `grouped_mm` writes
+/// (no per-expert pieces held together).
+fn grouped(rows: &Tensor, w: &Tensor, counts: &[usize], transpose: bool) -> Result<Tensor> {
+    let d = if transpose { w.dim(1)? } else { w.dim(2)? };
+    let out = Tensor::zeros((rows.dim(0)?, d), rows.dtype(), rows.device())?;
+    for (e, s, n) in ranges(counts) {
+        let we = w.get(e)?;
+        let we = if transpose { we.t()? } else { we };
+        out.slice_set(&rows.narrow(0, s, n)?.matmul(&we)?, 0, s)?;
+    }
+    Ok(out)
+}
+
+/// Each expert's weight gradient `g[e]^T @ x[e]` into one `[E, ...]` tensor like `w`.
+fn grouped_weight_grad(g: &Tensor, x: &Tensor, w: &Tensor, counts: &[usize]) -> Result<Tensor> {
+    let out = w.zeros_like()?;
+    for (e, s, n) in ranges(counts) {
+        let ge = g.narrow(0, s, n)?.t()?.matmul(&x.narrow(0, s, n)?)?;
+        out.slice_set(&ge.unsqueeze(0)?, 0, e)?;
+    }
+    Ok(out)
 }
 
 impl CustomOp3 for ExpertsOp {
@@ -304,24 +320,12 @@ impl CustomOp3 for ExpertsOp {
             .take()
             .ok_or_else(|| candle_core::Error::Msg("experts backward ran twice".into()))?;
         let (wgu, wd) = (wgu.detach(), wd.detach());
-        let g = g.to_dtype(wd.dtype())?;
+        let g = g.to_dtype(wd.dtype())?.contiguous()?;
         let f = self.f;
         // down: g_prod = g @ wd[e], g_wd[e] = g^T @ prod
-        let mut g_wd = Vec::with_capacity(self.counts.len());
-        let mut g_prod = Vec::new();
-        let mut start = 0;
-        for (e, &n) in self.counts.iter().enumerate() {
-            if n == 0 {
-                g_wd.push(wd.get(e)?.zeros_like()?);
-                continue;
-            }
-            let ge = g.narrow(0, start, n)?;
-            g_prod.push(ge.matmul(&wd.get(e)?)?);
-            g_wd.push(ge.t()?.matmul(&prod.narrow(0, start, n)?)?);
-            start += n;
-        }
-        drop(prod);
-        let g_prod = Tensor::cat(&g_prod, 0)?;
+        let g_prod = grouped(&g, &wd, &self.counts, false)?;
+        let g_wd = grouped_weight_grad(&g, &prod, &wd, &self.counts)?;
+        drop((g, prod));
         let gate = proj.narrow(1, 0, f)?;
         let up = proj.narrow(1, f, f)?;
         let g_up = (&g_prod * &act)?;
@@ -329,33 +333,18 @@ impl CustomOp3 for ExpertsOp {
         let sig = (gate.neg()?.exp()? + 1.0)?.recip()?;
         let dsilu = (&sig * ((&gate * (1.0 - &sig)?)? + 1.0)?)?;
         let g_gate = ((&g_prod * &up)? * dsilu)?;
-        drop((g_prod, sig, proj));
+        drop((g_prod, sig, gate, up, proj));
         let g_proj = Tensor::cat(&[&g_gate, &g_up], 1)?;
         drop((g_gate, g_up));
-        let mut g_wgu = Vec::with_capacity(self.counts.len());
-        let mut g_rows = Vec::new();
-        let mut start = 0;
-        for (e, &n) in self.counts.iter().enumerate() {
-            if n == 0 {
-                g_wgu.push(wgu.get(e)?.zeros_like()?);
-                continue;
-            }
-            let gp = g_proj.narrow(0, start, n)?;
-            g_rows.push(gp.matmul(&wgu.get(e)?)?);
-            g_wgu.push(gp.t()?.matmul(&gathered.narrow(0, start, n)?)?);
-            start += n;
-        }
+        // gate/up: g_rows = g_proj @ wgu[e], g_wgu[e] = g_proj^T @ gathered
+        let g_rows = grouped(&g_proj, &wgu, &self.counts, false)?;
+        let g_wgu = grouped_weight_grad(&g_proj, &gathered, &wgu, &self.counts)?;
         drop((g_proj, gathered));
-        let g_rows = Tensor::cat(&g_rows, 0)?;
         let (t, h) = x.dims2()?;
         let gx = Tensor::zeros((t, h), g_rows.dtype(), g_rows.device())?
             .index_add(&self.tok, &g_rows, 0)?
             .to_dtype(x.dtype())?;
-        Ok((
-            Some(gx),
-            Some(Tensor::stack(&g_wgu, 0)?),
-            Some(Tensor::stack(&g_wd, 0)?),
-        ))
+        Ok((Some(gx), Some(g_wgu), Some(g_wd)))
     }
 }
 
@@ -367,10 +356,10 @@ fn experts(x: &Tensor, wgu: &Tensor, wd: &Tensor, plan: &Dispatch, f: usize) -> 
         .detach()
         .to_dtype(wd.dtype())?
         .index_select(&plan.tok, 0)?;
-    let proj = grouped(&gathered, &wgu.detach(), &plan.counts)?;
+    let proj = grouped(&gathered, &wgu.detach(), &plan.counts, true)?;
     let act = proj.narrow(1, 0, f)?.silu()?;
     let prod = (&act * proj.narrow(1, f, f)?)?;
-    let out = grouped(&prod, &wd.detach(), &plan.counts)?;
+    let out = grouped(&prod, &wd.detach(), &plan.counts, true)?;
     let op = ExpertsOp {
         out: Handed::new(out),
         kept: Mutex::new(Some([gathered, proj, act, prod])),
