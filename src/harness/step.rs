@@ -116,8 +116,10 @@ fn refuse_unbuilt_blocks(model: &ModelSpec) -> anyhow::Result<()> {
         ("qk_norm", x.qk_norm != d.qk_norm),
         (
             "block_norms",
-            !matches!(x.block_norms, None | Some(2))
-                && !(x.block_norms == Some(1) && x.parallel_attn),
+            !matches!(
+                (x.block_norms, x.parallel_attn),
+                (None | Some(2), _) | (Some(1), true)
+            ),
         ),
         ("lm_head_bias", x.lm_head_bias),
         ("position_offset", x.position_offset != 0),
