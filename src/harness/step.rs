@@ -131,12 +131,21 @@ fn refuse_unbuilt_blocks(model: &ModelSpec) -> anyhow::Result<()> {
             x.rel_positions != 0 || x.rel_norm || x.pos_proj != 0,
         ),
         ("moe", x.moe.is_some() && post_norm),
+        // the harness routes dropless on one rank, holding every expert
+        (
+            "capacity_factor",
+            x.moe.as_ref().is_some_and(|m| m.capacity_factor.0 != 1.0),
+        ),
+        (
+            "expert_parallel",
+            x.moe.as_ref().is_some_and(|m| m.expert_parallel != 1),
+        ),
         ("parallel_attn", x.parallel_attn && post_norm),
     ];
     match unbuilt.iter().find(|u| u.1) {
         Some((key, _)) => input_err(
             "model",
-            format!("`{key}` blocks are planned, not built by the candle harness; accepted plain, head_dim, kv_heads, attn_bias, pre-norm parallel_attn and moe blocks, or a CNN"),
+            format!("`{key}` is planned, not built by the candle harness; accepted the plain block with head_dim, kv_heads, attn_bias, pre-norm parallel_attn or a dropless one-rank moe, or a CNN"),
         ),
         None => Ok(()),
     }
@@ -567,7 +576,7 @@ mod tests {
             .unwrap();
         assert_eq!(crate::error::exit_code(&e), 2);
         assert!(
-            format!("{e}").starts_with("invalid model: `mla` blocks are planned, not built"),
+            format!("{e}").starts_with("invalid model: `mla` is planned, not built"),
             "{e}"
         );
     }

@@ -91,7 +91,9 @@ fn block_variants_build_or_are_refused_by_key() {
     t.extras.qk_norm = vramcal::spec::transformer::QkNorm::PerHead;
     let mut u = base;
     u.extras.lm_head_bias = true;
-    for (t, key) in [(t, "qk_norm"), (u, "lm_head_bias")] {
+    let mut cf = transformer("tiny-mixtral");
+    cf.extras.moe.as_mut().unwrap().capacity_factor = vramcal::spec::moe::CapacityFactor(1.25);
+    for (t, key) in [(t, "qk_norm"), (u, "lm_head_bias"), (cf, "capacity_factor")] {
         let e = Trainer::new(&ModelSpec::Transformer(t), &train(1, 8), &Device::Cpu, 0)
             .err()
             .unwrap();
