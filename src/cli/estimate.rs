@@ -27,7 +27,8 @@ pub struct Args {
 
 #[derive(Debug, clap::Args)]
 pub struct Flags {
-    /// Preset name (bert-base, gpt2, llama2-7b, vit-large-16, resnet50, ...)
+    /// Preset name (bert-base, gpt2, llama2-7b, vit-large-16, resnet50, tiny-mixtral,
+    /// tiny-qwen-moe, ...; an unknown name lists them all)
     #[arg(long)]
     pub model: Option<String>,
     /// HuggingFace config.json (BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, DeBERTa-v2, GPT-2,

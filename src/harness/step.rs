@@ -105,25 +105,55 @@ fn check_backend(device: &Device, p: Precision, dtype: DType) -> anyhow::Result<
     )
 }
 
-/// Blocks the planner counts but this harness does not build (it would build a dense
-/// single-stack model of other parameters and record it under their name).
+/// Block departures the planner counts but this harness does not build (it would build another
+/// model and record it under this one's name). Built: the plain blocks, `head_dim`, multi-query /
+/// grouped-query `kv_heads`, `attn_bias`, pre-norm `parallel_attn` (one shared norm or two) and
+/// the mixture of experts (pre-norm); refused, naming the spec key: the rest.
 fn refuse_unbuilt_blocks(model: &ModelSpec) -> anyhow::Result<()> {
     let ModelSpec::Transformer(t) = model else {
         return Ok(());
     };
-    let kind = if t.extras.moe.is_some() {
-        "mixture-of-experts"
-    } else if t.extras.mla.is_some() {
-        "latent-attention"
-    } else if t.extras.enc_dec.is_some() {
-        "encoder-decoder"
-    } else {
-        return Ok(());
-    };
-    input_err(
-        "model",
-        format!("{kind} blocks are planned, not built by the candle harness; accepted a dense single-stack transformer or a CNN"),
-    )
+    let (x, d) = (&t.extras, crate::spec::transformer::BlockExtras::default());
+    let post_norm = t.embedding_norm;
+    let unbuilt = [
+        ("mla", x.mla.is_some()),
+        ("enc_dec", x.enc_dec.is_some()),
+        ("qk_norm", x.qk_norm != d.qk_norm),
+        (
+            "block_norms",
+            !matches!(
+                (x.block_norms, x.parallel_attn),
+                (None | Some(2), _) | (Some(1), true)
+            ),
+        ),
+        ("lm_head_bias", x.lm_head_bias),
+        ("position_offset", x.position_offset != 0),
+        ("embed_proj", x.embed_proj.is_some()),
+        ("head_transform", x.head_transform != d.head_transform),
+        ("factorized_embedding", x.factorized_embedding.is_some()),
+        (
+            "rel_positions",
+            x.rel_positions != 0 || x.rel_norm || x.pos_proj != 0,
+        ),
+        ("moe", x.moe.is_some() && post_norm),
+        // the harness routes dropless on one rank, holding every expert
+        (
+            "capacity_factor",
+            x.moe.as_ref().is_some_and(|m| m.capacity_factor.0 != 1.0),
+        ),
+        (
+            "expert_parallel",
+            x.moe.as_ref().is_some_and(|m| m.expert_parallel != 1),
+        ),
+        ("parallel_attn", x.parallel_attn && post_norm),
+    ];
+    match unbuilt.iter().find(|u| u.1) {
+        Some((key, _)) => input_err(
+            "model",
+            format!("`{key}` is planned, not built by the candle harness; accepted the plain block with head_dim, kv_heads, attn_bias, pre-norm parallel_attn or a dropless one-rank moe, or a CNN"),
+        ),
+        None => Ok(()),
+    }
 }
 
 /// Settings the planner models from the literature but this harness cannot run yet; running
@@ -206,6 +236,7 @@ impl Trainer {
     ) -> anyhow::Result<Self> {
         refuse_planner_only(train)?;
         refuse_unbuilt_blocks(model)?;
+        let planned = crate::plan::params::count(model);
         let checkpoint = train.checkpointing.is_on();
         let selective = train.checkpointing == crate::spec::Checkpointing::Selective;
         if (checkpoint || selective) && matches!(model, ModelSpec::Cnn(_)) {
@@ -288,6 +319,11 @@ impl Trainer {
                 (Model::Cnn(m), input, targets)
             }
         };
+        anyhow::ensure!(
+            store.total() == planned,
+            "the harness built {} parameters where the planner counts {planned}",
+            store.total()
+        );
         let segmented = matches!(model, Model::Transformer(_));
         let optim = Optim::new(train.optimizer, &store)?;
         Ok(Self {
@@ -577,26 +613,23 @@ mod tests {
             assert_eq!(crate::error::exit_code(&e), 2, "{train:?}");
         }
         assert!(Trainer::new(&spec, &base, &Device::Cpu, 0).is_ok());
-        // MoE (as other unbuilt blocks) is refused rather than built dense
+        // latent attention (as other unbuilt blocks) is refused rather than built plain
         let ModelSpec::Transformer(mut t) = spec else {
             unreachable!()
         };
-        t.extras.moe = Some(Box::new(crate::spec::moe::Moe {
-            experts: 4,
-            top_k: 2,
-            expert_ffn: 8,
-            shared_ffn: 0,
-            shared_gate: false,
-            dense_layers: 0,
-            expert_parallel: 1,
-            capacity_factor: Default::default(),
+        t.extras.mla = Some(Box::new(crate::spec::moe::Mla {
+            q_lora_rank: 0,
+            kv_lora_rank: 8,
+            qk_nope: 8,
+            qk_rope: 8,
+            v_head: 8,
         }));
         let e = Trainer::new(&ModelSpec::Transformer(t), &base, &Device::Cpu, 0)
             .err()
             .unwrap();
+        assert_eq!(crate::error::exit_code(&e), 2);
         assert!(
-            format!("{e}")
-                .starts_with("invalid model: mixture-of-experts blocks are planned, not built"),
+            format!("{e}").starts_with("invalid model: `mla` is planned, not built"),
             "{e}"
         );
     }

@@ -106,8 +106,9 @@ pub struct Features {
     /// for backward over the live blocks, plus a quantized base's dequantized-weight transient.
     /// Known, not fitted; 0 in full training.
     pub adapter_bytes: f64,
-    /// Bytes (not elements) the live MoE blocks save beyond a dense block: router logits and
-    /// their fp32 softmax, and the extra routed copies of each token's expert input and output
+    /// Bytes (not elements) the live MoE blocks' routed experts and router save (the f-wide
+    /// features count only dense MLPs and shared experts): the fp32 routing, and per routed
+    /// pair its gathered input, SwiGLU intermediates and output in the weights' dtype
     /// ([`moe::extra_bytes_per_token`]). Known, not fitted; 0 without experts.
     pub moe_bytes: f64,
     /// Bytes (not elements) an encoder-decoder's cross-attention saves over the live decoder
@@ -376,7 +377,10 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                     params::count(model) - moe::unheld(t, train.gpus),
                     train,
                 ),
-                block: t.block_kind().map(|k| (k, train.attention)),
+                block: t
+                    .block_kind()
+                    .or(moe::base_block(t))
+                    .map(|k| (k, train.attention)),
                 act_fn: Some(t.activation_kind()),
                 dropout,
                 dropout_elems: if dropout {
@@ -401,7 +405,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 moe_bytes: moe::live_moe_layers(t, live)
                     * b
                     * s
-                    * moe::extra_bytes_per_token(t, train.precision.compute_bytes() as f64),
+                    * moe::extra_bytes_per_token(t, train.precision),
             })
         }
         ModelSpec::Cnn(c) => {
@@ -558,10 +562,8 @@ pub fn state_bytes(params: u64, train: &TrainSpec) -> StateBytes {
 pub fn rank_state_bytes(model: &ModelSpec, params: u64, train: &TrainSpec) -> StateBytes {
     let (experts, ep) = match model {
         ModelSpec::Transformer(t) => match &t.extras.moe {
-            Some(m) if moe::effective_ep(m, train.gpus) > 1 => {
-                (moe::expert_params(t), moe::effective_ep(m, train.gpus))
-            }
-            _ => return state_bytes(params, train),
+            Some(m) => (moe::expert_params(t), moe::effective_ep(m, train.gpus)),
+            None => return state_bytes(params, train),
         },
         ModelSpec::Cnn(_) => return state_bytes(params, train),
     };
@@ -574,7 +576,9 @@ pub fn rank_state_bytes(model: &ModelSpec, params: u64, train: &TrainSpec) -> St
     let epf = ep as f64;
     StateBytes {
         weights: dense.weights + e.weights / epf,
-        half_copy: dense.half_copy + e.half_copy / epf,
+        // no autocast copy of the experts: transformers' grouped_mm experts run in the weights'
+        // dtype (`input.to(weight.dtype)`, not an autocast op)
+        half_copy: dense.half_copy,
         gradients: dense.gradients + e.gradients / epf,
         optimizer: dense.optimizer + e.optimizer / epf,
     }

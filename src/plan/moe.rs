@@ -4,7 +4,8 @@
 //! "Mixture of experts".
 
 use crate::spec::moe::Moe;
-use crate::spec::transformer::TransformerSpec;
+use crate::spec::transformer::{BlockKind, TransformerSpec};
+use crate::spec::Precision;
 
 /// Parameters of one MoE block's feed-forward, as transformers builds it (Mixtral/Qwen MoE:
 /// SwiGLU experts without biases, a bias-free `hidden -> experts` router, an optional SwiGLU
@@ -87,8 +88,10 @@ pub fn unheld(t: &TransformerSpec, gpus: u64) -> u64 {
 }
 
 /// Feed-forward widths per token for the activation model, averaged over the blocks: dense
-/// blocks `ffn`, MoE blocks `top_k x capacity_factor x expert_ffn` (each routed copy of a token
-/// runs one expert) plus the shared expert's width. Returns (mean width, widest block's width).
+/// blocks `ffn`, MoE blocks their shared expert's width (a dense SwiGLU MLP over every token;
+/// the routed experts are known bytes, [`extra_bytes_per_token`]). Returns (mean width, widest
+/// block's per-token width for the backward workspace: an MoE block's `top_k x capacity_factor
+/// x expert_ffn + shared`).
 pub fn ffn_widths(t: &TransformerSpec) -> (f64, f64) {
     let f = t.ffn as f64;
     let Some(m) = &t.extras.moe else {
@@ -97,7 +100,7 @@ pub fn ffn_widths(t: &TransformerSpec) -> (f64, f64) {
     let moe_w = m.routed_per_token() * m.expert_ffn as f64 + m.shared_ffn as f64;
     let l = t.layers as f64;
     let dense = m.dense_layers as f64;
-    let mean = (dense * f + (l - dense) * moe_w) / l;
+    let mean = (dense * f + (l - dense) * m.shared_ffn as f64) / l;
     let widest = if m.dense_layers > 0 {
         f.max(moe_w)
     } else {
@@ -106,19 +109,40 @@ pub fn ffn_widths(t: &TransformerSpec) -> (f64, f64) {
     (mean, widest)
 }
 
-/// Bytes the MoE blocks save for backward beyond a dense block's, per token of one live MoE
-/// block (multiply by b·s and the live MoE blocks), known from transformers' MoE forward rather
-/// than fitted: the router's logits (compute dtype) and their fp32 softmax (`routing_weights`,
-/// `F.softmax(..., dtype=torch.float)`), and, for every routed copy beyond the one token a dense
-/// MLP reads, the gathered expert input and the expert output before it is weighted (two
-/// hidden-wide tensors in the compute dtype).
-pub fn extra_bytes_per_token(t: &TransformerSpec, compute_bytes: f64) -> f64 {
+/// The measured block an MoE spec's blocks are built like apart from their feed-forward (Mixtral
+/// and Qwen2-MoE: Llama's attention and norms), so its measured coefficients cover the rest.
+pub fn base_block(t: &TransformerSpec) -> Option<BlockKind> {
+    t.extras.moe.as_ref()?;
+    let mut dense = t.clone();
+    dense.extras.moe = None;
+    dense.block_kind().filter(|k| *k == BlockKind::Llama)
+}
+
+/// Bytes a live MoE block saves per token beyond its dense part (the norms, attention and shared
+/// expert, which the block coefficients or per-feature terms count), known from transformers 5's
+/// default experts path (`grouped_mm_experts_forward`, `MixtralTopKRouter`; measured with
+/// saved-tensor hooks): the router's fp32 softmax (E·4), top-k ids, their sum and renormalised
+/// weights (k·8 + 4 + k·4); per routed pair (k·cf per token) the sort permutation, its inverse and
+/// the gather's indices (3 int64), the pair's fp32 weight, and in the experts' dtype (the
+/// weights': fp32 under autocast, which grouped_mm bypasses) the gathered input and the expert
+/// output (2h) and the gate/up output, SiLU output and product (4·f_e). A gated shared expert
+/// adds its gated output (h, compute dtype) and, under autocast, the gate's fp16 copy of the
+/// input (h).
+pub fn extra_bytes_per_token(t: &TransformerSpec, p: Precision) -> f64 {
     let Some(m) = &t.extras.moe else {
         return 0.0;
     };
-    let router = m.experts as f64 * (compute_bytes + 4.0);
-    let copies = (m.routed_per_token() - 1.0).max(0.0);
-    router + copies * 2.0 * t.hidden as f64 * compute_bytes
+    let (h, k) = (t.hidden as f64, m.top_k as f64);
+    let expert_bytes = if p.is_pure_half() { 2.0 } else { 4.0 };
+    let cb = p.compute_bytes() as f64;
+    let router = m.experts as f64 * 4.0 + k * 12.0 + 4.0;
+    let pair = 3.0 * 8.0 + 4.0 + (2.0 * h + 4.0 * m.expert_ffn as f64) * expert_bytes;
+    let shared_gate = if m.shared_ffn > 0 && m.shared_gate {
+        h * cb + if p.is_mixed() { h * cb } else { 0.0 }
+    } else {
+        0.0
+    };
+    router + m.routed_per_token() * pair + shared_gate
 }
 
 /// MoE blocks among the live ones: all of them, or under full checkpointing the share one live

@@ -75,6 +75,21 @@ fn is_default_cf(c: &CapacityFactor) -> bool {
 }
 
 impl Moe {
+    /// `experts` routed experts of width `expert_ffn`, `top_k` per token; no shared expert, no
+    /// dense blocks, no expert parallelism, dropless.
+    pub fn routed(experts: u64, top_k: u64, expert_ffn: u64) -> Self {
+        Moe {
+            experts,
+            top_k,
+            expert_ffn,
+            shared_ffn: 0,
+            shared_gate: false,
+            dense_layers: 0,
+            expert_parallel: 1,
+            capacity_factor: CapacityFactor::default(),
+        }
+    }
+
     /// Blocks with routed experts, of `layers`.
     pub fn moe_layers(&self, layers: u64) -> u64 {
         layers.saturating_sub(self.dense_layers)

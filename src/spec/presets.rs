@@ -2,7 +2,8 @@
 //! small `tiny-*` shapes that CPU calibration sweeps can afford.
 
 use super::cnn::{resnet, vgg16};
-use super::transformer::{Arch, FfnKind, Head, NormKind, PatchEmbed, TransformerSpec};
+use super::moe::Moe;
+use super::transformer::{Arch, BlockExtras, FfnKind, Head, NormKind, PatchEmbed, TransformerSpec};
 use super::ModelSpec;
 use crate::error::input_err;
 
@@ -21,6 +22,8 @@ pub const NAMES: &[&str] = &[
     "tiny-gpt",
     "tiny-bert",
     "tiny-llama",
+    "tiny-mixtral",
+    "tiny-qwen-moe",
     "tiny-vit",
     "tiny-resnet18",
     "tiny-resnet50",
@@ -130,6 +133,17 @@ pub fn vit(
     }
 }
 
+/// `t` with a mixture-of-experts feed-forward.
+fn moe(t: TransformerSpec, m: Moe) -> TransformerSpec {
+    TransformerSpec {
+        extras: BlockExtras {
+            moe: Some(Box::new(m)),
+            ..t.extras
+        },
+        ..t
+    }
+}
+
 pub fn preset(name: &str) -> anyhow::Result<ModelSpec> {
     use ModelSpec::{Cnn, Transformer};
     Ok(match name {
@@ -153,6 +167,23 @@ pub fn preset(name: &str) -> anyhow::Result<ModelSpec> {
             max_positions: 0,
             ..llama("tiny-llama", 4, 128, 4, 2, 344, 1024)
         }),
+        // Mixtral's block: 8 SwiGLU experts, top-2, grouped-query attention
+        "tiny-mixtral" => Transformer(moe(
+            llama("tiny-mixtral", 2, 128, 4, 2, 256, 1024),
+            Moe::routed(8, 2, 256),
+        )),
+        // Qwen2-MoE's block: q/k/v biases, 8 experts top-2 and a gated shared expert
+        "tiny-qwen-moe" => Transformer(moe(
+            TransformerSpec {
+                qkv_bias: true,
+                ..llama("tiny-qwen-moe", 2, 128, 4, 4, 344, 1024)
+            },
+            Moe {
+                shared_ffn: 256,
+                shared_gate: true,
+                ..Moe::routed(8, 2, 128)
+            },
+        )),
         "tiny-vit" => Transformer(vit("tiny-vit", 4, 128, 4, 64, 8, 10)),
         "tiny-resnet18" => Cnn(resnet("tiny-resnet18", [2, 2, 2, 2], false, 8, 10)),
         "tiny-resnet50" => Cnn(resnet("tiny-resnet50", [3, 4, 6, 3], true, 4, 10)),

@@ -67,6 +67,14 @@ fn checkpointed_gradients_equal_plain_llama() {
     max_rel_err("tiny-llama");
 }
 
+/// The recomputed MoE block routes the same tokens to the same experts (routing is a function
+/// of the block input), so its gradients are the plain step's.
+#[test]
+fn checkpointed_gradients_equal_plain_moe() {
+    max_rel_err("tiny-mixtral");
+    max_rel_err("tiny-qwen-moe");
+}
+
 fn peak(ckpt: Checkpointing) -> (u64, u64) {
     let spec = preset("tiny-gpt").unwrap(); // L = 4
     let mut t = Trainer::new(&spec, &train(ckpt, 4, 128), &Device::Cpu, 1).unwrap();

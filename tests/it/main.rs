@@ -14,6 +14,7 @@ mod fit_input_checks;
 mod fit_split;
 mod fit_synthetic;
 mod harness_measure;
+mod harness_moe;
 mod harness_step_ckpt;
 mod harness_step_params;
 mod harness_step_precision;

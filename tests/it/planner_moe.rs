@@ -73,21 +73,26 @@ fn routed_tokens_and_router_set_the_moe_activations() {
     };
     let bs = 2.0 * 128.0;
     let f = features(&with_layout(config("mixtral-8x7b"), 1, 1.0), &train).unwrap();
-    // each token runs its 2 experts of width 14336, in all 32 blocks
-    assert_eq!(f.bsf_raw, 32.0 * bs * 2.0 * 14336.0);
-    // router: 8 logits (fp32 here) and their fp32 softmax; one extra routed copy's input and
-    // output, 2 x 4096 fp32 values, per token and block
-    assert_eq!(f.moe_bytes, 32.0 * bs * (8.0 * 8.0 + 2.0 * 4096.0 * 4.0));
+    // no dense MLP nor shared expert: the routed experts are known bytes, not f-wide features
+    assert_eq!(f.bsf_raw, 0.0);
+    // per token and block (fp32, transformers' grouped_mm path): the router's fp32 softmax over
+    // 8 experts, top-2 ids/sum/weights (12 x 2 + 4), and per routed pair 3 int64 indices, its
+    // fp32 weight, the gathered input and output (2 x 4096) and gate/up, SiLU, product
+    // (4 x 14336) in fp32
+    let pair = 3.0 * 8.0 + 4.0 + (2.0 * 4096.0 + 4.0 * 14336.0) * 4.0;
+    assert_eq!(f.moe_bytes, 32.0 * bs * (8.0 * 4.0 + 28.0 + 2.0 * pair));
     // a capacity factor of 1.25 pads every expert by a quarter
     let padded = features(&with_layout(config("mixtral-8x7b"), 1, 1.25), &train).unwrap();
-    assert_eq!(padded.bsf_raw, 1.25 * f.bsf_raw);
-    // tiny Qwen2-MoE: 4 dense blocks of MLP 96, 1 MoE block of 2 x 32 routed + 48 shared
+    let router = 32.0 * bs * (8.0 * 4.0 + 28.0);
+    assert!(((padded.moe_bytes - router) / (f.moe_bytes - router) - 1.25).abs() < 1e-12);
+    // tiny Qwen2-MoE: 4 dense blocks of MLP 96, 1 MoE block with a 48-wide shared expert (its
+    // routed 2 x 32 are known bytes)
     let f = features(
         &ModelSpec::Transformer(config("qwen2-moe-tiny-mixed")),
         &train,
     )
     .unwrap();
-    assert!((f.bsf_raw - bs * (4.0 * 96.0 + 2.0 * 32.0 + 48.0)).abs() < 1e-6);
+    assert!((f.bsf_raw - bs * (4.0 * 96.0 + 48.0)).abs() < 1e-6);
 }
 
 fn estimate(args: &[&str]) -> (i32, String, String) {

@@ -8,6 +8,7 @@
 
 use super::fused::{self, Act, Heads};
 use super::joins::{self, Stash};
+use super::moe::{MoeFfn, MoeTerm, Routed};
 use super::ops::{Linear, Norm};
 use super::params::{Ctx, Init, ParamStore};
 use crate::spec::transformer::{Activation, Arch, FfnKind, Head, NormKind, TransformerSpec};
@@ -25,6 +26,8 @@ pub enum Term {
         /// Dropout on the linear's output: keep mask and p.
         drop: Option<(Tensor, f32)>,
     },
+    /// Routed expert outputs weighted and summed per token ([`Routed`]).
+    Routed(Routed),
 }
 
 /// A block's output as the terms of a sum (the last residual join), so that the output itself
@@ -54,6 +57,7 @@ impl BlockOut {
                         None => y,
                     }
                 }
+                Term::Routed(r) => r.value()?,
             };
             acc = Some(match acc {
                 Some(a) => (a + v)?,
@@ -72,6 +76,7 @@ impl BlockOut {
                 Term::Linear { x, w, b, drop } => {
                     joins::seed_linear(x, w, b.as_ref(), g, drop.as_ref().map(|(m, p)| (m, *p)))?
                 }
+                Term::Routed(r) => r.root(g)?,
             };
             acc = Some(match acc {
                 Some(a) => (a + r)?,
@@ -228,12 +233,22 @@ impl Mlp {
     }
 }
 
+/// A block's feed-forward: the dense MLP or a mixture of experts.
+#[derive(Debug)]
+enum Ffn {
+    Dense(Mlp),
+    Moe(MoeFfn),
+}
+
 #[derive(Debug)]
 struct Block {
     attn: Attention,
-    mlp: Mlp,
+    ffn: Ffn,
     norm1: Norm,
-    norm2: Norm,
+    /// `None`: one norm shared by parallel attention and MLP (`block_norms` 1)
+    norm2: Option<Norm>,
+    /// attention and feed-forward read the same input (`parallel_attn`)
+    parallel: bool,
 }
 
 #[derive(Debug)]
@@ -304,46 +319,63 @@ impl Transformer {
             },
         };
         let (a, kvh) = (spec.heads as usize, spec.kv_heads as usize);
-        let head_dim = h / a;
+        let (head_dim, qw) = (spec.head_dim() as usize, spec.q_width() as usize);
+        let ab = spec.attn_bias();
         let mut blocks = Vec::with_capacity(spec.layers as usize);
         for i in 0..spec.layers as usize {
             let n = |s: &str| format!("blocks.{i}.{s}");
+            // Qwen2's biases on q, k and v only
+            let qkv_b = ab || spec.qkv_bias;
             let qkv = if kvh == a {
-                Qkv::Fused(Linear::new(store, &n("attn.qkv"), h, 3 * h, spec.bias)?)
+                Qkv::Fused(Linear::new(store, &n("attn.qkv"), h, 3 * qw, qkv_b)?)
             } else {
                 let kv = kvh * head_dim;
                 Qkv::Split {
-                    q: Linear::new(store, &n("attn.q"), h, h, spec.bias)?,
-                    k: Linear::new(store, &n("attn.k"), h, kv, spec.bias)?,
-                    v: Linear::new(store, &n("attn.v"), h, kv, spec.bias)?,
+                    q: Linear::new(store, &n("attn.q"), h, qw, qkv_b)?,
+                    k: Linear::new(store, &n("attn.k"), h, kv, qkv_b)?,
+                    v: Linear::new(store, &n("attn.v"), h, kv, qkv_b)?,
                 }
             };
             let attn = Attention {
                 qkv,
-                out: Linear::new(store, &n("attn.out"), h, h, spec.bias)?,
+                out: Linear::new(store, &n("attn.out"), qw, h, ab)?,
                 heads: a,
                 kv_heads: kvh,
                 head_dim,
                 causal: spec.arch == Arch::Decoder,
             };
             let f = spec.ffn as usize;
+            let moe = spec
+                .extras
+                .moe
+                .as_ref()
+                .filter(|m| i as u64 >= m.dense_layers);
             let mlp = match spec.ffn_kind {
-                FfnKind::Gelu => Mlp::Gelu {
+                _ if moe.is_some() => None,
+                FfnKind::Gelu => Some(Mlp::Gelu {
                     fc1: Linear::new(store, &n("mlp.fc1"), h, f, spec.bias)?,
                     fc2: Linear::new(store, &n("mlp.fc2"), f, h, spec.bias)?,
                     act: spec.activation_kind(),
-                },
-                FfnKind::Swiglu => Mlp::Swiglu {
+                }),
+                FfnKind::Swiglu => Some(Mlp::Swiglu {
                     gate: Linear::new(store, &n("mlp.gate"), h, f, spec.bias)?,
                     up: Linear::new(store, &n("mlp.up"), h, f, spec.bias)?,
                     down: Linear::new(store, &n("mlp.down"), f, h, spec.bias)?,
-                },
+                }),
+            };
+            let ffn = match (mlp, moe) {
+                (Some(m), _) => Ffn::Dense(m),
+                (None, Some(m)) => Ffn::Moe(MoeFfn::new(store, &n("moe"), h, m)?),
+                (None, None) => unreachable!("a block without feed-forward"),
             };
             blocks.push(Block {
                 attn,
-                mlp,
+                ffn,
                 norm1: Norm::new(store, &n("norm1"), h, rms)?,
-                norm2: Norm::new(store, &n("norm2"), h, rms)?,
+                norm2: (spec.extras.block_norms != Some(1))
+                    .then(|| Norm::new(store, &n("norm2"), h, rms))
+                    .transpose()?,
+                parallel: spec.extras.parallel_attn,
             });
         }
         let final_norm = spec
@@ -442,30 +474,54 @@ impl Transformer {
         let site = i as u64 * SITES;
         let stash = Stash::default();
         let terms = if self.spec.embedding_norm {
+            let (Ffn::Dense(mlp), Some(norm2)) = (&blk.ffn, &blk.norm2) else {
+                candle_core::bail!("a post-norm block is built with a dense MLP and two norms");
+            };
             let x1 = blk.attn.residual(ctx, x, x, site, &stash)?;
             let x1 = blk.norm1.forward(ctx, &x1)?;
-            let m = ctx.dropout(&blk.mlp.forward(ctx, &x1)?, site + 2)?;
-            vec![Term::Tensor(blk.norm2.forward(ctx, &(x1 + m)?)?)]
+            let m = ctx.dropout(&mlp.forward(ctx, &x1)?, site + 2)?;
+            vec![Term::Tensor(norm2.forward(ctx, &(x1 + m)?)?)]
         } else {
-            let x2 = blk
-                .attn
-                .residual(ctx, x, &blk.norm1.forward(ctx, x)?, site, &stash)?;
-            let hidden = blk.mlp.hidden(ctx, &blk.norm2.forward(ctx, &x2)?)?;
-            let (w, b) = blk.mlp.last().tensors(ctx)?;
-            let (hb, hs, _) = hidden.dims3()?;
-            let shape = (hb, hs, w.dim(0)?).into();
-            let drop = ctx
-                .dropout_mask(&shape, hidden.dtype(), hidden.device(), site + 2)?
-                .map(|m| (m, ctx.dropout));
-            vec![
-                Term::Tensor(x2),
-                Term::Linear {
-                    x: hidden,
-                    w,
-                    b,
-                    drop,
-                },
-            ]
+            let n1 = blk.norm1.forward(ctx, x)?;
+            let x2 = blk.attn.residual(ctx, x, &n1, site, &stash)?;
+            // parallel attention: the feed-forward reads the block input (through the shared
+            // norm, or its own); sequential: the attention's residual sum
+            let ffn_in = match (&blk.norm2, blk.parallel) {
+                (None, _) => n1,
+                (Some(n2), true) => n2.forward(ctx, x)?,
+                (Some(n2), false) => n2.forward(ctx, &x2)?,
+            };
+            let mut terms = vec![Term::Tensor(x2)];
+            match &blk.ffn {
+                Ffn::Dense(mlp) => {
+                    let hidden = mlp.hidden(ctx, &ffn_in)?;
+                    let (w, b) = mlp.last().tensors(ctx)?;
+                    let (hb, hs, _) = hidden.dims3()?;
+                    let shape = (hb, hs, w.dim(0)?).into();
+                    let drop = ctx
+                        .dropout_mask(&shape, hidden.dtype(), hidden.device(), site + 2)?
+                        .map(|m| (m, ctx.dropout));
+                    terms.push(Term::Linear {
+                        x: hidden,
+                        w,
+                        b,
+                        drop,
+                    });
+                }
+                // no dropout on the MoE output (Mixtral, Qwen2-MoE have none)
+                Ffn::Moe(moe) => {
+                    terms.extend(moe.forward(ctx, &ffn_in)?.into_iter().map(|t| match t {
+                        MoeTerm::Routed(r) => Term::Routed(r),
+                        MoeTerm::Linear { x, w } => Term::Linear {
+                            x,
+                            w,
+                            b: None,
+                            drop: None,
+                        },
+                    }))
+                }
+            }
+            terms
         };
         Ok(BlockOut { terms, stash })
     }

@@ -125,7 +125,8 @@ def warm_runtime(torch, req, device):
         import transformers as tf
         for name in ("LlamaForCausalLM", "LlamaConfig", "Qwen2ForCausalLM", "Qwen2Config",
                      "GPT2LMHeadModel", "GPT2Config", "BertModel", "BertConfig",
-                     "BertForSequenceClassification", "ViTForImageClassification", "ViTConfig"):
+                     "BertForSequenceClassification", "ViTForImageClassification", "ViTConfig",
+                     "MixtralForCausalLM", "Qwen2MoeForCausalLM"):
             getattr(tf, name)
     train = req["train"]
     tiny = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
@@ -184,6 +185,8 @@ def transformer_plan(req):
     common = dict(hidden_size=t["hidden"], num_hidden_layers=t["layers"],
                   num_attention_heads=t["heads"], intermediate_size=t["ffn"],
                   attn_implementation=attn)
+    if t.get("moe"):
+        return moe_plan(req, t, common, p, act, head)
     if block == "llama":
         if head != "lm":
             refuse("head", f"{head} on a Llama-family block; accepted lm")
@@ -226,6 +229,44 @@ def transformer_plan(req):
         return "ViTForImageClassification", "ViTConfig", cfg, {}, "image"
     refuse("model", "this block (norm, MLP, arch) has no transformers class here; accepted the "
            "structures of Llama/Mistral/Qwen2, GPT-2, BERT and ViT")
+
+
+def moe_plan(req, t, common, p, act, head):
+    """Mixtral (routed experts only) or Qwen2-MoE (a gated shared expert, dense blocks first) from
+    a spec with `moe`. Both renormalise the top-k weights (Qwen's norm_topk_prob, as the candle
+    harness does), no router jitter, no auxiliary loss (output_router_logits off: the candle
+    harness has none); experts on transformers' default path (grouped_mm)."""
+    m = t["moe"]
+    if head != "lm" or t["norm"] != "rmsnorm" or t["bias"] or t["arch"] != "decoder":
+        refuse("model", "an MoE block here is Mixtral's or Qwen2-MoE's: a bias-free RMSNorm "
+               "decoder with an LM head")
+    if m.get("expert_parallel", 1) != 1 or m.get("capacity_factor", 1.0) != 1.0:
+        refuse("model", "expert parallelism and capacity factors are planner only; accepted "
+               "expert_parallel 1, capacity_factor 1")
+    extras = ("head_dim", "qk_norm", "block_norms", "parallel_attn", "attn_bias", "mla")
+    for key in extras:
+        if t.get(key) not in (None, False, "none"):
+            refuse(key, f"{t[key]} on an MoE block; accepted Mixtral's or Qwen2-MoE's block")
+    cfg = dict(common, num_key_value_heads=t["kv_heads"], vocab_size=t["vocab"],
+               max_position_embeddings=max(4096, req["train"]["seq"]),
+               tie_word_embeddings=t["tied_embeddings"], attention_dropout=p, hidden_act=act,
+               num_experts_per_tok=m["top_k"], output_router_logits=False)
+    shared = m.get("shared_ffn", 0)
+    if shared == 0:
+        if m.get("dense_layers", 0) or t.get("qkv_bias"):
+            refuse("moe", "dense blocks or q/k/v biases without a shared expert; accepted "
+                   "Mixtral's block (all MoE, no biases)")
+        cfg.update(intermediate_size=m["expert_ffn"], num_local_experts=m["experts"],
+                   router_jitter_noise=0.0, sliding_window=None)
+        return "MixtralForCausalLM", "MixtralConfig", cfg, {}, "lm"
+    if not m.get("shared_gate"):
+        refuse("moe", "a shared expert without its sigmoid gate (DeepSeek) has no transformers "
+               "class here; accepted Qwen2-MoE's gated shared expert")
+    cfg.update(num_experts=m["experts"], moe_intermediate_size=m["expert_ffn"],
+               shared_expert_intermediate_size=shared, norm_topk_prob=True,
+               decoder_sparse_step=1, mlp_only_layers=list(range(m.get("dense_layers", 0))),
+               qkv_bias=bool(t.get("qkv_bias")), use_sliding_window=False)
+    return "Qwen2MoeForCausalLM", "Qwen2MoeConfig", cfg, {}, "lm"
 
 
 def build_transformer(torch, req):

@@ -63,6 +63,26 @@ class TransformerPlan(unittest.TestCase):
         self.assertEqual((cls, task), ("ViTForImageClassification", "image"))
         self.assertEqual((cfg["image_size"], cfg["patch_size"], cfg["num_labels"]), (64, 8, 10))
 
+    def test_moe_is_mixtral_or_qwen2_moe(self):
+        moe = {"experts": 8, "top_k": 2, "expert_ffn": 96}
+        cls, _, cfg, _, task = runner.transformer_plan(req(dict(LLAMA, moe=moe), None))
+        self.assertEqual((cls, task), ("MixtralForCausalLM", "lm"))
+        self.assertEqual((cfg["num_local_experts"], cfg["num_experts_per_tok"],
+                          cfg["intermediate_size"], cfg["output_router_logits"]),
+                         (8, 2, 96, False))
+        shared = dict(moe, shared_ffn=128, shared_gate=True, dense_layers=1)
+        cls, _, cfg, _, _ = runner.transformer_plan(
+            req(dict(LLAMA, qkv_bias=True, moe=shared), None))
+        self.assertEqual(cls, "Qwen2MoeForCausalLM")
+        self.assertEqual((cfg["moe_intermediate_size"], cfg["shared_expert_intermediate_size"],
+                          cfg["mlp_only_layers"], cfg["norm_topk_prob"], cfg["qkv_bias"]),
+                         (96, 128, [0], True, True))
+        # DeepSeek's ungated shared expert and expert parallelism are refused in one line
+        for m in (dict(moe, shared_ffn=128), dict(moe, expert_parallel=2)):
+            with self.assertRaises(runner.Refused) as e:
+                runner.transformer_plan(req(dict(LLAMA, moe=m), None))
+            self.assertNotIn("\n", str(e.exception))
+
     def test_unknown_block_is_refused_in_one_line(self):
         with self.assertRaises(runner.Refused) as e:
             runner.transformer_plan(req(LLAMA, None))
