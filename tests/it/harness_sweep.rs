@@ -546,7 +546,7 @@ fn resume_migrates_a_schema1_csv_in_place_before_appending() {
     let mut r = csv::ReaderBuilder::new().from_reader(v3.as_bytes());
     let mut w = csv::Writer::from_writer(Vec::new());
     let header: Vec<String> = r.headers().unwrap().iter().map(String::from).collect();
-    assert_eq!(header.len(), 40);
+    assert_eq!(header.len(), 46);
     assert_eq!(header[36], "attention");
     w.write_record(&header[..36]).unwrap();
     for rec in r.records().take(4) {
@@ -570,22 +570,23 @@ fn resume_migrates_a_schema1_csv_in_place_before_appending() {
     let notes: Vec<&str> = err.lines().filter(|l| l.contains("migrated")).collect();
     assert_eq!(notes.len(), 1, "{err}");
     assert!(
-        notes[0].contains("migrated 4 older rows to schema 3"),
+        notes[0].contains("migrated 4 older rows to schema 4"),
         "{err}"
     );
     let text = std::fs::read_to_string(&out).unwrap();
-    // one header, schema 3, every line of the old file kept (schema 3, backend candle, with
-    // eager, the device kind, the for-loop optimizer and no saved bytes appended)
+    // one header, schema 4, every line of the old file kept (schema 4, backend candle, with
+    // eager, the device kind, the for-loop optimizer, no saved bytes and full training appended)
     assert_eq!(text.lines().next(), v3.lines().next());
     assert_eq!(text.lines().filter(|l| l.starts_with("schema,")).count(), 1);
     for (old_line, new_line) in v1.lines().skip(1).zip(text.lines().skip(1)) {
-        let want = format!("3{},eager,cpu,loop,", &old_line[1..]).replacen(",cpu,", ",candle,", 1);
+        let want = format!("4{},eager,cpu,loop,,full,,,,0,", &old_line[1..])
+            .replacen(",cpu,", ",candle,", 1);
         assert_eq!(want, new_line);
     }
     let rows = record::read(&out).unwrap();
     // the 4 old points were skipped (their keys are unchanged), the 2 others measured
     assert_eq!(rows.len(), 6, "{rows:#?}");
     assert_no_duplicates(&rows);
-    assert!(rows.iter().all(|r| r.schema == 3));
+    assert!(rows.iter().all(|r| r.schema == 4));
     assert_eq!(keys(&rows[..4]), keys(&old));
 }

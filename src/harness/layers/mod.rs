@@ -6,6 +6,7 @@ pub mod flash;
 pub mod fused;
 mod handed;
 pub mod joins;
+pub mod lora;
 pub mod ops;
 pub mod params;
 pub mod pool;

@@ -8,8 +8,10 @@
 
 use super::fused::{self, Act, Heads};
 use super::joins::{self, Stash};
-use super::ops::{Linear, Norm};
+use super::lora::{lora_residual, lora_value, seed_lora, Lora};
+use super::ops::{Adapter, Linear, Norm};
 use super::params::{Ctx, Init, ParamStore};
+use crate::plan::finetune::{self, Finetune};
 use crate::spec::transformer::{Activation, Arch, FfnKind, Head, NormKind, TransformerSpec};
 use candle_core::{Result, Tensor};
 
@@ -23,6 +25,14 @@ pub enum Term {
         w: Tensor,
         b: Option<Tensor>,
         /// Dropout on the linear's output: keep mask and p.
+        drop: Option<(Tensor, f32)>,
+    },
+    /// The same for an adapted (LoRA) linear: `x`, the adapters A and B, and the frozen base.
+    Lora {
+        x: Tensor,
+        a: Tensor,
+        b: Tensor,
+        lora: Lora,
         drop: Option<(Tensor, f32)>,
     },
 }
@@ -54,6 +64,19 @@ impl BlockOut {
                         None => y,
                     }
                 }
+                Term::Lora {
+                    x,
+                    a,
+                    b,
+                    lora,
+                    drop,
+                } => {
+                    let y = lora_value(lora, x, a, b)?;
+                    match drop {
+                        Some((mask, p)) => fused::dropout(&y, mask, *p)?,
+                        None => y,
+                    }
+                }
             };
             acc = Some(match acc {
                 Some(a) => (a + v)?,
@@ -72,6 +95,20 @@ impl BlockOut {
                 Term::Linear { x, w, b, drop } => {
                     joins::seed_linear(x, w, b.as_ref(), g, drop.as_ref().map(|(m, p)| (m, *p)))?
                 }
+                Term::Lora {
+                    x,
+                    a,
+                    b,
+                    lora,
+                    drop,
+                } => seed_lora(
+                    lora.handoff(),
+                    x,
+                    a,
+                    b,
+                    g,
+                    drop.as_ref().map(|(m, p)| (m, *p)),
+                )?,
             };
             acc = Some(match acc {
                 Some(a) => (a + r)?,
@@ -170,10 +207,13 @@ impl Attention {
         stash: &Stash,
     ) -> Result<Tensor> {
         let (y, h) = self.core(ctx, x, site)?;
-        let (w, b) = self.out.tensors(ctx)?;
-        let shape = (h.b, h.s, w.dim(0)?).into();
+        let shape = (h.b, h.s, self.out.d_out).into();
         let mask = ctx.dropout_mask(&shape, y.dtype(), y.device(), site + 1)?;
         let drop = mask.as_ref().map(|m| (m, ctx.dropout));
+        if let Some((a, b, lora)) = self.out.adapted(ctx)? {
+            return lora_residual(lora, resid, &y, &a, &b, Some(h), stash, drop);
+        }
+        let (w, b) = self.out.tensors(ctx)?;
         joins::linear_residual(resid, &y, &w, b.as_ref(), Some(h), stash, drop)
     }
 }
@@ -270,7 +310,38 @@ pub struct Transformer {
 
 impl Transformer {
     pub fn new(spec: &TransformerSpec, store: &mut ParamStore) -> anyhow::Result<Self> {
+        Self::with_finetune(spec, store, &Finetune::default())
+    }
+
+    /// The model with `ft`'s LoRA adapters on the adapted block linears (the planner's names,
+    /// `plan::finetune::block_linears`; the fused QKV projection carries q, k and v adapters
+    /// apart unless the planner counts it as one linear, GPT-2's `c_attn`). The base is frozen
+    /// when the store's `frozen` dtype is set.
+    pub fn with_finetune(
+        spec: &TransformerSpec,
+        store: &mut ParamStore,
+        ft: &Finetune,
+    ) -> anyhow::Result<Self> {
         spec.validate()?;
+        let adapted: Vec<&str> = ft.adapted(spec).iter().map(|l| l.name).collect();
+        let fused_qkv_one = finetune::block_linears(spec)
+            .iter()
+            .any(|l| l.name == "qkv");
+        let (rank, scale) = (ft.rank as usize, 2.0);
+        let lin = |store: &mut ParamStore,
+                   name: String,
+                   d_in: usize,
+                   d_out: usize,
+                   parts: &[(&str, usize)]|
+         -> anyhow::Result<Linear> {
+            let mut l = Linear::new(store, &name, d_in, d_out, spec.bias)?;
+            let parts: Vec<(&str, usize, bool)> = parts
+                .iter()
+                .map(|&(p, rows)| (p, rows, adapted.contains(&p)))
+                .collect();
+            l.lora = Adapter::new(store, &name, d_in, &parts, rank, scale)?;
+            Ok(l)
+        };
         let h = spec.hidden as usize;
         let rms = spec.norm == NormKind::Rmsnorm;
         let emb_init = Init::Uniform(0.02);
@@ -306,18 +377,23 @@ impl Transformer {
         for i in 0..spec.layers as usize {
             let n = |s: &str| format!("blocks.{i}.{s}");
             let qkv = if kvh == a {
-                Qkv::Fused(Linear::new(store, &n("attn.qkv"), h, 3 * h, spec.bias)?)
+                let parts: &[(&str, usize)] = if fused_qkv_one {
+                    &[("qkv", 3 * h)]
+                } else {
+                    &[("q", h), ("k", h), ("v", h)]
+                };
+                Qkv::Fused(lin(store, n("attn.qkv"), h, 3 * h, parts)?)
             } else {
                 let kv = kvh * head_dim;
                 Qkv::Split {
-                    q: Linear::new(store, &n("attn.q"), h, h, spec.bias)?,
-                    k: Linear::new(store, &n("attn.k"), h, kv, spec.bias)?,
-                    v: Linear::new(store, &n("attn.v"), h, kv, spec.bias)?,
+                    q: lin(store, n("attn.q"), h, h, &[("q", h)])?,
+                    k: lin(store, n("attn.k"), h, kv, &[("k", kv)])?,
+                    v: lin(store, n("attn.v"), h, kv, &[("v", kv)])?,
                 }
             };
             let attn = Attention {
                 qkv,
-                out: Linear::new(store, &n("attn.out"), h, h, spec.bias)?,
+                out: lin(store, n("attn.out"), h, h, &[("o", h)])?,
                 heads: a,
                 kv_heads: kvh,
                 head_dim,
@@ -326,14 +402,14 @@ impl Transformer {
             let f = spec.ffn as usize;
             let mlp = match spec.ffn_kind {
                 FfnKind::Gelu => Mlp::Gelu {
-                    fc1: Linear::new(store, &n("mlp.fc1"), h, f, spec.bias)?,
-                    fc2: Linear::new(store, &n("mlp.fc2"), f, h, spec.bias)?,
+                    fc1: lin(store, n("mlp.fc1"), h, f, &[("fc1", f)])?,
+                    fc2: lin(store, n("mlp.fc2"), f, h, &[("fc2", h)])?,
                     act: spec.activation_kind(),
                 },
                 FfnKind::Swiglu => Mlp::Swiglu {
-                    gate: Linear::new(store, &n("mlp.gate"), h, f, spec.bias)?,
-                    up: Linear::new(store, &n("mlp.up"), h, f, spec.bias)?,
-                    down: Linear::new(store, &n("mlp.down"), f, h, spec.bias)?,
+                    gate: lin(store, n("mlp.gate"), h, f, &[("gate", f)])?,
+                    up: lin(store, n("mlp.up"), h, f, &[("up", f)])?,
+                    down: lin(store, n("mlp.down"), f, h, &[("down", h)])?,
                 },
             };
             blocks.push(Block {
@@ -374,6 +450,15 @@ impl Transformer {
 
     pub fn layers(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// False when the embeddings are frozen (LoRA): no gradient needs to reach them.
+    pub fn embedding_trainable(&self, store: &ParamStore) -> bool {
+        let idx = match &self.embedding {
+            Embedding::Tokens { tok, .. } => *tok,
+            Embedding::Patches { conv_w, .. } => *conv_w,
+        };
+        store.params[idx].trainable
     }
 
     /// Token ids `[b, s]` (u32) or images `[b, c, H, W]` -> hidden states `[b, s, h]` in the
@@ -448,21 +533,31 @@ impl Transformer {
                 .attn
                 .residual(ctx, x, &blk.norm1.forward(ctx, x)?, site, &stash)?;
             let hidden = blk.mlp.hidden(ctx, &blk.norm2.forward(ctx, &x2)?)?;
-            let (w, b) = blk.mlp.last().tensors(ctx)?;
+            let last = blk.mlp.last();
             let (hb, hs, _) = hidden.dims3()?;
-            let shape = (hb, hs, w.dim(0)?).into();
+            let shape = (hb, hs, last.d_out).into();
             let drop = ctx
                 .dropout_mask(&shape, hidden.dtype(), hidden.device(), site + 2)?
                 .map(|m| (m, ctx.dropout));
-            vec![
-                Term::Tensor(x2),
-                Term::Linear {
+            let term = match last.adapted(ctx)? {
+                Some((a, b, lora)) => Term::Lora {
                     x: hidden,
-                    w,
+                    a,
                     b,
+                    lora,
                     drop,
                 },
-            ]
+                None => {
+                    let (w, b) = last.tensors(ctx)?;
+                    Term::Linear {
+                        x: hidden,
+                        w,
+                        b,
+                        drop,
+                    }
+                }
+            };
+            vec![Term::Tensor(x2), term]
         };
         Ok(BlockOut { terms, stash })
     }
