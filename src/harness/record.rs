@@ -914,7 +914,7 @@ mod tests {
         assert_eq!(read(&write(dir.path(), &two)).unwrap().len(), 1);
         // a short line in the middle is an error, not a silently dropped point
         let mid = format!(
-            "{}\n3,cpu\n{}\n",
+            "{}\n4,cpu\n{}\n",
             HEADER.join(","),
             full.lines().nth(1).unwrap()
         );

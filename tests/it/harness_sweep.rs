@@ -511,10 +511,10 @@ fn an_sdpa_point_is_measured_with_fused_attention_and_kept_apart_from_eager() {
     sweep(&grid, &out, &[], None);
     let text = std::fs::read_to_string(&out).unwrap();
     assert!(
-        text.lines()
-            .next()
-            .unwrap()
-            .ends_with(",spec_json,attention,device_kind,optimizer_impl,saved_bytes"),
+        text.lines().next().unwrap().ends_with(concat!(
+            ",spec_json,attention,device_kind,optimizer_impl,saved_bytes,finetune,",
+            "lora_rank,lora_targets,lora_dropout,freeze_layers,trainable_params"
+        )),
         "{text}"
     );
     let rows = record::read(&out).unwrap();
