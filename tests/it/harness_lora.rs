@@ -386,3 +386,78 @@ fn candle_and_peft_lora_peaks_agree_and_the_plan_matches_peft() {
     let err = (plan.total - plan.overhead) as f64 / torch.peak_bytes.unwrap() as f64 - 1.0;
     assert!(err.abs() < 0.05, "plan vs peft {err}");
 }
+
+/// A sweep with LoRA points: rows carry their fine-tuning, `--resume` finds them by key, the fit
+/// leaves them out and the report scores them in its LoRA section.
+#[test]
+fn swept_lora_points_resume_stay_out_of_the_fit_and_reach_the_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let grid = dir.path().join("g.toml");
+    std::fs::write(
+        &grid,
+        r#"warmup = 1
+repeats = 1
+
+[[point_set]]
+model = "tiny-llama"
+layers = 1
+hidden = 32
+vocab = 64
+batch = [1, 2, 4]
+seq = [16, 32, 64]
+finetune = ["full"]
+
+[[point_set]]
+model = "tiny-llama"
+layers = 1
+hidden = 32
+vocab = 64
+batch = [2]
+seq = [32]
+finetune = ["lora"]
+lora_rank = [4]
+lora_targets = ["all", "q,v"]
+"#,
+    )
+    .unwrap();
+    let csv = dir.path().join("d.csv");
+    let (g, c) = (grid.to_str().unwrap(), csv.to_str().unwrap());
+    let (code, _, err) = vramcal(&["sweep", "--grid", g, "--out", c]);
+    assert_eq!(code, 0, "{err}");
+    let rows = vramcal::harness::record::read(&csv).unwrap();
+    assert_eq!(rows.len(), 11);
+    let lora_rows: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.finetune == FinetuneMode::Lora)
+        .collect();
+    assert_eq!(lora_rows.len(), 2);
+    assert_eq!(lora_rows[1].lora_targets, "q+v");
+    let (code, out, err) = vramcal(&["sweep", "--grid", g, "--out", c, "--resume"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        format!("{out}{err}").contains("11 already"),
+        "resume re-ran points: {out}{err}"
+    );
+    let table = dir.path().join("t.json");
+    let report = dir.path().join("r");
+    let (code, _, err) = vramcal(&["fit", "--data", c, "--out", table.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = vramcal(&[
+        "report",
+        "--data",
+        c,
+        "--coeffs",
+        table.to_str().unwrap(),
+        "--out",
+        report.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let acc: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(report.join("accuracy.json")).unwrap())
+            .unwrap();
+    assert_eq!(acc["heldout"]["n"], 9, "the LoRA rows are not fitted");
+    assert_eq!(acc["lora"]["rows"].as_array().unwrap().len(), 2);
+    assert_eq!(acc["lora"]["fitted"][0][0], "candle");
+    let md = std::fs::read_to_string(report.join("README.md")).unwrap();
+    assert!(md.contains("## Fine-tuning (LoRA)"), "{md}");
+}
