@@ -237,6 +237,18 @@ fn table(r: &Row) -> String {
         line("error", r.error.clone());
     }
     line("params", r.params.to_string());
+    if r.finetune != crate::plan::finetune::FinetuneMode::Full {
+        line(
+            "finetune",
+            format!(
+                "{} rank {} on {}, {} trainable",
+                r.finetune.as_str(),
+                r.lora_rank.unwrap_or(0),
+                r.lora_targets,
+                r.trainable_params.map_or("?".into(), |t| t.to_string())
+            ),
+        );
+    }
     line("baseline", mib(r.baseline_bytes));
     line("peak", mib(r.peak_bytes));
     if r.peak_reserved_bytes.is_some() {

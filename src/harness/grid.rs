@@ -37,8 +37,8 @@
 //! # Order
 //! Point sets in file order; within a set the cartesian product with the shape axes outermost
 //! (layers, hidden, heads, ffn, vocab, width), then precision, checkpointing, optimizer, zero,
-//! attention, optimizer_impl, finetune (a full point once, each lora point per lora_rank, then
-//! lora_targets), batch, and seq/image innermost. The order is deterministic so a resumed sweep and a fresh one
+//! attention, optimizer_impl, batch, seq/image, and innermost finetune (a full point once, each
+//! lora point per lora_rank, then lora_targets). The order is deterministic so a resumed sweep and a fresh one
 //! visit the same points in the same order.
 //!
 //! # Input dimensions
@@ -510,41 +510,33 @@ fn expand(set: &PointSet, out: &mut Vec<Point>) -> anyhow::Result<()> {
                                             }
                                             for &attention in &attentions {
                                                 for &optimizer_impl in &impls {
-                                                    let probe = TrainSpec {
-                                                        precision,
-                                                        optimizer,
-                                                        checkpointing,
-                                                        zero_stage: stage as u8,
-                                                        gpus,
-                                                        attention,
-                                                        optimizer_impl,
-                                                        ..TrainSpec::default()
-                                                    };
-                                                    for ft in finetunes(set, &model, &probe)? {
-                                                        for &batch in &set.batch {
-                                                            for &(s, i) in &inputs {
-                                                                let (seq, image) =
-                                                                    input_dims(&model, s, i);
-                                                                let train = TrainSpec {
-                                                                    batch,
-                                                                    seq,
-                                                                    image,
-                                                                    precision,
-                                                                    optimizer,
-                                                                    checkpointing,
-                                                                    zero_stage: stage as u8,
-                                                                    gpus,
-                                                                    attention,
-                                                                    optimizer_impl,
-                                                                    grad_accum: 1,
-                                                                };
-                                                                model.validate_for(&train).with_context(|| {
+                                                    for &batch in &set.batch {
+                                                        for &(s, i) in &inputs {
+                                                            let (seq, image) =
+                                                                input_dims(&model, s, i);
+                                                            let train = TrainSpec {
+                                                                batch,
+                                                                seq,
+                                                                image,
+                                                                precision,
+                                                                optimizer,
+                                                                checkpointing,
+                                                                zero_stage: stage as u8,
+                                                                gpus,
+                                                                attention,
+                                                                optimizer_impl,
+                                                                grad_accum: 1,
+                                                            };
+                                                            model.validate_for(&train).with_context(|| {
                                                             format!("batch {batch} seq {seq} image {image}")
                                                         })?;
+                                                            for finetune in
+                                                                finetunes(set, &model, &train)?
+                                                            {
                                                                 out.push(Point {
                                                                     model: model.clone(),
-                                                                    train,
-                                                                    finetune: ft.clone(),
+                                                                    train: train.clone(),
+                                                                    finetune,
                                                                 });
                                                             }
                                                         }
