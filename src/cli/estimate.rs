@@ -97,35 +97,8 @@ pub struct Flags {
 
     #[command(flatten)]
     pub train: TrainFlags,
-    /// What is trained: full (every parameter), lora (frozen base, rank-R adapters; Hu et al.
-    /// 2021), qlora (frozen NF4 base, 4.127 bits/param; Dettmers et al. 2023) [default: full]
-    #[arg(long, allow_hyphen_values = true)]
-    pub finetune: Option<String>,
-    /// LoRA/QLoRA adapter rank [default: 16]
-    #[arg(long, allow_hyphen_values = true)]
-    pub lora_rank: Option<String>,
-    /// LoRA/QLoRA adapted linears: attn, mlp, all, or a comma list of the model's block linears
-    /// (q,k,v,o,qkv,gate,up,down,fc1,fc2; transformers names such as q_proj, c_attn also work)
-    /// [default: all block linears, as the QLoRA paper]
-    #[arg(long, allow_hyphen_values = true)]
-    pub lora_targets: Option<String>,
-    /// LoRA/QLoRA: peft lora_dropout on each adapter's input [default: 0]
-    #[arg(long, allow_hyphen_values = true)]
-    pub lora_dropout: Option<String>,
-    /// LoRA: bits of the frozen base's block linears: 16 (the precision's dtype), 8 (LLM.int8()),
-    /// 4 (NF4, as --finetune qlora) [default: 16; qlora: 4]
-    #[arg(long, allow_hyphen_values = true)]
-    pub base_bits: Option<String>,
-    /// Partial fine-tuning: freeze the embeddings and the first N blocks [default: 0]
-    #[arg(long, allow_hyphen_values = true)]
-    pub freeze_layers: Option<String>,
-    /// ZeRO-Offload to host RAM: none, optimizer (states and step on CPU; --zero 1-3),
-    /// optimizer+params (ZeRO-Infinity; --zero 3) [default: none]
-    #[arg(long, allow_hyphen_values = true)]
-    pub offload: Option<String>,
-    /// bitsandbytes paged optimizer (noted only; states planned as resident)
-    #[arg(long)]
-    pub paged_optimizer: bool,
+    #[command(flatten)]
+    pub finetune: FinetuneFlags,
     /// GPU from the catalog (`vramcal gpus`): capacity and peak FLOP/s
     #[arg(long)]
     pub gpu: Option<String>,
@@ -489,10 +462,45 @@ fn value_enum<T: clap::ValueEnum>(field: &str, s: &str) -> anyhow::Result<T> {
     })
 }
 
+/// `--finetune` and its companions, shared by `estimate` and `measure` (one parser:
+/// [`finetune_from_args`]).
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct FinetuneFlags {
+    /// What is trained: full (every parameter), lora (frozen base, rank-R adapters; Hu et al.
+    /// 2021), qlora (frozen NF4 base, 4.127 bits/param; Dettmers et al. 2023) [default: full]
+    #[arg(long, allow_hyphen_values = true)]
+    pub finetune: Option<String>,
+    /// LoRA/QLoRA adapter rank [default: 16]
+    #[arg(long, allow_hyphen_values = true)]
+    pub lora_rank: Option<String>,
+    /// LoRA/QLoRA adapted linears: attn, mlp, all, or a comma list of the model's block linears
+    /// (q,k,v,o,qkv,gate,up,down,fc1,fc2; transformers names such as q_proj, c_attn also work)
+    /// [default: all block linears, as the QLoRA paper]
+    #[arg(long, allow_hyphen_values = true)]
+    pub lora_targets: Option<String>,
+    /// LoRA/QLoRA: peft lora_dropout on each adapter's input [default: 0]
+    #[arg(long, allow_hyphen_values = true)]
+    pub lora_dropout: Option<String>,
+    /// LoRA: bits of the frozen base's block linears: 16 (the precision's dtype), 8 (LLM.int8()),
+    /// 4 (NF4, as --finetune qlora) [default: 16; qlora: 4]
+    #[arg(long, allow_hyphen_values = true)]
+    pub base_bits: Option<String>,
+    /// Partial fine-tuning: freeze the embeddings and the first N blocks [default: 0]
+    #[arg(long, allow_hyphen_values = true)]
+    pub freeze_layers: Option<String>,
+    /// ZeRO-Offload to host RAM: none, optimizer (states and step on CPU; --zero 1-3),
+    /// optimizer+params (ZeRO-Infinity; --zero 3) [default: none]
+    #[arg(long, allow_hyphen_values = true)]
+    pub offload: Option<String>,
+    /// bitsandbytes paged optimizer (noted only; states planned as resident)
+    #[arg(long)]
+    pub paged_optimizer: bool,
+}
+
 /// `--finetune`, `--lora-*`, `--base-bits`, `--freeze-layers`, `--offload`, checked against the
 /// model and the training configuration.
 pub fn finetune_from_args(
-    a: &Flags,
+    a: &FinetuneFlags,
     model: &ModelSpec,
     train: &TrainSpec,
 ) -> anyhow::Result<Finetune> {
@@ -605,7 +613,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     };
     let model = layout.apply(model_from_args(&args)?, &train)?;
     let mut opts = options_from_args(&args)?;
-    opts.finetune = finetune_from_args(&args, &model, &train)?;
+    opts.finetune = finetune_from_args(&args.finetune, &model, &train)?;
     let coeffs = match &args.coeffs {
         Some(p) => Coefficients::load(p)?,
         None => Coefficients::literature(),

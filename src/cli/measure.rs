@@ -29,6 +29,9 @@ pub struct Args {
     /// Boxed so the `Command` enum stays small (clippy::large_enum_variant).
     #[command(flatten)]
     pub train: Box<TrainFlags>,
+    /// What is trained (as `estimate`): full, or lora with its rank, targets and dropout
+    #[command(flatten)]
+    pub finetune: Box<super::estimate::FinetuneFlags>,
     /// cpu or cuda:N
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -60,10 +63,12 @@ pub struct Args {
 fn memory_guard(
     model: &ModelSpec,
     train: &crate::spec::TrainSpec,
+    ft: &crate::plan::finetune::Finetune,
     device: DeviceSpec,
     name: &str,
 ) -> anyhow::Result<()> {
-    let planned = crate::plan::memory::estimate(model, train, &Coefficients::literature())?.total;
+    let planned =
+        crate::plan::finetune::estimate(model, train, ft, &Coefficients::literature())?.total;
     let (free, what) = match device {
         DeviceSpec::Cpu => (cpu_available_bytes(), "MemAvailable"),
         DeviceSpec::Cuda(_) => (Some(device_info(device)?.free_bytes), "free device memory"),
@@ -129,8 +134,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Defaults::Harness,
     )?;
     model.validate_for(&train)?;
+    let ft = super::estimate::finetune_from_args(&args.finetune, &model, &train)?;
     if !args.no_memory_guard {
-        memory_guard(&model, &train, device, &args.device)?;
+        memory_guard(&model, &train, &ft, device, &args.device)?;
     }
     if let Ok(pat) = std::env::var(FAIL_POINT_ENV) {
         inject_failure(&pat, &fail_key(&model, &train))?;
@@ -141,7 +147,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         seed: args.seed,
         backend: args.backend,
     };
-    let row = measure::measure(&model, &train, &args.device, &opts)?;
+    let row = measure::measure(&model, &train, &ft, &args.device, &opts)?;
     if args.json {
         println!("{}", serde_json::to_string(&row)?);
     } else {
@@ -231,6 +237,18 @@ fn table(r: &Row) -> String {
         line("error", r.error.clone());
     }
     line("params", r.params.to_string());
+    if r.finetune != crate::plan::finetune::FinetuneMode::Full {
+        line(
+            "finetune",
+            format!(
+                "{} rank {} on {}, {} trainable",
+                r.finetune.as_str(),
+                r.lora_rank.unwrap_or(0),
+                r.lora_targets,
+                r.trainable_params.map_or("?".into(), |t| t.to_string())
+            ),
+        );
+    }
     line("baseline", mib(r.baseline_bytes));
     line("peak", mib(r.peak_bytes));
     if r.peak_reserved_bytes.is_some() {

@@ -106,6 +106,7 @@ pub fn report_files(
             torch: torch_rows
                 .as_ref()
                 .map(|(rows, path)| (rows.as_slice(), path.as_str())),
+            finetune: &fitted.finetune_rows,
         },
     )
 }

@@ -26,6 +26,8 @@ pub struct Fitted {
     pub excluded: Vec<Excluded>,
     pub meta: Meta,
     pub table: crate::coeffs::Coefficients,
+    /// fine-tuning rows, not fitted (see [`prepare`]): scored in the report's LoRA section
+    pub finetune_rows: Vec<Row>,
 }
 
 /// Fits a table on all usable rows. Refuses (input error) fewer ok points than the memory
@@ -51,10 +53,16 @@ pub fn fit_rows(rows: &[Row]) -> anyhow::Result<Fitted> {
         );
     }
     let table = fit_table(&refs, &meta)?;
+    let finetune_rows = rows
+        .iter()
+        .filter(|r| !r.finetune().is_plain())
+        .cloned()
+        .collect();
     Ok(Fitted {
         points,
         excluded,
         meta,
         table,
+        finetune_rows,
     })
 }

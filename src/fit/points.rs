@@ -108,11 +108,15 @@ fn readable_key(row: &Row) -> String {
     )
 }
 
-/// Splits rows into usable points and exclusions.
+/// Splits rows into usable points and exclusions. Fine-tuning rows (LoRA, frozen blocks) are
+/// neither: the coefficients are fitted on full training only, and those rows are scored
+/// against the planner's fine-tuning plan apart (`report::lora`). Their adapter terms are known
+/// bytes (`plan::finetune`), not fitted, and candle's frozen unadapted linears keep inputs
+/// PyTorch's do not (docs/architecture.md), which would bias the activation coefficients.
 pub fn prepare(rows: &[Row]) -> (Vec<Point>, Vec<Excluded>) {
     let mut points = Vec::new();
     let mut excluded = Vec::new();
-    for row in rows {
+    for row in rows.iter().filter(|r| r.finetune().is_plain()) {
         let exclude = |error: String| Excluded {
             key: readable_key(row),
             model: row.model.clone(),

@@ -25,13 +25,20 @@
 //! attention = ["eager", "sdpa"]               # transformers; default ["eager"]
 //! optimizer_impl = ["loop", "foreach"]        # default ["loop"]; candle runs loop only, the
 //!                                             #   torch backend all three (loop, foreach, fused)
+//! finetune = ["full", "lora"]                 # default ["full"]; what is trained
+//! lora_rank = [8, 16]                         # lora points only; default [16]
+//! lora_targets = ["all", "attn"]              # lora points only; default ["all"]; as
+//!                                             #   `estimate --lora-targets` (attn, mlp, all,
+//!                                             #   or "q,v"-style lists)
+//! lora_dropout = 0.0                          # optional: peft lora_dropout (default 0)
 //! ```
 //! Unknown keys are errors (a typo must not silently shrink a calibration grid).
 //!
 //! # Order
 //! Point sets in file order; within a set the cartesian product with the shape axes outermost
 //! (layers, hidden, heads, ffn, vocab, width), then precision, checkpointing, optimizer, zero,
-//! attention, optimizer_impl, batch, and seq/image innermost. The order is deterministic so a resumed sweep and a fresh one
+//! attention, optimizer_impl, batch, seq/image, and innermost finetune (a full point once, each
+//! lora point per lora_rank, then lora_targets). The order is deterministic so a resumed sweep and a fresh one
 //! visit the same points in the same order.
 //!
 //! # Input dimensions
@@ -40,6 +47,7 @@
 //! what they say.
 
 use crate::error::input_err;
+use crate::plan::finetune::{resolve_targets, Finetune, FinetuneMode};
 use crate::spec::cnn::{resnet, vgg16, CnnLayer};
 use crate::spec::presets::preset;
 use crate::spec::{
@@ -115,6 +123,13 @@ struct PointSet {
     /// Transformer dropout probability of every site (default: the architecture's, as
     /// transformers sets it): 0 gives GPT-2/BERT blocks whose sdpa runs fused on a CPU too
     dropout: Option<f32>,
+    #[serde(default)]
+    finetune: Vec<FinetuneMode>,
+    #[serde(default)]
+    lora_rank: Vec<u64>,
+    #[serde(default)]
+    lora_targets: Vec<String>,
+    lora_dropout: Option<f32>,
 }
 
 /// One configuration to measure.
@@ -122,6 +137,65 @@ struct PointSet {
 pub struct Point {
     pub model: ModelSpec,
     pub train: TrainSpec,
+    /// what is trained (full training unless the point set says `finetune`)
+    pub finetune: Finetune,
+}
+
+impl Point {
+    /// The fine-tuning part of the point's key ([`Finetune::key_suffix`]).
+    pub fn finetune_key(&self) -> String {
+        self.finetune
+            .key_suffix(&self.finetune.targets_cell(&self.model))
+    }
+}
+
+/// The fine-tuning configurations of a point set for one model, in grid order.
+fn finetunes(
+    set: &PointSet,
+    model: &ModelSpec,
+    train: &TrainSpec,
+) -> anyhow::Result<Vec<Finetune>> {
+    let modes = or_default(&set.finetune, FinetuneMode::Full);
+    let lora = modes.iter().any(|m| *m != FinetuneMode::Full);
+    if !lora
+        && (!set.lora_rank.is_empty() || !set.lora_targets.is_empty() || set.lora_dropout.is_some())
+    {
+        return input_err(
+            "lora_rank",
+            "lora_rank, lora_targets and lora_dropout apply to adapters only; accepted with finetune = [\"lora\"]",
+        );
+    }
+    let mut out = Vec::new();
+    for &mode in &modes {
+        if mode == FinetuneMode::Full {
+            out.push(Finetune::default());
+            continue;
+        }
+        let ModelSpec::Transformer(t) = model else {
+            return input_err(
+                "finetune",
+                format!(
+                    "{} applies to transformer blocks only; accepted full for CNNs",
+                    mode.as_str()
+                ),
+            );
+        };
+        for &rank in &or_default(&set.lora_rank, 16) {
+            for spec in &or_default(&set.lora_targets, "all".to_string()) {
+                let ft = Finetune {
+                    mode,
+                    rank,
+                    targets: resolve_targets(t, spec)?,
+                    lora_dropout: set.lora_dropout.unwrap_or(0.0),
+                    base_bits: if mode == FinetuneMode::Qlora { 4 } else { 16 },
+                    ..Finetune::default()
+                };
+                ft.validate(model, train)?;
+                out.push(ft);
+            }
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -456,10 +530,15 @@ fn expand(set: &PointSet, out: &mut Vec<Point>) -> anyhow::Result<()> {
                                                             model.validate_for(&train).with_context(|| {
                                                             format!("batch {batch} seq {seq} image {image}")
                                                         })?;
-                                                            out.push(Point {
-                                                                model: model.clone(),
-                                                                train,
-                                                            });
+                                                            for finetune in
+                                                                finetunes(set, &model, &train)?
+                                                            {
+                                                                out.push(Point {
+                                                                    model: model.clone(),
+                                                                    train: train.clone(),
+                                                                    finetune,
+                                                                });
+                                                            }
                                                         }
                                                     }
                                                 }

@@ -19,6 +19,7 @@ use crate::harness::probe;
 use crate::harness::record::{Row, Status};
 use crate::harness::row_fill::set_step_times;
 use crate::harness::step::Trainer;
+use crate::plan::finetune::Finetune;
 use crate::spec::{ModelSpec, TrainSpec};
 use std::time::Instant;
 
@@ -30,6 +31,7 @@ pub use crate::harness::row_fill::{git_commit, is_oom_message, quantile, row_tem
 /// What the probes saw.
 struct Measured {
     params: u64,
+    trainable: u64,
     baseline: u64,
     peak: u64,
     reserved: Option<u64>,
@@ -69,6 +71,7 @@ trait Protocol {
 pub fn measure(
     model: &ModelSpec,
     train: &TrainSpec,
+    ft: &Finetune,
     device_spec: &str,
     opts: &MeasureOptions,
 ) -> anyhow::Result<Row> {
@@ -78,7 +81,7 @@ pub fn measure(
         return input_err("repeats", "0; accepted 1 or more");
     }
     if opts.backend == Backend::Torch {
-        return crate::harness::torch::measure(model, train, spec, opts);
+        return crate::harness::torch::measure(model, train, ft, spec, opts);
     }
     let device = open(spec)?;
     let info = match spec {
@@ -86,14 +89,22 @@ pub fn measure(
         DeviceSpec::Cuda(_) => cuda_info(&device)?,
     };
     let mut row = row_template(&info, model, train);
+    row.set_finetune(model, ft);
     let result = match spec {
-        DeviceSpec::Cpu => Trainer::new(model, train, &device, opts.seed)
+        DeviceSpec::Cpu => Trainer::with_finetune(model, train, ft, &device, opts.seed)
             .and_then(|mut t| run(&mut t, Cpu::new(&device), opts)),
-        DeviceSpec::Cuda(_) => cuda::measure(model, train, &device, opts),
+        DeviceSpec::Cuda(_) => cuda::measure(model, train, ft, &device, opts),
     };
     match result {
         Ok(m) => {
-            row.params = m.params;
+            // the model's own parameters (adapters apart, as the PyTorch runner counts the
+            // base before peft wraps it)
+            row.params = if ft.is_adapter() {
+                m.params - m.trainable
+            } else {
+                m.params
+            };
+            row.trainable_params = Some(m.trainable);
             row.baseline_bytes = Some(m.baseline);
             row.peak_bytes = Some(m.peak);
             row.peak_reserved_bytes = m.reserved;
@@ -139,6 +150,7 @@ fn run<P: Protocol>(
     let extra = device.finish();
     Ok(Measured {
         params: trainer.params(),
+        trainable: trainer.trainable_params(),
         baseline,
         peak,
         reserved: extra.reserved,
@@ -235,11 +247,12 @@ mod cuda {
     pub fn measure(
         model: &ModelSpec,
         train: &TrainSpec,
+        ft: &crate::plan::finetune::Finetune,
         device: &candle_core::Device,
         opts: &MeasureOptions,
     ) -> anyhow::Result<Measured> {
         let probe = probe::cuda::Probe::new(device)?;
-        let mut trainer = Trainer::new(model, train, device, opts.seed)?;
+        let mut trainer = Trainer::with_finetune(model, train, ft, device, opts.seed)?;
         let cuda = Cuda {
             device,
             probe,
@@ -292,6 +305,7 @@ mod cuda {
     pub fn measure(
         _model: &ModelSpec,
         _train: &TrainSpec,
+        _ft: &crate::plan::finetune::Finetune,
         _device: &candle_core::Device,
         _opts: &MeasureOptions,
     ) -> anyhow::Result<Measured> {

@@ -15,7 +15,7 @@
 //! `--retry-failed` re-run, as in fit); across files an `ok` row beats a failed one (oom, error,
 //! killed, timeout), which beats a `skipped` one (never run); between equals the first input
 //! wins. Two `ok` rows whose measurements differ are a conflict: the first is kept and each
-//! conflict is reported. Older-schema rows are written as schema 3 (as `sweep --resume`
+//! conflict is reported. Older-schema rows are written as schema 4 (as `sweep --resume`
 //! migrates them).
 
 use crate::error::input_err;
@@ -62,7 +62,7 @@ pub struct MergeSummary {
     /// of those, failed rows replaced by an `ok` row of another file
     pub ok_over_failed: usize,
     pub conflicts: Vec<Conflict>,
-    /// rows of schema 1 or 2 written as schema 3
+    /// rows of schema 1, 2 or 3 written as schema 4
     pub migrated: usize,
     /// `N` of the sharded inputs' split, and the shards present
     pub shards_of: Option<u32>,
@@ -102,6 +102,7 @@ fn describe_row(r: &Row) -> String {
         Ok(model) => crate::harness::sweep::describe(&Point {
             model,
             train: r.train_spec(),
+            finetune: r.finetune(),
         }),
         Err(_) => r.model.clone(),
     }
@@ -330,7 +331,13 @@ pub fn merge(opts: &MergeOptions) -> anyhow::Result<MergeSummary> {
         for p in &grid.points {
             let spec_json = serde_json::to_string(&p.model)?;
             for ((dev, _), backend) in &targets {
-                if !have.contains(&point_key(dev, *backend, &spec_json, &p.train)) {
+                if !have.contains(&point_key(
+                    dev,
+                    *backend,
+                    &spec_json,
+                    &p.train,
+                    &p.finetune_key(),
+                )) {
                     let s = summary.shards_of.map(|n| Shard {
                         index: shard::shard_of_key(&shard::shard_key(&spec_json, &p.train), n),
                         count: n,

@@ -43,6 +43,11 @@ impl Optim {
         };
         let mut states = Vec::with_capacity(store.params.len());
         for p in &store.params {
+            if !p.trainable {
+                // a frozen base weight has no optimizer state
+                states.push(State { m: None, v: None });
+                continue;
+            }
             let shape = shard_shape(&p.shape, p.shard_rows);
             let zeros = || Var::zeros(shape.clone(), store.dtype, &store.device);
             states.push(State {

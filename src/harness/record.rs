@@ -1,18 +1,23 @@
 //! The measurement row: one configuration, one CSV line. This schema is versioned (`schema`);
 //! readers reject rows of another version instead of misreading them.
 //!
-//! Columns (schema 3), in order:
+//! Columns (schema 4), in order:
 //! `schema, device_id, device_name, backend, driver, vramcal_version, git_commit, timestamp,
 //!  model, family, layers, hidden, heads, ffn, vocab, batch, seq, image, precision, checkpointing,
 //!  optimizer, zero_stage, gpus, params, baseline_bytes, peak_bytes, peak_reserved_bytes,
 //!  nvml_bytes, memgetinfo_bytes, step_ms_median, step_ms_p10, step_ms_p90, repeats, status,
-//!  error, spec_json, attention, device_kind, optimizer_impl, saved_bytes`.
+//!  error, spec_json, attention, device_kind, optimizer_impl, saved_bytes, finetune, lora_rank,
+//!  lora_targets, lora_dropout, freeze_layers, trainable_params`.
+//! The last six say what was trained ([`Finetune`]): `finetune` full|lora|qlora, the adapter
+//! rank, the adapted linears (canonical names joined by `+`), peft's `lora_dropout` (empty for
+//! full training), the frozen leading blocks, and the parameters the backend trained.
 //! `backend` is what ran the step, `candle` (the embedded harness) or `torch` (the PyTorch
 //! reference, src/harness/torch/); `device_kind` is `cpu` or `cuda`. `attention` is the step's
 //! attention kernels, `eager` or `sdpa` (see [`Attention`]); `optimizer_impl` how the optimizer
 //! stepped (`loop`, `foreach`, `fused`); `saved_bytes` the bytes autograd saved for backward in
 //! one step (torch backend; empty for candle, which has no such hook).
-//! Older files still read: schema 2 is schema 3 without the last three columns and with the
+//! Older files still read: schema 3 is schema 4 without the fine-tuning columns (every row full
+//! training); schema 2 is schema 3 without its last three columns and with the
 //! device kind (`cpu`/`cuda`) in `backend`, all measured by candle with its for-loop optimizer;
 //! schema 1 is schema 2 without `attention` (all eager). A sweep `--resume` onto an older file
 //! first migrates it in place ([`migrate`]), so one file never mixes schemas.
@@ -25,6 +30,7 @@
 
 use crate::error::input_err;
 pub use crate::harness::backend::Backend;
+use crate::plan::finetune::{Finetune, FinetuneMode};
 use crate::spec::{
     Attention, Checkpointing, Family, ModelSpec, Optimizer, OptimizerImpl, Precision, TrainSpec,
 };
@@ -34,7 +40,7 @@ use std::collections::HashMap;
 use std::fs::OpenOptions;
 use std::path::Path;
 
-pub const SCHEMA: u32 = 3;
+pub const SCHEMA: u32 = 4;
 
 /// Outcome of one configuration. New variants only ever get added, so CSVs written by an older
 /// vramcal (ok/oom/error/skipped) still read.
@@ -133,6 +139,24 @@ pub struct Row {
     /// Bytes autograd saved for backward in one step, each storage once (torch backend)
     #[serde(default)]
     pub saved_bytes: Option<u64>,
+    /// What was trained (schema 4; older rows: full): `full`, `lora`, `qlora`
+    #[serde(default)]
+    pub finetune: FinetuneMode,
+    /// Adapter rank (empty for full fine-tuning)
+    #[serde(default)]
+    pub lora_rank: Option<u64>,
+    /// Adapted linears, canonical names joined by `+` ([`Finetune::targets_cell`])
+    #[serde(default)]
+    pub lora_targets: String,
+    /// peft `lora_dropout` (empty for full fine-tuning)
+    #[serde(default)]
+    pub lora_dropout: Option<f32>,
+    /// Frozen leading blocks (and embeddings)
+    #[serde(default)]
+    pub freeze_layers: u64,
+    /// Parameters with gradients and optimizer states, as the backend counted them
+    #[serde(default)]
+    pub trainable_params: Option<u64>,
 }
 
 impl Row {
@@ -172,6 +196,40 @@ impl Row {
         Ok(train)
     }
 
+    /// The fine-tuning configuration of the row (older schemas: full training).
+    pub fn finetune(&self) -> Finetune {
+        let mut ft = Finetune {
+            mode: self.finetune,
+            freeze_layers: self.freeze_layers,
+            ..Finetune::default()
+        };
+        if ft.is_adapter() {
+            ft.rank = self.lora_rank.unwrap_or(ft.rank);
+            ft.lora_dropout = self.lora_dropout.unwrap_or(0.0);
+            ft.targets = self
+                .lora_targets
+                .split('+')
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+                .collect();
+            if ft.mode == FinetuneMode::Qlora {
+                ft.base_bits = 4;
+            }
+        }
+        ft
+    }
+
+    /// Fills the fine-tuning columns from the configuration measured.
+    pub fn set_finetune(&mut self, model: &ModelSpec, ft: &Finetune) {
+        self.finetune = ft.mode;
+        self.freeze_layers = ft.freeze_layers;
+        if ft.is_adapter() {
+            self.lora_rank = Some(ft.rank);
+            self.lora_targets = ft.targets_cell(model);
+            self.lora_dropout = Some(ft.lora_dropout);
+        }
+    }
+
     /// Identity of the configuration (everything that defines the point, nothing measured):
     /// `--resume` skips a point whose key is already in the CSV.
     pub fn key(&self) -> String {
@@ -180,15 +238,28 @@ impl Row {
             self.backend,
             &self.spec_json,
             &self.train_spec(),
+            &self.finetune_key(),
         )
+    }
+
+    /// The fine-tuning part of the key ([`Finetune::key_suffix`]; empty for full training).
+    pub fn finetune_key(&self) -> String {
+        self.finetune().key_suffix(&self.lora_targets)
     }
 }
 
 /// The key of a point. What older files could not vary adds nothing (eager attention, the
 /// for-loop optimizer, the candle backend), so every key written before those axes existed is
 /// unchanged and resuming old data still skips its points; `|sdpa`, `|foreach`, `|fused` and
-/// `|torch` are appended otherwise.
-pub fn point_key(device_id: &str, backend: Backend, spec_json: &str, t: &TrainSpec) -> String {
+/// `|torch` are appended otherwise, and the fine-tuning suffix ([`Finetune::key_suffix`], empty
+/// for full training).
+pub fn point_key(
+    device_id: &str,
+    backend: Backend,
+    spec_json: &str,
+    t: &TrainSpec,
+    finetune: &str,
+) -> String {
     let attention = match t.attention {
         Attention::Eager => "",
         Attention::Sdpa => "|sdpa",
@@ -203,13 +274,13 @@ pub fn point_key(device_id: &str, backend: Backend, spec_json: &str, t: &TrainSp
         Backend::Torch => "|torch",
     };
     format!(
-        "{device_id}|{spec_json}|b{}|s{}|i{}|{}|{}|{}|z{}/{}{attention}{optimizer_impl}{backend}",
+        "{device_id}|{spec_json}|b{}|s{}|i{}|{}|{}|{}|z{}/{}{attention}{optimizer_impl}{backend}{finetune}",
         t.batch, t.seq, t.image, t.precision, t.checkpointing, t.optimizer, t.zero_stage, t.gpus
     )
 }
 
-/// The schema-3 header, in column order (a unit test keeps it equal to what `Row` serialises).
-pub const HEADER: [&str; 40] = [
+/// The schema-4 header, in column order (a unit test keeps it equal to what `Row` serialises).
+pub const HEADER: [&str; 46] = [
     "schema",
     "device_id",
     "device_name",
@@ -250,14 +321,21 @@ pub const HEADER: [&str; 40] = [
     "device_kind",
     "optimizer_impl",
     "saved_bytes",
+    "finetune",
+    "lora_rank",
+    "lora_targets",
+    "lora_dropout",
+    "freeze_layers",
+    "trainable_params",
 ];
 
-/// The header of a schema: 3 the full [`HEADER`]; 2 without its last three columns; 1 also
-/// without `attention`.
+/// The header of a schema: 4 the full [`HEADER`]; 3 without its last six (fine-tuning)
+/// columns; 2 also without the three before them; 1 also without `attention`.
 pub fn header_of(schema: u32) -> &'static [&'static str] {
     match schema {
         1 => &HEADER[..36],
         2 => &HEADER[..37],
+        3 => &HEADER[..40],
         _ => &HEADER,
     }
 }
@@ -301,7 +379,7 @@ fn cell_err<T>(path: &Path, line: u64, column: &str, message: String) -> anyhow:
     )
 }
 
-/// Checks the header: vramcal's own (schema 3, or an older schema 1/2), returning its
+/// Checks the header: vramcal's own (schema 4, or an older schema 1-3), returning its
 /// schema, or a one-line input error saying what it is.
 fn check_header(
     path: &Path,
@@ -458,7 +536,7 @@ fn check_enum<T: serde::de::DeserializeOwned>(
     }
 }
 
-/// Reads every row. The header must be vramcal's schema-3 (or schema-1/2) header and every row
+/// Reads every row. The header must be vramcal's schema-4 (or schema-1/2/3) header and every row
 /// must parse:
 /// a bad cell is a one-line input error naming the file, line and column (a fit must not run on
 /// a silently shortened or poisoned table). Only a last line without its newline (a sweep killed
@@ -510,11 +588,13 @@ pub fn read(path: &Path) -> anyhow::Result<Vec<Row>> {
         .collect()
 }
 
-/// Rewrites a schema-1 or schema-2 CSV as schema 3 in place (atomically:
+/// Rewrites a schema-1, -2 or -3 CSV as schema 4 in place (atomically:
 /// [`crate::atomic::write`]): schema 1 gains `attention` = `eager` (it had no fused attention);
-/// both move the device kind out of `backend` into `device_kind`, set `backend` to `candle` and
-/// `optimizer_impl` to `loop` (the only ones they had) and leave `saved_bytes` empty; each row's
-/// schema cell becomes 3. Returns the number of rows migrated, None when the file is not an
+/// schemas 1 and 2 move the device kind out of `backend` into `device_kind`, set `backend` to
+/// `candle` and `optimizer_impl` to `loop` (the only ones they had) and leave `saved_bytes`
+/// empty; every older row gains the fine-tuning columns of full training (`full`, rank,
+/// targets and dropout empty, 0 frozen blocks, trainable count unknown); each row's schema
+/// cell becomes 4. Returns the number of rows migrated, None when the file is not an
 /// older schema (empty, already current, or foreign: left alone). The file must hold complete
 /// lines (see `sweep`'s tail repair); every row is checked by [`read`] first, so a bad file is
 /// refused, not rewritten.
@@ -545,10 +625,18 @@ pub fn migrate(path: &Path) -> anyhow::Result<Option<usize>> {
         if old == 1 {
             fields.push(Attention::Eager.as_str().to_string());
         }
-        let kind = std::mem::replace(&mut fields[backend_col], Backend::Candle.to_string());
-        fields.push(kind);
-        fields.push(OptimizerImpl::Loop.as_str().to_string());
-        fields.push(String::new());
+        if old <= 2 {
+            let kind = std::mem::replace(&mut fields[backend_col], Backend::Candle.to_string());
+            fields.push(kind);
+            fields.push(OptimizerImpl::Loop.as_str().to_string());
+            fields.push(String::new());
+        }
+        // schema 4's fine-tuning columns: every older row trained every parameter
+        fields.extend(
+            [FinetuneMode::Full.as_str(), "", "", "", "0", ""]
+                .iter()
+                .map(|c| c.to_string()),
+        );
         w.write_record(&fields)?;
         n += 1;
     }
@@ -658,24 +746,24 @@ mod tests {
 
     #[test]
     fn other_schemas_and_foreign_headers_are_named() {
-        let (msg, code) = err_of(&with_cell("schema", "4"));
+        let (msg, code) = err_of(&with_cell("schema", "5"));
         assert_eq!(code, 2);
         assert!(
-            msg.contains("line 2 column schema: '4'") && msg.contains("accepted schema 3"),
+            msg.contains("line 2 column schema: '5'") && msg.contains("accepted schema 4"),
             "{msg}"
         );
         // a schema cell that disagrees with the header's schema
         let (msg, code) = err_of(&with_cell("schema", "1"));
         assert_eq!(code, 2);
         assert!(
-            msg.contains("line 2 column schema") && msg.contains("accepted schema 3"),
+            msg.contains("line 2 column schema") && msg.contains("accepted schema 4"),
             "{msg}"
         );
-        // a schema-4 file with its own columns: still "schema 4", not "bad header"
-        let (msg, code) = err_of("schema,device_id,new_column\n4,x,y\n");
+        // a schema-5 file with its own columns: still "schema 5", not "bad header"
+        let (msg, code) = err_of("schema,device_id,new_column\n5,x,y\n");
         assert_eq!(code, 2);
         assert!(
-            msg.contains("schema '4'") && msg.contains("accepted schema 1 to 3"),
+            msg.contains("schema '5'") && msg.contains("accepted schema 1 to 4"),
             "{msg}"
         );
         let (msg, code) = err_of("name,value\na,1\n");
@@ -691,8 +779,9 @@ mod tests {
         );
     }
 
-    /// A file of an older schema as an older vramcal wrote it: schema 2 without the last three
-    /// columns and the device kind in `backend`; schema 1 also without `attention`.
+    /// A file of an older schema as an older vramcal wrote it: schema 3 without the fine-tuning
+    /// columns; schema 2 also without the three before them and the device kind in `backend`;
+    /// schema 1 also without `attention`.
     fn old_text(schema: u32, rows: &[Row]) -> String {
         let mut w = csv::Writer::from_writer(Vec::new());
         let header = header_of(schema);
@@ -707,8 +796,11 @@ mod tests {
             if schema == 1 {
                 assert_eq!(rec.get(36), Some("eager"));
             }
-            fields[0] = if schema == 1 { "1" } else { "2" };
-            fields[3] = "cpu";
+            let schema_cell = schema.to_string();
+            fields[0] = &schema_cell;
+            if schema <= 2 {
+                fields[3] = "cpu";
+            }
             w.write_record(&fields).unwrap();
         }
         String::from_utf8(w.into_inner().unwrap()).unwrap()
@@ -768,7 +860,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut b = sample();
         b.error = "a, \"quoted\" message".into();
-        for old in [1, 2] {
+        for old in [1, 2, 3] {
             let p = write(dir.path(), &old_text(old, &[sample(), b.clone()]));
             let before = read(&p).unwrap();
             assert_eq!(migrate(&p).unwrap(), Some(2));
@@ -822,7 +914,7 @@ mod tests {
         assert_eq!(read(&write(dir.path(), &two)).unwrap().len(), 1);
         // a short line in the middle is an error, not a silently dropped point
         let mid = format!(
-            "{}\n3,cpu\n{}\n",
+            "{}\n4,cpu\n{}\n",
             HEADER.join(","),
             full.lines().nth(1).unwrap()
         );

@@ -105,6 +105,13 @@ pub fn row_template(info: &DeviceInfo, model: &ModelSpec, train: &TrainSpec) -> 
         device_kind: info.backend.clone(),
         optimizer_impl: train.optimizer_impl,
         saved_bytes: None,
+        // full training until `Row::set_finetune` says otherwise
+        finetune: Default::default(),
+        lora_rank: None,
+        lora_targets: String::new(),
+        lora_dropout: None,
+        freeze_layers: 0,
+        trainable_params: None,
     }
 }
 

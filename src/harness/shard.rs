@@ -64,9 +64,10 @@ impl std::str::FromStr for Shard {
 
 /// The part of a point's identity that decides its shard: the resume key without the device id
 /// (every machine of a cluster names its device itself) and with the candle backend (a torch
-/// sweep of the same grid cuts it the same way).
+/// sweep of the same grid cuts it the same way). What is trained is left out too: a shape's
+/// fine-tuning variants fall in its shard.
 pub fn shard_key(spec_json: &str, train: &TrainSpec) -> String {
-    point_key("", Backend::Candle, spec_json, train)
+    point_key("", Backend::Candle, spec_json, train, "")
 }
 
 /// The shard (of `count`) a point key falls in.

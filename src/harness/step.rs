@@ -24,6 +24,7 @@ use super::layers::transformer::BlockOut;
 use super::layers::{Cnn, ParamStore, Transformer};
 use super::optim::Optim;
 use crate::error::input_err;
+use crate::plan::finetune::{Finetune, FinetuneMode};
 use crate::spec::{ModelSpec, Precision, TrainSpec};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Device, Tensor, Var};
@@ -184,6 +185,50 @@ fn refuse_planner_only(train: &TrainSpec) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Fine-tuning this harness does not build: QLoRA's packed base, frozen leading blocks,
+/// offload, peft's LoRA dropout (refused rather than measured as something else).
+fn refuse_unbuilt_finetune(
+    model: &ModelSpec,
+    train: &TrainSpec,
+    ft: &Finetune,
+) -> anyhow::Result<()> {
+    ft.validate(model, train)?;
+    if ft.mode == FinetuneMode::Qlora || ft.base_bits < 16 {
+        return input_err(
+            "finetune",
+            "qlora (a 4/8-bit base) is planned, not run by the candle harness; accepted full, lora",
+        );
+    }
+    if ft.freeze_layers > 0 {
+        return input_err(
+            "freeze-layers",
+            format!(
+                "{} is planned, not run by the candle harness; accepted 0",
+                ft.freeze_layers
+            ),
+        );
+    }
+    if ft.offload.optimizer() {
+        return input_err(
+            "offload",
+            format!(
+                "{} is planned, not run by the candle harness; accepted none",
+                ft.offload.as_str()
+            ),
+        );
+    }
+    if ft.is_adapter() && ft.lora_dropout > 0.0 {
+        return input_err(
+            "lora-dropout",
+            format!(
+                "{} is planned, not run by the candle harness; accepted 0",
+                ft.lora_dropout
+            ),
+        );
+    }
+    Ok(())
+}
+
 /// Adds `g` (cut to the shard under ZeRO-2/3) into `acc[i]` for every parameter `gs` holds.
 fn collect(store: &ParamStore, gs: &GradStore, acc: &mut [Option<Tensor>]) -> anyhow::Result<()> {
     let shard_grads = store.zero_stage >= 2;
@@ -216,12 +261,24 @@ impl Trainer {
         device: &Device,
         seed: u64,
     ) -> anyhow::Result<Self> {
+        Self::with_finetune(model, train, &Finetune::default(), device, seed)
+    }
+
+    /// [`Trainer::new`] training what `ft` says: LoRA freezes the base (plain tensors in the
+    /// compute dtype) and trains adapters on the adapted block linears.
+    pub fn with_finetune(
+        model: &ModelSpec,
+        train: &TrainSpec,
+        ft: &Finetune,
+        device: &Device,
+        seed: u64,
+    ) -> anyhow::Result<Self> {
         model.validate_for(train)?;
         let (storage, compute) = dtypes(train.precision);
         if compute != DType::F32 {
             check_backend(device, train.precision, compute)?;
         }
-        Self::build(model, train, device, seed, storage, compute)
+        Self::build(model, train, ft, device, seed, storage, compute)
     }
 
     /// `new` with explicit storage/compute dtypes (unit tests run pure f16 on CPU to exercise the
@@ -229,6 +286,7 @@ impl Trainer {
     fn build(
         model: &ModelSpec,
         train: &TrainSpec,
+        ft: &Finetune,
         device: &Device,
         seed: u64,
         storage: DType,
@@ -236,7 +294,16 @@ impl Trainer {
     ) -> anyhow::Result<Self> {
         refuse_planner_only(train)?;
         refuse_unbuilt_blocks(model)?;
-        let planned = crate::plan::params::count(model);
+        // the base the planner counts, plus the LoRA adapters it counts as trainable
+        let planned = {
+            let split = crate::plan::finetune::split(model, ft);
+            if ft.is_adapter() {
+                split.frozen + split.trainable
+            } else {
+                crate::plan::params::count(model)
+            }
+        };
+        refuse_unbuilt_finetune(model, train, ft)?;
         let checkpoint = train.checkpointing.is_on();
         let selective = train.checkpointing == crate::spec::Checkpointing::Selective;
         if (checkpoint || selective) && matches!(model, ModelSpec::Cnn(_)) {
@@ -262,11 +329,17 @@ impl Trainer {
         };
         let mut store =
             ParamStore::new(device, storage, seed, train.zero_stage, train.gpus as usize);
+        // LoRA: the base is frozen in the compute dtype (peft on a model loaded in it), the
+        // adapters train in the weights' dtype
+        if ft.is_adapter() {
+            store.frozen = Some(compute);
+        }
         let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed_da7a);
         let b = train.batch as usize;
         let (model, input, targets) = match model {
             ModelSpec::Transformer(t) => {
-                let m = Transformer::new(t, &mut store)?;
+                let m = Transformer::with_finetune(t, &mut store, ft)?;
+                store.frozen = None;
                 let classes = m.classes();
                 let (input, targets) = match &t.patch {
                     Some(p) if p.seq_for(train.image) > p.seq_for(p.image) => {
@@ -348,6 +421,11 @@ impl Trainer {
     /// logical shapes.
     pub fn params(&self) -> u64 {
         self.store.total()
+    }
+
+    /// Parameters with gradients and optimizer states (LoRA: the adapters).
+    pub fn trainable_params(&self) -> u64 {
+        self.store.trainable()
     }
 
     /// Bytes of the tensors alive between steps, each counted from its shape and dtype: the
@@ -488,9 +566,11 @@ fn segmented(
             (None, None) => anyhow::bail!("no gradient reached block {i}'s input"),
         };
     }
-    let emb = m.embed(ctx, input)?;
-    let gs = super::layers::joins::seed(&emb, &g)?.backward()?;
-    collect(ctx.store, &gs, acc)?;
+    if m.embedding_trainable(ctx.store) {
+        let emb = m.embed(ctx, input)?;
+        let gs = super::layers::joins::seed(&emb, &g)?.backward()?;
+        collect(ctx.store, &gs, acc)?;
+    }
     Ok(loss_value)
 }
 
@@ -567,14 +647,32 @@ mod tests {
             optimizer: crate::spec::Optimizer::SgdMomentum,
             ..train.clone()
         };
-        let mut t = Trainer::build(&spec, &sgd, &Device::Cpu, 1, DType::F16, DType::F16).unwrap();
+        let mut t = Trainer::build(
+            &spec,
+            &sgd,
+            &Finetune::default(),
+            &Device::Cpu,
+            1,
+            DType::F16,
+            DType::F16,
+        )
+        .unwrap();
         let a = t.step().unwrap();
         let b = t.step().unwrap();
         assert!(a.is_finite() && b.is_finite() && a != b, "{a} {b}");
         for p in &t.store.params {
             assert_eq!(p.var.dtype(), DType::F16, "{}", p.name);
         }
-        let t = Trainer::build(&spec, &train, &Device::Cpu, 1, DType::F16, DType::F16).unwrap();
+        let t = Trainer::build(
+            &spec,
+            &train,
+            &Finetune::default(),
+            &Device::Cpu,
+            1,
+            DType::F16,
+            DType::F16,
+        )
+        .unwrap();
         let states: Vec<_> = t.optim.states().collect();
         assert_eq!(
             states.len(),

@@ -135,7 +135,7 @@ impl SweepSummary {
 /// which a child does not know before it opens the device).
 pub fn fail_key(model: &ModelSpec, train: &TrainSpec) -> String {
     let spec_json = serde_json::to_string(model).expect("specs serialise");
-    point_key("", Backend::Candle, &spec_json, train)
+    point_key("", Backend::Candle, &spec_json, train, "")
 }
 
 /// `--max-mem` as bytes (see [`crate::size::parse_size`]).
@@ -499,6 +499,7 @@ fn measure_point(
         .args(["--warmup", &grid.warmup.to_string()])
         .args(["--repeats", &grid.repeats.to_string()])
         .args(["--seed", &grid.seed.to_string()])
+        .args(finetune_args(point))
         // this sweep has already applied (or been told to skip) the memory guard for the point
         .arg("--no-memory-guard")
         .arg("--json");
@@ -512,18 +513,46 @@ fn measure_point(
         return match line.map(serde_json::from_str::<Row>) {
             Some(Ok(row)) => Ok(row),
             _ => {
-                let mut row = measure::row_template(info, &point.model, t);
-                row.backend = opts.backend;
+                let mut row = point_row(info, point, opts.backend);
                 row.error = format!("child printed no row: {}", last_line(&end.stdout));
                 Ok(row)
             }
         };
     }
-    let mut row = measure::row_template(info, &point.model, t);
     // a failed point is a row of the backend that failed on it (its key says which)
-    row.backend = opts.backend;
+    let mut row = point_row(info, point, opts.backend);
     (row.status, row.error) = classify(&end, opts.timeout_s);
     Ok(row)
+}
+
+/// The `measure` flags of a point's fine-tuning (none for full training).
+fn finetune_args(point: &Point) -> Vec<String> {
+    let ft = &point.finetune;
+    let mut a = Vec::new();
+    if ft.is_adapter() {
+        a.extend([
+            "--finetune".to_string(),
+            ft.mode.as_str().to_string(),
+            "--lora-rank".into(),
+            ft.rank.to_string(),
+            "--lora-targets".into(),
+            ft.targets_cell(&point.model).replace('+', ","),
+            "--lora-dropout".into(),
+            ft.lora_dropout.to_string(),
+        ]);
+    }
+    if ft.freeze_layers > 0 {
+        a.extend(["--freeze-layers".to_string(), ft.freeze_layers.to_string()]);
+    }
+    a
+}
+
+/// A row for a point that produced none of its own (skipped, failed): its identifying columns.
+fn point_row(info: &DeviceInfo, point: &Point, backend: Backend) -> Row {
+    let mut row = measure::row_template(info, &point.model, &point.train);
+    row.set_finetune(&point.model, &point.finetune);
+    row.backend = backend;
+    row
 }
 
 /// Bytes free for a point right now, for the memory guard; None when unknown (then there is no
@@ -617,7 +646,7 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
         // rows of this vramcal are the current schema: never append them under an older header
         if let Some(n) = record::migrate(&opts.out)? {
             eprintln!(
-                "note: {}: migrated {n} older rows to schema {} in place (candle rows: backend candle, the device kind in device_kind, the for-loop optimizer; schema 1 also eager attention) before resuming",
+                "note: {}: migrated {n} older rows to schema {} in place (candle rows: backend candle, the device kind in device_kind, the for-loop optimizer; schema 1 also eager attention; all full training) before resuming",
                 opts.out.display(),
                 record::SCHEMA
             );
@@ -654,6 +683,7 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
                 opts.backend,
                 &spec_json,
                 &p.train,
+                &p.finetune_key(),
             )));
         }
         m.start_sweep(&info.id, opts.backend.as_str(), &shard, to_do);
@@ -666,7 +696,13 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
             anyhow::bail!("interrupted by {}", signal_name(sig));
         }
         let spec_json = serde_json::to_string(&point.model)?;
-        let key = point_key(&info.id, opts.backend, &spec_json, &point.train);
+        let key = point_key(
+            &info.id,
+            opts.backend,
+            &spec_json,
+            &point.train,
+            &point.finetune_key(),
+        );
         if done.contains(&key) {
             summary.already_done += 1;
             pb.inc(1);
@@ -676,7 +712,8 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
             summary.retried += 1;
         }
         pb.set_message(describe(point));
-        let planned = crate::plan::memory::estimate(&point.model, &point.train, &coeffs)?;
+        let planned =
+            crate::plan::finetune::estimate(&point.model, &point.train, &point.finetune, &coeffs)?;
         let free = opts.memory_guard.then(|| free_now(device, &info)).flatten();
         let skip = if planned.total > cap {
             Some(format!(
@@ -692,8 +729,7 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
             })
         };
         let row = if let Some(why) = skip {
-            let mut row = measure::row_template(&info, &point.model, &point.train);
-            row.backend = opts.backend;
+            let mut row = point_row(&info, point, opts.backend);
             row.status = Status::Skipped;
             row.error = why;
             row
@@ -752,7 +788,7 @@ pub fn describe(p: &Point) -> String {
         t.optimizer,
         t.zero_stage,
         t.gpus
-    )
+    ) + &p.finetune_key().replace('|', " ")
 }
 
 fn progress_bar(len: u64, force: bool) -> indicatif::ProgressBar {

@@ -14,7 +14,9 @@ use crate::spec::{ModelSpec, Precision, TrainSpec};
 use serde::Serialize;
 
 /// What is trained.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum FinetuneMode {
     /// every parameter (less `--freeze-layers`)
@@ -235,6 +237,52 @@ pub fn resolve_targets(t: &TransformerSpec, spec: &str) -> anyhow::Result<Vec<St
 }
 
 impl Finetune {
+    /// The adapted linears as a CSV cell and a point key write them: canonical names joined by
+    /// `+` (every adapted linear named, so `all` and its explicit list read the same); empty
+    /// for full fine-tuning.
+    pub fn targets_cell(&self, model: &ModelSpec) -> String {
+        match model {
+            ModelSpec::Transformer(t) => self
+                .adapted(t)
+                .iter()
+                .map(|l| l.name)
+                .collect::<Vec<_>>()
+                .join("+"),
+            ModelSpec::Cnn(_) => String::new(),
+        }
+    }
+
+    /// What a measurement's point key adds for this configuration, `targets` being
+    /// [`Finetune::targets_cell`]: nothing for plain full training (keys written before
+    /// fine-tuning existed stay valid).
+    pub fn key_suffix(&self, targets: &str) -> String {
+        if self.is_plain() {
+            return String::new();
+        }
+        let mut k = format!("|{}", self.mode.as_str());
+        if self.is_adapter() {
+            k += &format!(
+                " r{} {} p{} b{}",
+                self.rank, targets, self.lora_dropout, self.base_bits
+            );
+        }
+        if self.freeze_layers > 0 {
+            k += &format!(" frozen{}", self.freeze_layers);
+        }
+        if self.offload.optimizer() {
+            k += &format!(" offload-{}", self.offload.as_str());
+        }
+        k
+    }
+
+    /// The adapted linears' canonical names (none for full fine-tuning or a CNN).
+    pub fn adapted_names(&self, model: &ModelSpec) -> Vec<&'static str> {
+        match model {
+            ModelSpec::Transformer(t) => self.adapted(t).iter().map(|l| l.name).collect(),
+            ModelSpec::Cnn(_) => Vec::new(),
+        }
+    }
+
     /// Full fine-tuning of every parameter with nothing offloaded: today's plan, untouched.
     pub fn is_plain(&self) -> bool {
         self.mode == FinetuneMode::Full && self.freeze_layers == 0 && !self.offload.optimizer()
@@ -687,4 +735,18 @@ pub fn terms(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> anyhow::Res
         states: states(model, train, ft),
         features: f,
     })
+}
+
+/// The per-rank memory plan of a fine-tuning configuration (`plan::memory::estimate` with
+/// [`terms`]): what the sweep's guard and the fit plan a measured fine-tuning point with.
+pub fn estimate(
+    model: &ModelSpec,
+    train: &TrainSpec,
+    ft: &Finetune,
+    coeffs: &crate::coeffs::Coefficients,
+) -> anyhow::Result<crate::plan::memory::MemoryBreakdown> {
+    model.validate_for(train)?;
+    let t = terms(model, train, ft)?;
+    Ok(crate::plan::memory::breakdown(&t, model, train, coeffs)
+        .with_runtime(&coeffs.runtime(), train.gpus))
 }

@@ -55,6 +55,9 @@ pub struct Accuracy {
     /// the planner scored on PyTorch rows of this device, when the report was given them
     #[serde(skip_serializing_if = "Option::is_none")]
     pub pytorch: Option<super::pytorch::PytorchSection>,
+    /// the planner's LoRA plan scored on the fine-tuning rows (candle's and PyTorch's)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub lora: Option<super::lora::LoraSection>,
     /// k-fold held-out percentage errors of the fitted table per mode ("family/precision"),
     /// what `calibrate` stores in the table for the plan's error band
     #[serde(skip)]
@@ -140,6 +143,7 @@ pub fn accuracy(
         excluded: excluded.to_vec(),
         worst: worst(kfold, points, 10),
         pytorch: None,
+        lora: None,
         heldout_errors_by_mode: {
             let mut m: BTreeMap<String, Vec<f64>> = BTreeMap::new();
             for q in &kfold.predictions {

@@ -341,6 +341,9 @@ pub fn readme(i: &Inputs) -> String {
     out.push_str("\nPer group (extrapolation):\n\n");
     group_table(&mut out, &acc.extrapolation_per_group);
     findings_text(&mut out, i.findings, acc);
+    if let Some(l) = &acc.lora {
+        out.push_str(&super::lora::markdown(l));
+    }
     if let Some(p) = &acc.pytorch {
         out.push_str(&super::pytorch::markdown(p, metrics_row));
     }

@@ -3,6 +3,7 @@
 
 pub mod accuracy;
 pub mod findings;
+pub mod lora;
 pub mod markdown;
 pub mod plots;
 pub mod pytorch;
@@ -23,6 +24,8 @@ pub struct ReportInput<'a> {
     pub grid: Option<&'a str>,
     /// PyTorch rows of the same device and their file, for "Predicting PyTorch"
     pub torch: Option<(&'a [crate::harness::record::Row], &'a str)>,
+    /// candle's fine-tuning rows (not fitted), for "Fine-tuning (LoRA)"
+    pub finetune: &'a [crate::harness::record::Row],
 }
 
 /// Writes the report into `out`; returns the accuracy summary and the files written.
@@ -33,6 +36,11 @@ pub fn write(out: &Path, r: &ReportInput) -> anyhow::Result<(accuracy::Accuracy,
     acc.pytorch = r
         .torch
         .and_then(|(rows, path)| pytorch::section(rows, path, r.points, r.kfold, r.table));
+    acc.lora = lora::section(
+        r.finetune,
+        r.torch.map_or(&[][..], |(rows, _)| rows),
+        r.table,
+    );
     let f = findings::findings(r.points);
     let mut files = Vec::new();
     let mut plots = Vec::new();

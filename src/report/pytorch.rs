@@ -56,7 +56,13 @@ pub struct PytorchSection {
 
 /// The configuration of a row, without the device and the backend.
 fn config_key(row: &Row) -> String {
-    point_key("", Backend::Candle, &row.spec_json, &row.train_spec())
+    point_key(
+        "",
+        Backend::Candle,
+        &row.spec_json,
+        &row.train_spec(),
+        &row.finetune_key(),
+    )
 }
 
 fn median(v: &mut [f64]) -> f64 {
@@ -99,6 +105,7 @@ pub fn section(
         .filter(|r| r.backend == Backend::Torch)
         .cloned()
         .collect();
+    // fine-tuning rows are left out by prepare: the LoRA section scores them
     let (points, _) = prepare(&torch);
     if points.is_empty() {
         return None;

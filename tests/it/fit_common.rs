@@ -99,6 +99,12 @@ pub fn row(model: &ModelSpec, train: &TrainSpec, peak: f64, step_s: f64, status:
         device_kind: "cpu".into(),
         optimizer_impl: train.optimizer_impl,
         saved_bytes: None,
+        finetune: Default::default(),
+        lora_rank: None,
+        lora_targets: String::new(),
+        lora_dropout: None,
+        freeze_layers: 0,
+        trainable_params: None,
     }
 }
 

@@ -234,11 +234,11 @@ fn a_rerun_row_supersedes_the_earlier_row_of_its_point() {
 #[test]
 fn other_schemas_and_report_out_on_a_file_exit_2() {
     let dir = tempfile::tempdir().unwrap();
-    let csv = write_csv(dir.path(), "s4.csv", &rows());
-    let line = set_cell(&csv, 3, "schema", "4");
+    let csv = write_csv(dir.path(), "s5.csv", &rows());
+    let line = set_cell(&csv, 3, "schema", "5");
     let o = fit(&csv, &dir.path().join("t.json"), &[]);
     let want_line = format!("line {line} ");
-    assert_one_line_exit_2(&o, &["s4.csv", &want_line, "'4'", "accepted schema 3"]);
+    assert_one_line_exit_2(&o, &["s5.csv", &want_line, "'5'", "accepted schema 4"]);
 
     let good = write_csv(dir.path(), "good.csv", &rows());
     let file = dir.path().join("report-here");

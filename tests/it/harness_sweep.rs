@@ -511,10 +511,10 @@ fn an_sdpa_point_is_measured_with_fused_attention_and_kept_apart_from_eager() {
     sweep(&grid, &out, &[], None);
     let text = std::fs::read_to_string(&out).unwrap();
     assert!(
-        text.lines()
-            .next()
-            .unwrap()
-            .ends_with(",spec_json,attention,device_kind,optimizer_impl,saved_bytes"),
+        text.lines().next().unwrap().ends_with(concat!(
+            ",spec_json,attention,device_kind,optimizer_impl,saved_bytes,finetune,",
+            "lora_rank,lora_targets,lora_dropout,freeze_layers,trainable_params"
+        )),
         "{text}"
     );
     let rows = record::read(&out).unwrap();
@@ -546,7 +546,7 @@ fn resume_migrates_a_schema1_csv_in_place_before_appending() {
     let mut r = csv::ReaderBuilder::new().from_reader(v3.as_bytes());
     let mut w = csv::Writer::from_writer(Vec::new());
     let header: Vec<String> = r.headers().unwrap().iter().map(String::from).collect();
-    assert_eq!(header.len(), 40);
+    assert_eq!(header.len(), 46);
     assert_eq!(header[36], "attention");
     w.write_record(&header[..36]).unwrap();
     for rec in r.records().take(4) {
@@ -570,22 +570,23 @@ fn resume_migrates_a_schema1_csv_in_place_before_appending() {
     let notes: Vec<&str> = err.lines().filter(|l| l.contains("migrated")).collect();
     assert_eq!(notes.len(), 1, "{err}");
     assert!(
-        notes[0].contains("migrated 4 older rows to schema 3"),
+        notes[0].contains("migrated 4 older rows to schema 4"),
         "{err}"
     );
     let text = std::fs::read_to_string(&out).unwrap();
-    // one header, schema 3, every line of the old file kept (schema 3, backend candle, with
-    // eager, the device kind, the for-loop optimizer and no saved bytes appended)
+    // one header, schema 4, every line of the old file kept (schema 4, backend candle, with
+    // eager, the device kind, the for-loop optimizer, no saved bytes and full training appended)
     assert_eq!(text.lines().next(), v3.lines().next());
     assert_eq!(text.lines().filter(|l| l.starts_with("schema,")).count(), 1);
     for (old_line, new_line) in v1.lines().skip(1).zip(text.lines().skip(1)) {
-        let want = format!("3{},eager,cpu,loop,", &old_line[1..]).replacen(",cpu,", ",candle,", 1);
+        let want = format!("4{},eager,cpu,loop,,full,,,,0,", &old_line[1..])
+            .replacen(",cpu,", ",candle,", 1);
         assert_eq!(want, new_line);
     }
     let rows = record::read(&out).unwrap();
     // the 4 old points were skipped (their keys are unchanged), the 2 others measured
     assert_eq!(rows.len(), 6, "{rows:#?}");
     assert_no_duplicates(&rows);
-    assert!(rows.iter().all(|r| r.schema == 3));
+    assert!(rows.iter().all(|r| r.schema == 4));
     assert_eq!(keys(&rows[..4]), keys(&old));
 }

@@ -13,6 +13,7 @@ mod fit_common;
 mod fit_input_checks;
 mod fit_split;
 mod fit_synthetic;
+mod harness_lora;
 mod harness_measure;
 mod harness_moe;
 mod harness_step_ckpt;

@@ -43,16 +43,16 @@ struct ResidLinearOp {
 /// The dropout a join applies to its linear's output: the keep mask, held until the join's
 /// backward (PyTorch's dropout keeps only its mask), and the `1 / (1 - p)` scale of a u8 mask.
 #[derive(Default)]
-struct Dropped(Mutex<Option<(Tensor, f64)>>);
+pub(crate) struct Dropped(Mutex<Option<(Tensor, f64)>>);
 
 impl Dropped {
-    fn new(drop: Option<(&Tensor, f32)>) -> Self {
+    pub(crate) fn new(drop: Option<(&Tensor, f32)>) -> Self {
         Self(Mutex::new(
             drop.map(|(m, p)| (m.clone(), 1.0 / (1.0 - p as f64))),
         ))
     }
     /// `g` through the dropout (the mask is released).
-    fn grad(&self, g: &Tensor) -> Result<Tensor> {
+    pub(crate) fn grad(&self, g: &Tensor) -> Result<Tensor> {
         match self.0.lock().ok().and_then(|mut d| d.take()) {
             Some((mask, scale)) => super::fused::dropout_grad(g, &mask, scale),
             None => Ok(g.clone()),
@@ -285,6 +285,7 @@ impl CustomOp2 for LmLossOp {
             .take()
             .ok_or_else(|| candle_core::Error::Msg("lm loss backward ran twice".into()))?;
         let (n, v) = logp.dims2()?;
+        let need_w = w.track_op();
         let (x, w) = (x.detach(), w.detach());
         // nll_loss backward: a dense [n, v] gradient, -g/n at each target
         let scale = (g.to_dtype(DType::F32)? * (-1.0 / n as f64))?;
@@ -306,8 +307,9 @@ impl CustomOp2 for LmLossOp {
         }
         drop((logp, g_logp));
         let gx = g_logits.matmul(&w)?;
-        let gw = g_logits.t()?.matmul(&x)?;
-        Ok((Some(gx), Some(gw)))
+        // a frozen head (LoRA) has no weight gradient
+        let gw = need_w.then(|| g_logits.t()?.matmul(&x)).transpose()?;
+        Ok((Some(gx), gw))
     }
 }
 

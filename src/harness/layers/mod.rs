@@ -6,6 +6,7 @@ pub mod flash;
 pub mod fused;
 mod handed;
 pub mod joins;
+pub mod lora;
 pub mod moe;
 pub mod ops;
 pub mod params;

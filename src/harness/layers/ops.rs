@@ -3,17 +3,109 @@
 //! pooling is composed here because candle's pooling backward needs kernel == stride.
 
 use super::fused::{self, Heads};
+use super::lora::{lora_linear, Lora};
 use super::params::{Ctx, Init, ParamStore};
 use super::pool::pad_hw;
 use crate::spec::cnn::PoolKind;
 use candle_core::{Result, Tensor};
 
-/// Linear layer, weight `[out, in]` (PyTorch layout), optional bias.
+/// Linear layer, weight `[out, in]` (PyTorch layout), optional bias, optional LoRA adapters.
 #[derive(Debug, Clone)]
 pub struct Linear {
     pub w: usize,
     pub b: Option<usize>,
     pub d_out: usize,
+    pub lora: Option<Adapter>,
+}
+
+/// The LoRA adapters of one (frozen) linear: per part of its output (the fused QKV projection
+/// has three, q, k and v, each adapted or not) the rows and, when adapted, the indices of A
+/// `[r, d_in]` (uniform ±1/sqrt(d_in), peft's kaiming_uniform(a=√5)) and B `[rows, r]` (zeros,
+/// as peft); scaling alpha / r.
+#[derive(Debug, Clone)]
+pub struct Adapter {
+    pub parts: Vec<(usize, Option<(usize, usize)>)>,
+    pub rank: usize,
+    pub scale: f64,
+}
+
+impl Adapter {
+    /// Registers the adapters of the `parts` (name, rows, adapted) of a linear `d_in` wide.
+    pub fn new(
+        store: &mut ParamStore,
+        name: &str,
+        d_in: usize,
+        parts: &[(&str, usize, bool)],
+        rank: usize,
+        scale: f64,
+    ) -> anyhow::Result<Option<Self>> {
+        if !parts.iter().any(|p| p.2) {
+            return Ok(None);
+        }
+        let mut out = Vec::with_capacity(parts.len());
+        for &(part, rows, adapted) in parts {
+            let ids = if adapted {
+                let bound = 1.0 / (d_in as f32).sqrt();
+                let a = store.add_adapter(
+                    format!("{name}.lora_A.{part}"),
+                    &[rank, d_in],
+                    Init::Uniform(bound),
+                )?;
+                let b = store.add_adapter(
+                    format!("{name}.lora_B.{part}"),
+                    &[rows, rank],
+                    Init::Zeros,
+                )?;
+                Some((a, b))
+            } else {
+                None
+            };
+            out.push((rows, ids));
+        }
+        Ok(Some(Self {
+            parts: out,
+            rank,
+            scale,
+        }))
+    }
+
+    /// A (the parts' adapters stacked, `[R, d_in]`) and B (block diagonal, `[out, R]`) in the
+    /// compute dtype, through differentiable casts and joins of the adapter Vars.
+    fn tensors(&self, ctx: &Ctx) -> Result<(Tensor, Tensor)> {
+        let adapted: Vec<(usize, usize)> = self.parts.iter().filter_map(|p| p.1).collect();
+        if let ([(a, b)], 1) = (adapted.as_slice(), self.parts.len()) {
+            return Ok((ctx.w(*a)?, ctx.w(*b)?));
+        }
+        let a_parts = adapted
+            .iter()
+            .map(|(a, _)| ctx.w(*a))
+            .collect::<Result<Vec<_>>>()?;
+        let a = Tensor::cat(&a_parts, 0)?;
+        let total = adapted.len() * self.rank;
+        let mut before = 0;
+        let mut rows = Vec::with_capacity(self.parts.len());
+        let dev = &ctx.store.device;
+        for &(n, ids) in &self.parts {
+            let row = match ids {
+                Some((_, b)) => {
+                    let mut cols = Vec::new();
+                    if before > 0 {
+                        cols.push(Tensor::zeros((n, before), ctx.dtype, dev)?);
+                    }
+                    cols.push(ctx.w(b)?);
+                    let after = total - before - self.rank;
+                    if after > 0 {
+                        cols.push(Tensor::zeros((n, after), ctx.dtype, dev)?);
+                    }
+                    before += self.rank;
+                    Tensor::cat(&cols, 1)?
+                }
+                None => Tensor::zeros((n, total), ctx.dtype, dev)?,
+            };
+            rows.push(row);
+        }
+        Ok((a, Tensor::cat(&rows, 0)?))
+    }
 }
 
 impl Linear {
@@ -35,11 +127,29 @@ impl Linear {
         } else {
             None
         };
-        Ok(Self { w, b, d_out })
+        Ok(Self {
+            w,
+            b,
+            d_out,
+            lora: None,
+        })
+    }
+
+    /// The adapters A and B and the frozen base as a [`Lora`] branch, when adapted.
+    pub fn adapted(&self, ctx: &Ctx) -> Result<Option<(Tensor, Tensor, Lora)>> {
+        let Some(ad) = &self.lora else {
+            return Ok(None);
+        };
+        let (a, b) = ad.tensors(ctx)?;
+        let (w, bias) = self.tensors(ctx)?;
+        Ok(Some((a, b, Lora::new(&w, bias.as_ref(), ad.scale))))
     }
 
     /// Applies to the last dimension of `x` (any rank).
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        if let Some((a, b, lora)) = self.adapted(ctx)? {
+            return lora_linear(lora, x, &a, &b, None);
+        }
         fused::linear(x, &ctx.w(self.w)?, self.bias(ctx)?.as_ref())
     }
 
@@ -51,6 +161,9 @@ impl Linear {
         h: Heads,
         groups: usize,
     ) -> Result<Tensor> {
+        if let Some((a, b, lora)) = self.adapted(ctx)? {
+            return lora_linear(lora, x, &a, &b, Some((h, groups)));
+        }
         fused::linear_split_heads(x, &ctx.w(self.w)?, self.bias(ctx)?.as_ref(), h, groups)
     }
 

@@ -33,6 +33,9 @@ pub struct Param {
     pub shape: Vec<usize>,
     /// Rows of dim 0 owned by this rank (all rows when not sharded).
     pub shard_rows: usize,
+    /// False for a frozen base weight (LoRA): used as a plain tensor (detached: no gradient),
+    /// no optimizer state, not counted as trainable.
+    pub trainable: bool,
 }
 
 impl Param {
@@ -57,6 +60,10 @@ pub struct ParamStore {
     pub dtype: DType,
     pub zero_stage: u8,
     pub world: usize,
+    /// Set while a LoRA model's base is built: [`ParamStore::add`] then creates frozen
+    /// parameters in this dtype (peft's base in the compute dtype); adapters come from
+    /// [`ParamStore::add_adapter`].
+    pub frozen: Option<DType>,
     rng: StdRng,
 }
 
@@ -68,6 +75,7 @@ impl ParamStore {
             dtype,
             zero_stage,
             world: world.max(1),
+            frozen: None,
             rng: StdRng::seed_from_u64(seed),
         }
     }
@@ -82,13 +90,35 @@ impl ParamStore {
     }
 
     /// Registers a parameter and returns its index. Values come from the store's seeded RNG.
+    /// Frozen in the store's `frozen` dtype while that is set.
     pub fn add(
         &mut self,
         name: impl Into<String>,
         shape: &[usize],
         init: Init,
     ) -> anyhow::Result<usize> {
-        let name = name.into();
+        let frozen = self.frozen;
+        self.add_as(name.into(), shape, init, frozen)
+    }
+
+    /// Registers a trainable LoRA adapter (in the store's dtype, as peft keeps adapters in fp32
+    /// under autocast) whatever `frozen` says.
+    pub fn add_adapter(
+        &mut self,
+        name: impl Into<String>,
+        shape: &[usize],
+        init: Init,
+    ) -> anyhow::Result<usize> {
+        self.add_as(name.into(), shape, init, None)
+    }
+
+    fn add_as(
+        &mut self,
+        name: String,
+        shape: &[usize],
+        init: Init,
+        frozen: Option<DType>,
+    ) -> anyhow::Result<usize> {
         anyhow::ensure!(!shape.is_empty(), "parameter {name} has no dimensions");
         let shard_rows = self.shard_rows(shape[0]);
         let resident_rows = if self.zero_stage >= 3 {
@@ -104,13 +134,15 @@ impl ParamStore {
             Init::Ones => vec![1.0; n],
             Init::Zeros => vec![0.0; n],
         };
-        let t = Tensor::from_vec(values, resident, &self.device)?.to_dtype(self.dtype)?;
+        let dtype = frozen.unwrap_or(self.dtype);
+        let t = Tensor::from_vec(values, resident, &self.device)?.to_dtype(dtype)?;
         let var = Var::from_tensor(&t)?;
         self.params.push(Param {
             name,
             var,
             shape: shape.to_vec(),
             shard_rows,
+            trainable: frozen.is_none(),
         });
         Ok(self.params.len() - 1)
     }
@@ -118,6 +150,15 @@ impl ParamStore {
     /// Parameters of the full model, from the logical shapes of the allocated Vars.
     pub fn total(&self) -> u64 {
         self.params.iter().map(Param::elems).sum()
+    }
+
+    /// Parameters with gradients and optimizer states (all but a frozen base).
+    pub fn trainable(&self) -> u64 {
+        self.params
+            .iter()
+            .filter(|p| p.trainable)
+            .map(Param::elems)
+            .sum()
     }
 }
 
@@ -211,7 +252,14 @@ impl<'a> Ctx<'a> {
     /// gradient flows only into the shard Var.
     pub fn w_raw(&self, idx: usize) -> candle_core::Result<Tensor> {
         let p = &self.store.params[idx];
-        let t = p.var.as_tensor();
+        let frozen;
+        let t = if p.trainable {
+            p.var.as_tensor()
+        } else {
+            // a frozen weight enters the graph as a plain tensor: no gradient reaches it
+            frozen = p.var.as_tensor().detach();
+            &frozen
+        };
         if !p.is_partial() {
             return Ok(t.clone());
         }

@@ -8,9 +8,11 @@
 
 use super::fused::{self, Act, Heads};
 use super::joins::{self, Stash};
+use super::lora::{lora_residual, lora_value, seed_lora, Lora};
 use super::moe::{MoeFfn, MoeTerm, Routed};
-use super::ops::{Linear, Norm};
+use super::ops::{Adapter, Linear, Norm};
 use super::params::{Ctx, Init, ParamStore};
+use crate::plan::finetune::{self, Finetune};
 use crate::spec::transformer::{Activation, Arch, FfnKind, Head, NormKind, TransformerSpec};
 use candle_core::{Result, Tensor};
 
@@ -28,6 +30,14 @@ pub enum Term {
     },
     /// Routed expert outputs weighted and summed per token ([`Routed`]).
     Routed(Routed),
+    /// The same for an adapted (LoRA) linear: `x`, the adapters A and B, and the frozen base.
+    Lora {
+        x: Tensor,
+        a: Tensor,
+        b: Tensor,
+        lora: Lora,
+        drop: Option<(Tensor, f32)>,
+    },
 }
 
 /// A block's output as the terms of a sum (the last residual join), so that the output itself
@@ -58,6 +68,19 @@ impl BlockOut {
                     }
                 }
                 Term::Routed(r) => r.value()?,
+                Term::Lora {
+                    x,
+                    a,
+                    b,
+                    lora,
+                    drop,
+                } => {
+                    let y = lora_value(lora, x, a, b)?;
+                    match drop {
+                        Some((mask, p)) => fused::dropout(&y, mask, *p)?,
+                        None => y,
+                    }
+                }
             };
             acc = Some(match acc {
                 Some(a) => (a + v)?,
@@ -77,6 +100,20 @@ impl BlockOut {
                     joins::seed_linear(x, w, b.as_ref(), g, drop.as_ref().map(|(m, p)| (m, *p)))?
                 }
                 Term::Routed(r) => r.root(g)?,
+                Term::Lora {
+                    x,
+                    a,
+                    b,
+                    lora,
+                    drop,
+                } => seed_lora(
+                    lora.handoff(),
+                    x,
+                    a,
+                    b,
+                    g,
+                    drop.as_ref().map(|(m, p)| (m, *p)),
+                )?,
             };
             acc = Some(match acc {
                 Some(a) => (a + r)?,
@@ -178,10 +215,13 @@ impl Attention {
         stash: &Stash,
     ) -> Result<Tensor> {
         let (y, h) = self.core(ctx, x, site)?;
-        let (w, b) = self.out.tensors(ctx)?;
-        let shape = (h.b, h.s, w.dim(0)?).into();
+        let shape = (h.b, h.s, self.out.d_out).into();
         let mask = ctx.dropout_mask(&shape, y.dtype(), y.device(), site + 1)?;
         let drop = mask.as_ref().map(|m| (m, ctx.dropout));
+        if let Some((a, b, lora)) = self.out.adapted(ctx)? {
+            return lora_residual(lora, resid, &y, &a, &b, Some(h), stash, drop);
+        }
+        let (w, b) = self.out.tensors(ctx)?;
         joins::linear_residual(resid, &y, &w, b.as_ref(), Some(h), stash, drop)
     }
 }
@@ -288,7 +328,39 @@ pub struct Transformer {
 
 impl Transformer {
     pub fn new(spec: &TransformerSpec, store: &mut ParamStore) -> anyhow::Result<Self> {
+        Self::with_finetune(spec, store, &Finetune::default())
+    }
+
+    /// The model with `ft`'s LoRA adapters on the adapted block linears (the planner's names,
+    /// `plan::finetune::block_linears`; the fused QKV projection carries q, k and v adapters
+    /// apart unless the planner counts it as one linear, GPT-2's `c_attn`). The base is frozen
+    /// when the store's `frozen` dtype is set.
+    pub fn with_finetune(
+        spec: &TransformerSpec,
+        store: &mut ParamStore,
+        ft: &Finetune,
+    ) -> anyhow::Result<Self> {
         spec.validate()?;
+        let adapted: Vec<&str> = ft.adapted(spec).iter().map(|l| l.name).collect();
+        let fused_qkv_one = finetune::block_linears(spec)
+            .iter()
+            .any(|l| l.name == "qkv");
+        let (rank, scale) = (ft.rank as usize, 2.0);
+        let lin = |store: &mut ParamStore,
+                   name: String,
+                   d_in: usize,
+                   d_out: usize,
+                   bias: bool,
+                   parts: &[(&str, usize)]|
+         -> anyhow::Result<Linear> {
+            let mut l = Linear::new(store, &name, d_in, d_out, bias)?;
+            let parts: Vec<(&str, usize, bool)> = parts
+                .iter()
+                .map(|&(p, rows)| (p, rows, adapted.contains(&p)))
+                .collect();
+            l.lora = Adapter::new(store, &name, d_in, &parts, rank, scale)?;
+            Ok(l)
+        };
         let h = spec.hidden as usize;
         let rms = spec.norm == NormKind::Rmsnorm;
         let emb_init = Init::Uniform(0.02);
@@ -327,18 +399,23 @@ impl Transformer {
             // Qwen2's biases on q, k and v only
             let qkv_b = ab || spec.qkv_bias;
             let qkv = if kvh == a {
-                Qkv::Fused(Linear::new(store, &n("attn.qkv"), h, 3 * qw, qkv_b)?)
+                let parts: &[(&str, usize)] = if fused_qkv_one {
+                    &[("qkv", 3 * qw)]
+                } else {
+                    &[("q", qw), ("k", qw), ("v", qw)]
+                };
+                Qkv::Fused(lin(store, n("attn.qkv"), h, 3 * qw, qkv_b, parts)?)
             } else {
                 let kv = kvh * head_dim;
                 Qkv::Split {
-                    q: Linear::new(store, &n("attn.q"), h, qw, qkv_b)?,
-                    k: Linear::new(store, &n("attn.k"), h, kv, qkv_b)?,
-                    v: Linear::new(store, &n("attn.v"), h, kv, qkv_b)?,
+                    q: lin(store, n("attn.q"), h, qw, qkv_b, &[("q", qw)])?,
+                    k: lin(store, n("attn.k"), h, kv, qkv_b, &[("k", kv)])?,
+                    v: lin(store, n("attn.v"), h, kv, qkv_b, &[("v", kv)])?,
                 }
             };
             let attn = Attention {
                 qkv,
-                out: Linear::new(store, &n("attn.out"), qw, h, ab)?,
+                out: lin(store, n("attn.out"), qw, h, ab, &[("o", h)])?,
                 heads: a,
                 kv_heads: kvh,
                 head_dim,
@@ -353,14 +430,14 @@ impl Transformer {
             let mlp = match spec.ffn_kind {
                 _ if moe.is_some() => None,
                 FfnKind::Gelu => Some(Mlp::Gelu {
-                    fc1: Linear::new(store, &n("mlp.fc1"), h, f, spec.bias)?,
-                    fc2: Linear::new(store, &n("mlp.fc2"), f, h, spec.bias)?,
+                    fc1: lin(store, n("mlp.fc1"), h, f, spec.bias, &[("fc1", f)])?,
+                    fc2: lin(store, n("mlp.fc2"), f, h, spec.bias, &[("fc2", h)])?,
                     act: spec.activation_kind(),
                 }),
                 FfnKind::Swiglu => Some(Mlp::Swiglu {
-                    gate: Linear::new(store, &n("mlp.gate"), h, f, spec.bias)?,
-                    up: Linear::new(store, &n("mlp.up"), h, f, spec.bias)?,
-                    down: Linear::new(store, &n("mlp.down"), f, h, spec.bias)?,
+                    gate: lin(store, n("mlp.gate"), h, f, spec.bias, &[("gate", f)])?,
+                    up: lin(store, n("mlp.up"), h, f, spec.bias, &[("up", f)])?,
+                    down: lin(store, n("mlp.down"), f, h, spec.bias, &[("down", h)])?,
                 }),
             };
             let ffn = match (mlp, moe) {
@@ -409,6 +486,15 @@ impl Transformer {
 
     pub fn layers(&self) -> usize {
         self.blocks.len()
+    }
+
+    /// False when the embeddings are frozen (LoRA): no gradient needs to reach them.
+    pub fn embedding_trainable(&self, store: &ParamStore) -> bool {
+        let idx = match &self.embedding {
+            Embedding::Tokens { tok, .. } => *tok,
+            Embedding::Patches { conv_w, .. } => *conv_w,
+        };
+        store.params[idx].trainable
     }
 
     /// Token ids `[b, s]` (u32) or images `[b, c, H, W]` -> hidden states `[b, s, h]` in the
@@ -495,17 +581,29 @@ impl Transformer {
             match &blk.ffn {
                 Ffn::Dense(mlp) => {
                     let hidden = mlp.hidden(ctx, &ffn_in)?;
-                    let (w, b) = mlp.last().tensors(ctx)?;
+                    let last = mlp.last();
                     let (hb, hs, _) = hidden.dims3()?;
-                    let shape = (hb, hs, w.dim(0)?).into();
+                    let shape = (hb, hs, last.d_out).into();
                     let drop = ctx
                         .dropout_mask(&shape, hidden.dtype(), hidden.device(), site + 2)?
                         .map(|m| (m, ctx.dropout));
-                    terms.push(Term::Linear {
-                        x: hidden,
-                        w,
-                        b,
-                        drop,
+                    terms.push(match last.adapted(ctx)? {
+                        Some((a, b, lora)) => Term::Lora {
+                            x: hidden,
+                            a,
+                            b,
+                            lora,
+                            drop,
+                        },
+                        None => {
+                            let (w, b) = last.tensors(ctx)?;
+                            Term::Linear {
+                                x: hidden,
+                                w,
+                                b,
+                                drop,
+                            }
+                        }
                     });
                 }
                 // no dropout on the MoE output (Mixtral, Qwen2-MoE have none)

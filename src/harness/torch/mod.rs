@@ -135,6 +135,9 @@ struct RunnerResult {
     step_ms: Vec<f64>,
     #[serde(default)]
     saved_bytes: Option<u64>,
+    /// parameters with requires_grad (peft's adapters under LoRA)
+    #[serde(default)]
+    trainable_params: Option<u64>,
     device_name: String,
     driver: String,
     #[serde(default)]
@@ -251,9 +254,26 @@ fn device_arg(device: DeviceSpec) -> String {
 pub fn measure(
     model: &ModelSpec,
     train: &TrainSpec,
+    ft: &crate::plan::finetune::Finetune,
     device: DeviceSpec,
     opts: &MeasureOptions,
 ) -> anyhow::Result<Row> {
+    if ft.mode == crate::plan::finetune::FinetuneMode::Qlora || ft.freeze_layers > 0 {
+        return crate::error::input_err(
+            if ft.freeze_layers > 0 { "freeze-layers" } else { "finetune" },
+            "is planned, not run by the PyTorch runner; accepted --finetune full or lora without --freeze-layers",
+        );
+    }
+    // peft's LoRA, its targets as canonical names (the runner maps them to transformers' modules)
+    let lora = ft.is_adapter().then(|| {
+        serde_json::json!({
+            "r": ft.rank,
+            "alpha": ft.rank * 2,
+            "dropout": ft.lora_dropout,
+            "targets": ft.adapted_names(model),
+            "trainable": crate::plan::finetune::split(model, ft).trainable,
+        })
+    });
     let (block, dropout, activation) = match model {
         ModelSpec::Transformer(t) => (
             t.block_kind(),
@@ -273,6 +293,7 @@ pub fn measure(
         "repeats": opts.repeats,
         "seed": opts.seed,
         "params": crate::plan::params::count(model),
+        "lora": lora,
     });
     let r = run(device, &request)?;
     let info = if device.is_cpu() {
@@ -288,11 +309,13 @@ pub fn measure(
         }
     };
     let mut row = row_template(&info, model, train);
+    row.set_finetune(model, ft);
     row.backend = Backend::Torch;
     row.driver = r.driver.clone();
     match r.status.as_str() {
         "ok" => {
             row.params = r.params.unwrap_or(row.params);
+            row.trainable_params = r.trainable_params;
             row.baseline_bytes = r.baseline_bytes;
             row.peak_bytes = r.peak_bytes;
             row.peak_reserved_bytes = r.peak_reserved_bytes;

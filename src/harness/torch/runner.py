@@ -6,7 +6,13 @@ request on stdin (written by src/harness/torch/mod.rs):
 
   {"model": <ModelSpec>, "block": "llama"|"gpt2"|"bert"|"vit"|null, "dropout": p,
    "activation": "gelu_new", "train": <TrainSpec>, "device": "cpu"|"cuda:N",
-   "warmup": n, "repeats": n, "seed": n}
+   "warmup": n, "repeats": n, "seed": n,
+   "lora": null | {"r": R, "alpha": a, "dropout": p, "targets": [canonical names], "trainable": n}}
+
+With "lora" the transformers model (its base loaded in the compute dtype under mixed precision,
+as the planner assumes) is wrapped by peft's get_peft_model(LoraConfig(...)) with the targets
+mapped to transformers' module names (`lora_target_regex`); the optimizer gets the trainable
+(adapter) parameters only, and their count must equal vramcal's. peft missing: exit 2.
 
 Output: one line `RESULT <json>` on stdout (see `measure`). Exit codes: 0 measured (also an
 out-of-memory point, status "oom"); 2 the request cannot be run by this backend (one line on
@@ -267,6 +273,53 @@ def moe_plan(req, t, common, p, act, head):
                decoder_sparse_step=1, mlp_only_layers=list(range(m.get("dense_layers", 0))),
                qkv_bias=bool(t.get("qkv_bias")), use_sliding_window=False)
     return "Qwen2MoeForCausalLM", "Qwen2MoeConfig", cfg, {}, "lm"
+# canonical block-linear names (src/plan/finetune.rs) -> transformers module paths per block kind
+LORA_MODULES = {
+    "llama": {"q": r"self_attn\.q_proj", "k": r"self_attn\.k_proj", "v": r"self_attn\.v_proj",
+              "o": r"self_attn\.o_proj", "gate": r"mlp\.gate_proj", "up": r"mlp\.up_proj",
+              "down": r"mlp\.down_proj"},
+    # GPT-2's Conv1D layers (peft sets fan_in_fan_out for them)
+    "gpt2": {"qkv": r"attn\.c_attn", "o": r"attn\.c_proj", "fc1": r"mlp\.c_fc",
+             "fc2": r"mlp\.c_proj"},
+    # BertModel: attention.self.query; ViT: attention.attention.query
+    "bert": {"q": r"attention\.(?:self|attention)\.query",
+             "k": r"attention\.(?:self|attention)\.key",
+             "v": r"attention\.(?:self|attention)\.value", "o": r"attention\.output\.dense",
+             "fc1": r"intermediate\.dense", "fc2": r"layer\.\d+\.output\.dense"},
+}
+LORA_MODULES["vit"] = LORA_MODULES["bert"]
+
+
+def lora_target_regex(block, targets):
+    """peft `target_modules` as one regex (peft full-matches a string against each module's
+    name) for vramcal's canonical targets; suffixes alone would be ambiguous (GPT-2's two c_proj,
+    BERT's two output.dense)."""
+    modules = LORA_MODULES.get(block)
+    if modules is None:
+        refuse("finetune", f"lora on a '{block}' block; accepted llama, gpt2, bert, vit blocks")
+    unknown = [t for t in targets if t not in modules]
+    if unknown:
+        refuse("lora-targets", f"{','.join(unknown)} on a {block} block; accepted "
+               f"{', '.join(modules)}")
+    return r".*\.(?:" + "|".join(modules[t] for t in targets) + r")"
+
+
+def wrap_lora(req, model):
+    """The model with peft's LoRA adapters; its base frozen."""
+    try:
+        import peft
+    except ImportError:
+        refuse("finetune", "lora needs peft in this Python: pip install peft")
+    lc = req["lora"]
+    cfg = peft.LoraConfig(r=lc["r"], lora_alpha=lc["alpha"], lora_dropout=lc["dropout"],
+                          target_modules=lora_target_regex(req["block"], lc["targets"]),
+                          bias="none")
+    model = peft.get_peft_model(model, cfg)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trainable != lc["trainable"]:
+        refuse("lora-targets", f"peft trains {trainable} parameters, vramcal plans "
+               f"{lc['trainable']}; the two would measure different adapters")
+    return model
 
 
 def build_transformer(torch, req):
@@ -343,6 +396,11 @@ def measure(torch, req, device, shim):
         model = model.to(torch.bfloat16)
     elif precision == "fp16":
         model = model.to(torch.float16)
+    if req.get("lora"):
+        # the frozen base in the compute dtype (peft then keeps the adapters in fp32)
+        if precision in ("bf16-mixed", "fp16-mixed"):
+            model = model.to(torch.bfloat16 if precision == "bf16-mixed" else torch.float16)
+        model = wrap_lora(req, model)
     model = model.to(device)
     model.train()
     if train["checkpointing"] == "full":
@@ -485,7 +543,8 @@ def measure(torch, req, device, shim):
             peak = max(peak, torch.cuda.max_memory_allocated(device))
             reserved = max(reserved, torch.cuda.max_memory_reserved(device))
     out = {"status": "ok", "params": params, "baseline_bytes": baseline, "peak_bytes": peak,
-           "step_ms": times, "saved_bytes": saved}
+           "step_ms": times, "saved_bytes": saved,
+           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         out["peak_reserved_bytes"] = reserved
@@ -542,7 +601,8 @@ def optimizer(torch, train, model):
     kw = {"foreach": impl == "foreach"}
     if impl == "fused":
         kw = {"fused": True}
-    params = model.parameters()
+    # a frozen base (LoRA) has no optimizer state: only what trains is given to the optimizer
+    params = [p for p in model.parameters() if p.requires_grad]
     name = train["optimizer"]
     if name == "adamw":
         return torch.optim.AdamW(params, lr=1e-4, **kw)

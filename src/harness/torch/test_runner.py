@@ -112,3 +112,35 @@ class TrainChecks(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+class LoraTargets(unittest.TestCase):
+    """vramcal's canonical LoRA targets -> the regex peft full-matches module names against."""
+
+    def matches(self, block, targets, names):
+        import re
+        rx = runner.lora_target_regex(block, targets)
+        return [n for n in names if re.fullmatch(rx, n)]
+
+    def test_gpt2_tells_its_two_c_proj_apart(self):
+        names = ["transformer.h.0.attn.c_attn", "transformer.h.0.attn.c_proj",
+                 "transformer.h.0.mlp.c_fc", "transformer.h.0.mlp.c_proj"]
+        self.assertEqual(self.matches("gpt2", ["qkv", "o"], names), names[:2])
+        self.assertEqual(self.matches("gpt2", ["fc2"], names), names[3:])
+
+    def test_bert_and_vit_tell_their_two_output_dense_apart(self):
+        bert = ["encoder.layer.1.attention.self.query", "encoder.layer.1.attention.output.dense",
+                "encoder.layer.1.intermediate.dense", "encoder.layer.1.output.dense",
+                "pooler.dense"]
+        self.assertEqual(self.matches("bert", ["q", "o"], bert), bert[:2])
+        self.assertEqual(self.matches("bert", ["fc2"], bert), [bert[3]])
+        vit = ["vit.encoder.layer.0.attention.attention.value"]
+        self.assertEqual(self.matches("vit", ["v"], vit), vit)
+
+    def test_llama_and_refusals(self):
+        names = ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "lm_head"]
+        self.assertEqual(self.matches("llama", ["q", "down"], names), names[:2])
+        with self.assertRaises(runner.Refused):
+            runner.lora_target_regex("llama", ["qkv"])
+        with self.assertRaises(runner.Refused):
+            runner.lora_target_regex(None, ["q"])

@@ -111,6 +111,9 @@ impl LinearOp {
         _: &Tensor,
         g: &Tensor,
     ) -> Result<[Option<Tensor>; 3]> {
+        // a frozen weight (LoRA's base: a plain tensor) gets no gradient, an input that needs
+        // none (a frozen first block's) neither
+        let (need_x, need_w) = (x.track_op(), w.track_op());
         let (x, w) = (x.detach(), w.detach());
         let o = w.dim(0)?;
         let g2 = match self.split {
@@ -124,17 +127,25 @@ impl LinearOp {
                 .reshape((h.b * h.s, h.a * h.d))?,
             None => x.reshape(((), w.dim(1)?))?,
         };
-        let gw = g2.t()?.matmul(&x2)?;
-        let gx = g2.matmul(&w)?;
-        let gx = match self.merge {
-            Some(h) => gx
-                .reshape((h.b, h.s, h.a, h.d))?
-                .transpose(1, 2)?
-                .contiguous()?,
-            None => gx.reshape(x.shape())?,
+        let gw = need_w.then(|| g2.t()?.matmul(&x2)).transpose()?;
+        let gx = if need_x {
+            let gx = g2.matmul(&w)?;
+            Some(match self.merge {
+                Some(h) => gx
+                    .reshape((h.b, h.s, h.a, h.d))?
+                    .transpose(1, 2)?
+                    .contiguous()?,
+                None => gx.reshape(x.shape())?,
+            })
+        } else {
+            None
         };
-        let gb = if has_bias { Some(g2.sum(0)?) } else { None };
-        Ok([Some(gx), Some(gw), gb])
+        let gb = if has_bias && need_w {
+            Some(g2.sum(0)?)
+        } else {
+            None
+        };
+        Ok([gx, gw, gb])
     }
 
     fn out_shape(&self, x: &Tensor, o: usize) -> Result<Vec<usize>> {

@@ -296,11 +296,16 @@ pub fn norm(x: &Tensor, gamma: &Tensor, beta: Option<&Tensor>, eps: f64) -> Resu
         let xf = x.detach().to_dtype(DType::F32)?;
         let ms = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?;
         let xhat = xf.broadcast_div(&ms.sqrt()?)?.to_dtype(x.dtype())?;
-        Kept::new(if x.dtype() == DType::F32 {
-            vec![xhat]
-        } else {
-            vec![xhat, xf]
-        })
+        // `weight * hidden` saves the normalised input only for the weight's gradient: a frozen
+        // norm (LoRA's base) keeps it not
+        let mut kept = Vec::new();
+        if gamma.track_op() {
+            kept.push(xhat);
+        }
+        if x.dtype() != DType::F32 {
+            kept.push(xf);
+        }
+        Kept::new(kept)
     } else {
         Kept::default()
     };
