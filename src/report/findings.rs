@@ -36,10 +36,12 @@ fn activation(p: &Point) -> Option<f64> {
     (a > 0.0).then_some(a)
 }
 
+/// Everything that makes a configuration, with the precision or the checkpointing wildcarded
+/// (`false`): eager and sdpa, or full and LoRA, points of one shape are different pairs.
 fn key(p: &Point, ckpt: bool, precision: bool) -> String {
     let r = &p.row;
     format!(
-        "{}|b{}|s{}|i{}|{}|{}|{}|z{}/{}",
+        "{}|b{}|s{}|i{}|{}|{}|{}|z{}/{}|{}|{}|{}/{:?}/{}",
         r.spec_json,
         r.batch,
         r.seq,
@@ -48,7 +50,12 @@ fn key(p: &Point, ckpt: bool, precision: bool) -> String {
         if ckpt { r.checkpointing.as_str() } else { "*" },
         r.optimizer,
         r.zero_stage,
-        r.gpus
+        r.gpus,
+        r.attention,
+        r.optimizer_impl,
+        r.finetune.as_str(),
+        r.lora_rank,
+        r.lora_targets
     )
 }
 
@@ -86,10 +93,10 @@ fn effects<'a>(pairs: Vec<(String, &'a Point, &'a Point)>) -> Vec<PairEffect> {
 }
 
 pub fn findings(points: &[Point]) -> Findings {
-    // checkpointing: plain by key with the checkpointing field wildcarded
+    // full checkpointing against none (not selective), by key with the checkpointing wildcarded
     let plain: HashMap<String, &Point> = points
         .iter()
-        .filter(|p| !p.ckpt())
+        .filter(|p| p.train.checkpointing == crate::spec::Checkpointing::None)
         .map(|p| (key(p, false, true), p))
         .collect();
     let ck_pairs = points
