@@ -193,10 +193,19 @@ fn refuse_unbuilt_finetune(
     ft: &Finetune,
 ) -> anyhow::Result<()> {
     ft.validate(model, train)?;
-    if ft.mode == FinetuneMode::Qlora || ft.base_bits < 16 {
+    if ft.mode == FinetuneMode::Qlora {
         return input_err(
             "finetune",
-            "qlora (a 4/8-bit base) is planned, not run by the candle harness; accepted full, lora",
+            "qlora (a 4-bit base) is planned, not run by the candle harness; accepted full, lora",
+        );
+    }
+    if ft.base_bits < 16 {
+        return input_err(
+            "base-bits",
+            format!(
+                "{} (a quantized base) is planned, not run by the candle harness; accepted 16",
+                ft.base_bits
+            ),
         );
     }
     if ft.freeze_layers > 0 {

@@ -140,6 +140,8 @@ pub struct Linear {
 /// separate q/k/v in a GPT-2-shaped block) are counted with this layout.
 pub fn block_linears(t: &TransformerSpec) -> Vec<Linear> {
     let h = t.hidden;
+    // the query/output width: heads × head_dim, not hidden when head_dim is set (Gemma, Qwen3)
+    let qw = t.q_width();
     let kv = t.kv_heads * t.head_dim();
     let f = t.ffn;
     let l = |name, hf, d_in, d_out, part| Linear {
@@ -151,13 +153,13 @@ pub fn block_linears(t: &TransformerSpec) -> Vec<Linear> {
     };
     let mut v = Vec::new();
     if t.block_kind() == Some(BlockKind::Gpt2) {
-        v.push(l("qkv", "c_attn", h, h + 2 * kv, Part::Attn));
-        v.push(l("o", "attn.c_proj", h, h, Part::Attn));
+        v.push(l("qkv", "c_attn", h, qw + 2 * kv, Part::Attn));
+        v.push(l("o", "attn.c_proj", qw, h, Part::Attn));
     } else {
-        v.push(l("q", "q_proj/query", h, h, Part::Attn));
+        v.push(l("q", "q_proj/query", h, qw, Part::Attn));
         v.push(l("k", "k_proj/key", h, kv, Part::Attn));
         v.push(l("v", "v_proj/value", h, kv, Part::Attn));
-        v.push(l("o", "o_proj/attention.output.dense", h, h, Part::Attn));
+        v.push(l("o", "o_proj/attention.output.dense", qw, h, Part::Attn));
     }
     match t.ffn_kind {
         FfnKind::Swiglu => {

@@ -66,9 +66,12 @@ fn planned(r: &Row, table: &Coefficients) -> anyhow::Result<(u64, f64)> {
 /// Scores the fine-tuning rows (candle's and PyTorch's); None without an ok one.
 pub fn section(rows: &[Row], torch: &[Row], table: &Coefficients) -> Option<LoraSection> {
     let lit = Coefficients::literature();
-    let ok =
-        |r: &&Row| r.status == Status::Ok && !r.finetune().is_plain() && r.peak_bytes.is_some();
-    let key = |r: &Row| format!("{}{}", config(r), r.spec_json);
+    let ok = |r: &&Row| {
+        r.status == Status::Ok && !r.finetune().is_plain() && r.peak_bytes.is_some_and(|p| p > 0)
+    };
+    // the whole configuration (precision, checkpointing, optimizer, ZeRO, the fine-tuning), so
+    // a candle row meets its own PyTorch twin
+    let key = super::pytorch::config_key;
     let torch_peak: HashMap<String, f64> = torch
         .iter()
         .filter(ok)

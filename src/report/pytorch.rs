@@ -55,7 +55,7 @@ pub struct PytorchSection {
 }
 
 /// The configuration of a row, without the device and the backend.
-fn config_key(row: &Row) -> String {
+pub(crate) fn config_key(row: &Row) -> String {
     point_key(
         "",
         Backend::Candle,

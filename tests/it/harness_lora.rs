@@ -272,6 +272,18 @@ fn lora_inputs_the_harness_cannot_run_are_one_line_exit_2() {
         ),
         (&["--lora-rank", "8"][..], "lora-rank", "--finetune lora"),
         (&["--finetune", "banana"][..], "finetune", "lora"),
+        (
+            &[
+                "--finetune",
+                "lora",
+                "--base-bits",
+                "8",
+                "--precision",
+                "fp16-mixed",
+            ][..],
+            "base-bits",
+            "16",
+        ),
     ] {
         let mut args = base.to_vec();
         args.extend_from_slice(extra);
@@ -284,6 +296,43 @@ fn lora_inputs_the_harness_cannot_run_are_one_line_exit_2() {
             "{extra:?}: {err}"
         );
     }
+}
+
+/// A multi-query GPT-2 block (GPT-BigCode's shape): the planner counts one adapter on the fused
+/// c_attn, the harness builds q, k and v apart, so a LoRA on qkv is refused rather than built
+/// without it.
+#[test]
+fn lora_on_a_multi_query_gpt2_qkv_is_refused() {
+    let mut spec =
+        serde_json::to_value(vramcal::spec::presets::preset("tiny-gpt").unwrap()).unwrap();
+    spec["kv_heads"] = 1.into();
+    let json = spec.to_string();
+    let path = json.as_str();
+    let args = |targets: &'static str| {
+        [
+            "measure",
+            "--spec-json",
+            path,
+            "--batch",
+            "1",
+            "--seq",
+            "16",
+            "--repeats",
+            "1",
+            "--finetune",
+            "lora",
+            "--lora-targets",
+            targets,
+        ]
+    };
+    let (code, _, err) = vramcal(&args("all"));
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.trim().lines().count() == 1 && err.contains("lora-targets"),
+        "{err}"
+    );
+    let (code, _, err) = vramcal(&args("o,fc1,fc2"));
+    assert_eq!(code, 0, "{err}");
 }
 
 #[test]

@@ -37,6 +37,32 @@ fn trainable_params_equal_peft_counts() {
     }
 }
 
+/// Where `head_dim` makes the query width differ from `hidden` (Gemma-2: 8 × 256 = 2048 against
+/// 2304; Qwen3: 16 × 128 = 2048 against 1024), q's output and o's input are heads × head_dim.
+/// Expected: peft 0.21's `get_nb_trainable_parameters()` on transformers 5.24's own classes built
+/// on the meta device from the committed configs, rank 16, every block linear.
+#[test]
+fn lora_adapters_follow_head_dim_as_peft_counts_them() {
+    for (config, peft) in [("gemma-2-2b", 20_766_720u64), ("qwen3-0.6b", 10_092_544)] {
+        let path = format!(
+            "{}/tests/hf_configs/{config}/config.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let j = json(&[
+            "estimate",
+            "--hf-config",
+            &path,
+            "--finetune",
+            "lora",
+            "--lora-rank",
+            "16",
+            "--no-gpu-choice",
+            "--json",
+        ]);
+        assert_eq!(j["train"]["trainable_params"], peft, "{config}");
+    }
+}
+
 #[test]
 fn llama2_7b_rank16_all_linears_is_the_qlora_figure() {
     let j = json(&[

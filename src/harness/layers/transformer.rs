@@ -345,6 +345,14 @@ impl Transformer {
         let fused_qkv_one = finetune::block_linears(spec)
             .iter()
             .any(|l| l.name == "qkv");
+        if fused_qkv_one && spec.kv_heads != spec.heads && adapted.contains(&"qkv") {
+            // the planner's one GPT-2 c_attn adapter, where this harness builds separate q, k, v
+            return crate::error::input_err(
+                "lora-targets",
+                "qkv of a multi-/grouped-query GPT-2 block is planned, not built by the candle \
+                 harness; accepted o, fc1, fc2",
+            );
+        }
         let (rank, scale) = (ft.rank as usize, 2.0);
         let lin = |store: &mut ParamStore,
                    name: String,

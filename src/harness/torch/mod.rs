@@ -258,10 +258,21 @@ pub fn measure(
     device: DeviceSpec,
     opts: &MeasureOptions,
 ) -> anyhow::Result<Row> {
-    if ft.mode == crate::plan::finetune::FinetuneMode::Qlora || ft.freeze_layers > 0 {
+    if ft.mode == crate::plan::finetune::FinetuneMode::Qlora
+        || ft.freeze_layers > 0
+        || ft.base_bits < 16
+    {
+        let field = if ft.freeze_layers > 0 {
+            "freeze-layers"
+        } else if ft.mode == crate::plan::finetune::FinetuneMode::Qlora {
+            "finetune"
+        } else {
+            "base-bits"
+        };
         return crate::error::input_err(
-            if ft.freeze_layers > 0 { "freeze-layers" } else { "finetune" },
-            "is planned, not run by the PyTorch runner; accepted --finetune full or lora without --freeze-layers",
+            field,
+            "is planned, not run by the PyTorch runner; accepted --finetune full or lora with a \
+             16-bit base and without --freeze-layers",
         );
     }
     // peft's LoRA, its targets as canonical names (the runner maps them to transformers' modules)
