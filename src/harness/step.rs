@@ -194,12 +194,28 @@ fn refuse_unbuilt_finetune(
 ) -> anyhow::Result<()> {
     ft.validate(model, train)?;
     if ft.mode == FinetuneMode::Qlora {
-        return input_err(
-            "finetune",
-            "qlora (a 4-bit base) is planned, not run by the candle harness; accepted full, lora",
-        );
-    }
-    if ft.base_bits < 16 {
+        // the NF4 base is built for the block linears, each adapted (a frozen unadapted linear
+        // would have to dequantize in a node of its own), unsharded
+        let ModelSpec::Transformer(t) = model else {
+            return input_err("finetune", "qlora on a CNN; accepted full");
+        };
+        if ft.adapted(t).len() != crate::plan::finetune::block_linears(t).len() {
+            return input_err(
+                "lora-targets",
+                "qlora adapting only some block linears is planned, not run by the candle \
+                 harness; accepted all",
+            );
+        }
+        if train.zero_stage > 0 {
+            return input_err(
+                "zero",
+                format!(
+                    "{} with qlora is planned, not run by the candle harness; accepted 0",
+                    train.zero_stage
+                ),
+            );
+        }
+    } else if ft.base_bits < 16 {
         return input_err(
             "base-bits",
             format!(
@@ -446,7 +462,7 @@ impl Trainer {
             .store
             .params
             .iter()
-            .map(|p| bytes(p.var.as_tensor()))
+            .map(|p| bytes(p.var.as_tensor()) + p.nf4.as_ref().map_or(0, |q| q.bytes()))
             .sum();
         let states: u64 = self.optim.states().map(|v| bytes(v.as_tensor())).sum();
         weights + states + bytes(&self.input) + bytes(&self.targets)

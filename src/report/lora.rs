@@ -39,7 +39,7 @@ fn pct(p: f64, m: f64) -> f64 {
 
 fn config(r: &Row) -> String {
     format!(
-        "{} L{} h{} b{} s{} {} {} r{} {}",
+        "{} L{} h{} b{} s{} {} {} {} r{} {}",
         r.model,
         r.layers,
         r.hidden,
@@ -47,6 +47,7 @@ fn config(r: &Row) -> String {
         r.seq,
         r.precision,
         r.attention,
+        r.finetune.as_str(),
         r.lora_rank.unwrap_or(0),
         r.lora_targets
     )
@@ -131,7 +132,7 @@ pub fn section(rows: &[Row], torch: &[Row], table: &Coefficients) -> Option<Lora
 pub fn markdown(s: &LoraSection) -> String {
     use std::fmt::Write;
     let mut out = String::from(
-        "\n## Fine-tuning (LoRA)\n\nLoRA rows are not in the fit: each is planned with the planner's LoRA plan (`plan::finetune`: frozen base in the compute dtype, adapter states, adapter activations less the inputs frozen linears no longer save) under the fitted table and the literature table, and scored against its measured peak. candle runs the frozen base as plain tensors and the adapters as variables (`harness/layers/lora.rs`); PyTorch runs peft's `get_peft_model`.\n\n| backend | fitted MAPE | fitted max abs | literature MAPE | n |\n|---|---|---|---|---|\n",
+        "\n## Fine-tuning (LoRA)\n\nLoRA and QLoRA rows are not in the fit: each is planned with the planner's LoRA plan (`plan::finetune`: frozen base in the compute dtype, or NF4 for QLoRA's block linears, adapter states, adapter activations less the inputs frozen linears no longer save) under the fitted table and the literature table, and scored against its measured peak. candle runs the frozen base as plain tensors (QLoRA: NF4 codes dequantized for each use, `harness/layers/nf4.rs`) and the adapters as variables (`harness/layers/lora.rs`); PyTorch runs peft's `get_peft_model` (QLoRA needs bitsandbytes on CUDA: refused on a CPU).\n\n| backend | fitted MAPE | fitted max abs | literature MAPE | n |\n|---|---|---|---|---|\n",
     );
     for ((b, f), (_, l)) in s.fitted.iter().zip(&s.literature) {
         let _ = writeln!(

@@ -19,17 +19,43 @@
 use super::fused::{self, Heads, LinearOp};
 use super::handed::{handed_fwd, Handed};
 use super::joins::{Dropped, Stash};
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, Layout, Result, Shape, Tensor, D};
+use super::nf4::Nf4;
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use std::sync::Mutex;
 
 /// `[b, s, g, a, d]` -> `[g, b, a, s, d]` and back (as `fused::linear`).
 const SPLIT: [usize; 5] = [2, 0, 3, 1, 4];
 const UNSPLIT: [usize; 5] = [1, 3, 0, 2, 4];
 
+/// A frozen base weight: 16-bit (LoRA) or NF4, dequantized for each use (QLoRA).
+#[derive(Clone)]
+enum Frozen {
+    Dense(Tensor),
+    Nf4(Nf4, DType),
+}
+
+impl Frozen {
+    fn weight(&self) -> Result<Tensor> {
+        match self {
+            Frozen::Dense(w) => Ok(w.clone()),
+            Frozen::Nf4(q, dtype) => q.dequantize(*dtype),
+        }
+    }
+    fn dims(&self) -> (usize, usize) {
+        match self {
+            Frozen::Dense(w) => {
+                let d = w.dims();
+                (d[0], d[1])
+            }
+            Frozen::Nf4(q, _) => q.shape,
+        }
+    }
+}
+
 /// The frozen base and the layout of one adapted linear; the adapters arrive as graph inputs.
 pub struct Lora {
     lin: LinearOp,
-    w: Tensor,
+    w: Frozen,
     b: Option<Tensor>,
     scale: f64,
     /// `t = x·Aᵀ`, `lora_B`'s saved input, released by backward
@@ -41,7 +67,19 @@ impl Lora {
     pub fn new(w: &Tensor, b: Option<&Tensor>, scale: f64) -> Self {
         Self {
             lin: LinearOp::default(),
-            w: w.detach(),
+            w: Frozen::Dense(w.detach()),
+            b: b.map(Tensor::detach),
+            scale,
+            t: Mutex::new(None),
+        }
+    }
+
+    /// A QLoRA linear: the NF4 base is dequantized to `dtype` in forward and again in backward,
+    /// never held between them.
+    pub fn quantized(w: &Nf4, dtype: DType, b: Option<&Tensor>, scale: f64) -> Self {
+        Self {
+            lin: LinearOp::default(),
+            w: Frozen::Nf4(w.clone(), dtype),
             b: b.map(Tensor::detach),
             scale,
             t: Mutex::new(None),
@@ -76,7 +114,7 @@ impl Lora {
                 .transpose(1, 2)?
                 .contiguous()?
                 .reshape((h.b * h.s, h.a * h.d)),
-            None => x.reshape(((), self.w.dim(1)?)),
+            None => x.reshape(((), self.w.dims().1)),
         }
     }
 
@@ -84,11 +122,13 @@ impl Lora {
     /// `t` for backward.
     fn value(&self, x: &Tensor, a: &Tensor, bm: &Tensor) -> Result<Tensor> {
         let x = x.detach();
+        let w = self.w.weight()?;
         let base = match (self.lin.split, self.lin.merge) {
-            (Some((h, g)), _) => fused::linear_split_heads(&x, &self.w, self.b.as_ref(), h, g)?,
-            (None, Some(h)) => fused::linear_merge_heads(&x, &self.w, self.b.as_ref(), h)?,
-            (None, None) => fused::linear(&x, &self.w, self.b.as_ref())?,
+            (Some((h, g)), _) => fused::linear_split_heads(&x, &w, self.b.as_ref(), h, g)?,
+            (None, Some(h)) => fused::linear_merge_heads(&x, &w, self.b.as_ref(), h)?,
+            (None, None) => fused::linear(&x, &w, self.b.as_ref())?,
         };
+        drop(w);
         let t = self.rows(&x)?.matmul(&a.detach().t()?)?;
         let d = (t.matmul(&bm.detach().t()?)? * self.scale)?;
         let d = match self.lin.split {
@@ -121,7 +161,7 @@ impl Lora {
             .ok_or_else(|| candle_core::Error::Msg("LoRA backward without its forward".into()))?;
         let need_x = x.track_op();
         let (x, a, bm) = (x.detach(), a.detach(), bm.detach());
-        let o = self.w.dim(0)?;
+        let o = self.w.dims().0;
         let g2 = match self.lin.split {
             Some((h, grp)) => g
                 .reshape((grp, h.b, h.a, h.s, h.d))?
@@ -135,7 +175,7 @@ impl Lora {
         let gt = (g2.matmul(&bm)? * self.scale)?;
         let ga = gt.t()?.matmul(&self.rows(&x)?)?;
         let gx = if need_x {
-            let gx = (g2.matmul(&self.w)? + gt.matmul(&a)?)?;
+            let gx = (g2.matmul(&self.w.weight()?)? + gt.matmul(&a)?)?;
             Some(match self.lin.merge {
                 Some(h) => gx
                     .reshape((h.b, h.s, h.a, h.d))?

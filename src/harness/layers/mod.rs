@@ -8,6 +8,7 @@ mod handed;
 pub mod joins;
 pub mod lora;
 pub mod moe;
+pub mod nf4;
 pub mod ops;
 pub mod params;
 pub mod pool;

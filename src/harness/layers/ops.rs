@@ -141,6 +141,15 @@ impl Linear {
             return Ok(None);
         };
         let (a, b) = ad.tensors(ctx)?;
+        if let Some(q) = &ctx.store.params[self.w].nf4 {
+            // QLoRA: the node dequantizes the base for each use instead of holding it
+            let bias = self.bias(ctx)?;
+            return Ok(Some((
+                a,
+                b,
+                Lora::quantized(q, ctx.dtype, bias.as_ref(), ad.scale),
+            )));
+        }
         let (w, bias) = self.tensors(ctx)?;
         Ok(Some((a, b, Lora::new(&w, bias.as_ref(), ad.scale))))
     }

@@ -36,6 +36,9 @@ pub struct Param {
     /// False for a frozen base weight (LoRA): used as a plain tensor (detached: no gradient),
     /// no optimizer state, not counted as trainable.
     pub trainable: bool,
+    /// A QLoRA base weight stored as NF4 (then `var` is an empty placeholder of the compute
+    /// dtype and the weight is dequantized for each use, [`Ctx::w_raw`]).
+    pub nf4: Option<super::nf4::Nf4>,
 }
 
 impl Param {
@@ -64,6 +67,9 @@ pub struct ParamStore {
     /// parameters in this dtype (peft's base in the compute dtype); adapters come from
     /// [`ParamStore::add_adapter`].
     pub frozen: Option<DType>,
+    /// Set while a QLoRA model's block linears are built: their (2-D, frozen) weights are
+    /// stored as NF4.
+    pub nf4: bool,
     rng: StdRng,
 }
 
@@ -76,6 +82,7 @@ impl ParamStore {
             zero_stage,
             world: world.max(1),
             frozen: None,
+            nf4: false,
             rng: StdRng::seed_from_u64(seed),
         }
     }
@@ -135,6 +142,22 @@ impl ParamStore {
             Init::Zeros => vec![0.0; n],
         };
         let dtype = frozen.unwrap_or(self.dtype);
+        if self.nf4 && frozen.is_some() && shape.len() == 2 {
+            anyhow::ensure!(
+                resident_rows == shape[0],
+                "{name}: an NF4 base is not sharded (ZeRO-3)"
+            );
+            let q = super::nf4::Nf4::quantize(&values, (shape[0], shape[1]), &self.device)?;
+            self.params.push(Param {
+                name,
+                var: Var::from_tensor(&Tensor::zeros(0, dtype, &self.device)?)?,
+                shape: shape.to_vec(),
+                shard_rows,
+                trainable: false,
+                nf4: Some(q),
+            });
+            return Ok(self.params.len() - 1);
+        }
         let t = Tensor::from_vec(values, resident, &self.device)?.to_dtype(dtype)?;
         let var = Var::from_tensor(&t)?;
         self.params.push(Param {
@@ -143,6 +166,7 @@ impl ParamStore {
             shape: shape.to_vec(),
             shard_rows,
             trainable: frozen.is_none(),
+            nf4: None,
         });
         Ok(self.params.len() - 1)
     }
@@ -252,6 +276,10 @@ impl<'a> Ctx<'a> {
     /// gradient flows only into the shard Var.
     pub fn w_raw(&self, idx: usize) -> candle_core::Result<Tensor> {
         let p = &self.store.params[idx];
+        if let Some(q) = &p.nf4 {
+            // dequantized for this use only (bitsandbytes' dequantize_4bit in forward/backward)
+            return q.dequantize(p.var.dtype());
+        }
         let frozen;
         let t = if p.trainable {
             p.var.as_tensor()

@@ -354,6 +354,7 @@ impl Transformer {
             );
         }
         let (rank, scale) = (ft.rank as usize, 2.0);
+        let qlora = ft.mode == finetune::FinetuneMode::Qlora;
         let lin = |store: &mut ParamStore,
                    name: String,
                    d_in: usize,
@@ -361,7 +362,11 @@ impl Transformer {
                    bias: bool,
                    parts: &[(&str, usize)]|
          -> anyhow::Result<Linear> {
-            let mut l = Linear::new(store, &name, d_in, d_out, bias)?;
+            // QLoRA: the block linears' weights (not their biases) are stored as NF4
+            store.nf4 = qlora;
+            let l = Linear::new(store, &name, d_in, d_out, bias);
+            store.nf4 = false;
+            let mut l = l?;
             let parts: Vec<(&str, usize, bool)> = parts
                 .iter()
                 .map(|&(p, rows)| (p, rows, adapted.contains(&p)))
