@@ -319,14 +319,10 @@ impl Trainer {
     ) -> anyhow::Result<Self> {
         refuse_planner_only(train)?;
         refuse_unbuilt_blocks(model)?;
-        // the base the planner counts, plus the LoRA adapters it counts as trainable
+        // every parameter the planner counts: the model, plus LoRA adapters when it has them
         let planned = {
             let split = crate::plan::finetune::split(model, ft);
-            if ft.is_adapter() {
-                split.frozen + split.trainable
-            } else {
-                crate::plan::params::count(model)
-            }
+            split.frozen + split.trainable
         };
         refuse_unbuilt_finetune(model, train, ft)?;
         let checkpoint = train.checkpointing.is_on();

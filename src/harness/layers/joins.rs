@@ -33,6 +33,17 @@ pub fn take_stash(s: &Stash) -> Option<Tensor> {
     s.lock().ok().and_then(|mut g| g.take())
 }
 
+/// Adds a residual join's gradient `g` into `s` (a block's joins may stash into one).
+pub(crate) fn stash_add(s: &Stash, g: &Tensor) -> Result<()> {
+    if let Ok(mut s) = s.lock() {
+        *s = Some(match s.take() {
+            Some(a) => (a + g)?,
+            None => g.clone(),
+        });
+    }
+    Ok(())
+}
+
 struct ResidLinearOp {
     lin: LinearOp,
     out: Handed,
@@ -69,12 +80,7 @@ impl ResidLinearOp {
         res: &Tensor,
         g: &Tensor,
     ) -> Result<[Option<Tensor>; 3]> {
-        if let Ok(mut s) = self.stash.lock() {
-            *s = Some(match s.take() {
-                Some(a) => (a + g)?,
-                None => g.clone(),
-            });
-        }
+        stash_add(&self.stash, g)?;
         let g = self.drop.grad(g)?;
         self.lin.grads(x, w, has_b, res, &g)
     }

@@ -18,7 +18,7 @@
 
 use super::fused::{self, Heads, LinearOp};
 use super::handed::{handed_fwd, Handed};
-use super::joins::{Dropped, Stash};
+use super::joins::{stash_add, Dropped, Stash};
 use super::nf4::Nf4;
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 use std::sync::Mutex;
@@ -255,12 +255,7 @@ impl CustomOp3 for ResidLoraOp {
         _: &Tensor,
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        if let Ok(mut s) = self.stash.lock() {
-            *s = Some(match s.take() {
-                Some(acc) => (acc + g)?,
-                None => g.clone(),
-            });
-        }
+        stash_add(&self.stash, g)?;
         let g = self.drop.grad(g)?;
         self.lora.grads(x, a, bm, &g)
     }
