@@ -534,19 +534,22 @@ fn segmented(
     // The embedding's graph is not kept: it is rebuilt for its backward at the end (a lookup;
     // its dropout mask is reseeded), so its output is held once, as block 0's input.
     let mut x = m.embed(ctx, input)?.detach();
-    // checkpoint: the stored block inputs; otherwise (input Var, output terms with their graph).
+    // checkpoint: the stored block inputs; otherwise every segment's (input Var, output terms
+    // with their graph).
     let mut inputs: Vec<Tensor> = Vec::new();
     let mut kept: Vec<(Var, BlockOut)> = Vec::new();
     for i in 0..m.layers() {
         if checkpoint {
-            let out = m.block(ctx, i, &x)?.value()?;
+            // as under torch.no_grad: each segment's graph is dropped once its value is taken
+            let mut out = x.clone();
+            for part in 0..m.parts(i) {
+                out = m.block_part(ctx, i, part, &out)?.value()?;
+            }
             inputs.push(std::mem::replace(&mut x, out));
         } else {
-            let v = Var::from_tensor(&x)?;
-            drop(x);
-            let out = m.block(ctx, i, v.as_tensor())?;
-            x = out.value()?;
-            kept.push((v, out));
+            let (segments, out) = block_segments(m, ctx, i, x)?;
+            x = out;
+            kept.extend(segments);
         }
     }
     let hv = Var::from_tensor(&x)?;
@@ -565,27 +568,17 @@ fn segmented(
     drop(gs);
     drop(hv);
     for i in (0..m.layers()).rev() {
-        let (v, out) = if checkpoint {
+        let mut segments = if checkpoint {
             let stored = inputs.pop().expect("one stored input per block");
-            let v = Var::from_tensor(&stored)?;
-            drop(stored);
-            let out = m.block(ctx, i, v.as_tensor())?;
-            (v, out)
+            block_segments(m, ctx, i, stored)?.0
         } else {
-            kept.pop().expect("one kept graph per block")
+            let at = kept.len() - m.parts(i);
+            kept.split_off(at)
         };
-        let gs = out.root(&g)?.backward()?;
-        drop(g);
-        let resid = out.residual_grad(v.as_tensor())?;
-        drop(out);
-        collect(ctx.store, &gs, acc)?;
-        let gv = gs.get(v.as_tensor()).cloned();
-        drop(gs);
-        g = match (gv, resid) {
-            (Some(a), Some(b)) => (a + b)?,
-            (Some(a), None) | (None, Some(a)) => a,
-            (None, None) => anyhow::bail!("no gradient reached block {i}'s input"),
-        };
+        while let Some(segment) = segments.pop() {
+            g = segment_backward(ctx.store, segment, g, acc)
+                .map_err(|e| e.context(format!("block {i}")))?;
+        }
     }
     if m.embedding_trainable(ctx.store) {
         let emb = m.embed(ctx, input)?;
@@ -593,6 +586,48 @@ fn segmented(
         collect(ctx.store, &gs, acc)?;
     }
     Ok(loss_value)
+}
+
+/// Block `i`'s forward from its input `x` as its graph segments ([`Transformer::parts`]): each
+/// segment's input Var and output terms (holding its graph), and the block output's value.
+fn block_segments(
+    m: &Transformer,
+    ctx: &Ctx,
+    i: usize,
+    mut x: Tensor,
+) -> anyhow::Result<(Vec<(Var, BlockOut)>, Tensor)> {
+    let mut segments = Vec::with_capacity(m.parts(i));
+    for part in 0..m.parts(i) {
+        let v = Var::from_tensor(&x)?;
+        drop(x);
+        let out = m.block_part(ctx, i, part, v.as_tensor())?;
+        x = out.value()?;
+        segments.push((v, out));
+    }
+    Ok((segments, x))
+}
+
+/// One segment's backward from its output gradient `g`: the parameter gradients go to `acc`, the
+/// gradient of the segment's input is returned. The segment's graph is dropped before the
+/// next one runs, as PyTorch frees saved tensors node by node.
+fn segment_backward(
+    store: &ParamStore,
+    (v, out): (Var, BlockOut),
+    g: Tensor,
+    acc: &mut [Option<Tensor>],
+) -> anyhow::Result<Tensor> {
+    let gs = out.root(&g)?.backward()?;
+    drop(g);
+    let resid = out.residual_grad(v.as_tensor())?;
+    drop(out);
+    collect(store, &gs, acc)?;
+    let gv = gs.get(v.as_tensor()).cloned();
+    drop(gs);
+    Ok(match (gv, resid) {
+        (Some(a), Some(b)) => (a + b)?,
+        (Some(a), None) | (None, Some(a)) => a,
+        (None, None) => anyhow::bail!("no gradient reached the segment's input"),
+    })
 }
 
 /// Segment-wise forward and backward of a CNN (see `layers::cnn`). Returns the loss.

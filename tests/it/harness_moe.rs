@@ -209,19 +209,19 @@ fn planned_moe_step_peaks_match_pytorch() {
     }
 }
 
-/// candle's MoE steps against PyTorch's: within +11 % in fp32 (candle's Llama-shaped rest of the
-/// block keeps ~3 MB more than PyTorch's at these sizes, as the dense tiny-llama does) and
-/// between -15 % and +5 % in fp16-mixed (candle's residual stream and norms are 16-bit where
-/// autocast keeps them fp32, again as in the dense blocks; the experts run fp32 in both). The
-/// committed candle column is re-measured for two points, within 2 %.
+/// candle's MoE steps against PyTorch's: within 1.00-1.02 in fp32 (bounds 0.98-1.04) since the
+/// blocks run as attention and feed-forward segments; between -20 % and +5 % in fp16-mixed
+/// (PyTorch's CPU autocast path allocates more than candle's there: its fp32 copies of the
+/// residual stream and norms, as in the dense blocks; the experts run fp32 in both; measured
+/// 0.82-1.00). The committed candle column is re-measured for two points, within 2 %.
 #[test]
 fn candle_moe_step_peaks_track_pytorch() {
     for p in points() {
         let r = p.candle / p.torch;
         let (lo, hi) = if p.precision == "fp32" {
-            (0.98, 1.11)
+            (0.98, 1.04)
         } else {
-            (0.85, 1.05)
+            (0.80, 1.05)
         };
         assert!((lo..hi).contains(&r), "{}: candle/PyTorch {r:.3}", p.name);
     }

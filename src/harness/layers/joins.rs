@@ -196,12 +196,17 @@ pub fn seed(t: &Tensor, g: &Tensor) -> Result<Tensor> {
 struct SeedLinearOp {
     g: Tensor,
     out: Handed,
+    merge: Option<Heads>,
 }
 
 impl SeedLinearOp {
     fn grads(&self, x: &Tensor, w: &Tensor, has_b: bool) -> Result<[Option<Tensor>; 3]> {
         let g = self.g.reshape(((), w.dim(0)?))?;
-        LinearOp::default().grads(x, w, has_b, &g, &g)
+        let lin = LinearOp {
+            split: None,
+            merge: self.merge,
+        };
+        lin.grads(x, w, has_b, &g, &g)
     }
 }
 
@@ -240,13 +245,14 @@ impl CustomOp3 for SeedLinearOp {
 }
 
 /// A scalar whose backward is that of `dropout(linear(x, w, b))` receiving the output gradient
-/// `g` (`drop`: keep mask and p, as [`linear_residual`]).
+/// `g` (`drop`: keep mask and p; `merge`: `x` is attention heads; both as [`linear_residual`]).
 pub fn seed_linear(
     x: &Tensor,
     w: &Tensor,
     b: Option<&Tensor>,
     g: &Tensor,
     drop: Option<(&Tensor, f32)>,
+    merge: Option<Heads>,
 ) -> Result<Tensor> {
     let g = match drop {
         Some((mask, p)) => super::fused::dropout_grad(g, mask, 1.0 / (1.0 - p as f64))?,
@@ -255,6 +261,7 @@ pub fn seed_linear(
     let op = SeedLinearOp {
         g,
         out: zero_scalar(x)?,
+        merge,
     };
     let x = x.contiguous()?;
     match b {
@@ -263,8 +270,10 @@ pub fn seed_linear(
     }
 }
 
-/// Rows of the logit gradient computed at a time (the temporaries are `rows x vocab`).
-const LOSS_ROWS: usize = 256;
+/// Rows of the logit gradient computed at a time. PyTorch's fused log-softmax backward makes no
+/// temporaries; these make four of `rows x vocab`, a few percent of the logit gradient itself at
+/// any real token count.
+const LOSS_ROWS: usize = 32;
 
 struct LmLossOp {
     out: Handed,
@@ -338,7 +347,9 @@ pub fn lm_loss(x: &Tensor, w: &Tensor, targets: &Tensor) -> Result<Tensor> {
     x.apply_op2(w, op)
 }
 
-/// Query rows of the softmax gradient computed at a time (temporaries are `b·a·rows·s`).
+/// Score rows (over batch, heads and queries together) of the softmax gradient computed at a
+/// time. PyTorch's fused softmax backward makes no temporaries; these make four of `rows x s`,
+/// a small fraction of the score-sized gradient itself.
 const SOFTMAX_ROWS: usize = 64;
 
 struct EagerAttnOp {
@@ -416,16 +427,23 @@ impl CustomOp3 for EagerAttnOp {
             _ => (g.matmul(&v.t()?)?, p.t()?.matmul(&g)?),
         };
         // softmax backward (and the scale): dS = P ∘ (dP − rowsum(dP ∘ P)) · scale
+        let shape = p.shape().clone();
+        let s = p.dim(D::Minus1)?;
+        let (p, gp) = (
+            p.contiguous()?.reshape(((), s))?,
+            gp.contiguous()?.reshape(((), s))?,
+        );
+        let rows = p.dim(0)?;
         let gs = gp.zeros_like()?;
-        let s = p.dim(2)?;
-        for r0 in (0..s).step_by(SOFTMAX_ROWS) {
-            let t = SOFTMAX_ROWS.min(s - r0);
-            let (pt, gt) = (p.narrow(2, r0, t)?, gp.narrow(2, r0, t)?);
+        for r0 in (0..rows).step_by(SOFTMAX_ROWS) {
+            let t = SOFTMAX_ROWS.min(rows - r0);
+            let (pt, gt) = (p.narrow(0, r0, t)?, gp.narrow(0, r0, t)?);
             let dot = (&gt * &pt)?.sum_keepdim(D::Minus1)?;
             let part = ((gt.broadcast_sub(&dot)? * &pt)? * self.scale)?;
-            gs.slice_set(&part, 2, r0)?;
+            gs.slice_set(&part, 0, r0)?;
         }
         drop((p, gp));
+        let gs = gs.reshape(shape)?;
         let gq = gs.matmul(&k)?;
         let gk = gs.t()?.matmul(&q)?;
         Ok((Some(gq), Some(gk), Some(gv)))

@@ -210,13 +210,19 @@ impl Norm {
         Ok(Self { w, b })
     }
 
-    pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+    /// The weight and bias in `x`'s dtype, and epsilon.
+    pub fn params(&self, ctx: &Ctx, x: &Tensor) -> Result<(Tensor, Option<Tensor>, f64)> {
         let w = ctx.w(self.w)?.to_dtype(x.dtype())?;
         let b = match self.b {
             Some(b) => Some(ctx.w(b)?.to_dtype(x.dtype())?),
             None => None,
         };
         let eps = if b.is_some() { 1e-5 } else { 1e-6 };
+        Ok((w, b, eps))
+    }
+
+    pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        let (w, b, eps) = self.params(ctx, x)?;
         fused::norm(x, &w, b.as_ref(), eps)
     }
 }

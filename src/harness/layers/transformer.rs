@@ -27,6 +27,17 @@ pub enum Term {
         b: Option<Tensor>,
         /// Dropout on the linear's output: keep mask and p.
         drop: Option<(Tensor, f32)>,
+        /// `x` is attention heads `[b, a, s, d]`, read as merged (the attention's output
+        /// projection).
+        merge: Option<Heads>,
+    },
+    /// `layer_norm(x)` with weight `w`, bias `b` and epsilon, never materialised as a kept node
+    /// (a post-norm block's output).
+    Norm {
+        x: Tensor,
+        w: Tensor,
+        b: Tensor,
+        eps: f64,
     },
     /// Routed expert outputs weighted and summed per token ([`Routed`]).
     Routed(Routed),
@@ -56,12 +67,21 @@ impl BlockOut {
         for t in &self.terms {
             let v = match t {
                 Term::Tensor(t) => t.detach(),
-                Term::Linear { x, w, b, drop } => {
-                    let y = fused::linear(
-                        &x.detach(),
-                        &w.detach(),
-                        b.as_ref().map(|b| b.detach()).as_ref(),
-                    )?;
+                Term::Norm { x, w, b, eps } => {
+                    fused::norm(&x.detach(), &w.detach(), Some(&b.detach()), *eps)?
+                }
+                Term::Linear {
+                    x,
+                    w,
+                    b,
+                    drop,
+                    merge,
+                } => {
+                    let (x, w, b) = (x.detach(), w.detach(), b.as_ref().map(|b| b.detach()));
+                    let y = match merge {
+                        Some(h) => fused::linear_merge_heads(&x, &w, b.as_ref(), *h)?,
+                        None => fused::linear(&x, &w, b.as_ref())?,
+                    };
                     match drop {
                         Some((mask, p)) => fused::dropout(&y, mask, *p)?,
                         None => y,
@@ -96,9 +116,21 @@ impl BlockOut {
         for t in &self.terms {
             let r = match t {
                 Term::Tensor(t) => joins::seed(t, g)?,
-                Term::Linear { x, w, b, drop } => {
-                    joins::seed_linear(x, w, b.as_ref(), g, drop.as_ref().map(|(m, p)| (m, *p)))?
-                }
+                Term::Norm { x, w, b, eps } => fused::seed_layer_norm(x, w, b, *eps, g)?,
+                Term::Linear {
+                    x,
+                    w,
+                    b,
+                    drop,
+                    merge,
+                } => joins::seed_linear(
+                    x,
+                    w,
+                    b.as_ref(),
+                    g,
+                    drop.as_ref().map(|(m, p)| (m, *p)),
+                    *merge,
+                )?,
                 Term::Routed(r) => r.root(g)?,
                 Term::Lora {
                     x,
@@ -202,6 +234,34 @@ impl Attention {
             joins::eager_attention(&q, &k, &v, scale, self.causal, drop, recompute)?
         };
         Ok((y, heads(self.heads)))
+    }
+
+    /// `resid + dropout(out_proj(core(x)))` as the terms of a sum, for the block's attention
+    /// part run as its own segment (`resid`: the segment's input, a leaf). The output projection
+    /// must not be adapted.
+    fn residual_terms(
+        &self,
+        ctx: &Ctx,
+        resid: &Tensor,
+        x: &Tensor,
+        site: u64,
+    ) -> Result<Vec<Term>> {
+        let (y, h) = self.core(ctx, x, site)?;
+        let shape = (h.b, h.s, self.out.d_out).into();
+        let drop = ctx
+            .dropout_mask(&shape, y.dtype(), y.device(), site + 1)?
+            .map(|m| (m, ctx.dropout));
+        let (w, b) = self.out.tensors(ctx)?;
+        Ok(vec![
+            Term::Tensor(resid.clone()),
+            Term::Linear {
+                x: y,
+                w,
+                b,
+                drop,
+                merge: Some(h),
+            },
+        ])
     }
 
     /// `resid + dropout(out_proj(core(x)))`. Without dropout the projection and the join are one
@@ -591,50 +651,101 @@ impl Transformer {
                 (Some(n2), false) => n2.forward(ctx, &x2)?,
             };
             let mut terms = vec![Term::Tensor(x2)];
-            match &blk.ffn {
-                Ffn::Dense(mlp) => {
-                    let hidden = mlp.hidden(ctx, &ffn_in)?;
-                    let last = mlp.last();
-                    let (hb, hs, _) = hidden.dims3()?;
-                    let shape = (hb, hs, last.d_out).into();
-                    let drop = ctx
-                        .dropout_mask(&shape, hidden.dtype(), hidden.device(), site + 2)?
-                        .map(|m| (m, ctx.dropout));
-                    terms.push(match last.adapted(ctx)? {
-                        Some((a, b, lora)) => Term::Lora {
-                            x: hidden,
-                            a,
-                            b,
-                            lora,
-                            drop,
-                        },
-                        None => {
-                            let (w, b) = last.tensors(ctx)?;
-                            Term::Linear {
-                                x: hidden,
-                                w,
-                                b,
-                                drop,
-                            }
-                        }
-                    });
-                }
-                // no dropout on the MoE output (Mixtral, Qwen2-MoE have none)
-                Ffn::Moe(moe) => {
-                    terms.extend(moe.forward(ctx, &ffn_in)?.into_iter().map(|t| match t {
-                        MoeTerm::Routed(r) => Term::Routed(r),
-                        MoeTerm::Linear { x, w } => Term::Linear {
-                            x,
-                            w,
-                            b: None,
-                            drop: None,
-                        },
-                    }))
-                }
-            }
+            terms.extend(ffn_terms(ctx, blk, &ffn_in, site)?);
             terms
         };
         Ok(BlockOut { terms, stash })
+    }
+
+    /// The graph segments block `i` runs as. A sequential block (pre- or post-norm) runs as two,
+    /// attention then feed-forward, so that the feed-forward's
+    /// graph is freed before the attention's backward runs, as PyTorch frees each node's saved
+    /// tensors once its backward has run; other blocks run as one ([`Self::block`]).
+    pub fn parts(&self, i: usize) -> usize {
+        let blk = &self.blocks[i];
+        let split = match &blk.ffn {
+            Ffn::Dense(_) if self.spec.embedding_norm => true,
+            _ => !blk.parallel && blk.norm2.is_some(),
+        };
+        if split {
+            2
+        } else {
+            1
+        }
+    }
+
+    /// Segment `part` of block `i` (see [`Self::parts`]); `x`, the segment input, must be a
+    /// leaf. The segments of a block compute what [`Self::block`] computes, with the same
+    /// dropout masks.
+    pub fn block_part(&self, ctx: &Ctx, i: usize, part: usize, x: &Tensor) -> Result<BlockOut> {
+        if self.parts(i) == 1 {
+            return self.block(ctx, i, x);
+        }
+        let blk = &self.blocks[i];
+        let site = i as u64 * SITES;
+        if self.spec.embedding_norm {
+            return self.post_norm_part(ctx, i, part, x);
+        }
+        let stash = Stash::default();
+        let terms = match (part, &blk.norm2) {
+            (0, _) if blk.attn.out.lora.is_some() => {
+                // an adapted output projection joins the residual in its node (its output is
+                // then held twice: as that node's and as the next segment's input)
+                let n1 = blk.norm1.forward(ctx, x)?;
+                vec![Term::Tensor(blk.attn.residual(ctx, x, &n1, site, &stash)?)]
+            }
+            (0, _) => {
+                let n1 = blk.norm1.forward(ctx, x)?;
+                blk.attn.residual_terms(ctx, x, &n1, site)?
+            }
+            (1, Some(norm2)) => {
+                let n2 = norm2.forward(ctx, x)?;
+                let mut terms = vec![Term::Tensor(x.clone())];
+                terms.extend(ffn_terms(ctx, blk, &n2, site)?);
+                terms
+            }
+            _ => candle_core::bail!("block {i} has no segment {part}"),
+        };
+        Ok(BlockOut { terms, stash })
+    }
+
+    /// Segment `part` of post-norm block `i`: `norm1(x + attention(x))`, then
+    /// `norm2(x1 + mlp(x1))`, each sum a residual join keeping only its linear's inputs and each
+    /// norm's output held once, outside the graph, as the next segment's input.
+    fn post_norm_part(&self, ctx: &Ctx, i: usize, part: usize, x: &Tensor) -> Result<BlockOut> {
+        let blk = &self.blocks[i];
+        let site = i as u64 * SITES;
+        let stash = Stash::default();
+        let (sum, norm) = match (part, &blk.ffn, &blk.norm2) {
+            (0, _, _) => (blk.attn.residual(ctx, x, x, site, &stash)?, &blk.norm1),
+            (1, Ffn::Dense(mlp), Some(norm2)) => {
+                let hidden = mlp.hidden(ctx, x)?;
+                let last = mlp.last();
+                let (hb, hs, _) = hidden.dims3()?;
+                let shape = (hb, hs, last.d_out).into();
+                let mask = ctx.dropout_mask(&shape, hidden.dtype(), hidden.device(), site + 2)?;
+                let drop = mask.as_ref().map(|m| (m, ctx.dropout));
+                let sum = match last.adapted(ctx)? {
+                    Some((a, b, lora)) => {
+                        lora_residual(lora, x, &hidden, &a, &b, None, &stash, drop)?
+                    }
+                    None => {
+                        let (w, b) = last.tensors(ctx)?;
+                        joins::linear_residual(x, &hidden, &w, b.as_ref(), None, &stash, drop)?
+                    }
+                };
+                (sum, norm2)
+            }
+            _ => candle_core::bail!("post-norm block {i} has no segment {part}"),
+        };
+        let (w, b, eps) = norm.params(ctx, &sum)?;
+        let Some(b) = b else {
+            candle_core::bail!("a post-norm block is built with LayerNorm");
+        };
+        Ok(BlockOut {
+            terms: vec![Term::Norm { x: sum, w, b, eps }],
+            stash,
+        })
     }
 
     /// Final norm and head: logits `[rows, classes]` in the compute dtype. LM: one row per token
@@ -692,4 +803,51 @@ impl Transformer {
             Head::Classifier { classes } => classes as usize,
         }
     }
+}
+
+/// The feed-forward's output terms (without the residual) for its normed input `ffn_in`.
+fn ffn_terms(ctx: &Ctx, blk: &Block, ffn_in: &Tensor, site: u64) -> Result<Vec<Term>> {
+    let mut terms = Vec::new();
+    match &blk.ffn {
+        Ffn::Dense(mlp) => {
+            let hidden = mlp.hidden(ctx, ffn_in)?;
+            let last = mlp.last();
+            let (hb, hs, _) = hidden.dims3()?;
+            let shape = (hb, hs, last.d_out).into();
+            let drop = ctx
+                .dropout_mask(&shape, hidden.dtype(), hidden.device(), site + 2)?
+                .map(|m| (m, ctx.dropout));
+            terms.push(match last.adapted(ctx)? {
+                Some((a, b, lora)) => Term::Lora {
+                    x: hidden,
+                    a,
+                    b,
+                    lora,
+                    drop,
+                },
+                None => {
+                    let (w, b) = last.tensors(ctx)?;
+                    Term::Linear {
+                        x: hidden,
+                        w,
+                        b,
+                        drop,
+                        merge: None,
+                    }
+                }
+            });
+        }
+        // no dropout on the MoE output (Mixtral, Qwen2-MoE have none)
+        Ffn::Moe(moe) => terms.extend(moe.forward(ctx, ffn_in)?.into_iter().map(|t| match t {
+            MoeTerm::Routed(r) => Term::Routed(r),
+            MoeTerm::Linear { x, w } => Term::Linear {
+                x,
+                w,
+                b: None,
+                drop: None,
+                merge: None,
+            },
+        })),
+    }
+    Ok(terms)
 }

@@ -49,7 +49,7 @@ impl ActGradOp {
     /// the temporaries are block-sized and the op allocates one input-sized tensor, as PyTorch's
     /// fused activation backward does.
     fn fwd<S: Store>(&self, g: View<S>, x: View<S>) -> Result<(S, Shape)> {
-        const ACT_CHUNK: usize = 1 << 16;
+        const ACT_CHUNK: usize = 1 << 13;
         let n = x.1.shape().elem_count();
         if n <= ACT_CHUNK || !x.1.is_contiguous() || !g.1.is_contiguous() {
             return Ok(self.part(g, x)?.into_out());

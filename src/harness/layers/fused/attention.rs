@@ -1,44 +1,21 @@
 //! Eager attention's probabilities `softmax(scale * q k^T + causal mask)` as one node keeping q,
 //! k and the probabilities (the composed graph keeps the scores too).
 
-use super::kernels::*;
-use candle_core::backend::BackendDevice;
-use candle_core::op::{self as kern};
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+use crate::harness::layers::handed::{handed_fwd, Handed};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Device, Layout, Result, Shape, Tensor, D};
 
 /// `softmax(scale * q k^T + causal mask)` for `q, k: [b, a, s, d]`, one graph node keeping q, k
 /// and the probabilities (what PyTorch's eager attention keeps).
-#[derive(Debug, Clone, Copy)]
 struct AttnProbsOp {
+    out: Handed,
     scale: f64,
-    causal: bool,
-}
-
-impl AttnProbsOp {
-    fn fwd<S: Store>(&self, (q, ql): View<S>, (k, kl): View<S>) -> Result<(S, Shape)> {
-        let (b, a, s, d) = ql.shape().dims4()?;
-        let kt = kl.transpose(2, 3)?;
-        let scores = Buf::new(q.matmul(k, (b * a, s, s, d), ql, &kt)?, (b, a, s, s));
-        let scores = affine(scores.r(), self.scale, 0.0)?;
-        let scores = if self.causal {
-            let mask: Vec<f32> = (0..s)
-                .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-                .collect();
-            let mask = Buf::new(q.device().storage_from_slice(&mask)?, (s, s));
-            let mask = cast(mask.r(), q.dtype())?;
-            bcast::<S, kern::Add>(scores.r(), mask.r())?
-        } else {
-            scores
-        };
-        Ok(softmax_last(scores.r())?.into_out())
-    }
 }
 
 impl CustomOp2 for AttnProbsOp {
     fn name(&self) -> &'static str {
         "fused-attention-probs"
     }
-    device_fwd2!();
+    handed_fwd!(q, k);
     /// dscores = p * (dp - sum(dp * p)); masked entries have p = 0 and get no gradient.
     fn bwd(
         &self,
@@ -56,10 +33,33 @@ impl CustomOp2 for AttnProbsOp {
     }
 }
 
+/// The additive causal mask `[s, s]`: 0 on and below the diagonal, -inf above.
+fn causal_mask(s: usize, device: &Device) -> Result<Tensor> {
+    let mask: Vec<f32> = (0..s)
+        .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Tensor::from_vec(mask, (s, s), device)
+}
+
+/// The probabilities' value, step by step as transformers' eager attention computes them: each
+/// step makes one new score-sized tensor and frees the one before (the assignments below drop
+/// the old value), so at most two are live, as in PyTorch; the softmax is candle's fused kernel,
+/// which, like PyTorch's, allocates only its output.
+fn probs_value(q: &Tensor, k: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+    let mut scores = q.matmul(&k.t()?)?;
+    scores = scores.affine(scale, 0.0)?;
+    if causal {
+        let mask = causal_mask(q.dim(2)?, q.device())?.to_dtype(scores.dtype())?;
+        scores = scores.broadcast_add(&mask)?;
+    }
+    candle_nn::ops::softmax_last_dim(&scores)
+}
+
 /// Attention probabilities for `q, k: [b, a, s, d]` (contiguous).
 pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
-    q.contiguous()?
-        .apply_op2(&k.contiguous()?, AttnProbsOp { scale, causal })
+    let (q, k) = (q.contiguous()?, k.contiguous()?);
+    let out = Handed::new(probs_value(&q.detach(), &k.detach(), scale, causal)?);
+    q.apply_op2(&k, AttnProbsOp { out, scale })
 }
 
 #[cfg(test)]

@@ -4,7 +4,7 @@
 //! [`Kept`], the tensors a node holds until its backward only because PyTorch holds them.
 
 use candle_core::backend::{BackendDevice, BackendStorage};
-use candle_core::op::{self as kern, BinaryOpT, ReduceOp, UnaryOpT};
+use candle_core::op::{BinaryOpT, ReduceOp, UnaryOpT};
 use candle_core::{DType, Layout, Result, Shape, Tensor};
 
 /// A backend storage whose device allocates storages of the same type (CPU, CUDA).
@@ -176,14 +176,6 @@ pub(super) fn affine<S: BackendStorage>((s, l): View<S>, mul: f64, add: f64) -> 
 
 pub(super) fn cast<S: BackendStorage>((s, l): View<S>, dtype: DType) -> Result<Buf<S>> {
     Ok(Buf::new(s.to_dtype(l, dtype)?, l.shape().clone()))
-}
-
-/// Max-subtracted softmax over the last dimension, in the input's dtype.
-pub(super) fn softmax_last<S: BackendStorage>(x: View<S>) -> Result<Buf<S>> {
-    let max = reduce_last(x, ReduceOp::Max)?;
-    let e = unary::<S, kern::Exp>(bcast::<S, kern::Sub>(x, max.r())?.r())?;
-    let sum = reduce_last(e.r(), ReduceOp::Sum)?;
-    bcast::<S, kern::Div>(e.r(), sum.r())
 }
 
 /// Copies `src` read through the strided layout `l` into a new contiguous storage.

@@ -339,16 +339,16 @@ pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, relu: bool) -> Resu
     )
 }
 
-struct SeedBatchNormOp {
+struct SeedNormOp {
     norm: NormOp,
-    /// the BatchNorm output's gradient
+    /// the norm output's gradient
     gy: Tensor,
     out: Handed,
 }
 
-impl CustomOp3 for SeedBatchNormOp {
+impl CustomOp3 for SeedNormOp {
     fn name(&self) -> &'static str {
-        "grad-seed-batch-norm"
+        "grad-seed-norm"
     }
     handed_fwd!(a, b, c);
     fn bwd(
@@ -370,7 +370,7 @@ impl CustomOp3 for SeedBatchNormOp {
 /// once, as the next block's input, and this node injects its gradient into the BN.
 pub fn seed_batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, gy: &Tensor) -> Result<Tensor> {
     let c = x.dim(1)?;
-    let op = SeedBatchNormOp {
+    let op = SeedNormOp {
         norm: NormOp {
             eps: 1e-5,
             rms: false,
@@ -386,6 +386,31 @@ pub fn seed_batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, gy: &Tensor) -
         &beta.reshape((1, c, 1, 1))?,
         op,
     )
+}
+
+/// A scalar whose backward is that of LayerNorm over the last dimension ([`norm`] with `beta`)
+/// of `x` receiving the output gradient `gy`: the root of a post-norm block segment's backward
+/// (`layers::transformer`), whose output is computed outside the graph and held once, as the next
+/// segment's input (PyTorch holds a LayerNorm's output once: the next layer saves it).
+pub fn seed_layer_norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f64,
+    gy: &Tensor,
+) -> Result<Tensor> {
+    let op = SeedNormOp {
+        norm: NormOp {
+            eps,
+            rms: false,
+            stats: Stats::Last,
+            relu: false,
+            kept: Kept::default(),
+        },
+        gy: gy.clone(),
+        out: Handed::new(Tensor::zeros((), DType::F32, x.device())?),
+    };
+    x.contiguous()?.apply_op3(gamma, beta, op)
 }
 
 #[cfg(test)]
