@@ -51,6 +51,8 @@ pub struct Trainer {
     segmented: bool,
     /// fused (sdpa-like) attention instead of the composed one
     flash_attention: bool,
+    /// sdpa's math path in half precision on a CPU ([`Ctx::upcast_math_attention`])
+    upcast_math_attention: bool,
     dropout: f32,
     seed: u64,
     steps: u64,
@@ -432,6 +434,10 @@ impl Trainer {
             segmented,
             flash_attention: train.attention.kernels_on(device.is_cpu(), dropout > 0.0)
                 == crate::spec::Attention::Sdpa,
+            upcast_math_attention: train.attention == crate::spec::Attention::Sdpa
+                && device.is_cpu()
+                && dropout > 0.0
+                && compute != DType::F32,
             dropout,
             seed,
             steps: 0,
@@ -498,6 +504,8 @@ impl Trainer {
             dropout: self.dropout,
             flash_attention: self.flash_attention,
             recompute_attention: self.selective,
+            upcast_math_attention: self.upcast_math_attention,
+            no_grad: false,
             seed: self.seed.wrapping_mul(0x9e37_79b9).wrapping_add(self.steps),
         };
         let mut acc = vec![None; self.store.params.len()];
@@ -540,10 +548,14 @@ fn segmented(
     let mut kept: Vec<(Var, BlockOut)> = Vec::new();
     for i in 0..m.layers() {
         if checkpoint {
-            // as under torch.no_grad: each segment's graph is dropped once its value is taken
+            // as under torch.no_grad: no graph, each intermediate freed as the next is made
+            let fwd = Ctx {
+                no_grad: true,
+                ..*ctx
+            };
             let mut out = x.clone();
             for part in 0..m.parts(i) {
-                out = m.block_part(ctx, i, part, &out)?.value()?;
+                out = m.block_part(&fwd, i, part, &out)?.value()?;
             }
             inputs.push(std::mem::replace(&mut x, out));
         } else {

@@ -40,7 +40,7 @@ mod norm;
 mod testing;
 
 pub use activation::{activation, gelu_new, Act};
-pub use attention::attention_probs;
+pub use attention::{attention_probs, probs_value};
 pub use bias_relu::add_relu;
 pub use dropout::dropout;
 pub(crate) use dropout::dropout_grad;

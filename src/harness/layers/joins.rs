@@ -81,7 +81,8 @@ impl ResidLinearOp {
         g: &Tensor,
     ) -> Result<[Option<Tensor>; 3]> {
         stash_add(&self.stash, g)?;
-        let g = self.drop.grad(g)?;
+        // the residual may be the fp32 stream while the linear runs in 16 bits (autocast)
+        let g = self.drop.grad(&g.to_dtype(x.dtype())?)?;
         self.lin.grads(x, w, has_b, res, &g)
     }
 }
@@ -149,7 +150,7 @@ pub fn linear_residual(
             Some((mask, p)) => super::fused::dropout(&y, mask, p)?,
             None => y,
         };
-        (y + resid.detach())?
+        (y.to_dtype(resid.dtype())? + resid.detach())?
     };
     let shape = out.shape().clone();
     let op = ResidLinearOp {
@@ -254,9 +255,10 @@ pub fn seed_linear(
     drop: Option<(&Tensor, f32)>,
     merge: Option<Heads>,
 ) -> Result<Tensor> {
+    let g = g.to_dtype(x.dtype())?;
     let g = match drop {
-        Some((mask, p)) => super::fused::dropout_grad(g, mask, 1.0 / (1.0 - p as f64))?,
-        None => g.clone(),
+        Some((mask, p)) => super::fused::dropout_grad(&g, mask, 1.0 / (1.0 - p as f64))?,
+        None => g,
     };
     let op = SeedLinearOp {
         g,
@@ -354,9 +356,11 @@ const SOFTMAX_ROWS: usize = 64;
 
 struct EagerAttnOp {
     out: Handed,
-    /// The probabilities; with dropout also the dropped probabilities and the keep mask. Empty
-    /// under selective recomputation.
+    /// What PyTorch's composed attention keeps ([`kept`]): the softmax output first, then the
+    /// dropped probabilities and the keep mask (dropout), or the 16-bit probabilities the matmul
+    /// with V reads (an fp32 softmax without dropout). Empty under selective recomputation.
     kept: Mutex<Vec<Tensor>>,
+    f32_softmax: bool,
     scale: f64,
     drop_scale: f64,
     /// Selective recomputation: causal or not, and the dropout site whose mask backward
@@ -365,22 +369,18 @@ struct EagerAttnOp {
 }
 
 impl EagerAttnOp {
-    /// What `kept` held, recomputed from q and k (selective checkpointing): the probabilities
-    /// and, with dropout, the dropped probabilities and the regenerated mask.
+    /// What `kept` held, recomputed from q and k (selective checkpointing), with the mask
+    /// regenerated from its site.
     fn recomputed(&self, q: &Tensor, k: &Tensor) -> Result<Vec<Tensor>> {
         let Some((causal, site)) = &self.recompute else {
             return Err(candle_core::Error::Msg(
                 "eager attention backward ran twice".into(),
             ));
         };
-        let p = super::fused::attention_probs(&q.detach(), &k.detach(), self.scale, *causal)?;
-        Ok(match site.mask()? {
-            Some(mask) => {
-                let pd = super::fused::dropout(&p, &mask, site.p)?;
-                vec![p, pd, mask]
-            }
-            None => vec![p],
-        })
+        let (p, p32) = probabilities(q, k, self.scale, *causal, self.f32_softmax)?;
+        let mask = site.mask()?;
+        let drop = mask.as_ref().map(|m| (m, site.p));
+        Ok(kept(p, p32, drop)?.1)
     }
 }
 
@@ -424,30 +424,91 @@ impl CustomOp3 for EagerAttnOp {
                 let gp = super::fused::dropout_grad(&gpd, &mask, self.drop_scale)?;
                 (gp, gv)
             }
+            // an fp32 softmax's 16-bit copy, read by the matmul with V
+            (Some(p16), None) => (g.matmul(&v.t()?)?, p16.t()?.matmul(&g)?),
             _ => (g.matmul(&v.t()?)?, p.t()?.matmul(&g)?),
+        };
+        // (no binding below shadows a tensor: a shadowed binding would hold its storage until
+        // the function returns)
+        // an fp32 softmax's backward runs in fp32, as autograd casts dP up to it
+        let gp_soft = if gp.dtype() == p.dtype() {
+            gp
+        } else {
+            let up = gp.to_dtype(p.dtype())?;
+            drop(gp);
+            up
         };
         // softmax backward (and the scale): dS = P ∘ (dP − rowsum(dP ∘ P)) · scale
         let shape = p.shape().clone();
         let s = p.dim(D::Minus1)?;
-        let (p, gp) = (
-            p.contiguous()?.reshape(((), s))?,
-            gp.contiguous()?.reshape(((), s))?,
-        );
-        let rows = p.dim(0)?;
-        let gs = gp.zeros_like()?;
+        let p_rows = p.contiguous()?.reshape(((), s))?;
+        drop(p);
+        let gp_rows = gp_soft.contiguous()?.reshape(((), s))?;
+        drop(gp_soft);
+        let rows = p_rows.dim(0)?;
+        let gs_soft = gp_rows.zeros_like()?;
         for r0 in (0..rows).step_by(SOFTMAX_ROWS) {
             let t = SOFTMAX_ROWS.min(rows - r0);
-            let (pt, gt) = (p.narrow(0, r0, t)?, gp.narrow(0, r0, t)?);
+            let (pt, gt) = (p_rows.narrow(0, r0, t)?, gp_rows.narrow(0, r0, t)?);
             let dot = (&gt * &pt)?.sum_keepdim(D::Minus1)?;
             let part = ((gt.broadcast_sub(&dot)? * &pt)? * self.scale)?;
-            gs.slice_set(&part, 0, r0)?;
+            gs_soft.slice_set(&part, 0, r0)?;
         }
-        drop((p, gp));
-        let gs = gs.reshape(shape)?;
+        drop((p_rows, gp_rows));
+        let gs = gs_soft.reshape(shape)?.to_dtype(q.dtype())?;
+        drop(gs_soft);
         let gq = gs.matmul(&k)?;
         let gk = gs.t()?.matmul(&q)?;
         Ok((Some(gq), Some(gk), Some(gv)))
     }
+}
+
+/// How eager attention makes its probabilities: `softmax(scale · q kᵀ [+ causal mask])`, with
+/// `f32_softmax` in fp32 and cast back (kept in both dtypes, [`probabilities`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Probs {
+    pub scale: f64,
+    pub causal: bool,
+    pub f32_softmax: bool,
+}
+
+/// What PyTorch's composed attention keeps for backward, from the probabilities `p` (and their
+/// fp32 source `p32`): the softmax output (`p32` when there is one), then with dropout the
+/// dropped probabilities and the keep mask (dropout keeps only its mask, so an fp32 softmax's
+/// 16-bit copy is not kept), without dropout and with `p32` the 16-bit copy the matmul with V
+/// reads. Also returns that matmul's input.
+fn kept(
+    p: Tensor,
+    p32: Option<Tensor>,
+    dropout: Option<(&Tensor, f32)>,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let first = p32.unwrap_or_else(|| p.clone());
+    Ok(match dropout {
+        Some((mask, pr)) => {
+            let pd = super::fused::dropout(&p, mask, pr)?;
+            drop(p);
+            (pd.clone(), vec![first, pd, mask.clone()])
+        }
+        None if first.dtype() == p.dtype() => (p, vec![first]),
+        None => (p.clone(), vec![first, p]),
+    })
+}
+
+/// The probabilities in q's dtype, and with `f32_softmax` also the fp32 ones they were cast
+/// from ([`super::fused::probs_value`]).
+fn probabilities(
+    q: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    causal: bool,
+    f32_softmax: bool,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let (q, k) = (q.detach(), k.detach());
+    if f32_softmax && q.dtype() != DType::F32 {
+        let p32 = super::fused::probs_value(&q, &k, scale, causal, true)?;
+        return Ok((p32.to_dtype(q.dtype())?, Some(p32)));
+    }
+    Ok((super::fused::attention_probs(&q, &k, scale, causal)?, None))
 }
 
 /// Eager attention `dropout(softmax(scale · q kᵀ [+ causal mask])) v` for `q, k, v: [b, a, s, d]`
@@ -463,21 +524,20 @@ pub fn eager_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
-    scale: f64,
-    causal: bool,
+    probs: Probs,
     drop: Option<(&Tensor, f32)>,
     recompute: Option<MaskSite>,
 ) -> Result<Tensor> {
+    let Probs {
+        scale,
+        causal,
+        f32_softmax,
+    } = probs;
     let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
-    let p = super::fused::attention_probs(&q.detach(), &k.detach(), scale, causal)?;
-    let (out, kept) = match drop {
-        Some((mask, pr)) => {
-            let pd = super::fused::dropout(&p, mask, pr)?;
-            let out = pd.matmul(&v.detach())?;
-            (out, vec![p, pd, mask.clone()])
-        }
-        None => (p.matmul(&v.detach())?, vec![p]),
-    };
+    let (p, p32) = probabilities(&q, &k, scale, causal, f32_softmax)?;
+    let (read, kept) = kept(p, p32, drop)?;
+    let out = read.matmul(&v.detach())?;
+    std::mem::drop(read);
     let op = EagerAttnOp {
         out: Handed::new(out),
         kept: Mutex::new(if recompute.is_some() {
@@ -485,6 +545,7 @@ pub fn eager_attention(
         } else {
             kept
         }),
+        f32_softmax,
         scale,
         drop_scale: drop.map_or(1.0, |(_, p)| 1.0 / (1.0 - p as f64)),
         recompute: recompute.map(|site| (causal, site)),

@@ -256,7 +256,7 @@ impl CustomOp3 for ResidLoraOp {
         g: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         stash_add(&self.stash, g)?;
-        let g = self.drop.grad(g)?;
+        let g = self.drop.grad(&g.to_dtype(x.dtype())?)?;
         self.lora.grads(x, a, bm, &g)
     }
 }
@@ -285,7 +285,7 @@ pub fn lora_residual(
         Some((mask, p)) => fused::dropout(&y, mask, p)?,
         None => y,
     };
-    let out = (y + resid.detach())?;
+    let out = (y.to_dtype(resid.dtype())? + resid.detach())?;
     let shape = out.shape().clone();
     let op = ResidLoraOp {
         lora,

@@ -411,6 +411,11 @@ impl Routed {
         y.to_dtype(self.dtype)?.reshape((b, s, h))
     }
 
+    /// The dtype of [`Self::value`].
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
     /// Backward root for the output gradient `g` (`[b, s, h]`).
     pub fn root(&self, g: &Tensor) -> Result<Tensor> {
         let op = RoutedSeedOp {

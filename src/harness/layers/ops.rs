@@ -7,7 +7,7 @@ use super::lora::{lora_linear, Lora};
 use super::params::{Ctx, Init, ParamStore};
 use super::pool::pad_hw;
 use crate::spec::cnn::PoolKind;
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// Linear layer, weight `[out, in]` (PyTorch layout), optional bias, optional LoRA adapters.
 #[derive(Debug, Clone)]
@@ -154,8 +154,11 @@ impl Linear {
         Ok(Some((a, b, Lora::new(&w, bias.as_ref(), ad.scale))))
     }
 
-    /// Applies to the last dimension of `x` (any rank).
+    /// Applies to the last dimension of `x` (any rank). An input in another dtype than the
+    /// compute dtype (the fp32 residual stream under mixed precision) is cast first, as autocast
+    /// casts a linear's input: the linear then keeps the 16-bit copy.
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        let x = &ctx.compute(x)?;
         if let Some((a, b, lora)) = self.adapted(ctx)? {
             return lora_linear(lora, x, &a, &b, None);
         }
@@ -170,6 +173,7 @@ impl Linear {
         h: Heads,
         groups: usize,
     ) -> Result<Tensor> {
+        let x = &ctx.compute(x)?;
         if let Some((a, b, lora)) = self.adapted(ctx)? {
             return lora_linear(lora, x, &a, &b, Some((h, groups)));
         }
@@ -178,6 +182,7 @@ impl Linear {
 
     /// `x: [b, a, s, d]` attention heads -> `[b, s, out]`.
     pub fn forward_merge_heads(&self, ctx: &Ctx, x: &Tensor, h: Heads) -> Result<Tensor> {
+        let x = &ctx.compute(x)?;
         fused::linear_merge_heads(x, &ctx.w(self.w)?, self.bias(ctx)?.as_ref(), h)
     }
 
@@ -210,20 +215,34 @@ impl Norm {
         Ok(Self { w, b })
     }
 
-    /// The weight and bias in `x`'s dtype, and epsilon.
+    /// The weight and bias in `x`'s dtype (the stored ones when `x` is in their storage dtype),
+    /// and epsilon.
     pub fn params(&self, ctx: &Ctx, x: &Tensor) -> Result<(Tensor, Option<Tensor>, f64)> {
-        let w = ctx.w(self.w)?.to_dtype(x.dtype())?;
-        let b = match self.b {
-            Some(b) => Some(ctx.w(b)?.to_dtype(x.dtype())?),
-            None => None,
+        let param = |idx: usize| -> Result<Tensor> {
+            let raw = ctx.w_raw(idx)?;
+            if raw.dtype() == x.dtype() {
+                Ok(raw)
+            } else {
+                ctx.w(idx)?.to_dtype(x.dtype())
+            }
         };
+        let w = param(self.w)?;
+        let b = self.b.map(param).transpose()?;
         let eps = if b.is_some() { 1e-5 } else { 1e-6 };
         Ok((w, b, eps))
     }
 
+    /// The norm, output in `x`'s dtype (a post-norm block's residual stream).
     pub fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
+        self.forward_to(ctx, x, x.dtype())
+    }
+
+    /// The norm with its output in `out` (a pre-norm block's norm feeding linears: under mixed
+    /// precision PyTorch's norm reads the fp32 residual stream and the linears keep autocast's
+    /// 16-bit copy of its output, which this node writes directly).
+    pub fn forward_to(&self, ctx: &Ctx, x: &Tensor, out: DType) -> Result<Tensor> {
         let (w, b, eps) = self.params(ctx, x)?;
-        fused::norm(x, &w, b.as_ref(), eps)
+        fused::norm(x, &w, b.as_ref(), eps, out)
     }
 }
 

@@ -217,6 +217,15 @@ pub struct Ctx<'a> {
     /// Selective checkpointing (Korthikanti et al. 2022): eager attention keeps only q, k, v and
     /// recomputes its probabilities (and their dropout mask) in backward.
     pub recompute_attention: bool,
+    /// sdpa run as its math path on a CPU (attention dropout on) in half precision: PyTorch's
+    /// math path casts q, k and v to fp32 and keeps fp32 probabilities, mask and dropped
+    /// probabilities (measured with saved-tensor hooks, PyTorch 2.15), so the eager attention
+    /// that stands for it runs in fp32.
+    pub upcast_math_attention: bool,
+    /// Forward only (a checkpointed block's first forward, as under `torch.no_grad`): weights
+    /// enter detached, so no op keeps anything for backward and each intermediate is freed as
+    /// soon as the next is made.
+    pub no_grad: bool,
 }
 
 /// Everything that regenerates one dropout site's keep mask: the same site gives the same mask,
@@ -275,6 +284,11 @@ impl<'a> Ctx<'a> {
     /// for the duration of the use (zeros) and concatenated after the resident shard, so the
     /// gradient flows only into the shard Var.
     pub fn w_raw(&self, idx: usize) -> candle_core::Result<Tensor> {
+        let w = self.w_tracked(idx)?;
+        Ok(if self.no_grad { w.detach() } else { w })
+    }
+
+    fn w_tracked(&self, idx: usize) -> candle_core::Result<Tensor> {
         let p = &self.store.params[idx];
         if let Some(q) = &p.nf4 {
             // dequantized for this use only (bitsandbytes' dequantize_4bit in forward/backward)
@@ -305,6 +319,15 @@ impl<'a> Ctx<'a> {
             Ok(t)
         } else {
             t.to_dtype(self.dtype)
+        }
+    }
+
+    /// `x` in the compute dtype: itself, or autocast's cast of it (a graph node).
+    pub fn compute(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if x.dtype() == self.dtype {
+            Ok(x.clone())
+        } else {
+            x.to_dtype(self.dtype)
         }
     }
 

@@ -14,7 +14,7 @@ use super::ops::{Adapter, Linear, Norm};
 use super::params::{Ctx, Init, ParamStore};
 use crate::plan::finetune::{self, Finetune};
 use crate::spec::transformer::{Activation, Arch, FfnKind, Head, NormKind, TransformerSpec};
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 /// One term of a block's output sum.
 pub enum Term {
@@ -68,7 +68,7 @@ impl BlockOut {
             let v = match t {
                 Term::Tensor(t) => t.detach(),
                 Term::Norm { x, w, b, eps } => {
-                    fused::norm(&x.detach(), &w.detach(), Some(&b.detach()), *eps)?
+                    fused::norm(&x.detach(), &w.detach(), Some(&b.detach()), *eps, x.dtype())?
                 }
                 Term::Linear {
                     x,
@@ -102,18 +102,31 @@ impl BlockOut {
                     }
                 }
             };
+            // the sum is in the first term's dtype (the residual stream: fp32 under mixed
+            // precision, where autocast's 16-bit linear outputs are promoted by the add)
             acc = Some(match acc {
-                Some(a) => (a + v)?,
+                Some(a) => (&a + v.to_dtype(a.dtype())?)?,
                 None => v,
             });
         }
         acc.ok_or_else(|| candle_core::Error::Msg("a block without output terms".into()))
     }
 
-    /// Backward root for the output gradient `g`.
+    /// Backward root for the output gradient `g`. Each term receives `g` in its own dtype (the
+    /// add's backward casts it for a 16-bit term of an fp32 sum).
     pub fn root(&self, g: &Tensor) -> Result<Tensor> {
         let mut acc: Option<Tensor> = None;
         for t in &self.terms {
+            let dtype = match t {
+                Term::Tensor(t) => t.dtype(),
+                Term::Norm { x, .. } | Term::Linear { x, .. } | Term::Lora { x, .. } => x.dtype(),
+                Term::Routed(r) => r.dtype(),
+            };
+            let g = &if g.dtype() == dtype {
+                g.clone()
+            } else {
+                g.to_dtype(dtype)?
+            };
             let r = match t {
                 Term::Tensor(t) => joins::seed(t, g)?,
                 Term::Norm { x, w, b, eps } => fused::seed_layer_norm(x, w, b, *eps, g)?,
@@ -182,6 +195,8 @@ struct Attention {
     kv_heads: usize,
     head_dim: usize,
     causal: bool,
+    /// transformers' Llama-family eager attention: `softmax(scores, dtype=float32)` cast back
+    softmax_f32: bool,
 }
 
 impl Attention {
@@ -224,6 +239,18 @@ impl Attention {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let y = if ctx.flash_attention {
             super::flash::attention(&q, &k, &v, scale, self.causal)?
+        } else if ctx.upcast_math_attention && q.dtype() != DType::F32 {
+            let up = |t: &Tensor| t.to_dtype(DType::F32);
+            let (q, k, v) = (up(&q)?, up(&k)?, up(&v)?);
+            let shape = (b, self.heads, s, s).into();
+            let mask = ctx.dropout_mask(&shape, DType::F32, q.device(), site)?;
+            let drop = mask.as_ref().map(|m| (m, ctx.dropout));
+            let probs = joins::Probs {
+                scale,
+                causal: self.causal,
+                f32_softmax: false,
+            };
+            joins::eager_attention(&q, &k, &v, probs, drop, None)?.to_dtype(ctx.dtype)?
         } else {
             let shape = (b, self.heads, s, s).into();
             let mask = ctx.dropout_mask(&shape, q.dtype(), q.device(), site)?;
@@ -231,7 +258,19 @@ impl Attention {
             let recompute = ctx
                 .recompute_attention
                 .then(|| ctx.mask_site(&shape, q.dtype(), q.device(), site));
-            joins::eager_attention(&q, &k, &v, scale, self.causal, drop, recompute)?
+            // fp32 probabilities besides the 16-bit ones: transformers' Llama-family attention
+            // (`softmax(..., dtype=float32)`); under mixed precision also a decoder's, whose
+            // additive causal mask is fp32 (made in the fp32 embeddings' dtype) and promotes the
+            // scores, and every softmax on CUDA, where autocast runs softmax in fp32 (measured
+            // on a CPU with saved-tensor hooks: GPT-2 keeps fp32 probabilities, BERT 16-bit)
+            let mixed = ctx.store.dtype != ctx.dtype;
+            let f32_softmax = self.softmax_f32 || (mixed && (self.causal || q.device().is_cuda()));
+            let probs = joins::Probs {
+                scale,
+                causal: self.causal,
+                f32_softmax,
+            };
+            joins::eager_attention(&q, &k, &v, probs, drop, recompute)?
         };
         Ok((y, heads(self.heads)))
     }
@@ -493,6 +532,7 @@ impl Transformer {
                 kv_heads: kvh,
                 head_dim,
                 causal: spec.arch == Arch::Decoder,
+                softmax_f32: rms,
             };
             let f = spec.ffn as usize;
             let moe = spec
@@ -571,8 +611,9 @@ impl Transformer {
     }
 
     /// Token ids `[b, s]` (u32) or images `[b, c, H, W]` -> hidden states `[b, s, h]` in the
-    /// compute dtype. Lookups and sums run in the storage dtype (as torch's embedding under
-    /// autocast), then the result is cast.
+    /// embeddings' storage dtype: the residual stream. Under mixed precision that is fp32, as in
+    /// PyTorch, where autocast leaves the embedding lookups fp32 and each residual add promotes
+    /// the 16-bit branch outputs back to fp32; the linears keep 16-bit copies of their inputs.
     pub fn embed(&self, ctx: &Ctx, input: &Tensor) -> Result<Tensor> {
         let x = match &self.embedding {
             Embedding::Tokens {
@@ -594,7 +635,6 @@ impl Transformer {
                     // every synthetic token has type 0
                     x = x.broadcast_add(&ctx.w_raw(*t)?.narrow(0, 0, 1)?)?;
                 }
-                let x = x.to_dtype(ctx.dtype)?;
                 match norm {
                     Some(n) => n.forward(ctx, &x)?,
                     None => x,
@@ -611,11 +651,14 @@ impl Transformer {
                 let y = img.conv2d(&ctx.w(*conv_w)?, 0, *patch, 1, 1)?;
                 let (b, h, _, _) = y.dims4()?;
                 let y = y.broadcast_add(&ctx.w(*conv_b)?.reshape((1, h, 1, 1))?)?;
-                let y = y.flatten_from(2)?.transpose(1, 2)?;
-                let cls = ctx.w(*cls)?.broadcast_as((b, 1, h))?;
+                // the class token and positions are added in their storage dtype: under autocast
+                // the 16-bit patches are promoted to the fp32 stream by the concatenation
+                let cls = ctx.w_raw(*cls)?;
+                let y = y.flatten_from(2)?.transpose(1, 2)?.to_dtype(cls.dtype())?;
+                let cls = cls.broadcast_as((b, 1, h))?;
                 let x = Tensor::cat(&[&cls, &y], 1)?;
                 let n = x.dim(1)?;
-                let table = ctx.w(*pos)?;
+                let table = ctx.w_raw(*pos)?;
                 if n > table.dim(0)? {
                     candle_core::bail!("{n} tokens exceed the {} learned positions", table.dim(0)?);
                 }
@@ -639,16 +682,17 @@ impl Transformer {
             let x1 = blk.attn.residual(ctx, x, x, site, &stash)?;
             let x1 = blk.norm1.forward(ctx, &x1)?;
             let m = ctx.dropout(&mlp.forward(ctx, &x1)?, site + 2)?;
-            vec![Term::Tensor(norm2.forward(ctx, &(x1 + m)?)?)]
+            let sum = (&x1 + m.to_dtype(x1.dtype())?)?;
+            vec![Term::Tensor(norm2.forward(ctx, &sum)?)]
         } else {
-            let n1 = blk.norm1.forward(ctx, x)?;
+            let n1 = blk.norm1.forward_to(ctx, x, ctx.dtype)?;
             let x2 = blk.attn.residual(ctx, x, &n1, site, &stash)?;
             // parallel attention: the feed-forward reads the block input (through the shared
             // norm, or its own); sequential: the attention's residual sum
             let ffn_in = match (&blk.norm2, blk.parallel) {
                 (None, _) => n1,
-                (Some(n2), true) => n2.forward(ctx, x)?,
-                (Some(n2), false) => n2.forward(ctx, &x2)?,
+                (Some(n2), true) => n2.forward_to(ctx, x, ctx.dtype)?,
+                (Some(n2), false) => n2.forward_to(ctx, &x2, ctx.dtype)?,
             };
             let mut terms = vec![Term::Tensor(x2)];
             terms.extend(ffn_terms(ctx, blk, &ffn_in, site)?);
@@ -691,15 +735,15 @@ impl Transformer {
             (0, _) if blk.attn.out.lora.is_some() => {
                 // an adapted output projection joins the residual in its node (its output is
                 // then held twice: as that node's and as the next segment's input)
-                let n1 = blk.norm1.forward(ctx, x)?;
+                let n1 = blk.norm1.forward_to(ctx, x, ctx.dtype)?;
                 vec![Term::Tensor(blk.attn.residual(ctx, x, &n1, site, &stash)?)]
             }
             (0, _) => {
-                let n1 = blk.norm1.forward(ctx, x)?;
+                let n1 = blk.norm1.forward_to(ctx, x, ctx.dtype)?;
                 blk.attn.residual_terms(ctx, x, &n1, site)?
             }
             (1, Some(norm2)) => {
-                let n2 = norm2.forward(ctx, x)?;
+                let n2 = norm2.forward_to(ctx, x, ctx.dtype)?;
                 let mut terms = vec![Term::Tensor(x.clone())];
                 terms.extend(ffn_terms(ctx, blk, &n2, site)?);
                 terms
@@ -754,7 +798,7 @@ impl Transformer {
     /// logits over `hidden` classes: the step then trains exactly the parameters BertModel has.
     pub fn head(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
         let x = match &self.final_norm {
-            Some(n) => n.forward(ctx, x)?,
+            Some(n) => n.forward_to(ctx, x, ctx.dtype)?,
             None => x.clone(),
         };
         match &self.head {
@@ -779,7 +823,7 @@ impl Transformer {
     pub fn head_loss(&self, ctx: &Ctx, x: &Tensor, targets: &Tensor) -> Result<Tensor> {
         if let HeadLayer::Lm(w) = &self.head {
             let x = match &self.final_norm {
-                Some(n) => n.forward(ctx, x)?,
+                Some(n) => n.forward_to(ctx, x, ctx.dtype)?,
                 None => x.clone(),
             };
             let w = match (w, &self.embedding) {

@@ -45,9 +45,23 @@ fn causal_mask(s: usize, device: &Device) -> Result<Tensor> {
 /// step makes one new score-sized tensor and frees the one before (the assignments below drop
 /// the old value), so at most two are live, as in PyTorch; the softmax is candle's fused kernel,
 /// which, like PyTorch's, allocates only its output.
-fn probs_value(q: &Tensor, k: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
+///
+/// `f32_softmax`: the scaled scores are cast to fp32 before the mask and the softmax, and the
+/// probabilities are returned in fp32, as transformers' Llama-family attention computes
+/// `softmax(scores, dtype=float32)` (its additive mask is fp32 too) and as autocast runs softmax
+/// on CUDA.
+pub fn probs_value(
+    q: &Tensor,
+    k: &Tensor,
+    scale: f64,
+    causal: bool,
+    f32_softmax: bool,
+) -> Result<Tensor> {
     let mut scores = q.matmul(&k.t()?)?;
     scores = scores.affine(scale, 0.0)?;
+    if f32_softmax {
+        scores = scores.to_dtype(candle_core::DType::F32)?;
+    }
     if causal {
         let mask = causal_mask(q.dim(2)?, q.device())?.to_dtype(scores.dtype())?;
         scores = scores.broadcast_add(&mask)?;
@@ -58,7 +72,7 @@ fn probs_value(q: &Tensor, k: &Tensor, scale: f64, causal: bool) -> Result<Tenso
 /// Attention probabilities for `q, k: [b, a, s, d]` (contiguous).
 pub fn attention_probs(q: &Tensor, k: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
     let (q, k) = (q.contiguous()?, k.contiguous()?);
-    let out = Handed::new(probs_value(&q.detach(), &k.detach(), scale, causal)?);
+    let out = Handed::new(probs_value(&q.detach(), &k.detach(), scale, causal, false)?);
     q.apply_op2(&k, AttnProbsOp { out, scale })
 }
 
@@ -93,6 +107,53 @@ mod tests {
         }
     }
 
+    /// An fp32 softmax over half-precision q, k, v (transformers' Llama-family attention, and
+    /// autocast's on CUDA): output and gradients equal the same attention computed in fp32
+    /// from the half inputs, to half-precision rounding, with and without dropout.
+    #[test]
+    fn fp32_softmax_of_half_inputs_matches_the_fp32_attention() {
+        use super::super::testing::close;
+        use crate::harness::layers::joins::{eager_attention, Probs};
+        let half = |t: Tensor| t.to_dtype(DType::F16).unwrap();
+        let (q, k, v) = (
+            half(rand(&[2, 3, 70, 8], 31)),
+            half(rand(&[2, 3, 70, 8], 32)),
+            half(rand(&[2, 3, 70, 8], 33)),
+        );
+        let keep: Vec<f32> = (0..2 * 3 * 70 * 70)
+            .map(|i| if i % 5 == 0 { 0.0 } else { 1.25 })
+            .collect();
+        let fmask = Tensor::from_vec(keep, (2, 3, 70, 70), &Device::Cpu).unwrap();
+        let hmask = half(fmask.clone());
+        for causal in [false, true] {
+            for drop in [false, true] {
+                let probs = Probs {
+                    scale: 0.35,
+                    causal,
+                    f32_softmax: true,
+                };
+                close(
+                    &[q.clone(), k.clone(), v.clone()],
+                    |t| {
+                        let d = drop.then_some((&hmask, 0.2f32));
+                        eager_attention(&t[0], &t[1], &t[2], probs, d, None)
+                    },
+                    |t| {
+                        let f = |t: &Tensor| t.to_dtype(DType::F32);
+                        let d = drop.then_some((&fmask, 0.2f32));
+                        let p = Probs {
+                            f32_softmax: false,
+                            ..probs
+                        };
+                        eager_attention(&f(&t[0])?, &f(&t[1])?, &f(&t[2])?, p, d, None)?
+                            .to_dtype(DType::F16)
+                    },
+                    2e-2,
+                );
+            }
+        }
+    }
+
     /// The eager-attention node (one node, softmax backward in row tiles, dropout inside) equals
     /// the composed graph, with and without dropout, for a float (CPU) and a u8 keep mask, and
     /// over more rows than one tile.
@@ -109,7 +170,16 @@ mod tests {
                     |t| {
                         let drop = mask.map(|m| (m, 0.2f32));
                         crate::harness::layers::joins::eager_attention(
-                            &t[0], &t[1], &t[2], 0.5, causal, drop, None,
+                            &t[0],
+                            &t[1],
+                            &t[2],
+                            crate::harness::layers::joins::Probs {
+                                scale: 0.5,
+                                causal,
+                                f32_softmax: false,
+                            },
+                            drop,
+                            None,
                         )
                     },
                     |t| {
@@ -147,8 +217,34 @@ mod tests {
             let drop = mask.as_ref().map(|m| (m, p));
             same(
                 &[q.clone(), k.clone(), v.clone()],
-                |t| eager_attention(&t[0], &t[1], &t[2], 0.5, causal, drop, Some(site.clone())),
-                |t| eager_attention(&t[0], &t[1], &t[2], 0.5, causal, drop, None),
+                |t| {
+                    eager_attention(
+                        &t[0],
+                        &t[1],
+                        &t[2],
+                        crate::harness::layers::joins::Probs {
+                            scale: 0.5,
+                            causal,
+                            f32_softmax: false,
+                        },
+                        drop,
+                        Some(site.clone()),
+                    )
+                },
+                |t| {
+                    eager_attention(
+                        &t[0],
+                        &t[1],
+                        &t[2],
+                        crate::harness::layers::joins::Probs {
+                            scale: 0.5,
+                            causal,
+                            f32_softmax: false,
+                        },
+                        drop,
+                        None,
+                    )
+                },
             );
         }
     }

@@ -45,6 +45,8 @@ fn reduce_keep<S: BackendStorage>((s, l): View<S>, op: ReduceOp, dims: &[usize])
 struct NormOp {
     eps: f64,
     rms: bool,
+    /// Output dtype; None: the input's.
+    out: Option<DType>,
     stats: Stats,
     relu: bool,
     /// Tensors held until backward only to keep what PyTorch keeps ([`Kept`]).
@@ -74,18 +76,18 @@ impl NormOp {
         let ss = reduce_keep(unary::<S, kern::Sqr>(xc.r())?.r(), ReduceOp::Sum, &dims)?;
         let var = affine(ss.r(), 1.0 / n, self.eps)?;
         let rstd = unary::<S, kern::Recip>(unary::<S, kern::Sqrt>(var.r())?.r())?;
-        let y = bcast::<S, kern::Mul>(xc.r(), rstd.r())?;
-        let y = bcast::<S, kern::Mul>(y.r(), cast(g, DType::F32)?.r())?;
-        let y = match b {
-            Some(b) => bcast::<S, kern::Add>(y.r(), cast(b, DType::F32)?.r())?,
-            None => y,
-        };
-        let y = if self.relu {
-            unary::<S, kern::Relu>(y.r())?
-        } else {
-            y
-        };
-        Ok(cast(y.r(), dtype)?.into_out())
+        // each step frees the input-sized buffer before it (assignments, not shadowing, which
+        // would keep every one alive to the end): at most two at once
+        let mut y = bcast::<S, kern::Mul>(xc.r(), rstd.r())?;
+        drop(xc);
+        y = bcast::<S, kern::Mul>(y.r(), cast(g, DType::F32)?.r())?;
+        if let Some(b) = b {
+            y = bcast::<S, kern::Add>(y.r(), cast(b, DType::F32)?.r())?;
+        }
+        if self.relu {
+            y = unary::<S, kern::Relu>(y.r())?;
+        }
+        Ok(cast(y.r(), self.out.unwrap_or(dtype))?.into_out())
     }
 
     /// Recomputes the normalised input from `x` and returns (dx, dgamma, dbeta).
@@ -98,6 +100,13 @@ impl NormOp {
         gy: &Tensor,
     ) -> Result<[Option<Tensor>; 3]> {
         let _kept = self.kept.release();
+        // an output in another dtype than the input: its gradient is cast to the input's first,
+        // as autograd's backward of autocast's cast does
+        let gy = &if gy.dtype() != x.dtype() {
+            gy.to_dtype(x.dtype())?
+        } else {
+            gy.clone()
+        };
         if let Some(grads) = self.grads_cpu(x, g, has_beta, res, gy)? {
             return Ok(grads);
         }
@@ -289,8 +298,14 @@ optional_third_arg!(NormOp, "fused-rms-norm", "fused-layer-norm");
 
 /// LayerNorm over the last dimension (`beta` given: one fused kernel in PyTorch, keeping its
 /// input) or RMSNorm (`beta` None: composed in transformers, keeping its input, an fp32 copy of
-/// a half input, and the normalized input before the weight).
-pub fn norm(x: &Tensor, gamma: &Tensor, beta: Option<&Tensor>, eps: f64) -> Result<Tensor> {
+/// a half input, and the normalized input before the weight), written in `out`.
+pub fn norm(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: Option<&Tensor>,
+    eps: f64,
+    out: DType,
+) -> Result<Tensor> {
     let x = x.contiguous()?;
     let kept = if beta.is_none() {
         let xf = x.detach().to_dtype(DType::F32)?;
@@ -312,6 +327,7 @@ pub fn norm(x: &Tensor, gamma: &Tensor, beta: Option<&Tensor>, eps: f64) -> Resu
     let op = NormOp {
         eps,
         rms: beta.is_none(),
+        out: (out != x.dtype()).then_some(out),
         stats: Stats::Last,
         relu: false,
         kept,
@@ -328,6 +344,7 @@ pub fn batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, relu: bool) -> Resu
     let op = NormOp {
         eps: 1e-5,
         rms: false,
+        out: None,
         stats: Stats::Channels,
         relu,
         kept: Kept::default(),
@@ -374,6 +391,7 @@ pub fn seed_batch_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, gy: &Tensor) -
         norm: NormOp {
             eps: 1e-5,
             rms: false,
+            out: None,
             stats: Stats::Channels,
             relu: false,
             kept: Kept::default(),
@@ -403,6 +421,7 @@ pub fn seed_layer_norm(
         norm: NormOp {
             eps,
             rms: false,
+            out: None,
             stats: Stats::Last,
             relu: false,
             kept: Kept::default(),
@@ -427,12 +446,12 @@ mod tests {
         let (x, g, b) = (rand(&[3, 4, 16], 9), rand(&[16], 10), rand(&[16], 11));
         same(
             &[x.clone(), g.clone(), b],
-            |t| norm(&t[0], &t[1], Some(&t[2]), 1e-5),
+            |t| norm(&t[0], &t[1], Some(&t[2]), 1e-5, DType::F32),
             |t| candle_nn::ops::layer_norm_slow(&t[0], &t[1], &t[2], 1e-5),
         );
         same(
             &[x, g],
-            |t| norm(&t[0], &t[1], None, 1e-6),
+            |t| norm(&t[0], &t[1], None, 1e-6, DType::F32),
             |t| candle_nn::ops::rms_norm_slow(&t[0], &t[1], 1e-6),
         );
     }
@@ -444,7 +463,7 @@ mod tests {
             .to_dtype(DType::F16)
             .unwrap();
         let g = Tensor::ones(8, DType::F16, &Device::Cpu).unwrap();
-        let y = norm(&x, &g, None, 1e-6).unwrap();
+        let y = norm(&x, &g, None, 1e-6, x.dtype()).unwrap();
         assert_eq!(y.dtype(), DType::F16);
         let rms = y
             .to_dtype(DType::F32)

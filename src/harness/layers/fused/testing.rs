@@ -22,6 +22,16 @@ pub(super) fn same(
     fused: impl Fn(&[Tensor]) -> Result<Tensor>,
     reference: impl Fn(&[Tensor]) -> Result<Tensor>,
 ) {
+    close(inputs, fused, reference, 1e-5)
+}
+
+/// [`same`] within the relative error `tol` (half-precision inputs).
+pub(super) fn close(
+    inputs: &[Tensor],
+    fused: impl Fn(&[Tensor]) -> Result<Tensor>,
+    reference: impl Fn(&[Tensor]) -> Result<Tensor>,
+    tol: f32,
+) {
     let run = |f: &dyn Fn(&[Tensor]) -> Result<Tensor>| {
         let vars: Vec<Var> = inputs
             .iter()
@@ -41,9 +51,9 @@ pub(super) fn same(
     let (yf, gf) = run(&fused);
     let (yr, gr) = run(&reference);
     assert_eq!(yf.dims(), yr.dims());
-    assert!(rel_err(&yf, &yr) < 1e-5, "output {}", rel_err(&yf, &yr));
+    assert!(rel_err(&yf, &yr) < tol, "output {}", rel_err(&yf, &yr));
     for (i, (a, b)) in gf.iter().zip(&gr).enumerate() {
         assert_eq!(a.dims(), b.dims(), "grad {i}");
-        assert!(rel_err(a, b) < 1e-5, "grad {i}: {}", rel_err(a, b));
+        assert!(rel_err(a, b) < tol, "grad {i}: {}", rel_err(a, b));
     }
 }
