@@ -39,7 +39,7 @@ mod norm;
 #[cfg(test)]
 mod testing;
 
-pub use activation::{activation, gelu_new, Act};
+pub use activation::{activation, activation_grad, gelu_new, Act};
 pub use attention::{attention_probs, probs_value};
 pub use bias_relu::add_relu;
 pub use dropout::dropout;

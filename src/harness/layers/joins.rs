@@ -272,6 +272,255 @@ pub fn seed_linear(
     }
 }
 
+/// `dropout(linear(act(h)))`, a term of a block's output sum (the feed-forward's activation
+/// and last linear), never a kept node: the graph keeps `h` (the activation's saved input) and
+/// this holds `act(h)` (the linear's saved input) from [`Self::value`] until its root's backward
+/// has computed the weight gradient, then frees it before the activation's backward, as
+/// PyTorch frees a node's saved tensors once its backward has run. (A graph node `act(h)` would
+/// stay alive until the whole segment's backward ends.)
+pub struct ActLinear {
+    h: Tensor,
+    act: super::fused::Act,
+    w: Tensor,
+    b: Option<Tensor>,
+    drop: Option<(Tensor, f32)>,
+    a: Arc<Mutex<Option<Tensor>>>,
+}
+
+impl ActLinear {
+    pub fn new(
+        h: Tensor,
+        act: super::fused::Act,
+        w: Tensor,
+        b: Option<Tensor>,
+        drop: Option<(Tensor, f32)>,
+    ) -> Self {
+        Self {
+            h,
+            act,
+            w,
+            b,
+            drop,
+            a: Arc::default(),
+        }
+    }
+
+    /// The dtype of the term's value (the activation's input's).
+    pub fn dtype(&self) -> DType {
+        self.h.dtype()
+    }
+
+    /// The output, outside the graph; keeps `act(h)` for the backward.
+    pub fn value(&self) -> Result<Tensor> {
+        let a = super::fused::activation(&self.h.detach(), self.act)?;
+        let y = super::fused::linear(
+            &a,
+            &self.w.detach(),
+            self.b.as_ref().map(|b| b.detach()).as_ref(),
+        )?;
+        if let Ok(mut kept) = self.a.lock() {
+            *kept = Some(a);
+        }
+        match &self.drop {
+            Some((mask, p)) => super::fused::dropout(&y, mask, *p),
+            None => Ok(y),
+        }
+    }
+
+    /// The backward root for the output gradient `g`.
+    pub fn root(&self, g: &Tensor) -> Result<Tensor> {
+        let g = g.to_dtype(self.h.dtype())?;
+        let g = match &self.drop {
+            Some((mask, p)) => super::fused::dropout_grad(&g, mask, 1.0 / (1.0 - *p as f64))?,
+            None => g,
+        };
+        let op = SeedActLinearOp {
+            g,
+            a: self.a.clone(),
+            act: self.act,
+            out: zero_scalar(&self.h)?,
+        };
+        let h = self.h.contiguous()?;
+        match &self.b {
+            Some(b) => h.apply_op3(&self.w, b, op),
+            None => h.apply_op2(&self.w, op),
+        }
+    }
+}
+
+struct SeedActLinearOp {
+    g: Tensor,
+    a: Arc<Mutex<Option<Tensor>>>,
+    act: super::fused::Act,
+    out: Handed,
+}
+
+impl SeedActLinearOp {
+    fn grads(&self, h: &Tensor, w: &Tensor, has_b: bool) -> Result<[Option<Tensor>; 3]> {
+        act_linear_grads(h, w, has_b, &self.g, &self.a, self.act)
+    }
+}
+
+/// Gradients of h, the weight and the bias of `linear(act(h))` receiving `g`; `act(h)`, the
+/// linear's saved input, is taken from `kept` (recomputed if absent) and freed once the weight
+/// gradient has used it, before the activation's backward.
+fn act_linear_grads(
+    h: &Tensor,
+    w: &Tensor,
+    has_b: bool,
+    g: &Tensor,
+    kept: &Mutex<Option<Tensor>>,
+    act: super::fused::Act,
+) -> Result<[Option<Tensor>; 3]> {
+    let (need_h, need_w) = (h.track_op(), w.track_op());
+    let (h, w) = (h.detach(), w.detach());
+    let (o, f) = w.dims2()?;
+    let g2 = g.reshape(((), o))?;
+    let a = match kept.lock().ok().and_then(|mut a| a.take()) {
+        Some(a) => a,
+        None => super::fused::activation(&h, act)?,
+    };
+    let gw = need_w
+        .then(|| g2.t()?.matmul(&a.reshape(((), f))?))
+        .transpose()?;
+    std::mem::drop(a);
+    let gb = (has_b && need_w).then(|| g2.sum(0)).transpose()?;
+    let gh = if need_h {
+        let ga = g2.matmul(&w)?.reshape(h.shape())?;
+        Some(super::fused::activation_grad(&ga, &h, act)?)
+    } else {
+        None
+    };
+    Ok([gh, gw, gb])
+}
+
+struct ResidActLinearOp {
+    act: super::fused::Act,
+    a: Mutex<Option<Tensor>>,
+    out: Handed,
+    stash: Stash,
+    drop: Dropped,
+}
+
+impl ResidActLinearOp {
+    fn grads(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        has_b: bool,
+        g: &Tensor,
+    ) -> Result<[Option<Tensor>; 3]> {
+        stash_add(&self.stash, g)?;
+        let g = self.drop.grad(&g.to_dtype(h.dtype())?)?;
+        act_linear_grads(h, w, has_b, &g, &self.a, self.act)
+    }
+}
+
+impl CustomOp2 for ResidActLinearOp {
+    fn name(&self) -> &'static str {
+        "activation-linear-residual"
+    }
+    handed_fwd!(a, b);
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [gh, gw, _] = self.grads(h, w, false, g)?;
+        Ok((gh, gw))
+    }
+}
+
+impl CustomOp3 for ResidActLinearOp {
+    fn name(&self) -> &'static str {
+        "activation-linear-bias-residual"
+    }
+    handed_fwd!(a, b, c);
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        g: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok(self.grads(h, w, true, g)?.into())
+    }
+}
+
+/// `resid + dropout(linear(act(h)))` as [`linear_residual`] (the residual's gradient goes to
+/// `stash`), keeping `h` in the graph and `act(h)`, the linear's saved input, only until the
+/// node's backward has computed the weight gradient ([`ActLinear`]).
+pub fn act_linear_residual(
+    resid: &Tensor,
+    h: &Tensor,
+    act: super::fused::Act,
+    w: &Tensor,
+    b: Option<&Tensor>,
+    stash: &Stash,
+    drop: Option<(&Tensor, f32)>,
+) -> Result<Tensor> {
+    let h = h.contiguous()?;
+    let a = super::fused::activation(&h.detach(), act)?;
+    let out = {
+        let y = super::fused::linear(&a, &w.detach(), b.map(|b| b.detach()).as_ref())?;
+        let y = match drop {
+            Some((mask, p)) => super::fused::dropout(&y, mask, p)?,
+            None => y,
+        };
+        (y.to_dtype(resid.dtype())? + resid.detach())?
+    };
+    let shape = out.shape().clone();
+    let op = ResidActLinearOp {
+        act,
+        a: Mutex::new(Some(a)),
+        out: Handed::new(out.flatten_to(D::Minus2)?.contiguous()?),
+        stash: stash.clone(),
+        drop: Dropped::new(drop),
+    };
+    let y = match b {
+        Some(b) => h.apply_op3(w, b, op)?,
+        None => h.apply_op2(w, op)?,
+    };
+    y.reshape(shape)
+}
+
+impl CustomOp2 for SeedActLinearOp {
+    fn name(&self) -> &'static str {
+        "grad-seed-activation-linear"
+    }
+    handed_fwd!(a, b);
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let [gh, gw, _] = self.grads(h, w, false)?;
+        Ok((gh, gw))
+    }
+}
+
+impl CustomOp3 for SeedActLinearOp {
+    fn name(&self) -> &'static str {
+        "grad-seed-activation-linear-bias"
+    }
+    handed_fwd!(a, b, c);
+    fn bwd(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        Ok(self.grads(h, w, true)?.into())
+    }
+}
+
 /// Rows of the logit gradient computed at a time. PyTorch's fused log-softmax backward makes no
 /// temporaries; these make four of `rows x vocab`, a few percent of the logit gradient itself at
 /// any real token count.

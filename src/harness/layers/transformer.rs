@@ -39,6 +39,9 @@ pub enum Term {
         b: Tensor,
         eps: f64,
     },
+    /// A feed-forward's activation and last linear, keeping the linear's input only until its
+    /// backward ([`joins::ActLinear`]).
+    ActLinear(joins::ActLinear),
     /// Routed expert outputs weighted and summed per token ([`Routed`]).
     Routed(Routed),
     /// The same for an adapted (LoRA) linear: `x`, the adapters A and B, and the frozen base.
@@ -88,6 +91,7 @@ impl BlockOut {
                     }
                 }
                 Term::Routed(r) => r.value()?,
+                Term::ActLinear(t) => t.value()?,
                 Term::Lora {
                     x,
                     a,
@@ -121,6 +125,7 @@ impl BlockOut {
                 Term::Tensor(t) => t.dtype(),
                 Term::Norm { x, .. } | Term::Linear { x, .. } | Term::Lora { x, .. } => x.dtype(),
                 Term::Routed(r) => r.dtype(),
+                Term::ActLinear(t) => t.dtype(),
             };
             let g = &if g.dtype() == dtype {
                 g.clone()
@@ -145,6 +150,7 @@ impl BlockOut {
                     *merge,
                 )?,
                 Term::Routed(r) => r.root(g)?,
+                Term::ActLinear(t) => t.root(g)?,
                 Term::Lora {
                     x,
                     a,
@@ -762,6 +768,22 @@ impl Transformer {
         let stash = Stash::default();
         let (sum, norm) = match (part, &blk.ffn, &blk.norm2) {
             (0, _, _) => (blk.attn.residual(ctx, x, x, site, &stash)?, &blk.norm1),
+            // a fused activation and an unadapted last linear: the activation's output is kept
+            // only until the linear's backward ([`joins::act_linear_residual`])
+            (1, Ffn::Dense(Mlp::Gelu { fc1, fc2, act }), Some(norm2))
+                if !matches!(act, Activation::GeluNew | Activation::GeluFast)
+                    && fc2.lora.is_none() =>
+            {
+                let h = fc1.forward(ctx, x)?;
+                let (hb, hs, _) = h.dims3()?;
+                let shape = (hb, hs, fc2.d_out).into();
+                let mask = ctx.dropout_mask(&shape, h.dtype(), h.device(), site + 2)?;
+                let drop = mask.as_ref().map(|m| (m, ctx.dropout));
+                let (w, b) = fc2.tensors(ctx)?;
+                let sum =
+                    joins::act_linear_residual(x, &h, Act::Gelu, &w, b.as_ref(), &stash, drop)?;
+                (sum, norm2)
+            }
             (1, Ffn::Dense(mlp), Some(norm2)) => {
                 let hidden = mlp.hidden(ctx, x)?;
                 let last = mlp.last();
@@ -853,6 +875,26 @@ impl Transformer {
 fn ffn_terms(ctx: &Ctx, blk: &Block, ffn_in: &Tensor, site: u64) -> Result<Vec<Term>> {
     let mut terms = Vec::new();
     match &blk.ffn {
+        // a fused activation (not the composed gelu_new) and an unadapted last linear: one term,
+        // so the linear's input is freed once its backward has run
+        Ffn::Dense(Mlp::Gelu { fc1, fc2, act })
+            if !matches!(act, Activation::GeluNew | Activation::GeluFast) && fc2.lora.is_none() =>
+        {
+            let h = fc1.forward(ctx, ffn_in)?;
+            let (hb, hs, _) = h.dims3()?;
+            let shape = (hb, hs, fc2.d_out).into();
+            let drop = ctx
+                .dropout_mask(&shape, h.dtype(), h.device(), site + 2)?
+                .map(|m| (m, ctx.dropout));
+            let (w, b) = fc2.tensors(ctx)?;
+            terms.push(Term::ActLinear(joins::ActLinear::new(
+                h,
+                Act::Gelu,
+                w,
+                b,
+                drop,
+            )));
+        }
         Ffn::Dense(mlp) => {
             let hidden = mlp.hidden(ctx, ffn_in)?;
             let last = mlp.last();

@@ -149,6 +149,12 @@ pub fn activation(x: &Tensor, act: Act) -> Result<Tensor> {
     x.contiguous()?.apply_op1(ActOp(act))
 }
 
+/// `g * act'(x)` for the gradient `g` of `activation(x, act)`, outside any graph.
+pub fn activation_grad(g: &Tensor, x: &Tensor, act: Act) -> Result<Tensor> {
+    g.contiguous()?
+        .apply_op2_no_bwd(&x.detach().contiguous()?, &ActGradOp(act))
+}
+
 /// transformers' `gelu_new` (GPT-2's default): the tanh GELU composed of elementwise ops, whose
 /// autograd keeps, besides the input, `tanh(..)`, `1 + tanh(..)` and `x / 2` (the harness computes
 /// with the fused tanh GELU and holds those three until backward).
@@ -191,9 +197,75 @@ pub fn gelu_new(x: &Tensor) -> Result<Tensor> {
 mod tests {
     //! Against the same function composed from candle's primitive ops: outputs and every input
     //! gradient agree to fp32 rounding.
-    use super::super::testing::{rand, same};
+    use super::super::testing::{rand, rel_err, same};
     use super::*;
     use candle_core::{DType, Device, Tensor, Var};
+
+    /// The feed-forward term `linear(act(h))` ([`crate::harness::layers::joins::ActLinear`]):
+    /// its value and the gradients its backward root gives h, the weight and the bias equal the
+    /// composed graph's, with and without a bias.
+    #[test]
+    fn activation_linear_term_matches_the_composed_graph() {
+        use crate::harness::layers::joins::ActLinear;
+        let (h, w, b) = (rand(&[2, 5, 12], 41), rand(&[7, 12], 42), rand(&[7], 43));
+        let r = rand(&[2, 5, 7], 44);
+        for with_bias in [false, true] {
+            let vars = [&h, &w, &b].map(|t| Var::from_tensor(t).unwrap());
+            let bias = with_bias.then(|| vars[2].as_tensor().clone());
+            let composed = {
+                let a = activation(vars[0].as_tensor(), Act::Gelu).unwrap();
+                let y = a
+                    .broadcast_matmul(&vars[1].as_tensor().t().unwrap())
+                    .unwrap();
+                match &bias {
+                    Some(b) => y.broadcast_add(b).unwrap(),
+                    None => y,
+                }
+            };
+            let gs = (&composed * &r)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            let term = ActLinear::new(
+                vars[0].as_tensor().clone(),
+                Act::Gelu,
+                vars[1].as_tensor().clone(),
+                bias,
+                None,
+            );
+            let y = term.value().unwrap();
+            assert!(rel_err(&y, &composed) < 1e-5);
+            let gt = term.root(&r).unwrap().backward().unwrap();
+            let n = if with_bias { 3 } else { 2 };
+            for v in &vars[..n] {
+                let (a, e) = (gt.get(v).unwrap(), gs.get(v).unwrap());
+                assert!(rel_err(a, e) < 1e-5, "{}", rel_err(a, e));
+            }
+            // the same as a residual join: the residual's gradient is `r`, stashed
+            let resid = rand(&[2, 5, 7], 45);
+            let stash = crate::harness::layers::joins::Stash::default();
+            let out = crate::harness::layers::joins::act_linear_residual(
+                &resid,
+                vars[0].as_tensor(),
+                Act::Gelu,
+                vars[1].as_tensor(),
+                with_bias.then(|| vars[2].as_tensor()),
+                &stash,
+                None,
+            )
+            .unwrap();
+            assert!(rel_err(&out, &(&composed + &resid).unwrap()) < 1e-5);
+            let gj = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            for v in &vars[..n] {
+                let (a, e) = (gj.get(v).unwrap(), gs.get(v).unwrap());
+                assert!(rel_err(a, e) < 1e-5, "{}", rel_err(a, e));
+            }
+            let g_resid = crate::harness::layers::joins::take_stash(&stash).unwrap();
+            assert!(rel_err(&g_resid.reshape(r.shape()).unwrap(), &r) < 1e-6);
+        }
+    }
 
     #[test]
     fn half_gelu_gradient_stays_finite_where_x_squared_overflows() {
