@@ -394,6 +394,114 @@ fn act_linear_grads(
     Ok([gh, gw, gb])
 }
 
+/// `dropout(linear(silu(gate) · up))`, a SwiGLU feed-forward's gate, product and last linear
+/// as a term of a block's output sum: the graph keeps the two projections' outputs (what
+/// PyTorch's SiLU and product save); this holds `silu(gate)` and the product (what the product
+/// and the last linear save) outside the graph and frees each once its backward has used it, as
+/// PyTorch does. (Graph nodes would live until the segment's backward ends.)
+pub struct SwiGluLinear {
+    gate: Tensor,
+    up: Tensor,
+    w: Tensor,
+    drop: Option<(Tensor, f32)>,
+    kept: Arc<Mutex<Option<(Tensor, Tensor)>>>,
+}
+
+impl SwiGluLinear {
+    /// `gate`, `up`: the two projections' outputs (graph tensors); `w`: the last linear's
+    /// weight (SwiGLU blocks have no biases).
+    pub fn new(gate: Tensor, up: Tensor, w: Tensor, drop: Option<(Tensor, f32)>) -> Self {
+        Self {
+            gate,
+            up,
+            w,
+            drop,
+            kept: Arc::default(),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.gate.dtype()
+    }
+
+    /// The output, outside the graph; keeps `silu(gate)` and the product for the backward.
+    pub fn value(&self) -> Result<Tensor> {
+        let s = super::fused::activation(&self.gate.detach(), super::fused::Act::Silu)?;
+        let a = (&s * &self.up.detach())?;
+        let y = super::fused::linear(&a, &self.w.detach(), None)?;
+        if let Ok(mut kept) = self.kept.lock() {
+            *kept = Some((s, a));
+        }
+        match &self.drop {
+            Some((mask, p)) => super::fused::dropout(&y, mask, *p),
+            None => Ok(y),
+        }
+    }
+
+    /// The backward root for the output gradient `g`.
+    pub fn root(&self, g: &Tensor) -> Result<Tensor> {
+        let g = g.to_dtype(self.gate.dtype())?;
+        let g = match &self.drop {
+            Some((mask, p)) => super::fused::dropout_grad(&g, mask, 1.0 / (1.0 - *p as f64))?,
+            None => g,
+        };
+        let op = SeedSwiGluOp {
+            g,
+            kept: self.kept.clone(),
+            out: zero_scalar(&self.gate)?,
+        };
+        self.gate
+            .contiguous()?
+            .apply_op3(&self.up.contiguous()?, &self.w, op)
+    }
+}
+
+struct SeedSwiGluOp {
+    g: Tensor,
+    kept: Arc<Mutex<Option<(Tensor, Tensor)>>>,
+    out: Handed,
+}
+
+impl CustomOp3 for SeedSwiGluOp {
+    fn name(&self) -> &'static str {
+        "grad-seed-swiglu-linear"
+    }
+    handed_fwd!(a, b, c);
+    /// In PyTorch's order: the last linear (then its input, the product, is freed), the product
+    /// (then `silu(gate)` is freed), the SiLU.
+    fn bwd(
+        &self,
+        gate: &Tensor,
+        up: &Tensor,
+        w: &Tensor,
+        _: &Tensor,
+        _: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let need_w = w.track_op();
+        let (gate, up, w) = (gate.detach(), up.detach(), w.detach());
+        let (o, f) = w.dims2()?;
+        let g2 = self.g.reshape(((), o))?;
+        let (s, a) = match self.kept.lock().ok().and_then(|mut k| k.take()) {
+            Some(kept) => kept,
+            None => {
+                let s = super::fused::activation(&gate, super::fused::Act::Silu)?;
+                let a = (&s * &up)?;
+                (s, a)
+            }
+        };
+        let gw = need_w
+            .then(|| g2.t()?.matmul(&a.reshape(((), f))?))
+            .transpose()?;
+        std::mem::drop(a);
+        let ga = g2.matmul(&w)?.reshape(up.shape())?;
+        let g_up = (&ga * &s)?;
+        let g_s = (&ga * &up)?;
+        std::mem::drop((ga, s));
+        let g_gate = super::fused::activation_grad(&g_s, &gate, super::fused::Act::Silu)?;
+        Ok((Some(g_gate), Some(g_up), gw))
+    }
+}
+
 struct ResidActLinearOp {
     act: super::fused::Act,
     a: Mutex<Option<Tensor>>,

@@ -42,6 +42,8 @@ pub enum Term {
     /// A feed-forward's activation and last linear, keeping the linear's input only until its
     /// backward ([`joins::ActLinear`]).
     ActLinear(joins::ActLinear),
+    /// A SwiGLU feed-forward's product and last linear ([`joins::SwiGluLinear`]).
+    SwiGlu(joins::SwiGluLinear),
     /// Routed expert outputs weighted and summed per token ([`Routed`]).
     Routed(Routed),
     /// The same for an adapted (LoRA) linear: `x`, the adapters A and B, and the frozen base.
@@ -92,6 +94,7 @@ impl BlockOut {
                 }
                 Term::Routed(r) => r.value()?,
                 Term::ActLinear(t) => t.value()?,
+                Term::SwiGlu(t) => t.value()?,
                 Term::Lora {
                     x,
                     a,
@@ -126,6 +129,7 @@ impl BlockOut {
                 Term::Norm { x, .. } | Term::Linear { x, .. } | Term::Lora { x, .. } => x.dtype(),
                 Term::Routed(r) => r.dtype(),
                 Term::ActLinear(t) => t.dtype(),
+                Term::SwiGlu(t) => t.dtype(),
             };
             let g = &if g.dtype() == dtype {
                 g.clone()
@@ -151,6 +155,7 @@ impl BlockOut {
                 )?,
                 Term::Routed(r) => r.root(g)?,
                 Term::ActLinear(t) => t.root(g)?,
+                Term::SwiGlu(t) => t.root(g)?,
                 Term::Lora {
                     x,
                     a,
@@ -894,6 +899,23 @@ fn ffn_terms(ctx: &Ctx, blk: &Block, ffn_in: &Tensor, site: u64) -> Result<Vec<T
                 b,
                 drop,
             )));
+        }
+        // unadapted projections: one term, so the product and silu(gate) are freed as their
+        // backward passes
+        Ffn::Dense(Mlp::Swiglu { gate, up, down })
+            if gate.lora.is_none()
+                && up.lora.is_none()
+                && down.lora.is_none()
+                && down.b.is_none() =>
+        {
+            let (g, u) = (gate.forward(ctx, ffn_in)?, up.forward(ctx, ffn_in)?);
+            let (hb, hs, _) = g.dims3()?;
+            let shape = (hb, hs, down.d_out).into();
+            let drop = ctx
+                .dropout_mask(&shape, g.dtype(), g.device(), site + 2)?
+                .map(|m| (m, ctx.dropout));
+            let (w, _) = down.tensors(ctx)?;
+            terms.push(Term::SwiGlu(joins::SwiGluLinear::new(g, u, w, drop)));
         }
         Ffn::Dense(mlp) => {
             let hidden = mlp.hidden(ctx, ffn_in)?;

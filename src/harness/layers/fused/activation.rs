@@ -267,6 +267,46 @@ mod tests {
         }
     }
 
+    /// The SwiGLU term `linear(silu(gate) · up)` ([`crate::harness::layers::joins::SwiGluLinear`]):
+    /// its value and the gradients its root gives gate, up and the weight equal the composed
+    /// graph's.
+    #[test]
+    fn swiglu_term_matches_the_composed_graph() {
+        use crate::harness::layers::joins::SwiGluLinear;
+        let (g, u, w) = (
+            rand(&[2, 5, 12], 51),
+            rand(&[2, 5, 12], 52),
+            rand(&[7, 12], 53),
+        );
+        let r = rand(&[2, 5, 7], 54);
+        let vars = [&g, &u, &w].map(|t| Var::from_tensor(t).unwrap());
+        let composed = {
+            let s = activation(vars[0].as_tensor(), Act::Silu).unwrap();
+            (s * vars[1].as_tensor())
+                .unwrap()
+                .broadcast_matmul(&vars[2].as_tensor().t().unwrap())
+                .unwrap()
+        };
+        let gs = (&composed * &r)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let term = SwiGluLinear::new(
+            vars[0].as_tensor().clone(),
+            vars[1].as_tensor().clone(),
+            vars[2].as_tensor().clone(),
+            None,
+        );
+        assert!(rel_err(&term.value().unwrap(), &composed) < 1e-5);
+        let gt = term.root(&r).unwrap().backward().unwrap();
+        for v in &vars {
+            let (a, e) = (gt.get(v).unwrap(), gs.get(v).unwrap());
+            assert!(rel_err(a, e) < 1e-5, "{}", rel_err(a, e));
+        }
+    }
+
     #[test]
     fn half_gelu_gradient_stays_finite_where_x_squared_overflows() {
         let x = Var::from_tensor(
