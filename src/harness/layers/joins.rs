@@ -194,6 +194,46 @@ pub fn seed(t: &Tensor, g: &Tensor) -> Result<Tensor> {
     })
 }
 
+/// The two graph-node impls of a backward-root op over `(x, w)` or `(x, w, bias)` whose
+/// forward is a handed-over zero scalar and whose backward is `self.grads(x, w, has_bias)`.
+macro_rules! seed_op {
+    ($op:ty, $name2:literal, $name3:literal) => {
+        impl CustomOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name2
+            }
+            handed_fwd!(a, b);
+            fn bwd(
+                &self,
+                x: &Tensor,
+                w: &Tensor,
+                _: &Tensor,
+                _: &Tensor,
+            ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+                let [gx, gw, _] = self.grads(x, w, false)?;
+                Ok((gx, gw))
+            }
+        }
+
+        impl CustomOp3 for $op {
+            fn name(&self) -> &'static str {
+                $name3
+            }
+            handed_fwd!(a, b, c);
+            fn bwd(
+                &self,
+                x: &Tensor,
+                w: &Tensor,
+                _: &Tensor,
+                _: &Tensor,
+                _: &Tensor,
+            ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+                Ok(self.grads(x, w, true)?.into())
+            }
+        }
+    };
+}
+
 struct SeedLinearOp {
     g: Tensor,
     out: Handed,
@@ -211,39 +251,7 @@ impl SeedLinearOp {
     }
 }
 
-impl CustomOp2 for SeedLinearOp {
-    fn name(&self) -> &'static str {
-        "grad-seed-linear"
-    }
-    handed_fwd!(a, b);
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let [gx, gw, _] = self.grads(x, w, false)?;
-        Ok((gx, gw))
-    }
-}
-
-impl CustomOp3 for SeedLinearOp {
-    fn name(&self) -> &'static str {
-        "grad-seed-linear-bias"
-    }
-    handed_fwd!(a, b, c);
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok(self.grads(x, w, true)?.into())
-    }
-}
+seed_op!(SeedLinearOp, "grad-seed-linear", "grad-seed-linear-bias");
 
 /// A scalar whose backward is that of `dropout(linear(x, w, b))` receiving the output gradient
 /// `g` (`drop`: keep mask and p; `merge`: `x` is attention heads; both as [`linear_residual`]).
@@ -255,11 +263,7 @@ pub fn seed_linear(
     drop: Option<(&Tensor, f32)>,
     merge: Option<Heads>,
 ) -> Result<Tensor> {
-    let g = g.to_dtype(x.dtype())?;
-    let g = match drop {
-        Some((mask, p)) => super::fused::dropout_grad(&g, mask, 1.0 / (1.0 - p as f64))?,
-        None => g,
-    };
+    let g = output_grad(g, x.dtype(), drop)?;
     let op = SeedLinearOp {
         g,
         out: zero_scalar(x)?,
@@ -269,6 +273,23 @@ pub fn seed_linear(
     match b {
         Some(b) => x.apply_op3(w, b, op),
         None => x.apply_op2(w, op),
+    }
+}
+
+/// `y` through the term's dropout (keep mask and p), if any.
+fn dropped(y: Tensor, drop: Option<&(Tensor, f32)>) -> Result<Tensor> {
+    match drop {
+        Some((mask, p)) => super::fused::dropout(&y, mask, *p),
+        None => Ok(y),
+    }
+}
+
+/// The output gradient `g` in `dtype`, back through the term's dropout, if any.
+fn output_grad(g: &Tensor, dtype: DType, drop: Option<(&Tensor, f32)>) -> Result<Tensor> {
+    let g = g.to_dtype(dtype)?;
+    match drop {
+        Some((mask, p)) => super::fused::dropout_grad(&g, mask, 1.0 / (1.0 - p as f64)),
+        None => Ok(g),
     }
 }
 
@@ -321,19 +342,13 @@ impl ActLinear {
         if let Ok(mut kept) = self.a.lock() {
             *kept = Some(a);
         }
-        match &self.drop {
-            Some((mask, p)) => super::fused::dropout(&y, mask, *p),
-            None => Ok(y),
-        }
+        dropped(y, self.drop.as_ref())
     }
 
     /// The backward root for the output gradient `g`.
     pub fn root(&self, g: &Tensor) -> Result<Tensor> {
-        let g = g.to_dtype(self.h.dtype())?;
-        let g = match &self.drop {
-            Some((mask, p)) => super::fused::dropout_grad(&g, mask, 1.0 / (1.0 - *p as f64))?,
-            None => g,
-        };
+        let drop = self.drop.as_ref().map(|(m, p)| (m, *p));
+        let g = output_grad(g, self.h.dtype(), drop)?;
         let op = SeedActLinearOp {
             g,
             a: self.a.clone(),
@@ -432,19 +447,13 @@ impl SwiGluLinear {
         if let Ok(mut kept) = self.kept.lock() {
             *kept = Some((s, a));
         }
-        match &self.drop {
-            Some((mask, p)) => super::fused::dropout(&y, mask, *p),
-            None => Ok(y),
-        }
+        dropped(y, self.drop.as_ref())
     }
 
     /// The backward root for the output gradient `g`.
     pub fn root(&self, g: &Tensor) -> Result<Tensor> {
-        let g = g.to_dtype(self.gate.dtype())?;
-        let g = match &self.drop {
-            Some((mask, p)) => super::fused::dropout_grad(&g, mask, 1.0 / (1.0 - *p as f64))?,
-            None => g,
-        };
+        let drop = self.drop.as_ref().map(|(m, p)| (m, *p));
+        let g = output_grad(g, self.gate.dtype(), drop)?;
         let op = SeedSwiGluOp {
             g,
             kept: self.kept.clone(),
@@ -595,39 +604,11 @@ pub fn act_linear_residual(
     y.reshape(shape)
 }
 
-impl CustomOp2 for SeedActLinearOp {
-    fn name(&self) -> &'static str {
-        "grad-seed-activation-linear"
-    }
-    handed_fwd!(a, b);
-    fn bwd(
-        &self,
-        h: &Tensor,
-        w: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let [gh, gw, _] = self.grads(h, w, false)?;
-        Ok((gh, gw))
-    }
-}
-
-impl CustomOp3 for SeedActLinearOp {
-    fn name(&self) -> &'static str {
-        "grad-seed-activation-linear-bias"
-    }
-    handed_fwd!(a, b, c);
-    fn bwd(
-        &self,
-        h: &Tensor,
-        w: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-        _: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        Ok(self.grads(h, w, true)?.into())
-    }
-}
+seed_op!(
+    SeedActLinearOp,
+    "grad-seed-activation-linear",
+    "grad-seed-activation-linear-bias"
+);
 
 /// Rows of the logit gradient computed at a time. PyTorch's fused log-softmax backward makes no
 /// temporaries; these make four of `rows x vocab`, a few percent of the logit gradient itself at

@@ -201,6 +201,11 @@ mod tests {
     use super::*;
     use candle_core::{DType, Device, Tensor, Var};
 
+    /// The gradients of `sum(y · r)`: `r` back-propagated from `y`.
+    fn project_back(y: &Tensor, r: &Tensor) -> candle_core::backprop::GradStore {
+        (y * r).unwrap().sum_all().unwrap().backward().unwrap()
+    }
+
     /// The feed-forward term `linear(act(h))` ([`crate::harness::layers::joins::ActLinear`]):
     /// its value and the gradients its backward root gives h, the weight and the bias equal the
     /// composed graph's, with and without a bias.
@@ -222,12 +227,7 @@ mod tests {
                     None => y,
                 }
             };
-            let gs = (&composed * &r)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
+            let gs = project_back(&composed, &r);
             let term = ActLinear::new(
                 vars[0].as_tensor().clone(),
                 Act::Gelu,
@@ -257,7 +257,7 @@ mod tests {
             )
             .unwrap();
             assert!(rel_err(&out, &(&composed + &resid).unwrap()) < 1e-5);
-            let gj = (&out * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            let gj = project_back(&out, &r);
             for v in &vars[..n] {
                 let (a, e) = (gj.get(v).unwrap(), gs.get(v).unwrap());
                 assert!(rel_err(a, e) < 1e-5, "{}", rel_err(a, e));
@@ -287,12 +287,7 @@ mod tests {
                 .broadcast_matmul(&vars[2].as_tensor().t().unwrap())
                 .unwrap()
         };
-        let gs = (&composed * &r)
-            .unwrap()
-            .sum_all()
-            .unwrap()
-            .backward()
-            .unwrap();
+        let gs = project_back(&composed, &r);
         let term = SwiGluLinear::new(
             vars[0].as_tensor().clone(),
             vars[1].as_tensor().clone(),

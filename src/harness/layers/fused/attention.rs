@@ -215,36 +215,15 @@ mod tests {
             let mask = site.mask().unwrap();
             assert_eq!(mask.is_some(), p > 0.0);
             let drop = mask.as_ref().map(|m| (m, p));
+            let probs = crate::harness::layers::joins::Probs {
+                scale: 0.5,
+                causal,
+                f32_softmax: false,
+            };
             same(
                 &[q.clone(), k.clone(), v.clone()],
-                |t| {
-                    eager_attention(
-                        &t[0],
-                        &t[1],
-                        &t[2],
-                        crate::harness::layers::joins::Probs {
-                            scale: 0.5,
-                            causal,
-                            f32_softmax: false,
-                        },
-                        drop,
-                        Some(site.clone()),
-                    )
-                },
-                |t| {
-                    eager_attention(
-                        &t[0],
-                        &t[1],
-                        &t[2],
-                        crate::harness::layers::joins::Probs {
-                            scale: 0.5,
-                            causal,
-                            f32_softmax: false,
-                        },
-                        drop,
-                        None,
-                    )
-                },
+                |t| eager_attention(&t[0], &t[1], &t[2], probs, drop, Some(site.clone())),
+                |t| eager_attention(&t[0], &t[1], &t[2], probs, drop, None),
             );
         }
     }
