@@ -421,6 +421,7 @@ impl Trainer {
             store.total()
         );
         let segmented = matches!(model, Model::Transformer(_));
+        let kernels = train.attention.kernels_on(device.is_cpu(), dropout > 0.0);
         let optim = Optim::new(train.optimizer, &store)?;
         Ok(Self {
             model,
@@ -432,12 +433,9 @@ impl Trainer {
             checkpoint,
             selective,
             segmented,
-            flash_attention: train.attention.kernels_on(device.is_cpu(), dropout > 0.0)
-                == crate::spec::Attention::Sdpa,
-            upcast_math_attention: train.attention == crate::spec::Attention::Sdpa
-                && device.is_cpu()
-                && dropout > 0.0
-                && compute != DType::F32,
+            flash_attention: kernels == crate::spec::Attention::Sdpa,
+            // sdpa asked for, PyTorch's math path run instead
+            upcast_math_attention: kernels != train.attention && compute != DType::F32,
             dropout,
             seed,
             steps: 0,

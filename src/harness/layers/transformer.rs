@@ -16,6 +16,9 @@ use crate::plan::finetune::{self, Finetune};
 use crate::spec::transformer::{Activation, Arch, FfnKind, Head, NormKind, TransformerSpec};
 use candle_core::{DType, Result, Tensor};
 
+/// A dropout's keep mask and p, when it is on.
+type Dropout = Option<(Tensor, f32)>;
+
 /// One term of a block's output sum.
 pub enum Term {
     /// A graph tensor.
@@ -295,12 +298,16 @@ impl Attention {
         resid: &Tensor,
         x: &Tensor,
         site: u64,
+        stash: &Stash,
     ) -> Result<Vec<Term>> {
-        let (y, h) = self.core(ctx, x, site)?;
-        let shape = (h.b, h.s, self.out.d_out).into();
-        let drop = ctx
-            .dropout_mask(&shape, y.dtype(), y.device(), site + 1)?
-            .map(|m| (m, ctx.dropout));
+        let (y, h, drop) = self.core_dropped(ctx, x, site)?;
+        if let Some((a, b, lora)) = self.out.adapted(ctx)? {
+            // an adapted output projection joins the residual in its node (its output is then
+            // held twice: as that node's and as the next segment's input)
+            let drop = drop.as_ref().map(|(m, p)| (m, *p));
+            let joined = lora_residual(lora, resid, &y, &a, &b, Some(h), stash, drop)?;
+            return Ok(vec![Term::Tensor(joined)]);
+        }
         let (w, b) = self.out.tensors(ctx)?;
         Ok(vec![
             Term::Tensor(resid.clone()),
@@ -314,8 +321,17 @@ impl Attention {
         ])
     }
 
-    /// `resid + dropout(out_proj(core(x)))`. Without dropout the projection and the join are one
-    /// node keeping only the projection's input, as PyTorch's residual add keeps nothing.
+    /// The attention core's output, its head layout, and the keep mask and p of the dropout on
+    /// the output projection.
+    fn core_dropped(&self, ctx: &Ctx, x: &Tensor, site: u64) -> Result<(Tensor, Heads, Dropout)> {
+        let (y, h) = self.core(ctx, x, site)?;
+        let shape = (h.b, h.s, self.out.d_out).into();
+        let drop = ctx
+            .dropout_mask(&shape, y.dtype(), y.device(), site + 1)?
+            .map(|m| (m, ctx.dropout));
+        Ok((y, h, drop))
+    }
+
     fn residual(
         &self,
         ctx: &Ctx,
@@ -324,10 +340,8 @@ impl Attention {
         site: u64,
         stash: &Stash,
     ) -> Result<Tensor> {
-        let (y, h) = self.core(ctx, x, site)?;
-        let shape = (h.b, h.s, self.out.d_out).into();
-        let mask = ctx.dropout_mask(&shape, y.dtype(), y.device(), site + 1)?;
-        let drop = mask.as_ref().map(|m| (m, ctx.dropout));
+        let (y, h, drop) = self.core_dropped(ctx, x, site)?;
+        let drop = drop.as_ref().map(|(m, p)| (m, *p));
         if let Some((a, b, lora)) = self.out.adapted(ctx)? {
             return lora_residual(lora, resid, &y, &a, &b, Some(h), stash, drop);
         }
@@ -376,10 +390,6 @@ impl Mlp {
             Mlp::Gelu { fc2, .. } => fc2,
             Mlp::Swiglu { down, .. } => down,
         }
-    }
-
-    fn forward(&self, ctx: &Ctx, x: &Tensor) -> Result<Tensor> {
-        self.last().forward(ctx, &self.hidden(ctx, x)?)
     }
 }
 
@@ -679,36 +689,27 @@ impl Transformer {
         ctx.dropout(&x, u64::MAX - 1)
     }
 
-    /// Block `i`: pre-LN (GPT-2, Llama, ViT) or post-LN when the spec has an embedding norm (BERT).
-    /// `x` must be a leaf (the block input Var, or a detached tensor): the first residual join
+    /// Pre-norm block `i` as one segment (parallel attention, or one norm shared by attention
+    /// and feed-forward; the others run as [`Self::block_part`]s). `x` must be a leaf (the block input Var, or a detached tensor): the first residual join
     /// routes its gradient through [`BlockOut::stash`].
     pub fn block(&self, ctx: &Ctx, i: usize, x: &Tensor) -> Result<BlockOut> {
         let blk = &self.blocks[i];
         let site = i as u64 * SITES;
         let stash = Stash::default();
-        let terms = if self.spec.embedding_norm {
-            let (Ffn::Dense(mlp), Some(norm2)) = (&blk.ffn, &blk.norm2) else {
-                candle_core::bail!("a post-norm block is built with a dense MLP and two norms");
-            };
-            let x1 = blk.attn.residual(ctx, x, x, site, &stash)?;
-            let x1 = blk.norm1.forward(ctx, &x1)?;
-            let m = ctx.dropout(&mlp.forward(ctx, &x1)?, site + 2)?;
-            let sum = (&x1 + m.to_dtype(x1.dtype())?)?;
-            vec![Term::Tensor(norm2.forward(ctx, &sum)?)]
-        } else {
-            let n1 = blk.norm1.forward_to(ctx, x, ctx.dtype)?;
-            let x2 = blk.attn.residual(ctx, x, &n1, site, &stash)?;
-            // parallel attention: the feed-forward reads the block input (through the shared
-            // norm, or its own); sequential: the attention's residual sum
-            let ffn_in = match (&blk.norm2, blk.parallel) {
-                (None, _) => n1,
-                (Some(n2), true) => n2.forward_to(ctx, x, ctx.dtype)?,
-                (Some(n2), false) => n2.forward_to(ctx, &x2, ctx.dtype)?,
-            };
-            let mut terms = vec![Term::Tensor(x2)];
-            terms.extend(ffn_terms(ctx, blk, &ffn_in, site)?);
-            terms
+        if self.spec.embedding_norm {
+            candle_core::bail!("a post-norm block runs as segments (`block_part`)");
+        }
+        let n1 = blk.norm1.forward_to(ctx, x, ctx.dtype)?;
+        let x2 = blk.attn.residual(ctx, x, &n1, site, &stash)?;
+        // parallel attention: the feed-forward reads the block input (through the shared
+        // norm, or its own); sequential: the attention's residual sum
+        let ffn_in = match (&blk.norm2, blk.parallel) {
+            (None, _) => n1,
+            (Some(n2), true) => n2.forward_to(ctx, x, ctx.dtype)?,
+            (Some(n2), false) => n2.forward_to(ctx, &x2, ctx.dtype)?,
         };
+        let mut terms = vec![Term::Tensor(x2)];
+        terms.extend(ffn_terms(ctx, blk, &ffn_in, site)?);
         Ok(BlockOut { terms, stash })
     }
 
@@ -743,15 +744,9 @@ impl Transformer {
         }
         let stash = Stash::default();
         let terms = match (part, &blk.norm2) {
-            (0, _) if blk.attn.out.lora.is_some() => {
-                // an adapted output projection joins the residual in its node (its output is
-                // then held twice: as that node's and as the next segment's input)
-                let n1 = blk.norm1.forward_to(ctx, x, ctx.dtype)?;
-                vec![Term::Tensor(blk.attn.residual(ctx, x, &n1, site, &stash)?)]
-            }
             (0, _) => {
                 let n1 = blk.norm1.forward_to(ctx, x, ctx.dtype)?;
-                blk.attn.residual_terms(ctx, x, &n1, site)?
+                blk.attn.residual_terms(ctx, x, &n1, site, &stash)?
             }
             (1, Some(norm2)) => {
                 let n2 = norm2.forward_to(ctx, x, ctx.dtype)?;
