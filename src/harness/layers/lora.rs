@@ -176,13 +176,7 @@ impl Lora {
         let ga = gt.t()?.matmul(&self.rows(&x)?)?;
         let gx = if need_x {
             let gx = (g2.matmul(&self.w.weight()?)? + gt.matmul(&a)?)?;
-            Some(match self.lin.merge {
-                Some(h) => gx
-                    .reshape((h.b, h.s, h.a, h.d))?
-                    .transpose(1, 2)?
-                    .contiguous()?,
-                None => gx.reshape(x.shape())?,
-            })
+            Some(self.lin.input_layout(gx, &x)?)
         } else {
             None
         };

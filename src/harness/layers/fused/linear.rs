@@ -128,24 +128,27 @@ impl LinearOp {
             None => x.reshape(((), w.dim(1)?))?,
         };
         let gw = need_w.then(|| g2.t()?.matmul(&x2)).transpose()?;
-        let gx = if need_x {
-            let gx = g2.matmul(&w)?;
-            Some(match self.merge {
-                Some(h) => gx
-                    .reshape((h.b, h.s, h.a, h.d))?
-                    .transpose(1, 2)?
-                    .contiguous()?,
-                None => gx.reshape(x.shape())?,
-            })
-        } else {
-            None
-        };
+        let gx = need_x
+            .then(|| self.input_layout(g2.matmul(&w)?, &x))
+            .transpose()?;
         let gb = if has_bias && need_w {
             Some(g2.sum(0)?)
         } else {
             None
         };
         Ok([gx, gw, gb])
+    }
+
+    /// An input gradient computed as `[b*s, in]` in the input's own layout: heads
+    /// `[b, a, s, d]` for a merged-heads input, else the input's shape.
+    pub(crate) fn input_layout(&self, gx: Tensor, x: &Tensor) -> Result<Tensor> {
+        match self.merge {
+            Some(h) => gx
+                .reshape((h.b, h.s, h.a, h.d))?
+                .transpose(1, 2)?
+                .contiguous(),
+            None => gx.reshape(x.shape()),
+        }
     }
 
     fn out_shape(&self, x: &Tensor, o: usize) -> Result<Vec<usize>> {
