@@ -263,6 +263,7 @@ pub fn point_key(
     let attention = match t.attention {
         Attention::Eager => "",
         Attention::Sdpa => "|sdpa",
+        Attention::Math => "|math",
     };
     let optimizer_impl = match t.optimizer_impl {
         OptimizerImpl::Loop => "",

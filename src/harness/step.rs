@@ -435,7 +435,7 @@ impl Trainer {
             segmented,
             flash_attention: kernels == crate::spec::Attention::Sdpa,
             // sdpa asked for, PyTorch's math path run instead
-            upcast_math_attention: kernels != train.attention && compute != DType::F32,
+            upcast_math_attention: kernels == crate::spec::Attention::Math && compute != DType::F32,
             dropout,
             seed,
             steps: 0,

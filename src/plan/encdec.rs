@@ -56,9 +56,17 @@ impl CrossAttention {
         };
         let sdpa = train.attention == Attention::Sdpa;
         let stored = !(sdpa || train.checkpointing == Checkpointing::Selective);
+        // sdpa's CPU math path keeps fp32 scores for 16-bit inputs
+        let upcast = train
+            .attention
+            .score_upcast(train.precision.compute_bytes());
         CrossAttention {
-            scores: if stored { live * b * a * tgt * s } else { 0.0 },
-            ws_scores: if sdpa { 0.0 } else { a * tgt * s },
+            scores: if stored {
+                live * b * a * tgt * s * upcast
+            } else {
+                0.0
+            },
+            ws_scores: if sdpa { 0.0 } else { a * tgt * s * upcast },
             fused_bytes: if sdpa {
                 live * b * tgt * (h * cb + a * 4.0)
             } else {

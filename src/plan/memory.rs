@@ -327,8 +327,13 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
             } else {
                 0.0
             };
-            let scores = b * a * s * s;
-            let ws_scores = if sdpa { 0.0 } else { a * s * s };
+            // sdpa's CPU math path keeps its scores in fp32 for 16-bit inputs: counted as
+            // twice the elements at the compute dtype's bytes
+            let upcast = train
+                .attention
+                .score_upcast(train.precision.compute_bytes());
+            let scores = b * a * s * s * upcast;
+            let ws_scores = if sdpa { 0.0 } else { a * s * s * upcast };
             let fused_attention_bytes = if sdpa {
                 live * b * s * (h * train.precision.compute_bytes() as f64 + a * 4.0)
             } else {
@@ -390,7 +395,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 block: t
                     .block_kind()
                     .or(moe::base_block(t))
-                    .map(|k| (k, train.attention)),
+                    .map(|k| (k, train.attention.block_kind())),
                 act_fn: Some(t.activation_kind()),
                 dropout,
                 dropout_elems: if dropout {

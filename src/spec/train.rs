@@ -209,6 +209,13 @@ pub enum Attention {
     /// k, v, the output and the row log-sum-exp; backward recomputes scores tile by tile.
     #[serde(rename = "sdpa")]
     Sdpa,
+    /// sdpa's math fallback, which runs when no fused kernel can (a CPU with attention dropout
+    /// in training): composed like eager attention, keeping the same b·a·s² tensors, but with
+    /// 16-bit inputs upcast to fp32 first, so those tensors are fp32 (PyTorch's
+    /// `_scaled_dot_product_attention_math` on a CPU). Never asked for: [`Attention::kernels_on`]
+    /// picks it.
+    #[serde(rename = "math")]
+    Math,
 }
 
 impl Attention {
@@ -216,6 +223,26 @@ impl Attention {
         match self {
             Attention::Eager => "eager",
             Attention::Sdpa => "sdpa",
+            Attention::Math => "math",
+        }
+    }
+
+    /// Bytes of one stored score element per byte of the compute dtype: 2 for sdpa's math path
+    /// over 16-bit inputs (it keeps fp32 scores), else 1.
+    pub fn score_upcast(self, compute_bytes: u64) -> f64 {
+        if self == Attention::Math && compute_bytes < 4 {
+            4.0 / compute_bytes as f64
+        } else {
+            1.0
+        }
+    }
+
+    /// The measured block implementation this attention's saved tensors follow: the math path
+    /// keeps what eager attention keeps.
+    pub fn block_kind(self) -> Self {
+        match self {
+            Attention::Math => Attention::Eager,
+            other => other,
         }
     }
     /// What measured rows and spec files written before the field existed ran: the harness's
@@ -228,11 +255,12 @@ impl Attention {
     /// (`_scaled_dot_product_flash_attention_for_cpu`) has no dropout, so sdpa with attention
     /// dropout in training on a CPU runs the math path, which saves the b·a·s² probabilities,
     /// their dropout mask and the dropped probabilities like eager attention (measured:
-    /// tiny-gpt b4 s256 fp32 saved 45.9 MB under both). CUDA's flash and memory-efficient
-    /// kernels apply dropout inside the tile (they keep only the RNG seed and offset).
+    /// tiny-gpt b4 s256 fp32 saved 45.9 MB under both), in fp32 for 16-bit inputs
+    /// ([`Attention::Math`]). CUDA's flash and memory-efficient kernels apply dropout inside the
+    /// tile (they keep only the RNG seed and offset).
     pub fn kernels_on(self, on_cpu: bool, attention_dropout: bool) -> Self {
         if self == Attention::Sdpa && on_cpu && attention_dropout {
-            Attention::Eager
+            Attention::Math
         } else {
             self
         }
@@ -396,7 +424,7 @@ mod tests {
     /// math path (eager memory); on CUDA, or without dropout, sdpa stays fused; eager stays eager.
     #[test]
     fn sdpa_with_cpu_dropout_runs_the_math_path() {
-        assert_eq!(Attention::Sdpa.kernels_on(true, true), Attention::Eager);
+        assert_eq!(Attention::Sdpa.kernels_on(true, true), Attention::Math);
         assert_eq!(Attention::Sdpa.kernels_on(true, false), Attention::Sdpa);
         assert_eq!(Attention::Sdpa.kernels_on(false, true), Attention::Sdpa);
         assert_eq!(Attention::Eager.kernels_on(false, false), Attention::Eager);

@@ -14,17 +14,20 @@ fn the_committed_table_predicts_the_committed_sdpa_points() {
     let rows =
         record::latest(record::read(&root.join("calibration/data/cpu-amd-epyc.csv")).unwrap());
     let table = Coefficients::load(&root.join("calibration/cpu-amd-epyc.json")).unwrap();
-    // sdpa's CPU math path in half precision (attention dropout on) upcasts to fp32, as the
-    // harness now measures and the planner does not model (a CPU-only path): those rows are
-    // the planner's known gap, not this test's subject
+    // every sdpa row, sdpa's CPU math path in half precision included (attention dropout on:
+    // fp32 scores, planned as `Attention::Math`)
     let sdpa: Vec<_> = rows
         .iter()
         .filter(|r| r.attention == Attention::Sdpa && r.status == Status::Ok)
+        .collect();
+    let upcast = sdpa
+        .iter()
         .filter(|r| {
             let planned = r.planned_train_spec().unwrap();
-            planned.attention == Attention::Sdpa || planned.precision.compute_bytes() == 4
+            planned.attention == Attention::Math && planned.precision.compute_bytes() == 2
         })
-        .collect();
+        .count();
+    assert!(upcast >= 2, "{upcast} math-path rows in half precision");
     assert!(sdpa.len() >= 10, "{} sdpa points", sdpa.len());
     let mut errors = Vec::new();
     let mut fused = 0;

@@ -245,7 +245,7 @@ fn sdpa_points_fit_with_their_fused_attention_bytes_known() {
             continue;
         }
         // without attention dropout: on a CPU (these rows' device) sdpa with dropout runs
-        // PyTorch's math path and is planned as eager (`Attention::kernels_on`)
+        // PyTorch's math path and is planned as such (`Attention::kernels_on`)
         let m = ModelSpec::Transformer(vramcal::spec::TransformerSpec {
             dropout: Some(vramcal::spec::transformer::DropoutP(0.0)),
             ..tr.clone()

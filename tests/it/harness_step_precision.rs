@@ -71,21 +71,38 @@ fn half_precision_peak_below_fp32() {
     assert!(supported(Precision::Fp16Mixed));
 }
 
+/// A CNN's fp16-mixed step follows PyTorch's convolution lowering on this CPU. Where PyTorch runs
+/// fp16 convolutions through oneDNN (a CPU with AVX512-FP16 or AMX-FP16) the activations halve
+/// and the step peaks below fp32's. Elsewhere PyTorch lowers them to `slow_conv2d`, which
+/// unfolds the whole batch's input, and so does the harness: the fp16 step then rises by at
+/// least the 7x7 stem's unfolded input (3·7·7 rows by 48·48 positions, 8 images, 2 bytes), and
+/// peaks above fp32 (PyTorch 2.15 on this AMD EPYC: tiny ResNet-18 b8 at 64 px 5.80 MiB in
+/// fp16-mixed, 4.79 MiB in fp32).
 #[test]
-fn cnn_half_precision_peak_below_fp32() {
+fn cnn_half_precision_follows_pytorchs_convolution_lowering() {
     if !crate::common::alone() {
         return;
     }
-    // at 96 px the activations dominate; at 32 px the 16-bit weight copies outweigh their
-    // saving (PyTorch's CPU steps of the same model peak higher in fp16-mixed there too)
     let image = |p| TrainSpec {
         image: 96,
         ..train(p, 8, 1)
     };
-    let (_, p32) = peak("tiny-resnet18", &image(Precision::Fp32));
-    let (_, p16) = peak("tiny-resnet18", &image(Precision::Fp16Mixed));
-    eprintln!("resnet fp32 peak {p32}; fp16-mixed peak {p16}");
-    assert!(p16 < p32);
+    let (b32, p32) = peak("tiny-resnet18", &image(Precision::Fp32));
+    let (b16, p16) = peak("tiny-resnet18", &image(Precision::Fp16Mixed));
+    eprintln!(
+        "resnet fp32 rise {}; fp16-mixed rise {}",
+        p32 - b32,
+        p16 - b16
+    );
+    use vramcal::harness::layers::unfold::{lowering, ConvLowering};
+    if lowering(&Device::Cpu, candle_core::DType::F16) == ConvLowering::Unfolded {
+        let stem_columns = 3 * 7 * 7 * 48 * 48 * 8 * 2;
+        assert!(p16 - b16 >= stem_columns, "{} < {stem_columns}", p16 - b16);
+        assert!(p32 - b32 < stem_columns, "fp32 (oneDNN) unfolds nothing");
+        assert!(p16 > p32);
+    } else {
+        assert!(p16 < p32);
+    }
 }
 
 #[test]
@@ -153,8 +170,25 @@ fn mixed_precision_gradients_match_fp32() {
         };
         let (full, mixed) = (grads(Precision::Fp32), grads(Precision::Fp16Mixed));
         assert_eq!(full.len(), mixed.len());
+        let max_abs = |t: &candle_core::Tensor| {
+            t.abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+        };
+        let largest = full.iter().map(|(_, a)| max_abs(a)).fold(0f32, f32::max);
         for ((name, a), (_, b)) in full.iter().zip(&mixed) {
             assert_eq!(b.dtype(), candle_core::DType::F32, "{model} {name}");
+            if max_abs(a) < 1e-4 * largest {
+                // a gradient that is zero in exact arithmetic (the key bias: softmax ignores a
+                // constant added to every score of a row) is rounding noise in both runs: it
+                // stays noise, far below the model's gradients
+                let diff = max_abs(&(b - a).unwrap());
+                assert!(diff < 1e-3 * largest, "{model} {name}: {diff} vs {largest}");
+                continue;
+            }
             let e = vramcal::harness::compare::max_rel_err(b, a).unwrap();
             assert!(e < 0.05, "{model} {name}: mixed vs fp32 gradient {e}");
         }

@@ -288,7 +288,7 @@ impl Cnn {
         let ends = (0..ops.len())
             .filter_map(|i| match (&ops[i], ops.get(i + 1)) {
                 (Op::Residual { .. }, _) => Some(i + 1),
-                (Op::Conv { b: Some(_), .. }, Some(Op::Relu)) => Some(i + 2),
+                (Op::Conv { b: Some(_), .. } | Op::Batchnorm { .. }, Some(Op::Relu)) => Some(i + 2),
                 _ => None,
             })
             .collect();
@@ -319,25 +319,31 @@ impl Cnn {
                 })
             }
             _ => {
-                let Op::Conv {
-                    w,
-                    b: Some(b),
-                    stride,
-                    padding,
-                } = &self.ops[end - 2]
-                else {
-                    unreachable!("segments end with a residual block or a conv with bias + ReLU")
-                };
                 let x = forward_ops(&self.ops[start..end - 2], ctx, &x)?;
-                Ok(Join {
-                    terms: vec![Term::Conv {
+                let term = match &self.ops[end - 2] {
+                    Op::Conv {
+                        w,
+                        b: Some(b),
+                        stride,
+                        padding,
+                    } => Term::Conv {
                         x,
                         w: ctx.w(*w)?,
                         b: ctx.w(*b)?,
                         padding: *padding,
                         stride: *stride,
-                    }],
-                })
+                    },
+                    Op::Batchnorm { w, b } => Term::BatchNorm {
+                        x,
+                        gamma: ctx.w(*w)?,
+                        beta: ctx.w(*b)?,
+                    },
+                    _ => unreachable!(
+                        "segments end with a residual block, or a biased conv or a BatchNorm \
+                         followed by ReLU"
+                    ),
+                };
+                Ok(Join { terms: vec![term] })
             }
         }
     }

@@ -13,12 +13,18 @@
 //! each band the same convolution trick on a slice small enough that its im2col tile stays under
 //! [`WEIGHT_GRAD_TILE`] elements. The graph keeps the input and the weight, as PyTorch's does.
 //!
+//! In fp16 on a CPU without fp16 convolution instructions PyTorch lowers convolutions to
+//! `slow_conv2d` instead, whose whole-batch unfolded input is most of a small CNN's step rise;
+//! there the forward and the weight gradient run through [`super::unfold`], which allocates what
+//! that lowering does.
+//!
 //! A conv with a bias (VGG) adds it inside the node, optionally followed by ReLU, as PyTorch's
 //! conv adds its bias in the kernel and torchvision's in-place ReLU overwrites the conv output:
 //! one kept tensor per conv (the output, also the next layer's input), where a separate bias/ReLU
 //! node kept the pre-bias product as well.
 
 use super::handed::{handed_fwd, Handed};
+use super::unfold::{self, ConvLowering};
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// Most elements of one band's im2col tile in the weight gradient (`band rows·out_w` by the
@@ -105,7 +111,11 @@ fn conv_grads(
     // an input no gradient reaches (the images) gets none, as PyTorch's needs_input_grad
     let needs_input_grad = x.track_op();
     let (x, w) = (x.detach(), w.detach());
-    let grad_x = if needs_input_grad {
+    let unfolded = unfolds(&x, &w, padding, stride)?;
+    let lowering = unfold::lowering(x.device(), x.dtype());
+    let grad_x = if needs_input_grad && lowering == ConvLowering::Unfolded {
+        Some(unfold::input_grad(x.shape(), &w, g, padding, stride)?)
+    } else if needs_input_grad {
         // candle's own formula (backprop.rs): the transposed convolution with the output
         // padding that restores the input's height
         let (k_h, g_h) = (w.dim(2)?, g.dim(2)?);
@@ -115,7 +125,12 @@ fn conv_grads(
     } else {
         None
     };
-    let grad_w = weight_grad(&x, &w, g, padding, stride)?;
+    let grad_w = if unfolded {
+        let (_, _, k_h, k_w) = w.dims4()?;
+        unfold::weight_grad(&x, g, (k_h, k_w), padding, stride)?
+    } else {
+        weight_grad(&x, &w, g, padding, stride)?
+    };
     let grad_b = if has_bias {
         Some(g.sum((0, 2, 3))?)
     } else {
@@ -214,10 +229,28 @@ fn weight_grad(
     acc.ok_or_else(|| candle_core::Error::Msg("conv2d weight gradient of an empty batch".into()))
 }
 
+/// Whether PyTorch would run this convolution through the whole batch's unfolded input.
+fn unfolds(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<bool> {
+    let (_, _, k_h, k_w) = w.dims4()?;
+    Ok(
+        unfold::lowering(x.device(), x.dtype()) == ConvLowering::Unfolded
+            && unfold::needs_columns(k_h, k_w, stride, padding),
+    )
+}
+
+/// The forward value of `conv2d(x, w)`, lowered as PyTorch lowers it here. No graph.
+fn conv_value(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+    if unfolds(x, w, padding, stride)? {
+        unfold::conv2d(x, w, padding, stride)
+    } else {
+        x.detach().conv2d(&w.detach(), padding, stride, 1, 1)
+    }
+}
+
 /// `conv2d(x, w)` (NCHW, square stride and padding, no dilation or groups) as one node with the
 /// lean backward above.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
-    let out = x.detach().conv2d(&w.detach(), padding, stride, 1, 1)?;
+    let out = conv_value(x, w, padding, stride)?;
     let op = Conv2dOp {
         padding,
         stride,
@@ -238,10 +271,7 @@ pub fn conv2d_bias(
     relu: bool,
 ) -> Result<Tensor> {
     let c = w.dim(0)?;
-    let y = x
-        .detach()
-        .conv2d(&w.detach(), padding, stride, 1, 1)?
-        .broadcast_add(&b.detach().reshape((1, c, 1, 1))?)?;
+    let y = conv_value(x, w, padding, stride)?.broadcast_add(&b.detach().reshape((1, c, 1, 1))?)?;
     let out = if relu { y.relu()? } else { y };
     let op = Conv2dOp {
         padding,

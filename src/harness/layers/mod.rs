@@ -13,6 +13,7 @@ pub mod ops;
 pub mod params;
 pub mod pool;
 pub mod transformer;
+pub mod unfold;
 
 pub use cnn::Cnn;
 pub use params::{Ctx, Param, ParamStore};

@@ -331,6 +331,21 @@ impl<'a> Ctx<'a> {
         }
     }
 
+    /// The input of a second or third linear reading the same pre-norm output under autocast:
+    /// a 16-bit copy of its own. autocast casts an activation anew at every call (its cache
+    /// holds only weights), so transformers' separate q, k and v projections keep three copies of
+    /// the fp32 norm output, and SwiGLU's gate and up two (measured with saved-tensor hooks,
+    /// PyTorch 2.15 CPU autocast: Llama and ViT blocks). The norm node writes the first copy
+    /// ([`super::ops::Norm::forward_to`]); a post-norm block's fp32 stream is cast by each
+    /// linear anyway ([`Ctx::compute`]), and outside autocast every reader shares `x`.
+    pub fn autocast_copy(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.store.dtype != self.dtype && x.dtype() == self.dtype {
+            x.copy()
+        } else {
+            Ok(x.clone())
+        }
+    }
+
     /// Inverted dropout with the keep mask of [`Ctx::dropout_mask`] ([`fused::dropout`]: keeps
     /// its input and the mask; [`super::joins`] has the joins that keep only the mask).
     pub fn dropout(&self, x: &Tensor, site: u64) -> candle_core::Result<Tensor> {

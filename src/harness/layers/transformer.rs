@@ -13,7 +13,9 @@ use super::moe::{MoeFfn, MoeTerm, Routed};
 use super::ops::{Adapter, Linear, Norm};
 use super::params::{Ctx, Init, ParamStore};
 use crate::plan::finetune::{self, Finetune};
-use crate::spec::transformer::{Activation, Arch, FfnKind, Head, NormKind, TransformerSpec};
+use crate::spec::transformer::{
+    Activation, Arch, BlockKind, FfnKind, Head, NormKind, TransformerSpec,
+};
 use candle_core::{DType, Result, Tensor};
 
 /// A dropout's keep mask and p, when it is on.
@@ -209,7 +211,8 @@ struct Attention {
     kv_heads: usize,
     head_dim: usize,
     causal: bool,
-    /// transformers' Llama-family eager attention: `softmax(scores, dtype=float32)` cast back
+    /// transformers' Llama-family and ViT eager attention: `softmax(scores, dtype=float32)`
+    /// cast back
     softmax_f32: bool,
 }
 
@@ -232,11 +235,20 @@ impl Attention {
                 let qkv = l.forward_split_heads(ctx, x, heads(self.heads), 3)?;
                 (group(&qkv, 0)?, group(&qkv, 1)?, group(&qkv, 2)?)
             }
-            Qkv::Split { q, k, v } => (
-                group(&q.forward_split_heads(ctx, x, heads(self.heads), 1)?, 0)?,
-                group(&k.forward_split_heads(ctx, x, heads(self.kv_heads), 1)?, 0)?,
-                group(&v.forward_split_heads(ctx, x, heads(self.kv_heads), 1)?, 0)?,
-            ),
+            Qkv::Split { q, k, v } => {
+                let q = group(&q.forward_split_heads(ctx, x, heads(self.heads), 1)?, 0)?;
+                let xk = ctx.autocast_copy(x)?;
+                let k = group(
+                    &k.forward_split_heads(ctx, &xk, heads(self.kv_heads), 1)?,
+                    0,
+                )?;
+                let xv = ctx.autocast_copy(x)?;
+                let v = group(
+                    &v.forward_split_heads(ctx, &xv, heads(self.kv_heads), 1)?,
+                    0,
+                )?;
+                (q, k, v)
+            }
         };
         // PyTorch's flash path runs grouped-query attention on the K/V heads (transformers passes
         // enable_gqa to sdpa when there is no mask); eager attention repeats them (repeat_kv).
@@ -380,7 +392,7 @@ impl Mlp {
             }
             Mlp::Swiglu { gate, up, .. } => {
                 let g = fused::activation(&gate.forward(ctx, x)?, Act::Silu)?;
-                g * up.forward(ctx, x)?
+                g * up.forward(ctx, &ctx.autocast_copy(x)?)?
             }
         }
     }
@@ -531,13 +543,18 @@ impl Transformer {
             let n = |s: &str| format!("blocks.{i}.{s}");
             // Qwen2's biases on q, k and v only
             let qkv_b = ab || spec.qkv_bias;
-            let qkv = if kvh == a {
-                let parts: &[(&str, usize)] = if fused_qkv_one {
-                    &[("qkv", 3 * qw)]
-                } else {
-                    &[("q", qw), ("k", qw), ("v", qw)]
-                };
-                Qkv::Fused(lin(store, n("attn.qkv"), h, 3 * qw, qkv_b, parts)?)
+            // one fused projection only where transformers has one (GPT-2's c_attn): separate
+            // q, k and v linears each keep their own input under autocast (Ctx::autocast_copy)
+            // and their own output gradients, as transformers' modules do
+            let qkv = if fused_qkv_one && kvh == a {
+                Qkv::Fused(lin(
+                    store,
+                    n("attn.qkv"),
+                    h,
+                    3 * qw,
+                    qkv_b,
+                    &[("qkv", 3 * qw)],
+                )?)
             } else {
                 let kv = kvh * head_dim;
                 Qkv::Split {
@@ -553,7 +570,10 @@ impl Transformer {
                 kv_heads: kvh,
                 head_dim,
                 causal: spec.arch == Arch::Decoder,
-                softmax_f32: rms,
+                // ViT's eager attention also softmaxes in fp32 (modeling_vit.py); under autocast
+                // the fp32 probabilities are kept beside their 16-bit copy (measured: tiny ViT
+                // b8 64 px fp16-mixed read 0.81 of PyTorch's peak without them)
+                softmax_f32: rms || spec.block_kind() == Some(BlockKind::Vit),
             };
             let f = spec.ffn as usize;
             let moe = spec
@@ -669,9 +689,17 @@ impl Transformer {
                 patch,
             } => {
                 let img = input.to_dtype(ctx.dtype)?;
-                let y = img.conv2d(&ctx.w(*conv_w)?, 0, *patch, 1, 1)?;
+                // one conv node keeping the images and the weights, lowered as PyTorch lowers it
+                // on this device and dtype (conv::conv2d_bias)
+                let y = super::conv::conv2d_bias(
+                    &img,
+                    &ctx.w(*conv_w)?,
+                    &ctx.w(*conv_b)?,
+                    0,
+                    *patch,
+                    false,
+                )?;
                 let (b, h, _, _) = y.dims4()?;
-                let y = y.broadcast_add(&ctx.w(*conv_b)?.reshape((1, h, 1, 1))?)?;
                 // the class token and positions are added in their storage dtype: under autocast
                 // the 16-bit patches are promoted to the fp32 stream by the concatenation
                 let cls = ctx.w_raw(*cls)?;
@@ -903,7 +931,8 @@ fn ffn_terms(ctx: &Ctx, blk: &Block, ffn_in: &Tensor, site: u64) -> Result<Vec<T
                 && down.lora.is_none()
                 && down.b.is_none() =>
         {
-            let (g, u) = (gate.forward(ctx, ffn_in)?, up.forward(ctx, ffn_in)?);
+            let g = gate.forward(ctx, ffn_in)?;
+            let u = up.forward(ctx, &ctx.autocast_copy(ffn_in)?)?;
             let (hb, hs, _) = g.dims3()?;
             let shape = (hb, hs, down.d_out).into();
             let drop = ctx
