@@ -170,14 +170,7 @@ fn mixed_precision_gradients_match_fp32() {
         };
         let (full, mixed) = (grads(Precision::Fp32), grads(Precision::Fp16Mixed));
         assert_eq!(full.len(), mixed.len());
-        let max_abs = |t: &candle_core::Tensor| {
-            t.abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap()
-        };
+        let max_abs = |t: &candle_core::Tensor| vramcal::harness::compare::max_abs(t).unwrap();
         let largest = full.iter().map(|(_, a)| max_abs(a)).fold(0f32, f32::max);
         for ((name, a), (_, b)) in full.iter().zip(&mixed) {
             assert_eq!(b.dtype(), candle_core::DType::F32, "{model} {name}");

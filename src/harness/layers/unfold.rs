@@ -303,6 +303,31 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
     }
 }
 
+/// The `CustomOp2` of a lowering step: its `run` for the inputs' dtype (fp16, the lowering's
+/// case, and fp32 for the tests).
+macro_rules! dtype_dispatch {
+    ($op:ty, $name:literal) => {
+        impl CustomOp2 for $op {
+            fn name(&self) -> &'static str {
+                $name
+            }
+            fn cpu_fwd(
+                &self,
+                a: &CpuStorage,
+                al: &Layout,
+                b: &CpuStorage,
+                bl: &Layout,
+            ) -> Result<(CpuStorage, Shape)> {
+                match a.dtype() {
+                    DType::F16 => self.run::<half::f16>(a, al, b, bl),
+                    DType::F32 => self.run::<f32>(a, al, b, bl),
+                    d => Err(candle_core::Error::UnsupportedDTypeForOp(d, $name).bt()),
+                }
+            }
+        }
+    };
+}
+
 /// The forward: `conv2d(x, w)` through the whole batch's columns.
 struct UnfoldedConv {
     stride: usize,
@@ -351,24 +376,7 @@ impl UnfoldedConv {
     }
 }
 
-impl CustomOp2 for UnfoldedConv {
-    fn name(&self) -> &'static str {
-        "unfolded-conv2d"
-    }
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        w: &CpuStorage,
-        wl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        match x.dtype() {
-            DType::F16 => self.run::<half::f16>(x, xl, w, wl),
-            DType::F32 => self.run::<f32>(x, xl, w, wl),
-            d => Err(candle_core::Error::UnsupportedDTypeForOp(d, "unfolded-conv2d").bt()),
-        }
-    }
-}
+dtype_dispatch!(UnfoldedConv, "unfolded-conv2d");
 
 /// The weight gradient: `dw = sum over images of g · columnsᵀ`, accumulated in place.
 struct UnfoldedWeightGrad {
@@ -420,24 +428,7 @@ impl UnfoldedWeightGrad {
     }
 }
 
-impl CustomOp2 for UnfoldedWeightGrad {
-    fn name(&self) -> &'static str {
-        "unfolded-conv2d-weight-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        x: &CpuStorage,
-        xl: &Layout,
-        g: &CpuStorage,
-        gl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        match x.dtype() {
-            DType::F16 => self.run::<half::f16>(x, xl, g, gl),
-            DType::F32 => self.run::<f32>(x, xl, g, gl),
-            d => Err(candle_core::Error::UnsupportedDTypeForOp(d, "unfolded-conv2d").bt()),
-        }
-    }
-}
+dtype_dispatch!(UnfoldedWeightGrad, "unfolded-conv2d-weight-grad");
 
 /// The input gradient: per image `columns = wᵀ · g`, added back onto the image's positions.
 /// Like ATen, each thread owns one image's columns (`fgrad_input`), not the whole batch's, and
@@ -490,24 +481,7 @@ impl UnfoldedInputGrad {
     }
 }
 
-impl CustomOp2 for UnfoldedInputGrad {
-    fn name(&self) -> &'static str {
-        "unfolded-conv2d-input-grad"
-    }
-    fn cpu_fwd(
-        &self,
-        g: &CpuStorage,
-        gl: &Layout,
-        w: &CpuStorage,
-        wl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        match g.dtype() {
-            DType::F16 => self.run::<half::f16>(g, gl, w, wl),
-            DType::F32 => self.run::<f32>(g, gl, w, wl),
-            d => Err(candle_core::Error::UnsupportedDTypeForOp(d, "unfolded-conv2d").bt()),
-        }
-    }
-}
+dtype_dispatch!(UnfoldedInputGrad, "unfolded-conv2d-input-grad");
 
 /// `conv2d(x, w)` (NCHW, square stride and padding) lowered as `slow_conv2d` is. No graph.
 pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
