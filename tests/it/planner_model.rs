@@ -664,3 +664,33 @@ fn dropout_and_activation_change_gpt2_activation_bytes() {
     );
     assert_eq!((default.activations - tanh.activations) as f64, act_bytes);
 }
+
+/// sdpa's CPU math path (attention dropout on a CPU) keeps eager attention's b·a·s² tensors, in
+/// fp32 for 16-bit inputs: planned as twice eager's score elements under fp16-mixed, the same
+/// as eager in fp32, and with eager's measured block coefficients (PyTorch 2.15 CPU, tiny BERT
+/// b4 s256 fp16-mixed: the math path peaked 38.1 MB, eager 22.9 MB).
+#[test]
+fn sdpas_cpu_math_path_plans_fp32_scores() {
+    let model = preset("tiny-bert").unwrap();
+    let plan = |attention, precision| {
+        let t = TrainSpec {
+            attention,
+            precision,
+            ..train(4, 256)
+        };
+        memory::features(&model, &t).unwrap()
+    };
+    for (precision, factor) in [(Precision::Fp16Mixed, 2.0), (Precision::Fp32, 1.0)] {
+        let (math, eager) = (
+            plan(Attention::Math, precision),
+            plan(Attention::Eager, precision),
+        );
+        assert_eq!(math.bas2, factor * eager.bas2, "{precision}");
+        assert!(eager.bas2 > 0.0);
+        assert_eq!(math.fused_attention_bytes, 0.0);
+        assert_eq!(math.block, eager.block);
+    }
+    assert_eq!(Attention::Math.score_upcast(2), 2.0);
+    assert_eq!(Attention::Eager.score_upcast(2), 1.0);
+    assert_eq!(Attention::Sdpa.score_upcast(2), 1.0);
+}
