@@ -37,7 +37,7 @@ pub enum ConvLowering {
 /// The lowering PyTorch picks for a convolution in `dtype` on `device`. CUDA: cuDNN. CPU: oneDNN
 /// for fp32 and bf16 (bf16 needs AVX-512 BW/VL/DQ, which every CPU with a bf16 training story
 /// has; a bf16 step on an older CPU is not modelled: candle has no bf16 GEMM to unfold with), and
-/// for fp16 only where the CPU has AVX512-FP16 or AMX-FP16.
+/// for fp16 only where the CPU has AVX512-FP16 or AMX-FP16 (Arm: fp16 arithmetic).
 pub fn lowering(device: &Device, dtype: DType) -> ConvLowering {
     if device.is_cpu() && dtype == DType::F16 && !cpu_has_fp16_convolution() {
         ConvLowering::Unfolded
@@ -46,7 +46,9 @@ pub fn lowering(device: &Device, dtype: DType) -> ConvLowering {
     }
 }
 
-/// Whether this CPU has the fp16 instructions oneDNN needs for fp16 convolutions.
+/// Whether this CPU has the fp16 instructions PyTorch's `mkldnn_fp16_device_check` asks for
+/// before it hands fp16 convolutions to oneDNN (x86: AVX512-FP16 or AMX-FP16; Arm: fp16
+/// arithmetic, for builds with oneDNN's Arm backend).
 fn cpu_has_fp16_convolution() -> bool {
     static HAS: OnceLock<bool> = OnceLock::new();
     *HAS.get_or_init(|| {
@@ -58,7 +60,12 @@ fn cpu_has_fp16_convolution() -> bool {
                     .map(|s| s.split_whitespace().any(|f| f == "amx_fp16"))
                     .unwrap_or(false)
         }
-        #[cfg(not(target_arch = "x86_64"))]
+        // PyTorch's Arm check (`mkldnn_fp16_device_check_arm`): fp16 arithmetic
+        #[cfg(target_arch = "aarch64")]
+        {
+            std::arch::is_aarch64_feature_detected!("fp16")
+        }
+        #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
         {
             false
         }
