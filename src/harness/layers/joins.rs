@@ -339,7 +339,9 @@ impl ActLinear {
             &self.w.detach(),
             self.b.as_ref().map(|b| b.detach()).as_ref(),
         )?;
-        if let Ok(mut kept) = self.a.lock() {
+        // a frozen last linear (LoRA elsewhere) needs no weight gradient, so PyTorch does not
+        // save its input
+        if let (true, Ok(mut kept)) = (self.w.track_op(), self.a.lock()) {
             *kept = Some(a);
         }
         dropped(y, self.drop.as_ref())
@@ -378,7 +380,7 @@ impl SeedActLinearOp {
 
 /// Gradients of h, the weight and the bias of `linear(act(h))` receiving `g`; `act(h)`, the
 /// linear's saved input, is taken from `kept` (recomputed if absent) and freed once the weight
-/// gradient has used it, before the activation's backward.
+/// gradient has used it, before the activation's backward. A frozen weight needs neither.
 fn act_linear_grads(
     h: &Tensor,
     w: &Tensor,
@@ -391,14 +393,15 @@ fn act_linear_grads(
     let (h, w) = (h.detach(), w.detach());
     let (o, f) = w.dims2()?;
     let g2 = g.reshape(((), o))?;
-    let a = match kept.lock().ok().and_then(|mut a| a.take()) {
-        Some(a) => a,
-        None => super::fused::activation(&h, act)?,
+    let gw = if need_w {
+        let a = match kept.lock().ok().and_then(|mut a| a.take()) {
+            Some(a) => a,
+            None => super::fused::activation(&h, act)?,
+        };
+        Some(g2.t()?.matmul(&a.reshape(((), f))?)?)
+    } else {
+        None
     };
-    let gw = need_w
-        .then(|| g2.t()?.matmul(&a.reshape(((), f))?))
-        .transpose()?;
-    std::mem::drop(a);
     let gb = (has_b && need_w).then(|| g2.sum(0)).transpose()?;
     let gh = if need_h {
         let ga = g2.matmul(&w)?.reshape(h.shape())?;
@@ -419,8 +422,12 @@ pub struct SwiGluLinear {
     up: Tensor,
     w: Tensor,
     drop: Option<(Tensor, f32)>,
-    kept: Arc<Mutex<Option<(Tensor, Tensor)>>>,
+    kept: SwiGluKept,
 }
+
+/// `silu(gate)`, and the product when the last linear's weight gradient needs it, from the
+/// forward until the backward takes them.
+type SwiGluKept = Arc<Mutex<Option<(Tensor, Option<Tensor>)>>>;
 
 impl SwiGluLinear {
     /// `gate`, `up`: the two projections' outputs (graph tensors); `w`: the last linear's
@@ -444,6 +451,8 @@ impl SwiGluLinear {
         let s = super::fused::activation(&self.gate.detach(), super::fused::Act::Silu)?;
         let a = (&s * &self.up.detach())?;
         let y = super::fused::linear(&a, &self.w.detach(), None)?;
+        // a frozen last linear (LoRA elsewhere) saves no input in PyTorch
+        let a = self.w.track_op().then_some(a);
         if let Ok(mut kept) = self.kept.lock() {
             *kept = Some((s, a));
         }
@@ -467,7 +476,7 @@ impl SwiGluLinear {
 
 struct SeedSwiGluOp {
     g: Tensor,
-    kept: Arc<Mutex<Option<(Tensor, Tensor)>>>,
+    kept: SwiGluKept,
     out: Handed,
 }
 
@@ -492,16 +501,20 @@ impl CustomOp3 for SeedSwiGluOp {
         let g2 = self.g.reshape(((), o))?;
         let (s, a) = match self.kept.lock().ok().and_then(|mut k| k.take()) {
             Some(kept) => kept,
-            None => {
-                let s = super::fused::activation(&gate, super::fused::Act::Silu)?;
-                let a = (&s * &up)?;
-                (s, a)
-            }
+            None => (
+                super::fused::activation(&gate, super::fused::Act::Silu)?,
+                None,
+            ),
         };
-        let gw = need_w
-            .then(|| g2.t()?.matmul(&a.reshape(((), f))?))
-            .transpose()?;
-        std::mem::drop(a);
+        let gw = if need_w {
+            let a = match a {
+                Some(a) => a,
+                None => (&s * &up)?,
+            };
+            Some(g2.t()?.matmul(&a.reshape(((), f))?)?)
+        } else {
+            None
+        };
         let ga = g2.matmul(&w)?.reshape(up.shape())?;
         let g_up = (&ga * &s)?;
         let g_s = (&ga * &up)?;
@@ -592,7 +605,8 @@ pub fn act_linear_residual(
     let shape = out.shape().clone();
     let op = ResidActLinearOp {
         act,
-        a: Mutex::new(Some(a)),
+        // kept for the weight gradient only (a frozen last linear saves no input in PyTorch)
+        a: Mutex::new(w.track_op().then_some(a)),
         out: Handed::new(out.flatten_to(D::Minus2)?.contiguous()?),
         stash: stash.clone(),
         drop: Dropped::new(drop),
