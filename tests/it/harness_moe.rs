@@ -210,10 +210,11 @@ fn planned_moe_step_peaks_match_pytorch() {
 }
 
 /// candle's MoE steps against PyTorch's: within 1.00-1.02 in fp32 (bounds 0.98-1.04) since the
-/// blocks run as attention and feed-forward segments, and 0.93-1.00 in fp16-mixed (bounds
-/// 0.90-1.04) since the residual stream is fp32 and the attention probabilities are kept in fp32
-/// as transformers' Llama-family attention keeps them (0.82-1.00 before). The committed candle
-/// column is re-measured for two points, within 2 %.
+/// blocks run as attention and feed-forward segments, and 0.98-1.01 in fp16-mixed (bounds
+/// 0.95-1.04) since the residual stream is fp32, the attention probabilities are kept in fp32 as
+/// transformers' Llama-family attention keeps them, q, k and v keep their own autocast copies
+/// and the loss's logit gradient is fp32 before its cast (0.82-1.00 before all that). The
+/// committed candle column is re-measured for two points, within 2 %.
 #[test]
 fn candle_moe_step_peaks_track_pytorch() {
     for p in points() {
@@ -221,7 +222,7 @@ fn candle_moe_step_peaks_track_pytorch() {
         let (lo, hi) = if p.precision == "fp32" {
             (0.98, 1.04)
         } else {
-            (0.90, 1.04)
+            (0.95, 1.04)
         };
         assert!((lo..hi).contains(&r), "{}: candle/PyTorch {r:.3}", p.name);
     }

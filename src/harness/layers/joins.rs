@@ -665,16 +665,20 @@ impl CustomOp2 for LmLossOp {
             1,
         )?;
         // log_softmax backward: g_logits = g_logp - exp(logp) * rowsum(g_logp), row block by
-        // row block into one buffer
-        let g_logits = Tensor::zeros((n, v), x.dtype(), x.device())?;
+        // row block into one fp32 buffer (the loss ran in fp32), then, under autocast, cast to
+        // the logits' 16-bit dtype once the fp32 loss tensors are freed, as PyTorch's
+        // ToCopyBackward of `logits.float()` does (measured: a tiny Llama's fp16 head backward
+        // holds fp32 log-probabilities, NLL gradient and logit gradient at once)
+        let g_logits = Tensor::zeros((n, v), DType::F32, x.device())?;
         for r0 in (0..n).step_by(LOSS_ROWS) {
             let r = LOSS_ROWS.min(n - r0);
             let gl = g_logp.narrow(0, r0, r)?;
             let sum = gl.sum_keepdim(D::Minus1)?;
             let part = (&gl - logp.narrow(0, r0, r)?.exp()?.broadcast_mul(&sum)?)?;
-            g_logits.slice_set(&part.to_dtype(x.dtype())?, 0, r0)?;
+            g_logits.slice_set(&part, 0, r0)?;
         }
         drop((logp, g_logp));
+        let g_logits = g_logits.to_dtype(x.dtype())?;
         let gx = g_logits.matmul(&w)?;
         // a frozen head (LoRA) has no weight gradient
         let gw = need_w.then(|| g_logits.t()?.matmul(&x)).transpose()?;
