@@ -222,7 +222,8 @@ impl Col {
 
 /// Bytes of a point that no coefficient scales, in regime `r` (before 1 + frag): at
 /// the optimizer step the group-wide update temporaries; in backward the fused attention
-/// kernel's saved output and log-sum-exp and the MoE blocks' routed-expert bytes (a block's, so
+/// kernel's saved output and log-sum-exp, sdpa's CPU math path's fp32 q, k and v, and the MoE
+/// blocks' routed-expert bytes (a block's, so
 /// none in a checkpointed step's head phase). The planner counts the same bytes
 /// (`Features::activation_bytes`, `Features::step_transient_bytes`).
 pub fn known_bytes(p: &Point, r: Regime) -> f64 {
@@ -233,7 +234,7 @@ pub fn known_bytes(p: &Point, r: Regime) -> f64 {
     if f.phased && r.head_phase {
         return 0.0;
     }
-    f.fused_attention_bytes + f.moe_bytes
+    f.fused_attention_bytes + f.moe_bytes + f.math_upcast_bytes
 }
 
 /// Where a coefficient's value came from.

@@ -66,6 +66,10 @@ pub struct Features {
     /// semantics from PyTorch's `_scaled_dot_product_flash_attention` /
     /// `_efficient_attention` signatures, not fitted (the harness runs eager attention).
     pub fused_attention_bytes: f64,
+    /// sdpa's CPU math path over 16-bit inputs ([`Attention::Math`]): the fp32 copies of q, k
+    /// and v it saves, `b·s·(q_width + 2·kv_width)·(4 − compute_bytes)` per live layer, beside the
+    /// 16-bit tensors eager attention keeps. Known, not fitted.
+    pub math_upcast_bytes: f64,
     /// Bytes (not elements) of the optimizer step's group-wide temporaries: AdamW `foreach`
     /// materialises `_foreach_sqrt(exp_avg_sq)`, one state-sized tensor per parameter this rank
     /// updates (torch/optim/adamw.py `_multi_tensor_adamw`). Literature, not fitted.
@@ -213,6 +217,7 @@ impl Features {
                     + self.bskv * m.bskv
                     + self.bs * m.bs
                     + self.moe_bytes
+                    + self.math_upcast_bytes
                     + self.cross_attention_bytes,
             );
         }
@@ -224,6 +229,7 @@ impl Features {
                 + self.dropout_elems * a.c_dropout.value
                 + self.fused_attention_bytes
                 + self.moe_bytes
+                + self.math_upcast_bytes
                 + self.cross_attention_bytes,
         )
     }
@@ -334,8 +340,17 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 .score_upcast(train.precision.compute_bytes());
             let scores = b * a * s * s * upcast;
             let ws_scores = if sdpa { 0.0 } else { a * s * s * upcast };
+            let cb = train.precision.compute_bytes() as f64;
             let fused_attention_bytes = if sdpa {
-                live * b * s * (h * train.precision.compute_bytes() as f64 + a * 4.0)
+                live * b * s * (h * cb + a * 4.0)
+            } else {
+                0.0
+            };
+            // the CPU math path over 16-bit inputs: the fp32 copies of q, k and v its matmuls
+            // save, beyond the 16-bit ones eager attention's coefficients count
+            let math_upcast_bytes = if upcast > 1.0 {
+                let kv = (t.kv_heads * t.head_dim()) as f64;
+                live * b * s * (t.q_width() as f64 + 2.0 * kv) * (4.0 - cb)
             } else {
                 0.0
             };
@@ -387,6 +402,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 ops: l,
                 max_param: update_transient(model, train),
                 fused_attention_bytes,
+                math_upcast_bytes,
                 // the parameters this rank's optimizer updates: not the other ranks' experts
                 group_update_bytes: group_update(
                     params::count(model) - moe::unheld(t, train.gpus),

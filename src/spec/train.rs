@@ -213,8 +213,8 @@ pub enum Attention {
     /// in training): composed like eager attention, keeping the same b·a·s² tensors, but with
     /// 16-bit inputs upcast to fp32 first, so those tensors are fp32 (PyTorch's
     /// `_scaled_dot_product_attention_math` on a CPU). Never asked for: [`Attention::kernels_on`]
-    /// picks it.
-    #[serde(rename = "math")]
+    /// picks it, so it is written (a plan's JSON) but never read from a file.
+    #[serde(rename = "math", skip_deserializing)]
     Math,
 }
 

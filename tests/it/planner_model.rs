@@ -666,8 +666,8 @@ fn dropout_and_activation_change_gpt2_activation_bytes() {
 }
 
 /// sdpa's CPU math path (attention dropout on a CPU) keeps eager attention's b·a·s² tensors, in
-/// fp32 for 16-bit inputs: planned as twice eager's score elements under fp16-mixed, the same
-/// as eager in fp32, and with eager's measured block coefficients (PyTorch 2.15 CPU, tiny BERT
+/// fp32 for 16-bit inputs: planned as twice eager's score elements under fp16-mixed, plus fp32
+/// copies of q, k and v, the same as eager in fp32, and with eager's measured block coefficients (PyTorch 2.15 CPU, tiny BERT
 /// b4 s256 fp16-mixed: the math path peaked 38.1 MB, eager 22.9 MB).
 #[test]
 fn sdpas_cpu_math_path_plans_fp32_scores() {
@@ -689,6 +689,14 @@ fn sdpas_cpu_math_path_plans_fp32_scores() {
         assert!(eager.bas2 > 0.0);
         assert_eq!(math.fused_attention_bytes, 0.0);
         assert_eq!(math.block, eager.block);
+        // and its fp32 copies of q, k and v: 4 layers · b·s · (128 + 2·128) · 2 bytes in fp16
+        let qkv = if factor > 1.0 {
+            4.0 * 4.0 * 256.0 * 384.0 * 2.0
+        } else {
+            0.0
+        };
+        assert_eq!(math.math_upcast_bytes, qkv, "{precision}");
+        assert_eq!(eager.math_upcast_bytes, 0.0);
     }
     assert_eq!(Attention::Math.score_upcast(2), 2.0);
     assert_eq!(Attention::Eager.score_upcast(2), 1.0);

@@ -2,7 +2,8 @@
 //! holding the indices of its parameters in the [`ParamStore`].
 //!
 //! The trainer runs it segment by segment ([`Cnn::segment`], [`Cnn::head_loss`]), as it runs a
-//! transformer block by block: each top-level residual block (or conv + ReLU) ends a segment, so a segment's
+//! transformer block by block: each top-level residual block (or conv + ReLU, or BatchNorm +
+//! ReLU) ends a segment, so a segment's
 //! graph (and the activations it keeps) is released once its backward has run, as PyTorch frees
 //! each node's saved tensors during backward. A block's output `relu(body + shortcut)` is not a
 //! graph node: it is computed outside the graph and held once, as the next segment's input
@@ -276,8 +277,9 @@ fn branch(ops: &[Op], ctx: &Ctx, x: &Tensor) -> Result<Term> {
 pub struct Cnn {
     pub spec: CnnSpec,
     ops: Vec<Op>,
-    /// End (exclusive) of each segment in `ops`: each ends with a top-level residual block or a
-    /// top-level conv with bias followed by ReLU.
+    /// End (exclusive) of each segment in `ops`: each ends with a top-level residual block, a
+    /// top-level conv with bias followed by ReLU, or a top-level BatchNorm followed by ReLU (a
+    /// ResNet stem: its conv's weight gradient then meets none of the first block's tensors).
     ends: Vec<usize>,
 }
 
@@ -299,14 +301,16 @@ impl Cnn {
         })
     }
 
-    /// Segments that end with a residual block or a conv + ReLU (0 for a network with neither).
+    /// Segments that end with a residual block, a conv + ReLU or a BatchNorm + ReLU (0 for a
+    /// network with none).
     pub fn segments(&self) -> usize {
         self.ends.len()
     }
 
     /// Segment `i` on `x` (segment 0: the images `[b, c, H, W]`, any dtype; later ones: the
     /// previous segment's output): the ops before its last op in the graph, and the last op (a
-    /// residual block, or a conv with bias and its ReLU) as the output join.
+    /// residual block, a conv with bias and its ReLU, or a BatchNorm and its ReLU) as the output
+    /// join.
     pub fn segment(&self, ctx: &Ctx, i: usize, x: &Tensor) -> Result<Join> {
         let start = if i == 0 { 0 } else { self.ends[i - 1] };
         let end = self.ends[i];

@@ -678,7 +678,11 @@ impl CustomOp2 for LmLossOp {
             g_logits.slice_set(&part, 0, r0)?;
         }
         drop((logp, g_logp));
-        let g_logits = g_logits.to_dtype(x.dtype())?;
+        // a new binding would keep the fp32 gradient alive through the matmuls below
+        let g_logits = {
+            let g32 = g_logits;
+            g32.to_dtype(x.dtype())?
+        };
         let gx = g_logits.matmul(&w)?;
         // a frozen head (LoRA) has no weight gradient
         let gw = need_w.then(|| g_logits.t()?.matmul(&x)).transpose()?;

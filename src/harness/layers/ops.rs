@@ -109,6 +109,12 @@ impl Adapter {
 }
 
 impl Linear {
+    /// Whether PyTorch's linear saves its input: for the weight's gradient (trainable) or the
+    /// LoRA A matrix's (adapted); a frozen, unadapted linear saves none.
+    pub fn keeps_input(&self, ctx: &Ctx) -> bool {
+        ctx.store.params[self.w].trainable || self.lora.is_some()
+    }
+
     pub fn new(
         store: &mut ParamStore,
         name: &str,

@@ -337,9 +337,12 @@ impl<'a> Ctx<'a> {
     /// the fp32 norm output, and SwiGLU's gate and up two (measured with saved-tensor hooks,
     /// PyTorch 2.15 CPU autocast: Llama and ViT blocks). The norm node writes the first copy
     /// ([`super::ops::Norm::forward_to`]); a post-norm block's fp32 stream is cast by each
-    /// linear anyway ([`Ctx::compute`]), and outside autocast every reader shares `x`.
-    pub fn autocast_copy(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        if self.store.dtype != self.dtype && x.dtype() == self.dtype {
+    /// linear anyway ([`Ctx::compute`]), and outside autocast every reader shares `x`. A reader
+    /// that keeps no input (`keeps_input` false: a frozen, unadapted linear, as PyTorch saves a
+    /// linear's input only for a gradient that needs it) shares `x` too: its cast is transient
+    /// in PyTorch.
+    pub fn autocast_copy(&self, x: &Tensor, keeps_input: bool) -> candle_core::Result<Tensor> {
+        if keeps_input && self.store.dtype != self.dtype && x.dtype() == self.dtype {
             x.copy()
         } else {
             Ok(x.clone())

@@ -237,12 +237,12 @@ impl Attention {
             }
             Qkv::Split { q, k, v } => {
                 let q = group(&q.forward_split_heads(ctx, x, heads(self.heads), 1)?, 0)?;
-                let xk = ctx.autocast_copy(x)?;
+                let xk = ctx.autocast_copy(x, k.keeps_input(ctx))?;
                 let k = group(
                     &k.forward_split_heads(ctx, &xk, heads(self.kv_heads), 1)?,
                     0,
                 )?;
-                let xv = ctx.autocast_copy(x)?;
+                let xv = ctx.autocast_copy(x, v.keeps_input(ctx))?;
                 let v = group(
                     &v.forward_split_heads(ctx, &xv, heads(self.kv_heads), 1)?,
                     0,
@@ -392,7 +392,7 @@ impl Mlp {
             }
             Mlp::Swiglu { gate, up, .. } => {
                 let g = fused::activation(&gate.forward(ctx, x)?, Act::Silu)?;
-                g * up.forward(ctx, &ctx.autocast_copy(x)?)?
+                g * up.forward(ctx, &ctx.autocast_copy(x, up.keeps_input(ctx))?)?
             }
         }
     }
@@ -932,7 +932,7 @@ fn ffn_terms(ctx: &Ctx, blk: &Block, ffn_in: &Tensor, site: u64) -> Result<Vec<T
                 && down.b.is_none() =>
         {
             let g = gate.forward(ctx, ffn_in)?;
-            let u = up.forward(ctx, &ctx.autocast_copy(ffn_in)?)?;
+            let u = up.forward(ctx, &ctx.autocast_copy(ffn_in, up.keeps_input(ctx))?)?;
             let (hb, hs, _) = g.dims3()?;
             let shape = (hb, hs, down.d_out).into();
             let drop = ctx

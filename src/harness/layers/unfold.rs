@@ -95,6 +95,9 @@ struct Geometry {
 impl Geometry {
     fn new(x: &Shape, k_h: usize, k_w: usize, stride: usize, padding: usize) -> Result<Self> {
         let (batch, c_in, in_h, in_w) = x.dims4()?;
+        if [batch, c_in, in_h, in_w, k_h, k_w, stride].contains(&0) {
+            candle_core::bail!("unfolded conv2d: an empty input, kernel or stride ({x:?})");
+        }
         let out = |n: usize, k: usize| {
             (n + 2 * padding)
                 .checked_sub(k)
@@ -114,6 +117,23 @@ impl Geometry {
             padding,
         })
     }
+    /// Refuses a weight `[c_out, c_in', ...]` or an output gradient `[b', c_out', out_h', out_w']`
+    /// that does not fit this geometry (the GEMMs read raw memory).
+    fn check(&self, w: Option<&Shape>, g: Option<(&Shape, usize)>) -> Result<()> {
+        if let Some(w) = w {
+            let (_, c_in, k_h, k_w) = w.dims4()?;
+            if (c_in, k_h, k_w) != (self.c_in, self.k_h, self.k_w) {
+                candle_core::bail!("unfolded conv2d: weight {w:?} against {self:?}");
+            }
+        }
+        if let Some((g, c_out)) = g {
+            if g.dims4()? != (self.batch, c_out, self.out_h, self.out_w) {
+                candle_core::bail!("unfolded conv2d: output gradient {g:?} against {self:?}");
+            }
+        }
+        Ok(())
+    }
+
     /// rows of one image's columns: `c_in·k_h·k_w`
     fn rows(&self) -> usize {
         self.c_in * self.k_h * self.k_w
@@ -351,6 +371,7 @@ impl UnfoldedConv {
     ) -> Result<(CpuStorage, Shape)> {
         let (c_out, _, k_h, k_w) = wl.shape().dims4()?;
         let g = Geometry::new(xl.shape(), k_h, k_w, self.stride, self.padding)?;
+        g.check(Some(wl.shape()), None)?;
         let (x, w) = (slice::<T>(x, xl)?, slice::<T>(w, wl)?);
         let cols = g.unfold(x);
         let (rows, positions) = (g.rows(), g.positions());
@@ -403,6 +424,7 @@ impl UnfoldedWeightGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let geo = Geometry::new(xl.shape(), self.k_h, self.k_w, self.stride, self.padding)?;
         let (_, c_out, _, _) = gl.shape().dims4()?;
+        geo.check(None, Some((gl.shape(), c_out)))?;
         let (x, g) = (slice::<T>(x, xl)?, slice::<T>(g, gl)?);
         let cols = geo.unfold(x);
         let (rows, positions) = (geo.rows(), geo.positions());
@@ -457,6 +479,7 @@ impl UnfoldedInputGrad {
     ) -> Result<(CpuStorage, Shape)> {
         let (c_out, _, k_h, k_w) = wl.shape().dims4()?;
         let geo = Geometry::new(&self.input, k_h, k_w, self.stride, self.padding)?;
+        geo.check(Some(wl.shape()), Some((gl.shape(), c_out)))?;
         let (g, w) = (slice::<T>(g, gl)?, slice::<T>(w, wl)?);
         let (rows, positions) = (geo.rows(), geo.positions());
         let image = geo.c_in * geo.in_h * geo.in_w;
@@ -608,6 +631,21 @@ mod tests {
                 assert!(d < tol, "input gradient k{k} s{stride} {dtype:?}: {d}");
             }
         }
+    }
+
+    /// Shapes that do not fit the geometry are refused before any GEMM reads memory.
+    #[test]
+    fn mismatched_shapes_are_refused() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((2, 3, 8, 8), DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((4, 2, 3, 3), DType::F32, &dev).unwrap();
+        assert!(conv2d(&x, &w, 1, 1).is_err());
+        let g = Tensor::zeros((1, 4, 8, 8), DType::F32, &dev).unwrap();
+        assert!(weight_grad(&x, &g, (3, 3), 1, 1).is_err());
+        let w = Tensor::zeros((4, 3, 3, 3), DType::F32, &dev).unwrap();
+        assert!(input_grad(x.shape(), &w, &g, 1, 1).is_err());
+        let empty = Tensor::zeros((0, 3, 8, 8), DType::F32, &dev).unwrap();
+        assert!(conv2d(&empty, &w, 1, 1).is_err());
     }
 
     /// fp16 on a CPU without fp16 convolution instructions unfolds; fp32 and bf16 never do.
