@@ -111,9 +111,10 @@ fn conv_grads(
     // an input no gradient reaches (the images) gets none, as PyTorch's needs_input_grad
     let needs_input_grad = x.track_op();
     let (x, w) = (x.detach(), w.detach());
-    let unfolded = unfolds(&x, &w, padding, stride)?;
-    let lowering = unfold::lowering(x.device(), x.dtype());
-    let grad_x = if needs_input_grad && lowering == ConvLowering::Unfolded {
+    // slow_conv2d's input gradient takes its per-thread columns for every kernel; its forward
+    // and weight gradient unfold only kernels that need columns (`unfolds`)
+    let lowered = unfold::lowering(x.device(), x.dtype()) == ConvLowering::Unfolded;
+    let grad_x = if needs_input_grad && lowered {
         Some(unfold::input_grad(x.shape(), &w, g, padding, stride)?)
     } else if needs_input_grad {
         // candle's own formula (backprop.rs): the transposed convolution with the output
@@ -125,7 +126,7 @@ fn conv_grads(
     } else {
         None
     };
-    let grad_w = if unfolded {
+    let grad_w = if unfolds(&x, &w, padding, stride)? {
         let (_, _, k_h, k_w) = w.dims4()?;
         unfold::weight_grad(&x, g, (k_h, k_w), padding, stride)?
     } else {

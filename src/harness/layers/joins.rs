@@ -339,10 +339,8 @@ impl ActLinear {
             &self.w.detach(),
             self.b.as_ref().map(|b| b.detach()).as_ref(),
         )?;
-        // a frozen last linear (LoRA elsewhere) needs no weight gradient, so PyTorch does not
-        // save its input
-        if let (true, Ok(mut kept)) = (self.w.track_op(), self.a.lock()) {
-            *kept = Some(a);
+        if let Ok(mut kept) = self.a.lock() {
+            *kept = kept_for_weight(&self.w, a);
         }
         dropped(y, self.drop.as_ref())
     }
@@ -378,6 +376,31 @@ impl SeedActLinearOp {
     }
 }
 
+/// The last linear's input, kept for its weight gradient only: PyTorch saves a linear's input
+/// only when its weight needs a gradient (a frozen last linear, LoRA elsewhere, saves none).
+fn kept_for_weight(w: &Tensor, input: Tensor) -> Option<Tensor> {
+    w.track_op().then_some(input)
+}
+
+/// The last linear's weight gradient `g2ᵀ · input` (`input` `[.., f]`) when `need_w`: from the
+/// kept input, else the one `recompute` rebuilds. The input is freed on return.
+fn last_weight_grad(
+    need_w: bool,
+    g2: &Tensor,
+    kept: Option<Tensor>,
+    f: usize,
+    recompute: impl FnOnce() -> Result<Tensor>,
+) -> Result<Option<Tensor>> {
+    if !need_w {
+        return Ok(None);
+    }
+    let input = match kept {
+        Some(a) => a,
+        None => recompute()?,
+    };
+    Ok(Some(g2.t()?.matmul(&input.reshape(((), f))?)?))
+}
+
 /// Gradients of h, the weight and the bias of `linear(act(h))` receiving `g`; `act(h)`, the
 /// linear's saved input, is taken from `kept` (recomputed if absent) and freed once the weight
 /// gradient has used it, before the activation's backward. A frozen weight needs neither.
@@ -393,15 +416,8 @@ fn act_linear_grads(
     let (h, w) = (h.detach(), w.detach());
     let (o, f) = w.dims2()?;
     let g2 = g.reshape(((), o))?;
-    let gw = if need_w {
-        let a = match kept.lock().ok().and_then(|mut a| a.take()) {
-            Some(a) => a,
-            None => super::fused::activation(&h, act)?,
-        };
-        Some(g2.t()?.matmul(&a.reshape(((), f))?)?)
-    } else {
-        None
-    };
+    let kept = kept.lock().ok().and_then(|mut a| a.take());
+    let gw = last_weight_grad(need_w, &g2, kept, f, || super::fused::activation(&h, act))?;
     let gb = (has_b && need_w).then(|| g2.sum(0)).transpose()?;
     let gh = if need_h {
         let ga = g2.matmul(&w)?.reshape(h.shape())?;
@@ -451,10 +467,8 @@ impl SwiGluLinear {
         let s = super::fused::activation(&self.gate.detach(), super::fused::Act::Silu)?;
         let a = (&s * &self.up.detach())?;
         let y = super::fused::linear(&a, &self.w.detach(), None)?;
-        // a frozen last linear (LoRA elsewhere) saves no input in PyTorch
-        let a = self.w.track_op().then_some(a);
         if let Ok(mut kept) = self.kept.lock() {
-            *kept = Some((s, a));
+            *kept = Some((s, kept_for_weight(&self.w, a)));
         }
         dropped(y, self.drop.as_ref())
     }
@@ -506,15 +520,7 @@ impl CustomOp3 for SeedSwiGluOp {
                 None,
             ),
         };
-        let gw = if need_w {
-            let a = match a {
-                Some(a) => a,
-                None => (&s * &up)?,
-            };
-            Some(g2.t()?.matmul(&a.reshape(((), f))?)?)
-        } else {
-            None
-        };
+        let gw = last_weight_grad(need_w, &g2, a, f, || &s * &up)?;
         let ga = g2.matmul(&w)?.reshape(up.shape())?;
         let g_up = (&ga * &s)?;
         let g_s = (&ga * &up)?;
@@ -605,8 +611,7 @@ pub fn act_linear_residual(
     let shape = out.shape().clone();
     let op = ResidActLinearOp {
         act,
-        // kept for the weight gradient only (a frozen last linear saves no input in PyTorch)
-        a: Mutex::new(w.track_op().then_some(a)),
+        a: Mutex::new(kept_for_weight(w, a)),
         out: Handed::new(out.flatten_to(D::Minus2)?.contiguous()?),
         stash: stash.clone(),
         drop: Dropped::new(drop),

@@ -153,25 +153,8 @@ impl Geometry {
             .zip(x.par_chunks(image))
             .for_each(|(col, img)| {
                 for (row, dst) in col.chunks_mut(positions).enumerate() {
-                    let c = row / (self.k_h * self.k_w);
-                    let ky = row / self.k_w % self.k_h;
-                    let kx = row % self.k_w;
-                    let plane = &img[c * self.in_h * self.in_w..][..self.in_h * self.in_w];
-                    for oy in 0..self.out_h {
-                        let Some(iy) = (oy * self.stride + ky).checked_sub(self.padding) else {
-                            continue;
-                        };
-                        if iy >= self.in_h {
-                            continue;
-                        }
-                        for ox in 0..self.out_w {
-                            if let Some(ix) = (ox * self.stride + kx).checked_sub(self.padding) {
-                                if ix < self.in_w {
-                                    dst[oy * self.out_w + ox] = plane[iy * self.in_w + ix];
-                                }
-                            }
-                        }
-                    }
+                    let plane = self.plane(row);
+                    self.taps(row, |pos, pixel| dst[pos] = img[plane + pixel]);
                 }
             });
         cols
@@ -180,26 +163,35 @@ impl Geometry {
     /// Adds one image's columns back onto its input-shaped gradient `img` (ATen's
     /// `unfolded2d_acc`, the transpose of [`Geometry::unfold`]).
     fn fold_into<T: WithDType>(&self, col: &[T], img: &mut [T]) {
-        let positions = self.positions();
-        for (row, src) in col.chunks(positions).enumerate() {
-            let c = row / (self.k_h * self.k_w);
-            let ky = row / self.k_w % self.k_h;
-            let kx = row % self.k_w;
-            let plane = &mut img[c * self.in_h * self.in_w..][..self.in_h * self.in_w];
-            for oy in 0..self.out_h {
-                let Some(iy) = (oy * self.stride + ky).checked_sub(self.padding) else {
-                    continue;
-                };
-                if iy >= self.in_h {
-                    continue;
-                }
-                for ox in 0..self.out_w {
-                    if let Some(ix) = (ox * self.stride + kx).checked_sub(self.padding) {
-                        if ix < self.in_w {
-                            let at = iy * self.in_w + ix;
-                            plane[at] += src[oy * self.out_w + ox];
-                        }
-                    }
+        for (row, src) in col.chunks(self.positions()).enumerate() {
+            let plane = self.plane(row);
+            self.taps(row, |pos, pixel| img[plane + pixel] += src[pos]);
+        }
+    }
+
+    /// Offset of the input channel that columns row `row` reads, within one image.
+    fn plane(&self, row: usize) -> usize {
+        row / (self.k_h * self.k_w) * self.in_h * self.in_w
+    }
+
+    /// Every output position of columns row `row` (one channel and kernel tap) that reads a
+    /// pixel inside the image, as `(position, pixel within the channel's plane)`; the others
+    /// read padding (zero).
+    fn taps(&self, row: usize, mut f: impl FnMut(usize, usize)) {
+        let ky = row / self.k_w % self.k_h;
+        let kx = row % self.k_w;
+        let inside = |o: usize, k: usize, n: usize| {
+            (o * self.stride + k)
+                .checked_sub(self.padding)
+                .filter(|&i| i < n)
+        };
+        for oy in 0..self.out_h {
+            let Some(iy) = inside(oy, ky, self.in_h) else {
+                continue;
+            };
+            for ox in 0..self.out_w {
+                if let Some(ix) = inside(ox, kx, self.in_w) {
+                    f(oy * self.out_w + ox, iy * self.in_w + ix);
                 }
             }
         }
@@ -281,8 +273,9 @@ fn transposed_weight_times<T: WithDType>(
     g: &[T],
     (c_out, rows, positions): (usize, usize, usize),
 ) {
-    let row_tile = (GEMM_TILE / c_out.max(1)).max(1);
-    let pos_tile = positions_per_call(c_out);
+    // either operand tile holds c_out x tile elements
+    let tile = positions_per_call(c_out);
+    let (row_tile, pos_tile) = (tile, tile);
     for p0 in (0..positions).step_by(pos_tile) {
         let n = pos_tile.min(positions - p0);
         let rhs: Vec<f32> = (0..c_out)
