@@ -477,29 +477,38 @@ impl UnfoldedInputGrad {
         let (rows, positions) = (geo.rows(), geo.positions());
         let image = geo.c_in * geo.in_h * geo.in_w;
         let mut gx = vec![T::zero(); geo.batch * image];
-        // at::parallel_for's static split: one run of images, and one columns buffer
-        // (`fgrad_input`), per thread
+        // at::parallel_for's static split: one run of images per thread, each with its columns
+        // buffer (`fgrad_input`) and, as ATen's CPU GEMM with a transposed operand accumulates a
+        // 16-bit type in fp32, an f32 buffer of the same size (measured: a thread's input
+        // gradient holds three 16-bit columns' worth). All threads' buffers are made before the
+        // runs start: PyTorch's threads run at once, where rayon may run two runs one after the
+        // other, so the peak read 4.58-5.21 MB run to run on a tiny VGG fp16 step.
         let per_thread = geo.batch.div_ceil(rayon::current_num_threads().max(1));
+        let runs = geo.batch.div_ceil(per_thread);
+        let mut buffers: Vec<(Vec<T>, Vec<f32>)> = (0..runs)
+            .map(|_| {
+                (
+                    vec![T::zero(); rows * positions],
+                    vec![0f32; rows * positions],
+                )
+            })
+            .collect();
         gx.par_chunks_mut(per_thread * image)
             .zip(g.par_chunks(per_thread * c_out * positions))
-            .for_each(|(gx_run, g_run)| {
-                let mut col = vec![T::zero(); rows * positions];
+            .zip(buffers.par_iter_mut())
+            .for_each(|((gx_run, g_run), (col, col32))| {
                 for (img, gi) in gx_run
                     .chunks_mut(image)
                     .zip(g_run.chunks(c_out * positions))
                 {
-                    // ATen's CPU GEMM with a transposed operand in a 16-bit type accumulates
-                    // into an f32 buffer of the whole output, then narrows it (measured: a
-                    // thread's input gradient holds three 16-bit columns' worth)
-                    let mut col32 = vec![0f32; rows * positions];
-                    transposed_weight_times(&mut col32, w, gi, (c_out, rows, positions));
-                    for (c, v) in col.iter_mut().zip(&col32) {
+                    transposed_weight_times(col32, w, gi, (c_out, rows, positions));
+                    for (c, v) in col.iter_mut().zip(col32.iter()) {
                         *c = T::from_f64(f64::from(*v));
                     }
-                    drop(col32);
-                    geo.fold_into(&col, img);
+                    geo.fold_into(col, img);
                 }
             });
+        drop(buffers);
         Ok((T::to_cpu_storage_owned(gx), self.input.clone()))
     }
 }
