@@ -53,26 +53,40 @@ fn scopes<'a>(
     ]
 }
 
-/// The literature prior of a fit: its per-feature coefficients only. The literature's measured
-/// PyTorch blocks describe PyTorch's kernels, not the harness being fitted; carried into a
-/// fitted table they would override its fitted c_h, c_f, c_att and c_logits. Its lifetimes are
-/// those of the backend that measured the rows: PyTorch's (the literature's) for torch rows,
-/// the value chosen below for candle's.
-pub fn literature_mode(family: Family, precision: Precision, backend: &str) -> ModeCoeffs {
-    let mut m = Coefficients::literature().mode(family, precision);
+/// The literature prior of a fit, with PyTorch's lifetimes (`grad_overlap` 1: activations
+/// freed layer by layer as gradients arrive) for either backend: the candle harness frees each
+/// block's saved tensors after the block's backward as PyTorch does (the fit with these
+/// lifetimes scored 5.3 % held-out MAPE on the CPU grid against 6.5 % with none, 2026-12-02).
+/// With the literature's measured PyTorch blocks; [`per_feature`] gives the form without them.
+pub fn literature_mode(family: Family, precision: Precision) -> ModeCoeffs {
+    Coefficients::literature().mode(family, precision)
+}
+
+/// `lit` without its measured blocks: every transformer's saved bytes from the per-feature
+/// coefficients c_h, c_f, c_att and c_logits, which the fit then determines.
+fn per_feature(lit: &ModeCoeffs) -> ModeCoeffs {
+    let mut m = lit.clone();
     m.activation.blocks.clear();
-    if backend == crate::harness::record::Backend::Torch.as_str() {
-        return m;
-    }
-    // Chosen by held-out score on the CPU grid (5.4 % MAPE with 0, 8.1 % with 1, 2026-12-01):
-    // the harness frees each block's saved tensors after the block's backward, as PyTorch
-    // does, but candle accumulates every gradient into a fresh tensor (briefly three copies),
-    // which the no-overlap sum absorbs better.
-    m.activation.grad_overlap = Coef::new(
-        0.0,
-        "candle harness lifetimes: chosen by held-out score (no overlap 5.4 % vs full overlap 8.1 % MAPE on the CPU grid); candle's backward frees block activations as PyTorch does but accumulates each gradient into fresh tensors",
-    );
     m
+}
+
+/// Fits `points` in two forms and keeps the one the data supports better by the Bayesian
+/// information criterion: with the prior's measured blocks held known (only the terms they do
+/// not cover fitted), or with every transformer's saved bytes from fitted per-feature
+/// coefficients. The blocks describe PyTorch's kernels on the device class they were measured
+/// for (CUDA's autocast op lists, 1-byte dropout masks); where a device keeps other bytes the
+/// per-feature form fits better. Returns the fit with the prior it used.
+fn fit_either(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<(memfit::MemFit, ModeCoeffs)> {
+    let bare = per_feature(lit);
+    let without = memfit::fit(points, &bare)?;
+    if lit.activation.blocks.is_empty() {
+        return Ok((without, bare));
+    }
+    let with = memfit::fit(points, lit)?;
+    match (with.bic(), without.bic()) {
+        (Some(a), Some(b)) if a <= b => Ok((with, lit.clone())),
+        _ => Ok((without, bare)),
+    }
 }
 
 /// Writes a memory fit's values and sources into a mode.
@@ -83,6 +97,7 @@ fn apply(mode: &mut ModeCoeffs, f: &memfit::MemFit, label: &str, meta: &Meta) {
         *coef = match f.origin[k] {
             Origin::Fitted => Coef::new(f.values[k], format!("fitted on {} points ({label}), {}, {}", f.n, meta.device_id, meta.date)),
             Origin::Absent => Coef::new(f.values[k], format!("literature (feature absent from the fitted data): {lit_source}")),
+            Origin::ByBlock => Coef::new(f.values[k], format!("literature, unused for the fitted models: their measured blocks replace it: {lit_source}")),
             Origin::Unidentifiable => Coef::new(
                 f.values[k],
                 format!("literature (not identifiable: collinear with other features in the fitted data): {lit_source}"),
@@ -120,8 +135,8 @@ pub fn fit_mode(
     precision: Precision,
     meta: &Meta,
 ) -> anyhow::Result<(ModeCoeffs, serde_json::Value)> {
-    let lit = literature_mode(family, precision, &meta.backend);
-    let mut mode = lit.clone();
+    let lit = literature_mode(family, precision);
+    let mut mode = per_feature(&lit);
     let scopes = scopes(points, family, precision);
     let mut diag = serde_json::Map::new();
     let enough =
@@ -130,13 +145,23 @@ pub fn fit_mode(
     let (fam_label, fam_pts) = &scopes[2];
     if let Some((label, pts)) = scopes[..2].iter().find(|(_, pts)| enough(pts)) {
         // Enough points of this precision (or compute width) for every unknown.
-        let f = memfit::fit(pts, &lit)?;
+        let (f, prior) = fit_either(pts, &lit)?;
+        diag.insert(
+            "memory_form".into(),
+            json!(if prior.activation.blocks.is_empty() {
+                "per-feature coefficients"
+            } else {
+                "measured blocks known, the other terms fitted"
+            }),
+        );
+        mode = prior;
         apply(&mut mode, &f, label, meta);
         record(&mut diag, label, &f);
     } else if exact.len() >= 2 && enough(fam_pts) && fam_pts.len() > exact.len() {
         // Few points of its own: the pooled family fit's shape, scaled on this precision.
-        let pooled = memfit::fit(fam_pts, &lit)?;
-        let mut prior = lit.clone();
+        // precisions pooled: no one precision's measured blocks describe them all
+        let pooled = memfit::fit(fam_pts, &mode)?;
+        let mut prior = mode.clone();
         apply(&mut prior, &pooled, fam_label, meta);
         // each of this precision's points in the regime the pooled fit assigned it
         let regimes: Vec<memfit::Regime> = exact
@@ -181,7 +206,7 @@ pub fn fit_mode(
         diag.insert("memory_points".into(), json!(exact.len()));
     } else if fam_pts.len() >= 2 {
         // The widest scope, giving up the least important columns (to literature).
-        let f = memfit::fit(fam_pts, &lit)?;
+        let f = memfit::fit(fam_pts, &mode)?;
         apply(&mut mode, &f, fam_label, meta);
         record(&mut diag, fam_label, &f);
     } else {

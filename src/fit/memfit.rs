@@ -14,16 +14,18 @@
 
 use super::nnls;
 use super::points::Point;
-use crate::coeffs::ModeCoeffs;
+use crate::coeffs::{ActivationCoeffs, Coefficients, ModeCoeffs};
+use crate::plan::memory::{overlap, tied_gradient_bytes, LiveParts, PeakAt};
 use nalgebra::{DMatrix, DVector};
 
 /// Where a point's peak sits, as the memory fit assigns it ([`fit`] returns one per point; the
 /// points themselves are never changed).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Regime {
-    /// the peak is at the optimizer step (per-tensor transients above the activations) rather
-    /// than in backward
-    pub optimizer_step: bool,
+    /// where the peak sits above the weights and optimizer states: in backward at the saved
+    /// activations, at the end of backward at the gradients (only where the prior's
+    /// `grad_overlap` frees activations as gradients arrive), or at the optimizer step
+    pub at: PeakAt,
     /// for a checkpointed point: the head's backward, not a block's recompute and backward,
     /// holds the peak (see `plan::memory::Features::phased`)
     pub head_phase: bool,
@@ -116,16 +118,25 @@ impl Col {
         }
     }
 
-    /// The regressor of this column for one point in regime `r`.
-    pub fn value(self, p: &Point, r: Regime) -> f64 {
+    /// The regressor of this column for one point in regime `r`, with the prior's measured
+    /// blocks `a`: a point whose block `a` has measured keeps those bytes known
+    /// ([`known_bytes`]), so the per-feature block columns are zero for it.
+    pub fn value(self, p: &Point, r: Regime, a: &ActivationCoeffs) -> f64 {
         let f = &p.terms.features;
-        // Regime (see `fit`): at the optimizer step the activations are gone and the largest
-        // tensor's transients count; in backward it is the other way round.
-        let opt = r.optimizer_step;
-        if self == Col::MaxParam {
-            return if opt { f.max_param } else { 0.0 };
+        if self.replaced_by_block() && f.measured(a).is_some() {
+            return 0.0;
         }
-        if opt && self.is_activation() {
+        // Regime (see `fit`): each part of the live bytes counts with its share where the peak
+        // sits (the planner's `LiveParts::shares`): at the optimizer step the activations are
+        // gone and the largest tensor's transients count; in backward it is the other way round.
+        let [act, _, _, half, step] = LiveParts::shares(r.at, overlap(&p.terms, a));
+        let scale = match self {
+            Col::MaxParam => step,
+            Col::HalfCopy => half,
+            Col::Frag | Col::Const => 1.0,
+            _ => act,
+        };
+        if scale == 0.0 {
             return 0.0;
         }
         // Full checkpointing: only the phase (head or blocks) holding the peak contributes.
@@ -133,27 +144,34 @@ impl Col {
         if f.phased && ((head && self.is_block()) || (!head && self == Col::Logits)) {
             return 0.0;
         }
-        match self {
-            Col::Frag => p.terms.states.fixed(),
-            Col::HalfCopy => p.terms.states.half_copy,
-            Col::H => f.bsh,
-            Col::F => f.bsf,
-            Col::Att => f.bas2,
-            Col::Dropout => f.dropout_elems,
-            Col::Logits => f.bsv,
-            Col::Ckpt => f.ckpt_bsh,
-            Col::Conv => f.conv,
-            Col::Norm => f.norm,
-            Col::Act => f.act,
-            Col::Pool => f.pool,
-            Col::Input => f.input,
-            Col::Workspace if f.phased && head => f.ws_head,
-            Col::Workspace if f.phased => f.ws_block,
-            Col::Workspace => f.workspace,
-            Col::Gathered => f.gathered,
-            Col::MaxParam => f.max_param,
-            Col::Const => 1.0,
-        }
+        scale
+            * match self {
+                Col::Frag => certain_bytes(p, r, a),
+                Col::HalfCopy => p.terms.states.half_copy,
+                Col::H => f.bsh,
+                Col::F => f.bsf,
+                Col::Att => f.bas2,
+                Col::Dropout => f.dropout_elems,
+                Col::Logits => f.bsv,
+                Col::Ckpt => f.ckpt_bsh,
+                Col::Conv => f.conv,
+                Col::Norm => f.norm,
+                Col::Act => f.act,
+                Col::Pool => f.pool,
+                Col::Input => f.input,
+                Col::Workspace if f.phased && head => f.ws_head,
+                Col::Workspace if f.phased => f.ws_block,
+                Col::Workspace => f.workspace,
+                Col::Gathered => f.gathered,
+                Col::MaxParam => f.max_param,
+                Col::Const => 1.0,
+            }
+    }
+
+    /// The per-feature terms a measured block replaces (`plan::memory::Features::saved_bytes`);
+    /// `c_dropout` stays, as the dropout bytes a device keeps beyond the block's.
+    fn replaced_by_block(self) -> bool {
+        matches!(self, Col::H | Col::F | Col::Att | Col::Logits)
     }
 
     /// Saved activations of the live blocks (the block phase of a checkpointed step).
@@ -209,11 +227,6 @@ impl Col {
         }
     }
 
-    /// Terms of the backward-pass activations (what the optimizer-step regime replaces).
-    fn is_activation(self) -> bool {
-        !matches!(self, Col::Frag | Col::HalfCopy | Col::MaxParam | Col::Const)
-    }
-
     /// Whether (1 + frag) multiplies this term in the planner (everything but const and frag).
     fn scaled_by_frag(self) -> bool {
         !matches!(self, Col::Frag | Col::Const)
@@ -221,20 +234,42 @@ impl Col {
 }
 
 /// Bytes of a point that no coefficient scales, in regime `r` (before 1 + frag): at
-/// the optimizer step the group-wide update temporaries; in backward the fused attention
-/// kernel's saved output and log-sum-exp, sdpa's CPU math path's fp32 q, k and v, and the MoE
-/// blocks' routed-expert bytes (a block's, so
-/// none in a checkpointed step's head phase). The planner counts the same bytes
+/// the optimizer step the group-wide update temporaries; in backward, where the prior `a` has a
+/// measured block for the point, everything that block saves (head, live blocks, once-per-model
+/// tensors); otherwise the fused attention kernel's saved output and log-sum-exp, sdpa's CPU
+/// math path's fp32 q, k and v, and the MoE blocks' routed-expert bytes (a block's, so none in a
+/// checkpointed step's head phase). The planner counts the same bytes
 /// (`Features::activation_bytes`, `Features::step_transient_bytes`).
-pub fn known_bytes(p: &Point, r: Regime) -> f64 {
+pub fn known_bytes(p: &Point, r: Regime, a: &ActivationCoeffs) -> f64 {
+    let [act, _, _, _, step] = LiveParts::shares(r.at, overlap(&p.terms, a));
+    step * p.terms.features.group_update_bytes + act * known_activation_bytes(p, r, a)
+}
+
+/// The activation bytes of [`known_bytes`], whatever the regime's share of them.
+fn known_activation_bytes(p: &Point, r: Regime, a: &ActivationCoeffs) -> f64 {
     let f = &p.terms.features;
-    if r.optimizer_step {
-        return f.group_update_bytes;
+    if let Some((once, head, block)) = f.measured_bytes(a) {
+        return once
+            + match (f.phased, r.head_phase) {
+                (false, _) => head + block,
+                (true, true) => head,
+                (true, false) => block,
+            };
     }
     if f.phased && r.head_phase {
         return 0.0;
     }
     f.fused_attention_bytes + f.moe_bytes + f.math_upcast_bytes
+}
+
+/// Bytes of a point in regime `r` that are exact counts and certainly resident, so the fit
+/// moves them to the left side with coefficient 1 (and they are what `frag` multiplies besides
+/// the fitted terms): the weights and optimizer states, and the gradients (with a tied
+/// embedding's two extra ones) in the regime's share.
+pub fn certain_bytes(p: &Point, r: Regime, a: &ActivationCoeffs) -> f64 {
+    let s = &p.terms.states;
+    let [_, grads, tied, _, _] = LiveParts::shares(r.at, overlap(&p.terms, a));
+    s.weights + s.optimizer + grads * s.gradients + tied * tied_gradient_bytes(&p.terms)
 }
 
 /// Where a coefficient's value came from.
@@ -245,6 +280,9 @@ pub enum Origin {
     Absent,
     /// collinear with other features in this data
     Unidentifiable,
+    /// a per-feature block term no point uses: the prior's measured blocks cover every
+    /// transformer in the data
+    ByBlock,
 }
 
 #[derive(Debug, Clone)]
@@ -258,6 +296,20 @@ pub struct MemFit {
     pub n: usize,
     /// the regime of each fitted point (in the order given), as the fit assigned it
     pub regimes: Vec<Regime>,
+    /// sum of the squared relative errors of the fitted points under the fit (what it
+    /// minimises); None for a fit that only scales another
+    pub rel_sse: Option<f64>,
+}
+
+impl MemFit {
+    /// Bayesian information criterion of the fit on its own points, `n ln(SSE/n) + k ln n` with
+    /// `k` the fitted coefficients: lower is better, and a form with fewer free coefficients
+    /// wins unless the extra ones buy enough fit (None without an error sum).
+    pub fn bic(&self) -> Option<f64> {
+        let n = self.n as f64;
+        let k = self.origin.iter().filter(|o| **o == Origin::Fitted).count() as f64;
+        Some(n * (self.rel_sse? / n).max(1e-300).ln() + k * n.ln())
+    }
 }
 
 /// Relative standard errors of a weighted least-squares solution `x` (None where x = 0 or the
@@ -295,27 +347,35 @@ fn relative_se(
 }
 
 /// Columns with a non-zero regressor somewhere in `points`, every point in backward (its block
-/// phase when checkpointed): the unknowns the data's features call for.
+/// phase when checkpointed) and no measured block known: the most unknowns the data's features
+/// can call for.
 pub fn present(points: &[&Point]) -> Vec<Col> {
-    present_in(points, &vec![Regime::default(); points.len()])
+    let mut bare = Coefficients::literature_ref().modes[0].activation.clone();
+    bare.blocks.clear();
+    present_in(points, &vec![Regime::default(); points.len()], &bare)
 }
 
 /// Columns with a non-zero regressor somewhere in `points`, each in its regime.
-fn present_in(points: &[&Point], regimes: &[Regime]) -> Vec<Col> {
+fn present_in(points: &[&Point], regimes: &[Regime], a: &ActivationCoeffs) -> Vec<Col> {
     COLS.iter()
         .copied()
         .filter(|c| {
             points
                 .iter()
                 .zip(regimes)
-                .any(|(p, r)| c.value(p, *r) != 0.0)
+                .any(|(p, r)| c.value(p, *r, a) != 0.0)
         })
         .collect()
 }
 
-fn design(points: &[&Point], regimes: &[Regime], cols: &[Col]) -> DMatrix<f64> {
+fn design(
+    points: &[&Point],
+    regimes: &[Regime],
+    cols: &[Col],
+    a: &ActivationCoeffs,
+) -> DMatrix<f64> {
     DMatrix::from_fn(points.len(), cols.len(), |i, j| {
-        cols[j].value(points[i], regimes[i])
+        cols[j].value(points[i], regimes[i], a)
     })
 }
 
@@ -325,7 +385,7 @@ pub fn regimes_under(points: &[&Point], mode: &ModeCoeffs) -> Vec<Regime> {
     for (k, c) in COLS.iter().enumerate() {
         values[k] = c.get(mode);
     }
-    let eval = Eval::new(&values);
+    let eval = Eval::new(&values, &mode.activation);
     points.iter().map(|p| eval.regime(p)).collect()
 }
 
@@ -336,6 +396,7 @@ fn identifiable(
     regimes: &[Regime],
     mut cols: Vec<Col>,
     w: &[f64],
+    a: &ActivationCoeffs,
 ) -> (Vec<Col>, Vec<Col>) {
     let mut dropped = Vec::new();
     while !cols.is_empty() {
@@ -350,7 +411,7 @@ fn identifiable(
             dropped.push(c);
             continue;
         }
-        let (sv, vt) = nnls::scaled_singular(&design(points, regimes, &cols), Some(w));
+        let (sv, vt) = nnls::scaled_singular(&design(points, regimes, &cols, a), Some(w));
         let (imin, smin) =
             sv.iter().enumerate().fold(
                 (0, f64::INFINITY),
@@ -389,7 +450,7 @@ fn identifiable(
 pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
     let has_param = points.iter().any(|p| p.terms.features.max_param > 0.0);
     let sse = |f: &MemFit| -> f64 {
-        let eval = Eval::new(&f.values);
+        let eval = Eval::new(&f.values, &lit.activation);
         points
             .iter()
             .map(|p| ((eval.predict(p) - p.peak) / p.peak).powi(2))
@@ -415,7 +476,7 @@ pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
         };
         let mut f = fit_linear(points, &regimes, &fixed, false)?;
         for _ in 0..20 {
-            let eval = Eval::new(&f.values);
+            let eval = Eval::new(&f.values, &lit.activation);
             let next: Regimes = points.iter().map(|p| eval.regime(p)).collect();
             let changed = next != regimes;
             regimes = next;
@@ -440,7 +501,7 @@ pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
             .iter()
             .position(|c| *c == Col::MaxParam)
             .expect("column")] = k;
-        let eval = Eval::new(&values);
+        let eval = Eval::new(&values, &lit.activation);
         let literature_start: Regimes = points.iter().map(|p| eval.regime(p)).collect();
         let mut best = alternate(k, None)?;
         for start in std::iter::once(&literature_start).chain(warm) {
@@ -489,7 +550,7 @@ pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
         let mut start = lit.clone();
         start.activation.c_max_param.value = k_best;
         let joint = fit_linear(points, &regimes, &start, true)?;
-        let eval = Eval::new(&joint.values);
+        let eval = Eval::new(&joint.values, &lit.activation);
         let stable = points
             .iter()
             .zip(&regimes)
@@ -506,6 +567,7 @@ pub fn fit(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<MemFit> {
         f.origin[k] = Origin::Fitted;
     }
     f.regimes = regimes;
+    f.rel_sse = Some(sse(&f));
     Ok(f)
 }
 
@@ -517,10 +579,13 @@ struct Eval<'a> {
 }
 
 impl<'a> Eval<'a> {
-    fn new(values: &'a [f64; COLS.len()]) -> Self {
-        // the fitted per-feature coefficients alone: no measured PyTorch blocks
-        let mut m = crate::coeffs::Coefficients::literature_ref().modes[0].clone();
-        m.activation.blocks.clear();
+    /// `values` in the planner's form, with the measured blocks (and their activation
+    /// functions' bytes) of the fit's prior `prior`.
+    fn new(values: &'a [f64; COLS.len()], prior: &ActivationCoeffs) -> Self {
+        let mut m = Coefficients::literature_ref().modes[0].clone();
+        m.activation.blocks = prior.blocks.clone();
+        m.activation.act_fns = prior.act_fns.clone();
+        m.activation.grad_overlap = prior.grad_overlap.clone();
         for (k, c) in COLS.iter().enumerate() {
             c.coef_mut(&mut m).value = values[k];
         }
@@ -534,16 +599,18 @@ impl<'a> Eval<'a> {
         self.values[COLS.iter().position(|x| *x == c).expect("column")]
     }
 
-    /// Activation bytes of a point (backward regime), before (1 + frag); the planner's, so an
-    /// sdpa point's fused attention bytes are in it.
-    fn activation(&self, p: &Point) -> f64 {
-        p.terms.features.activation_bytes(&self.activation)
-    }
-
-    /// Optimizer-step transient bytes of a point, before (1 + frag): the planner's
-    /// `Features::step_transient_bytes`.
-    fn transient(&self, p: &Point) -> f64 {
-        p.terms.features.max_param * self.value(Col::MaxParam) + p.terms.features.group_update_bytes
+    /// The parts of a point's live bytes, before (1 + frag): the planner's
+    /// (`Features::activation_bytes`, so an sdpa point's fused attention bytes are in it, and
+    /// `Features::step_transient_bytes`).
+    fn parts(&self, p: &Point) -> LiveParts {
+        let f = &p.terms.features;
+        LiveParts {
+            activations: f.activation_bytes(&self.activation),
+            gradients: p.terms.states.gradients,
+            tied_gradients: tied_gradient_bytes(&p.terms),
+            half_copy: self.value(Col::HalfCopy) * p.terms.states.half_copy,
+            step: f.max_param * self.value(Col::MaxParam) + f.group_update_bytes,
+        }
     }
 
     /// The point's regimes under these values: (peak at the optimizer step, and, for a
@@ -555,7 +622,7 @@ impl<'a> Eval<'a> {
             head > block
         };
         Regime {
-            optimizer_step: self.transient(p) > self.activation(p),
+            at: self.parts(p).peak(overlap(&p.terms, &self.activation)).0,
             head_phase: head,
         }
     }
@@ -563,11 +630,8 @@ impl<'a> Eval<'a> {
     /// The planner's peak for a point (kept in step with `plan::memory`).
     fn predict(&self, p: &Point) -> f64 {
         let s = &p.terms.states;
-        (1.0 + self.value(Col::Frag))
-            * (s.fixed()
-                + self.value(Col::HalfCopy) * s.half_copy
-                + self.activation(p).max(self.transient(p)))
-            + self.value(Col::Const)
+        let live = self.parts(p).peak(overlap(&p.terms, &self.activation)).1;
+        (1.0 + self.value(Col::Frag)) * (s.weights + s.optimizer + live) + self.value(Col::Const)
     }
 }
 
@@ -581,7 +645,8 @@ fn fit_linear(
 ) -> anyhow::Result<MemFit> {
     anyhow::ensure!(!points.is_empty(), "memory fit: no points");
     let w: Vec<f64> = points.iter().map(|p| 1.0 / p.peak).collect();
-    let mut present = present_in(points, regimes);
+    let prior = &lit.activation;
+    let mut present = present_in(points, regimes, prior);
     if !fit_max_param {
         present.retain(|c| *c != Col::MaxParam);
     }
@@ -589,7 +654,7 @@ fn fit_linear(
     // fitted, it trades off against frag and chases noise (values above 1 are unphysical), so it
     // keeps the literature residency.
     present.retain(|c| *c != Col::HalfCopy);
-    let (cols, dropped) = identifiable(points, regimes, present.clone(), &w);
+    let (cols, dropped) = identifiable(points, regimes, present.clone(), &w, prior);
     let mut values = [0.0; COLS.len()];
     let mut origin = [Origin::Absent; COLS.len()];
     for (k, c) in COLS.iter().enumerate() {
@@ -598,9 +663,15 @@ fn fit_linear(
             origin[k] = Origin::Fitted;
         } else if dropped.contains(c) {
             origin[k] = Origin::Unidentifiable;
+        } else if c.replaced_by_block()
+            && points
+                .iter()
+                .any(|p| p.terms.features.measured(prior).is_some())
+        {
+            origin[k] = Origin::ByBlock;
         }
     }
-    let a = design(points, regimes, &cols);
+    let a = design(points, regimes, &cols, prior);
     let mut rel_se = [None; COLS.len()];
     // Literature terms depend on frag through (1 + frag); two refinements converge (frag is small).
     for _ in 0..3 {
@@ -610,14 +681,15 @@ fn fit_linear(
             points.iter().zip(regimes).map(|(p, r)| {
                 let r = *r;
                 // known bytes (sdpa's saved output and log-sum-exp) scale with 1 + frag
-                let mut y = p.peak - p.terms.states.fixed() - (1.0 + frag) * known_bytes(p, r);
+                let mut y =
+                    p.peak - certain_bytes(p, r, prior) - (1.0 + frag) * known_bytes(p, r, prior);
                 for (k, c) in COLS.iter().enumerate() {
                     if origin[k] != Origin::Fitted {
                         let scale = if c.scaled_by_frag() { 1.0 + frag } else { 1.0 };
                         let v = if *c == Col::Frag {
-                            values[k] * c.value(p, r)
+                            values[k] * c.value(p, r, prior)
                         } else {
-                            scale * values[k] * c.value(p, r)
+                            scale * values[k] * c.value(p, r, prior)
                         };
                         y -= v;
                     }
@@ -653,5 +725,6 @@ fn fit_linear(
         rel_se,
         n: points.len(),
         regimes: regimes.to_vec(),
+        rel_sse: None,
     })
 }

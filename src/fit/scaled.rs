@@ -11,7 +11,7 @@
 //! kept, so the pooled coefficients are the right shape and wrong scale. Pooling coefficients
 //! across precisions directly (fp32 data dominating) predicted 16-bit peaks 25-65 % off on CPU.
 
-use super::memfit::{known_bytes, Col, MemFit, Origin, Regime, COLS};
+use super::memfit::{certain_bytes, known_bytes, Col, MemFit, Origin, Regime, COLS};
 use super::nnls;
 use super::points::Point;
 use crate::coeffs::ModeCoeffs;
@@ -34,7 +34,7 @@ pub fn fit(
     let a_pooled = |p: &Point, r: Regime| {
         act_cols
             .iter()
-            .map(|c| c.get(prior) * c.value(p, r))
+            .map(|c| c.get(prior) * c.value(p, r, &prior.activation))
             .sum::<f64>()
     };
     let hc = Col::HalfCopy.get(prior);
@@ -44,21 +44,25 @@ pub fn fit(
     let (frag0, const0) = (Col::Frag.get(prior), Col::Const.get(prior));
     let a = DMatrix::from_fn(points.len(), ncols, |i, j| match j {
         0 => a_pooled(points[i], regimes[i]),
-        1 => points[i].terms.states.fixed() + known_bytes(points[i], regimes[i]),
+        1 => {
+            certain_bytes(points[i], regimes[i], &prior.activation)
+                + known_bytes(points[i], regimes[i], &prior.activation)
+        }
         _ => 1.0,
     });
     let y = DVector::from_iterator(
         points.len(),
         points.iter().zip(regimes).map(|(p, r)| {
-            let s = &p.terms.states;
-            let known = known_bytes(p, *r);
-            let base = p.peak - s.fixed() - hc * s.half_copy - known;
+            let certain = certain_bytes(p, *r, &prior.activation);
+            let half = hc * Col::HalfCopy.value(p, *r, &prior.activation);
+            let known = known_bytes(p, *r, &prior.activation);
+            let base = p.peak - certain - half - known;
             if full {
                 base
             } else {
                 // frag and const from the prior:
                 // peak = (1+frag)(fixed + hc H + known + alpha A) + const
-                (p.peak - const0) / (1.0 + frag0) - s.fixed() - hc * s.half_copy - known
+                (p.peak - const0) / (1.0 + frag0) - certain - half - known
             }
         }),
     );
@@ -94,6 +98,7 @@ pub fn fit(
             rel_se: [None; COLS.len()],
             n: points.len(),
             regimes: regimes.to_vec(),
+            rel_sse: None,
         },
         alpha,
     ))

@@ -63,6 +63,12 @@ pub fn borrowed(
                 let (_, alpha) = scaled::fit(&g_pts, &regimes, &prior)?;
                 let mut mode = base.clone();
                 mode.precision = p;
+                if !mode.activation.blocks.is_empty() {
+                    // measured blocks are per precision: the literature's for this one
+                    let lit = crate::coeffs::Coefficients::literature().mode(f, p);
+                    mode.activation.blocks = lit.activation.blocks;
+                    mode.activation.act_fns = lit.activation.act_fns;
+                }
                 let why = format!(
                     "{} fp32 fit x alpha = {alpha:.4}, the {p} activation scale fitted on {} {} points, {}, {}",
                     f.as_str(),

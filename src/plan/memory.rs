@@ -160,7 +160,7 @@ impl Features {
     }
 
     /// The measured block coefficients for this model, when the table has them.
-    fn measured<'a>(&self, a: &'a ActivationCoeffs) -> Option<&'a BlockCoeffs> {
+    pub fn measured<'a>(&self, a: &'a ActivationCoeffs) -> Option<&'a BlockCoeffs> {
         let (kind, attention) = self.block?;
         a.blocks
             .iter()
@@ -169,10 +169,7 @@ impl Features {
 
     pub fn activation_bytes(&self, a: &ActivationCoeffs) -> f64 {
         let ws = a.c_workspace.value;
-        let drop = self.dropout_on();
-        let once = self.measured(a).map_or(0.0, |m| {
-            self.bsh_once * (m.bsh_once + drop * m.dropout.bsh_once) + self.bs_once * m.bs_once
-        });
+        let once = self.measured(a).map_or(0.0, |m| self.once_bytes(m));
         let common = once
             + self.ckpt_bsh * a.c_ckpt.value
             + self.conv * a.c_conv.value
@@ -203,23 +200,11 @@ impl Features {
     /// Saved bytes of the head (logits, loss) and of the live blocks.
     fn saved_bytes(&self, a: &ActivationCoeffs) -> (f64, f64) {
         if let Some(m) = self.measured(a) {
-            let drop = self.dropout_on();
-            let act_fn = self
-                .act_fn
-                .and_then(|k| a.act_fns.get(&k))
-                .map_or(0.0, |c| c.value);
-            return (
-                self.bsv * m.bsv,
-                self.bsh * (m.bsh + drop * m.dropout.bsh)
-                    + self.bsf_raw * (m.bsf + act_fn)
-                    + self.bas2 * (m.bas2 + drop * m.dropout.bas2)
-                    + self.bas * m.bas
-                    + self.bskv * m.bskv
-                    + self.bs * m.bs
-                    + self.moe_bytes
-                    + self.math_upcast_bytes
-                    + self.cross_attention_bytes,
-            );
+            // a fitted table's c_dropout: the dropout bytes this device keeps beyond the
+            // measured block's (CPU masks in the activation dtype, not CUDA's 1 byte); 0 in the
+            // literature
+            let (head, block) = self.block_saved(m, a);
+            return (head, block + self.dropout_elems * a.c_dropout.value);
         }
         (
             self.bsv * a.c_logits.value,
@@ -228,6 +213,43 @@ impl Features {
                 + self.bas2 * a.c_att.value
                 + self.dropout_elems * a.c_dropout.value
                 + self.fused_attention_bytes
+                + self.moe_bytes
+                + self.math_upcast_bytes
+                + self.cross_attention_bytes,
+        )
+    }
+
+    /// With a measured block in `a` ([`Features::measured`]): the bytes it accounts for, as
+    /// (once per model, the head's saved bytes, the live blocks' saved bytes); the fit holds
+    /// them known and fits only the terms the block does not cover.
+    pub fn measured_bytes(&self, a: &ActivationCoeffs) -> Option<(f64, f64, f64)> {
+        let m = self.measured(a)?;
+        let (head, block) = self.block_saved(m, a);
+        Some((self.once_bytes(m), head, block))
+    }
+
+    /// Bytes a measured block's model keeps once (embeddings, final norm), not per layer.
+    fn once_bytes(&self, m: &BlockCoeffs) -> f64 {
+        let drop = self.dropout_on();
+        self.bsh_once * (m.bsh_once + drop * m.dropout.bsh_once) + self.bs_once * m.bs_once
+    }
+
+    /// Saved bytes of the head and the live blocks by a measured block `m`, without the fitted
+    /// extra dropout bytes (`c_dropout`).
+    fn block_saved(&self, m: &BlockCoeffs, a: &ActivationCoeffs) -> (f64, f64) {
+        let drop = self.dropout_on();
+        let act_fn = self
+            .act_fn
+            .and_then(|k| a.act_fns.get(&k))
+            .map_or(0.0, |c| c.value);
+        (
+            self.bsv * m.bsv,
+            self.bsh * (m.bsh + drop * m.dropout.bsh)
+                + self.bsf_raw * (m.bsf + act_fn)
+                + self.bas2 * (m.bas2 + drop * m.dropout.bas2)
+                + self.bas * m.bas
+                + self.bskv * m.bskv
+                + self.bs * m.bs
                 + self.moe_bytes
                 + self.math_upcast_bytes
                 + self.cross_attention_bytes,
@@ -719,6 +741,95 @@ impl MemoryBreakdown {
     }
 }
 
+/// Where a step's peak sits above the weights and optimizer states, which are resident
+/// throughout. PyTorch's autograd frees each layer's saved activations as backward passes it
+/// while that layer's gradients are allocated (gradients start as None each step: zero_grad's
+/// set_to_none default), so backward holds about max(activations, gradients), and the autocast
+/// weight copy is gone by the optimizer step. A backend that keeps every saved tensor and every
+/// gradient until backward ends (`grad_overlap` 0) holds activations + gradients.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum PeakAt {
+    /// in backward, while the saved activations dominate
+    #[default]
+    Activations,
+    /// at the end of backward, every gradient allocated and (with overlap) the activations freed
+    Gradients,
+    /// at the optimizer step: gradients plus the update's transients
+    Step,
+}
+
+/// Bytes of the parts that come and go during a step (see [`PeakAt`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LiveParts {
+    pub activations: f64,
+    pub gradients: f64,
+    /// a tied embedding's two extra gradients at the end of backward ([`tied_gradient_bytes`])
+    pub tied_gradients: f64,
+    /// the resident share of the 16-bit weight copy
+    pub half_copy: f64,
+    /// the optimizer step's transients
+    pub step: f64,
+}
+
+impl LiveParts {
+    /// Multiplier of each part `(activations, gradients, tied gradients, half copy, step)` when
+    /// the peak is `at`, with `overlap` the fraction of the activations freed while gradients
+    /// are allocated: the peak is linear in the parts within a regime, which the fit relies on.
+    pub fn shares(at: PeakAt, overlap: f64) -> [f64; 5] {
+        let o = overlap;
+        match at {
+            PeakAt::Activations => [1.0, 1.0 - o, 0.0, 1.0, 0.0],
+            PeakAt::Gradients => [1.0 - o, 1.0, o, 1.0, 0.0],
+            PeakAt::Step => [0.0, 1.0, 0.0, 1.0 - o, 1.0],
+        }
+    }
+
+    /// The live bytes if the peak is `at`.
+    pub fn at(&self, at: PeakAt, overlap: f64) -> f64 {
+        let w = Self::shares(at, overlap);
+        w[0] * self.activations
+            + w[1] * self.gradients
+            + w[2] * self.tied_gradients
+            + w[3] * self.half_copy
+            + w[4] * self.step
+    }
+
+    /// Where the peak is and its live bytes: the largest regime, the earliest on a tie.
+    pub fn peak(&self, overlap: f64) -> (PeakAt, f64) {
+        [PeakAt::Activations, PeakAt::Gradients, PeakAt::Step]
+            .into_iter()
+            .map(|r| (r, self.at(r, overlap)))
+            .fold((PeakAt::Activations, f64::NEG_INFINITY), |best, x| {
+                if x.1 > best.1 {
+                    x
+                } else {
+                    best
+                }
+            })
+    }
+}
+
+/// The fraction of the activations freed while backward allocates gradients: the table's
+/// `grad_overlap`, except under gradient accumulation, where after the first micro-batch every
+/// gradient is resident through forward and backward.
+pub fn overlap(terms: &FitTerms, a: &ActivationCoeffs) -> f64 {
+    if terms.features.accumulating {
+        0.0
+    } else {
+        a.grad_overlap.value.clamp(0.0, 1.0)
+    }
+}
+
+/// A tied embedding's two gradients are summed at the very end of PyTorch's backward, when the
+/// activations are gone and every other gradient exists: two more embedding-sized tensors in the
+/// gradients' dtype (per-element bytes from the gradient state bytes).
+pub fn tied_gradient_bytes(terms: &FitTerms) -> f64 {
+    if terms.params == 0 {
+        return 0.0;
+    }
+    2.0 * terms.features.tied_grad_elems * terms.states.gradients / terms.params as f64
+}
+
 /// Memory for one rank under the given coefficient table.
 pub fn breakdown(
     terms: &FitTerms,
@@ -739,30 +850,14 @@ pub fn breakdown_with_mode(terms: &FitTerms, mode: &crate::coeffs::ModeCoeffs) -
     let weights_f = s.weights + half;
     let grads = s.gradients;
     let act = terms.features.activation_bytes(a);
-    let step = terms.features.step_transient_bytes(a);
-    // Above the weights and optimizer states, the peak is in backward or at the optimizer step.
-    // PyTorch's autograd frees each layer's saved activations as backward passes it while that
-    // layer's gradients are allocated (gradients start as None each step: zero_grad's
-    // set_to_none default), so backward holds about max(activations, gradients), and the
-    // autocast weight copy is gone by the step. The candle harness keeps every saved tensor
-    // and every gradient until backward ends (`grad_overlap` 0): activations + gradients.
-    let overlap = if terms.features.accumulating {
-        0.0
-    } else {
-        a.grad_overlap.value.clamp(0.0, 1.0)
+    let live_parts = LiveParts {
+        activations: act,
+        gradients: grads,
+        tied_gradients: tied_gradient_bytes(terms),
+        half_copy: half,
+        step: terms.features.step_transient_bytes(a),
     };
-    // A tied embedding's two gradients are summed at the very end of PyTorch's backward, when
-    // the activations are gone and every other gradient exists: two more embedding-sized
-    // tensors in the gradients' dtype (per-element bytes from the gradient state bytes).
-    let grad_elem_bytes = if terms.params > 0 {
-        grads / terms.params as f64
-    } else {
-        0.0
-    };
-    let tied = 2.0 * terms.features.tied_grad_elems * grad_elem_bytes;
-    let backward = (1.0 - overlap) * (act + grads) + overlap * act.max(grads + tied) + half;
-    let at_step = grads + step + (1.0 - overlap) * half;
-    let live = backward.max(at_step);
+    let (_, live) = live_parts.peak(overlap(terms, a));
     let base = s.weights + s.optimizer;
     let peak_f =
         base + live + mode.overhead.frag.value * (base + live) + mode.overhead.const_bytes.value;

@@ -36,10 +36,11 @@ pub fn truth() -> Coefficients {
         a.c_max_param.value = 10.0;
         // the fit keeps the 16-bit copy at its literature residency (see memfit::fit_linear)
         a.half_copy.value = if m.precision.is_mixed() { 1.0 } else { 0.0 };
-        // the device is a candle harness: activations and gradients live together (the fit's
-        // lifetimes), not PyTorch's layer-by-layer release
-        a.grad_overlap.value = 0.0;
+        // PyTorch's lifetimes (activations freed layer by layer as gradients arrive), the fit's
+        // prior for either backend
+        a.grad_overlap.value = 1.0;
         // and its blocks are described by the per-feature coefficients above, not PyTorch's
+        // measured ones: the fit must find the per-feature form the better one
         a.blocks.clear();
         m.overhead.frag.value = 0.04;
         m.overhead.const_bytes.value = 3.0e6;
@@ -189,7 +190,11 @@ pub fn grid() -> Vec<(ModelSpec, TrainSpec)> {
 
 /// Rows measured on the synthetic device with multiplicative noise of `noise` (relative sd).
 pub fn synthetic_rows(noise: f64, seed: u64) -> Vec<Row> {
-    let truth = truth();
+    synthetic_rows_of(&truth(), noise, seed)
+}
+
+/// Rows measured on the device `truth` describes, with multiplicative noise of `noise`.
+pub fn synthetic_rows_of(truth: &Coefficients, noise: f64, seed: u64) -> Vec<Row> {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut gauss = move || {
         // Box-Muller: the test needs Gaussian noise without another dependency.
@@ -201,7 +206,7 @@ pub fn synthetic_rows(noise: f64, seed: u64) -> Vec<Row> {
         .into_iter()
         .map(|(m, t)| {
             let terms = fit_terms(&m, &t).unwrap();
-            let peak = breakdown(&terms, &m, &t, &truth).total as f64 * (1.0 + noise * gauss());
+            let peak = breakdown(&terms, &m, &t, truth).total as f64 * (1.0 + noise * gauss());
             let mode = truth.mode(m.family(), t.precision);
             let f = step_flops(&m, &t).unwrap();
             let factor = if t.checkpointing.is_on() {

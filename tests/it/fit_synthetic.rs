@@ -10,10 +10,10 @@
 //! data determines to 0.6 % (1 sigma) or better must be within 2 % (3.3 sigma) of the truth, the core terms
 //! must be among those, and the noiseless test recovers every coefficient exactly.
 
-use crate::fit_common::{grid, synthetic_rows, truth};
+use crate::fit_common::{grid, synthetic_rows, synthetic_rows_of, truth};
 use vramcal::coeffs::Coefficients;
 use vramcal::fit::fit_rows;
-use vramcal::fit::memfit::COLS;
+use vramcal::fit::memfit::{Col, COLS};
 use vramcal::plan::memory::{breakdown, fit_terms};
 use vramcal::spec::{Family, Precision};
 
@@ -330,7 +330,11 @@ fn the_memory_fit_returns_each_points_regime() {
         c.coef_mut(&mut mode).value = f.values[k];
     }
     assert_eq!(f.regimes, memfit::regimes_under(&refs, &mode));
-    let at_step = f.regimes.iter().filter(|r| r.optimizer_step).count();
+    let at_step = f
+        .regimes
+        .iter()
+        .filter(|r| r.at == vramcal::plan::memory::PeakAt::Step)
+        .count();
     assert!(
         at_step > 0 && at_step < refs.len(),
         "{at_step} of {}",
@@ -340,4 +344,48 @@ fn the_memory_fit_returns_each_points_regime() {
     let again = memfit::fit(&refs, &lit).unwrap();
     assert_eq!(again.values, f.values);
     assert_eq!(again.regimes, f.regimes);
+}
+
+/// A device whose transformer blocks save what PyTorch's measured blocks save (the literature's
+/// `BlockCoeffs`), with its own dropout extra, checkpoint, workspace, optimizer and overhead
+/// terms: the fit chooses the form that holds the blocks known (the per-feature form cannot
+/// express GPT-2's, BERT's, Llama's and ViT's blocks with one set of coefficients), recovers the
+/// other terms and predicts the whole grid.
+#[test]
+fn a_device_with_pytorchs_blocks_is_fitted_with_them_known() {
+    let mut truth = truth();
+    let lit = Coefficients::literature();
+    for m in truth
+        .modes
+        .iter_mut()
+        .filter(|m| m.family == Family::Transformer)
+    {
+        let l = lit.mode(m.family, m.precision);
+        m.activation.blocks = l.activation.blocks.clone();
+        m.activation.act_fns = l.activation.act_fns.clone();
+    }
+    let fitted = fit_rows(&synthetic_rows_of(&truth, 0.0, 3)).unwrap();
+    for (family, precision) in MODES.into_iter().filter(|(f, _)| *f == Family::Transformer) {
+        let got = fitted.table.mode(family, precision);
+        assert!(
+            !got.activation.blocks.is_empty(),
+            "{precision}: the per-feature form was chosen"
+        );
+        let want = truth.mode(family, precision);
+        for col in [
+            Col::Frag,
+            Col::Const,
+            Col::Dropout,
+            Col::Workspace,
+            Col::MaxParam,
+        ] {
+            let (g, w) = (col.get(&got), col.get(&want));
+            assert!(
+                (g - w).abs() <= 0.02 * w.abs() + 1e-6,
+                "{precision} {}: fitted {g}, true {w}",
+                col.name()
+            );
+        }
+    }
+    assert_predicts_grid(&fitted.table, &truth, 0.02);
 }

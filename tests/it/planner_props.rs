@@ -321,3 +321,31 @@ fn impossible_job_is_too_large_not_fits() {
         }
     }
 }
+
+proptest! {
+    /// The peak's regimes (`LiveParts::peak`, linear within each, as the fit needs) are the
+    /// planner's backward/step maximum written out: `max((1-o)(act + grads) + o·max(act, grads +
+    /// tied) + half, grads + step + (1-o)·half)`, for any overlap and any parts.
+    #[test]
+    fn the_peak_regimes_are_the_backward_and_step_maximum(
+        act in 0.0f64..1e9,
+        grads in 0.0f64..1e9,
+        tied in 0.0f64..1e8,
+        half in 0.0f64..1e8,
+        step in 0.0f64..1e9,
+        o in prop::sample::select(vec![0.0, 0.25, 0.5, 1.0]),
+    ) {
+        use vramcal::plan::memory::{LiveParts, PeakAt};
+        let parts = LiveParts { activations: act, gradients: grads, tied_gradients: tied, half_copy: half, step };
+        let backward = (1.0 - o) * (act + grads) + o * act.max(grads + tied) + half;
+        let at_step = grads + step + (1.0 - o) * half;
+        let (at, live) = parts.peak(o);
+        let want = backward.max(at_step);
+        prop_assert!((live - want).abs() <= 1e-9 * want.max(1.0), "{live} vs {want}");
+        prop_assert!((parts.at(at, o) - live).abs() <= 1e-9 * want.max(1.0));
+        // no regime is above the one chosen
+        for r in [PeakAt::Activations, PeakAt::Gradients, PeakAt::Step] {
+            prop_assert!(parts.at(r, o) <= live + 1e-9 * want.max(1.0));
+        }
+    }
+}
