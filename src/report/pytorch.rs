@@ -30,6 +30,12 @@ pub struct Parity {
     /// configurations whose candle peak is within 5 % of PyTorch's
     pub peak_within_5pct: usize,
     pub time_ratio_median: Option<f64>,
+    /// the step-time ratio over fp32 configurations only: PyTorch's 16-bit CPU kernels are
+    /// mostly slow fallbacks (fp16 convolutions through `slow_conv2d`, upcasts), so its 16-bit
+    /// steps say little about candle's speed
+    pub time_ratio_median_fp32: Option<f64>,
+    /// the same over 16-bit (mixed or pure) configurations
+    pub time_ratio_median_16bit: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -72,10 +78,14 @@ fn median(v: &mut [f64]) -> f64 {
 
 fn parity(model: &str, pairs: &[(&Point, &Point)]) -> Parity {
     let mut peak: Vec<f64> = pairs.iter().map(|(c, t)| c.peak / t.peak).collect();
-    let mut time: Vec<f64> = pairs
-        .iter()
-        .filter_map(|(c, t)| Some(c.step_s? / t.step_s?))
-        .collect();
+    let time_of = |fp32: Option<bool>| -> Option<f64> {
+        let mut v: Vec<f64> = pairs
+            .iter()
+            .filter(|(_, t)| fp32.is_none_or(|f| (t.precision().compute_bytes() == 4) == f))
+            .filter_map(|(c, t)| Some(c.step_s? / t.step_s?))
+            .collect();
+        (!v.is_empty()).then(|| median(&mut v))
+    };
     let within = peak.iter().filter(|r| (*r - 1.0).abs() <= 0.05).count();
     let (min, max) = peak
         .iter()
@@ -87,7 +97,9 @@ fn parity(model: &str, pairs: &[(&Point, &Point)]) -> Parity {
         peak_ratio_min: min,
         peak_ratio_max: max,
         peak_within_5pct: within,
-        time_ratio_median: (!time.is_empty()).then(|| median(&mut time)),
+        time_ratio_median: time_of(None),
+        time_ratio_median_fp32: time_of(Some(true)),
+        time_ratio_median_16bit: time_of(Some(false)),
     }
 }
 
@@ -231,19 +243,21 @@ pub fn markdown(s: &PytorchSection, metrics_row: fn(&str, &Metrics) -> String) -
         );
     }
     if !s.parity.is_empty() {
-        out.push_str("\nCandle against PyTorch on the configurations both measured (peak ratio candle / PyTorch; step-time ratio the same way):\n\n| model | n | peak ratio median | min | max | within 5 % | step-time ratio median |\n|---|---|---|---|---|---|---|\n");
+        out.push_str("\nCandle against PyTorch on the configurations both measured (peak ratio candle / PyTorch; step-time ratio the same way, over all its configurations and over the fp32 and 16-bit ones apart: PyTorch's 16-bit CPU kernels are mostly slow fallbacks):\n\n| model | n | peak ratio median | min | max | within 5 % | step-time ratio median | fp32 | 16-bit |\n|---|---|---|---|---|---|---|---|---|\n");
+        let ratio = |t: Option<f64>| t.map_or("n/a".into(), |t| format!("{t:.2}"));
         for p in &s.parity {
             let _ = writeln!(
                 out,
-                "| {} | {} | {:.3} | {:.3} | {:.3} | {} | {} |",
+                "| {} | {} | {:.3} | {:.3} | {:.3} | {} | {} | {} | {} |",
                 p.model,
                 p.n,
                 p.peak_ratio_median,
                 p.peak_ratio_min,
                 p.peak_ratio_max,
                 p.peak_within_5pct,
-                p.time_ratio_median
-                    .map_or("n/a".into(), |t| format!("{t:.2}"))
+                ratio(p.time_ratio_median),
+                ratio(p.time_ratio_median_fp32),
+                ratio(p.time_ratio_median_16bit),
             );
         }
     }
