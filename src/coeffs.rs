@@ -255,7 +255,12 @@ impl Coefficients {
 
     /// Coefficients for a (family, precision). A calibrated table may lack a mode (for example
     /// pure bf16 on a CPU); it falls back to the same family at the precision with the same
-    /// compute width, then to the literature value.
+    /// compute width, then to the literature value. A pure 16-bit precision borrowing a mixed
+    /// mode keeps that mode's overhead and speed but takes the literature's activation
+    /// coefficients for itself: autocast keeps fp32 copies (the residual stream, softmaxes, the
+    /// loss) that a model cast to 16 bits does not, so a mixed mode's activations over-plan it
+    /// (measured: the committed CPU table's fp16-mixed activations planned PyTorch's pure bf16
+    /// steps of `torch-step-peaks-cpu.csv` 10-25 % high; the literature's bf16 mode 1-5 %).
     pub fn mode(&self, family: Family, precision: Precision) -> ModeCoeffs {
         let exact = self
             .modes
@@ -266,17 +271,26 @@ impl Coefficients {
                 m.family == family && m.precision.compute_bytes() == precision.compute_bytes()
             })
         };
-        if let Some(m) = exact.or_else(same_width) {
+        let literature = || {
+            Self::literature_ref()
+                .modes
+                .iter()
+                .find(|m| m.family == family && m.precision == precision)
+                .cloned()
+                .expect("literature table covers every family and precision")
+        };
+        if let Some(m) = exact {
+            return m.clone();
+        }
+        if let Some(m) = same_width() {
             let mut m = m.clone();
+            if precision.is_pure_half() && !m.precision.is_pure_half() {
+                m.activation = literature().activation;
+            }
             m.precision = precision;
             return m;
         }
-        Self::literature_ref()
-            .modes
-            .iter()
-            .find(|m| m.family == family && m.precision == precision)
-            .cloned()
-            .expect("literature table covers every family and precision")
+        literature()
     }
 
     /// The runtime memory this table's plans add: its own when it has one; none for a CPU

@@ -516,6 +516,47 @@ fn whole_step_peaks_match_real_pytorch_steps() {
     assert!(scored >= 25, "only {scored} steps scored");
 }
 
+/// The committed CPU table, fitted on the candle harness's tiny grid, plans the larger PyTorch
+/// training steps of `torch-step-peaks-cpu.csv` (Llama MHA/GQA, GPT-2 with five activations,
+/// BERT; fp32 and pure bf16; eager and sdpa; foreach and for-loop AdamW; dropout on and off;
+/// 0.4-2.3 GB peaks, far beyond the grid's largest steps) within 7 % each (BERT, from explicit
+/// flags, +6.5-6.9 %; the rest within 5 %): the fit's form (PyTorch's lifetimes, measured
+/// blocks) carries beyond the sizes it was fitted on. Pure bf16 is
+/// not in the table: it keeps the table's overhead with the literature's bf16 activations
+/// (`Coefficients::mode`); with the fp16-mixed activations these steps planned 10-25 % high.
+#[test]
+fn the_committed_cpu_table_plans_larger_pytorch_steps() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut rdr =
+        csv::Reader::from_path(root.join("calibration/data/torch-step-peaks-cpu.csv")).unwrap();
+    let headers = rdr.headers().unwrap().clone();
+    let mut scored = 0;
+    for record in rdr.records() {
+        let record = record.unwrap();
+        let cell = |name: &str| &record[headers.iter().position(|h| h == name).unwrap()];
+        let mut args: Vec<&str> = cell("planner_cmd").split_whitespace().collect();
+        args.extend(["--coeffs", "calibration/cpu-amd-epyc.json"]);
+        let (code, out, err) = vramcal(&args);
+        assert_eq!(code, 0, "{}: {err}", cell("name"));
+        let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let planned = plan["memory"]["total"].as_f64().unwrap();
+        let measured: f64 = cell("meas_peak_step").parse().unwrap();
+        let pct = 100.0 * (planned - measured) / measured;
+        assert!(
+            pct.abs()
+                < if cell("name").starts_with("bert") {
+                    7.0
+                } else {
+                    5.0
+                },
+            "{}: planned {planned} B, measured {measured} B ({pct:+.1} %)",
+            cell("name")
+        );
+        scored += 1;
+    }
+    assert!(scored >= 30, "only {scored} steps");
+}
+
 /// README's "rules of thumb checked against measured pairs" figures are the committed report's
 /// medians: every percentage in that paragraph appears in the report's checkpointing or
 /// mixed-precision finding.
