@@ -146,14 +146,16 @@ pub fn fit_mode(
     if let Some((label, pts)) = scopes[..2].iter().find(|(_, pts)| enough(pts)) {
         // Enough points of this precision (or compute width) for every unknown.
         let (f, prior) = fit_either(pts, &lit)?;
-        diag.insert(
-            "memory_form".into(),
-            json!(if prior.activation.blocks.is_empty() {
-                "per-feature coefficients"
-            } else {
-                "measured blocks known, the other terms fitted"
-            }),
-        );
+        if !lit.activation.blocks.is_empty() {
+            diag.insert(
+                "memory_form".into(),
+                json!(if prior.activation.blocks.is_empty() {
+                    "per-feature coefficients"
+                } else {
+                    "measured blocks known, the other terms fitted"
+                }),
+            );
+        }
         mode = prior;
         apply(&mut mode, &f, label, meta);
         record(&mut diag, label, &f);

@@ -107,15 +107,16 @@ fn coefficient_tables(out: &mut String, table: &Coefficients) {
     let se = table.residuals.as_ref();
     // In-sample residuals separate the model form's limit (error even on fitted points) from
     // what held-out scoring adds.
-    out.push_str("\nIn-sample fit of each mode on all its points (a high value here is a limit of the linear feature set, not of the data split):\n\n| mode | how fitted | n | in-sample MAPE | in-sample max |\n|---|---|---|---|---|\n");
+    out.push_str("\nIn-sample fit of each mode on all its points (a high value here is a limit of the linear feature set, not of the data split). The form is the one the fit chose by the Bayesian information criterion where the literature has measured PyTorch blocks for the mode: those blocks held known, or per-feature coefficients:\n\n| mode | how fitted | form | n | in-sample MAPE | in-sample max |\n|---|---|---|---|---|---|\n");
     for m in &table.modes {
         let key = format!("{}/{}", m.family.as_str(), m.precision);
         let d = se.map(|r| &r[&key]);
         let get = |k: &str, f: &str| d.and_then(|d| d[k][f].as_f64());
         let _ = writeln!(
             out,
-            "| {key} | {} | {} | {} | {} |",
+            "| {key} | {} | {} | {} | {} | {} |",
             d.and_then(|d| d["memory_scope"].as_str()).unwrap_or(""),
+            d.and_then(|d| d["memory_form"].as_str()).unwrap_or(""),
             get("in_sample_memory", "n")
                 .map(|v| format!("{v}"))
                 .unwrap_or_default(),
