@@ -255,12 +255,14 @@ impl Coefficients {
 
     /// Coefficients for a (family, precision). A calibrated table may lack a mode (for example
     /// pure bf16 on a CPU); it falls back to the same family at the precision with the same
-    /// compute width, then to the literature value. A pure 16-bit precision borrowing a mixed
-    /// mode keeps that mode's overhead and speed but takes the literature's activation
-    /// coefficients for itself: autocast keeps fp32 copies (the residual stream, softmaxes, the
-    /// loss) that a model cast to 16 bits does not, so a mixed mode's activations over-plan it
-    /// (measured: the committed CPU table's fp16-mixed activations planned PyTorch's pure bf16
-    /// steps of `torch-step-peaks-cpu.csv` 10-25 % high; the literature's bf16 mode 1-5 %).
+    /// compute width, then to the literature value. A transformer in a pure 16-bit precision
+    /// borrowing a mixed mode keeps that mode's overhead and speed but takes the literature's
+    /// activation coefficients for itself: autocast keeps fp32 copies (the residual stream,
+    /// softmaxes, the loss) that a model cast to 16 bits does not, so a mixed mode's activations
+    /// over-plan it (measured: the committed CPU table's fp16-mixed activations planned PyTorch's
+    /// pure bf16 steps of `torch-step-peaks-cpu.csv` 10-25 % high; with the literature's bf16
+    /// activations -0.9 to -4.7 %). A CNN keeps the mixed mode's: no pure-16-bit CNN step has
+    /// been measured, and the fitted terms (a CPU's im2col workspace) may be the device's.
     pub fn mode(&self, family: Family, precision: Precision) -> ModeCoeffs {
         let exact = self
             .modes
@@ -284,7 +286,10 @@ impl Coefficients {
         }
         if let Some(m) = same_width() {
             let mut m = m.clone();
-            if precision.is_pure_half() && !m.precision.is_pure_half() {
+            if family == Family::Transformer
+                && precision.is_pure_half()
+                && !m.precision.is_pure_half()
+            {
                 m.activation = literature().activation;
             }
             m.precision = precision;

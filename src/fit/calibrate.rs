@@ -143,9 +143,18 @@ pub fn fit_mode(
         |pts: &[&Point]| !pts.is_empty() && pts.len() >= memfit::present(pts).len() + MARGIN;
     let exact = &scopes[0].1;
     let (fam_label, fam_pts) = &scopes[2];
-    if let Some((label, pts)) = scopes[..2].iter().find(|(_, pts)| enough(pts)) {
-        // Enough points of this precision (or compute width) for every unknown.
-        let (f, prior) = fit_either(pts, &lit)?;
+    if let Some((i, (label, pts))) = scopes[..2]
+        .iter()
+        .enumerate()
+        .find(|(_, (_, pts))| enough(pts))
+    {
+        // Enough points of this precision (or compute width) for every unknown. Measured
+        // blocks are per precision: only this precision's own points may be fitted with them.
+        let (f, prior) = if i == 0 {
+            fit_either(pts, &lit)?
+        } else {
+            (memfit::fit(pts, &mode)?, mode.clone())
+        };
         if !lit.activation.blocks.is_empty() {
             diag.insert(
                 "memory_form".into(),

@@ -1,12 +1,16 @@
 //! The memory regression. The planner's model is
-//! `peak = (1 + frag) * (fixed + half_copy*H + sum_i c_i*x_i) + const`.
+//! `peak = (1 + frag) * (weights + optimizer + live) + const`, where `live` is the largest of
+//! three regimes (`plan::memory::PeakAt`: at the saved activations, at the gradients, at the
+//! optimizer step), each linear in its parts (`LiveParts::shares`). Within a point's regime:
+//! `peak = (1 + frag) * (certain + known + half_copy*H + sum_i c_i*x_i) + const`, `certain` the
+//! exact byte counts resident there (weights, optimizer states, the regime's share of the
+//! gradients: [`certain_bytes`]), `known` the bytes no coefficient scales ([`known_bytes`]).
 //!
-//! Parametrisation (linear, non-negative, and with `1 + frag >= 1` built in): the fixed model
-//! states (weights + gradients + optimizer) are exact byte counts that certainly exist at the
-//! peak, so they are moved to the left side with coefficient 1:
-//! `peak - fixed = frag*fixed + k_hc*H + sum_i k_i*x_i + const`, with `k = (1 + frag)*c`.
-//! NNLS then enforces `frag >= 0`, `k >= 0`, `const >= 0`, and the planner's coefficients are
-//! recovered as `c = k / (1 + frag)`.
+//! Parametrisation (linear, non-negative, and with `1 + frag >= 1` built in): the exact counts
+//! move to the left side with coefficient 1:
+//! `peak - base = frag*base + sum_i k_i*x_i + const`, with `k = (1 + frag)*c` and `base` the
+//! certain, known and held (not fitted) bytes. NNLS then enforces `frag >= 0`, `k >= 0`,
+//! `const >= 0`, and the planner's coefficients are recovered as `c = k / (1 + frag)`.
 //!
 //! A feature that is zero in every point (no CNN in the data, no checkpointing) or that this data
 //! cannot tell apart from the others (e.g. the 2P half copy is exactly 1/8 of AdamW's 16P fixed
@@ -128,7 +132,8 @@ impl Col {
         }
         // Regime (see `fit`): each part of the live bytes counts with its share where the peak
         // sits (the planner's `LiveParts::shares`): at the optimizer step the activations are
-        // gone and the largest tensor's transients count; in backward it is the other way round.
+        // gone and the largest tensor's transients count; at the activations it is the other
+        // way round; at the gradients (PyTorch's overlap) the freed activations' share is gone.
         let [act, _, _, half, step] = LiveParts::shares(r.at, overlap(&p.terms, a));
         let scale = match self {
             Col::MaxParam => step,
@@ -233,13 +238,14 @@ impl Col {
     }
 }
 
-/// Bytes of a point that no coefficient scales, in regime `r` (before 1 + frag): at
-/// the optimizer step the group-wide update temporaries; in backward, where the prior `a` has a
-/// measured block for the point, everything that block saves (head, live blocks, once-per-model
-/// tensors); otherwise the fused attention kernel's saved output and log-sum-exp, sdpa's CPU
-/// math path's fp32 q, k and v, and the MoE blocks' routed-expert bytes (a block's, so none in a
-/// checkpointed step's head phase). The planner counts the same bytes
-/// (`Features::activation_bytes`, `Features::step_transient_bytes`).
+/// Bytes of a point that no coefficient scales, in regime `r` (before 1 + frag), each part in
+/// the regime's share: the optimizer step's group-wide update temporaries; LoRA adapters' saved
+/// bytes (both phases of a checkpointed step); where the prior `a` has a measured block for the
+/// point, everything that block saves (head, live blocks, once-per-model tensors); otherwise the
+/// blocks' known bytes: the fused attention kernel's saved output and log-sum-exp, sdpa's CPU
+/// math path's fp32 q, k and v, the MoE blocks' routed-expert bytes and an encoder-decoder's
+/// cross-attention (a block's, so none in a checkpointed step's head phase). The planner counts
+/// the same bytes (`Features::activation_bytes`, `Features::step_transient_bytes`).
 pub fn known_bytes(p: &Point, r: Regime, a: &ActivationCoeffs) -> f64 {
     let [act, _, _, _, step] = LiveParts::shares(r.at, overlap(&p.terms, a));
     step * p.terms.features.group_update_bytes + act * known_activation_bytes(p, r, a)
@@ -248,18 +254,20 @@ pub fn known_bytes(p: &Point, r: Regime, a: &ActivationCoeffs) -> f64 {
 /// The activation bytes of [`known_bytes`], whatever the regime's share of them.
 fn known_activation_bytes(p: &Point, r: Regime, a: &ActivationCoeffs) -> f64 {
     let f = &p.terms.features;
-    if let Some((once, head, block)) = f.measured_bytes(a) {
-        return once
-            + match (f.phased, r.head_phase) {
-                (false, _) => head + block,
-                (true, true) => head,
-                (true, false) => block,
-            };
-    }
-    if f.phased && r.head_phase {
-        return 0.0;
-    }
-    f.fused_attention_bytes + f.moe_bytes + f.math_upcast_bytes
+    // held in both phases of a checkpointed step (`Features::activation_bytes`' common part)
+    let common = f.adapter_bytes;
+    let (once, head, block) = f.measured_bytes(a).unwrap_or((
+        0.0,
+        0.0,
+        f.fused_attention_bytes + f.moe_bytes + f.math_upcast_bytes + f.cross_attention_bytes,
+    ));
+    common
+        + once
+        + match (f.phased, r.head_phase) {
+            (false, _) => head + block,
+            (true, true) => head,
+            (true, false) => block,
+        }
 }
 
 /// Bytes of a point in regime `r` that are exact counts and certainly resident, so the fit
@@ -438,12 +446,12 @@ fn identifiable(
     (cols, dropped)
 }
 
-/// Fits the memory model `peak = (1 + frag) * (states + max(activations, c_max_param *
-/// largest_tensor)) + const` on `points`; `lit` supplies the values of columns the data cannot
-/// determine.
+/// Fits the memory model `peak = (1 + frag) * (weights + optimizer + max over the regimes of the
+/// live bytes) + const` on `points`; `lit` supplies the values of columns the data cannot
+/// determine, the measured blocks held known and the lifetimes (`grad_overlap`).
 ///
-/// The maximum makes the model piecewise linear: each point's peak is either in backward or at
-/// the optimizer step. For a scanned `c_max_param`, regimes and the linear coefficients are
+/// The maximum makes the model piecewise linear: each point's peak is at its activations, at its
+/// gradients (with PyTorch's overlap) or at the optimizer step. For a scanned `c_max_param`, regimes and the linear coefficients are
 /// fitted alternately (assign each point to its larger term, refit, until stable); the scan keeps
 /// the value with the least relative squared error. Small models peak at the optimizer step,
 /// large ones in backward; a sum of both terms over-predicts whichever regime is not active.
@@ -613,8 +621,9 @@ impl<'a> Eval<'a> {
         }
     }
 
-    /// The point's regimes under these values: (peak at the optimizer step, and, for a
-    /// checkpointed point, in the head's phase rather than a block's).
+    /// The point's regimes under these values: where the peak sits (the largest of the
+    /// planner's three), and, for a checkpointed point, whether in the head's phase rather
+    /// than a block's.
     fn regime(&self, p: &Point) -> Regime {
         let f = &p.terms.features;
         let head = f.phased && {
@@ -671,54 +680,66 @@ fn fit_linear(
             origin[k] = Origin::ByBlock;
         }
     }
-    let a = design(points, regimes, &cols, prior);
-    let mut rel_se = [None; COLS.len()];
-    // Literature terms depend on frag through (1 + frag); two refinements converge (frag is small).
-    for _ in 0..3 {
-        let frag = values[0];
-        let y = DVector::from_iterator(
-            points.len(),
-            points.iter().zip(regimes).map(|(p, r)| {
-                let r = *r;
-                // known bytes (sdpa's saved output and log-sum-exp) scale with 1 + frag
-                let mut y =
-                    p.peak - certain_bytes(p, r, prior) - (1.0 + frag) * known_bytes(p, r, prior);
-                for (k, c) in COLS.iter().enumerate() {
-                    if origin[k] != Origin::Fitted {
-                        let scale = if c.scaled_by_frag() { 1.0 + frag } else { 1.0 };
-                        let v = if *c == Col::Frag {
-                            values[k] * c.value(p, r, prior)
-                        } else {
-                            scale * values[k] * c.value(p, r, prior)
-                        };
-                        y -= v;
-                    }
-                }
-                y
-            }),
-        );
-        let sol = nnls::fit(&a, &y, Some(&w))?;
-        for (j, se) in relative_se(&a, &y, &w, &sol.x).into_iter().enumerate() {
-            rel_se[COLS
+    // The model is `peak = (1 + frag)·(certain + known + Σ_held c·x + Σ_fitted c·x) + const`,
+    // "held" the coefficients kept at the prior's values. With k = (1 + frag)·c for the fitted
+    // ones it is linear: `peak − (certain + known + Σ_held c·x) − const_held = frag·(certain +
+    // known + Σ_held c·x) + Σ k·x [+ const]`, solved once. (Known bytes, a measured block's
+    // whole saved bytes, can exceed the states several times on small models: iterating frag
+    // from a guess would not converge there.)
+    let frag_j = cols.iter().position(|c| *c == Col::Frag);
+    let held_const = if cols.contains(&Col::Const) {
+        0.0
+    } else {
+        Col::Const.get(lit)
+    };
+    // certain + known + Σ_held c·x per point: the bytes (1 + frag) multiplies besides the fitted
+    // terms
+    let scaled_base: Vec<f64> = points
+        .iter()
+        .zip(regimes)
+        .map(|(p, r)| {
+            let r = *r;
+            let held: f64 = COLS
                 .iter()
-                .position(|x| *x == cols[j])
-                .expect("known column")] = se;
+                .enumerate()
+                .filter(|(k, c)| origin[*k] != Origin::Fitted && c.scaled_by_frag())
+                .map(|(k, c)| values[k] * c.value(p, r, prior))
+                .sum();
+            certain_bytes(p, r, prior) + known_bytes(p, r, prior) + held
+        })
+        .collect();
+    let mut a = design(points, regimes, &cols, prior);
+    if let Some(j) = frag_j {
+        for (i, base) in scaled_base.iter().enumerate() {
+            a[(i, j)] = *base;
         }
-        let frag = cols
-            .iter()
-            .position(|c| *c == Col::Frag)
-            .map(|j| sol.x[j])
-            .unwrap_or(values[0]);
-        for (j, c) in cols.iter().enumerate() {
-            let k = COLS.iter().position(|x| x == c).expect("known column");
-            values[k] = if c.scaled_by_frag() {
-                sol.x[j] / (1.0 + frag)
-            } else {
-                sol.x[j]
-            };
-        }
-        values[0] = frag;
     }
+    let held_frag = if frag_j.is_some() { 0.0 } else { values[0] };
+    let y = DVector::from_iterator(
+        points.len(),
+        points
+            .iter()
+            .zip(&scaled_base)
+            .map(|(p, base)| p.peak - (1.0 + held_frag) * base - held_const),
+    );
+    let sol = nnls::fit(&a, &y, Some(&w))?;
+    let mut rel_se = [None; COLS.len()];
+    for (j, se) in relative_se(&a, &y, &w, &sol.x).into_iter().enumerate() {
+        rel_se[COLS
+            .iter()
+            .position(|x| *x == cols[j])
+            .expect("known column")] = se;
+    }
+    let frag = frag_j.map_or(values[0], |j| sol.x[j]);
+    for (j, c) in cols.iter().enumerate() {
+        let k = COLS.iter().position(|x| x == c).expect("known column");
+        values[k] = if c.scaled_by_frag() {
+            sol.x[j] / (1.0 + frag)
+        } else {
+            sol.x[j]
+        };
+    }
+    values[0] = frag;
     Ok(MemFit {
         values,
         origin,

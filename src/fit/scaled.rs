@@ -1,11 +1,12 @@
 //! Fitting a precision with few points of its own: the activation terms keep the shape of a
 //! pooled fit (same family, all precisions) and only their overall scale `alpha` is fitted on
 //! the precision's own points, together with frag and const when there are enough points:
-//! `peak - fixed - half_copy_prior*H = frag*fixed + alpha'*A_pooled + const`, with
-//! `A_pooled = sum_i c_i(pooled) * x_i` and `alpha = alpha' / (1 + frag)`. Known bytes `K`
-//! ([`super::memfit::known_bytes`]: sdpa's fused attention) are scaled by 1 + frag and by no
-//! coefficient, so they leave the target and join frag's regressor: `... - K = frag*(fixed + K)
-//! + ...`.
+//! `peak - B = frag*B + alpha'*A_pooled + const`, with `A_pooled = sum_i c_i(pooled) * x_i`,
+//! `alpha = alpha' / (1 + frag)` and `B` the bytes (1 + frag) multiplies that no fitted
+//! coefficient scales, each point in its regime: the certain ones
+//! ([`super::memfit::certain_bytes`]: weights, optimizer states, the regime's gradients), the
+//! known ones ([`super::memfit::known_bytes`]: fused attention, MoE experts, ...) and the
+//! prior's resident share of the 16-bit weight copy.
 //!
 //! Why: a 16-bit activation stores fewer bytes per element than fp32 but the same tensors are
 //! kept, so the pooled coefficients are the right shape and wrong scale. Pooling coefficients
@@ -45,8 +46,8 @@ pub fn fit(
     let a = DMatrix::from_fn(points.len(), ncols, |i, j| match j {
         0 => a_pooled(points[i], regimes[i]),
         1 => {
-            certain_bytes(points[i], regimes[i], &prior.activation)
-                + known_bytes(points[i], regimes[i], &prior.activation)
+            let (p, r, a) = (points[i], regimes[i], &prior.activation);
+            certain_bytes(p, r, a) + known_bytes(p, r, a) + hc * Col::HalfCopy.value(p, r, a)
         }
         _ => 1.0,
     });

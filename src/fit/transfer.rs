@@ -58,6 +58,9 @@ pub fn borrowed(
                 }
                 let mut prior = g_base.clone();
                 prior.activation.half_copy = g_mode.activation.half_copy.clone();
+                // the fp32 mode's measured blocks (if its fit chose them) describe fp32 tensors,
+                // not this precision's points: the scale is fitted on the per-feature shape
+                prior.activation.blocks.clear();
                 // each point in the regime its own fitted mode puts it in
                 let regimes = memfit::regimes_under(&g_pts, g_mode);
                 let (_, alpha) = scaled::fit(&g_pts, &regimes, &prior)?;

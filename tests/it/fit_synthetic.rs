@@ -340,6 +340,12 @@ fn the_memory_fit_returns_each_points_regime() {
         "{at_step} of {}",
         refs.len()
     );
+    // with PyTorch's overlap, SGD steps (no update transients) of a tied GPT peak at the end of
+    // backward, all gradients allocated and the activations freed
+    assert!(f
+        .regimes
+        .iter()
+        .any(|r| r.at == vramcal::plan::memory::PeakAt::Gradients));
     // a second fit of the same points gives the same answer: nothing was left on them
     let again = memfit::fit(&refs, &lit).unwrap();
     assert_eq!(again.values, f.values);
