@@ -47,4 +47,4 @@ pub(crate) use dropout::dropout_grad;
 pub(crate) use linear::LinearOp;
 pub use linear::{linear, linear_merge_heads, linear_split_heads, Heads};
 pub use loss::{cross_entropy, log_softmax};
-pub use norm::{batch_norm, norm, seed_batch_norm, seed_layer_norm};
+pub use norm::{batch_norm, norm, norm_input_grad, seed_batch_norm, seed_layer_norm};

@@ -182,7 +182,7 @@ impl CustomOp1 for SeedOp {
     }
 }
 
-fn zero_scalar(like: &Tensor) -> Result<Handed> {
+pub(super) fn zero_scalar(like: &Tensor) -> Result<Handed> {
     Ok(Handed::new(Tensor::zeros((), DType::F32, like.device())?))
 }
 
@@ -277,7 +277,7 @@ pub fn seed_linear(
 }
 
 /// `y` through the term's dropout (keep mask and p), if any.
-fn dropped(y: Tensor, drop: Option<&(Tensor, f32)>) -> Result<Tensor> {
+pub(super) fn dropped(y: Tensor, drop: Option<&(Tensor, f32)>) -> Result<Tensor> {
     match drop {
         Some((mask, p)) => super::fused::dropout(&y, mask, *p),
         None => Ok(y),
@@ -285,7 +285,11 @@ fn dropped(y: Tensor, drop: Option<&(Tensor, f32)>) -> Result<Tensor> {
 }
 
 /// The output gradient `g` in `dtype`, back through the term's dropout, if any.
-fn output_grad(g: &Tensor, dtype: DType, drop: Option<(&Tensor, f32)>) -> Result<Tensor> {
+pub(super) fn output_grad(
+    g: &Tensor,
+    dtype: DType,
+    drop: Option<(&Tensor, f32)>,
+) -> Result<Tensor> {
     let g = g.to_dtype(dtype)?;
     match drop {
         Some((mask, p)) => super::fused::dropout_grad(&g, mask, 1.0 / (1.0 - p as f64)),

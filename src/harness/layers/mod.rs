@@ -3,6 +3,7 @@
 pub mod cnn;
 pub mod conv;
 pub mod flash;
+pub mod frozen_ffn;
 pub mod fused;
 mod handed;
 pub mod joins;

@@ -6,6 +6,7 @@
 //! Rotary position embeddings (Llama, `max_positions == 0`) are omitted: they have no parameters
 //! and their elementwise cost is negligible next to the projections.
 
+use super::frozen_ffn::{FrozenNorm, FrozenSwiGlu};
 use super::fused::{self, Act, Heads};
 use super::joins::{self, Stash};
 use super::lora::{lora_residual, lora_value, seed_lora, Lora};
@@ -49,6 +50,9 @@ pub enum Term {
     ActLinear(joins::ActLinear),
     /// A SwiGLU feed-forward's product and last linear ([`joins::SwiGluLinear`]).
     SwiGlu(joins::SwiGluLinear),
+    /// A SwiGLU feed-forward with its norm, every weight frozen and unadapted
+    /// ([`FrozenSwiGlu`]): neither the norm's output nor the projections' input is kept.
+    FrozenSwiGlu(FrozenSwiGlu),
     /// Routed expert outputs weighted and summed per token ([`Routed`]).
     Routed(Routed),
     /// The same for an adapted (LoRA) linear: `x`, the adapters A and B, and the frozen base.
@@ -100,6 +104,7 @@ impl BlockOut {
                 Term::Routed(r) => r.value()?,
                 Term::ActLinear(t) => t.value()?,
                 Term::SwiGlu(t) => t.value()?,
+                Term::FrozenSwiGlu(t) => t.value()?,
                 Term::Lora {
                     x,
                     a,
@@ -135,6 +140,7 @@ impl BlockOut {
                 Term::Routed(r) => r.dtype(),
                 Term::ActLinear(t) => t.dtype(),
                 Term::SwiGlu(t) => t.dtype(),
+                Term::FrozenSwiGlu(t) => t.dtype(),
             };
             let g = &if g.dtype() == dtype {
                 g.clone()
@@ -161,6 +167,7 @@ impl BlockOut {
                 Term::Routed(r) => r.root(g)?,
                 Term::ActLinear(t) => t.root(g)?,
                 Term::SwiGlu(t) => t.root(g)?,
+                Term::FrozenSwiGlu(t) => t.root(g)?,
                 Term::Lora {
                     x,
                     a,
@@ -777,9 +784,14 @@ impl Transformer {
                 blk.attn.residual_terms(ctx, x, &n1, site, &stash)?
             }
             (1, Some(norm2)) => {
-                let n2 = norm2.forward_to(ctx, x, ctx.dtype)?;
                 let mut terms = vec![Term::Tensor(x.clone())];
-                terms.extend(ffn_terms(ctx, blk, &n2, site)?);
+                match frozen_swiglu(ctx, blk, norm2, x, site)? {
+                    Some(t) => terms.push(t),
+                    None => {
+                        let n2 = norm2.forward_to(ctx, x, ctx.dtype)?;
+                        terms.extend(ffn_terms(ctx, blk, &n2, site)?);
+                    }
+                }
                 terms
             }
             _ => candle_core::bail!("block {i} has no segment {part}"),
@@ -897,6 +909,44 @@ impl Transformer {
             Head::Classifier { classes } => classes as usize,
         }
     }
+}
+
+/// A SwiGLU feed-forward whose norm and projections are all frozen and unadapted, with its
+/// norm, as one term over the segment input `x` ([`FrozenSwiGlu`]); None for any other.
+fn frozen_swiglu(
+    ctx: &Ctx,
+    blk: &Block,
+    norm: &Norm,
+    x: &Tensor,
+    site: u64,
+) -> Result<Option<Term>> {
+    let Ffn::Dense(Mlp::Swiglu { gate, up, down }) = &blk.ffn else {
+        return Ok(None);
+    };
+    let frozen = |l: &Linear| !l.keeps_input(ctx) && l.b.is_none();
+    let trainable = |idx: Option<usize>| idx.is_some_and(|i| ctx.store.params[i].trainable);
+    if !(frozen(gate) && frozen(up) && frozen(down)) || trainable(Some(norm.w)) || trainable(norm.b)
+    {
+        return Ok(None);
+    }
+    let (gamma, beta, eps) = norm.params(ctx, x)?;
+    let (b, s, _) = x.dims3()?;
+    let shape = (b, s, down.d_out).into();
+    let drop = ctx
+        .dropout_mask(&shape, ctx.dtype, x.device(), site + 2)?
+        .map(|m| (m, ctx.dropout));
+    let weights = (
+        gate.tensors(ctx)?.0,
+        up.tensors(ctx)?.0,
+        down.tensors(ctx)?.0,
+    );
+    Ok(Some(Term::FrozenSwiGlu(FrozenSwiGlu::new(
+        x.clone(),
+        FrozenNorm { gamma, beta, eps },
+        weights,
+        ctx.dtype,
+        drop,
+    ))))
 }
 
 /// The feed-forward's output terms (without the residual) for its normed input `ffn_in`.

@@ -132,6 +132,11 @@ impl NormOp {
             inner = inner.broadcast_sub(&mean(&inner)?)?;
         }
         let gx = inner.broadcast_mul(&rstd)?.to_dtype(x.dtype())?;
+        if !g.track_op() {
+            // frozen parameters (LoRA's base): autograd computes no gradient for them, and the
+            // input-sized product below would be a temporary PyTorch never makes
+            return Ok([Some(gx), None, None]);
+        }
         // parameter gradients: sum over every dim the parameter is broadcast along
         let per_param = |t: Tensor| -> Result<Tensor> {
             let t = match self.stats {
@@ -336,6 +341,29 @@ pub fn norm(
         Some(b) => x.apply_op3(gamma, b, op),
         None => x.apply_op2(gamma, op),
     }
+}
+
+/// The input gradient of [`norm`] over the last dimension of `x` (LayerNorm with `beta`,
+/// RMSNorm without) for the output gradient `gy`, outside the graph: the backward of a norm whose
+/// parameters are frozen, run by a node that holds only `x` ([`crate::harness::layers::frozen_ffn`]).
+pub fn norm_input_grad(
+    x: &Tensor,
+    gamma: &Tensor,
+    beta: Option<&Tensor>,
+    eps: f64,
+    gy: &Tensor,
+) -> Result<Tensor> {
+    let op = NormOp {
+        eps,
+        rms: beta.is_none(),
+        out: None,
+        stats: Stats::Last,
+        relu: false,
+        kept: Kept::default(),
+    };
+    let (x, gamma) = (x.detach(), gamma.detach());
+    let [gx, _, _] = op.grads(&x, &gamma, beta.is_some(), &x, gy)?;
+    gx.ok_or_else(|| candle_core::Error::Msg("norm backward gave no input gradient".into()))
 }
 
 /// Training-mode BatchNorm of NCHW `x` (batch statistics), optionally followed by ReLU, one node.
