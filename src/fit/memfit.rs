@@ -644,6 +644,27 @@ impl<'a> Eval<'a> {
     }
 }
 
+/// The smallest physical value of a fitted coefficient on `points`: a transformer's backward
+/// holds at least the gradient of its largest per-sample tensor (the scores, or the FFN's
+/// activation) in the compute dtype, so `c_workspace` is at least the compute dtype's size.
+/// Without the floor the fit can set it to 0 (outside checkpointing the one-layer workspace is
+/// nearly collinear with the stored scores), which under-plans checkpointed steps, where one
+/// recomputed layer's workspace dominates. 0 for every other column and for CNNs (oneDNN's and
+/// cuDNN's convolutions keep no unfolded input).
+fn floor(c: Col, points: &[&Point]) -> f64 {
+    if c != Col::Workspace
+        || points
+            .iter()
+            .any(|p| p.family() != crate::spec::Family::Transformer)
+    {
+        return 0.0;
+    }
+    points
+        .iter()
+        .map(|p| p.precision().compute_bytes() as f64)
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// One linear fit with the points in `regimes`. `fit_max_param` false keeps `c_max_param` at
 /// `lit`'s value (the scan in [`fit`] chooses it).
 fn fit_linear(
@@ -692,8 +713,16 @@ fn fit_linear(
     } else {
         Col::Const.get(lit)
     };
-    // certain + known + Σ_held c·x per point: the bytes (1 + frag) multiplies besides the fitted
-    // terms
+    // Lower bounds of fitted coefficients (their floors join the held bytes, the fit finds the
+    // excess): see [`floor`].
+    let floors: Vec<(usize, f64)> = cols
+        .iter()
+        .map(|c| COLS.iter().position(|x| x == c).expect("known column"))
+        .map(|k| (k, floor(COLS[k], points)))
+        .filter(|(_, f)| *f > 0.0)
+        .collect();
+    // certain + known + Σ_held c·x (+ the floors) per point: the bytes (1 + frag) multiplies
+    // besides the fitted terms
     let scaled_base: Vec<f64> = points
         .iter()
         .zip(regimes)
@@ -705,7 +734,11 @@ fn fit_linear(
                 .filter(|(k, c)| origin[*k] != Origin::Fitted && c.scaled_by_frag())
                 .map(|(k, c)| values[k] * c.value(p, r, prior))
                 .sum();
-            certain_bytes(p, r, prior) + known_bytes(p, r, prior) + held
+            let floored: f64 = floors
+                .iter()
+                .map(|(k, f)| f * COLS[*k].value(p, r, prior))
+                .sum();
+            certain_bytes(p, r, prior) + known_bytes(p, r, prior) + held + floored
         })
         .collect();
     let mut a = design(points, regimes, &cols, prior);
@@ -740,6 +773,9 @@ fn fit_linear(
         };
     }
     values[0] = frag;
+    for (k, f) in &floors {
+        values[*k] += f;
+    }
     Ok(MemFit {
         values,
         origin,

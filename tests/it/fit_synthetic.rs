@@ -395,3 +395,27 @@ fn a_device_with_pytorchs_blocks_is_fitted_with_them_known() {
     }
     assert_predicts_grid(&fitted.table, &truth, 0.02);
 }
+
+/// A transformer's backward holds at least its largest per-sample gradient in the compute
+/// dtype, so the fit never puts `c_workspace` below that size (`memfit::floor`), even on a
+/// device whose data would (here a synthetic one with none): fp32 4 bytes, 16-bit 2; CNNs have
+/// no floor.
+#[test]
+fn the_transformer_workspace_is_never_fitted_below_the_gradient_it_holds() {
+    let mut truth = truth();
+    for m in &mut truth.modes {
+        m.activation.c_workspace.value = 0.0;
+    }
+    let fitted = fit_rows(&synthetic_rows_of(&truth, 0.0, 5)).unwrap();
+    for (family, precision) in MODES {
+        let ws = Col::Workspace.get(&fitted.table.mode(family, precision));
+        let floor = match family {
+            Family::Transformer => precision.compute_bytes() as f64,
+            Family::Cnn => 0.0,
+        };
+        assert!(
+            (ws - floor).abs() < 0.05 * floor.max(1.0),
+            "{family:?}/{precision}: c_workspace {ws}, floor {floor}"
+        );
+    }
+}
