@@ -59,7 +59,7 @@ fn scopes<'a>(
 /// lifetimes scored 5.3 % held-out MAPE on the CPU grid against 6.5 % with none, 2026-12-02).
 /// With the literature's measured PyTorch blocks; [`per_feature`] gives the form without them.
 pub fn literature_mode(family: Family, precision: Precision) -> ModeCoeffs {
-    Coefficients::literature().mode(family, precision)
+    Coefficients::literature_ref().mode(family, precision)
 }
 
 /// `lit` without its measured blocks: every transformer's saved bytes from the per-feature

@@ -607,18 +607,10 @@ impl<'a> Eval<'a> {
         self.values[COLS.iter().position(|x| *x == c).expect("column")]
     }
 
-    /// The parts of a point's live bytes, before (1 + frag): the planner's
-    /// (`Features::activation_bytes`, so an sdpa point's fused attention bytes are in it, and
-    /// `Features::step_transient_bytes`).
+    /// The parts of a point's live bytes, before (1 + frag): the planner's own
+    /// (`LiveParts::of`, so an sdpa point's fused attention bytes are in them).
     fn parts(&self, p: &Point) -> LiveParts {
-        let f = &p.terms.features;
-        LiveParts {
-            activations: f.activation_bytes(&self.activation),
-            gradients: p.terms.states.gradients,
-            tied_gradients: tied_gradient_bytes(&p.terms),
-            half_copy: self.value(Col::HalfCopy) * p.terms.states.half_copy,
-            step: f.max_param * self.value(Col::MaxParam) + f.group_update_bytes,
-        }
+        LiveParts::of(&p.terms, &self.activation)
     }
 
     /// The point's regimes under these values: where the peak sits (the largest of the

@@ -68,7 +68,7 @@ pub fn borrowed(
                 mode.precision = p;
                 if !mode.activation.blocks.is_empty() {
                     // measured blocks are per precision: the literature's for this one
-                    let lit = crate::coeffs::Coefficients::literature().mode(f, p);
+                    let lit = crate::coeffs::Coefficients::literature_ref().mode(f, p);
                     mode.activation.blocks = lit.activation.blocks;
                     mode.activation.act_fns = lit.activation.act_fns;
                 }

@@ -772,6 +772,17 @@ pub struct LiveParts {
 }
 
 impl LiveParts {
+    /// The parts of a configuration's step under the activation coefficients `a`.
+    pub fn of(terms: &FitTerms, a: &ActivationCoeffs) -> Self {
+        Self {
+            activations: terms.features.activation_bytes(a),
+            gradients: terms.states.gradients,
+            tied_gradients: tied_gradient_bytes(terms),
+            half_copy: a.half_copy.value * terms.states.half_copy,
+            step: terms.features.step_transient_bytes(a),
+        }
+    }
+
     /// Multiplier of each part `(activations, gradients, tied gradients, half copy, step)` when
     /// the peak is `at`, with `overlap` the fraction of the activations freed while gradients
     /// are allocated: the peak is linear in the parts within a regime, which the fit relies on.
@@ -849,14 +860,8 @@ pub fn breakdown_with_mode(terms: &FitTerms, mode: &crate::coeffs::ModeCoeffs) -
     let half = a.half_copy.value * s.half_copy;
     let weights_f = s.weights + half;
     let grads = s.gradients;
-    let act = terms.features.activation_bytes(a);
-    let live_parts = LiveParts {
-        activations: act,
-        gradients: grads,
-        tied_gradients: tied_gradient_bytes(terms),
-        half_copy: half,
-        step: terms.features.step_transient_bytes(a),
-    };
+    let live_parts = LiveParts::of(terms, a);
+    let act = live_parts.activations;
     let (_, live) = live_parts.peak(overlap(terms, a));
     let base = s.weights + s.optimizer;
     let peak_f =

@@ -13,7 +13,7 @@
 
 use super::fused::{self, Act};
 use super::handed::{handed_fwd, Handed};
-use super::joins::{dropped, output_grad, zero_scalar};
+use super::joins::{dropped, output_grad, swiglu_input_grads, zero_scalar};
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 use std::sync::{Arc, Mutex};
 
@@ -127,12 +127,7 @@ impl CustomOp1 for SeedFrozenSwiGluOp {
             candle_core::bail!("frozen SwiGLU: backward before the forward value");
         };
         let (o, f) = wd.dims2()?;
-        let ga = self.g.reshape(((), o))?.matmul(wd)?.reshape(up.shape())?;
-        let g_up = (&ga * &s)?;
-        let g_s = (&ga * &up)?;
-        drop((ga, s, up));
-        let g_gate = fused::activation_grad(&g_s, &gate, Act::Silu)?;
-        drop((g_s, gate));
+        let (g_gate, g_up) = swiglu_input_grads(&self.g.reshape(((), o))?, wd, gate, up, s)?;
         let g_normed = g_up.reshape(((), f))?.matmul(wu)?;
         drop(g_up);
         let g_normed = (g_normed + g_gate.reshape(((), f))?.matmul(wg)?)?.reshape(x.shape())?;

@@ -525,13 +525,28 @@ impl CustomOp3 for SeedSwiGluOp {
             ),
         };
         let gw = last_weight_grad(need_w, &g2, a, f, || &s * &up)?;
-        let ga = g2.matmul(&w)?.reshape(up.shape())?;
-        let g_up = (&ga * &s)?;
-        let g_s = (&ga * &up)?;
-        std::mem::drop((ga, s));
-        let g_gate = super::fused::activation_grad(&g_s, &gate, super::fused::Act::Silu)?;
+        let (g_gate, g_up) = swiglu_input_grads(&g2, &w, gate, up, s)?;
         Ok((Some(g_gate), Some(g_up), gw))
     }
+}
+
+/// The gradients of a SwiGLU feed-forward's gate and up outputs from `g2`, the last linear's
+/// output gradient `[n, o]` (`w` its weight `[o, f]`), in PyTorch's order: the last linear's
+/// input gradient, the product's, then SiLU's; each saved tensor (`silu(gate)` as `s`) is
+/// freed once used.
+pub(super) fn swiglu_input_grads(
+    g2: &Tensor,
+    w: &Tensor,
+    gate: Tensor,
+    up: Tensor,
+    s: Tensor,
+) -> Result<(Tensor, Tensor)> {
+    let ga = g2.matmul(w)?.reshape(up.shape())?;
+    let g_up = (&ga * &s)?;
+    let g_s = (&ga * &up)?;
+    drop((ga, s, up));
+    let g_gate = super::fused::activation_grad(&g_s, &gate, super::fused::Act::Silu)?;
+    Ok((g_gate, g_up))
 }
 
 struct ResidActLinearOp {
