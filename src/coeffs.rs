@@ -78,6 +78,13 @@ pub struct ActivationCoeffs {
     /// kind); where one matches the model, it replaces c_h, c_f, c_att and c_logits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blocks: Vec<BlockCoeffs>,
+    /// The same blocks as PyTorch keeps them on a CPU, where [`Self::blocks`] describe CUDA:
+    /// dropout masks in the input's dtype (`aten::_dropout_impl`, not CUDA's 1-byte
+    /// `native_dropout` mask) and CPU autocast's op lists (BERT's softmax stays 16-bit). Never
+    /// planned with: a CPU calibration's fit tries them as its prior's blocks (`fit::calibrate`)
+    /// and the fitted table holds whichever it chose in `blocks`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_blocks: Vec<BlockCoeffs>,
     /// With [`Self::blocks`]: bytes per b·s·f per layer that the MLP's activation function saves
     /// for backward beyond its output (which the next linear saves anyway), per activation as
     /// transformers names it; added to the matched block's `bsf`. A table with blocks has one

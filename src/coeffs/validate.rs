@@ -166,13 +166,18 @@ impl Coefficients {
             for (key, coef, max) in m.ranged() {
                 check_coef(|| format!("{at} {key}"), coef.value, max)?;
             }
-            for (j, b) in m.activation.blocks.iter().enumerate() {
-                for (key, v) in b.ranged() {
-                    check_coef(
-                        || format!("{at} activation.blocks[{j}].{key}"),
-                        v,
-                        MAX_BYTES_PER_ELEM,
-                    )?;
+            for (name, blocks) in [
+                ("blocks", &m.activation.blocks),
+                ("cpu_blocks", &m.activation.cpu_blocks),
+            ] {
+                for (j, b) in blocks.iter().enumerate() {
+                    for (key, v) in b.ranged() {
+                        check_coef(
+                            || format!("{at} activation.{name}[{j}].{key}"),
+                            v,
+                            MAX_BYTES_PER_ELEM,
+                        )?;
+                    }
                 }
             }
             for (act, c) in &m.activation.act_fns {
@@ -182,7 +187,7 @@ impl Coefficients {
                     MAX_BYTES_PER_ELEM,
                 )?;
             }
-            if !m.activation.blocks.is_empty() {
+            if !m.activation.blocks.is_empty() || !m.activation.cpu_blocks.is_empty() {
                 use crate::spec::transformer::Activation;
                 if let Some(a) = Activation::ALL
                     .iter()

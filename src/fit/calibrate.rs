@@ -67,26 +67,60 @@ pub fn literature_mode(family: Family, precision: Precision) -> ModeCoeffs {
 fn per_feature(lit: &ModeCoeffs) -> ModeCoeffs {
     let mut m = lit.clone();
     m.activation.blocks.clear();
+    m.activation.cpu_blocks.clear();
     m
 }
 
-/// Fits `points` in two forms and keeps the one the data supports better by the Bayesian
-/// information criterion: with the prior's measured blocks held known (only the terms they do
-/// not cover fitted), or with every transformer's saved bytes from fitted per-feature
-/// coefficients. The blocks describe PyTorch's kernels on the device class they were measured
-/// for (CUDA's autocast op lists, 1-byte dropout masks); where a device keeps other bytes the
-/// per-feature form fits better. Returns the fit with the prior it used.
+/// `lit` with its CPU-measured blocks ([`crate::coeffs::ActivationCoeffs::cpu_blocks`]) as
+/// its blocks, or None where it has none.
+fn with_cpu_blocks(lit: &ModeCoeffs) -> Option<ModeCoeffs> {
+    if lit.activation.cpu_blocks.is_empty() {
+        return None;
+    }
+    let mut m = lit.clone();
+    m.activation.blocks = std::mem::take(&mut m.activation.cpu_blocks);
+    Some(m)
+}
+
+/// `lit` with its CUDA blocks only (the form a fitted table keeps).
+fn with_cuda_blocks(lit: &ModeCoeffs) -> ModeCoeffs {
+    let mut m = lit.clone();
+    m.activation.cpu_blocks.clear();
+    m
+}
+
+/// Whether every point was measured on a CPU (where PyTorch keeps the CPU blocks' bytes).
+fn on_cpu(points: &[&Point]) -> bool {
+    !points.is_empty() && points.iter().all(|p| p.row.device_kind == "cpu")
+}
+
+/// Fits `points` in each form the prior offers and keeps the one the data supports best by the
+/// Bayesian information criterion: per-feature coefficients for every transformer's saved
+/// bytes; the prior's measured blocks held known (only the terms they do not cover fitted); and
+/// on a CPU, the blocks as PyTorch keeps them there. The blocks describe PyTorch's kernels on
+/// the device class they were measured for (CUDA's autocast op lists, 1-byte dropout masks).
+/// Exact saved bytes need not fit a peak best: on the CPU grid (two-layer models) the peak sits
+/// in the last block's backward, after its feed-forward's saved tensors and residual dropout
+/// masks are freed, so the CPU blocks' every-mask-live count fitted worse than the CUDA blocks
+/// with a fitted `c_dropout` (2026-12-02). Returns the fit with the prior it used.
 fn fit_either(points: &[&Point], lit: &ModeCoeffs) -> anyhow::Result<(memfit::MemFit, ModeCoeffs)> {
     let bare = per_feature(lit);
-    let without = memfit::fit(points, &bare)?;
-    if lit.activation.blocks.is_empty() {
-        return Ok((without, bare));
+    let mut best = (memfit::fit(points, &bare)?, bare);
+    let mut priors = Vec::new();
+    if !lit.activation.blocks.is_empty() {
+        priors.push(with_cuda_blocks(lit));
     }
-    let with = memfit::fit(points, lit)?;
-    match (with.bic(), without.bic()) {
-        (Some(a), Some(b)) if a <= b => Ok((with, lit.clone())),
-        _ => Ok((without, bare)),
+    // on a CPU, also the blocks as PyTorch keeps them there
+    priors.extend(with_cpu_blocks(lit).filter(|_| on_cpu(points)));
+    for prior in priors {
+        let f = memfit::fit(points, &prior)?;
+        if let (Some(a), Some(b)) = (f.bic(), best.0.bic()) {
+            if a <= b {
+                best = (f, prior);
+            }
+        }
     }
+    Ok(best)
 }
 
 /// Writes a memory fit's values and sources into a mode.
@@ -156,10 +190,14 @@ pub fn fit_mode(
             (memfit::fit(pts, &mode)?, mode.clone())
         };
         if !lit.activation.blocks.is_empty() {
+            let cpu = !prior.activation.blocks.is_empty()
+                && prior.activation.blocks == lit.activation.cpu_blocks;
             diag.insert(
                 "memory_form".into(),
                 json!(if prior.activation.blocks.is_empty() {
                     "per-feature coefficients"
+                } else if cpu {
+                    "blocks measured on a CPU known, the other terms fitted"
                 } else {
                     "measured blocks known, the other terms fitted"
                 }),

@@ -243,8 +243,9 @@ impl Col {
 /// bytes (both phases of a checkpointed step); where the prior `a` has a measured block for the
 /// point, everything that block saves (head, live blocks, once-per-model tensors); otherwise the
 /// blocks' known bytes: the fused attention kernel's saved output and log-sum-exp, sdpa's CPU
-/// math path's fp32 q, k and v, the MoE blocks' routed-expert bytes and an encoder-decoder's
-/// cross-attention (a block's, so none in a checkpointed step's head phase). The planner counts
+/// math path's fp32 q, k and v, the MoE blocks' routed-expert bytes, an encoder-decoder's
+/// cross-attention and the activation function's bytes beyond exact GELU's or SiLU's (a
+/// block's, so none in a checkpointed step's head phase). The planner counts
 /// the same bytes (`Features::activation_bytes`, `Features::step_transient_bytes`).
 pub fn known_bytes(p: &Point, r: Regime, a: &ActivationCoeffs) -> f64 {
     let [act, _, _, _, step] = LiveParts::shares(r.at, overlap(&p.terms, a));
@@ -256,11 +257,9 @@ fn known_activation_bytes(p: &Point, r: Regime, a: &ActivationCoeffs) -> f64 {
     let f = &p.terms.features;
     // held in both phases of a checkpointed step (`Features::activation_bytes`' common part)
     let common = f.adapter_bytes;
-    let (once, head, block) = f.measured_bytes(a).unwrap_or((
-        0.0,
-        0.0,
-        f.fused_attention_bytes + f.moe_bytes + f.math_upcast_bytes + f.cross_attention_bytes,
-    ));
+    let (once, head, block) =
+        f.measured_bytes(a)
+            .unwrap_or((0.0, 0.0, f.per_feature_known_bytes(a)));
     common
         + once
         + match (f.phased, r.head_phase) {

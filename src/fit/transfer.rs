@@ -67,10 +67,18 @@ pub fn borrowed(
                 let mut mode = base.clone();
                 mode.precision = p;
                 if !mode.activation.blocks.is_empty() {
-                    // measured blocks are per precision: the literature's for this one
-                    let lit = crate::coeffs::Coefficients::literature_ref().mode(f, p);
-                    mode.activation.blocks = lit.activation.blocks;
-                    mode.activation.act_fns = lit.activation.act_fns;
+                    // measured blocks are per precision: the literature's for this one, of the
+                    // device class (CUDA or CPU) the fitted mode's blocks are
+                    let lit_ref = crate::coeffs::Coefficients::literature_ref();
+                    let cpu = mode.activation.blocks
+                        == lit_ref.mode(f, Precision::Fp32).activation.cpu_blocks;
+                    let lit = lit_ref.mode(f, p).activation;
+                    mode.activation.blocks = if cpu && !lit.cpu_blocks.is_empty() {
+                        lit.cpu_blocks
+                    } else {
+                        lit.blocks
+                    };
+                    mode.activation.act_fns = lit.act_fns;
                 }
                 let why = format!(
                     "{} fp32 fit x alpha = {alpha:.4}, the {p} activation scale fitted on {} {} points, {}, {}",

@@ -80,6 +80,10 @@ pub struct Features {
     /// The MLP activation in effect ([`crate::spec::transformer::TransformerSpec::activation_kind`]):
     /// selects the activation function's bytes ([`ActivationCoeffs::act_fns`]) with `block`
     pub act_fn: Option<Activation>,
+    /// The activation the per-feature coefficients assume for this FFN kind (SiLU for SwiGLU,
+    /// exact GELU otherwise): without a measured block, the bytes `act_fn` saves beyond it are
+    /// added as known ([`Features::act_fn_extra_bytes`])
+    pub act_fn_base: Option<Activation>,
     /// Dropout probability above 0 ([`crate::spec::transformer::TransformerSpec::dropout_p`]):
     /// adds the matched block's [`crate::coeffs::DropoutCoeffs`]
     pub dropout: bool,
@@ -212,11 +216,32 @@ impl Features {
                 + self.bsf * a.c_f.value
                 + self.bas2 * a.c_att.value
                 + self.dropout_elems * a.c_dropout.value
-                + self.fused_attention_bytes
-                + self.moe_bytes
-                + self.math_upcast_bytes
-                + self.cross_attention_bytes,
+                + self.per_feature_known_bytes(a),
         )
+    }
+
+    /// Without a measured block: the live blocks' bytes no per-feature coefficient scales,
+    /// known from kernel semantics or measured apart (fused attention, sdpa's math-path
+    /// upcasts, MoE experts, cross-attention, the activation function's own).
+    pub fn per_feature_known_bytes(&self, a: &ActivationCoeffs) -> f64 {
+        self.fused_attention_bytes
+            + self.moe_bytes
+            + self.math_upcast_bytes
+            + self.cross_attention_bytes
+            + self.act_fn_extra_bytes(a)
+    }
+
+    /// Bytes the MLP's activation saves beyond the one the per-feature `c_f` assumes
+    /// ([`Features::act_fn_base`]), from the table's measured `act_fns`: GPT-2's composed
+    /// `gelu_new` keeps four f-wide tensors where exact GELU keeps one, so one `c_f` fitted over
+    /// both would plan BERT's exact-GELU blocks with GPT-2's copies. Negative for an activation
+    /// that keeps less (ReLU); 0 where the table lacks either activation.
+    pub fn act_fn_extra_bytes(&self, a: &ActivationCoeffs) -> f64 {
+        let bytes = |k: Option<Activation>| k.and_then(|k| a.act_fns.get(&k)).map(|c| c.value);
+        match (bytes(self.act_fn), bytes(self.act_fn_base)) {
+            (Some(act), Some(base)) => self.bsf_raw * (act - base),
+            _ => 0.0,
+        }
     }
 
     /// With a measured block in `a` ([`Features::measured`]): the bytes it accounts for, as
@@ -435,6 +460,10 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                     .or(moe::base_block(t))
                     .map(|k| (k, train.attention.block_kind())),
                 act_fn: Some(t.activation_kind()),
+                act_fn_base: Some(match t.ffn_kind {
+                    FfnKind::Swiglu => Activation::Silu,
+                    FfnKind::Gelu => Activation::Gelu,
+                }),
                 dropout,
                 dropout_elems: if dropout {
                     2.0 * live * b * s * h + score_layers * scores
@@ -536,6 +565,7 @@ fn encdec_features(
         // the stacks' blocks are not the measured PyTorch blocks: generic coefficients
         block: None,
         act_fn: enc.act_fn,
+        act_fn_base: enc.act_fn_base,
         dropout: enc.dropout,
         dropout_elems: enc.dropout_elems + dec.dropout_elems,
         bsf_raw: enc.bsf_raw + dec.bsf_raw,

@@ -32,7 +32,9 @@ pub fn step_flops(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<StepFl
     let terms = memory::fit_terms(model, &plain)?;
     let mut mode = lit.mode(model.family(), train.precision);
     // the per-feature weights alone, so traffic stays linear in the features the time fit uses
+    // (neither measured blocks nor an activation function's own bytes)
     mode.activation.blocks.clear();
+    mode.activation.act_fns.clear();
     let act = terms.features;
     Ok(StepFlops {
         dense,

@@ -396,6 +396,58 @@ fn a_device_with_pytorchs_blocks_is_fitted_with_them_known() {
     assert_predicts_grid(&fitted.table, &truth, 0.02);
 }
 
+/// A CPU whose transformer blocks save exactly what PyTorch keeps on a CPU (the literature's
+/// `cpu_blocks`: masks in the input's dtype, CPU autocast's op lists) is fitted with those
+/// blocks known, the CUDA blocks' and the per-feature form losing; the same rows marked as
+/// measured on CUDA never get the CPU blocks.
+#[test]
+fn a_cpu_with_pytorchs_cpu_blocks_is_fitted_with_them() {
+    let mut truth = truth();
+    let lit = Coefficients::literature();
+    for m in truth
+        .modes
+        .iter_mut()
+        .filter(|m| m.family == Family::Transformer)
+    {
+        let l = lit.mode(m.family, m.precision);
+        m.activation.blocks = l.activation.cpu_blocks.clone();
+        m.activation.act_fns = l.activation.act_fns.clone();
+        // the CPU blocks count every mask byte: nothing beyond them
+        m.activation.c_dropout.value = 0.0;
+    }
+    let rows = synthetic_rows_of(&truth, 0.0, 3);
+    let fitted = fit_rows(&rows).unwrap();
+    for (family, precision) in MODES.into_iter().filter(|(f, _)| *f == Family::Transformer) {
+        let got = fitted.table.mode(family, precision).activation;
+        let want = lit.mode(family, precision).activation;
+        assert_eq!(
+            got.blocks, want.cpu_blocks,
+            "{precision}: not the CPU blocks"
+        );
+        assert!(
+            got.cpu_blocks.is_empty(),
+            "a fitted table keeps one block set"
+        );
+    }
+    assert_predicts_grid(&fitted.table, &truth, 0.02);
+    let on_cuda: Vec<_> = rows
+        .into_iter()
+        .map(|mut r| {
+            r.device_kind = "cuda".into();
+            r
+        })
+        .collect();
+    let fitted = fit_rows(&on_cuda).unwrap();
+    for (family, precision) in MODES.into_iter().filter(|(f, _)| *f == Family::Transformer) {
+        let got = fitted.table.mode(family, precision).activation;
+        let want = lit.mode(family, precision).activation;
+        assert_ne!(
+            got.blocks, want.cpu_blocks,
+            "{precision}: CPU blocks on CUDA"
+        );
+    }
+}
+
 /// A transformer's backward holds at least its largest per-sample gradient in the compute
 /// dtype, so the fit never puts `c_workspace` below that size (`memfit::floor`), even on a
 /// device whose data would (here a synthetic one with none): fp32 4 bytes, 16-bit 2; CNNs have

@@ -26,6 +26,7 @@ mod import_cycles;
 mod measure_guard;
 mod param_counts;
 mod planner_cli;
+mod planner_cpu_blocks;
 mod planner_encdec;
 mod planner_finetune;
 mod planner_model;
