@@ -74,9 +74,15 @@ import time
 import weakref
 
 ARCHS = ("gpt2", "bert", "bert-mlm", "llama", "mistral", "qwen2", "vit")
+# Llama-like families whose blocks depart from Llama's (the planner plans them as Llama's block
+# plus the departures' bytes): Qwen3 (per-head q/k RMSNorm, head_dim not h/a), Gemma2 (4 norms
+# per block, attention and final logit soft-capping; eager only), Gemma3 (4 norms, per-head q/k
+# norm), OLMo2 (post-norms, full-width q/k norm); "llama-hd" is Llama with head_dim varied. Not
+# in the default --arch list; measured over DEPARTURE_GRID, which varies head_dim on its own.
+DEPARTURE_ARCHS = ("llama-hd", "qwen3", "gemma2", "gemma3", "olmo2")
 ATTENTIONS = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
-GQA_ARCHS = ("llama", "mistral", "qwen2")
+GQA_ARCHS = ("llama", "mistral", "qwen2") + DEPARTURE_ARCHS
 VIT_PATCH = 4
 
 COLUMNS = [
@@ -103,6 +109,14 @@ VARIATIONS = [
     {"h": 256, "a": 8, "kv": 2, "s": 48, "L": 1},
     {"b": 1, "s": 128, "a": 2, "kv": 2, "V": 1024, "f": 256},
     {"h": 64, "a": 2, "kv": 1, "L": 4, "b": 4, "s": 32},
+]
+
+
+# head_dim (hd) moves apart from h / a; the base point has hd = h / a
+DEPARTURE_GRID = [
+    {**BASE, "hd": 32, **v} for v in (
+        {}, {"hd": 64}, {"hd": 16}, {"L": 1}, {"b": 3}, {"s": 96}, {"h": 192}, {"f": 512},
+        {"a": 8, "kv": 4}, {"V": 768}, {"kv": 4}, {"hd": 48, "a": 2, "kv": 1, "s": 48, "L": 3})
 ]
 
 
@@ -157,6 +171,20 @@ def build(arch, attention, c, dropout=None, activation=None):
                            intermediate_size=f, max_position_embeddings=max(512, s), **common)
         model = T.BertModel(cfg) if arch == "bert" else T.BertForMaskedLM(cfg)
         drop = (cfg.hidden_dropout_prob, cfg.hidden_dropout_prob, cfg.attention_probs_dropout_prob)
+    elif arch in DEPARTURE_ARCHS:
+        cls_cfg, cls_model = {
+            "llama-hd": (T.LlamaConfig, T.LlamaForCausalLM),
+            "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM),
+            "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM),
+            "gemma3": (T.Gemma3TextConfig, T.Gemma3ForCausalLM),
+            "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM),
+        }[arch]
+        extra = dict(query_pre_attn_scalar=c.get("hd", h // a), sliding_window=4096) if arch.startswith("gemma") else {}
+        cfg = cls_cfg(vocab_size=V, hidden_size=h, intermediate_size=f, num_hidden_layers=L,
+                      num_attention_heads=a, num_key_value_heads=kv, head_dim=c.get("hd", h // a),
+                      max_position_embeddings=max(512, s), **extra, **common)
+        model = cls_model(cfg)
+        drop = (0.0, 0.0, cfg.attention_dropout)
     elif arch in GQA_ARCHS:
         cls_cfg, cls_model = {
             "llama": (T.LlamaConfig, T.LlamaForCausalLM),
@@ -177,7 +205,8 @@ def build(arch, attention, c, dropout=None, activation=None):
     else:
         raise ValueError(arch)
     used = getattr(model.config, "_attn_implementation", "?")
-    act = getattr(cfg, "activation_function", None) or getattr(cfg, "hidden_act")
+    act = (getattr(cfg, "activation_function", None) or getattr(cfg, "hidden_act", None)
+           or getattr(cfg, "hidden_activation"))
     return model, drop, used, act
 
 
@@ -320,7 +349,7 @@ def measure(arch, attention, precision, c, device="cpu", dump=False, dropout=Non
         s_eff = (img // VIT_PATCH) ** 2 + 1
     row.update(dict(
         arch=arch, attention=attention, precision=precision, b=c["b"], s=s_eff, h=c["h"], f=c["f"], a=c["a"],
-        kv_heads=c["kv"] if arch in GQA_ARCHS else c["a"], head_dim=c["h"] // c["a"], L=c["L"],
+        kv_heads=c["kv"] if arch in GQA_ARCHS else c["a"], head_dim=c.get("hd", c["h"] // c["a"]), L=c["L"],
         V=c["V"], image_size=img, embd_dropout=drop[0], hidden_dropout=drop[1], attn_dropout=drop[2],
         saved_storages=n_act, param_bytes=param_bytes, attn_impl_used=used, device=device,
         torch_version=torch.__version__, transformers_version=transformers.__version__,
@@ -416,7 +445,8 @@ def fit(path, out=sys.stdout, min_batch=1):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="torch-saved-bytes.csv", help="CSV file to write (default %(default)s)")
-    p.add_argument("--arch", choices=ARCHS, action="append", help="architecture(s) (default: all)")
+    p.add_argument("--arch", choices=ARCHS + DEPARTURE_ARCHS, action="append",
+                   help="architecture(s) (default: all but the departure families)")
     p.add_argument("--attention", choices=ATTENTIONS, action="append", help="eager | sdpa (default: both)")
     p.add_argument("--precision", choices=PRECISIONS, action="append", help="(default: all three)")
     p.add_argument("--dropout", type=float, action="append", metavar="P",
@@ -480,7 +510,7 @@ def main():
                     for dp in drops:
                         for act in acts:
                             done = set()
-                            for c in grid():
+                            for c in (DEPARTURE_GRID if arch in DEPARTURE_ARCHS else grid()):
                                 if arch not in GQA_ARCHS:
                                     c["kv"] = c["a"]  # kv only matters for GQA models
                                     key = tuple(sorted(c.items()))

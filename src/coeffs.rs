@@ -159,6 +159,11 @@ pub struct BlockCoeffs {
     pub bs_once: f64,
     /// per element of the head's output (LM: the fp32 log-softmax of b·s·V)
     pub bsv: f64,
+    /// per b·s·(q_width − h) per layer: the tensors `bsh` counts at the query width, for heads
+    /// whose head_dim is not h / heads (Qwen3, Gemma2/3): eager attention's q, repeated k and v
+    /// and attention output, sdpa's q and kernel output. 0 in tables written before it existed.
+    #[serde(default)]
+    pub bsq: f64,
     pub source: String,
     /// what dropout adds when its probability is above 0
     pub dropout: DropoutCoeffs,

@@ -95,8 +95,9 @@ impl ModeCoeffs {
 }
 
 impl BlockCoeffs {
-    fn ranged(&self) -> [(&'static str, f64); 12] {
+    fn ranged(&self) -> [(&'static str, f64); 13] {
         [
+            ("bsq", self.bsq),
             ("dropout.bsh", self.dropout.bsh),
             ("dropout.bas2", self.dropout.bas2),
             ("dropout.bsh_once", self.dropout.bsh_once),

@@ -259,7 +259,7 @@ fn known_activation_bytes(p: &Point, r: Regime, a: &ActivationCoeffs) -> f64 {
     let common = f.adapter_bytes;
     let (once, head, block) =
         f.measured_bytes(a)
-            .unwrap_or((0.0, 0.0, f.per_feature_known_bytes(a)));
+            .unwrap_or((0.0, f.head_known_bytes, f.per_feature_known_bytes(a)));
     common
         + once
         + match (f.phased, r.head_phase) {

@@ -7,7 +7,7 @@
 
 use crate::coeffs::{ActivationCoeffs, BlockCoeffs, Coefficients};
 use crate::error::input_err;
-use crate::plan::{encdec, moe, params};
+use crate::plan::{departures, encdec, moe, params};
 use crate::spec::encdec::EncDec;
 use crate::spec::transformer::{Activation, BlockKind, FfnKind, Head, TransformerSpec};
 use crate::spec::{Attention, Checkpointing, ModelSpec, TrainSpec};
@@ -119,6 +119,19 @@ pub struct Features {
     /// pair its gathered input, SwiGLU intermediates and output in the weights' dtype
     /// ([`moe::extra_bytes_per_token`]). Known, not fitted; 0 without experts.
     pub moe_bytes: f64,
+    /// Query-width elements beyond the hidden width over the live blocks, `b·s·(q_width − h)`
+    /// per layer, for a Llama-like block whose head_dim is not h / heads: priced by the measured
+    /// block's `bsq` ([`departures::q_extra_per_token`]); 0 otherwise
+    pub q_extra: f64,
+    /// Bytes (not elements) a Llama-like block's departures keep over the live blocks beyond the
+    /// Llama block (q/k norms, Gemma's extra norms; [`departures::extra_bytes_per_token`]).
+    /// Known, not fitted; 0 for the measured blocks themselves.
+    pub departure_bytes: f64,
+    /// Bytes (not elements) the head segment keeps beyond its per-element coefficient and the
+    /// block's once-per-model bytes: Gemma2's final logit soft-capping's tanh output, a Gemma or
+    /// OLMo2 final norm's fp32 excess in pure 16-bit
+    /// ([`departures::head_extra_bytes_per_token`]). Known, not fitted.
+    pub head_known_bytes: f64,
     /// Bytes (not elements) an encoder-decoder's cross-attention saves over the live decoder
     /// blocks beyond its scores ([`encdec::CrossAttention::saved_bytes`]). Known, not fitted;
     /// 0 otherwise.
@@ -211,7 +224,7 @@ impl Features {
             return (head, block + self.dropout_elems * a.c_dropout.value);
         }
         (
-            self.bsv * a.c_logits.value,
+            self.bsv * a.c_logits.value + self.head_known_bytes,
             self.bsh * a.c_h.value
                 + self.bsf * a.c_f.value
                 + self.bas2 * a.c_att.value
@@ -228,6 +241,7 @@ impl Features {
             + self.moe_bytes
             + self.math_upcast_bytes
             + self.cross_attention_bytes
+            + self.departure_bytes
             + self.act_fn_extra_bytes(a)
     }
 
@@ -268,13 +282,15 @@ impl Features {
             .and_then(|k| a.act_fns.get(&k))
             .map_or(0.0, |c| c.value);
         (
-            self.bsv * m.bsv,
+            self.bsv * m.bsv + self.head_known_bytes,
             self.bsh * (m.bsh + drop * m.dropout.bsh)
                 + self.bsf_raw * (m.bsf + act_fn)
                 + self.bas2 * (m.bas2 + drop * m.dropout.bas2)
                 + self.bas * m.bas
                 + self.bskv * m.bskv
                 + self.bs * m.bs
+                + self.q_extra * m.bsq
+                + self.departure_bytes
                 + self.moe_bytes
                 + self.math_upcast_bytes
                 + self.cross_attention_bytes,
@@ -457,7 +473,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 ),
                 block: t
                     .block_kind()
-                    .or(moe::base_block(t))
+                    .or(departures::base_block(t))
                     .map(|k| (k, train.attention.block_kind())),
                 act_fn: Some(t.activation_kind()),
                 act_fn_base: Some(match t.ffn_kind {
@@ -484,6 +500,19 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 accumulating: train.grad_accum > 1,
                 adapter_bytes: 0.0,
                 cross_attention_bytes: 0.0,
+                q_extra: live * b * s * departures::q_extra_per_token(t),
+                departure_bytes: live
+                    * b
+                    * s
+                    * departures::extra_bytes_per_token(t, train.precision)
+                    + if sdpa {
+                        0.0
+                    } else {
+                        score_layers * scores * departures::softcap_score_bytes(t, train.precision)
+                    },
+                head_known_bytes: b
+                    * s
+                    * departures::head_extra_bytes_per_token(t, train.precision),
                 moe_bytes: moe::live_moe_layers(t, live)
                     * b
                     * s

@@ -3,6 +3,7 @@
 pub mod advice;
 pub mod checkpoint;
 pub mod comm;
+pub mod departures;
 pub mod encdec;
 pub mod estimate;
 pub mod finetune;

@@ -4,7 +4,7 @@
 //! "Mixture of experts".
 
 use crate::spec::moe::Moe;
-use crate::spec::transformer::{BlockKind, TransformerSpec};
+use crate::spec::transformer::TransformerSpec;
 use crate::spec::Precision;
 
 /// Parameters of one MoE block's feed-forward, as transformers builds it (Mixtral/Qwen MoE:
@@ -107,15 +107,6 @@ pub fn ffn_widths(t: &TransformerSpec) -> (f64, f64) {
         moe_w
     };
     (mean, widest)
-}
-
-/// The measured block an MoE spec's blocks are built like apart from their feed-forward (Mixtral
-/// and Qwen2-MoE: Llama's attention and norms), so its measured coefficients cover the rest.
-pub fn base_block(t: &TransformerSpec) -> Option<BlockKind> {
-    t.extras.moe.as_ref()?;
-    let mut dense = t.clone();
-    dense.extras.moe = None;
-    dense.block_kind().filter(|k| *k == BlockKind::Llama)
 }
 
 /// Bytes a live MoE block saves per token beyond its dense part (the norms, attention and shared

@@ -61,6 +61,22 @@ fn req_pos(o: &Obj, f: &str) -> anyhow::Result<u64> {
     Ok(n)
 }
 
+/// Whether a soft-capping key (`attn_logit_softcapping`, `final_logit_softcapping`) is on: a
+/// positive number; null turns it off; absent means the config class's default `default`.
+fn softcap_on(o: &Obj, f: &str, default: bool) -> anyhow::Result<bool> {
+    match o.get(f) {
+        None => Ok(default),
+        Some(Value::Null) => Ok(false),
+        Some(v) => match v.as_f64() {
+            Some(x) if x > 0.0 => Ok(true),
+            _ => input_err(
+                &field_name(f),
+                format!("{v} is not a soft-capping value; accepted a positive number or null"),
+            ),
+        },
+    }
+}
+
 fn opt_bool(o: &Obj, f: &str, default: bool) -> anyhow::Result<bool> {
     match o.get(f) {
         None | Some(Value::Null) => Ok(default),
@@ -589,6 +605,9 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
             qk_norm,
             block_norms,
             attn_bias: (attention_bias != mlp_bias).then_some(attention_bias),
+            // Gemma2Config defaults both on (50 and 30); Gemma3's off
+            attn_softcap: softcap_on(o, "attn_logit_softcapping", model_type == "gemma2")?,
+            final_softcap: softcap_on(o, "final_logit_softcapping", model_type == "gemma2")?,
             ..BlockExtras::default()
         },
         ..base
@@ -1126,6 +1145,34 @@ fn falcon(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
 
 #[cfg(test)]
 mod tests {
+
+    /// Gemma2's soft-capping is on by its config class's defaults, off when a key is null (and
+    /// for Gemma3, whose class defaults are null); a value that is not a positive number is
+    /// refused naming the key.
+    #[test]
+    fn gemma_soft_capping_follows_the_config_and_its_class_defaults() {
+        let cfg = |model_type: &str, extra: &str| {
+            format!(
+                r#"{{"model_type":"{model_type}","hidden_size":64,"intermediate_size":128,
+                "num_hidden_layers":2,"num_attention_heads":2,"num_key_value_heads":1,
+                "vocab_size":100{extra}}}"#
+            )
+        };
+        let caps = |t: TransformerSpec| (t.extras.attn_softcap, t.extras.final_softcap);
+        assert_eq!(caps(parse(&cfg("gemma2", ""), "g").unwrap()), (true, true));
+        let one = r#","attn_logit_softcapping":null,"final_logit_softcapping":30.0"#;
+        assert_eq!(
+            caps(parse(&cfg("gemma2", one), "g").unwrap()),
+            (false, true)
+        );
+        assert_eq!(
+            caps(parse(&cfg("gemma3_text", ""), "g").unwrap()),
+            (false, false)
+        );
+        let bad = r#","attn_logit_softcapping":-1"#;
+        let err = parse(&cfg("gemma2", bad), "g").unwrap_err().to_string();
+        assert!(err.contains("attn_logit_softcapping"), "{err}");
+    }
     use super::*;
     use crate::plan::params::transformer;
     use crate::spec::ModelSpec;

@@ -150,6 +150,15 @@ pub struct BlockExtras {
     /// MLP's only): GPT-J has MLP biases but none on q, k, v, o.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attn_bias: Option<bool>,
+    /// Attention scores soft-capped, `cap · tanh(scores / cap)`, before the softmax (Gemma2's
+    /// `attn_logit_softcapping`): eager attention keeps the tanh output, one more score-sized
+    /// tensor. (transformers runs Gemma2 eager or with FlashAttention-2, which caps in the tile.)
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub attn_softcap: bool,
+    /// The LM head's logits soft-capped the same way (Gemma2's `final_logit_softcapping`): the
+    /// tanh output is kept, one more b·s·V tensor in the logits' dtype.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub final_softcap: bool,
     /// A bias on the LM head's vocabulary projection (Phi, GPT-J).
     #[serde(default, skip_serializing_if = "is_default")]
     pub lm_head_bias: bool,
