@@ -80,6 +80,10 @@ ARCHS = ("gpt2", "bert", "bert-mlm", "llama", "mistral", "qwen2", "vit")
 # norm), OLMo2 (post-norms, full-width q/k norm); "llama-hd" is Llama with head_dim varied. Not
 # in the default --arch list; measured over DEPARTURE_GRID, which varies head_dim on its own.
 DEPARTURE_ARCHS = ("llama-hd", "qwen3", "gemma2", "gemma3", "olmo2")
+# LayerNorm decoders with a two-matrix MLP that the planner plans with GPT-2's block
+# (plan::departures::gpt2_like), at their config classes' defaults (parallel attention and MLP,
+# partial rotary, Falcon's single key/value head, OPT's dropout 0.1): measured over FAMILY_GRID
+FAMILY_ARCHS = ("gpt_neox", "phi", "gptj", "falcon", "opt")
 ATTENTIONS = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 GQA_ARCHS = ("llama", "mistral", "qwen2") + DEPARTURE_ARCHS
@@ -117,6 +121,12 @@ DEPARTURE_GRID = [
     {**BASE, "hd": 32, **v} for v in (
         {}, {"hd": 64}, {"hd": 16}, {"L": 1}, {"b": 3}, {"s": 96}, {"h": 192}, {"f": 512},
         {"a": 8, "kv": 4}, {"V": 768}, {"kv": 4}, {"hd": 48, "a": 2, "kv": 1, "s": 48, "L": 3})
+]
+
+
+FAMILY_GRID = [
+    {**BASE, **v} for v in (
+        {}, {"L": 1}, {"b": 3}, {"s": 96}, {"h": 192, "a": 6}, {"f": 512}, {"V": 768})
 ]
 
 
@@ -185,6 +195,32 @@ def build(arch, attention, c, dropout=None, activation=None):
                       max_position_embeddings=max(512, s), **extra, **common)
         model = cls_model(cfg)
         drop = (0.0, 0.0, cfg.attention_dropout)
+    elif arch in FAMILY_ARCHS:
+        if arch == "gpt_neox":
+            cfg = T.GPTNeoXConfig(vocab_size=V, hidden_size=h, num_hidden_layers=L, num_attention_heads=a,
+                                  intermediate_size=f, max_position_embeddings=512, **common)
+            model = T.GPTNeoXForCausalLM(cfg)
+        elif arch == "phi":
+            cfg = T.PhiConfig(vocab_size=V, hidden_size=h, intermediate_size=f, num_hidden_layers=L,
+                              num_attention_heads=a, max_position_embeddings=512, **common)
+            model = T.PhiForCausalLM(cfg)
+        elif arch == "gptj":
+            cfg = T.GPTJConfig(vocab_size=V, n_positions=512, n_embd=h, n_layer=L, n_head=a, n_inner=f,
+                               rotary_dim=(h // a) // 2, **common)
+            model = T.GPTJForCausalLM(cfg)
+        elif arch == "falcon":
+            cfg = T.FalconConfig(vocab_size=V, hidden_size=h, num_hidden_layers=L, num_attention_heads=a,
+                                 ffn_hidden_size=f, max_position_embeddings=512, **common)
+            model = T.FalconForCausalLM(cfg)
+        else:
+            cfg = T.OPTConfig(vocab_size=V, hidden_size=h, num_hidden_layers=L, ffn_dim=f,
+                              num_attention_heads=a, max_position_embeddings=512, word_embed_proj_dim=h,
+                              **common)
+            model = T.OPTForCausalLM(cfg)
+        probs = [getattr(cfg, k) for k in ("hidden_dropout", "attention_dropout", "resid_pdrop", "embd_pdrop",
+                                           "attn_pdrop", "dropout") if isinstance(getattr(cfg, k, None), float)]
+        attn_p = getattr(cfg, "attention_dropout", getattr(cfg, "attn_pdrop", 0.0)) or 0.0
+        drop = (max(probs or [0.0]), max(probs or [0.0]), attn_p)
     elif arch in GQA_ARCHS:
         cls_cfg, cls_model = {
             "llama": (T.LlamaConfig, T.LlamaForCausalLM),
@@ -206,7 +242,7 @@ def build(arch, attention, c, dropout=None, activation=None):
         raise ValueError(arch)
     used = getattr(model.config, "_attn_implementation", "?")
     act = (getattr(cfg, "activation_function", None) or getattr(cfg, "hidden_act", None)
-           or getattr(cfg, "hidden_activation"))
+           or getattr(cfg, "hidden_activation", None) or "gelu")
     return model, drop, used, act
 
 
@@ -349,7 +385,9 @@ def measure(arch, attention, precision, c, device="cpu", dump=False, dropout=Non
         s_eff = (img // VIT_PATCH) ** 2 + 1
     row.update(dict(
         arch=arch, attention=attention, precision=precision, b=c["b"], s=s_eff, h=c["h"], f=c["f"], a=c["a"],
-        kv_heads=c["kv"] if arch in GQA_ARCHS else c["a"], head_dim=c.get("hd", c["h"] // c["a"]), L=c["L"],
+        kv_heads=(c["kv"] if arch in GQA_ARCHS
+                  else 1 if arch == "falcon" and model.config.multi_query
+                  and not model.config.new_decoder_architecture else c["a"]), head_dim=c.get("hd", c["h"] // c["a"]), L=c["L"],
         V=c["V"], image_size=img, embd_dropout=drop[0], hidden_dropout=drop[1], attn_dropout=drop[2],
         saved_storages=n_act, param_bytes=param_bytes, attn_impl_used=used, device=device,
         torch_version=torch.__version__, transformers_version=transformers.__version__,
@@ -445,8 +483,8 @@ def fit(path, out=sys.stdout, min_batch=1):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="torch-saved-bytes.csv", help="CSV file to write (default %(default)s)")
-    p.add_argument("--arch", choices=ARCHS + DEPARTURE_ARCHS, action="append",
-                   help="architecture(s) (default: all but the departure families)")
+    p.add_argument("--arch", choices=ARCHS + DEPARTURE_ARCHS + FAMILY_ARCHS, action="append",
+                   help="architecture(s) (default: all but the departure and family archs)")
     p.add_argument("--attention", choices=ATTENTIONS, action="append", help="eager | sdpa (default: both)")
     p.add_argument("--precision", choices=PRECISIONS, action="append", help="(default: all three)")
     p.add_argument("--dropout", type=float, action="append", metavar="P",
@@ -510,7 +548,8 @@ def main():
                     for dp in drops:
                         for act in acts:
                             done = set()
-                            for c in (DEPARTURE_GRID if arch in DEPARTURE_ARCHS else grid()):
+                            for c in (DEPARTURE_GRID if arch in DEPARTURE_ARCHS
+                                      else FAMILY_GRID if arch in FAMILY_ARCHS else grid()):
                                 if arch not in GQA_ARCHS:
                                     c["kv"] = c["a"]  # kv only matters for GQA models
                                     key = tuple(sorted(c.items()))

@@ -309,3 +309,102 @@ fn saved_departure_rows() -> Vec<HashMap<String, String>> {
         })
         .collect()
 }
+
+/// LayerNorm decoders with a two-matrix MLP that no measured block matches (GPT-NeoX, Phi,
+/// GPT-J, Falcon-7B, OPT, at their config classes' defaults) are planned with PyTorch's GPT-2
+/// block (`plan::departures`), against their own saved bytes on a CPU
+/// (calibration/data/torch-saved-bytes-families-cpu.csv): in 16-bit autocast, the precision
+/// such models train in, from 6 % under to 24 % over; in fp32 from 14 % under (GPT-NeoX's sdpa,
+/// whose partial-rotary copies the GPT-2 block lacks) to 37 % over (Falcon's single key/value
+/// head and OPT's attention-dropout-free blocks keep less than GPT-2's). The generic
+/// coefficients they took before under-planned OPT's autocast steps by up to 30 %.
+#[test]
+fn gpt2_like_decoders_are_planned_with_the_gpt2_block() {
+    let lit = Coefficients::literature();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("calibration/data/torch-saved-bytes-families-cpu.csv");
+    let mut rdr = csv::Reader::from_path(path).unwrap();
+    let headers = rdr.headers().unwrap().clone();
+    let mut checked = HashMap::<String, usize>::new();
+    for rec in rdr.records() {
+        let rec = rec.unwrap();
+        let r: HashMap<String, String> = headers
+            .iter()
+            .zip(rec.iter())
+            .map(|(h, v)| (h.to_string(), v.to_string()))
+            .collect();
+        let n = |k: &str| num(&r, k) as u64;
+        let (h, f, a, l, v) = (n("h"), n("f"), n("a"), n("L"), n("V"));
+        // each family's config.json as its config class writes it by default
+        let config = match r["arch"].as_str() {
+            "gpt_neox" => serde_json::json!({"model_type": "gpt_neox", "hidden_size": h,
+                "num_hidden_layers": l, "num_attention_heads": a, "intermediate_size": f,
+                "vocab_size": v, "max_position_embeddings": 512, "rotary_pct": 0.25,
+                "use_parallel_residual": true, "tie_word_embeddings": false, "hidden_act": "gelu"}),
+            "phi" => serde_json::json!({"model_type": "phi", "hidden_size": h,
+                "num_hidden_layers": l, "num_attention_heads": a, "intermediate_size": f,
+                "vocab_size": v, "max_position_embeddings": 512, "partial_rotary_factor": 0.5,
+                "hidden_act": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                "attention_dropout": 0.0, "tie_word_embeddings": false}),
+            "gptj" => serde_json::json!({"model_type": "gptj", "n_embd": h, "n_layer": l,
+                "n_head": a, "n_inner": f, "vocab_size": v, "n_positions": 512,
+                "rotary_dim": (h / a) / 2, "tie_word_embeddings": false,
+                "activation_function": "gelu_new", "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                "attn_pdrop": 0.0}),
+            "falcon" => serde_json::json!({"model_type": "falcon", "hidden_size": h,
+                "num_hidden_layers": l, "num_attention_heads": a, "vocab_size": v,
+                "multi_query": true, "parallel_attn": true, "new_decoder_architecture": false,
+                "bias": false, "ffn_hidden_size": f, "hidden_dropout": 0.0,
+                "attention_dropout": 0.0}),
+            "opt" => serde_json::json!({"model_type": "opt", "hidden_size": h,
+                "num_hidden_layers": l, "ffn_dim": f, "num_attention_heads": a,
+                "vocab_size": v, "max_position_embeddings": 512, "word_embed_proj_dim": h,
+                "do_layer_norm_before": true, "activation_function": "relu", "dropout": 0.1,
+                "attention_dropout": 0.0}),
+            other => panic!("unexpected arch {other}"),
+        };
+        let spec = vramcal::spec::hf_config::parse(&config.to_string(), &r["arch"]).unwrap();
+        let precision = match r["precision"].as_str() {
+            "fp32" => Precision::Fp32,
+            "bf16-autocast" => Precision::Bf16Mixed,
+            other => panic!("unexpected precision {other}"),
+        };
+        let train = TrainSpec {
+            batch: n("b"),
+            seq: n("s"),
+            precision,
+            attention: r["attention"].parse().unwrap(),
+            ..TrainSpec::default()
+        };
+        let mut act = lit.mode(Family::Transformer, precision).activation;
+        act.blocks = std::mem::take(&mut act.cpu_blocks);
+        let model = ModelSpec::Transformer(spec);
+        let fe = memory::fit_terms(&model, &train).unwrap().features;
+        assert_eq!(
+            fe.block.map(|b| b.0),
+            Some(BlockKind::Gpt2),
+            "{}",
+            r["arch"]
+        );
+        // the saved bytes: everything but backward's workspace
+        let planned = fe.activation_bytes(&act) - fe.workspace * act.c_workspace.value;
+        let err = planned / num(&r, "saved_bytes") - 1.0;
+        let (lo, hi) = if precision == Precision::Fp32 {
+            (-0.14, 0.37)
+        } else {
+            (-0.06, 0.24)
+        };
+        assert!(
+            (lo..=hi).contains(&err),
+            "{} {} {}: planned {planned}, measured {} ({:+.1} %)",
+            r["arch"],
+            r["attention"],
+            r["precision"],
+            r["saved_bytes"],
+            100.0 * err
+        );
+        *checked.entry(r["arch"].clone()).or_default() += 1;
+    }
+    assert_eq!(checked.len(), 5, "{checked:?}");
+    assert!(checked.values().all(|n| *n >= 20), "{checked:?}");
+}
