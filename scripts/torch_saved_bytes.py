@@ -80,10 +80,12 @@ ARCHS = ("gpt2", "bert", "bert-mlm", "llama", "mistral", "qwen2", "vit")
 # norm), OLMo2 (post-norms, full-width q/k norm); "llama-hd" is Llama with head_dim varied. Not
 # in the default --arch list; measured over DEPARTURE_GRID, which varies head_dim on its own.
 DEPARTURE_ARCHS = ("llama-hd", "qwen3", "gemma2", "gemma3", "olmo2")
-# LayerNorm decoders with a two-matrix MLP that the planner plans with GPT-2's block
-# (plan::departures::gpt2_like), at their config classes' defaults (parallel attention and MLP,
-# partial rotary, Falcon's single key/value head, OPT's dropout 0.1): measured over FAMILY_GRID
-FAMILY_ARCHS = ("gpt_neox", "phi", "gptj", "falcon", "opt")
+# LayerNorm decoders with a two-matrix MLP that the planner plans with GPT-2's block, and BERT
+# encoders with other heads or embeddings planned with BERT's (plan::departures), at their config
+# classes' defaults (parallel attention and MLP, partial rotary, Falcon's single key/value head,
+# OPT's dropout 0.1; DistilBERT's masked-LM head, ELECTRA's discriminator with half-width
+# embeddings): measured over FAMILY_GRID
+FAMILY_ARCHS = ("gpt_neox", "phi", "gptj", "falcon", "opt", "distilbert", "electra")
 ATTENTIONS = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 GQA_ARCHS = ("llama", "mistral", "qwen2") + DEPARTURE_ARCHS
@@ -212,14 +214,26 @@ def build(arch, attention, c, dropout=None, activation=None):
             cfg = T.FalconConfig(vocab_size=V, hidden_size=h, num_hidden_layers=L, num_attention_heads=a,
                                  ffn_hidden_size=f, max_position_embeddings=512, **common)
             model = T.FalconForCausalLM(cfg)
+        elif arch == "distilbert":
+            cfg = T.DistilBertConfig(vocab_size=V, dim=h, n_layers=L, n_heads=a, hidden_dim=f,
+                                     max_position_embeddings=512, **common)
+            model = T.DistilBertForMaskedLM(cfg)
+        elif arch == "electra":
+            cfg = T.ElectraConfig(vocab_size=V, embedding_size=h // 2, hidden_size=h, num_hidden_layers=L,
+                                  num_attention_heads=a, intermediate_size=f, max_position_embeddings=512,
+                                  **common)
+            model = T.ElectraForPreTraining(cfg)
         else:
             cfg = T.OPTConfig(vocab_size=V, hidden_size=h, num_hidden_layers=L, ffn_dim=f,
                               num_attention_heads=a, max_position_embeddings=512, word_embed_proj_dim=h,
                               **common)
             model = T.OPTForCausalLM(cfg)
         probs = [getattr(cfg, k) for k in ("hidden_dropout", "attention_dropout", "resid_pdrop", "embd_pdrop",
-                                           "attn_pdrop", "dropout") if isinstance(getattr(cfg, k, None), float)]
-        attn_p = getattr(cfg, "attention_dropout", getattr(cfg, "attn_pdrop", 0.0)) or 0.0
+                                           "attn_pdrop", "dropout", "hidden_dropout_prob",
+                                           "attention_probs_dropout_prob")
+                 if isinstance(getattr(cfg, k, None), float)]
+        attn_p = (getattr(cfg, "attention_dropout", None) or getattr(cfg, "attn_pdrop", None)
+                  or getattr(cfg, "attention_probs_dropout_prob", None) or 0.0)
         drop = (max(probs or [0.0]), max(probs or [0.0]), attn_p)
     elif arch in GQA_ARCHS:
         cls_cfg, cls_model = {
@@ -257,8 +271,11 @@ def make_inputs(arch, c, torch, dtype):
     ids = torch.randint(0, V, (b, s), generator=g)
     if arch == "bert":
         return dict(input_ids=ids)
-    if arch == "bert-mlm":
+    if arch in ("bert-mlm", "distilbert"):
         return dict(input_ids=ids, labels=ids.clone())
+    if arch == "electra":
+        # the discriminator's per-token replaced/original labels
+        return dict(input_ids=ids, labels=ids % 2)
     return dict(input_ids=ids, labels=ids.clone(), use_cache=False)
 
 

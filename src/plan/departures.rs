@@ -1,5 +1,6 @@
 //! Blocks planned with a measured block they depart from. LayerNorm decoders with a two-matrix
-//! MLP (Phi, GPT-J, Falcon-7B, OPT) take GPT-2's block as it is ([`base_block`]). Llama-like
+//! MLP (Phi, GPT-J, Falcon-7B, OPT) take GPT-2's block as it is, BERT encoders with other heads
+//! (DistilBERT, ELECTRA) BERT's with their head's transform ([`base_block`]). Llama-like
 //! blocks depart from Llama's in ways whose saved bytes are known: a head_dim
 //! that is not h / heads (Qwen3, Gemma2/3, Gemma-7B), per-head or full-width q/k RMSNorm (Qwen3,
 //! Gemma3, OLMo2), Gemma2/3's four norms per block, Gemma2's attention and final logit
@@ -23,7 +24,38 @@ use crate::spec::Precision;
 /// counts: Llama's, for a spec that is a Llama block once they are taken away; else GPT-2's for
 /// a LayerNorm decoder with a two-matrix MLP ([`gpt2_like`]).
 pub fn base_block(t: &TransformerSpec) -> Option<BlockKind> {
-    llama_like(t).or_else(|| gpt2_like(t))
+    llama_like(t)
+        .or_else(|| gpt2_like(t))
+        .or_else(|| bert_like(t))
+}
+
+/// A BERT encoder whose departures are its head and embeddings (DistilBERT's masked-LM head,
+/// ELECTRA's discriminator head and narrower embeddings): planned with BERT's block, the head's
+/// transform added ([`head_extra_bytes_per_token`]). Measured on a CPU
+/// (calibration/data/torch-saved-bytes-families-cpu.csv), where the generic coefficients had
+/// under-planned DistilBERT by 18-35 %.
+fn bert_like(t: &TransformerSpec) -> Option<BlockKind> {
+    let mut plain = t.clone();
+    let x = &mut plain.extras;
+    x.head_transform = crate::spec::transformer::HeadTransform::None;
+    x.lm_head_bias = false;
+    x.factorized_embedding = None;
+    plain.block_kind().filter(|k| *k == BlockKind::Bert)
+}
+
+/// Bytes per element of b·s·h a head's transform keeps: the dense output (the activation's
+/// input) and the activation's output, and with a norm its output too (measured: BERT's
+/// masked-LM head against BertModel, 12 B fp32, 8 B under autocast, where the norm's output is
+/// fp32, 6 B in pure 16-bit).
+fn head_transform_bytes(t: &TransformerSpec, p: Precision) -> f64 {
+    use crate::spec::transformer::HeadTransform;
+    let cb = p.compute_bytes() as f64;
+    let norm_out = if p.is_mixed() { 4.0 } else { cb };
+    match t.extras.head_transform {
+        HeadTransform::None => 0.0,
+        HeadTransform::Dense => 2.0 * cb,
+        HeadTransform::DenseNorm => 2.0 * cb + norm_out,
+    }
 }
 
 /// A LayerNorm decoder with a two-matrix MLP whose departures from GPT-2's block are where the
@@ -113,16 +145,22 @@ fn fp32_norm_excess(t: &TransformerSpec, p: Precision) -> f64 {
     }
 }
 
-/// Bytes per token the head segment keeps beyond the Llama block's once-per-model and head
-/// bytes: the final norm's excess ([`fp32_norm_excess`]) and the final soft-capping's tanh
-/// output in the logits' dtype, per logit ([`TransformerSpec::vocab`] of them).
+/// Bytes per token the head segment keeps beyond the planned block's once-per-model and head
+/// bytes: the final norm's excess ([`fp32_norm_excess`]), the final soft-capping's tanh output
+/// in the logits' dtype, per logit ([`TransformerSpec::vocab`] of them), and a BERT-like
+/// encoder's head transform.
 pub fn head_extra_bytes_per_token(t: &TransformerSpec, p: Precision) -> f64 {
     let softcap = if llama_like(t).is_some() && t.extras.final_softcap {
         p.compute_bytes() as f64 * t.vocab as f64
     } else {
         0.0
     };
-    t.hidden as f64 * fp32_norm_excess(t, p) + softcap
+    let transform = if bert_like(t).is_some() && t.block_kind().is_none() {
+        t.hidden as f64 * head_transform_bytes(t, p)
+    } else {
+        0.0
+    };
+    t.hidden as f64 * fp32_norm_excess(t, p) + softcap + transform
 }
 
 /// Query-width elements per token beyond the hidden width (negative when narrower: Gemma2-2B's

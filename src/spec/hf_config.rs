@@ -265,8 +265,8 @@ fn dropout_keys(model_type: &str) -> &'static [(&'static str, f32)] {
 /// any site above 0 keeps masks), or `None` (the architecture's default) when the config sets
 /// none of them and the block kind's default is the class's (GPT-2, BERT, ViT, Llama). GPT-NeoX
 /// and StarCoder2 are planned with the GPT-2 block, whose default (0.1) is not theirs (0), so
-/// theirs is always set, as is that of the families with no measured block (Phi, OPT, GPT-J,
-/// Falcon).
+/// theirs is always set, as is that of the families with no measured block of their own (Phi,
+/// OPT, GPT-J, Falcon, DistilBERT, ELECTRA: a spec with extras defaults to 0).
 fn dropout(o: &Obj, model_type: &str) -> anyhow::Result<Option<DropoutP>> {
     let keys = dropout_keys(model_type);
     let mut any = matches!(
@@ -279,6 +279,7 @@ fn dropout(o: &Obj, model_type: &str) -> anyhow::Result<Option<DropoutP>> {
             | "falcon"
             | "bloom"
             | "distilbert"
+            | "electra"
             | "deberta-v2"
             | "t5"
             | "mt5"
