@@ -161,9 +161,11 @@ pub struct BlockCoeffs {
     pub bsv: f64,
     /// per b·s·(q_width − h) per layer: the tensors `bsh` counts at the query width, for heads
     /// whose head_dim is not h / heads (Qwen3, Gemma2/3): eager attention's q, repeated k and v
-    /// and attention output, sdpa's q and kernel output. 0 in tables written before it existed.
-    #[serde(default)]
-    pub bsq: f64,
+    /// and attention output, sdpa's q and kernel output. Absent (0) for blocks whose heads are
+    /// always h / heads wide; a table written before it existed takes the literature's value
+    /// for the same block on loading ([`Coefficients::load`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bsq: Option<f64>,
     pub source: String,
     /// what dropout adds when its probability is above 0
     pub dropout: DropoutCoeffs,

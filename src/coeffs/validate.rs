@@ -97,7 +97,7 @@ impl ModeCoeffs {
 impl BlockCoeffs {
     fn ranged(&self) -> [(&'static str, f64); 13] {
         [
-            ("bsq", self.bsq),
+            ("bsq", self.bsq.unwrap_or(0.0)),
             ("dropout.bsh", self.dropout.bsh),
             ("dropout.bas2", self.dropout.bas2),
             ("dropout.bsh_once", self.dropout.bsh_once),
@@ -238,7 +238,8 @@ impl Coefficients {
             Err(e) => return input_err("coeffs", format!("{e:#}; accepted a readable JSON file")),
         };
         match serde_json::from_str::<Self>(&text) {
-            Ok(c) => {
+            Ok(mut c) => {
+                c.fill_missing_from_literature();
                 c.validate(&format!("coeffs {}", path.display()))?;
                 Ok(c)
             }
@@ -246,6 +247,36 @@ impl Coefficients {
                 "coeffs",
                 format!("{} is not a coefficient table ({e}); accepted the schema of calibration/literature.json", path.display()),
             ),
+        }
+    }
+
+    /// Block terms added after a table was written take the literature's value for the same
+    /// (family, precision, block, attention): a table fitted before `bsq` existed would
+    /// otherwise price a Qwen3 or Gemma query width at 0.
+    fn fill_missing_from_literature(&mut self) {
+        let lit = Self::literature_ref();
+        for m in &mut self.modes {
+            let Some(lm) = lit
+                .modes
+                .iter()
+                .find(|l| l.family == m.family && l.precision == m.precision)
+            else {
+                continue;
+            };
+            let known = lm.activation.blocks.iter().chain(&lm.activation.cpu_blocks);
+            let known: Vec<_> = known.collect();
+            for b in m
+                .activation
+                .blocks
+                .iter_mut()
+                .chain(m.activation.cpu_blocks.iter_mut())
+                .filter(|b| b.bsq.is_none())
+            {
+                b.bsq = known
+                    .iter()
+                    .find(|l| l.block == b.block && l.attention == b.attention)
+                    .and_then(|l| l.bsq);
+            }
         }
     }
 

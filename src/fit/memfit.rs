@@ -241,11 +241,13 @@ impl Col {
 /// Bytes of a point that no coefficient scales, in regime `r` (before 1 + frag), each part in
 /// the regime's share: the optimizer step's group-wide update temporaries; LoRA adapters' saved
 /// bytes (both phases of a checkpointed step); where the prior `a` has a measured block for the
-/// point, everything that block saves (head, live blocks, once-per-model tensors); otherwise the
-/// blocks' known bytes: the fused attention kernel's saved output and log-sum-exp, sdpa's CPU
-/// math path's fp32 q, k and v, the MoE blocks' routed-expert bytes, an encoder-decoder's
-/// cross-attention and the activation function's bytes beyond exact GELU's or SiLU's (a
-/// block's, so none in a checkpointed step's head phase). The planner counts
+/// point, everything that block saves (head, live blocks, once-per-model tensors) with the
+/// departures it is planned with (`plan::departures`); otherwise the head's known bytes
+/// (soft-capped logits, a head transform) and the blocks' known bytes: the fused attention
+/// kernel's saved output and log-sum-exp, sdpa's CPU math path's fp32 q, k and v, the MoE
+/// blocks' routed-expert bytes, an encoder-decoder's cross-attention, the departures' bytes and
+/// the activation function's bytes beyond exact GELU's or SiLU's (a block's, so none in a
+/// checkpointed step's head phase). The planner counts
 /// the same bytes (`Features::activation_bytes`, `Features::step_transient_bytes`).
 pub fn known_bytes(p: &Point, r: Regime, a: &ActivationCoeffs) -> f64 {
     let [act, _, _, _, step] = LiveParts::shares(r.at, overlap(&p.terms, a));

@@ -149,6 +149,9 @@ fn refuse_unbuilt_blocks(model: &ModelSpec) -> anyhow::Result<()> {
             x.moe.as_ref().is_some_and(|m| m.expert_parallel != 1),
         ),
         ("parallel_attn", x.parallel_attn && post_norm),
+        ("attn_softcap", x.attn_softcap),
+        ("final_softcap", x.final_softcap),
+        ("norm_weight_fp32", x.norm_weight_fp32),
     ];
     match unbuilt.iter().find(|u| u.1) {
         Some((key, _)) => input_err(

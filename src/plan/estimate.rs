@@ -359,8 +359,9 @@ fn train_out(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> TrainOut {
 
 /// What a transformer's activations were planned with: the measured block implementation its
 /// blocks match, or are planned as with their departures' bytes added (`plan::departures`:
-/// Qwen3, Gemma2/3, OLMo2 and MoE blocks as Llama's; null when none applies and the generic
-/// coefficients do, which model neither setting), the dropout probability and the MLP activation in effect (the spec's own, else the
+/// Qwen3, Gemma2/3, OLMo2 and MoE blocks as Llama's, Phi, GPT-J, Falcon and OPT as GPT-2's,
+/// DistilBERT and ELECTRA as BERT's; null when none applies and the generic coefficients do,
+/// which model neither setting), the dropout probability and the MLP activation in effect (the spec's own, else the
 /// architecture's transformers default).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct BlockSettings {
@@ -373,7 +374,7 @@ impl BlockSettings {
     pub fn of(model: &ModelSpec) -> Option<Self> {
         match model {
             ModelSpec::Transformer(t) => Some(Self {
-                kind: t.block_kind().or(crate::plan::departures::base_block(t)),
+                kind: crate::plan::departures::planned_block(t),
                 dropout: t.dropout_p().0,
                 activation: t.activation_kind(),
             }),

@@ -61,7 +61,7 @@ pub struct Features {
     /// fixed cost (kernel launches, dispatch), which dominates small steps
     pub ops: f64,
     /// Bytes (not elements) the fused attention kernel saves beyond what the composed model
-    /// counts, over the live layers: its output (b·s·h in the compute dtype; eager attention
+    /// counts, over the live layers: its output (b·s·q_width in the compute dtype; eager attention
     /// saves the AV product's inputs instead) and the fp32 row log-sum-exp (b·a·s). Kernel
     /// semantics from PyTorch's `_scaled_dot_product_flash_attention` /
     /// `_efficient_attention` signatures, not fitted (the harness runs eager attention).
@@ -121,16 +121,17 @@ pub struct Features {
     pub moe_bytes: f64,
     /// Query-width elements beyond the hidden width over the live blocks, `b·s·(q_width − h)`
     /// per layer, for a Llama-like block whose head_dim is not h / heads: priced by the measured
-    /// block's `bsq` ([`departures::q_extra_per_token`]); 0 otherwise
+    /// block's `bsq` ([`departures::Planned::q_extra_per_token`]); 0 otherwise
     pub q_extra: f64,
     /// Bytes (not elements) a Llama-like block's departures keep over the live blocks beyond the
-    /// Llama block (q/k norms, Gemma's extra norms; [`departures::extra_bytes_per_token`]).
+    /// Llama block (q/k norms, Gemma's extra norms, soft-capped scores;
+    /// [`departures::Planned::extra_bytes_per_token`]).
     /// Known, not fitted; 0 for the measured blocks themselves.
     pub departure_bytes: f64,
     /// Bytes (not elements) the head segment keeps beyond its per-element coefficient and the
     /// block's once-per-model bytes: Gemma2's final logit soft-capping's tanh output, a Gemma or
     /// OLMo2 final norm's fp32 excess in pure 16-bit
-    /// ([`departures::head_extra_bytes_per_token`]). Known, not fitted.
+    /// ([`departures::Planned::head_extra_bytes_per_token`]). Known, not fitted.
     pub head_known_bytes: f64,
     /// Bytes (not elements) an encoder-decoder's cross-attention saves over the live decoder
     /// blocks beyond its scores ([`encdec::CrossAttention::saved_bytes`]). Known, not fitted;
@@ -289,7 +290,7 @@ impl Features {
                 + self.bas * m.bas
                 + self.bskv * m.bskv
                 + self.bs * m.bs
-                + self.q_extra * m.bsq
+                + self.q_extra * m.bsq.unwrap_or(0.0)
                 + self.departure_bytes
                 + self.moe_bytes
                 + self.math_upcast_bytes
@@ -404,8 +405,9 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
             let scores = b * a * s * s * upcast;
             let ws_scores = if sdpa { 0.0 } else { a * s * s * upcast };
             let cb = train.precision.compute_bytes() as f64;
+            let planned = departures::Planned::of(t);
             let fused_attention_bytes = if sdpa {
-                live * b * s * (h * cb + a * 4.0)
+                live * b * s * (t.q_width() as f64 * cb + a * 4.0)
             } else {
                 0.0
             };
@@ -471,10 +473,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                     params::count(model) - moe::unheld(t, train.gpus),
                     train,
                 ),
-                block: t
-                    .block_kind()
-                    .or(departures::base_block(t))
-                    .map(|k| (k, train.attention.block_kind())),
+                block: planned.block.map(|k| (k, train.attention.block_kind())),
                 act_fn: Some(t.activation_kind()),
                 act_fn_base: Some(match t.ffn_kind {
                     FfnKind::Swiglu => Activation::Silu,
@@ -500,19 +499,14 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 accumulating: train.grad_accum > 1,
                 adapter_bytes: 0.0,
                 cross_attention_bytes: 0.0,
-                q_extra: live * b * s * departures::q_extra_per_token(t),
-                departure_bytes: live
-                    * b
-                    * s
-                    * departures::extra_bytes_per_token(t, train.precision)
+                q_extra: live * b * s * planned.q_extra_per_token(t),
+                departure_bytes: live * b * s * planned.extra_bytes_per_token(t, train.precision)
                     + if sdpa {
                         0.0
                     } else {
-                        score_layers * scores * departures::softcap_score_bytes(t, train.precision)
+                        score_layers * scores * planned.softcap_score_bytes(t, train.precision)
                     },
-                head_known_bytes: b
-                    * s
-                    * departures::head_extra_bytes_per_token(t, train.precision),
+                head_known_bytes: b * s * planned.head_extra_bytes_per_token(t, train.precision),
                 moe_bytes: moe::live_moe_layers(t, live)
                     * b
                     * s
@@ -605,6 +599,9 @@ fn encdec_features(
         bs_once: enc.bs_once + dec.bs_once,
         tied_grad_elems: dec.tied_grad_elems,
         accumulating: enc.accumulating,
+        q_extra: enc.q_extra + dec.q_extra,
+        departure_bytes: enc.departure_bytes + dec.departure_bytes,
+        head_known_bytes: dec.head_known_bytes,
         cross_attention_bytes: cross.saved_bytes,
         ..Features::default()
     })

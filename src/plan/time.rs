@@ -32,7 +32,8 @@ pub fn step_flops(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<StepFl
     let terms = memory::fit_terms(model, &plain)?;
     let mut mode = lit.mode(model.family(), train.precision);
     // the per-feature weights alone, so traffic stays linear in the features the time fit uses
-    // (neither measured blocks nor an activation function's own bytes)
+    // (neither measured blocks nor an activation function's own bytes, which vary among the
+    // grid's models; departures' known bytes stay: no grid model has them)
     mode.activation.blocks.clear();
     mode.activation.act_fns.clear();
     let act = terms.features;

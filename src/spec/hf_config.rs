@@ -265,8 +265,8 @@ fn dropout_keys(model_type: &str) -> &'static [(&'static str, f32)] {
 /// any site above 0 keeps masks), or `None` (the architecture's default) when the config sets
 /// none of them and the block kind's default is the class's (GPT-2, BERT, ViT, Llama). GPT-NeoX
 /// and StarCoder2 are planned with the GPT-2 block, whose default (0.1) is not theirs (0), so
-/// theirs is always set, as is that of the families with no measured block of their own (Phi,
-/// OPT, GPT-J, Falcon, DistilBERT, ELECTRA: a spec with extras defaults to 0).
+/// theirs is always set, as is that of the families whose blocks are not exactly a measured one
+/// (Phi, OPT, GPT-J, Falcon, DistilBERT, ELECTRA: a spec with extras defaults to 0).
 fn dropout(o: &Obj, model_type: &str) -> anyhow::Result<Option<DropoutP>> {
     let keys = dropout_keys(model_type);
     let mut any = matches!(
@@ -606,6 +606,7 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
             qk_norm,
             block_norms,
             attn_bias: (attention_bias != mlp_bias).then_some(attention_bias),
+            norm_weight_fp32: matches!(model_type, "gemma" | "gemma2" | "gemma3_text" | "olmo2"),
             // Gemma2Config defaults both on (50 and 30); Gemma3's off
             attn_softcap: softcap_on(o, "attn_logit_softcapping", model_type == "gemma2")?,
             final_softcap: softcap_on(o, "final_logit_softcapping", model_type == "gemma2")?,
@@ -1146,6 +1147,7 @@ fn falcon(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     /// Gemma2's soft-capping is on by its config class's defaults, off when a key is null (and
     /// for Gemma3, whose class defaults are null); a value that is not a positive number is
@@ -1174,7 +1176,7 @@ mod tests {
         let err = parse(&cfg("gemma2", bad), "g").unwrap_err().to_string();
         assert!(err.contains("attn_logit_softcapping"), "{err}");
     }
-    use super::*;
+
     use crate::plan::params::transformer;
     use crate::spec::ModelSpec;
 

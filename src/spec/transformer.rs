@@ -155,6 +155,11 @@ pub struct BlockExtras {
     /// tensor. (transformers runs Gemma2 eager or with FlashAttention-2, which caps in the tile.)
     #[serde(default, skip_serializing_if = "is_default")]
     pub attn_softcap: bool,
+    /// The norms apply their weight in fp32 before casting back (Gemma's `x * (1 + w.float())`,
+    /// OLMo2's `(w * x).to(dtype)`), so under pure 16-bit compute each keeps an fp32 normalised
+    /// tensor where Llama's keeps a 16-bit one.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub norm_weight_fp32: bool,
     /// The LM head's logits soft-capped the same way (Gemma2's `final_logit_softcapping`): the
     /// tanh output is kept, one more b·s·V tensor in the logits' dtype.
     #[serde(default, skip_serializing_if = "is_default")]
@@ -327,8 +332,9 @@ impl TransformerSpec {
             })
     }
 
-    /// The measured block implementation this spec's blocks are built like, if any.
-    /// Blocks with any [`BlockExtras`] departure were not measured: none (generic coefficients).
+    /// The measured block implementation this spec's blocks are exactly, if any. A spec with
+    /// any [`BlockExtras`] departure is none of them; the planner may still plan it with one
+    /// (`plan::departures::planned_block`).
     pub fn block_kind(&self) -> Option<BlockKind> {
         if self.extras != BlockExtras::default() {
             return None;

@@ -421,3 +421,39 @@ fn gpt2_and_bert_like_models_are_planned_with_the_measured_blocks() {
     assert_eq!(checked.len(), 7, "{checked:?}");
     assert!(checked.values().all(|n| *n >= 20), "{checked:?}");
 }
+
+/// A table written before blocks had `bsq` (the query-width bytes) loads with the literature's
+/// value for the same block, so it does not plan a Qwen3's or Gemma's query width at 0.
+#[test]
+fn a_table_without_bsq_takes_the_literatures_on_loading() {
+    let dir = tempfile::tempdir().unwrap();
+    let committed = Path::new(env!("CARGO_MANIFEST_DIR")).join("calibration/literature.json");
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(committed).unwrap()).unwrap();
+    let mut stripped = 0;
+    for m in json["modes"].as_array_mut().unwrap() {
+        for key in ["blocks", "cpu_blocks"] {
+            let blocks = m["activation"].get_mut(key).and_then(|v| v.as_array_mut());
+            for b in blocks.into_iter().flatten() {
+                stripped += b.as_object_mut().unwrap().remove("bsq").is_some() as usize;
+            }
+        }
+    }
+    assert!(stripped >= 8, "the literature has Llama blocks with bsq");
+    let old = dir.path().join("old.json");
+    std::fs::write(&old, json.to_string()).unwrap();
+    let loaded = Coefficients::load(&old).unwrap();
+    let lit = Coefficients::literature();
+    for (m, l) in loaded.modes.iter().zip(&lit.modes) {
+        assert_eq!(m.activation.blocks, l.activation.blocks);
+        assert_eq!(m.activation.cpu_blocks, l.activation.cpu_blocks);
+    }
+    let llama_eager_fp32 = loaded
+        .mode(Family::Transformer, Precision::Fp32)
+        .activation
+        .blocks
+        .iter()
+        .find(|b| b.block == BlockKind::Llama && b.attention == Attention::Eager)
+        .and_then(|b| b.bsq);
+    assert_eq!(llama_eager_fp32, Some(16.0));
+}
