@@ -36,19 +36,21 @@ fn num(r: &HashMap<String, String>, k: &str) -> f64 {
 /// The literature's `cpu_blocks` reproduce PyTorch's CPU saved bytes for GPT-2, BERT (pooler)
 /// and the Llama family (Llama, Mistral, Qwen2), eager and sdpa, fp32 and 16-bit autocast, at
 /// the architecture's default activation and every dropout the rows were measured with, within
-/// 2 % at batch >= 2 (the blocks leave out a few per-sequence tensors: position ids, RoPE
-/// tables). sdpa rows with attention dropout ran the math path, planned with the eager block;
-/// the 16-bit math path (fp32 scores) and ViT (its pixel batch is `c_input`) are left out.
+/// 2 % at batch >= 2 (the plan leaves out a few per-sequence tensors: position ids, RoPE
+/// tables). Each row's config goes through the HF parser and the planner's own saved bytes
+/// (`Features::measured_bytes`), as a user's plan would. sdpa rows with attention dropout ran
+/// the math path, planned as such; the 16-bit math path (fp32 scores, where GPT-2's eager
+/// extras are over-counted) and ViT (its pixel batch is `c_input`) are left out.
 #[test]
 fn cpu_blocks_reproduce_pytorchs_cpu_saved_bytes() {
     let lit = Coefficients::literature();
     let mut checked = HashMap::<(String, String, String), usize>::new();
     for r in saved_rows() {
         let arch = r["arch"].as_str();
-        let (kind, default_act) = match arch {
-            "gpt2" => (BlockKind::Gpt2, "gelu_new"),
-            "bert" => (BlockKind::Bert, "gelu"),
-            "llama" | "mistral" | "qwen2" => (BlockKind::Llama, "silu"),
+        let default_act = match arch {
+            "gpt2" => "gelu_new",
+            "bert" => "gelu",
+            "llama" | "mistral" | "qwen2" => "silu",
             _ => continue,
         };
         if num(&r, "b") < 2.0 || r["activation"] != default_act {
@@ -60,52 +62,49 @@ fn cpu_blocks_reproduce_pytorchs_cpu_saved_bytes() {
             _ => continue,
         };
         let attn_dropout = num(&r, "attn_dropout") > 0.0;
-        let dropout = attn_dropout || num(&r, "hidden_dropout") > 0.0;
-        let mut attention: Attention = r["attention"].parse().unwrap();
-        if attention == Attention::Sdpa && attn_dropout {
-            if precision != Precision::Fp32 {
-                continue;
-            }
-            attention = Attention::Eager; // the math path keeps eager's tensors in fp32
+        let attention: Attention = r["attention"].parse().unwrap();
+        let attention = attention.kernels_on(true, attn_dropout);
+        if attention == Attention::Math && precision != Precision::Fp32 {
+            continue;
         }
-        let mode = lit.mode(Family::Transformer, precision);
-        let c = mode
-            .activation
-            .cpu_blocks
-            .iter()
-            .find(|c| c.block == kind && c.attention == attention)
-            .unwrap_or_else(|| panic!("no CPU block {kind:?} {attention:?} in {precision}"));
-        let act = mode.activation.act_fns[&Activation::from_name(default_act).unwrap()].value;
-        let (b, s, h, f, a) = (
-            num(&r, "b"),
-            num(&r, "s"),
-            num(&r, "h"),
-            num(&r, "f"),
-            num(&r, "a"),
-        );
-        let (kv, d, l) = (num(&r, "kv_heads"), num(&r, "head_dim"), num(&r, "L"));
-        let on = if dropout { 1.0 } else { 0.0 };
-        let per_layer = (c.bsh + on * c.dropout.bsh) * b * s * h
-            + (c.bsf + act) * b * s * f
-            + (c.bas2 + on * c.dropout.bas2) * b * a * s * s
-            + c.bas * b * a * s
-            + c.bskv * b * s * kv * d
-            + c.bs * b * s;
-        // the head: an LM's b·s·V logits, BERT's pooler output b·h
-        let head = if kind == BlockKind::Bert {
-            b * h
-        } else {
-            b * s * num(&r, "V")
+        let n = |k: &str| num(&r, k) as u64;
+        let (h, f, a, kv, l, v) = (n("h"), n("f"), n("a"), n("kv_heads"), n("L"), n("V"));
+        let (p_hidden, p_attn) = (num(&r, "hidden_dropout"), num(&r, "attn_dropout"));
+        let config = match arch {
+            "gpt2" => serde_json::json!({"model_type": "gpt2", "n_embd": h, "n_layer": l,
+                "n_head": a, "n_inner": f, "vocab_size": v, "n_positions": 512,
+                "resid_pdrop": p_hidden, "embd_pdrop": num(&r, "embd_dropout"),
+                "attn_pdrop": p_attn}),
+            "bert" => serde_json::json!({"model_type": "bert", "hidden_size": h,
+                "num_hidden_layers": l, "num_attention_heads": a, "intermediate_size": f,
+                "vocab_size": v, "max_position_embeddings": 512, "hidden_dropout_prob": p_hidden,
+                "attention_probs_dropout_prob": p_attn}),
+            _ => serde_json::json!({"model_type": arch, "hidden_size": h,
+                "num_hidden_layers": l, "num_attention_heads": a, "num_key_value_heads": kv,
+                "intermediate_size": f, "vocab_size": v, "max_position_embeddings": 512,
+                "rms_norm_eps": 1e-6, "attention_dropout": p_attn, "tie_word_embeddings": false}),
         };
-        let predicted = l * per_layer
-            + (c.bsh_once + on * c.dropout.bsh_once) * b * s * h
-            + c.bs_once * b * s
-            + c.bsv * head;
+        let spec = vramcal::spec::hf_config::parse(&config.to_string(), arch).unwrap();
+        let train = TrainSpec {
+            batch: n("b"),
+            seq: n("s"),
+            precision,
+            attention,
+            ..TrainSpec::default()
+        };
+        let mut a_coeffs = lit.mode(Family::Transformer, precision).activation;
+        a_coeffs.blocks = std::mem::take(&mut a_coeffs.cpu_blocks);
+        let model = ModelSpec::Transformer(spec);
+        let f = memory::fit_terms(&model, &train).unwrap().features;
+        let (once, head, block) = f
+            .measured_bytes(&a_coeffs)
+            .unwrap_or_else(|| panic!("{arch}: no measured block"));
+        let planned = once + head + block;
         let measured = num(&r, "saved_bytes");
-        let err = (predicted - measured).abs() / measured;
+        let err = (planned - measured).abs() / measured;
         assert!(
             err < 0.02,
-            "{arch} {} {} dropout {dropout} b{b} s{s} h{h} L{l}: planned {predicted}, measured {measured}",
+            "{arch} {} {} dropout {p_hidden}/{p_attn} {r:?}: planned {planned}, measured {measured}",
             r["attention"],
             r["precision"]
         );
