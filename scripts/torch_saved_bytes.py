@@ -86,6 +86,10 @@ DEPARTURE_ARCHS = ("llama-hd", "qwen3", "gemma2", "gemma3", "olmo2")
 # OPT's dropout 0.1; DistilBERT's masked-LM head, ELECTRA's discriminator with half-width
 # embeddings): measured over FAMILY_GRID
 FAMILY_ARCHS = ("gpt_neox", "phi", "gptj", "falcon", "opt", "distilbert", "electra")
+# encoder-decoders (T5, BART) at their config defaults, L encoder and L decoder layers, the
+# decoder as long as the encoder (labels = the inputs): what the planner's generic
+# encoder-decoder path is checked against (docs/architecture.md, known gaps)
+ENCDEC_ARCHS = ("t5", "bart")
 ATTENTIONS = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 GQA_ARCHS = ("llama", "mistral", "qwen2") + DEPARTURE_ARCHS
@@ -197,6 +201,18 @@ def build(arch, attention, c, dropout=None, activation=None):
                       max_position_embeddings=max(512, s), **extra, **common)
         model = cls_model(cfg)
         drop = (0.0, 0.0, cfg.attention_dropout)
+    elif arch in ENCDEC_ARCHS:
+        if arch == "t5":
+            cfg = T.T5Config(vocab_size=V, d_model=h, d_kv=h // a, d_ff=f, num_layers=L, num_decoder_layers=L,
+                             num_heads=a, decoder_start_token_id=0, pad_token_id=0, **common)
+            model = T.T5ForConditionalGeneration(cfg)
+            drop = (cfg.dropout_rate, cfg.dropout_rate, cfg.dropout_rate)
+        else:
+            cfg = T.BartConfig(vocab_size=V, d_model=h, encoder_layers=L, decoder_layers=L,
+                               encoder_attention_heads=a, decoder_attention_heads=a, encoder_ffn_dim=f,
+                               decoder_ffn_dim=f, max_position_embeddings=512, **common)
+            model = T.BartForConditionalGeneration(cfg)
+            drop = (cfg.dropout, cfg.dropout, cfg.attention_dropout)
     elif arch in FAMILY_ARCHS:
         if arch == "gpt_neox":
             cfg = T.GPTNeoXConfig(vocab_size=V, hidden_size=h, num_hidden_layers=L, num_attention_heads=a,
@@ -271,7 +287,7 @@ def make_inputs(arch, c, torch, dtype):
     ids = torch.randint(0, V, (b, s), generator=g)
     if arch == "bert":
         return dict(input_ids=ids)
-    if arch in ("bert-mlm", "distilbert"):
+    if arch in ("bert-mlm", "distilbert") + ENCDEC_ARCHS:
         return dict(input_ids=ids, labels=ids.clone())
     if arch == "electra":
         # the discriminator's per-token replaced/original labels
@@ -456,7 +472,7 @@ def fit(path, out=sys.stdout, min_batch=1):
     # the departure and family archs are checked against the planner by its tests
     # (tests/it/planner_cpu_blocks.rs); this fit's columns assume head_dim = h / heads
     rows = [r for r in csv.DictReader(open(path)) if int(r["b"]) >= min_batch
-            and r["arch"] not in DEPARTURE_ARCHS + FAMILY_ARCHS]
+            and r["arch"] not in DEPARTURE_ARCHS + FAMILY_ARCHS + ENCDEC_ARCHS]
     groups = {}
     for r in rows:
         act = r.get("activation") or DEFAULT_ACTIVATION[r["arch"]]
@@ -503,7 +519,7 @@ def fit(path, out=sys.stdout, min_batch=1):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="torch-saved-bytes.csv", help="CSV file to write (default %(default)s)")
-    p.add_argument("--arch", choices=ARCHS + DEPARTURE_ARCHS + FAMILY_ARCHS, action="append",
+    p.add_argument("--arch", choices=ARCHS + DEPARTURE_ARCHS + FAMILY_ARCHS + ENCDEC_ARCHS, action="append",
                    help="architecture(s) (default: all but the departure and family archs)")
     p.add_argument("--attention", choices=ATTENTIONS, action="append", help="eager | sdpa (default: both)")
     p.add_argument("--precision", choices=PRECISIONS, action="append", help="(default: all three)")
@@ -534,7 +550,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     archs = args.arch or list(ARCHS)
-    odd = [a for a in archs if a in DEPARTURE_ARCHS + FAMILY_ARCHS]
+    odd = [a for a in archs if a in DEPARTURE_ARCHS + FAMILY_ARCHS + ENCDEC_ARCHS]
     if odd and (args.dropout or args.activation):
         sys.exit(f"--dropout / --activation set only the measured archs' config keys; "
                  f"not accepted with {', '.join(odd)} (measured at their config defaults)")
@@ -577,7 +593,8 @@ def main():
                         for act in acts:
                             done = set()
                             for c in (DEPARTURE_GRID if arch in DEPARTURE_ARCHS
-                                      else FAMILY_GRID if arch in FAMILY_ARCHS else grid()):
+                                      else FAMILY_GRID if arch in FAMILY_ARCHS + ENCDEC_ARCHS
+                                      else grid()):
                                 if arch not in GQA_ARCHS:
                                     c["kv"] = c["a"]  # kv only matters for GQA models
                                     key = tuple(sorted(c.items()))

@@ -456,3 +456,79 @@ fn a_table_without_bsq_takes_the_literatures_on_loading() {
         .and_then(|b| b.bsq);
     assert_eq!(llama_eager_fp32, Some(16.0));
 }
+
+/// Known gap, held here so that closing it updates docs/architecture.md: encoder-decoders (T5,
+/// BART) still take the generic per-feature coefficients, which under-plan PyTorch's own saved
+/// bytes on a CPU (calibration/data/torch-saved-bytes-encdec-cpu.csv, T5 and BART at their
+/// config defaults, dropout 0.1). Part is the CPU's dropout masks in the input's dtype (CUDA's
+/// are 1 byte, which the literature's coefficients assume); T5 also drops out inside its
+/// feed-forward, f-wide, which the generic coefficients do not count. The test prints each
+/// group's range and asserts it stays within the bands the documentation quotes.
+#[test]
+fn encoder_decoders_are_under_planned_by_the_generic_coefficients() {
+    let lit = Coefficients::literature();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("calibration/data/torch-saved-bytes-encdec-cpu.csv");
+    let mut rdr = csv::Reader::from_path(path).unwrap();
+    let headers = rdr.headers().unwrap().clone();
+    let mut range = std::collections::BTreeMap::<String, (f64, f64)>::new();
+    for rec in rdr.records() {
+        let rec = rec.unwrap();
+        let r: HashMap<String, String> = headers
+            .iter()
+            .zip(rec.iter())
+            .map(|(h, v)| (h.to_string(), v.to_string()))
+            .collect();
+        let n = |k: &str| num(&r, k) as u64;
+        let (h, f, a, l, v) = (n("h"), n("f"), n("a"), n("L"), n("V"));
+        let config = match r["arch"].as_str() {
+            "t5" => serde_json::json!({"model_type": "t5", "d_model": h, "d_kv": h / a,
+                "d_ff": f, "num_layers": l, "num_decoder_layers": l, "num_heads": a,
+                "vocab_size": v, "feed_forward_proj": "relu", "dropout_rate": 0.1,
+                "tie_word_embeddings": true}),
+            "bart" => serde_json::json!({"model_type": "bart", "d_model": h,
+                "encoder_layers": l, "decoder_layers": l, "encoder_attention_heads": a,
+                "decoder_attention_heads": a, "encoder_ffn_dim": f, "decoder_ffn_dim": f,
+                "vocab_size": v, "max_position_embeddings": 512, "dropout": 0.1,
+                "attention_dropout": 0.0, "activation_function": "gelu"}),
+            other => panic!("unexpected arch {other}"),
+        };
+        let spec = vramcal::spec::hf_config::parse(&config.to_string(), &r["arch"]).unwrap();
+        let precision = match r["precision"].as_str() {
+            "fp32" => Precision::Fp32,
+            _ => Precision::Bf16Mixed,
+        };
+        let attention: Attention = r["attention"].parse().unwrap();
+        let train = TrainSpec {
+            batch: n("b"),
+            seq: n("s"),
+            precision,
+            attention: attention.kernels_on(true, num(&r, "attn_dropout") > 0.0),
+            ..TrainSpec::default()
+        };
+        let act = lit.mode(Family::Transformer, precision).activation;
+        let model = ModelSpec::Transformer(spec);
+        let fe = memory::fit_terms(&model, &train).unwrap().features;
+        assert_eq!(fe.block, None, "{}: generic coefficients", r["arch"]);
+        let planned = fe.activation_bytes(&act) - fe.workspace * act.c_workspace.value;
+        let err = planned / num(&r, "saved_bytes") - 1.0;
+        let key = format!("{} {} {}", r["arch"], r["attention"], r["precision"]);
+        let e = range
+            .entry(key)
+            .or_insert((f64::INFINITY, f64::NEG_INFINITY));
+        *e = (e.0.min(err), e.1.max(err));
+    }
+    for (k, (lo, hi)) in &range {
+        eprintln!("{k}: {:+.1} % .. {:+.1} %", 100.0 * lo, 100.0 * hi);
+    }
+    assert_eq!(range.len(), 8, "{range:?}");
+    for (k, (lo, hi)) in &range {
+        // the documented band: T5 -55 % .. -30 %, BART -35 % .. +10 %
+        let (min, max) = if k.starts_with("t5") {
+            (-0.55, -0.30)
+        } else {
+            (-0.35, 0.10)
+        };
+        assert!(*lo >= min && *hi <= max, "{k}: {lo:+.3} .. {hi:+.3}");
+    }
+}
