@@ -67,8 +67,8 @@ impl StepPeakRow {
     }
 }
 
-/// The rows of `calibration/data/<file>` whose name `keep` accepts, each re-planned.
-pub fn step_peak_rows(file: &str, keep: impl Fn(&str) -> bool) -> Vec<StepPeakRow> {
+/// The rows of the committed CSV `calibration/data/<file>`, as (column name -> value) maps.
+pub fn data_rows(file: &str) -> Vec<std::collections::HashMap<String, String>> {
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("calibration/data")
         .join(file);
@@ -76,13 +76,19 @@ pub fn step_peak_rows(file: &str, keep: impl Fn(&str) -> bool) -> Vec<StepPeakRo
     let headers = rdr.headers().unwrap().clone();
     rdr.records()
         .map(|r| {
-            let cells: std::collections::HashMap<String, String> = headers
+            headers
                 .iter()
                 .map(String::from)
                 .zip(r.unwrap().iter().map(String::from))
-                .collect();
-            cells
+                .collect()
         })
+        .collect()
+}
+
+/// The rows of `calibration/data/<file>` whose name `keep` accepts, each re-planned.
+pub fn step_peak_rows(file: &str, keep: impl Fn(&str) -> bool) -> Vec<StepPeakRow> {
+    data_rows(file)
+        .into_iter()
         .filter(|cells| keep(&cells["name"]))
         .map(|cells| {
             let args: Vec<&str> = cells["planner_cmd"].split_whitespace().collect();

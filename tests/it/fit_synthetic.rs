@@ -352,13 +352,12 @@ fn the_memory_fit_returns_each_points_regime() {
     assert_eq!(again.regimes, f.regimes);
 }
 
-/// A device whose transformer blocks save what PyTorch's measured blocks save (the literature's
-/// `BlockCoeffs`), with its own dropout extra, checkpoint, workspace, optimizer and overhead
-/// terms: the fit chooses the form that holds the blocks known (the per-feature form cannot
-/// express GPT-2's, BERT's, Llama's and ViT's blocks with one set of coefficients), recovers the
-/// other terms and predicts the whole grid.
-#[test]
-fn a_device_with_pytorchs_blocks_is_fitted_with_them_known() {
+/// The synthetic truth with its transformer modes' blocks (and activation bytes) taken from the
+/// literature's `blocks` picked by `pick`, and `c_dropout` set when given.
+fn truth_with_blocks(
+    pick: impl Fn(&vramcal::coeffs::ActivationCoeffs) -> Vec<vramcal::coeffs::BlockCoeffs>,
+    c_dropout: Option<f64>,
+) -> Coefficients {
     let mut truth = truth();
     let lit = Coefficients::literature();
     for m in truth
@@ -367,9 +366,23 @@ fn a_device_with_pytorchs_blocks_is_fitted_with_them_known() {
         .filter(|m| m.family == Family::Transformer)
     {
         let l = lit.mode(m.family, m.precision);
-        m.activation.blocks = l.activation.blocks.clone();
+        m.activation.blocks = pick(&l.activation);
         m.activation.act_fns = l.activation.act_fns.clone();
+        if let Some(c) = c_dropout {
+            m.activation.c_dropout.value = c;
+        }
     }
+    truth
+}
+
+/// A device whose transformer blocks save what PyTorch's measured blocks save (the literature's
+/// `BlockCoeffs`), with its own dropout extra, checkpoint, workspace, optimizer and overhead
+/// terms: the fit chooses the form that holds the blocks known (the per-feature form cannot
+/// express GPT-2's, BERT's, Llama's and ViT's blocks with one set of coefficients), recovers the
+/// other terms and predicts the whole grid.
+#[test]
+fn a_device_with_pytorchs_blocks_is_fitted_with_them_known() {
+    let truth = truth_with_blocks(|a| a.blocks.clone(), None);
     let fitted = fit_rows(&synthetic_rows_of(&truth, 0.0, 3)).unwrap();
     for (family, precision) in MODES.into_iter().filter(|(f, _)| *f == Family::Transformer) {
         let got = fitted.table.mode(family, precision);
@@ -402,19 +415,9 @@ fn a_device_with_pytorchs_blocks_is_fitted_with_them_known() {
 /// measured on CUDA never get the CPU blocks.
 #[test]
 fn a_cpu_with_pytorchs_cpu_blocks_is_fitted_with_them() {
-    let mut truth = truth();
+    // the CPU blocks count every mask byte: nothing beyond them
+    let truth = truth_with_blocks(|a| a.cpu_blocks.clone(), Some(0.0));
     let lit = Coefficients::literature();
-    for m in truth
-        .modes
-        .iter_mut()
-        .filter(|m| m.family == Family::Transformer)
-    {
-        let l = lit.mode(m.family, m.precision);
-        m.activation.blocks = l.activation.cpu_blocks.clone();
-        m.activation.act_fns = l.activation.act_fns.clone();
-        // the CPU blocks count every mask byte: nothing beyond them
-        m.activation.c_dropout.value = 0.0;
-    }
     let rows = synthetic_rows_of(&truth, 0.0, 3);
     let fitted = fit_rows(&rows).unwrap();
     for (family, precision) in MODES.into_iter().filter(|(f, _)| *f == Family::Transformer) {

@@ -11,22 +11,24 @@ use vramcal::spec::presets::preset;
 use vramcal::spec::transformer::{Activation, BlockKind, DropoutP};
 use vramcal::spec::{Attention, Family, ModelSpec, Precision, TrainSpec};
 
-/// The saved-bytes CSV as (column name -> value) maps, one per row.
+use crate::common::data_rows as csv_rows;
+
+/// The training step a saved-bytes row measured: its batch and sequence, `precision`, and the
+/// attention kernels that ran on the CPU (sdpa under attention dropout: the math path).
+fn row_train(r: &HashMap<String, String>, precision: Precision) -> TrainSpec {
+    let attention: Attention = r["attention"].parse().unwrap();
+    TrainSpec {
+        batch: num(r, "b") as u64,
+        seq: num(r, "s") as u64,
+        precision,
+        attention: attention.kernels_on(true, num(r, "attn_dropout") > 0.0),
+        ..TrainSpec::default()
+    }
+}
+
+/// The saved-bytes CSV of the measured blocks.
 fn saved_rows() -> Vec<HashMap<String, String>> {
-    let path =
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("calibration/data/torch-saved-bytes-cpu.csv");
-    let mut rdr = csv::Reader::from_path(path).unwrap();
-    let headers = rdr.headers().unwrap().clone();
-    rdr.records()
-        .map(|r| {
-            let r = r.unwrap();
-            headers
-                .iter()
-                .zip(r.iter())
-                .map(|(h, v)| (h.to_string(), v.to_string()))
-                .collect()
-        })
-        .collect()
+    csv_rows("torch-saved-bytes-cpu.csv")
 }
 
 fn num(r: &HashMap<String, String>, k: &str) -> f64 {
@@ -208,7 +210,7 @@ fn per_feature_plans_add_the_measured_activation_bytes() {
 fn departure_blocks_reproduce_pytorchs_cpu_saved_bytes() {
     let lit = Coefficients::literature();
     let mut checked = HashMap::<(String, String, String), usize>::new();
-    for r in saved_departure_rows() {
+    for r in csv_rows("torch-saved-bytes-departures-cpu.csv") {
         let arch = r["arch"].as_str();
         let model_type = match arch {
             "llama-hd" => "llama",
@@ -292,23 +294,6 @@ fn departure_blocks_reproduce_pytorchs_cpu_saved_bytes() {
     assert!(checked.values().all(|n| *n >= 12), "{checked:?}");
 }
 
-fn saved_departure_rows() -> Vec<HashMap<String, String>> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("calibration/data/torch-saved-bytes-departures-cpu.csv");
-    let mut rdr = csv::Reader::from_path(path).unwrap();
-    let headers = rdr.headers().unwrap().clone();
-    rdr.records()
-        .map(|r| {
-            let r = r.unwrap();
-            headers
-                .iter()
-                .zip(r.iter())
-                .map(|(h, v)| (h.to_string(), v.to_string()))
-                .collect()
-        })
-        .collect()
-}
-
 /// LayerNorm decoders with a two-matrix MLP that no measured block matches (GPT-NeoX, Phi,
 /// GPT-J, Falcon-7B, OPT, at their config classes' defaults) are planned with PyTorch's GPT-2
 /// block and BERT encoders with other heads (DistilBERT's masked-LM head, ELECTRA's
@@ -323,18 +308,9 @@ fn saved_departure_rows() -> Vec<HashMap<String, String>> {
 #[test]
 fn gpt2_and_bert_like_models_are_planned_with_the_measured_blocks() {
     let lit = Coefficients::literature();
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("calibration/data/torch-saved-bytes-families-cpu.csv");
-    let mut rdr = csv::Reader::from_path(path).unwrap();
-    let headers = rdr.headers().unwrap().clone();
+    let rows = csv_rows("torch-saved-bytes-families-cpu.csv");
     let mut checked = HashMap::<String, usize>::new();
-    for rec in rdr.records() {
-        let rec = rec.unwrap();
-        let r: HashMap<String, String> = headers
-            .iter()
-            .zip(rec.iter())
-            .map(|(h, v)| (h.to_string(), v.to_string()))
-            .collect();
+    for r in rows {
         let n = |k: &str| num(&r, k) as u64;
         let (h, f, a, l, v) = (n("h"), n("f"), n("a"), n("L"), n("V"));
         // each family's config.json as its config class writes it by default
@@ -378,15 +354,7 @@ fn gpt2_and_bert_like_models_are_planned_with_the_measured_blocks() {
             "bf16-autocast" => Precision::Bf16Mixed,
             other => panic!("unexpected precision {other}"),
         };
-        // sdpa with attention dropout on a CPU runs the math path, as the harness plans it
-        let attention: Attention = r["attention"].parse().unwrap();
-        let train = TrainSpec {
-            batch: n("b"),
-            seq: n("s"),
-            precision,
-            attention: attention.kernels_on(true, num(&r, "attn_dropout") > 0.0),
-            ..TrainSpec::default()
-        };
+        let train = row_train(&r, precision);
         let mut act = lit.mode(Family::Transformer, precision).activation;
         act.blocks = std::mem::take(&mut act.cpu_blocks);
         let model = ModelSpec::Transformer(spec);
@@ -467,18 +435,9 @@ fn a_table_without_bsq_takes_the_literatures_on_loading() {
 #[test]
 fn encoder_decoders_are_under_planned_by_the_generic_coefficients() {
     let lit = Coefficients::literature();
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("calibration/data/torch-saved-bytes-encdec-cpu.csv");
-    let mut rdr = csv::Reader::from_path(path).unwrap();
-    let headers = rdr.headers().unwrap().clone();
+    let rows = csv_rows("torch-saved-bytes-encdec-cpu.csv");
     let mut range = std::collections::BTreeMap::<String, (f64, f64)>::new();
-    for rec in rdr.records() {
-        let rec = rec.unwrap();
-        let r: HashMap<String, String> = headers
-            .iter()
-            .zip(rec.iter())
-            .map(|(h, v)| (h.to_string(), v.to_string()))
-            .collect();
+    for r in rows {
         let n = |k: &str| num(&r, k) as u64;
         let (h, f, a, l, v) = (n("h"), n("f"), n("a"), n("L"), n("V"));
         let config = match r["arch"].as_str() {
@@ -498,14 +457,7 @@ fn encoder_decoders_are_under_planned_by_the_generic_coefficients() {
             "fp32" => Precision::Fp32,
             _ => Precision::Bf16Mixed,
         };
-        let attention: Attention = r["attention"].parse().unwrap();
-        let train = TrainSpec {
-            batch: n("b"),
-            seq: n("s"),
-            precision,
-            attention: attention.kernels_on(true, num(&r, "attn_dropout") > 0.0),
-            ..TrainSpec::default()
-        };
+        let train = row_train(&r, precision);
         let act = lit.mode(Family::Transformer, precision).activation;
         let model = ModelSpec::Transformer(spec);
         let fe = memory::fit_terms(&model, &train).unwrap().features;
