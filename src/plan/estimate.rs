@@ -591,6 +591,38 @@ fn counterintuitive(
     Ok(notes)
 }
 
+/// Attention the plan assumes that transformers would not run by default: soft-capped attention
+/// (Gemma2) under sdpa. transformers refuses sdpa for it and runs eager attention unless
+/// FlashAttention-2 is asked for; the plan's sdpa is a fused kernel that caps in the tile, so
+/// the note gives what transformers' default (eager) needs on top.
+fn attention_caveats(
+    model: &ModelSpec,
+    train: &TrainSpec,
+    memory: &MemoryBreakdown,
+    ev: &Evaluator,
+) -> anyhow::Result<Vec<String>> {
+    const GIB: f64 = (1u64 << 30) as f64;
+    let ModelSpec::Transformer(t) = model else {
+        return Ok(Vec::new());
+    };
+    if !t.extras.attn_softcap || train.attention != crate::spec::Attention::Sdpa || memory.too_large
+    {
+        return Ok(Vec::new());
+    }
+    let eager = ev.breakdown(&TrainSpec {
+        attention: crate::spec::Attention::Eager,
+        ..train.clone()
+    })?;
+    Ok(vec![format!(
+        "soft-capped attention (attn_logit_softcapping): transformers refuses sdpa for this \
+         model and runs eager attention by default, which stores the b·a·s² scores and their \
+         tanh and needs {:.2} GiB more per GPU than planned here; this plan assumes a fused \
+         kernel that caps in the tile (attn_implementation=\"flash_attention_2\"), else plan \
+         with --attention eager",
+        eager.total.saturating_sub(memory.total) as f64 / GIB
+    )])
+}
+
 /// Plans one training job. Validates the model and the training configuration first.
 pub fn estimate(
     model: &ModelSpec,
@@ -710,6 +742,7 @@ pub fn estimate(
         recommendation: recommend(verdict.as_ref(), train, &gpu_choice, opts.choose_gpus),
         notes: {
             let mut n = counterintuitive(train, &memory, &ev)?;
+            n.extend(attention_caveats(model, train, &memory, &ev)?);
             if opts.finetune.paged_optimizer {
                 n.push("paged optimizer: bitsandbytes keeps the optimizer states in CUDA unified memory and pages them to host RAM only under memory pressure; planned as resident (no saving counted)".into());
             }

@@ -911,3 +911,57 @@ fn enum_flags_name_their_accepted_values_on_one_line() {
     args.extend(["--ffn-kind", "SwiGLU", "--norm", "RMSNorm"]);
     assert_eq!(vramcal(&args).0, 0);
 }
+
+/// Gemma2's soft-capped attention under the default sdpa: transformers would refuse sdpa and run
+/// eager attention, so the plan says so with what eager needs on top, which is the difference
+/// between the two plans; eager itself, and a model without soft-capping, get no such note.
+#[test]
+fn soft_capped_attention_under_sdpa_is_noted_with_the_eager_difference() {
+    let cfg = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/hf_configs/gemma-2-2b/config.json"
+    );
+    let plan = |model: &str, attention: &str| -> serde_json::Value {
+        let args = [
+            "estimate",
+            "--hf-config",
+            model,
+            "--batch",
+            "1",
+            "--seq",
+            "2048",
+            "--precision",
+            "bf16-mixed",
+            "--attention",
+            attention,
+            "--json",
+            "--no-gpu-choice",
+        ];
+        let (code, out, err) = vramcal(&args);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let notes = |p: &serde_json::Value| -> Vec<String> {
+        p["notes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap().to_string())
+            .filter(|n| n.contains("soft-capped"))
+            .collect()
+    };
+    let (sdpa, eager) = (plan(cfg, "sdpa"), plan(cfg, "eager"));
+    let note = notes(&sdpa);
+    assert_eq!(note.len(), 1, "{:?}", sdpa["notes"]);
+    let gib = (eager["memory"]["total"].as_f64().unwrap()
+        - sdpa["memory"]["total"].as_f64().unwrap())
+        / (1u64 << 30) as f64;
+    assert!(gib > 1.0, "eager stores the scores: {gib} GiB");
+    assert!(note[0].contains(&format!("{gib:.2} GiB")), "{}", note[0]);
+    assert!(notes(&eager).is_empty());
+    let qwen3 = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/hf_configs/qwen3-0.6b/config.json"
+    );
+    assert!(notes(&plan(qwen3, "sdpa")).is_empty());
+}
