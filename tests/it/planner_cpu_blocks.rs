@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use vramcal::coeffs::Coefficients;
+use vramcal::coeffs::{ActivationCoeffs, Coefficients};
 use vramcal::plan::memory;
 use vramcal::spec::presets::preset;
 use vramcal::spec::transformer::{Activation, BlockKind, DropoutP};
@@ -24,6 +24,17 @@ fn row_train(r: &HashMap<String, String>, precision: Precision) -> TrainSpec {
         attention: attention.kernels_on(true, num(r, "attn_dropout") > 0.0),
         ..TrainSpec::default()
     }
+}
+
+/// The literature's activation coefficients at `precision` as a CPU plans them: its
+/// CPU-measured blocks as the blocks. Pure bf16 has no CPU set: its Llama block keeps on a CPU
+/// what it keeps on CUDA (no dropout; the softmax is fp32 by transformers' own cast).
+fn cpu_activation(lit: &Coefficients, precision: Precision) -> ActivationCoeffs {
+    let mut a = lit.mode(Family::Transformer, precision).activation;
+    if !a.cpu_blocks.is_empty() {
+        a.blocks = std::mem::take(&mut a.cpu_blocks);
+    }
+    a
 }
 
 /// The saved-bytes CSV of the measured blocks.
@@ -94,8 +105,7 @@ fn cpu_blocks_reproduce_pytorchs_cpu_saved_bytes() {
             attention,
             ..TrainSpec::default()
         };
-        let mut a_coeffs = lit.mode(Family::Transformer, precision).activation;
-        a_coeffs.blocks = std::mem::take(&mut a_coeffs.cpu_blocks);
+        let a_coeffs = cpu_activation(&lit, precision);
         let model = ModelSpec::Transformer(spec);
         let f = memory::fit_terms(&model, &train).unwrap().features;
         let (once, head, block) = f
@@ -243,19 +253,8 @@ fn departure_blocks_reproduce_pytorchs_cpu_saved_bytes() {
         let spec =
             vramcal::spec::hf_config::parse(&config.to_string(), arch).expect("the config parses");
         let model = ModelSpec::Transformer(spec);
-        let train = TrainSpec {
-            batch: num(&r, "b") as u64,
-            seq: num(&r, "s") as u64,
-            precision,
-            attention: r["attention"].parse().unwrap(),
-            ..TrainSpec::default()
-        };
-        let mut a = lit.mode(Family::Transformer, precision).activation;
-        // pure bf16 has no CPU set: its Llama block keeps on a CPU what it keeps on CUDA (no
-        // dropout; the softmax is fp32 by transformers' own cast)
-        if !a.cpu_blocks.is_empty() {
-            a.blocks = std::mem::take(&mut a.cpu_blocks);
-        }
+        let train = row_train(&r, precision);
+        let a = cpu_activation(&lit, precision);
         let f = memory::fit_terms(&model, &train).unwrap().features;
         let (once, head, block) = f
             .measured_bytes(&a)
@@ -355,8 +354,7 @@ fn gpt2_and_bert_like_models_are_planned_with_the_measured_blocks() {
             other => panic!("unexpected precision {other}"),
         };
         let train = row_train(&r, precision);
-        let mut act = lit.mode(Family::Transformer, precision).activation;
-        act.blocks = std::mem::take(&mut act.cpu_blocks);
+        let act = cpu_activation(&lit, precision);
         let model = ModelSpec::Transformer(spec);
         let fe = memory::fit_terms(&model, &train).unwrap().features;
         let want = if encoder {
