@@ -50,8 +50,17 @@ for CUDA. On CPU, sdpa only uses its flash kernel (saves output + fp32 logsumexp
 math path, which keeps the s^2 tensors (in fp32, even for bf16 inputs); CUDA's flash / efficient kernels
 do support dropout. CPU autocast's op lists also differ from CUDA's (e.g. softmax is not forced to fp32).
 
+The encoder-decoders (--arch t5|t5-gated|bart) sweep their own grid (encoder and decoder depth,
+input and target length moved apart; the rows add decoder_layers and target_len), and
+`--fit-encdec CSV` fits them per stack (see ENCDEC_COLUMNS): the table plan::encdec_saved holds.
+
 Examples:
   python3 scripts/torch_saved_bytes.py --out calibration/data/torch-saved-bytes-cpu.csv
+  python3 scripts/torch_saved_bytes.py --arch t5 --arch t5-gated --arch bart --dropout 0 --dropout 0.1 \
+      --out calibration/data/torch-saved-bytes-encdec-cpu.csv
+  python3 scripts/torch_saved_bytes.py --arch t5 --arch t5-gated --arch bart --attention eager --dropout 0.1 \
+      --real-shapes --append --out calibration/data/torch-saved-bytes-encdec-cpu.csv
+  python3 scripts/torch_saved_bytes.py --fit-encdec calibration/data/torch-saved-bytes-encdec-cpu.csv
   python3 scripts/torch_saved_bytes.py --arch llama --attention sdpa --precision bf16 --out /tmp/l.csv
   python3 scripts/torch_saved_bytes.py --fit calibration/data/torch-saved-bytes-cpu.csv
   python3 scripts/torch_saved_bytes.py --dump --arch gpt2 --attention eager --precision fp32
@@ -86,10 +95,12 @@ DEPARTURE_ARCHS = ("llama-hd", "qwen3", "gemma2", "gemma3", "olmo2")
 # OPT's dropout 0.1; DistilBERT's masked-LM head, ELECTRA's discriminator with half-width
 # embeddings): measured over FAMILY_GRID
 FAMILY_ARCHS = ("gpt_neox", "phi", "gptj", "falcon", "opt", "distilbert", "electra")
-# encoder-decoders (T5, BART) at their config defaults, L encoder and L decoder layers, the
-# decoder as long as the encoder (labels = the inputs): what the planner's generic
-# encoder-decoder path is checked against (docs/architecture.md, known gaps)
-ENCDEC_ARCHS = ("t5", "bart")
+# encoder-decoders: T5 (ReLU MLP), "t5-gated" (T5 v1.1 / FLAN-T5's gated-gelu MLP) and BART, with
+# L encoder and Ld decoder layers and a decoder of t tokens (labels of length t), measured over
+# encdec_grid(), which moves every dimension on its own; --dropout P sets every dropout probability
+# of the config (T5 dropout_rate; BART dropout, attention_dropout, activation_dropout): what
+# plan::encdec's per-stack bytes are fitted and checked against
+ENCDEC_ARCHS = ("t5", "t5-gated", "bart")
 ATTENTIONS = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 GQA_ARCHS = ("llama", "mistral", "qwen2") + DEPARTURE_ARCHS
@@ -101,6 +112,7 @@ COLUMNS = [
     "saved_bytes", "saved_fp32_bytes", "saved_bf16_bytes", "saved_bool_bytes", "saved_int64_bytes",
     "saved_other_bytes", "saved_storages", "saved_param_bytes", "weight_copy_bytes", "param_bytes",
     "attn_impl_used", "device", "torch_version", "transformers_version", "seconds", "activation",
+    "decoder_layers", "target_len",
 ]
 
 # transformers' default MLP activation per architecture (config.activation_function / hidden_act)
@@ -136,6 +148,39 @@ FAMILY_GRID = [
 ]
 
 
+# Real checkpoints' widths, held out of --fit-encdec's fit (b >= 2 rows of the grid only are
+# fitted; these are appended after it): t5-small, FLAN-T5-small's gated MLP (q = 6 x 64 < h),
+# bart-base; measured with --real-shapes (eager, dropout 0.1, the three precisions).
+ENCDEC_REAL_SHAPES = {
+    "t5": dict(b=2, s=128, t=64, h=512, f=2048, a=8, kv=8, hd=64, L=6, Ld=6, V=32128),
+    "t5-gated": dict(b=2, s=128, t=64, h=512, f=1024, a=6, kv=6, hd=64, L=8, Ld=8, V=32128),
+    "bart": dict(b=2, s=128, t=64, h=768, f=3072, a=12, kv=12, L=6, Ld=6, V=50265),
+}
+
+
+def encdec_grid(arch, n=40, seed=11):
+    """The base point with t = s and Ld = L, one-at-a-time moves of L, Ld, b, s, t, h, f, a, V (and
+    for T5 its head width d_kv apart from h / a), and seeded random points, so that a per-stack
+    linear fit is overdetermined."""
+    import random
+    rnd = random.Random(seed)
+    t5 = arch.startswith("t5")
+    base = {**BASE, "t": BASE["s"], "Ld": BASE["L"]}
+    out = [dict(base)] + [{**base, **v} for v in (
+        {"L": 1}, {"Ld": 1}, {"L": 3}, {"Ld": 3}, {"b": 3}, {"s": 96}, {"t": 32}, {"t": 96},
+        {"h": 192, "a": 6}, {"f": 512}, {"a": 8}, {"V": 768}) + (({"hd": 16}, {"hd": 64}) if t5 else ())]
+    while len(out) < n:
+        a = rnd.choice((2, 4, 8))
+        hd = rnd.choice((16, 24, 32))
+        c = dict(b=rnd.randint(1, 4), s=rnd.choice(range(16, 113, 8)), t=rnd.choice(range(16, 113, 8)),
+                 h=a * rnd.choice((16, 24, 32)), f=rnd.choice(range(128, 513, 64)), a=a, kv=a,
+                 L=rnd.randint(1, 3), Ld=rnd.randint(1, 3), V=rnd.choice(range(256, 1025, 128)))
+        if t5:
+            c["hd"] = hd
+        out.append(c)
+    return out
+
+
 def grid():
     out, seen = [], set()
     for v in VARIATIONS:
@@ -167,6 +212,12 @@ def build(arch, attention, c, dropout=None, activation=None):
             common.update(embd_pdrop=dropout, resid_pdrop=dropout, attn_pdrop=dropout)
         if activation is not None:
             common.update(activation_function=activation)
+    elif arch in ("t5", "t5-gated"):
+        if dropout is not None:
+            common.update(dropout_rate=dropout)
+    elif arch == "bart":
+        if dropout is not None:
+            common.update(dropout=dropout, attention_dropout=dropout, activation_dropout=dropout)
     elif arch in ("bert", "bert-mlm", "vit"):
         if dropout is not None:
             common.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
@@ -202,17 +253,20 @@ def build(arch, attention, c, dropout=None, activation=None):
         model = cls_model(cfg)
         drop = (0.0, 0.0, cfg.attention_dropout)
     elif arch in ENCDEC_ARCHS:
-        if arch == "t5":
-            cfg = T.T5Config(vocab_size=V, d_model=h, d_kv=h // a, d_ff=f, num_layers=L, num_decoder_layers=L,
-                             num_heads=a, decoder_start_token_id=0, pad_token_id=0, **common)
+        Ld = c.get("Ld", L)
+        if arch in ("t5", "t5-gated"):
+            proj = "gated-gelu" if arch == "t5-gated" else "relu"
+            cfg = T.T5Config(vocab_size=V, d_model=h, d_kv=c.get("hd", h // a), d_ff=f, num_layers=L,
+                             num_decoder_layers=Ld, num_heads=a, decoder_start_token_id=0, pad_token_id=0,
+                             feed_forward_proj=proj, **common)
             model = T.T5ForConditionalGeneration(cfg)
             drop = (cfg.dropout_rate, cfg.dropout_rate, cfg.dropout_rate)
         else:
-            cfg = T.BartConfig(vocab_size=V, d_model=h, encoder_layers=L, decoder_layers=L,
+            cfg = T.BartConfig(vocab_size=V, d_model=h, encoder_layers=L, decoder_layers=Ld,
                                encoder_attention_heads=a, decoder_attention_heads=a, encoder_ffn_dim=f,
                                decoder_ffn_dim=f, max_position_embeddings=512, **common)
             model = T.BartForConditionalGeneration(cfg)
-            drop = (cfg.dropout, cfg.dropout, cfg.attention_dropout)
+            drop = (cfg.dropout, max(cfg.dropout, cfg.activation_dropout), cfg.attention_dropout)
     elif arch in FAMILY_ARCHS:
         if arch == "gpt_neox":
             cfg = T.GPTNeoXConfig(vocab_size=V, hidden_size=h, num_hidden_layers=L, num_attention_heads=a,
@@ -271,7 +325,8 @@ def build(arch, attention, c, dropout=None, activation=None):
     else:
         raise ValueError(arch)
     used = getattr(model.config, "_attn_implementation", "?")
-    act = (getattr(cfg, "activation_function", None) or getattr(cfg, "hidden_act", None)
+    act = (getattr(cfg, "dense_act_fn", None) or getattr(cfg, "activation_function", None)
+           or getattr(cfg, "hidden_act", None)
            or getattr(cfg, "hidden_activation", None) or "gelu")
     return model, drop, used, act
 
@@ -287,7 +342,10 @@ def make_inputs(arch, c, torch, dtype):
     ids = torch.randint(0, V, (b, s), generator=g)
     if arch == "bert":
         return dict(input_ids=ids)
-    if arch in ("bert-mlm", "distilbert") + ENCDEC_ARCHS:
+    if arch in ENCDEC_ARCHS:
+        # the decoder's t tokens are the labels (shifted right inside the model)
+        return dict(input_ids=ids, labels=torch.randint(0, V, (b, c.get("t", s)), generator=g))
+    if arch in ("bert-mlm", "distilbert"):
         return dict(input_ids=ids, labels=ids.clone())
     if arch == "electra":
         # the discriminator's per-token replaced/original labels
@@ -425,6 +483,8 @@ def measure(arch, attention, precision, c, device="cpu", dump=False, dropout=Non
         saved_storages=n_act, param_bytes=param_bytes, attn_impl_used=used, device=device,
         torch_version=torch.__version__, transformers_version=transformers.__version__,
         seconds=round(seconds, 3), activation=act,
+        decoder_layers=c.get("Ld", "") if arch in ENCDEC_ARCHS else "",
+        target_len=c.get("t", "") if arch in ENCDEC_ARCHS else "",
     ))
     return row
 
@@ -516,6 +576,51 @@ def fit(path, out=sys.stdout, min_batch=1):
               file=out)
 
 
+# The encoder-decoder fit's columns: per encoder layer (x L), per decoder layer (x Ld), once.
+# q = heads x d_kv (T5's query width; h for BART, whose q columns merge into h's and are left out).
+ENCDEC_COLUMNS = (
+    ("enc_bsh", "L*b*s*h"), ("enc_bsq", "L*b*s*q"), ("enc_bsf", "L*b*s*f"), ("enc_bas2", "L*b*a*s*s"),
+    ("enc_bs", "L*b*s"),
+    ("dec_bth", "Ld*b*t*h"), ("dec_btq", "Ld*b*t*q"), ("dec_btf", "Ld*b*t*f"), ("dec_bat2", "Ld*b*a*t*t"),
+    ("dec_bats", "Ld*b*a*t*s"), ("dec_bt", "Ld*b*t"), ("dec_bsq", "Ld*b*s*q"), ("dec_bsh", "Ld*b*s*h"),
+    ("once_bsh", "b*s*h"), ("once_bth", "b*t*h"), ("once_btv", "b*t*V"), ("once_bt", "b*t"), ("once_bs", "b*s"),
+    ("once_s2", "s*s"), ("once_t2", "t*t"), ("once_1", "1"),
+)
+
+
+def fit_encdec(path, out=sys.stdout, min_batch=2):
+    """Exact per-stack fit of the encoder-decoder rows (eager attention; sdpa rows whose CPU kernel
+    fell back to the math path fit the same columns), per (arch, attention, precision, dropout):
+    bytes per element of each column of ENCDEC_COLUMNS, rounded to 0.25 byte, and the rounded
+    model's largest residual. b = 1 rows are left out (a few reshapes are views there)."""
+    import numpy as np
+    # the grid's rows only (V <= 1024): ENCDEC_REAL_SHAPES' rows stay held out
+    rows = [r for r in csv.DictReader(open(path)) if r["arch"] in ENCDEC_ARCHS and int(r["b"]) >= min_batch
+            and int(r["V"]) <= 1024]
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["arch"], r["attention"], r["precision"], r["hidden_dropout"]), []).append(r)
+    names = [n for n, _ in ENCDEC_COLUMNS]
+    print(",".join(["arch", "attention", "precision", "dropout", "n"] + names +
+                   ["rounded_max_abs_err_bytes", "rounded_max_rel_err"]), file=out)
+    for (arch, att, prec, drop), rs in sorted(groups.items()):
+        keep = [n for n in names if not (arch == "bart" and n in ("enc_bsq", "dec_btq", "dec_bsq"))]
+        X, y = [], []
+        for r in rs:
+            env = {k: int(r[c]) for k, c in (("b", "b"), ("s", "s"), ("h", "h"), ("f", "f"), ("a", "a"), ("L", "L"),
+                                               ("V", "V"), ("Ld", "decoder_layers"), ("t", "target_len"))}
+            env["q"] = env["a"] * int(r["head_dim"])
+            X.append([float(eval(e, {}, env)) for n, e in ENCDEC_COLUMNS if n in keep])
+            y.append(float(r["saved_bytes"]))
+        X, y = np.array(X), np.array(y)
+        coef = np.linalg.lstsq(X, y, rcond=None)[0]
+        rounded = np.round(coef * 4) / 4
+        rerr = np.abs(X @ rounded - y)
+        vals = dict(zip(keep, rounded))
+        print(",".join([arch, att, prec, drop, str(len(rs))] + [f"{vals[n]:g}" if n in vals else "" for n in names]
+                       + [f"{rerr.max():.0f}", f"{np.max(rerr / y):.1e}"]), file=out)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="torch-saved-bytes.csv", help="CSV file to write (default %(default)s)")
@@ -534,6 +639,10 @@ def main():
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: leave)")
     p.add_argument("--fit", metavar="CSV", help="fit the coefficients from CSV and print them; measure nothing")
+    p.add_argument("--fit-encdec", metavar="CSV",
+                   help="fit the encoder-decoder rows of CSV per stack and print them; measure nothing")
+    p.add_argument("--real-shapes", action="store_true",
+                   help="with the encoder-decoder archs: measure ENCDEC_REAL_SHAPES instead of the grid")
     p.add_argument("--fit-min-batch", type=int, default=1, metavar="B",
                    help="with --fit: leave out rows with batch < B (default %(default)s)")
     p.add_argument("--dump", action="store_true",
@@ -543,6 +652,9 @@ def main():
     if args.fit:
         fit(args.fit, min_batch=args.fit_min_batch)
         return
+    if args.fit_encdec:
+        fit_encdec(args.fit_encdec)
+        return
 
     import torch
     import transformers
@@ -550,7 +662,9 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     archs = args.arch or list(ARCHS)
-    odd = [a for a in archs if a in DEPARTURE_ARCHS + FAMILY_ARCHS + ENCDEC_ARCHS]
+    odd = [a for a in archs if a in DEPARTURE_ARCHS + FAMILY_ARCHS]
+    if args.activation and any(a in ENCDEC_ARCHS for a in archs):
+        sys.exit("--activation is not accepted with the encoder-decoders (t5-gated measures T5's gated-gelu)")
     if odd and (args.dropout or args.activation):
         sys.exit(f"--dropout / --activation set only the measured archs' config keys; "
                  f"not accepted with {', '.join(odd)} (measured at their config defaults)")
@@ -593,7 +707,10 @@ def main():
                         for act in acts:
                             done = set()
                             for c in (DEPARTURE_GRID if arch in DEPARTURE_ARCHS
-                                      else FAMILY_GRID if arch in FAMILY_ARCHS + ENCDEC_ARCHS
+                                      else FAMILY_GRID if arch in FAMILY_ARCHS
+                                      else [dict(ENCDEC_REAL_SHAPES[arch])] if args.real_shapes
+                                      and arch in ENCDEC_ARCHS
+                                      else encdec_grid(arch) if arch in ENCDEC_ARCHS
                                       else grid()):
                                 if arch not in GQA_ARCHS:
                                     c["kv"] = c["a"]  # kv only matters for GQA models

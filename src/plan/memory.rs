@@ -7,7 +7,7 @@
 
 use crate::coeffs::{ActivationCoeffs, BlockCoeffs, Coefficients};
 use crate::error::input_err;
-use crate::plan::{departures, encdec, moe, params};
+use crate::plan::{departures, encdec, encdec_saved, moe, params};
 use crate::spec::encdec::EncDec;
 use crate::spec::transformer::{Activation, BlockKind, FfnKind, Head, TransformerSpec};
 use crate::spec::{Attention, Checkpointing, ModelSpec, TrainSpec};
@@ -137,6 +137,10 @@ pub struct Features {
     /// blocks beyond its scores ([`encdec::CrossAttention::saved_bytes`]). Known, not fitted;
     /// 0 otherwise.
     pub cross_attention_bytes: f64,
+    /// An encoder-decoder whose stacks are a measured implementation (T5, FLAN-T5, mT5, BART):
+    /// the bytes PyTorch keeps, per phase ([`encdec_saved::saved`]), which replace the table's
+    /// per-element coefficients for the once-per-model, head and block bytes. Known, not fitted.
+    pub encdec_saved: Option<encdec_saved::Saved>,
 }
 
 impl Features {
@@ -187,7 +191,11 @@ impl Features {
 
     pub fn activation_bytes(&self, a: &ActivationCoeffs) -> f64 {
         let ws = a.c_workspace.value;
-        let once = self.measured(a).map_or(0.0, |m| self.once_bytes(m));
+        let once = match (self.encdec_saved, self.measured(a)) {
+            (Some(k), _) => k.once,
+            (None, Some(m)) => self.once_bytes(m),
+            (None, None) => 0.0,
+        };
         let common = once
             + self.ckpt_bsh * a.c_ckpt.value
             + self.conv * a.c_conv.value
@@ -217,6 +225,9 @@ impl Features {
 
     /// Saved bytes of the head (logits, loss) and of the live blocks.
     fn saved_bytes(&self, a: &ActivationCoeffs) -> (f64, f64) {
+        if let Some(k) = self.encdec_saved {
+            return (k.head, k.blocks);
+        }
         if let Some(m) = self.measured(a) {
             // a fitted table's c_dropout: the dropout bytes this device keeps beyond the
             // measured block's (CPU masks in the activation dtype, not CUDA's 1 byte); 0 in the
@@ -263,6 +274,9 @@ impl Features {
     /// (once per model, the head's saved bytes, the live blocks' saved bytes); the fit holds
     /// them known and fits only the terms the block does not cover.
     pub fn measured_bytes(&self, a: &ActivationCoeffs) -> Option<(f64, f64, f64)> {
+        if let Some(k) = self.encdec_saved {
+            return Some((k.once, k.head, k.blocks));
+        }
         let m = self.measured(a)?;
         let (head, block) = self.block_saved(m, a);
         Some((self.once_bytes(m), head, block))
@@ -499,6 +513,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 accumulating: train.grad_accum > 1,
                 adapter_bytes: 0.0,
                 cross_attention_bytes: 0.0,
+                encdec_saved: None,
                 q_extra: live * b * s * planned.q_extra_per_token(t),
                 departure_bytes: live * b * s * planned.extra_bytes_per_token(t, train.precision)
                     + if sdpa {
@@ -603,6 +618,7 @@ fn encdec_features(
         departure_bytes: enc.departure_bytes + dec.departure_bytes,
         head_known_bytes: dec.head_known_bytes,
         cross_attention_bytes: cross.saved_bytes,
+        encdec_saved: encdec_saved::saved(t, e, train, encdec_saved::Kernels::Cuda),
         ..Features::default()
     })
 }

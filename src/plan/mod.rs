@@ -5,6 +5,7 @@ pub mod checkpoint;
 pub mod comm;
 pub mod departures;
 pub mod encdec;
+pub mod encdec_saved;
 pub mod estimate;
 pub mod finetune;
 pub mod gpus;

@@ -203,7 +203,9 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
     };
     let spec = TransformerSpec {
         dropout: dropout(&o, &model_type)?,
-        activation: activation(&o, &model_type)?,
+        // a family parser's own reading (T5's `feed_forward_proj`) stands when the config's
+        // activation keys are absent
+        activation: activation(&o, &model_type)?.or(spec.activation),
         ..spec
     };
     spec.validate()
