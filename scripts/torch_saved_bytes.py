@@ -50,6 +50,9 @@ for CUDA. On CPU, sdpa only uses its flash kernel (saves output + fp32 logsumexp
 math path, which keeps the s^2 tensors (in fp32, even for bf16 inputs); CUDA's flash / efficient kernels
 do support dropout. CPU autocast's op lists also differ from CUDA's (e.g. softmax is not forced to fp32).
 
+More families (--arch phi3|starcoder2|bloom|gpt_bigcode) sweep FAMILY_GRID at their config
+classes' defaults; --arch deberta-v2 (DeBERTa-v3's relative attention) sweeps deberta_grid(),
+with position_buckets moved too (the rows add position_buckets).
 The encoder-decoders (--arch t5|t5-gated|bart) sweep their own grid (encoder and decoder depth,
 input and target length moved apart; the rows add decoder_layers and target_len), and
 `--fit-encdec CSV` fits them per stack (see ENCDEC_COLUMNS): the table plan::encdec_saved holds.
@@ -95,6 +98,9 @@ DEPARTURE_ARCHS = ("llama-hd", "qwen3", "gemma2", "gemma3", "olmo2")
 # OPT's dropout 0.1; DistilBERT's masked-LM head, ELECTRA's discriminator with half-width
 # embeddings): measured over FAMILY_GRID
 FAMILY_ARCHS = ("gpt_neox", "phi", "gptj", "falcon", "opt", "distilbert", "electra")
+# more families the planner parses, at their config classes' defaults (DeBERTa-v2 with
+# DeBERTa-v3's relative attention): how far their plans are from PyTorch's own bytes
+COVERAGE_ARCHS = ("phi3", "starcoder2", "bloom", "gpt_bigcode", "deberta-v2")
 # encoder-decoders: T5 (ReLU MLP), "t5-gated" (T5 v1.1 / FLAN-T5's gated-gelu MLP) and BART, with
 # L encoder and Ld decoder layers and a decoder of t tokens (labels of length t), measured over
 # encdec_grid(), which moves every dimension on its own; --dropout P sets every dropout probability
@@ -112,7 +118,7 @@ COLUMNS = [
     "saved_bytes", "saved_fp32_bytes", "saved_bf16_bytes", "saved_bool_bytes", "saved_int64_bytes",
     "saved_other_bytes", "saved_storages", "saved_param_bytes", "weight_copy_bytes", "param_bytes",
     "attn_impl_used", "device", "torch_version", "transformers_version", "seconds", "activation",
-    "decoder_layers", "target_len",
+    "decoder_layers", "target_len", "position_buckets",
 ]
 
 # transformers' default MLP activation per architecture (config.activation_function / hidden_act)
@@ -148,14 +154,29 @@ FAMILY_GRID = [
 ]
 
 
-# Real checkpoints' widths, held out of --fit-encdec's fit (b >= 2 rows of the grid only are
-# fitted; these are appended after it): t5-small, FLAN-T5-small's gated MLP (q = 6 x 64 < h),
-# bart-base; measured with --real-shapes (eager, dropout 0.1, the three precisions).
-ENCDEC_REAL_SHAPES = {
+# Real checkpoints' widths, held out of the fits (the grids' vocabularies stay <= 1024; these
+# are appended after them): t5-small, FLAN-T5-small's gated MLP (q = 6 x 64 < h), bart-base,
+# DeBERTa-v3-small; measured with --real-shapes (eager, dropout 0.1, the three precisions).
+REAL_SHAPES = {
+    "deberta-v2": dict(b=2, s=128, h=768, f=3072, a=12, kv=12, L=6, V=128100, pb=256),
     "t5": dict(b=2, s=128, t=64, h=512, f=2048, a=8, kv=8, hd=64, L=6, Ld=6, V=32128),
     "t5-gated": dict(b=2, s=128, t=64, h=512, f=1024, a=6, kv=6, hd=64, L=8, Ld=8, V=32128),
     "bart": dict(b=2, s=128, t=64, h=768, f=3072, a=12, kv=12, L=6, Ld=6, V=50265),
 }
+
+
+def deberta_grid(n=36, seed=12):
+    """DeBERTa-v3's relative attention: FAMILY_GRID's moves plus position_buckets (pb) and
+    seeded random points, so that a per-layer fit with the relative span is overdetermined."""
+    import random
+    rnd = random.Random(seed)
+    out = [{**c, "pb": 256} for c in FAMILY_GRID] + [{**BASE, "pb": pb} for pb in (16, 64)]
+    while len(out) < n:
+        a = rnd.choice((2, 4, 8))
+        out.append(dict(b=rnd.randint(1, 4), s=rnd.choice(range(16, 129, 8)), h=a * rnd.choice((16, 24, 32)),
+                        f=rnd.choice(range(128, 513, 64)), a=a, kv=a, L=rnd.randint(1, 3),
+                        V=rnd.choice(range(256, 1025, 128)), pb=rnd.choice((16, 32, 64, 128, 256))))
+    return out
 
 
 def encdec_grid(arch, n=40, seed=11):
@@ -218,7 +239,7 @@ def build(arch, attention, c, dropout=None, activation=None):
     elif arch == "bart":
         if dropout is not None:
             common.update(dropout=dropout, attention_dropout=dropout, activation_dropout=dropout)
-    elif arch in ("bert", "bert-mlm", "vit"):
+    elif arch in ("bert", "bert-mlm", "vit", "deberta-v2"):
         if dropout is not None:
             common.update(hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
         if activation is not None:
@@ -267,6 +288,38 @@ def build(arch, attention, c, dropout=None, activation=None):
                                decoder_ffn_dim=f, max_position_embeddings=512, **common)
             model = T.BartForConditionalGeneration(cfg)
             drop = (cfg.dropout, max(cfg.dropout, cfg.activation_dropout), cfg.attention_dropout)
+    elif arch in COVERAGE_ARCHS:
+        if arch == "phi3":
+            cfg = T.Phi3Config(vocab_size=V, hidden_size=h, intermediate_size=f, num_hidden_layers=L,
+                               num_attention_heads=a, max_position_embeddings=512, pad_token_id=0,
+                               bos_token_id=0, eos_token_id=0, **common)
+            model = T.Phi3ForCausalLM(cfg)
+        elif arch == "starcoder2":
+            cfg = T.Starcoder2Config(vocab_size=V, hidden_size=h, intermediate_size=f, num_hidden_layers=L,
+                                     num_attention_heads=a, max_position_embeddings=512, bos_token_id=0,
+                                     eos_token_id=0, **common)
+            model = T.Starcoder2ForCausalLM(cfg)
+        elif arch == "bloom":
+            cfg = T.BloomConfig(vocab_size=V, hidden_size=h, n_layer=L, n_head=a, bos_token_id=0,
+                                eos_token_id=0, pad_token_id=0, **common)
+            model = T.BloomForCausalLM(cfg)
+        elif arch == "gpt_bigcode":
+            cfg = T.GPTBigCodeConfig(vocab_size=V, n_positions=512, n_embd=h, n_layer=L, n_head=a, n_inner=f,
+                                     bos_token_id=0, eos_token_id=0, **common)
+            model = T.GPTBigCodeForCausalLM(cfg)
+        else:
+            cfg = T.DebertaV2Config(vocab_size=V, hidden_size=h, num_hidden_layers=L, num_attention_heads=a,
+                                    intermediate_size=f, max_position_embeddings=512, relative_attention=True,
+                                    pos_att_type=["p2c", "c2p"], position_buckets=c.get("pb", 256),
+                                    norm_rel_ebd="layer_norm",
+                                    share_att_key=True, position_biased_input=False, max_relative_positions=-1,
+                                    pad_token_id=0, **common)
+            model = T.DebertaV2ForMaskedLM(cfg)
+        probs = [getattr(cfg, k) for k in ("hidden_dropout", "attention_dropout", "resid_pdrop", "embd_pdrop",
+                                           "attn_pdrop", "dropout", "hidden_dropout_prob",
+                                           "attention_probs_dropout_prob", "residual_dropout", "embedding_dropout")
+                 if isinstance(getattr(cfg, k, None), float)]
+        drop = (max(probs or [0.0]), max(probs or [0.0]), max(probs or [0.0]))
     elif arch in FAMILY_ARCHS:
         if arch == "gpt_neox":
             cfg = T.GPTNeoXConfig(vocab_size=V, hidden_size=h, num_hidden_layers=L, num_attention_heads=a,
@@ -345,7 +398,7 @@ def make_inputs(arch, c, torch, dtype):
     if arch in ENCDEC_ARCHS:
         # the decoder's t tokens are the labels (shifted right inside the model)
         return dict(input_ids=ids, labels=torch.randint(0, V, (b, c.get("t", s)), generator=g))
-    if arch in ("bert-mlm", "distilbert"):
+    if arch in ("bert-mlm", "distilbert", "deberta-v2"):
         return dict(input_ids=ids, labels=ids.clone())
     if arch == "electra":
         # the discriminator's per-token replaced/original labels
@@ -478,13 +531,16 @@ def measure(arch, attention, precision, c, device="cpu", dump=False, dropout=Non
         arch=arch, attention=attention, precision=precision, b=c["b"], s=s_eff, h=c["h"], f=c["f"], a=c["a"],
         kv_heads=(c["kv"] if arch in GQA_ARCHS
                   else 1 if arch == "falcon" and model.config.multi_query
-                  and not model.config.new_decoder_architecture else c["a"]), head_dim=c.get("hd", c["h"] // c["a"]), L=c["L"],
+                  and not model.config.new_decoder_architecture
+                  else model.config.num_key_value_heads if arch == "starcoder2"
+                  else 1 if arch == "gpt_bigcode" and model.config.multi_query else c["a"]), head_dim=c.get("hd", c["h"] // c["a"]), L=c["L"],
         V=c["V"], image_size=img, embd_dropout=drop[0], hidden_dropout=drop[1], attn_dropout=drop[2],
         saved_storages=n_act, param_bytes=param_bytes, attn_impl_used=used, device=device,
         torch_version=torch.__version__, transformers_version=transformers.__version__,
         seconds=round(seconds, 3), activation=act,
         decoder_layers=c.get("Ld", "") if arch in ENCDEC_ARCHS else "",
         target_len=c.get("t", "") if arch in ENCDEC_ARCHS else "",
+        position_buckets=c.get("pb", 256) if arch == "deberta-v2" else "",
     ))
     return row
 
@@ -532,7 +588,7 @@ def fit(path, out=sys.stdout, min_batch=1):
     # the departure and family archs are checked against the planner by its tests
     # (tests/it/planner_cpu_blocks.rs); this fit's columns assume head_dim = h / heads
     rows = [r for r in csv.DictReader(open(path)) if int(r["b"]) >= min_batch
-            and r["arch"] not in DEPARTURE_ARCHS + FAMILY_ARCHS + ENCDEC_ARCHS]
+            and r["arch"] not in DEPARTURE_ARCHS + FAMILY_ARCHS + COVERAGE_ARCHS + ENCDEC_ARCHS]
     groups = {}
     for r in rows:
         act = r.get("activation") or DEFAULT_ACTIVATION[r["arch"]]
@@ -594,7 +650,7 @@ def fit_encdec(path, out=sys.stdout, min_batch=2):
     bytes per element of each column of ENCDEC_COLUMNS, rounded to 0.25 byte, and the rounded
     model's largest residual. b = 1 rows are left out (a few reshapes are views there)."""
     import numpy as np
-    # the grid's rows only (V <= 1024): ENCDEC_REAL_SHAPES' rows stay held out
+    # the grid's rows only (V <= 1024): REAL_SHAPES' rows stay held out
     rows = [r for r in csv.DictReader(open(path)) if r["arch"] in ENCDEC_ARCHS and int(r["b"]) >= min_batch
             and int(r["V"]) <= 1024]
     groups = {}
@@ -624,7 +680,8 @@ def fit_encdec(path, out=sys.stdout, min_batch=2):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="torch-saved-bytes.csv", help="CSV file to write (default %(default)s)")
-    p.add_argument("--arch", choices=ARCHS + DEPARTURE_ARCHS + FAMILY_ARCHS + ENCDEC_ARCHS, action="append",
+    p.add_argument("--arch", choices=ARCHS + DEPARTURE_ARCHS + FAMILY_ARCHS + COVERAGE_ARCHS + ENCDEC_ARCHS,
+                   action="append",
                    help="architecture(s) (default: all but the departure and family archs)")
     p.add_argument("--attention", choices=ATTENTIONS, action="append", help="eager | sdpa (default: both)")
     p.add_argument("--precision", choices=PRECISIONS, action="append", help="(default: all three)")
@@ -642,7 +699,7 @@ def main():
     p.add_argument("--fit-encdec", metavar="CSV",
                    help="fit the encoder-decoder rows of CSV per stack and print them; measure nothing")
     p.add_argument("--real-shapes", action="store_true",
-                   help="with the encoder-decoder archs: measure ENCDEC_REAL_SHAPES instead of the grid")
+                   help="with the archs in REAL_SHAPES: measure those real widths instead of the grid")
     p.add_argument("--fit-min-batch", type=int, default=1, metavar="B",
                    help="with --fit: leave out rows with batch < B (default %(default)s)")
     p.add_argument("--dump", action="store_true",
@@ -662,7 +719,9 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     archs = args.arch or list(ARCHS)
-    odd = [a for a in archs if a in DEPARTURE_ARCHS + FAMILY_ARCHS]
+    odd = [a for a in archs if a in DEPARTURE_ARCHS + FAMILY_ARCHS + COVERAGE_ARCHS and a != "deberta-v2"]
+    if args.real_shapes and any(a not in REAL_SHAPES for a in archs):
+        sys.exit(f"--real-shapes measures only {', '.join(REAL_SHAPES)}")
     if args.activation and any(a in ENCDEC_ARCHS for a in archs):
         sys.exit("--activation is not accepted with the encoder-decoders (t5-gated measures T5's gated-gelu)")
     if odd and (args.dropout or args.activation):
@@ -706,10 +765,10 @@ def main():
                     for dp in drops:
                         for act in acts:
                             done = set()
-                            for c in (DEPARTURE_GRID if arch in DEPARTURE_ARCHS
-                                      else FAMILY_GRID if arch in FAMILY_ARCHS
-                                      else [dict(ENCDEC_REAL_SHAPES[arch])] if args.real_shapes
-                                      and arch in ENCDEC_ARCHS
+                            for c in ([dict(REAL_SHAPES[arch])] if args.real_shapes and arch in REAL_SHAPES
+                                      else DEPARTURE_GRID if arch in DEPARTURE_ARCHS
+                                      else deberta_grid() if arch == "deberta-v2"
+                                      else FAMILY_GRID if arch in FAMILY_ARCHS + COVERAGE_ARCHS
                                       else encdec_grid(arch) if arch in ENCDEC_ARCHS
                                       else grid()):
                                 if arch not in GQA_ARCHS:

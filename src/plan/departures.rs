@@ -21,7 +21,7 @@
 //! before the cast back), the compute dtype in Llama's and Qwen3's (applied after).
 
 use crate::spec::transformer::{BlockKind, Head, HeadTransform, QkNorm, TransformerSpec};
-use crate::spec::Precision;
+use crate::spec::{Attention, Precision, TrainSpec};
 
 /// How a transformer spec's blocks are planned, worked out once per spec.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,6 +32,8 @@ pub struct Planned {
     llama_like: bool,
     /// BERT's block for a spec that is not exactly BERT's (its head transform added)
     bert_like: bool,
+    /// GPT-2's block for a spec that is not exactly GPT-2's
+    gpt2_like: bool,
 }
 
 impl Planned {
@@ -53,6 +55,7 @@ impl Planned {
             block,
             llama_like,
             bert_like,
+            gpt2_like,
         }
     }
 
@@ -78,6 +81,28 @@ impl Planned {
             _ => 0.0,
         };
         qk + extra_norms + 2.0 * t.hidden as f64 * self.fp32_norm_excess(t, p)
+    }
+
+    /// Bytes per token one live block keeps beyond its planned block when q, k and v are views
+    /// of one fused projection and attention is sdpa: the kernel saves the value view, which
+    /// keeps the whole fused output alive, q's and k's widths beyond what the block counts. The
+    /// Llama block has separate projections (Phi-3's fused one keeps q + kv more); GPT-2's fused
+    /// c_attn is in its block, but rotary positions (GPT-NeoX, Falcon) make q and k new tensors
+    /// beside the fused output. Measured on a CPU without it: Phi-3 sdpa planned 10-14 % low in
+    /// fp32 (calibration/data/torch-saved-bytes-coverage-cpu.csv), GPT-NeoX 13 % low (8.1 B
+    /// per b·s·h per layer; torch-saved-bytes-families-cpu.csv). Eager attention's matmul saves
+    /// contiguous copies instead.
+    pub fn fused_qkv_bytes_per_token(&self, t: &TransformerSpec, train: &TrainSpec) -> f64 {
+        let rotary_gpt2 = self.gpt2_like && t.max_positions == 0;
+        if (self.llama_like || rotary_gpt2)
+            && t.extras.fused_qkv
+            && train.attention == Attention::Sdpa
+        {
+            let kv = (t.kv_heads * t.head_dim()) as f64;
+            (t.q_width() as f64 + kv) * train.precision.compute_bytes() as f64
+        } else {
+            0.0
+        }
     }
 
     /// Query-width elements per token beyond the hidden width (negative when narrower:
@@ -146,6 +171,7 @@ fn is_llama_like(t: &TransformerSpec) -> bool {
     x.attn_softcap = false;
     x.final_softcap = false;
     x.norm_weight_fp32 = false;
+    x.fused_qkv = false;
     if x.block_norms == Some(4) {
         x.block_norms = None;
     }
@@ -157,13 +183,16 @@ fn is_llama_like(t: &TransformerSpec) -> bool {
 /// one shared norm; OPT: two unused position rows): planned with PyTorch's measured GPT-2
 /// block, whose bytes bound theirs more closely than the generic coefficients. Measured on a
 /// CPU (calibration/data/torch-saved-bytes-families-cpu.csv), the GPT-2 block planned them
-/// within -6 % to +24 % in bf16 autocast (the generic coefficients: -30 % to +12 %) and -14 %
-/// to +37 % in fp32 (generic: -15 % to +37 %): the over-plan is Falcon's single key/value head
+/// within -6 % to +24 % in bf16 autocast (the generic coefficients: -30 % to +12 %) and -1 %
+/// to +37 % in fp32 (generic: -15 % to +37 %), with a fused q/k/v's sdpa bytes
+/// ([`Planned::fused_qkv_bytes_per_token`]): the over-plan is Falcon's single key/value head
 /// and OPT's attention-dropout-free blocks, which GPT-2's bytes do not have.
 fn is_gpt2_like(t: &TransformerSpec) -> bool {
     let mut plain = t.clone();
     let x = &mut plain.extras;
     x.parallel_attn = false;
+    x.eager_only = false;
+    x.fused_qkv = false;
     if x.block_norms == Some(1) {
         x.block_norms = None;
     }
@@ -183,6 +212,7 @@ fn is_bert_like(t: &TransformerSpec) -> bool {
     let x = &mut plain.extras;
     x.head_transform = HeadTransform::None;
     x.lm_head_bias = false;
+    x.eager_only = false;
     x.factorized_embedding = None;
     plain.block_kind() == Some(BlockKind::Bert)
 }

@@ -36,6 +36,11 @@ use crate::spec::encdec::EncDec;
 use crate::spec::transformer::{Activation, FfnKind, NormKind, TransformerSpec};
 use crate::spec::{Attention, Checkpointing, Precision, TrainSpec};
 
+use super::measured::{
+    cuda_mask_saving, cuda_score_bytes, linear_out_bytes, norm_out_bytes, precision_row,
+};
+pub use super::measured::{Kernels, Saved};
+
 /// The measured encoder-decoder implementations.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Family {
@@ -45,27 +50,6 @@ pub enum Family {
     T5Gated,
     /// BART: post-LayerNorm blocks with biases and a GELU MLP
     Bart,
-}
-
-/// Whose kernels keep the bytes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kernels {
-    /// what the plan is for: 1-byte dropout masks, fp32 autocast softmax, fused attention kernels
-    Cuda,
-    /// what the measurement ran on (the tests check the table against it)
-    Cpu,
-}
-
-/// Bytes kept for backward by an encoder-decoder's stacks, split as the planner's phases use them.
-#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize)]
-pub struct Saved {
-    /// once per model: embeddings and their norms, the final norms, token ids and labels, T5's
-    /// position buckets
-    pub once: f64,
-    /// the LM head's fp32 log-softmax
-    pub head: f64,
-    /// the live blocks of both stacks (all of them; one per stack under full checkpointing)
-    pub blocks: f64,
 }
 
 /// Which measured family a spec's stacks are, if any.
@@ -160,23 +144,12 @@ const CPU_EAGER: [[[[f64; COLUMNS]; 2]; 3]; 3] = [
     ],
 ];
 
-/// The precision's row of [`CPU_EAGER`]: 0 fp32, 1 autocast (bf16 or fp16), 2 pure 16-bit.
-fn precision_row(p: Precision) -> usize {
-    if p.is_pure_half() {
-        2
-    } else if p.is_mixed() {
-        1
-    } else {
-        0
-    }
-}
-
 /// Dropout sites per column and the bytes of their inputs' dtype (a CPU mask's bytes): the
 /// residual branches and the MLP hidden are linear outputs (16-bit under autocast); the
 /// per-stack embedding (and T5's final-norm) outputs stay fp32 under autocast.
 fn mask_sites(f: Family, p: Precision) -> [(usize, f64, f64); 6] {
-    let lin = p.compute_bytes() as f64;
-    let stack_out = if p.is_pure_half() { 2.0 } else { 4.0 };
+    let lin = linear_out_bytes(p);
+    let stack_out = norm_out_bytes(p);
     let per_stack = if f == Family::Bart { 1.0 } else { 2.0 };
     [
         (ENC_BSH, 2.0, lin),
@@ -186,20 +159,6 @@ fn mask_sites(f: Family, p: Precision) -> [(usize, f64, f64); 6] {
         (ONCE_BSH, per_stack, stack_out),
         (ONCE_BTH, per_stack, stack_out),
     ]
-}
-
-/// Bytes per stored score element on CUDA (eager): the probabilities (fp32 under autocast, whose
-/// softmax CUDA runs in fp32), with dropout a 1-byte mask and the dropped copy the AV matmul
-/// saves (under autocast its 16-bit cast, which replaces the probabilities' cast).
-fn cuda_score_bytes(p: Precision, dropout: bool) -> f64 {
-    match (p.is_mixed(), p.is_pure_half(), dropout) {
-        (true, _, false) => 6.0,
-        (true, _, true) => 7.0,
-        (_, true, false) => 2.0,
-        (_, true, true) => 5.0,
-        (_, _, false) => 4.0,
-        (_, _, true) => 9.0,
-    }
 }
 
 /// The table row a plan uses: the measured CPU row, or translated to CUDA's kernels.
@@ -213,7 +172,7 @@ fn coefficients(f: Family, p: Precision, dropout: bool, k: Kernels) -> [f64; COL
     if k == Kernels::Cuda {
         if dropout {
             for (col, sites, bytes) in mask_sites(f, p) {
-                c[col] -= sites * (bytes - 1.0);
+                c[col] -= cuda_mask_saving(sites, bytes);
             }
         }
         let score = cuda_score_bytes(p, dropout);

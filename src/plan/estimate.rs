@@ -594,7 +594,8 @@ fn counterintuitive(
 /// Attention the plan assumes that transformers would not run by default: soft-capped attention
 /// (Gemma2) under sdpa. transformers refuses sdpa for it and runs eager attention unless
 /// FlashAttention-2 is asked for; the plan's sdpa is a fused kernel that caps in the tile, so
-/// the note gives what transformers' default (eager) needs on top.
+/// the note gives what transformers' default (eager) needs on top. Classes with no sdpa path at
+/// all (BLOOM, DeBERTa-v2) are planned eager (`plan::memory::features`); the note says so.
 fn attention_caveats(
     model: &ModelSpec,
     train: &TrainSpec,
@@ -605,6 +606,13 @@ fn attention_caveats(
     let ModelSpec::Transformer(t) = model else {
         return Ok(Vec::new());
     };
+    if t.extras.eager_only && train.attention == crate::spec::Attention::Sdpa {
+        return Ok(vec![
+            "transformers has no sdpa attention for this model class and runs eager attention \
+             (the b·a·s² scores stored per layer) whatever is asked; planned as eager"
+                .to_string(),
+        ]);
+    }
     if !t.extras.attn_softcap || train.attention != crate::spec::Attention::Sdpa || memory.too_large
     {
         return Ok(Vec::new());

@@ -7,7 +7,7 @@
 
 use crate::coeffs::{ActivationCoeffs, BlockCoeffs, Coefficients};
 use crate::error::input_err;
-use crate::plan::{departures, encdec, encdec_saved, moe, params};
+use crate::plan::{deberta_saved, departures, encdec, encdec_saved, measured, moe, params};
 use crate::spec::encdec::EncDec;
 use crate::spec::transformer::{Activation, BlockKind, FfnKind, Head, TransformerSpec};
 use crate::spec::{Attention, Checkpointing, ModelSpec, TrainSpec};
@@ -137,10 +137,11 @@ pub struct Features {
     /// blocks beyond its scores ([`encdec::CrossAttention::saved_bytes`]). Known, not fitted;
     /// 0 otherwise.
     pub cross_attention_bytes: f64,
-    /// An encoder-decoder whose stacks are a measured implementation (T5, FLAN-T5, mT5, BART):
-    /// the bytes PyTorch keeps, per phase ([`encdec_saved::saved`]), which replace the table's
-    /// per-element coefficients for the once-per-model, head and block bytes. Known, not fitted.
-    pub encdec_saved: Option<encdec_saved::Saved>,
+    /// A family planned from PyTorch's measured saved bytes rather than the table's blocks (T5,
+    /// FLAN-T5, mT5 and BART: [`encdec_saved::saved`]; DeBERTa-v2/v3 with relative attention:
+    /// [`deberta_saved::saved`]): the bytes per phase, which replace the table's per-element
+    /// coefficients for the once-per-model, head and block bytes. Known, not fitted.
+    pub measured_saved: Option<measured::Saved>,
 }
 
 impl Features {
@@ -191,7 +192,7 @@ impl Features {
 
     pub fn activation_bytes(&self, a: &ActivationCoeffs) -> f64 {
         let ws = a.c_workspace.value;
-        let once = match (self.encdec_saved, self.measured(a)) {
+        let once = match (self.measured_saved, self.measured(a)) {
             (Some(k), _) => k.once,
             (None, Some(m)) => self.once_bytes(m),
             (None, None) => 0.0,
@@ -225,7 +226,7 @@ impl Features {
 
     /// Saved bytes of the head (logits, loss) and of the live blocks.
     fn saved_bytes(&self, a: &ActivationCoeffs) -> (f64, f64) {
-        if let Some(k) = self.encdec_saved {
+        if let Some(k) = self.measured_saved {
             return (k.head, k.blocks);
         }
         if let Some(m) = self.measured(a) {
@@ -274,7 +275,7 @@ impl Features {
     /// (once per model, the head's saved bytes, the live blocks' saved bytes); the fit holds
     /// them known and fits only the terms the block does not cover.
     pub fn measured_bytes(&self, a: &ActivationCoeffs) -> Option<(f64, f64, f64)> {
-        if let Some(k) = self.encdec_saved {
+        if let Some(k) = self.measured_saved {
             return Some((k.once, k.head, k.blocks));
         }
         let m = self.measured(a)?;
@@ -380,6 +381,16 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
         ModelSpec::Transformer(t) if t.extras.enc_dec.is_some() => {
             let e = t.extras.enc_dec.as_deref().expect("matched");
             encdec_features(model, t, e, train)
+        }
+        // transformers runs these classes' attention eager whatever is asked
+        ModelSpec::Transformer(t) if t.extras.eager_only && train.attention == Attention::Sdpa => {
+            features(
+                model,
+                &TrainSpec {
+                    attention: Attention::Eager,
+                    ..train.clone()
+                },
+            )
         }
         ModelSpec::Transformer(t) => {
             let s = t.effective_seq(train.seq, train.image) as f64;
@@ -513,9 +524,13 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 accumulating: train.grad_accum > 1,
                 adapter_bytes: 0.0,
                 cross_attention_bytes: 0.0,
-                encdec_saved: None,
+                measured_saved: deberta_saved::saved(t, train, measured::Kernels::Cuda),
                 q_extra: live * b * s * planned.q_extra_per_token(t),
-                departure_bytes: live * b * s * planned.extra_bytes_per_token(t, train.precision)
+                departure_bytes: live
+                    * b
+                    * s
+                    * (planned.extra_bytes_per_token(t, train.precision)
+                        + planned.fused_qkv_bytes_per_token(t, train))
                     + if sdpa {
                         0.0
                     } else {
@@ -618,7 +633,7 @@ fn encdec_features(
         departure_bytes: enc.departure_bytes + dec.departure_bytes,
         head_known_bytes: dec.head_known_bytes,
         cross_attention_bytes: cross.saved_bytes,
-        encdec_saved: encdec_saved::saved(t, e, train, encdec_saved::Kernels::Cuda),
+        measured_saved: encdec_saved::saved(t, e, train, encdec_saved::Kernels::Cuda),
         ..Features::default()
     })
 }

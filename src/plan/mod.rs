@@ -3,6 +3,7 @@
 pub mod advice;
 pub mod checkpoint;
 pub mod comm;
+pub mod deberta_saved;
 pub mod departures;
 pub mod encdec;
 pub mod encdec_saved;
@@ -10,6 +11,7 @@ pub mod estimate;
 pub mod finetune;
 pub mod gpus;
 pub mod host;
+pub mod measured;
 pub mod memory;
 pub mod moe;
 pub mod params;

@@ -149,7 +149,17 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
             },
             ..gpt2(&o, name)?
         },
-        "gpt_neox" => rotary_gelu_decoder(&o, name, "attention_bias", false)?,
+        // one fused query_key_value projection, whose value view sdpa keeps
+        "gpt_neox" => {
+            let t = rotary_gelu_decoder(&o, name, "attention_bias", false)?;
+            TransformerSpec {
+                extras: BlockExtras {
+                    fused_qkv: true,
+                    ..t.extras
+                },
+                ..t
+            }
+        }
         "starcoder2" => rotary_gelu_decoder(&o, name, "use_bias", true)?,
         "vit" => vit(&o, name)?,
         // Phi-3 fuses q/k/v and gate/up into single matrices of the same total size
@@ -576,20 +586,12 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
     Ok(TransformerSpec {
         arch: Arch::Decoder,
         ffn_kind: FfnKind::Swiglu,
-        norm: if o.contains_key("rms_norm_eps")
-            || matches!(
-                model_type,
-                "qwen3"
-                    | "gemma2"
-                    | "gemma3_text"
-                    | "olmo2"
-                    | "mixtral"
-                    | "qwen2_moe"
-                    | "qwen3_moe"
-            ) {
-            NormKind::Rmsnorm
-        } else {
+        // every family here normalises with RMSNorm except OLMo v1 (parameter-free LayerNorm),
+        // whatever keys its config.json happens to carry
+        norm: if model_type == "olmo" {
             NormKind::Layernorm
+        } else {
+            NormKind::Rmsnorm
         },
         // Llama's attention_bias (q, k, v, o) and mlp_bias are independent
         bias: mlp_bias,
@@ -609,6 +611,7 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
             block_norms,
             attn_bias: (attention_bias != mlp_bias).then_some(attention_bias),
             norm_weight_fp32: matches!(model_type, "gemma" | "gemma2" | "gemma3_text" | "olmo2"),
+            fused_qkv: model_type == "phi3",
             // Gemma2Config defaults both on (50 and 30); Gemma3's off
             attn_softcap: softcap_on(o, "attn_logit_softcapping", model_type == "gemma2")?,
             final_softcap: softcap_on(o, "final_logit_softcapping", model_type == "gemma2")?,
@@ -709,6 +712,10 @@ fn bloom(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
     Ok(TransformerSpec {
         embedding_norm: true,
         tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
+        extras: BlockExtras {
+            eager_only: true,
+            ..BlockExtras::default()
+        },
         ..base
     })
 }
@@ -840,6 +847,15 @@ fn deberta_v2(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
             rel_positions: rel_positions as u32,
             rel_norm: relative && norm_rel,
             pos_proj,
+            rel_att_terms: if relative {
+                ["c2p", "p2c"]
+                    .iter()
+                    .filter(|k| pos_att.iter().any(|p| p == *k))
+                    .count() as u8
+            } else {
+                0
+            },
+            eager_only: true,
             ..BlockExtras::default()
         },
         ..base
@@ -1141,6 +1157,9 @@ fn falcon(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
         extras: BlockExtras {
             block_norms: (block_norms != 2).then_some(block_norms),
             parallel_attn: parallel,
+            // one query_key_value projection; multi-query's split picks k and v with index
+            // lists (copies), the other layouts slice views of it
+            fused_qkv: new_arch || kv_heads != 1,
             ..BlockExtras::default()
         },
         ..base

@@ -160,6 +160,11 @@ pub struct BlockExtras {
     /// tensor where Llama's keeps a 16-bit one.
     #[serde(default, skip_serializing_if = "is_default")]
     pub norm_weight_fp32: bool,
+    /// q, k and v come out of one fused projection (Phi-3's `qkv_proj`) as views of one tensor:
+    /// no parameter changes, but a kernel that saves the value view keeps the whole fused output
+    /// (sdpa: q, k and v widths where Llama's keeps v's).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub fused_qkv: bool,
     /// The LM head's logits soft-capped the same way (Gemma2's `final_logit_softcapping`): the
     /// tanh output is kept, one more b·s·V tensor in the logits' dtype.
     #[serde(default, skip_serializing_if = "is_default")]
@@ -192,6 +197,15 @@ pub struct BlockExtras {
     /// (DeBERTa-v2 without `share_att_key`: one for c2p, one for p2c).
     #[serde(default, skip_serializing_if = "is_default")]
     pub pos_proj: u8,
+    /// Disentangled attention terms over the relative positions (DeBERTa-v2/v3's `pos_att_type`:
+    /// c2p, p2c; 0 without relative attention). No parameters of their own (the projections are
+    /// `pos_proj`'s or shared with k and q); recorded for the activation model.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub rel_att_terms: u8,
+    /// transformers has no sdpa path for the class (BLOOM's ALiBi, DeBERTa-v2's disentangled
+    /// attention): attention runs eager whatever is asked.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub eager_only: bool,
     /// A decoder stack beside these (encoder) blocks: T5, mT5, BART.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enc_dec: Option<Box<super::encdec::EncDec>>,

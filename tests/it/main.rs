@@ -27,6 +27,7 @@ mod measure_guard;
 mod param_counts;
 mod planner_cli;
 mod planner_cpu_blocks;
+mod planner_deberta;
 mod planner_encdec;
 mod planner_finetune;
 mod planner_model;

@@ -298,9 +298,11 @@ fn departure_blocks_reproduce_pytorchs_cpu_saved_bytes() {
 /// block and BERT encoders with other heads (DistilBERT's masked-LM head, ELECTRA's
 /// discriminator) with BERT's (`plan::departures`), against their own saved bytes on a CPU
 /// (calibration/data/torch-saved-bytes-families-cpu.csv). Decoders: in 16-bit autocast, the
-/// precision such models train in, from 6 % under to 24 % over; in fp32 from 14 % under
-/// (GPT-NeoX's sdpa, whose partial-rotary copies the GPT-2 block lacks) to 37 % over (Falcon's
-/// single key/value head and OPT's attention-dropout-free blocks keep less than GPT-2's).
+/// precision such models train in, from 6 % under to 24 % over; in fp32 from 1 % under to 37 %
+/// over (Falcon's single key/value head and OPT's attention-dropout-free blocks keep less than
+/// GPT-2's). GPT-NeoX's sdpa was 13 % under before its fused query_key_value output, which the
+/// kernel's value view keeps beside the rotated q and k, was counted
+/// (`departures::Planned::fused_qkv_bytes_per_token`).
 /// Encoders: 0 to 5 % over in fp32, 0 to 20 % in autocast (ELECTRA's half-width embeddings).
 /// The generic coefficients they took before under-planned OPT's autocast steps by up to 30 %
 /// and DistilBERT's by up to 35 %.
@@ -367,7 +369,7 @@ fn gpt2_and_bert_like_models_are_planned_with_the_measured_blocks() {
         let planned = fe.activation_bytes(&act) - fe.workspace * act.c_workspace.value;
         let err = planned / num(&r, "saved_bytes") - 1.0;
         let (lo, hi) = match (encoder, precision == Precision::Fp32) {
-            (false, true) => (-0.14, 0.37),
+            (false, true) => (-0.01, 0.37),
             (false, false) => (-0.06, 0.24),
             (true, true) => (0.0, 0.05),
             (true, false) => (0.0, 0.20),
@@ -421,4 +423,76 @@ fn a_table_without_bsq_takes_the_literatures_on_loading() {
         .find(|b| b.block == BlockKind::Llama && b.attention == Attention::Eager)
         .and_then(|b| b.bsq);
     assert_eq!(llama_eager_fp32, Some(16.0));
+}
+
+/// More families the parser accepts, at their config classes' defaults, planned as a user's
+/// config.json reaches the planner, against PyTorch's own saved bytes on a CPU
+/// (calibration/data/torch-saved-bytes-coverage-cpu.csv, scripts/torch_saved_bytes.py
+/// --arch phi3|starcoder2|bloom|gpt_bigcode): Phi-3 with the Llama block and its fused q/k/v
+/// (without which its sdpa was 10-14 % low in fp32; and a config without `rms_norm_eps` was
+/// planned with LayerNorm), the others with GPT-2's block; every group within -10 % to +12 %
+/// (StarCoder2's autocast the lowest, -9 %). BLOOM has no sdpa rows: transformers has none.
+#[test]
+fn more_families_against_pytorchs_saved_bytes() {
+    let lit = Coefficients::literature();
+    let mut range = std::collections::BTreeMap::<String, (f64, f64)>::new();
+    for r in csv_rows("torch-saved-bytes-coverage-cpu.csv") {
+        let n = |k: &str| num(&r, k) as u64;
+        let (h, f, a, kv, l, v) = (n("h"), n("f"), n("a"), n("kv_heads"), n("L"), n("V"));
+        let config = match r["arch"].as_str() {
+            "phi3" => serde_json::json!({"model_type": "phi3", "hidden_size": h,
+                "intermediate_size": f, "num_hidden_layers": l, "num_attention_heads": a,
+                "num_key_value_heads": a, "vocab_size": v, "max_position_embeddings": 512,
+                "hidden_act": "silu", "tie_word_embeddings": false, "resid_pdrop": 0.0,
+                "embd_pdrop": 0.0, "attention_dropout": 0.0}),
+            "starcoder2" => serde_json::json!({"model_type": "starcoder2", "hidden_size": h,
+                "intermediate_size": f, "num_hidden_layers": l, "num_attention_heads": a,
+                "num_key_value_heads": kv, "vocab_size": v, "max_position_embeddings": 512,
+                "hidden_act": "gelu_pytorch_tanh", "use_bias": true, "tie_word_embeddings": true,
+                "residual_dropout": 0.0, "embedding_dropout": 0.0, "attention_dropout": 0.0}),
+            "bloom" => serde_json::json!({"model_type": "bloom", "hidden_size": h,
+                "n_layer": l, "n_head": a, "vocab_size": v, "hidden_dropout": 0.0,
+                "attention_dropout": 0.0, "tie_word_embeddings": true}),
+            "gpt_bigcode" => serde_json::json!({"model_type": "gpt_bigcode", "n_embd": h,
+                "n_layer": l, "n_head": a, "n_inner": f, "vocab_size": v, "n_positions": 512,
+                "multi_query": true, "activation_function": "gelu_pytorch_tanh",
+                "resid_pdrop": 0.1, "embd_pdrop": 0.1, "attn_pdrop": 0.1,
+                "tie_word_embeddings": true}),
+            other => panic!("unexpected arch {other}"),
+        };
+        let spec = vramcal::spec::hf_config::parse(&config.to_string(), &r["arch"]).unwrap();
+        let precision = match r["precision"].as_str() {
+            "fp32" => Precision::Fp32,
+            "bf16-autocast" => Precision::Bf16Mixed,
+            other => panic!("unexpected precision {other}"),
+        };
+        let train = row_train(&r, precision);
+        let act = cpu_activation(&lit, precision);
+        let model = ModelSpec::Transformer(spec);
+        let fe = memory::fit_terms(&model, &train).unwrap().features;
+        let planned = fe.activation_bytes(&act) - fe.workspace * act.c_workspace.value;
+        let err = planned / num(&r, "saved_bytes") - 1.0;
+        let key = format!(
+            "{} {} {} {:?}",
+            r["arch"],
+            r["attention"],
+            r["precision"],
+            fe.block.map(|b| b.0)
+        );
+        let e = range
+            .entry(key)
+            .or_insert((f64::INFINITY, f64::NEG_INFINITY));
+        *e = (e.0.min(err), e.1.max(err));
+    }
+    for (k, (lo, hi)) in &range {
+        eprintln!("{k}: {:+.1} % .. {:+.1} %", 100.0 * lo, 100.0 * hi);
+        let block = if k.starts_with("phi3") {
+            "Some(Llama)"
+        } else {
+            "Some(Gpt2)"
+        };
+        assert!(k.ends_with(block), "{k}: planned with the measured block");
+        assert!(*lo >= -0.10 && *hi <= 0.12, "{k}: {lo:+.3} .. {hi:+.3}");
+    }
+    assert_eq!(range.len(), 14, "{range:?}");
 }
