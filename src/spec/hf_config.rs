@@ -23,6 +23,7 @@ use std::path::Path;
 pub const MODEL_TYPES: &str =
     "bert, roberta, xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, \
      starcoder2, vit, llama, mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, \
+     granite, smollm3, \
      phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, \
      qwen3_moe, deepseek_v2, deepseek_v3, t5, mt5, bart";
 
@@ -165,8 +166,10 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
         // Phi-3 fuses q/k/v and gate/up into single matrices of the same total size
         // Gemma: RMSNorm and a gated (GELU) MLP of three matrices, like Llama's
         // Qwen3, Gemma2/3 and OLMo2: the same block with query/key norms and extra norms
+        // Granite's embedding, residual, attention and logit multipliers are scalars (no
+        // parameters, nothing saved) and SmolLM3's RoPE-free layers change no shapes
         "llama" | "mistral" | "qwen2" | "phi3" | "gemma" | "qwen3" | "gemma2" | "gemma3_text"
-        | "olmo2" => llama_like(&o, name, &model_type)?,
+        | "olmo2" | "granite" | "smollm3" => llama_like(&o, name, &model_type)?,
         // the same blocks with a mixture-of-experts feed-forward
         "deepseek_v2" | "deepseek_v3" => deepseek(&o, name, &model_type)?,
         "t5" | "mt5" => t5(&o, name)?,
@@ -599,11 +602,12 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
         // unless its `qkv_bias` says otherwise
         qkv_bias: model_type == "qwen2"
             || (model_type == "qwen2_moe" && opt_bool(o, "qkv_bias", true)?),
-        // Gemma ties its LM head to the embedding unless told otherwise (GemmaConfig default)
+        // Gemma and SmolLM3 tie their LM head to the embedding unless told otherwise (their
+        // config classes' default)
         tied_embeddings: opt_bool(
             o,
             "tie_word_embeddings",
-            matches!(model_type, "gemma" | "gemma2" | "gemma3_text"),
+            matches!(model_type, "gemma" | "gemma2" | "gemma3_text" | "smollm3"),
         )?,
         extras: BlockExtras {
             head_dim,
@@ -1324,8 +1328,8 @@ mod tests {
             format!("{err}"),
             "invalid config.json model_type: 'mamba' is not supported; accepted bert, roberta, \
              xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, starcoder2, vit, llama, \
-             mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, phi, opt, gptj, \
-             falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, qwen3_moe, \
+             mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, granite, smollm3, \
+             phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, qwen3_moe, \
              deepseek_v2, deepseek_v3, t5, mt5, bart (for any other checkpoint, `--safetensors` \
              counts its parameters from the weights' headers)"
         );

@@ -42,7 +42,8 @@ fn more_published_counts() {
 /// position projections and a relative table of 2 x max_position_embeddings rows). T5, T5 v1.1,
 /// mT5 and BART as *ForConditionalGeneration, both stacks; transformers 5 ties T5's and mT5's LM
 /// head to the shared embedding whatever `tie_word_embeddings` says (so mT5-small is 172M here,
-/// not transformers 4's 300M with its separate head).
+/// not transformers 4's 300M with its separate head). Granite-3.1-2B and SmolLM3-3B (Llama's
+/// block; SmolLM3 ties its head by its config class's default) likewise.
 #[test]
 fn hf_config_families_count_like_transformers() {
     let cases = [
@@ -72,6 +73,8 @@ fn hf_config_families_count_like_transformers() {
         ("t5-v1_1-small", 60_511_616),
         ("mt5-small", 172_119_424),
         ("bart-base", 139_420_416),
+        ("granite-3.1-2b", 2_533_531_648),
+        ("smollm3-3b", 3_075_098_624),
     ];
     for (name, want) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
