@@ -93,13 +93,27 @@ impl Planned {
     /// per b·s·h per layer; torch-saved-bytes-families-cpu.csv). Eager attention's matmul saves
     /// contiguous copies instead.
     pub fn fused_qkv_bytes_per_token(&self, t: &TransformerSpec, train: &TrainSpec) -> f64 {
-        let rotary_gpt2 = self.gpt2_like && t.max_positions == 0;
+        // multi-query (Falcon-7B) picks k and v out of the fused output by index lists, copies
+        let rotary_gpt2 = self.gpt2_like && t.max_positions == 0 && t.kv_heads > 1;
         if (self.llama_like || rotary_gpt2)
             && t.extras.fused_qkv
             && train.attention == Attention::Sdpa
         {
             let kv = (t.kv_heads * t.head_dim()) as f64;
             (t.q_width() as f64 + kv) * train.precision.compute_bytes() as f64
+        } else {
+            0.0
+        }
+    }
+
+    /// Bytes per token one live block keeps beyond GPT-2's block under autocast when q, k and v
+    /// are separate projections (StarCoder2, Phi, GPT-J, OPT): each linear casts the fp32 norm
+    /// output to 16 bits on its own and saves its cast, two more h-wide casts than GPT-2's fused
+    /// c_attn (measured on a CPU: StarCoder2's autocast steps were planned 5-9 % low without
+    /// them, calibration/data/torch-saved-bytes-coverage-cpu.csv).
+    pub fn separate_qkv_bytes_per_token(&self, t: &TransformerSpec, p: Precision) -> f64 {
+        if self.gpt2_like && t.extras.separate_qkv && p.is_mixed() {
+            2.0 * t.hidden as f64 * p.compute_bytes() as f64
         } else {
             0.0
         }
@@ -183,9 +197,10 @@ fn is_llama_like(t: &TransformerSpec) -> bool {
 /// one shared norm; OPT: two unused position rows): planned with PyTorch's measured GPT-2
 /// block, whose bytes bound theirs more closely than the generic coefficients. Measured on a
 /// CPU (calibration/data/torch-saved-bytes-families-cpu.csv), the GPT-2 block planned them
-/// within -6 % to +24 % in bf16 autocast (the generic coefficients: -30 % to +12 %) and -1 %
-/// to +37 % in fp32 (generic: -15 % to +37 %), with a fused q/k/v's sdpa bytes
-/// ([`Planned::fused_qkv_bytes_per_token`]): the over-plan is Falcon's single key/value head
+/// within 0 to +24 % in bf16 autocast (the generic coefficients: -30 % to +12 %) and -1 % to
+/// +37 % in fp32 (generic: -15 % to +37 %), with a fused q/k/v's sdpa bytes
+/// ([`Planned::fused_qkv_bytes_per_token`]) and separate projections' autocast casts
+/// ([`Planned::separate_qkv_bytes_per_token`]): the over-plan is Falcon's single key/value head
 /// and OPT's attention-dropout-free blocks, which GPT-2's bytes do not have.
 fn is_gpt2_like(t: &TransformerSpec) -> bool {
     let mut plain = t.clone();
@@ -193,6 +208,7 @@ fn is_gpt2_like(t: &TransformerSpec) -> bool {
     x.parallel_attn = false;
     x.eager_only = false;
     x.fused_qkv = false;
+    x.separate_qkv = false;
     if x.block_norms == Some(1) {
         x.block_norms = None;
     }

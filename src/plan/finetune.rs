@@ -134,10 +134,11 @@ pub struct Linear {
 }
 
 /// The linears of one block as transformers builds them: Llama-family q/k/v/o + gate/up/down;
-/// GPT-2-style decoders (GPT-2, GPT-BigCode, GPT-NeoX) one fused qkv projection (`c_attn`,
-/// `query_key_value`) + o and a two-matrix MLP; BERT-style encoders and ViT separate q/k/v/o and
-/// fc1/fc2. Architectures that fuse differently (Phi-3's `qkv_proj`/`gate_up_proj`, StarCoder2's
-/// separate q/k/v in a GPT-2-shaped block) are counted with this layout.
+/// GPT-2-style decoders (GPT-2, GPT-BigCode) and the fused families (`BlockExtras::fused_qkv`:
+/// GPT-NeoX's, Falcon's and BLOOM's `query_key_value`, Phi-3's `qkv_proj`) one fused qkv
+/// projection + o; BERT-style encoders, ViT and GPT-2-shaped blocks with separate projections
+/// (StarCoder2, Phi, GPT-J, OPT) separate q/k/v/o. Phi-3's fused `gate_up_proj` is counted as
+/// gate and up.
 pub fn block_linears(t: &TransformerSpec) -> Vec<Linear> {
     let h = t.hidden;
     // the query/output width: heads × head_dim, not hidden when head_dim is set (Gemma, Qwen3)
@@ -152,8 +153,14 @@ pub fn block_linears(t: &TransformerSpec) -> Vec<Linear> {
         part,
     };
     let mut v = Vec::new();
-    if t.block_kind() == Some(BlockKind::Gpt2) {
-        v.push(l("qkv", "c_attn", h, qw + 2 * kv, Part::Attn));
+    if t.block_kind() == Some(BlockKind::Gpt2) || t.extras.fused_qkv {
+        v.push(l(
+            "qkv",
+            "c_attn/query_key_value/qkv_proj",
+            h,
+            qw + 2 * kv,
+            Part::Attn,
+        ));
         v.push(l("o", "attn.c_proj", qw, h, Part::Attn));
     } else {
         v.push(l("q", "q_proj/query", h, qw, Part::Attn));

@@ -530,7 +530,8 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                     * b
                     * s
                     * (planned.extra_bytes_per_token(t, train.precision)
-                        + planned.fused_qkv_bytes_per_token(t, train))
+                        + planned.fused_qkv_bytes_per_token(t, train)
+                        + planned.separate_qkv_bytes_per_token(t, train.precision))
                     + if sdpa {
                         0.0
                     } else {

@@ -161,7 +161,17 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
                 ..t
             }
         }
-        "starcoder2" => rotary_gelu_decoder(&o, name, "use_bias", true)?,
+        // separate q, k and v projections
+        "starcoder2" => {
+            let t = rotary_gelu_decoder(&o, name, "use_bias", true)?;
+            TransformerSpec {
+                extras: BlockExtras {
+                    separate_qkv: true,
+                    ..t.extras
+                },
+                ..t
+            }
+        }
         "vit" => vit(&o, name)?,
         // Phi-3 fuses q/k/v and gate/up into single matrices of the same total size
         // Gemma: RMSNorm and a gated (GELU) MLP of three matrices, like Llama's
@@ -718,6 +728,8 @@ fn bloom(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
         tied_embeddings: opt_bool(o, "tie_word_embeddings", true)?,
         extras: BlockExtras {
             eager_only: true,
+            // one query_key_value projection, as GPT-2's c_attn
+            fused_qkv: true,
             ..BlockExtras::default()
         },
         ..base
@@ -1067,6 +1079,7 @@ fn phi(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
             block_norms: Some(1),
             parallel_attn: true,
             lm_head_bias: true,
+            separate_qkv: true,
             ..BlockExtras::default()
         },
         ..base
@@ -1095,6 +1108,7 @@ fn opt(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
         extras: BlockExtras {
             position_offset: 2,
             embed_proj: (embed != hidden).then_some(embed),
+            separate_qkv: true,
             ..BlockExtras::default()
         },
         ..base
@@ -1121,6 +1135,7 @@ fn gptj(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
             parallel_attn: true,
             attn_bias: Some(false),
             lm_head_bias: true,
+            separate_qkv: true,
             ..BlockExtras::default()
         },
         ..base
@@ -1161,9 +1176,8 @@ fn falcon(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
         extras: BlockExtras {
             block_norms: (block_norms != 2).then_some(block_norms),
             parallel_attn: parallel,
-            // one query_key_value projection; multi-query's split picks k and v with index
-            // lists (copies), the other layouts slice views of it
-            fused_qkv: new_arch || kv_heads != 1,
+            // one query_key_value projection
+            fused_qkv: true,
             ..BlockExtras::default()
         },
         ..base

@@ -160,11 +160,17 @@ pub struct BlockExtras {
     /// tensor where Llama's keeps a 16-bit one.
     #[serde(default, skip_serializing_if = "is_default")]
     pub norm_weight_fp32: bool,
-    /// q, k and v come out of one fused projection (Phi-3's `qkv_proj`) as views of one tensor:
-    /// no parameter changes, but a kernel that saves the value view keeps the whole fused output
-    /// (sdpa: q, k and v widths where Llama's keeps v's).
+    /// q, k and v come out of one fused projection (Phi-3's `qkv_proj`; GPT-NeoX's, Falcon's and
+    /// BLOOM's `query_key_value`) where the block it is planned with has separate ones (Llama)
+    /// or keeps no rotated copies (GPT-2): no parameter changes, but a kernel that saves the
+    /// value as a view keeps the whole fused output, and LoRA adapts one linear.
     #[serde(default, skip_serializing_if = "is_default")]
     pub fused_qkv: bool,
+    /// q, k and v are three projections of the block's input where GPT-2 fuses them into one
+    /// (StarCoder2, Phi, GPT-J, OPT): no parameter changes, but under autocast each casts the
+    /// fp32 norm output to 16 bits on its own, two casts more than GPT-2's one.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub separate_qkv: bool,
     /// The LM head's logits soft-capped the same way (Gemma2's `final_logit_softcapping`): the
     /// tanh output is kept, one more b·s·V tensor in the logits' dtype.
     #[serde(default, skip_serializing_if = "is_default")]

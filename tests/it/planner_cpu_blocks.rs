@@ -298,11 +298,13 @@ fn departure_blocks_reproduce_pytorchs_cpu_saved_bytes() {
 /// block and BERT encoders with other heads (DistilBERT's masked-LM head, ELECTRA's
 /// discriminator) with BERT's (`plan::departures`), against their own saved bytes on a CPU
 /// (calibration/data/torch-saved-bytes-families-cpu.csv). Decoders: in 16-bit autocast, the
-/// precision such models train in, from 6 % under to 24 % over; in fp32 from 1 % under to 37 %
-/// over (Falcon's single key/value head and OPT's attention-dropout-free blocks keep less than
+/// precision such models train in, from 0 to 24 % over; in fp32 from 1 % under to 37 % over
+/// (Falcon's single key/value head and OPT's attention-dropout-free blocks keep less than
 /// GPT-2's). GPT-NeoX's sdpa was 13 % under before its fused query_key_value output, which the
 /// kernel's value view keeps beside the rotated q and k, was counted
-/// (`departures::Planned::fused_qkv_bytes_per_token`).
+/// (`departures::Planned::fused_qkv_bytes_per_token`), and the autocast steps of Phi, GPT-J and
+/// OPT up to 6 % under before their separate q, k and v projections' 16-bit casts were
+/// (`Planned::separate_qkv_bytes_per_token`).
 /// Encoders: 0 to 5 % over in fp32, 0 to 20 % in autocast (ELECTRA's half-width embeddings).
 /// The generic coefficients they took before under-planned OPT's autocast steps by up to 30 %
 /// and DistilBERT's by up to 35 %.
@@ -370,7 +372,7 @@ fn gpt2_and_bert_like_models_are_planned_with_the_measured_blocks() {
         let err = planned / num(&r, "saved_bytes") - 1.0;
         let (lo, hi) = match (encoder, precision == Precision::Fp32) {
             (false, true) => (-0.01, 0.37),
-            (false, false) => (-0.06, 0.24),
+            (false, false) => (0.0, 0.24),
             (true, true) => (0.0, 0.05),
             (true, false) => (0.0, 0.20),
         };
@@ -430,8 +432,9 @@ fn a_table_without_bsq_takes_the_literatures_on_loading() {
 /// (calibration/data/torch-saved-bytes-coverage-cpu.csv, scripts/torch_saved_bytes.py
 /// --arch phi3|starcoder2|bloom|gpt_bigcode): Phi-3 with the Llama block and its fused q/k/v
 /// (without which its sdpa was 10-14 % low in fp32; and a config without `rms_norm_eps` was
-/// planned with LayerNorm), the others with GPT-2's block; every group within -10 % to +12 %
-/// (StarCoder2's autocast the lowest, -9 %). BLOOM has no sdpa rows: transformers has none.
+/// planned with LayerNorm), the others with GPT-2's block (StarCoder2 with its separate q, k and
+/// v projections' autocast casts, without which it was 5-9 % low); every group within -6 % to
+/// +12 %. BLOOM has no sdpa rows: transformers has none.
 #[test]
 fn more_families_against_pytorchs_saved_bytes() {
     let lit = Coefficients::literature();
@@ -492,7 +495,7 @@ fn more_families_against_pytorchs_saved_bytes() {
             "Some(Gpt2)"
         };
         assert!(k.ends_with(block), "{k}: planned with the measured block");
-        assert!(*lo >= -0.10 && *hi <= 0.12, "{k}: {lo:+.3} .. {hi:+.3}");
+        assert!(*lo >= -0.06 && *hi <= 0.12, "{k}: {lo:+.3} .. {hi:+.3}");
     }
     assert_eq!(range.len(), 14, "{range:?}");
 }

@@ -63,6 +63,41 @@ fn lora_adapters_follow_head_dim_as_peft_counts_them() {
     }
 }
 
+/// Which linears a family fuses decides its adapters: GPT-NeoX, Falcon and BLOOM fuse q, k and
+/// v into one `query_key_value`, Phi-3 into `qkv_proj`, StarCoder2 keeps three projections in
+/// its GPT-2-shaped block. Expected: peft 0.21's `get_nb_trainable_parameters()` on
+/// transformers 5.24's classes built on the meta device from the committed configs, rank 16,
+/// every block linear (Phi-3: the attention's, as its MLP fuses gate and up).
+#[test]
+fn lora_adapters_follow_each_familys_fused_projections_as_peft_counts_them() {
+    for (config, targets, peft) in [
+        ("pythia-160m", "all", 2_359_296u64),
+        ("falcon-7b", "all", 32_636_928),
+        ("bloom-560m", "all", 6_291_456),
+        ("starcoder2-3b", "all", 23_838_720),
+        ("phi-3-mini", "attn", 9_437_184),
+    ] {
+        let path = format!(
+            "{}/tests/hf_configs/{config}/config.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let j = json(&[
+            "estimate",
+            "--hf-config",
+            &path,
+            "--finetune",
+            "lora",
+            "--lora-rank",
+            "16",
+            "--lora-targets",
+            targets,
+            "--no-gpu-choice",
+            "--json",
+        ]);
+        assert_eq!(j["train"]["trainable_params"], peft, "{config}");
+    }
+}
+
 #[test]
 fn llama2_7b_rank16_all_linears_is_the_qlora_figure() {
     let j = json(&[
