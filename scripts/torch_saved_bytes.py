@@ -52,7 +52,9 @@ do support dropout. CPU autocast's op lists also differ from CUDA's (e.g. softma
 
 More families (--arch phi3|starcoder2|bloom|gpt_bigcode) sweep FAMILY_GRID at their config
 classes' defaults; --arch deberta-v2 (DeBERTa-v3's relative attention) sweeps deberta_grid(),
-with position_buckets moved too (the rows add position_buckets).
+with position_buckets moved too (the rows add position_buckets); --arch deepseek-mla (DeepSeek-V2's
+latent attention, every block dense) sweeps mla_grid() (the rows add mla: kv rank / q rank / nope /
+rope / v widths).
 The encoder-decoders (--arch t5|t5-gated|bart) sweep their own grid (encoder and decoder depth,
 input and target length moved apart; the rows add decoder_layers and target_len), and
 `--fit-encdec CSV` fits them per stack (see ENCDEC_COLUMNS): the table plan::encdec_saved holds.
@@ -101,6 +103,9 @@ FAMILY_ARCHS = ("gpt_neox", "phi", "gptj", "falcon", "opt", "distilbert", "elect
 # more families the planner parses, at their config classes' defaults (DeBERTa-v2 with
 # DeBERTa-v3's relative attention): how far their plans are from PyTorch's own bytes
 COVERAGE_ARCHS = ("phi3", "starcoder2", "bloom", "gpt_bigcode", "deberta-v2")
+# DeepSeek-V2's multi-head latent attention with every block dense (first_k_dense_replace = L),
+# measured over mla_grid(): the latent ranks and head widths moved apart (REAL_SHAPES: with MoE)
+MLA_ARCHS = ("deepseek-mla",)
 # encoder-decoders: T5 (ReLU MLP), "t5-gated" (T5 v1.1 / FLAN-T5's gated-gelu MLP) and BART, with
 # L encoder and Ld decoder layers and a decoder of t tokens (labels of length t), measured over
 # encdec_grid(), which moves every dimension on its own; --dropout P sets every dropout probability
@@ -118,7 +123,7 @@ COLUMNS = [
     "saved_bytes", "saved_fp32_bytes", "saved_bf16_bytes", "saved_bool_bytes", "saved_int64_bytes",
     "saved_other_bytes", "saved_storages", "saved_param_bytes", "weight_copy_bytes", "param_bytes",
     "attn_impl_used", "device", "torch_version", "transformers_version", "seconds", "activation",
-    "decoder_layers", "target_len", "position_buckets",
+    "decoder_layers", "target_len", "position_buckets", "mla",
 ]
 
 # transformers' default MLP activation per architecture (config.activation_function / hidden_act)
@@ -159,6 +164,10 @@ FAMILY_GRID = [
 # DeBERTa-v3-small; measured with --real-shapes (eager, dropout 0.1, the three precisions).
 REAL_SHAPES = {
     "deberta-v2": dict(b=2, s=128, h=768, f=3072, a=12, kv=12, L=6, V=128100, pb=256),
+    # DeepSeek-V2-Lite's layout at a quarter of its widths: a dense first block, then MoE blocks
+    # of 16 routed experts (top 4) and 2 shared, no query bottleneck
+    "deepseek-mla": dict(b=2, s=128, h=512, f=2048, a=8, kv=8, L=3, V=4096, kvr=128, qr=0, nope=64,
+                         rope=32, vd=64, fm=256, E=16, k=4, shared=2, dense=1),
     "t5": dict(b=2, s=128, t=64, h=512, f=2048, a=8, kv=8, hd=64, L=6, Ld=6, V=32128),
     "t5-gated": dict(b=2, s=128, t=64, h=512, f=1024, a=6, kv=6, hd=64, L=8, Ld=8, V=32128),
     "bart": dict(b=2, s=128, t=64, h=768, f=3072, a=12, kv=12, L=6, Ld=6, V=50265),
@@ -176,6 +185,24 @@ def deberta_grid(n=36, seed=12):
         out.append(dict(b=rnd.randint(1, 4), s=rnd.choice(range(16, 129, 8)), h=a * rnd.choice((16, 24, 32)),
                         f=rnd.choice(range(128, 513, 64)), a=a, kv=a, L=rnd.randint(1, 3),
                         V=rnd.choice(range(256, 1025, 128)), pb=rnd.choice((16, 32, 64, 128, 256))))
+    return out
+
+
+def mla_grid(n=48, seed=13):
+    """Latent attention's widths (kv rank kvr, q rank qr (0: no q bottleneck), nope / rope / v
+    head widths) moved apart with the usual dimensions, seeded."""
+    import random
+    rnd = random.Random(seed)
+    base = dict(b=2, s=64, h=128, f=320, a=4, kv=4, L=2, V=384, kvr=64, qr=0, nope=32, rope=16, vd=32)
+    out = [dict(base)] + [{**base, **v} for v in (
+        {"kvr": 32}, {"qr": 48}, {"nope": 16}, {"rope": 8}, {"vd": 16}, {"L": 1}, {"b": 3}, {"s": 96})]
+    while len(out) < n:
+        a = rnd.choice((2, 4, 8))
+        out.append(dict(b=rnd.randint(1, 4), s=rnd.choice(range(16, 129, 8)), h=a * rnd.choice((16, 24, 32)),
+                        f=rnd.choice(range(128, 513, 64)), a=a, kv=a, L=rnd.randint(1, 3),
+                        V=rnd.choice(range(256, 1025, 128)), kvr=rnd.choice((16, 32, 48, 64, 96)),
+                        qr=rnd.choice((0, 0, 32, 64)), nope=rnd.choice((8, 16, 32)), rope=rnd.choice((8, 16)),
+                        vd=rnd.choice((8, 16, 32))))
     return out
 
 
@@ -288,6 +315,18 @@ def build(arch, attention, c, dropout=None, activation=None):
                                decoder_ffn_dim=f, max_position_embeddings=512, **common)
             model = T.BartForConditionalGeneration(cfg)
             drop = (cfg.dropout, max(cfg.dropout, cfg.activation_dropout), cfg.attention_dropout)
+    elif arch in MLA_ARCHS:
+        # the grid's blocks are all dense; REAL_SHAPES' held-out shape has MoE blocks after the first
+        cfg = T.DeepseekV2Config(vocab_size=V, hidden_size=h, intermediate_size=f,
+                                 moe_intermediate_size=c.get("fm", 64), num_hidden_layers=L,
+                                 num_attention_heads=a, num_key_value_heads=a,
+                                 n_routed_experts=c.get("E", 4), n_shared_experts=c.get("shared", 1),
+                                 num_experts_per_tok=c.get("k", 2), first_k_dense_replace=c.get("dense", L),
+                                 kv_lora_rank=c["kvr"], q_lora_rank=c["qr"] or None,
+                                 qk_nope_head_dim=c["nope"], qk_rope_head_dim=c["rope"], v_head_dim=c["vd"],
+                                 max_position_embeddings=512, topk_method="greedy", **common)
+        model = T.DeepseekV2ForCausalLM(cfg)
+        drop = (0.0, 0.0, cfg.attention_dropout)
     elif arch in COVERAGE_ARCHS:
         if arch == "phi3":
             cfg = T.Phi3Config(vocab_size=V, hidden_size=h, intermediate_size=f, num_hidden_layers=L,
@@ -541,6 +580,11 @@ def measure(arch, attention, precision, c, device="cpu", dump=False, dropout=Non
         decoder_layers=c.get("Ld", "") if arch in ENCDEC_ARCHS else "",
         target_len=c.get("t", "") if arch in ENCDEC_ARCHS else "",
         position_buckets=c.get("pb", 256) if arch == "deberta-v2" else "",
+        # kv rank / q rank / nope / rope / v head widths
+        # and for MoE blocks: expert width / routed experts / top-k / shared experts / dense blocks
+        mla="/".join(str(c[k]) for k in ("kvr", "qr", "nope", "rope", "vd"))
+        + ("/" + "/".join(str(c[k]) for k in ("fm", "E", "k", "shared", "dense")) if "dense" in c else "")
+        if arch in MLA_ARCHS else "",
     ))
     return row
 
@@ -588,7 +632,7 @@ def fit(path, out=sys.stdout, min_batch=1):
     # the departure and family archs are checked against the planner by its tests
     # (tests/it/planner_cpu_blocks.rs); this fit's columns assume head_dim = h / heads
     rows = [r for r in csv.DictReader(open(path)) if int(r["b"]) >= min_batch
-            and r["arch"] not in DEPARTURE_ARCHS + FAMILY_ARCHS + COVERAGE_ARCHS + ENCDEC_ARCHS]
+            and r["arch"] not in DEPARTURE_ARCHS + FAMILY_ARCHS + COVERAGE_ARCHS + MLA_ARCHS + ENCDEC_ARCHS]
     groups = {}
     for r in rows:
         act = r.get("activation") or DEFAULT_ACTIVATION[r["arch"]]
@@ -680,7 +724,7 @@ def fit_encdec(path, out=sys.stdout, min_batch=2):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="torch-saved-bytes.csv", help="CSV file to write (default %(default)s)")
-    p.add_argument("--arch", choices=ARCHS + DEPARTURE_ARCHS + FAMILY_ARCHS + COVERAGE_ARCHS + ENCDEC_ARCHS,
+    p.add_argument("--arch", choices=ARCHS + DEPARTURE_ARCHS + FAMILY_ARCHS + COVERAGE_ARCHS + MLA_ARCHS + ENCDEC_ARCHS,
                    action="append",
                    help="architecture(s) (default: all but the departure and family archs)")
     p.add_argument("--attention", choices=ATTENTIONS, action="append", help="eager | sdpa (default: both)")
@@ -719,7 +763,8 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     archs = args.arch or list(ARCHS)
-    odd = [a for a in archs if a in DEPARTURE_ARCHS + FAMILY_ARCHS + COVERAGE_ARCHS and a != "deberta-v2"]
+    odd = [a for a in archs if a in DEPARTURE_ARCHS + FAMILY_ARCHS + COVERAGE_ARCHS + MLA_ARCHS
+           and a != "deberta-v2"]
     if args.real_shapes and any(a not in REAL_SHAPES for a in archs):
         sys.exit(f"--real-shapes measures only {', '.join(REAL_SHAPES)}")
     if args.activation and any(a in ENCDEC_ARCHS for a in archs):
@@ -768,6 +813,7 @@ def main():
                             for c in ([dict(REAL_SHAPES[arch])] if args.real_shapes and arch in REAL_SHAPES
                                       else DEPARTURE_GRID if arch in DEPARTURE_ARCHS
                                       else deberta_grid() if arch == "deberta-v2"
+                                      else mla_grid() if arch in MLA_ARCHS
                                       else FAMILY_GRID if arch in FAMILY_ARCHS + COVERAGE_ARCHS
                                       else encdec_grid(arch) if arch in ENCDEC_ARCHS
                                       else grid()):

@@ -130,6 +130,11 @@ impl Col {
         if self.replaced_by_block() && f.measured(a).is_some() {
             return 0.0;
         }
+        // a family planned from PyTorch's measured table (T5, BART, DeBERTa, latent attention)
+        // keeps all its saved bytes known, dropout's included
+        if (self.replaced_by_block() || self == Col::Dropout) && f.measured_saved.is_some() {
+            return 0.0;
+        }
         // Regime (see `fit`): each part of the live bytes counts with its share where the peak
         // sits (the planner's `LiveParts::shares`): at the optimizer step the activations are
         // gone and the largest tensor's transients count; at the activations it is the other

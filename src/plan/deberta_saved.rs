@@ -84,10 +84,15 @@ fn coefficients(p: Precision, dropout: bool, k: Kernels) -> [f64; COLUMNS] {
     c
 }
 
+/// Whether the spec has disentangled attention over relative positions (what the table is of).
+pub fn applies(t: &TransformerSpec) -> bool {
+    t.extras.rel_att_terms > 0 && t.extras.rel_positions > 0
+}
+
 /// What a DeBERTa-v2/v3 with relative attention keeps under `train`, or None for a spec without
 /// disentangled attention terms.
 pub fn saved(t: &TransformerSpec, train: &TrainSpec, k: Kernels) -> Option<Saved> {
-    if t.extras.rel_att_terms == 0 || t.extras.rel_positions == 0 {
+    if !applies(t) {
         return None;
     }
     let mut c = coefficients(train.precision, t.dropout_p().is_active(), k);

@@ -87,14 +87,15 @@ impl Planned {
     /// of one fused projection and attention is sdpa: the kernel saves the value view, which
     /// keeps the whole fused output alive, q's and k's widths beyond what the block counts. The
     /// Llama block has separate projections (Phi-3's fused one keeps q + kv more); GPT-2's fused
-    /// c_attn is in its block, but rotary positions (GPT-NeoX, Falcon) make q and k new tensors
-    /// beside the fused output. Measured on a CPU without it: Phi-3 sdpa planned 10-14 % low in
+    /// c_attn is in its block, but rotary positions (GPT-NeoX; Falcon's multi-head layout) make
+    /// q and k new tensors beside the fused output. Measured on a CPU without it: Phi-3 sdpa planned 10-14 % low in
     /// fp32 (calibration/data/torch-saved-bytes-coverage-cpu.csv), GPT-NeoX 13 % low (8.1 B
     /// per b·s·h per layer; torch-saved-bytes-families-cpu.csv). Eager attention's matmul saves
     /// contiguous copies instead.
     pub fn fused_qkv_bytes_per_token(&self, t: &TransformerSpec, train: &TrainSpec) -> f64 {
-        // multi-query (Falcon-7B) picks k and v out of the fused output by index lists, copies
-        let rotary_gpt2 = self.gpt2_like && t.max_positions == 0 && t.kv_heads > 1;
+        // Falcon's multi-query and grouped layouts (7B; 40B/180B) pick k and v out of the
+        // fused output by index lists, copies; only full multi-head splits (GPT-NeoX) are views
+        let rotary_gpt2 = self.gpt2_like && t.max_positions == 0 && t.kv_heads == t.heads;
         if (self.llama_like || rotary_gpt2)
             && t.extras.fused_qkv
             && train.attention == Attention::Sdpa

@@ -360,12 +360,14 @@ fn train_out(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> TrainOut {
 /// What a transformer's activations were planned with: the measured block implementation its
 /// blocks match, or are planned as with their departures' bytes added (`plan::departures`:
 /// Qwen3, Gemma2/3, OLMo2 and MoE blocks as Llama's, Phi, GPT-J, Falcon and OPT as GPT-2's,
-/// DistilBERT and ELECTRA as BERT's; null when none applies and the generic coefficients do,
-/// which model neither setting), the dropout probability and the MLP activation in effect (the spec's own, else the
-/// architecture's transformers default).
+/// DistilBERT and ELECTRA as BERT's; null when none applies), the measured table of PyTorch's
+/// saved bytes a family is planned from instead (`table`; null when none), the generic
+/// coefficients when both are null (which model neither setting), the dropout probability and
+/// the MLP activation in effect (the spec's own, else the architecture's transformers default).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct BlockSettings {
     pub kind: Option<crate::spec::transformer::BlockKind>,
+    pub table: Option<&'static str>,
     pub dropout: f32,
     pub activation: crate::spec::transformer::Activation,
 }
@@ -375,12 +377,30 @@ impl BlockSettings {
         match model {
             ModelSpec::Transformer(t) => Some(Self {
                 kind: crate::plan::departures::planned_block(t),
+                table: measured_table(t),
                 dropout: t.dropout_p().0,
                 activation: t.activation_kind(),
             }),
             ModelSpec::Cnn(_) => None,
         }
     }
+}
+
+/// The measured table a transformer's saved bytes come from (`plan::encdec_saved`,
+/// `plan::deberta_saved`, `plan::mla_saved`), if any.
+fn measured_table(t: &crate::spec::transformer::TransformerSpec) -> Option<&'static str> {
+    use crate::plan::encdec_saved::{family, Family};
+    if let Some(e) = t.extras.enc_dec.as_deref() {
+        return family(t, e).map(|f| match f {
+            Family::T5 => "t5",
+            Family::T5Gated => "t5-gated",
+            Family::Bart => "bart",
+        });
+    }
+    if crate::plan::deberta_saved::applies(t) {
+        return Some("deberta-v3");
+    }
+    t.extras.mla.as_ref().map(|_| "latent-attention")
 }
 
 fn step_for(

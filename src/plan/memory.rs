@@ -7,7 +7,9 @@
 
 use crate::coeffs::{ActivationCoeffs, BlockCoeffs, Coefficients};
 use crate::error::input_err;
-use crate::plan::{deberta_saved, departures, encdec, encdec_saved, measured, moe, params};
+use crate::plan::{
+    deberta_saved, departures, encdec, encdec_saved, measured, mla_saved, moe, params,
+};
 use crate::spec::encdec::EncDec;
 use crate::spec::transformer::{Activation, BlockKind, FfnKind, Head, TransformerSpec};
 use crate::spec::{Attention, Checkpointing, ModelSpec, TrainSpec};
@@ -139,7 +141,8 @@ pub struct Features {
     pub cross_attention_bytes: f64,
     /// A family planned from PyTorch's measured saved bytes rather than the table's blocks (T5,
     /// FLAN-T5, mT5 and BART: [`encdec_saved::saved`]; DeBERTa-v2/v3 with relative attention:
-    /// [`deberta_saved::saved`]): the bytes per phase, which replace the table's per-element
+    /// [`deberta_saved::saved`]; DeepSeek-V2/V3's latent attention: [`mla_saved::saved`]): the
+    /// bytes per phase, which replace the table's per-element
     /// coefficients for the once-per-model, head and block bytes. Known, not fitted.
     pub measured_saved: Option<measured::Saved>,
 }
@@ -383,7 +386,8 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
             encdec_features(model, t, e, train)
         }
         // transformers runs these classes' attention eager whatever is asked
-        ModelSpec::Transformer(t) if t.extras.eager_only && train.attention == Attention::Sdpa => {
+        // (sdpa asked for, or the CPU's math path a row's sdpa ran on)
+        ModelSpec::Transformer(t) if t.extras.eager_only && train.attention != Attention::Eager => {
             features(
                 model,
                 &TrainSpec {
@@ -524,7 +528,8 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 accumulating: train.grad_accum > 1,
                 adapter_bytes: 0.0,
                 cross_attention_bytes: 0.0,
-                measured_saved: deberta_saved::saved(t, train, measured::Kernels::Cuda),
+                measured_saved: deberta_saved::saved(t, train, measured::Kernels::Cuda)
+                    .or_else(|| mla_saved::saved(t, train, measured::Kernels::Cuda)),
                 q_extra: live * b * s * planned.q_extra_per_token(t),
                 departure_bytes: live
                     * b

@@ -13,6 +13,7 @@ pub mod gpus;
 pub mod host;
 pub mod measured;
 pub mod memory;
+pub mod mla_saved;
 pub mod moe;
 pub mod params;
 pub mod search;

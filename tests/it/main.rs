@@ -30,6 +30,7 @@ mod planner_cpu_blocks;
 mod planner_deberta;
 mod planner_encdec;
 mod planner_finetune;
+mod planner_mla;
 mod planner_model;
 mod planner_moe;
 mod planner_props;

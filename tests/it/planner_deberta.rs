@@ -135,6 +135,7 @@ fn an_sdpa_request_for_deberta_is_planned_eager_and_says_so() {
         sdpa["memory"]["activations"], eager["memory"]["activations"],
         "same plan"
     );
+    assert_eq!(sdpa["block"]["table"], "deberta-v3");
     let notes = sdpa["notes"].to_string();
     assert!(notes.contains("no sdpa attention"), "{notes}");
     assert!(!eager["notes"].to_string().contains("no sdpa attention"));

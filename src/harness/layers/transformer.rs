@@ -485,11 +485,12 @@ impl Transformer {
             .iter()
             .any(|l| l.name == "qkv");
         if fused_qkv_one && spec.kv_heads != spec.heads && adapted.contains(&"qkv") {
-            // the planner's one GPT-2 c_attn adapter, where this harness builds separate q, k, v
+            // the planner's one fused-qkv adapter (c_attn, query_key_value, qkv_proj), where this
+            // harness builds separate q, k, v for grouped key/value heads
             return crate::error::input_err(
                 "lora-targets",
-                "qkv of a multi-/grouped-query GPT-2 block is planned, not built by the candle \
-                 harness; accepted o, fc1, fc2",
+                "qkv of a multi-/grouped-query block with a fused q/k/v projection is planned, not \
+                 built by the candle harness; accepted the other block linears",
             );
         }
         let (rank, scale) = (ft.rank as usize, 2.0);
@@ -550,7 +551,8 @@ impl Transformer {
             let n = |s: &str| format!("blocks.{i}.{s}");
             // Qwen2's biases on q, k and v only
             let qkv_b = ab || spec.qkv_bias;
-            // one fused projection only where transformers has one (GPT-2's c_attn): separate
+            // one fused projection only where transformers has one (GPT-2's c_attn; the fused
+            // families' query_key_value / qkv_proj, `finetune::block_linears`): separate
             // q, k and v linears each keep their own input under autocast (Ctx::autocast_copy)
             // and their own output gradients, as transformers' modules do
             let qkv = if fused_qkv_one && kvh == a {
