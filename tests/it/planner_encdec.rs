@@ -68,7 +68,10 @@ fn target_seq_flag_and_refusals() {
     assert_eq!(code, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["params"], 139_420_416u64);
-    assert_eq!(v["block"]["table"], "bart", "planned from the measured table");
+    assert_eq!(
+        v["block"]["table"], "bart",
+        "planned from the measured table"
+    );
     let cases: &[(&[&str], &str)] = &[
         (
             &["--hf-config", bart, "--target-seq", "2000"],
