@@ -102,3 +102,26 @@ pub fn step_peak_rows(file: &str, keep: impl Fn(&str) -> bool) -> Vec<StepPeakRo
         })
         .collect()
 }
+
+/// A number column of a saved-bytes row (scripts/torch_saved_bytes.py).
+pub fn row_num(r: &std::collections::HashMap<String, String>, k: &str) -> f64 {
+    r[k].parse().unwrap_or_else(|_| panic!("{k} = {:?}", r[k]))
+}
+
+/// A saved-bytes row's training step: its batch, sequence, precision (the script's `fp32`,
+/// `bf16-autocast` or pure `bf16`) and attention as it ran.
+pub fn saved_row_train(r: &std::collections::HashMap<String, String>) -> vramcal::spec::TrainSpec {
+    use vramcal::spec::Precision;
+    vramcal::spec::TrainSpec {
+        batch: row_num(r, "b") as u64,
+        seq: row_num(r, "s") as u64,
+        precision: match r["precision"].as_str() {
+            "fp32" => Precision::Fp32,
+            "bf16-autocast" => Precision::Bf16Mixed,
+            "bf16" => Precision::Bf16,
+            other => panic!("unexpected precision {other}"),
+        },
+        attention: r["attention"].parse().unwrap(),
+        ..vramcal::spec::TrainSpec::default()
+    }
+}

@@ -8,9 +8,7 @@ use vramcal::plan::measured::Kernels;
 use vramcal::plan::memory::features;
 use vramcal::spec::{hf_config, Attention, ModelSpec, Precision, TrainSpec};
 
-fn num(r: &HashMap<String, String>, k: &str) -> f64 {
-    r[k].parse().unwrap_or_else(|_| panic!("{k} = {:?}", r[k]))
-}
+use crate::common::{row_num as num, saved_row_train as row_train};
 
 /// DeBERTa-v3's config.json keys at the row's sizes.
 fn row_model(r: &HashMap<String, String>) -> ModelSpec {
@@ -25,21 +23,6 @@ fn row_model(r: &HashMap<String, String>) -> ModelSpec {
         "hidden_dropout_prob": p, "attention_probs_dropout_prob": p, "hidden_act": "gelu",
         "type_vocab_size": 0});
     ModelSpec::Transformer(hf_config::parse(&config.to_string(), "deberta").unwrap())
-}
-
-fn row_train(r: &HashMap<String, String>) -> TrainSpec {
-    TrainSpec {
-        batch: num(r, "b") as u64,
-        seq: num(r, "s") as u64,
-        precision: match r["precision"].as_str() {
-            "fp32" => Precision::Fp32,
-            "bf16-autocast" => Precision::Bf16Mixed,
-            "bf16" => Precision::Bf16,
-            other => panic!("unexpected precision {other}"),
-        },
-        attention: Attention::Eager,
-        ..TrainSpec::default()
-    }
 }
 
 fn table_bytes(r: &HashMap<String, String>, k: Kernels) -> f64 {

@@ -6,7 +6,7 @@ use crate::common::vramcal;
 use std::path::Path;
 use vramcal::plan::encdec_saved::{self, Kernels};
 use vramcal::plan::memory::features;
-use vramcal::spec::{hf_config, Attention, ModelSpec, Precision, TrainSpec};
+use vramcal::spec::{hf_config, Attention, ModelSpec, TrainSpec};
 
 fn t5_small(target: u64) -> ModelSpec {
     let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/hf_configs/t5-small/config.json");
@@ -104,9 +104,7 @@ fn measured_rows() -> Vec<std::collections::HashMap<String, String>> {
     crate::common::data_rows("torch-saved-bytes-encdec-cpu.csv")
 }
 
-fn num(r: &std::collections::HashMap<String, String>, k: &str) -> f64 {
-    r[k].parse().unwrap_or_else(|_| panic!("{k} = {:?}", r[k]))
-}
+use crate::common::{row_num as num, saved_row_train as row_train};
 
 /// The row's model through the HF config parser, as a user's config.json would reach the planner,
 /// with the row's decoder length.
@@ -139,25 +137,6 @@ fn row_model(r: &std::collections::HashMap<String, String>) -> ModelSpec {
     e.target_seq = n("target_len");
     t.extras.enc_dec = Some(Box::new(e));
     ModelSpec::Transformer(t)
-}
-
-fn row_precision(r: &std::collections::HashMap<String, String>) -> Precision {
-    match r["precision"].as_str() {
-        "fp32" => Precision::Fp32,
-        "bf16-autocast" => Precision::Bf16Mixed,
-        "bf16" => Precision::Bf16,
-        other => panic!("unexpected precision {other}"),
-    }
-}
-
-fn row_train(r: &std::collections::HashMap<String, String>) -> TrainSpec {
-    TrainSpec {
-        batch: num(r, "b") as u64,
-        seq: num(r, "s") as u64,
-        precision: row_precision(r),
-        attention: r["attention"].parse().unwrap(),
-        ..TrainSpec::default()
-    }
 }
 
 /// What the row's model keeps by the measured table, with the CPU's or CUDA's kernels.

@@ -44,23 +44,30 @@ fn trainable_params_equal_peft_counts() {
 #[test]
 fn lora_adapters_follow_head_dim_as_peft_counts_them() {
     for (config, peft) in [("gemma-2-2b", 20_766_720u64), ("qwen3-0.6b", 10_092_544)] {
-        let path = format!(
-            "{}/tests/hf_configs/{config}/config.json",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let j = json(&[
-            "estimate",
-            "--hf-config",
-            &path,
-            "--finetune",
-            "lora",
-            "--lora-rank",
-            "16",
-            "--no-gpu-choice",
-            "--json",
-        ]);
-        assert_eq!(j["train"]["trainable_params"], peft, "{config}");
+        assert_eq!(lora_rank16_trainable(config, "all"), peft, "{config}");
     }
+}
+
+/// `trainable_params` of a rank-16 LoRA plan of a committed config on `targets`.
+fn lora_rank16_trainable(config: &str, targets: &str) -> serde_json::Value {
+    let path = format!(
+        "{}/tests/hf_configs/{config}/config.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let j = json(&[
+        "estimate",
+        "--hf-config",
+        &path,
+        "--finetune",
+        "lora",
+        "--lora-rank",
+        "16",
+        "--lora-targets",
+        targets,
+        "--no-gpu-choice",
+        "--json",
+    ]);
+    j["train"]["trainable_params"].clone()
 }
 
 /// Which linears a family fuses decides its adapters: GPT-NeoX, Falcon and BLOOM fuse q, k and
@@ -77,24 +84,7 @@ fn lora_adapters_follow_each_familys_fused_projections_as_peft_counts_them() {
         ("starcoder2-3b", "all", 23_838_720),
         ("phi-3-mini", "attn", 9_437_184),
     ] {
-        let path = format!(
-            "{}/tests/hf_configs/{config}/config.json",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let j = json(&[
-            "estimate",
-            "--hf-config",
-            &path,
-            "--finetune",
-            "lora",
-            "--lora-rank",
-            "16",
-            "--lora-targets",
-            targets,
-            "--no-gpu-choice",
-            "--json",
-        ]);
-        assert_eq!(j["train"]["trainable_params"], peft, "{config}");
+        assert_eq!(lora_rank16_trainable(config, targets), peft, "{config}");
     }
 }
 

@@ -8,9 +8,7 @@ use vramcal::plan::memory::features;
 use vramcal::plan::mla_saved;
 use vramcal::spec::{hf_config, Attention, ModelSpec, Precision, TrainSpec};
 
-fn num(r: &HashMap<String, String>, k: &str) -> f64 {
-    r[k].parse().unwrap_or_else(|_| panic!("{k} = {:?}", r[k]))
-}
+use crate::common::{row_num as num, saved_row_train as row_train};
 
 /// DeepSeek-V2's config.json keys at the row's sizes: `mla` holds kv rank / q rank / nope /
 /// rope / v widths, and for MoE rows expert width / experts / top-k / shared / dense blocks.
@@ -31,21 +29,6 @@ fn row_model(r: &HashMap<String, String>) -> ModelSpec {
         "topk_method": "greedy", "max_position_embeddings": 512, "rms_norm_eps": 1e-6,
         "hidden_act": "silu", "tie_word_embeddings": false});
     ModelSpec::Transformer(hf_config::parse(&config.to_string(), "deepseek").unwrap())
-}
-
-fn row_train(r: &HashMap<String, String>) -> TrainSpec {
-    TrainSpec {
-        batch: num(r, "b") as u64,
-        seq: num(r, "s") as u64,
-        precision: match r["precision"].as_str() {
-            "fp32" => Precision::Fp32,
-            "bf16-autocast" => Precision::Bf16Mixed,
-            "bf16" => Precision::Bf16,
-            other => panic!("unexpected precision {other}"),
-        },
-        attention: Attention::Eager,
-        ..TrainSpec::default()
-    }
 }
 
 /// Every eager shape (fp32, bf16 autocast, pure bf16), batch 1 included, within 0.05 %, and the held-out DeepSeek-V2-Lite layout (a dense block, then MoE blocks of 16 routed
