@@ -232,6 +232,16 @@ fn refuse_unbuilt_finetune(
             ),
         );
     }
+    if let ModelSpec::Transformer(t) = model {
+        // this harness builds gate and up apart
+        if t.extras.fused_gate_up && ft.adapted(t).iter().any(|l| l.name == "gate_up") {
+            return input_err(
+                "lora-targets",
+                "gate_up (a fused gate and up projection) is planned, not built by the candle \
+                 harness; accepted the other block linears",
+            );
+        }
+    }
     if ft.freeze_layers > 0 {
         return input_err(
             "freeze-layers",

@@ -211,6 +211,7 @@ fn is_llama_like(t: &TransformerSpec) -> bool {
     x.final_softcap = false;
     x.norm_weight_fp32 = false;
     x.fused_qkv = false;
+    x.fused_gate_up = false;
     if x.block_norms == Some(4) {
         x.block_norms = None;
     }

@@ -124,7 +124,7 @@ pub enum Part {
 /// One linear of a transformer block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Linear {
-    /// canonical name: q, k, v, o, qkv (fused), gate, up, down, fc1, fc2
+    /// canonical name: q, k, v, o, qkv (fused), gate, up, gate_up (fused), down, fc1, fc2
     pub name: &'static str,
     /// what transformers calls it (for messages)
     pub hf: &'static str,
@@ -137,8 +137,8 @@ pub struct Linear {
 /// GPT-2-style decoders (GPT-2, GPT-BigCode) and the fused families (`BlockExtras::fused_qkv`:
 /// GPT-NeoX's, Falcon's and BLOOM's `query_key_value`, Phi-3's `qkv_proj`) one fused qkv
 /// projection + o; BERT-style encoders, ViT and GPT-2-shaped blocks with separate projections
-/// (StarCoder2, Phi, GPT-J, OPT) separate q/k/v/o. Phi-3's fused `gate_up_proj` is counted as
-/// gate and up.
+/// (StarCoder2, Phi, GPT-J, OPT) separate q/k/v/o; Phi-3's fused `gate_up_proj` one `h -> 2f`
+/// linear.
 pub fn block_linears(t: &TransformerSpec) -> Vec<Linear> {
     let h = t.hidden;
     // the query/output width: heads × head_dim, not hidden when head_dim is set (Gemma, Qwen3)
@@ -169,6 +169,10 @@ pub fn block_linears(t: &TransformerSpec) -> Vec<Linear> {
         v.push(l("o", "o_proj/attention.output.dense", qw, h, Part::Attn));
     }
     match t.ffn_kind {
+        FfnKind::Swiglu if t.extras.fused_gate_up => {
+            v.push(l("gate_up", "gate_up_proj", h, 2 * f, Part::Mlp));
+            v.push(l("down", "down_proj", f, h, Part::Mlp));
+        }
         FfnKind::Swiglu => {
             v.push(l("gate", "gate_proj", h, f, Part::Mlp));
             v.push(l("up", "up_proj", h, f, Part::Mlp));
@@ -191,6 +195,7 @@ fn alias(name: &str) -> &str {
         "o_proj" | "out_proj" => "o",
         "c_attn" | "query_key_value" | "qkv_proj" => "qkv",
         "gate_proj" => "gate",
+        "gate_up_proj" => "gate_up",
         "up_proj" => "up",
         "down_proj" => "down",
         "c_fc" => "fc1",
@@ -583,7 +588,7 @@ pub fn frozen_inputs_unsaved_per_block(
     let groups: [&[&str]; 4] = [
         &["q", "k", "v", "qkv"],
         &["o"],
-        &["gate", "up", "fc1"],
+        &["gate", "up", "gate_up", "fc1"],
         &["down", "fc2"],
     ];
     let linears = block_linears(t);

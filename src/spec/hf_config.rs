@@ -626,6 +626,7 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
             attn_bias: (attention_bias != mlp_bias).then_some(attention_bias),
             norm_weight_fp32: matches!(model_type, "gemma" | "gemma2" | "gemma3_text" | "olmo2"),
             fused_qkv: model_type == "phi3",
+            fused_gate_up: model_type == "phi3",
             // Gemma2Config defaults both on (50 and 30); Gemma3's off
             attn_softcap: softcap_on(o, "attn_logit_softcapping", model_type == "gemma2")?,
             final_softcap: softcap_on(o, "final_logit_softcapping", model_type == "gemma2")?,

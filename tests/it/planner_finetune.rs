@@ -71,10 +71,10 @@ fn lora_rank16_trainable(config: &str, targets: &str) -> serde_json::Value {
 }
 
 /// Which linears a family fuses decides its adapters: GPT-NeoX, Falcon and BLOOM fuse q, k and
-/// v into one `query_key_value`, Phi-3 into `qkv_proj`, StarCoder2 keeps three projections in
-/// its GPT-2-shaped block. Expected: peft 0.21's `get_nb_trainable_parameters()` on
-/// transformers 5.24's classes built on the meta device from the committed configs, rank 16,
-/// every block linear (Phi-3: the attention's, as its MLP fuses gate and up).
+/// v into one `query_key_value`, Phi-3 into `qkv_proj` (and gate and up into `gate_up_proj`),
+/// StarCoder2 keeps three projections in its GPT-2-shaped block. Expected: peft 0.21's
+/// `get_nb_trainable_parameters()` on transformers 5.24's classes built on the meta device from
+/// the committed configs, rank 16, every block linear (Phi-3 also its attention's alone).
 #[test]
 fn lora_adapters_follow_each_familys_fused_projections_as_peft_counts_them() {
     for (config, targets, peft) in [
@@ -83,6 +83,7 @@ fn lora_adapters_follow_each_familys_fused_projections_as_peft_counts_them() {
         ("bloom-560m", "all", 6_291_456),
         ("starcoder2-3b", "all", 23_838_720),
         ("phi-3-mini", "attn", 9_437_184),
+        ("phi-3-mini", "all", 25_165_824),
     ] {
         assert_eq!(lora_rank16_trainable(config, targets), peft, "{config}");
     }
