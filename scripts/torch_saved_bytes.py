@@ -50,7 +50,7 @@ for CUDA. On CPU, sdpa only uses its flash kernel (saves output + fp32 logsumexp
 math path, which keeps the s^2 tensors (in fp32, even for bf16 inputs); CUDA's flash / efficient kernels
 do support dropout. CPU autocast's op lists also differ from CUDA's (e.g. softmax is not forced to fp32).
 
-More families (--arch phi3|starcoder2|bloom|gpt_bigcode|gemma|olmo|mixtral|qwen2_moe|granite|smollm3)
+More families (--arch phi3|starcoder2|bloom|gpt_bigcode|gemma|olmo|mixtral|qwen2_moe|granite|smollm3|gpt_oss)
 sweep FAMILY_GRID at their config classes' defaults (MoE: 4 or 8 small experts, top 2); --arch deberta-v2 (DeBERTa-v3's relative attention) sweeps deberta_grid(),
 with position_buckets moved too (the rows add position_buckets); --arch deepseek-mla (DeepSeek-V2's
 latent attention, every block dense) sweeps mla_grid() (the rows add mla: kv rank / q rank / nope /
@@ -103,7 +103,7 @@ FAMILY_ARCHS = ("gpt_neox", "phi", "gptj", "falcon", "opt", "distilbert", "elect
 # more families the planner parses, at their config classes' defaults (DeBERTa-v2 with
 # DeBERTa-v3's relative attention): how far their plans are from PyTorch's own bytes
 COVERAGE_ARCHS = ("phi3", "starcoder2", "bloom", "gpt_bigcode", "deberta-v2", "gemma", "olmo", "mixtral",
-                  "qwen2_moe", "granite", "smollm3")
+                  "qwen2_moe", "granite", "smollm3", "gpt_oss")
 # DeepSeek-V2's multi-head latent attention with every block dense (first_k_dense_replace = L),
 # measured over mla_grid(): the latent ranks and head widths moved apart (REAL_SHAPES: with MoE)
 MLA_ARCHS = ("deepseek-mla",)
@@ -374,6 +374,15 @@ def build(arch, attention, c, dropout=None, activation=None):
                                   attention_dropout=0.0, embedding_multiplier=12.0, residual_multiplier=0.22,
                                   attention_multiplier=0.0156, logits_scaling=8.0, **common)
             model = T.GraniteForCausalLM(cfg)
+        elif arch == "gpt_oss":
+            # eager only (transformers has no sdpa for its sinks); alternating sliding layers
+            cfg = T.GptOssConfig(vocab_size=V, hidden_size=h, intermediate_size=f, num_hidden_layers=L,
+                                 num_attention_heads=a, num_key_value_heads=2, head_dim=h // a,
+                                 num_local_experts=8, num_experts_per_tok=2, max_position_embeddings=512,
+                                 sliding_window=16,
+                                 layer_types=["sliding_attention", "full_attention"] * (L // 2)
+                                 + ["sliding_attention"] * (L % 2), **common)
+            model = T.GptOssForCausalLM(cfg)
         elif arch == "smollm3":
             cfg = T.SmolLM3Config(vocab_size=V, hidden_size=h, intermediate_size=f, num_hidden_layers=L,
                                   num_attention_heads=a, num_key_value_heads=2, max_position_embeddings=512,
@@ -605,7 +614,7 @@ def measure(arch, attention, precision, c, device="cpu", dump=False, dropout=Non
                   else 1 if arch == "falcon" and model.config.multi_query
                   and not model.config.new_decoder_architecture
                   else model.config.num_key_value_heads if arch in ("starcoder2", "mixtral", "qwen2_moe",
-                                                                     "granite", "smollm3")
+                                                                     "granite", "smollm3", "gpt_oss")
                   else 1 if arch == "gpt_bigcode" and model.config.multi_query else c["a"]), head_dim=c.get("hd", c["h"] // c["a"]), L=c["L"],
         V=c["V"], image_size=img, embd_dropout=drop[0], hidden_dropout=drop[1], attn_dropout=drop[2],
         saved_storages=n_act, param_bytes=param_bytes, attn_impl_used=used, device=device,

@@ -155,6 +155,13 @@ fn refuse_unbuilt_blocks(model: &ModelSpec) -> anyhow::Result<()> {
         // transformers runs these classes eager only (BLOOM's ALiBi, which this harness does
         // not build either)
         ("eager_only", x.eager_only),
+        ("attn_sinks", x.attn_sinks),
+        (
+            "moe",
+            x.moe
+                .as_ref()
+                .is_some_and(|m| m.expert_bias || m.router_bias || m.clamped_glu),
+        ),
     ];
     match unbuilt.iter().find(|u| u.1) {
         Some((key, _)) => input_err(

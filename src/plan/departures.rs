@@ -212,6 +212,11 @@ fn is_llama_like(t: &TransformerSpec) -> bool {
     x.norm_weight_fp32 = false;
     x.fused_qkv = false;
     x.fused_gate_up = false;
+    // biases and sink logits keep nothing for backward beyond what the Llama block counts
+    // (a linear's bias needs no saved tensor; a sink is one score column)
+    x.attn_bias = None;
+    x.attn_sinks = false;
+    x.eager_only = false;
     if x.block_norms == Some(4) {
         x.block_norms = None;
     }

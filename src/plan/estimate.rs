@@ -633,7 +633,14 @@ fn attention_caveats(
                 .to_string(),
         ]);
     }
-    if !t.extras.attn_softcap || train.attention != crate::spec::Attention::Sdpa || memory.too_large
+    let fused_only = if t.extras.attn_softcap {
+        "soft-capped attention (attn_logit_softcapping)"
+    } else if t.extras.attn_sinks {
+        "attention with sink logits (gpt-oss)"
+    } else {
+        ""
+    };
+    if fused_only.is_empty() || train.attention != crate::spec::Attention::Sdpa || memory.too_large
     {
         return Ok(Vec::new());
     }
@@ -642,10 +649,10 @@ fn attention_caveats(
         ..train.clone()
     })?;
     Ok(vec![format!(
-        "soft-capped attention (attn_logit_softcapping): transformers refuses sdpa for this \
-         model and runs eager attention by default, which stores the b·a·s² scores and their \
-         tanh and needs {:.2} GiB more per GPU than planned here; this plan assumes a fused \
-         kernel that caps in the tile (attn_implementation=\"flash_attention_2\"), else plan \
+        "{fused_only}: transformers has no sdpa path for this model and runs eager attention by \
+         default, which stores the b·a·s² scores and needs {:.2} GiB more per GPU than planned \
+         here; this plan assumes a fused kernel that applies them in the tile \
+         (attn_implementation=\"flash_attention_2\" or a kernels-hub FlashAttention), else plan \
          with --attention eager",
         eager.total.saturating_sub(memory.total) as f64 / GIB
     )])

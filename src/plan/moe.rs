@@ -28,9 +28,14 @@ impl MoeParams {
         } else {
             0
         };
+        let expert_bias = if m.expert_bias {
+            2 * m.expert_ffn + h
+        } else {
+            0
+        };
         MoeParams {
-            per_expert: 3 * h * m.expert_ffn,
-            router: h * m.experts,
+            per_expert: 3 * h * m.expert_ffn + expert_bias,
+            router: h * m.experts + if m.router_bias { m.experts } else { 0 },
             shared,
         }
     }
@@ -116,7 +121,8 @@ pub fn ffn_widths(t: &TransformerSpec) -> (f64, f64) {
 /// weights (k·8 + 4 + k·4); per routed pair (k·cf per token) the sort permutation, its inverse and
 /// the gather's indices (3 int64), the pair's fp32 weight, and in the experts' dtype (the
 /// weights': fp32 under autocast, which grouped_mm bypasses) the gathered input and the expert
-/// output (2h) and the gate/up output, SiLU output and product (4·f_e). A gated shared expert
+/// output (2h) and the gate/up output, SiLU output and product (4·f_e; gpt-oss's clamped GLU
+/// 7·f_e, `Moe::clamped_glu`). A gated shared expert
 /// adds its gated output (h, compute dtype) and, under autocast, the gate's fp16 copy of the
 /// input (h).
 pub fn extra_bytes_per_token(t: &TransformerSpec, p: Precision) -> f64 {
@@ -127,7 +133,11 @@ pub fn extra_bytes_per_token(t: &TransformerSpec, p: Precision) -> f64 {
     let expert_bytes = if p.is_pure_half() { 2.0 } else { 4.0 };
     let cb = p.compute_bytes() as f64;
     let router = m.experts as f64 * 4.0 + k * 12.0 + 4.0;
-    let pair = 3.0 * 8.0 + 4.0 + (2.0 * h + 4.0 * m.expert_ffn as f64) * expert_bytes;
+    // gpt-oss's clamped activation keeps three more expert-width tensors per pair (measured
+    // with transformers' GptOssExperts on a CPU: 12 B per element in fp32, 11.2-11.3 under
+    // autocast)
+    let glu_tensors = if m.clamped_glu { 7.0 } else { 4.0 };
+    let pair = 3.0 * 8.0 + 4.0 + (2.0 * h + glu_tensors * m.expert_ffn as f64) * expert_bytes;
     let shared_gate = if m.shared_ffn > 0 && m.shared_gate {
         h * cb + if p.is_mixed() { h * cb } else { 0.0 }
     } else {

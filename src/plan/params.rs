@@ -68,7 +68,8 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
     };
     // DeBERTa-v2's unshared position projections act on the relative-position table, not on
     // the tokens: parameters, but no per-token matmul
-    let attention_per_layer = attn_w + attn_b + mla_norms + x.pos_proj as u64 * (h * h + h);
+    let sinks = if x.attn_sinks { t.heads } else { 0 };
+    let attention_per_layer = attn_w + attn_b + mla_norms + x.pos_proj as u64 * (h * h + h) + sinks;
     let (mlp_w, mlp_b) = match t.ffn_kind {
         FfnKind::Gelu => (2 * h * t.ffn, t.ffn + h),
         FfnKind::Swiglu => (3 * h * t.ffn, 2 * t.ffn + h),

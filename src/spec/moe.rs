@@ -59,6 +59,17 @@ pub struct Moe {
     pub expert_parallel: u64,
     #[serde(default, skip_serializing_if = "is_default_cf")]
     pub capacity_factor: CapacityFactor,
+    /// biases on each routed expert's fused gate/up (`2 x expert_ffn`) and down (`hidden`)
+    /// projections (gpt-oss)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub expert_bias: bool,
+    /// a bias on the router (gpt-oss)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub router_bias: bool,
+    /// the experts' gated activation clamps gate and up and computes `(up + 1) · gate ·
+    /// σ(α · gate)` (gpt-oss): three more expert-width tensors kept per routed pair
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub clamped_glu: bool,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -87,6 +98,9 @@ impl Moe {
             dense_layers: 0,
             expert_parallel: 1,
             capacity_factor: CapacityFactor::default(),
+            expert_bias: false,
+            router_bias: false,
+            clamped_glu: false,
         }
     }
 

@@ -176,6 +176,10 @@ pub struct BlockExtras {
     /// LoRA adapts one `h -> 2f` linear and a quantized base dequantizes it whole.
     #[serde(default, skip_serializing_if = "is_default")]
     pub fused_gate_up: bool,
+    /// A learned sink logit per head that every query's softmax also normalises over
+    /// (gpt-oss's `sinks`): `heads` parameters per block, one score column more.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub attn_sinks: bool,
     /// The LM head's logits soft-capped the same way (Gemma2's `final_logit_softcapping`): the
     /// tanh output is kept, one more b·s·V tensor in the logits' dtype.
     #[serde(default, skip_serializing_if = "is_default")]

@@ -95,7 +95,9 @@ fn hf_config_families_count_like_transformers() {
 /// 5.24). The model cards state 46.7B / 12.9B, 14.3B / 2.7B, 30.5B / 3.3B. DeepSeek-V2-Lite
 /// (plain query projection, 1 dense block, 2 shared experts) and DeepSeek-V3 (query bottleneck,
 /// 3 dense blocks, 1 shared expert) exercise latent attention; V3's card states 671B / 37B
-/// (without its multi-token-prediction module, which transformers does not build).
+/// (without its multi-token-prediction module, which transformers does not build). gpt-oss-20b and
+/// -120b (biased q/k/v/o, per-head sink logits, biased fused experts and router; the cards state
+/// 21B / 117B in all; their 3.6B / 5.1B active leave out the embeddings, which count here).
 #[test]
 fn moe_families_count_total_and_active_like_transformers() {
     let cases = [
@@ -105,6 +107,8 @@ fn moe_families_count_total_and_active_like_transformers() {
         ("qwen2-moe-tiny-mixed", 177_024, 164_736),
         ("deepseek-v2-lite", 15_706_484_224, 2_661_150_208),
         ("deepseek-v3", 671_026_404_352, 37_552_282_624),
+        ("gpt-oss-20b", 20_914_757_184, 4_187_440_704),
+        ("gpt-oss-120b", 116_829_156_672, 5_711_982_912),
     ];
     for (name, total, active) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -912,15 +912,36 @@ fn enum_flags_name_their_accepted_values_on_one_line() {
     assert_eq!(vramcal(&args).0, 0);
 }
 
-/// Gemma2's soft-capped attention under the default sdpa: transformers would refuse sdpa and run
-/// eager attention, so the plan says so with what eager needs on top, which is the difference
-/// between the two plans; eager itself, and a model without soft-capping, get no such note.
+/// Gemma2's soft-capped attention and gpt-oss's sink logits under the default sdpa: transformers
+/// has no sdpa for them and would run eager attention, so the plan says so with what eager needs
+/// on top, which is the difference between the two plans; eager itself, and a model without
+/// either, get no such note.
 #[test]
 fn soft_capped_attention_under_sdpa_is_noted_with_the_eager_difference() {
-    let cfg = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/hf_configs/gemma-2-2b/config.json"
-    );
+    // long enough that eager's scores outweigh the optimizer step's peak
+    for (cfg, what, seq) in [
+        (
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/hf_configs/gemma-2-2b/config.json"
+            ),
+            "soft-capped",
+            "2048",
+        ),
+        (
+            concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/hf_configs/gpt-oss-20b/config.json"
+            ),
+            "sink logits",
+            "8192",
+        ),
+    ] {
+        fused_only_attention_is_noted(cfg, what, seq);
+    }
+}
+
+fn fused_only_attention_is_noted(cfg: &str, what: &str, seq: &str) {
     let plan = |model: &str, attention: &str| -> serde_json::Value {
         let args = [
             "estimate",
@@ -929,7 +950,7 @@ fn soft_capped_attention_under_sdpa_is_noted_with_the_eager_difference() {
             "--batch",
             "1",
             "--seq",
-            "2048",
+            seq,
             "--precision",
             "bf16-mixed",
             "--attention",
@@ -947,7 +968,7 @@ fn soft_capped_attention_under_sdpa_is_noted_with_the_eager_difference() {
             .unwrap()
             .iter()
             .map(|n| n.as_str().unwrap().to_string())
-            .filter(|n| n.contains("soft-capped"))
+            .filter(|n| n.contains(what))
             .collect()
     };
     let (sdpa, eager) = (plan(cfg, "sdpa"), plan(cfg, "eager"));
