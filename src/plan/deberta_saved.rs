@@ -21,11 +21,11 @@
 //! per-term columns (derived, not measured).
 
 use super::measured::{
-    cuda_mask_saving, cuda_score_bytes, linear_out_bytes, norm_out_bytes, precision_row, Kernels,
-    Saved,
+    cuda_mask_saving, cuda_score_bytes, linear_out_bytes, live_layers, norm_out_bytes,
+    precision_row, score_layers, Kernels, Saved,
 };
 use crate::spec::transformer::{Head, TransformerSpec};
-use crate::spec::{Checkpointing, Precision, TrainSpec};
+use crate::spec::{Precision, TrainSpec};
 
 /// Column indices of [`CPU_EAGER`]'s rows, bytes per element of
 /// - per layer: b·s·h, b·s·f, b·a·s², b·s, b·a·s·R, b·R·h, R·h, s², b·s²
@@ -108,17 +108,8 @@ pub fn saved(t: &TransformerSpec, train: &TrainSpec, k: Kernels) -> Option<Saved
         t.heads as f64,
     );
     let r = f64::from(t.extras.rel_positions);
-    let layers = if train.checkpointing.is_on() {
-        1.0
-    } else {
-        t.layers as f64
-    };
-    // selective recomputation stores no scores but rebuilds one layer's in its backward
-    let score_layers = if train.checkpointing == Checkpointing::Selective {
-        1.0
-    } else {
-        layers
-    };
+    let layers = live_layers(t.layers, train);
+    let score_layers = score_layers(layers, train, false);
     let blocks = layers
         * (b * s * (h * c[L_BSH] + f * c[L_BSF] + c[L_BS] + a * r * c[L_BASR])
             + b * r * h * c[L_BRH]

@@ -183,7 +183,7 @@ impl Planned {
 /// OLMo planned within -2 % to 0 with it, +10 % to +21 % over without; the generic coefficients
 /// it took before were 17-23 % low under autocast.
 fn param_free_norm_saving(t: &TransformerSpec, p: Precision) -> f64 {
-    if t.extras.block_norms == Some(0) && t.norm == NormKind::Layernorm {
+    if has_param_free_norms(t) {
         if p.is_pure_half() {
             2.0
         } else {
@@ -192,6 +192,11 @@ fn param_free_norm_saving(t: &TransformerSpec, p: Precision) -> f64 {
     } else {
         0.0
     }
+}
+
+/// OLMo v1's blocks: LayerNorms without parameters (`block_norms` 0 with LayerNorm).
+fn has_param_free_norms(t: &TransformerSpec) -> bool {
+    t.extras.block_norms == Some(0) && t.norm == NormKind::Layernorm
 }
 
 /// The measured block a spec is planned with: the one it is exactly, else the one it departs
@@ -222,7 +227,7 @@ fn is_llama_like(t: &TransformerSpec) -> bool {
     }
     // OLMo v1's parameter-free LayerNorms: the Llama block's norms less the weighted tensor
     // (`param_free_norm_saving`)
-    if x.block_norms == Some(0) && plain.norm == NormKind::Layernorm {
+    if has_param_free_norms(t) {
         x.block_norms = None;
         plain.norm = NormKind::Rmsnorm;
         plain.final_norm = true;

@@ -34,10 +34,11 @@
 
 use crate::spec::encdec::EncDec;
 use crate::spec::transformer::{Activation, FfnKind, NormKind, TransformerSpec};
-use crate::spec::{Attention, Checkpointing, Precision, TrainSpec};
+use crate::spec::{Attention, Precision, TrainSpec};
 
 use super::measured::{
-    cuda_mask_saving, cuda_score_bytes, linear_out_bytes, norm_out_bytes, precision_row,
+    cuda_mask_saving, cuda_score_bytes, linear_out_bytes, live_layers, norm_out_bytes,
+    precision_row, score_layers,
 };
 pub use super::measured::{Kernels, Saved};
 
@@ -218,26 +219,15 @@ fn saved_as(
     };
     let (s, tg) = (train.seq as f64, e.target(train.seq) as f64);
     let v = t.vocab as f64;
-    let full = train.checkpointing.is_on();
-    let (enc_layers, dec_layers) = if full {
-        (1.0, 1.0)
-    } else {
-        (t.layers as f64, e.decoder_layers as f64)
-    };
+    let (enc_layers, dec_layers) = (
+        live_layers(t.layers, train),
+        live_layers(e.decoder_layers, train),
+    );
     let sdpa = train.attention == Attention::Sdpa;
     // the CPU runs sdpa with attention dropout (and T5's mask needing a gradient) on its math
     // path, which keeps eager's scores
     let fused = sdpa && (k == Kernels::Cuda || (!dropout && fam == Family::Bart));
-    // selective recomputation stores no scores but rebuilds one layer's in its backward
-    let score_layers = |layers: f64| {
-        if fused {
-            0.0
-        } else if train.checkpointing == Checkpointing::Selective {
-            1.0
-        } else {
-            layers
-        }
-    };
+    let score_layers = |layers: f64| score_layers(layers, train, fused);
     let enc_scores = score_layers(enc_layers) * b * a * s * s * c[ENC_BAS2];
     let dec_scores = score_layers(dec_layers) * b * a * tg * (tg * c[DEC_BAT2] + s * c[DEC_BATS]);
     // the kernels' fp32 log-sum-exp: one attention per encoder layer, two per decoder layer

@@ -7,7 +7,7 @@
 //! runs autocast's softmax in 16 bits where nothing promotes it; CUDA keeps 1-byte masks
 //! (`native_dropout`) and autocast runs softmax in fp32.
 
-use crate::spec::Precision;
+use crate::spec::{Checkpointing, Precision, TrainSpec};
 
 /// Whose kernels keep the bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,5 +75,27 @@ pub fn cuda_score_bytes(p: Precision, dropout: bool) -> f64 {
         (_, true, true) => 5.0,
         (_, _, false) => 4.0,
         (_, _, true) => 9.0,
+    }
+}
+
+/// Blocks of a stack of `layers` whose saved tensors are live at once: all of them, or under
+/// full checkpointing the one being recomputed.
+pub fn live_layers(layers: u64, train: &TrainSpec) -> f64 {
+    if train.checkpointing.is_on() {
+        1.0
+    } else {
+        layers as f64
+    }
+}
+
+/// Of `live` blocks, those whose attention scores are stored: none under a fused kernel, one
+/// under selective recomputation (it rebuilds a layer's in that layer's backward), else all.
+pub fn score_layers(live: f64, train: &TrainSpec, fused: bool) -> f64 {
+    if fused {
+        0.0
+    } else if train.checkpointing == Checkpointing::Selective {
+        1.0
+    } else {
+        live
     }
 }

@@ -142,8 +142,8 @@ pub struct Features {
     /// A family planned from PyTorch's measured saved bytes rather than the table's blocks (T5,
     /// FLAN-T5, mT5 and BART: [`encdec_saved::saved`]; DeBERTa-v2/v3 with relative attention:
     /// [`deberta_saved::saved`]; DeepSeek-V2/V3's latent attention: [`mla_saved::saved`]): the
-    /// bytes per phase, which replace the table's per-element
-    /// coefficients for the once-per-model, head and block bytes. Known, not fitted.
+    /// bytes per phase, which replace the table's per-element coefficients for the
+    /// once-per-model, head and block bytes. Known, not fitted.
     pub measured_saved: Option<measured::Saved>,
 }
 

@@ -21,10 +21,10 @@
 //! take) keeps eager's tensors without the scores, plus an fp32 log-sum-exp: derived, not
 //! measured (the CPU mixes kernels for these widths).
 
-use super::measured::{precision_row, Kernels, Saved};
+use super::measured::{live_layers, precision_row, score_layers, Kernels, Saved};
 use super::moe;
 use crate::spec::transformer::TransformerSpec;
-use crate::spec::{Attention, Checkpointing, TrainSpec};
+use crate::spec::{Attention, TrainSpec};
 
 /// Column indices of [`CPU_EAGER`]'s rows, bytes per element of
 /// - per layer: b·s·h, b·s·f (the mean MLP width), b·a·s², b·s, b·s·a·(nope + rope),
@@ -66,20 +66,10 @@ pub fn saved(t: &TransformerSpec, train: &TrainSpec, k: Kernels) -> Option<Saved
         t.heads as f64,
     );
     let (f, _) = moe::ffn_widths(t);
-    let layers = if train.checkpointing.is_on() {
-        1.0
-    } else {
-        t.layers as f64
-    };
+    let layers = live_layers(t.layers, train);
     // CUDA's fused kernel keeps no scores; the CPU's measured path is eager's
     let fused = train.attention == Attention::Sdpa && k == Kernels::Cuda;
-    let score_layers = if fused {
-        0.0
-    } else if train.checkpointing == Checkpointing::Selective {
-        1.0
-    } else {
-        layers
-    };
+    let score_layers = score_layers(layers, train, fused);
     let qk = a * (mla.qk_nope + mla.qk_rope) as f64;
     let per_token = h * c[L_BSH]
         + f * c[L_BSF]

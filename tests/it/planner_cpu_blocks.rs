@@ -37,6 +37,29 @@ fn cpu_activation(lit: &Coefficients, precision: Precision) -> ActivationCoeffs 
     a
 }
 
+/// A saved-bytes row's model, from its family's `config` as a user's config.json reaches the
+/// planner, planned at the row's step (fp32 or bf16 autocast) with the literature's CPU blocks:
+/// its features and the saved bytes (everything but backward's workspace).
+fn plan_on_a_cpu(
+    lit: &Coefficients,
+    config: &serde_json::Value,
+    r: &HashMap<String, String>,
+) -> (memory::Features, f64) {
+    let spec = vramcal::spec::hf_config::parse(&config.to_string(), &r["arch"]).unwrap();
+    let precision = match r["precision"].as_str() {
+        "fp32" => Precision::Fp32,
+        "bf16-autocast" => Precision::Bf16Mixed,
+        other => panic!("unexpected precision {other}"),
+    };
+    let act = cpu_activation(lit, precision);
+    let model = ModelSpec::Transformer(spec);
+    let fe = memory::fit_terms(&model, &row_train(r, precision))
+        .unwrap()
+        .features;
+    let planned = fe.activation_bytes(&act) - fe.workspace * act.c_workspace.value;
+    (fe, planned)
+}
+
 /// The saved-bytes CSV of the measured blocks.
 fn saved_rows() -> Vec<HashMap<String, String>> {
     csv_rows("torch-saved-bytes-cpu.csv")
@@ -351,26 +374,15 @@ fn gpt2_and_bert_like_models_are_planned_with_the_measured_blocks() {
             other => panic!("unexpected arch {other}"),
         };
         let encoder = matches!(r["arch"].as_str(), "distilbert" | "electra");
-        let spec = vramcal::spec::hf_config::parse(&config.to_string(), &r["arch"]).unwrap();
-        let precision = match r["precision"].as_str() {
-            "fp32" => Precision::Fp32,
-            "bf16-autocast" => Precision::Bf16Mixed,
-            other => panic!("unexpected precision {other}"),
-        };
-        let train = row_train(&r, precision);
-        let act = cpu_activation(&lit, precision);
-        let model = ModelSpec::Transformer(spec);
-        let fe = memory::fit_terms(&model, &train).unwrap().features;
+        let (fe, planned) = plan_on_a_cpu(&lit, &config, &r);
         let want = if encoder {
             BlockKind::Bert
         } else {
             BlockKind::Gpt2
         };
         assert_eq!(fe.block.map(|b| b.0), Some(want), "{}", r["arch"]);
-        // the saved bytes: everything but backward's workspace
-        let planned = fe.activation_bytes(&act) - fe.workspace * act.c_workspace.value;
         let err = planned / num(&r, "saved_bytes") - 1.0;
-        let (lo, hi) = match (encoder, precision == Precision::Fp32) {
+        let (lo, hi) = match (encoder, r["precision"] == "fp32") {
             (false, true) => (-0.01, 0.37),
             (false, false) => (0.0, 0.24),
             (true, true) => (0.0, 0.05),
@@ -494,17 +506,7 @@ fn more_families_against_pytorchs_saved_bytes() {
                 "max_position_embeddings": 512}),
             other => panic!("unexpected arch {other}"),
         };
-        let spec = vramcal::spec::hf_config::parse(&config.to_string(), &r["arch"]).unwrap();
-        let precision = match r["precision"].as_str() {
-            "fp32" => Precision::Fp32,
-            "bf16-autocast" => Precision::Bf16Mixed,
-            other => panic!("unexpected precision {other}"),
-        };
-        let train = row_train(&r, precision);
-        let act = cpu_activation(&lit, precision);
-        let model = ModelSpec::Transformer(spec);
-        let fe = memory::fit_terms(&model, &train).unwrap().features;
-        let planned = fe.activation_bytes(&act) - fe.workspace * act.c_workspace.value;
+        let (fe, planned) = plan_on_a_cpu(&lit, &config, &r);
         let err = planned / num(&r, "saved_bytes") - 1.0;
         let key = format!(
             "{} {} {} {:?}",
