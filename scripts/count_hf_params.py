@@ -4,7 +4,8 @@ Builds each config's transformers class on the meta device (no weights are alloc
 `name count`, the sum of p.numel() over model.parameters() (tied weights once): the figures
 tests/it/param_counts.rs expects. Decoders are built as *ForCausalLM, BERT-family encoders and ViT as the bare model
 (with BERT's pooler), DistilBERT/DeBERTa-v2 as *ForMaskedLM, ELECTRA as ElectraForPreTraining,
-T5/mT5/BART as *ForConditionalGeneration.
+T5/mT5/BART and the vision-language wrappers (Gemma 3, PaliGemma, LLaVA, LLaVA-NeXT) as
+*ForConditionalGeneration.
 Mixture-of-experts configs (num_experts_per_tok) print a third figure, the parameters one token
 uses: the total less, in every `*.experts` module, the (experts - top-k) experts it does not
 route to (each expert's share is the module's parameters / experts).
@@ -14,8 +15,8 @@ route to (each expert's share is the module's parameters / experts).
 import json, pathlib, sys
 
 import torch
-from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForMaskedLM,
-                          AutoModelForPreTraining, AutoModelForSeq2SeqLM)
+from transformers import (AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          AutoModelForMaskedLM, AutoModelForPreTraining, AutoModelForSeq2SeqLM)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "hf_configs"
 ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "vit"}
@@ -24,7 +25,11 @@ ENCODERS = {"bert", "roberta", "xlm-roberta", "camembert", "vit"}
 WITH_HEAD = {"distilbert": AutoModelForMaskedLM, "deberta-v2": AutoModelForMaskedLM,
              "electra": AutoModelForPreTraining,
              # encoder-decoders as *ForConditionalGeneration: both stacks and the LM head
-             "t5": AutoModelForSeq2SeqLM, "mt5": AutoModelForSeq2SeqLM, "bart": AutoModelForSeq2SeqLM}
+             "t5": AutoModelForSeq2SeqLM, "mt5": AutoModelForSeq2SeqLM, "bart": AutoModelForSeq2SeqLM,
+             # vision-language wrappers as *ForConditionalGeneration: tower, projector, language
+             # model and LM head
+             "gemma3": AutoModelForImageTextToText, "paligemma": AutoModelForImageTextToText,
+             "llava": AutoModelForImageTextToText, "llava_next": AutoModelForImageTextToText}
 
 
 def count(directory: pathlib.Path) -> str:

@@ -55,7 +55,10 @@ sweep FAMILY_GRID at their config classes' defaults (MoE: 4 or 8 small experts, 
 with position_buckets moved too (the rows add position_buckets); --arch deepseek-mla (DeepSeek-V2's
 latent attention, every block dense) sweeps mla_grid() (the rows add mla: kv rank / q rank / nope /
 rope / v widths).
-The encoder-decoders (--arch t5|t5-gated|bart) sweep their own grid (encoder and decoder depth,
+The vision-language wrappers (--arch gemma3-vlm|llava) sweep vlm_grid(): a Gemma 3 or Llama
+language model with a SigLIP or CLIP tower (the rows add vision: tower layers / width / MLP /
+heads / image side / images per sample / Gemma 3's pooled tokens per image); s counts the image
+tokens. The encoder-decoders (--arch t5|t5-gated|bart) sweep their own grid (encoder and decoder depth,
 input and target length moved apart; the rows add decoder_layers and target_len), and
 `--fit-encdec CSV` fits them per stack (see ENCDEC_COLUMNS): the table plan::encdec_saved holds.
 
@@ -113,6 +116,9 @@ MLA_ARCHS = ("deepseek-mla",)
 # of the config (T5 dropout_rate; BART dropout, attention_dropout, activation_dropout): what
 # plan::encdec's per-stack bytes are fitted and checked against
 ENCDEC_ARCHS = ("t5", "t5-gated", "bart")
+# vision-language wrappers: Gemma3ForConditionalGeneration (SigLIP tower) and
+# LlavaForConditionalGeneration (CLIP tower, Llama text); the rows add `vision`
+VLM_ARCHS = ("gemma3-vlm", "llava")
 ATTENTIONS = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 GQA_ARCHS = ("llama", "mistral", "qwen2") + DEPARTURE_ARCHS
@@ -124,7 +130,7 @@ COLUMNS = [
     "saved_bytes", "saved_fp32_bytes", "saved_bf16_bytes", "saved_bool_bytes", "saved_int64_bytes",
     "saved_other_bytes", "saved_storages", "saved_param_bytes", "weight_copy_bytes", "param_bytes",
     "attn_impl_used", "device", "torch_version", "transformers_version", "seconds", "activation",
-    "decoder_layers", "target_len", "position_buckets", "mla",
+    "decoder_layers", "target_len", "position_buckets", "mla", "vision",
 ]
 
 # transformers' default MLP activation per architecture (config.activation_function / hidden_act)
@@ -227,6 +233,29 @@ def encdec_grid(arch, n=40, seed=11):
         if t5:
             c["hd"] = hd
         out.append(c)
+    return out
+
+
+def vlm_grid(n=16, seed=14):
+    """A language model (BASE's dimensions) with a vision tower: its layers vL, width vh, MLP vf,
+    heads va, image side img in patches of VIT_PATCH, and images per sample im, moved apart with
+    the language model's, seeded. Gemma 3's projector pools each image to m tokens (a square
+    dividing the patch grid); LLaVA inserts every patch."""
+    import random
+    rnd = random.Random(seed)
+    base = {**BASE, "s": 96, "vL": 2, "vh": 64, "vf": 256, "va": 4, "img": 32, "im": 1, "m": 16}
+    out = [dict(base)] + [{**base, **v} for v in (
+        {"vL": 1}, {"vL": 3}, {"vh": 96, "va": 6}, {"vf": 128}, {"img": 48, "s": 160, "m": 36},
+        {"im": 2, "s": 128}, {"b": 3}, {"L": 1}, {"h": 192, "a": 6, "kv": 3})]
+    while len(out) < n:
+        va = rnd.choice((2, 4))
+        img = rnd.choice((16, 32, 48))
+        m = (img // VIT_PATCH // 2) ** 2
+        im = rnd.choice((1, 1, 2))
+        out.append({**base, "b": rnd.randint(1, 3), "vL": rnd.randint(1, 3), "vh": va * rnd.choice((16, 24, 32)),
+                    "vf": rnd.choice(range(128, 385, 64)), "va": va, "img": img, "im": im, "m": m,
+                    "s": im * (img // VIT_PATCH) ** 2 + rnd.choice(range(16, 65, 8)),
+                    "L": rnd.randint(1, 3)})
     return out
 
 
@@ -450,6 +479,24 @@ def build(arch, attention, c, dropout=None, activation=None):
                       **common)
         model = cls_model(cfg)
         drop = (0.0, 0.0, cfg.attention_dropout)
+    elif arch in VLM_ARCHS:
+        vision = dict(hidden_size=c["vh"], intermediate_size=c["vf"], num_hidden_layers=c["vL"],
+                      num_attention_heads=c["va"], image_size=c["img"], patch_size=VIT_PATCH)
+        text = dict(vocab_size=V, hidden_size=h, intermediate_size=f, num_hidden_layers=L,
+                    num_attention_heads=a, num_key_value_heads=kv, max_position_embeddings=max(512, s))
+        if arch == "gemma3-vlm":
+            cfg = T.Gemma3Config(text_config=dict(text, model_type="gemma3_text", head_dim=h // a),
+                                 vision_config=dict(vision, model_type="siglip_vision_model",
+                                                    vision_use_head=False),
+                                 mm_tokens_per_image=c["m"], image_token_index=V - 1,
+                                 boi_token_index=V - 2, eoi_token_index=V - 3, **common)
+            model = T.Gemma3ForConditionalGeneration(cfg)
+        else:
+            cfg = T.LlavaConfig(text_config=dict(text, model_type="llama"),
+                                vision_config=dict(vision, model_type="clip_vision_model"),
+                                image_token_index=V - 1, **common)
+            model = T.LlavaForConditionalGeneration(cfg)
+        drop = (0.0, 0.0, 0.0)
     elif arch == "vit":
         img = vit_image_size(s)
         cfg = T.ViTConfig(hidden_size=h, num_hidden_layers=L, num_attention_heads=a, intermediate_size=f,
@@ -468,6 +515,18 @@ def build(arch, attention, c, dropout=None, activation=None):
 def make_inputs(arch, c, torch, dtype):
     b, s, V = c["b"], c["s"], c["V"]
     g = torch.Generator().manual_seed(0)
+    if arch in VLM_ARCHS:
+        # each image's tokens first (Gemma 3: its pooled m; LLaVA: every patch), then text that
+        # avoids the image, begin- and end-of-image ids
+        per_image = c["m"] if arch == "gemma3-vlm" else (c["img"] // VIT_PATCH) ** 2
+        n_img = c["im"] * per_image
+        ids = torch.randint(0, V - 3, (b, s), generator=g)
+        ids[:, :n_img] = V - 1
+        px = torch.randn(b * c["im"], 3, c["img"], c["img"], generator=g).to(dtype)
+        out = dict(input_ids=ids, pixel_values=px, labels=ids.clone(), use_cache=False)
+        if arch == "gemma3-vlm":
+            out["token_type_ids"] = (ids == V - 1).long()
+        return out
     if arch == "vit":
         img = vit_image_size(s)
         px = torch.randn(b, 3, img, img, generator=g).to(dtype)
@@ -628,6 +687,10 @@ def measure(arch, attention, precision, c, device="cpu", dump=False, dropout=Non
         mla="/".join(str(c[k]) for k in ("kvr", "qr", "nope", "rope", "vd"))
         + ("/" + "/".join(str(c[k]) for k in ("fm", "E", "k", "shared", "dense")) if "dense" in c else "")
         if arch in MLA_ARCHS else "",
+        # tower layers / width / MLP / heads / image side / images per sample / Gemma 3's
+        # pooled tokens per image
+        vision="/".join(str(c[k]) for k in ("vL", "vh", "vf", "va", "img", "im", "m"))
+        if arch in VLM_ARCHS else "",
     ))
     return row
 
@@ -767,7 +830,8 @@ def fit_encdec(path, out=sys.stdout, min_batch=2):
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="torch-saved-bytes.csv", help="CSV file to write (default %(default)s)")
-    p.add_argument("--arch", choices=ARCHS + DEPARTURE_ARCHS + FAMILY_ARCHS + COVERAGE_ARCHS + MLA_ARCHS + ENCDEC_ARCHS,
+    p.add_argument("--arch", choices=ARCHS + DEPARTURE_ARCHS + FAMILY_ARCHS + COVERAGE_ARCHS + MLA_ARCHS + ENCDEC_ARCHS
+                   + VLM_ARCHS,
                    action="append",
                    help="architecture(s) (default: all but the departure and family archs)")
     p.add_argument("--attention", choices=ATTENTIONS, action="append", help="eager | sdpa (default: both)")
@@ -806,7 +870,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     archs = args.arch or list(ARCHS)
-    odd = [a for a in archs if a in DEPARTURE_ARCHS + FAMILY_ARCHS + COVERAGE_ARCHS + MLA_ARCHS
+    odd = [a for a in archs if a in DEPARTURE_ARCHS + FAMILY_ARCHS + COVERAGE_ARCHS + MLA_ARCHS + VLM_ARCHS
            and a != "deberta-v2"]
     if args.real_shapes and any(a not in REAL_SHAPES for a in archs):
         sys.exit(f"--real-shapes measures only {', '.join(REAL_SHAPES)}")
@@ -859,6 +923,7 @@ def main():
                                       else mla_grid() if arch in MLA_ARCHS
                                       else FAMILY_GRID if arch in FAMILY_ARCHS + COVERAGE_ARCHS
                                       else encdec_grid(arch) if arch in ENCDEC_ARCHS
+                                      else vlm_grid() if arch in VLM_ARCHS
                                       else grid()):
                                 if arch not in GQA_ARCHS:
                                     c["kv"] = c["a"]  # kv only matters for GQA models

@@ -1,7 +1,7 @@
-//! `estimate --expert-parallel` / `--capacity-factor` (mixture of experts) and `--target-seq`
-//! (encoder-decoder): the model-layout flags, written onto the model's
-//! [`Moe`](crate::spec::moe::Moe) / [`EncDec`](crate::spec::encdec::EncDec), where the planner
-//! reads them.
+//! `estimate --expert-parallel` / `--capacity-factor` (mixture of experts), `--target-seq`
+//! (encoder-decoder) and `--images` (vision-language): the model-layout flags, written onto the
+//! model's [`Moe`](crate::spec::moe::Moe) / [`EncDec`](crate::spec::encdec::EncDec) /
+//! [`VisionTower`](crate::spec::vision::VisionTower), where the planner reads them.
 
 use super::common::parse_int;
 use crate::error::{input_err, rename_field};
@@ -14,6 +14,7 @@ use crate::spec::{ModelSpec, TrainSpec};
 /// The flags as the user wrote them (`None` when not given).
 pub struct LayoutFlags<'a> {
     pub target_seq: Option<&'a str>,
+    pub images: Option<&'a str>,
     pub expert_parallel: Option<&'a str>,
     pub capacity_factor: Option<&'a str>,
 }
@@ -25,7 +26,7 @@ impl LayoutFlags<'_> {
 }
 
 fn apply(model: ModelSpec, a: &LayoutFlags, train: &TrainSpec) -> anyhow::Result<ModelSpec> {
-    let model = target_seq(model, a)?;
+    let model = images(target_seq(model, a)?, a)?;
     if a.expert_parallel.is_none() && a.capacity_factor.is_none() {
         return Ok(model);
     }
@@ -122,5 +123,28 @@ fn target_seq(model: ModelSpec, a: &LayoutFlags) -> anyhow::Result<ModelSpec> {
     }
     e.target_seq = n;
     t.extras.enc_dec = Some(Box::new(e));
+    Ok(ModelSpec::Transformer(t))
+}
+
+/// `--images`: vision-encoder passes per sample of a vision-language model (images, or the crops
+/// of a tiled image).
+fn images(model: ModelSpec, a: &LayoutFlags) -> anyhow::Result<ModelSpec> {
+    const WITH: &str = "accepted with a Gemma 3, PaliGemma, LLaVA or LLaVA-NeXT config";
+    let Some(s) = a.images else {
+        return Ok(model);
+    };
+    let ModelSpec::Transformer(mut t) = model else {
+        return input_err(
+            "images",
+            format!("applies to vision-language models only; {WITH}"),
+        );
+    };
+    let Some(mut v) = t.extras.vision.as_deref().copied() else {
+        return input_err("images", format!("{} has no vision tower; {WITH}", t.name));
+    };
+    let n = parse_int("images", s)?;
+    crate::error::check_range("images", n, 1, crate::spec::vision::MAX_IMAGES)?;
+    v.images = n;
+    t.extras.vision = Some(Box::new(v));
     Ok(ModelSpec::Transformer(t))
 }

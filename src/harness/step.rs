@@ -121,6 +121,7 @@ fn refuse_unbuilt_blocks(model: &ModelSpec) -> anyhow::Result<()> {
     let unbuilt = [
         ("mla", x.mla.is_some()),
         ("enc_dec", x.enc_dec.is_some()),
+        ("vision", x.vision.is_some()),
         ("qk_norm", x.qk_norm != d.qk_norm),
         (
             "block_norms",

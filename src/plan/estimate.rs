@@ -145,6 +145,9 @@ pub struct Estimate {
     /// dense models
     #[serde(skip_serializing_if = "Option::is_none")]
     pub moe: Option<MoeOut>,
+    /// vision-language models: the vision tower and projector; absent otherwise
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vision: Option<VisionOut>,
     /// `--safetensors`: the checkpoint's exact counts and dtypes and their cross-check with the
     /// config; absent without it (set by the CLI, which reads the file)
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -185,6 +188,41 @@ impl MoeOut {
             moe_layers: p.moe_layers,
             expert_parallel: m.expert_parallel,
             capacity_factor: m.capacity_factor.0,
+        })
+    }
+}
+
+/// A vision-language model's vision tower and projector, and what one sample sends through them.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct VisionOut {
+    /// the encoder's parameters (in `params`)
+    pub tower_params: u64,
+    /// the multimodal projector's (in `params`)
+    pub projector_params: u64,
+    /// images, or crops of a tiled image, the tower encodes per sample (`--images`)
+    pub images_per_sample: u64,
+    /// tokens the tower runs over per image (patches, with a class token where it has one)
+    pub tower_tokens_per_image: u64,
+    /// the tower's layers, width and heads
+    pub layers: u64,
+    pub hidden: u64,
+    pub heads: u64,
+}
+
+impl VisionOut {
+    pub fn of(model: &ModelSpec) -> Option<VisionOut> {
+        let ModelSpec::Transformer(t) = model else {
+            return None;
+        };
+        let v = t.extras.vision.as_deref()?;
+        Some(VisionOut {
+            tower_params: v.encoder_params(),
+            projector_params: v.projector,
+            images_per_sample: v.images,
+            tower_tokens_per_image: v.tokens(),
+            layers: v.layers,
+            hidden: v.hidden,
+            heads: v.heads,
         })
     }
 }
@@ -658,6 +696,27 @@ fn attention_caveats(
     )])
 }
 
+/// What a vision-language plan assumes about the images: the tower's passes per sample, and
+/// that `--seq` already holds the image tokens the projector inserts.
+fn vision_note(model: &ModelSpec, train: &TrainSpec) -> Option<String> {
+    let ModelSpec::Transformer(t) = model else {
+        return None;
+    };
+    let v = t.extras.vision.as_deref()?;
+    Some(format!(
+        "vision-language model: per sample the vision tower encodes {} image(s) of {} tokens \
+         ({}x{} pixels; --images sets the count), planned as a {}-layer ViT beside the language \
+         model, whose --seq {} must already count the image tokens the projector inserts; with \
+         LoRA/QLoRA the tower is frozen and unadapted (it then saves nothing for backward)",
+        v.images,
+        v.tokens(),
+        v.image,
+        v.image,
+        v.layers,
+        train.seq
+    ))
+}
+
 /// Plans one training job. Validates the model and the training configuration first.
 pub fn estimate(
     model: &ModelSpec,
@@ -772,12 +831,14 @@ pub fn estimate(
         ),
         step_time: step,
         moe: MoeOut::of(model),
+        vision: VisionOut::of(model),
         checkpoint: None,
         offload_time: finetune::offload_time(model, train, &opts.finetune),
         recommendation: recommend(verdict.as_ref(), train, &gpu_choice, opts.choose_gpus),
         notes: {
             let mut n = counterintuitive(train, &memory, &ev)?;
             n.extend(attention_caveats(model, train, &memory, &ev)?);
+            n.extend(vision_note(model, train));
             if opts.finetune.paged_optimizer {
                 n.push("paged optimizer: bitsandbytes keeps the optimizer states in CUDA unified memory and pages them to host RAM only under memory pressure; planned as resident (no saving counted)".into());
             }

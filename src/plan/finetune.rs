@@ -748,6 +748,13 @@ pub fn terms(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> anyhow::Res
         params: s.trainable,
         states: states(model, train, ft),
         features: f,
+        // adapters go on the language model: a frozen vision tower whose input needs no
+        // gradient records nothing for backward; a partly frozen model trains its tower
+        vision: if ft.is_adapter() {
+            None
+        } else {
+            crate::plan::memory::vision_features(model, train)?
+        },
     })
 }
 

@@ -8,7 +8,7 @@
 use crate::coeffs::{ActivationCoeffs, BlockCoeffs, Coefficients};
 use crate::error::input_err;
 use crate::plan::{
-    deberta_saved, departures, encdec, encdec_saved, measured, mla_saved, moe, params,
+    deberta_saved, departures, encdec, encdec_saved, measured, mla_saved, moe, params, vision,
 };
 use crate::spec::encdec::EncDec;
 use crate::spec::transformer::{Activation, BlockKind, FfnKind, Head, TransformerSpec};
@@ -195,20 +195,7 @@ impl Features {
 
     pub fn activation_bytes(&self, a: &ActivationCoeffs) -> f64 {
         let ws = a.c_workspace.value;
-        let once = match (self.measured_saved, self.measured(a)) {
-            (Some(k), _) => k.once,
-            (None, Some(m)) => self.once_bytes(m),
-            (None, None) => 0.0,
-        };
-        let common = once
-            + self.ckpt_bsh * a.c_ckpt.value
-            + self.conv * a.c_conv.value
-            + self.norm * a.c_norm.value
-            + self.act * a.c_act.value
-            + self.pool * a.c_pool.value
-            + self.input * a.c_input.value
-            + self.gathered * a.c_gathered.value
-            + self.adapter_bytes;
+        let common = self.common_bytes(a);
         if self.phased {
             let (head, block) = self.phase_peaks(a);
             common + head.max(block)
@@ -216,6 +203,36 @@ impl Features {
             let (head, block) = self.saved_bytes(a);
             common + head + block + self.workspace * ws
         }
+    }
+
+    /// What stays saved between this model's forward and its backward, without the backward's
+    /// temporaries: every block's tensors, or under full checkpointing the stored block inputs.
+    pub fn resident_bytes(&self, a: &ActivationCoeffs) -> f64 {
+        let common = self.common_bytes(a);
+        if self.phased {
+            common
+        } else {
+            let (head, block) = self.saved_bytes(a);
+            common + head + block
+        }
+    }
+
+    /// The bytes held through the whole step whatever the phase: once-per-model tensors, stored
+    /// block inputs, CNN features, the input batch, ZeRO-3 gathers and the adapters' bytes.
+    fn common_bytes(&self, a: &ActivationCoeffs) -> f64 {
+        let once = match (self.measured_saved, self.measured(a)) {
+            (Some(k), _) => k.once,
+            (None, Some(m)) => self.once_bytes(m),
+            (None, None) => 0.0,
+        };
+        once + self.ckpt_bsh * a.c_ckpt.value
+            + self.conv * a.c_conv.value
+            + self.norm * a.c_norm.value
+            + self.act * a.c_act.value
+            + self.pool * a.c_pool.value
+            + self.input * a.c_input.value
+            + self.gathered * a.c_gathered.value
+            + self.adapter_bytes
     }
 
     /// 1 when dropout keeps masks, else 0: multiplies the block's dropout terms.
@@ -381,6 +398,21 @@ fn update_transient(model: &ModelSpec, train: &TrainSpec) -> f64 {
 pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features> {
     let b = train.batch as f64;
     match model {
+        // a vision-language model: its language model's features here (the tower's are
+        // `vision_features`), with the optimizer's group-wide temporaries over every parameter
+        ModelSpec::Transformer(t) if t.extras.vision.is_some() => {
+            let lm = TransformerSpec {
+                extras: crate::spec::transformer::BlockExtras {
+                    vision: None,
+                    ..t.extras.clone()
+                },
+                ..t.clone()
+            };
+            Ok(Features {
+                group_update_bytes: group_update(params::count(model), train),
+                ..features(&ModelSpec::Transformer(lm), train)?
+            })
+        }
         ModelSpec::Transformer(t) if t.extras.enc_dec.is_some() => {
             let e = t.extras.enc_dec.as_deref().expect("matched");
             encdec_features(model, t, e, train)
@@ -644,6 +676,31 @@ fn encdec_features(
     })
 }
 
+/// A vision-language model's vision tower: the activation features of its encoder as a ViT of
+/// `batch x images` samples at the tower's image size (its measured block is the ViT one), for
+/// the tower's own bytes beside the language model's ([`FitTerms::activation_bytes`]). The
+/// step-level terms (ZeRO-3 gathers, the optimizer's transients, a tied embedding's gradients)
+/// are the whole model's and stay with the language model's features. `None` without a tower.
+pub fn vision_features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Option<Features>> {
+    let ModelSpec::Transformer(t) = model else {
+        return Ok(None);
+    };
+    let Some(v) = t.extras.vision.as_deref() else {
+        return Ok(None);
+    };
+    let f = features(
+        &ModelSpec::Transformer(vision::stack(v, &t.name)),
+        &vision::train(v, train),
+    )?;
+    Ok(Some(Features {
+        gathered: 0.0,
+        max_param: 0.0,
+        group_update_bytes: 0.0,
+        tied_grad_elems: 0.0,
+        ..f
+    }))
+}
+
 /// Model-state bytes on one rank, before the fitted half-copy coefficient is applied.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct StateBytes {
@@ -736,6 +793,9 @@ pub struct FitTerms {
     pub params: u64,
     pub states: StateBytes,
     pub features: Features,
+    /// a vision-language model's vision tower ([`vision_features`]); `None` otherwise, and
+    /// when the tower is frozen without adapters (it then saves nothing for backward)
+    pub vision: Option<Features>,
 }
 
 pub fn fit_terms(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<FitTerms> {
@@ -744,7 +804,23 @@ pub fn fit_terms(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<FitTerm
         params,
         states: rank_state_bytes(model, params, train),
         features: features(model, train)?,
+        vision: vision_features(model, train)?,
     })
+}
+
+impl FitTerms {
+    /// Activation bytes at the step's activation peak. With a vision tower, the tower's forward
+    /// runs first and its backward last: while the language model's backward peaks, the tower
+    /// holds what it saved (under full checkpointing, its block inputs); its own backward
+    /// happens after the language model's activations are freed, so the peak is the larger of
+    /// the two phases.
+    pub fn activation_bytes(&self, a: &ActivationCoeffs) -> f64 {
+        let lm = self.features.activation_bytes(a);
+        match &self.vision {
+            None => lm,
+            Some(v) => (lm + v.resident_bytes(a)).max(v.activation_bytes(a)),
+        }
+    }
 }
 
 /// The largest byte count a plan reports: 1 EiB, far above any machine. A component above it is
@@ -868,7 +944,7 @@ impl LiveParts {
     /// The parts of a configuration's step under the activation coefficients `a`.
     pub fn of(terms: &FitTerms, a: &ActivationCoeffs) -> Self {
         Self {
-            activations: terms.features.activation_bytes(a),
+            activations: terms.activation_bytes(a),
             gradients: terms.states.gradients,
             tied_gradients: tied_gradient_bytes(terms),
             half_copy: a.half_copy.value * terms.states.half_copy,

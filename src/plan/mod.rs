@@ -21,3 +21,4 @@ pub mod seed;
 pub mod step_time;
 pub mod storage;
 pub mod time;
+pub mod vision;

@@ -38,6 +38,9 @@ pub struct TransformerParams {
     pub matmul: u64,
     /// of `matmul`: the block linears' weights over all blocks
     pub block_matmul: u64,
+    /// vision-language models: the vision tower and multimodal projector (in `total` and
+    /// `active`, not in `matmul`, which multiplies the language model's tokens); 0 otherwise
+    pub vision: u64,
 }
 
 fn norm_params(kind: NormKind, h: u64) -> u64 {
@@ -164,6 +167,7 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
         + moe_layers * (attn_w + moe_active)
         + decoder_layers * (2 * attn_w + mlp_w);
     let decoder = decoder_layers * decoder_per_layer;
+    let vision = x.vision.as_ref().map_or(0, |v| v.params());
     TransformerParams {
         embedding,
         attention_per_layer,
@@ -173,19 +177,22 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
         active: outside
             + dense_layers * per_layer
             + moe_layers * (per_layer - mlp_per_layer + moe_active)
-            + decoder,
+            + decoder
+            + vision,
         norms_per_layer,
         final_norm,
         head,
         total: outside
             + dense_layers * per_layer
             + moe_layers * (per_layer - mlp_per_layer + moe_mlp)
-            + decoder,
+            + decoder
+            + vision,
         decoder_layers,
         decoder_per_layer,
         rel_bias,
         matmul: block_matmul + head_matmul + patch_w + proj,
         block_matmul,
+        vision,
     }
 }
 

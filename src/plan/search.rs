@@ -71,6 +71,7 @@ impl<'a> Evaluator<'a> {
                 params: self.params,
                 states: crate::plan::memory::rank_state_bytes(self.model, self.params, train),
                 features: features(self.model, train)?,
+                vision: crate::plan::memory::vision_features(self.model, train)?,
             }
         } else {
             crate::plan::finetune::terms(self.model, train, &self.finetune)?

@@ -14,9 +14,10 @@ pub fn step_flops(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<StepFl
         ModelSpec::Transformer(t) => {
             let s = t.effective_seq(train.seq, train.image) as f64;
             let p = params::transformer(t).matmul as f64;
+            let (vision_dense, vision_attention) = crate::plan::vision::flops(t, train);
             (
-                6.0 * p * b * s,
-                12.0 * t.layers as f64 * b * s * s * t.hidden as f64,
+                6.0 * p * b * s + vision_dense,
+                12.0 * t.layers as f64 * b * s * s * t.hidden as f64 + vision_attention,
             )
         }
         ModelSpec::Cnn(c) => (6.0 * c.walk(train.image)?.macs as f64 * b, 0.0),
@@ -70,7 +71,9 @@ pub fn finetune_flops(
     let l = t.layers as f64;
     let dense = if ft.is_adapter() {
         let s = crate::plan::finetune::split(model, ft);
+        // adapters sit on the language model: the frozen vision tower runs forward only
         tokens * (4.0 * p.matmul as f64 - 2.0 * n * block_mm + 6.0 * s.trainable as f64)
+            + crate::plan::vision::flops(t, train).0 / 3.0
     } else {
         flops.dense - 4.0 * n * block_mm * tokens
     };

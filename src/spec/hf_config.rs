@@ -9,6 +9,7 @@
 //! input error naming it, so a user can fix the file rather than get a silently wrong plan.
 
 use super::encdec::EncDec;
+use super::hf_keys::{field_name, opt_bool, opt_u64, req_u64, Obj};
 use super::moe::{CapacityFactor, Mla, Moe};
 use super::presets;
 use super::transformer::{
@@ -16,7 +17,7 @@ use super::transformer::{
     QkNorm, TransformerSpec,
 };
 use crate::error::{input_err, rename_field};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::path::Path;
 
 /// Architectures accepted in `model_type`.
@@ -25,33 +26,8 @@ pub const MODEL_TYPES: &str =
      starcoder2, vit, llama, mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, \
      granite, smollm3, gpt_oss, \
      phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, \
-     qwen3_moe, deepseek_v2, deepseek_v3, t5, mt5, bart";
-
-type Obj = Map<String, Value>;
-
-fn field_name(f: &str) -> String {
-    format!("config.json {f}")
-}
-
-fn opt_u64(o: &Obj, f: &str) -> anyhow::Result<Option<u64>> {
-    match o.get(f) {
-        None | Some(Value::Null) => Ok(None),
-        Some(v) => match v.as_u64() {
-            Some(n) => Ok(Some(n)),
-            None => input_err(
-                &field_name(f),
-                format!("{v} is not a count; accepted a non-negative integer"),
-            ),
-        },
-    }
-}
-
-fn req_u64(o: &Obj, f: &str) -> anyhow::Result<u64> {
-    match opt_u64(o, f)? {
-        Some(n) => Ok(n),
-        None => input_err(&field_name(f), "missing; accepted a non-negative integer"),
-    }
-}
+     qwen3_moe, deepseek_v2, deepseek_v3, t5, mt5, bart, gemma3, paligemma, llava, \
+     llava_next";
 
 /// A size that must be at least 1 (a zero-length position table is a broken config).
 fn req_pos(o: &Obj, f: &str) -> anyhow::Result<u64> {
@@ -75,17 +51,6 @@ fn softcap_on(o: &Obj, f: &str, default: bool) -> anyhow::Result<bool> {
                 format!("{v} is not a soft-capping value; accepted a positive number or null"),
             ),
         },
-    }
-}
-
-fn opt_bool(o: &Obj, f: &str, default: bool) -> anyhow::Result<bool> {
-    match o.get(f) {
-        None | Some(Value::Null) => Ok(default),
-        Some(Value::Bool(b)) => Ok(*b),
-        Some(v) => input_err(
-            &field_name(f),
-            format!("{v} is not a boolean; accepted true or false"),
-        ),
     }
 }
 
@@ -121,6 +86,11 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
             "not a JSON object; accepted a HuggingFace config.json",
         );
     };
+    parse_obj(&o, name)
+}
+
+/// Parses a config.json object (a whole file, or a vision-language wrapper's `text_config`).
+fn parse_obj(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
     let model_type = match o.get("model_type") {
         Some(Value::String(s)) => s.to_ascii_lowercase(),
         Some(v) => {
@@ -136,23 +106,28 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
             )
         }
     };
+    // vision-language wrappers: their language model, read from `text_config` by this parser,
+    // with the vision tower in front
+    if super::hf_vision::WRAPPERS.contains(&model_type.as_str()) {
+        return super::hf_vision::parse(o, name, &model_type, parse_obj);
+    }
     let spec = match model_type.as_str() {
         // RoBERTa and its multilingual/French variants are BERT's architecture under BERT's
         // config keys (one token type, two extra position rows for the padding offset)
-        "bert" | "roberta" | "xlm-roberta" | "camembert" => bert(&o, name)?,
-        "gpt2" => gpt2(&o, name)?,
+        "bert" | "roberta" | "xlm-roberta" | "camembert" => bert(o, name)?,
+        "gpt2" => gpt2(o, name)?,
         // GPT-2's keys and block, with multi-query attention (one shared key/value head)
         "gpt_bigcode" => TransformerSpec {
-            kv_heads: if opt_bool(&o, "multi_query", true)? {
+            kv_heads: if opt_bool(o, "multi_query", true)? {
                 1
             } else {
-                req_u64(&o, "n_head")?
+                req_u64(o, "n_head")?
             },
-            ..gpt2(&o, name)?
+            ..gpt2(o, name)?
         },
         // one fused query_key_value projection, whose value view sdpa keeps
         "gpt_neox" => {
-            let t = rotary_gelu_decoder(&o, name, "attention_bias", false)?;
+            let t = rotary_gelu_decoder(o, name, "attention_bias", false)?;
             TransformerSpec {
                 extras: BlockExtras {
                     fused_qkv: true,
@@ -163,7 +138,7 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
         }
         // separate q, k and v projections
         "starcoder2" => {
-            let t = rotary_gelu_decoder(&o, name, "use_bias", true)?;
+            let t = rotary_gelu_decoder(o, name, "use_bias", true)?;
             TransformerSpec {
                 extras: BlockExtras {
                     separate_qkv: true,
@@ -172,28 +147,28 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
                 ..t
             }
         }
-        "vit" => vit(&o, name)?,
+        "vit" => vit(o, name)?,
         // Phi-3 fuses q/k/v and gate/up into single matrices of the same total size
         // Gemma: RMSNorm and a gated (GELU) MLP of three matrices, like Llama's
         // Qwen3, Gemma2/3 and OLMo2: the same block with query/key norms and extra norms
         // Granite's embedding, residual, attention and logit multipliers are scalars (no
         // parameters, nothing saved) and SmolLM3's RoPE-free layers change no shapes
         "llama" | "mistral" | "qwen2" | "phi3" | "gemma" | "qwen3" | "gemma2" | "gemma3_text"
-        | "olmo2" | "granite" | "smollm3" => llama_like(&o, name, &model_type)?,
+        | "olmo2" | "granite" | "smollm3" => llama_like(o, name, &model_type)?,
         // the same blocks with a mixture-of-experts feed-forward
-        "deepseek_v2" | "deepseek_v3" => deepseek(&o, name, &model_type)?,
-        "t5" | "mt5" => t5(&o, name)?,
-        "bart" => bart(&o, name)?,
+        "deepseek_v2" | "deepseek_v3" => deepseek(o, name, &model_type)?,
+        "t5" | "mt5" => t5(o, name)?,
+        "bart" => bart(o, name)?,
         // gpt-oss: biased q/k/v/o, per-head sink logits, MoE with biased fused experts and a
         // biased router; transformers has no sdpa path for its sinks, but FlashAttention kernels
         // that take them (planned as sdpa, with a note: `estimate::attention_caveats`)
         "gpt_oss" => {
-            let base = llama_like(&o, name, &model_type)?;
+            let base = llama_like(o, name, &model_type)?;
             let m = Moe {
                 expert_bias: true,
                 router_bias: true,
                 clamped_glu: true,
-                ..moe(&o, &model_type, base.layers)?
+                ..moe(o, &model_type, base.layers)?
             };
             TransformerSpec {
                 extras: BlockExtras {
@@ -205,20 +180,20 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
             }
         }
         "mixtral" | "qwen2_moe" | "qwen3_moe" => {
-            let base = llama_like(&o, name, &model_type)?;
+            let base = llama_like(o, name, &model_type)?;
             TransformerSpec {
                 extras: BlockExtras {
-                    moe: Some(Box::new(moe(&o, &model_type, base.layers)?)),
+                    moe: Some(Box::new(moe(o, &model_type, base.layers)?)),
                     ..base.extras
                 },
                 ..base
             }
         }
-        "phi" => phi(&o, name)?,
-        "bloom" => bloom(&o, name)?,
+        "phi" => phi(o, name)?,
+        "bloom" => bloom(o, name)?,
         // Llama's block with parameter-free LayerNorms (OLMo v1)
         "olmo" => {
-            let base = llama_like(&o, name, &model_type)?;
+            let base = llama_like(o, name, &model_type)?;
             TransformerSpec {
                 final_norm: false,
                 extras: BlockExtras {
@@ -228,12 +203,12 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
                 ..base
             }
         }
-        "distilbert" => distilbert(&o, name)?,
-        "electra" => electra(&o, name)?,
-        "deberta-v2" => deberta_v2(&o, name)?,
-        "opt" => opt(&o, name)?,
-        "gptj" => gptj(&o, name)?,
-        "falcon" => falcon(&o, name)?,
+        "distilbert" => distilbert(o, name)?,
+        "electra" => electra(o, name)?,
+        "deberta-v2" => deberta_v2(o, name)?,
+        "opt" => opt(o, name)?,
+        "gptj" => gptj(o, name)?,
+        "falcon" => falcon(o, name)?,
         other => {
             return input_err(
                 "config.json model_type",
@@ -245,10 +220,10 @@ pub fn parse(text: &str, name: &str) -> anyhow::Result<TransformerSpec> {
         }
     };
     let spec = TransformerSpec {
-        dropout: dropout(&o, &model_type)?,
+        dropout: dropout(o, &model_type)?,
         // a family parser's own reading (T5's `feed_forward_proj`) stands when the config's
         // activation keys are absent
-        activation: activation(&o, &model_type)?.or(spec.activation),
+        activation: activation(o, &model_type)?.or(spec.activation),
         ..spec
     };
     spec.validate()
@@ -1374,7 +1349,7 @@ mod tests {
              xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, starcoder2, vit, llama, \
              mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, granite, smollm3, \
              gpt_oss, phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, qwen3_moe, \
-             deepseek_v2, deepseek_v3, t5, mt5, bart (for any other checkpoint, `--safetensors` \
+             deepseek_v2, deepseek_v3, t5, mt5, bart, gemma3, paligemma, llava, llava_next (for any other checkpoint, `--safetensors` \
              counts its parameters from the weights' headers)"
         );
         let err = parse(r#"{"model_type":"opt","hidden_size":64}"#, "x").unwrap_err();

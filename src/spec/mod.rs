@@ -1,14 +1,18 @@
 //! What is being trained. One set of spec types shared by the planner and the harness.
 
+pub mod activation;
 pub mod cnn;
 pub mod cnn_file;
 pub mod encdec;
 pub mod hf_config;
+pub mod hf_keys;
+pub mod hf_vision;
 pub mod moe;
 pub mod presets;
 pub mod safetensors;
 pub mod train;
 pub mod transformer;
+pub mod vision;
 
 pub use cnn::CnnSpec;
 pub use train::{Attention, Checkpointing, Optimizer, OptimizerImpl, Precision, TrainSpec};

@@ -3,6 +3,8 @@
 use crate::error::{check_range, input_err};
 use serde::{Deserialize, Serialize};
 
+pub use super::activation::Activation;
+
 /// Encoder (BERT, ViT: bidirectional) or decoder (GPT, Llama: causal mask, LM head).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -17,70 +19,6 @@ pub enum Arch {
 pub enum FfnKind {
     Gelu,
     Swiglu,
-}
-
-/// The MLP's activation function as transformers names it (`hidden_act` / `activation_function`),
-/// because the frameworks implement them differently and that changes what backward keeps:
-/// `gelu` (erf) and `gelu_pytorch_tanh` are one fused ATen op that saves only its input, while
-/// `gelu_new`, `gelu_fast` and `quick_gelu` are composed of small elementwise ops in Python, each
-/// of which saves its own full-width operand. SwiGLU blocks use `silu` on the gate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Activation {
-    Gelu,
-    GeluPytorchTanh,
-    GeluNew,
-    GeluFast,
-    QuickGelu,
-    Relu,
-    Silu,
-}
-
-impl Activation {
-    pub const ALL: [Activation; 7] = [
-        Activation::Gelu,
-        Activation::GeluPytorchTanh,
-        Activation::GeluNew,
-        Activation::GeluFast,
-        Activation::QuickGelu,
-        Activation::Relu,
-        Activation::Silu,
-    ];
-
-    /// transformers' name (`ACT2FN` key)
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Activation::Gelu => "gelu",
-            Activation::GeluPytorchTanh => "gelu_pytorch_tanh",
-            Activation::GeluNew => "gelu_new",
-            Activation::GeluFast => "gelu_fast",
-            Activation::QuickGelu => "quick_gelu",
-            Activation::Relu => "relu",
-            Activation::Silu => "silu",
-        }
-    }
-
-    /// The accepted names, comma-separated, for error messages.
-    pub fn accepted() -> String {
-        let names: Vec<&str> = Self::ALL.iter().map(|a| a.as_str()).collect();
-        names.join(", ")
-    }
-
-    /// Parses transformers' name (case-insensitive); `swish` is transformers' alias of `silu`.
-    /// `None` for a name the planner has no measurement of.
-    pub fn from_name(name: &str) -> Option<Activation> {
-        let n = name.trim().to_ascii_lowercase();
-        if n == "swish" {
-            return Some(Activation::Silu);
-        }
-        Self::ALL.into_iter().find(|a| a.as_str() == n)
-    }
-}
-
-impl std::fmt::Display for Activation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
 }
 
 /// A dropout probability in [0, 1). Memory depends only on whether it is zero: PyTorch's
@@ -232,6 +170,9 @@ pub struct BlockExtras {
     /// `moe.dense_layers` of them): Mixtral, Qwen2-MoE, Qwen3-MoE.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub moe: Option<Box<super::moe::Moe>>,
+    /// A vision tower and projector in front of these (language-model) blocks: Gemma 3, LLaVA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vision: Option<Box<super::vision::VisionTower>>,
 }
 
 /// What sits between the last block and the head's projection.
@@ -446,6 +387,9 @@ impl TransformerSpec {
         }
         if let Some(e) = &self.extras.enc_dec {
             e.validate(MAX_LAYERS)?;
+        }
+        if let Some(v) = &self.extras.vision {
+            v.validate(MAX_LAYERS, MAX_HIDDEN)?;
         }
         if self.extras.head_dim.is_none() && !self.hidden.is_multiple_of(self.heads) {
             return input_err(

@@ -125,3 +125,19 @@ pub fn saved_row_train(r: &std::collections::HashMap<String, String>) -> vramcal
         ..vramcal::spec::TrainSpec::default()
     }
 }
+
+/// The literature's activation coefficients at `precision` as a CPU plans them: its
+/// CPU-measured blocks as the blocks. Pure bf16 has no CPU set: its Llama block keeps on a CPU
+/// what it keeps on CUDA (no dropout; the softmax is fp32 by transformers' own cast).
+pub fn cpu_activation(
+    lit: &vramcal::coeffs::Coefficients,
+    precision: vramcal::spec::Precision,
+) -> vramcal::coeffs::ActivationCoeffs {
+    let mut a = lit
+        .mode(vramcal::spec::Family::Transformer, precision)
+        .activation;
+    if !a.cpu_blocks.is_empty() {
+        a.blocks = std::mem::take(&mut a.cpu_blocks);
+    }
+    a
+}

@@ -34,5 +34,6 @@ mod planner_mla;
 mod planner_model;
 mod planner_moe;
 mod planner_props;
+mod planner_vlm;
 mod report_end_to_end;
 mod safetensors_cli;

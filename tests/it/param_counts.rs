@@ -43,7 +43,11 @@ fn more_published_counts() {
 /// mT5 and BART as *ForConditionalGeneration, both stacks; transformers 5 ties T5's and mT5's LM
 /// head to the shared embedding whatever `tie_word_embeddings` says (so mT5-small is 172M here,
 /// not transformers 4's 300M with its separate head). Granite-3.1-2B and SmolLM3-3B (Llama's
-/// block; SmolLM3 ties its head by its config class's default) likewise.
+/// block; SmolLM3 ties its head by its config class's default) likewise. The vision-language
+/// wrappers (Gemma-3-4B/27B-it, LLaVA-1.5-7B, LLaVA-v1.6-Mistral-7B, PaliGemma-3B-224) are their
+/// published config.json files, which leave most sub-config keys at the classes' defaults, counted
+/// as *ForConditionalGeneration (tower, projector, language model); the cards state 4.3B, 27.4B,
+/// 7.06B, 7.57B and 2.92B.
 #[test]
 fn hf_config_families_count_like_transformers() {
     let cases = [
@@ -75,6 +79,11 @@ fn hf_config_families_count_like_transformers() {
         ("bart-base", 139_420_416),
         ("granite-3.1-2b", 2_533_531_648),
         ("smollm3-3b", 3_075_098_624),
+        ("gemma-3-4b-it", 4_300_079_472),
+        ("gemma-3-27b-it", 27_432_406_640),
+        ("llava-1.5-7b", 7_063_427_072),
+        ("llava-v1.6-mistral-7b", 7_566_747_648),
+        ("paligemma-3b-pt-224", 2_923_466_480),
     ];
     for (name, want) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

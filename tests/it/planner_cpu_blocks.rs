@@ -5,12 +5,13 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use vramcal::coeffs::{ActivationCoeffs, Coefficients};
+use vramcal::coeffs::Coefficients;
 use vramcal::plan::memory;
 use vramcal::spec::presets::preset;
 use vramcal::spec::transformer::{Activation, BlockKind, DropoutP};
 use vramcal::spec::{Attention, Family, ModelSpec, Precision, TrainSpec};
 
+use crate::common::cpu_activation;
 use crate::common::data_rows as csv_rows;
 
 /// The training step a saved-bytes row measured: its batch and sequence, `precision`, and the
@@ -24,17 +25,6 @@ fn row_train(r: &HashMap<String, String>, precision: Precision) -> TrainSpec {
         attention: attention.kernels_on(true, num(r, "attn_dropout") > 0.0),
         ..TrainSpec::default()
     }
-}
-
-/// The literature's activation coefficients at `precision` as a CPU plans them: its
-/// CPU-measured blocks as the blocks. Pure bf16 has no CPU set: its Llama block keeps on a CPU
-/// what it keeps on CUDA (no dropout; the softmax is fp32 by transformers' own cast).
-fn cpu_activation(lit: &Coefficients, precision: Precision) -> ActivationCoeffs {
-    let mut a = lit.mode(Family::Transformer, precision).activation;
-    if !a.cpu_blocks.is_empty() {
-        a.blocks = std::mem::take(&mut a.cpu_blocks);
-    }
-    a
 }
 
 /// A saved-bytes row's model, from its family's `config` as a user's config.json reaches the

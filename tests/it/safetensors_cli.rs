@@ -285,7 +285,9 @@ fn unknown_architecture_points_to_safetensors_and_exits_2() {
     assert!(
         err.starts_with(
             "error: invalid config.json model_type: 'mamba' is not supported; accepted bert, "
-        ) && err.contains("bart (for any other checkpoint, `--safetensors` counts its parameters"),
+        ) && err.contains(
+            "llava_next (for any other checkpoint, `--safetensors` counts its parameters"
+        ),
         "{err}"
     );
 }

@@ -1,0 +1,58 @@
+//! A vision-language model's vision tower as the planner prices it: the encoder as a ViT spec
+//! (whose measured block is the ViT one) for its activations (`plan::memory::vision_features`),
+//! and its training FLOPs (`plan::time`).
+
+use crate::spec::presets;
+use crate::spec::transformer::{DropoutP, Head, PatchEmbed, TransformerSpec};
+use crate::spec::vision::VisionTower;
+use crate::spec::TrainSpec;
+
+/// The tower's encoder as a ViT, priced at `batch x images` samples of one image each. Its
+/// pooler head stands for the final norm (b·h elements, nothing next to the blocks).
+pub fn stack(v: &VisionTower, name: &str) -> TransformerSpec {
+    TransformerSpec {
+        ffn: v.ffn,
+        head: Head::Pooler,
+        dropout: Some(DropoutP(0.0)),
+        activation: Some(v.activation),
+        patch: Some(PatchEmbed {
+            image: v.image,
+            patch: v.patch,
+            channels: v.channels,
+        }),
+        ..presets::vit(
+            &format!("{name} vision tower"),
+            v.layers,
+            v.hidden,
+            v.heads,
+            v.image,
+            v.patch,
+            1,
+        )
+    }
+}
+
+/// The training step the tower takes: `batch x images` images at its own image size.
+pub fn train(v: &VisionTower, train: &TrainSpec) -> TrainSpec {
+    TrainSpec {
+        batch: train.batch.saturating_mul(v.images),
+        image: v.image,
+        seq: v.tokens(),
+        ..train.clone()
+    }
+}
+
+/// The tower's (dense, attention) FLOPs of forward + backward: its linears and patch projection
+/// over every patch token of the `batch x images` images, and its attention core. (0, 0)
+/// without a tower.
+pub fn flops(t: &TransformerSpec, train: &TrainSpec) -> (f64, f64) {
+    let Some(v) = t.extras.vision.as_deref() else {
+        return (0.0, 0.0);
+    };
+    let images = train.batch as f64 * v.images as f64;
+    let tokens = v.tokens() as f64;
+    (
+        6.0 * v.matmul_per_token() as f64 * images * tokens,
+        12.0 * v.layers as f64 * images * tokens * tokens * v.hidden as f64,
+    )
+}

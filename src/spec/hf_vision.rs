@@ -1,0 +1,301 @@
+//! HuggingFace config.json of vision-language wrappers -> the language model's spec with a
+//! [`VisionTower`]: Gemma 3 (`gemma3`: SigLIP + Gemma 3), PaliGemma (`paligemma`: SigLIP +
+//! Gemma or Gemma 2), LLaVA-1.5 and LLaVA-NeXT (`llava`, `llava_next`: CLIP + Llama, Vicuna or
+//! Mistral). The wrappers' files list only the sub-config keys that differ from the config
+//! classes' defaults (gemma-3-4b-it's `text_config` has no `vocab_size`, llava-1.5-7b-hf's has
+//! no widths at all), so each sub-config is read over its class's defaults, as transformers
+//! builds it; the defaults below are transformers 5.24's.
+
+use super::activation::Activation;
+use super::hf_keys::{opt_bool, opt_u64, req_u64, Obj};
+use super::transformer::{TransformerSpec, MAX_HIDDEN, MAX_LAYERS};
+use super::vision::VisionTower;
+use crate::error::{input_err, rename_field};
+use serde_json::Value;
+
+/// The wrappers' `model_type`s.
+pub const WRAPPERS: [&str; 4] = ["gemma3", "paligemma", "llava", "llava_next"];
+
+/// Config-class defaults of the language models the wrappers carry, for the keys the planner
+/// reads. Only true class defaults: Llama's `head_dim` and `num_key_value_heads` default to
+/// `hidden_size / num_attention_heads` and `num_attention_heads`, which the parser derives.
+fn text_defaults(model_type: &str) -> Option<&'static str> {
+    Some(match model_type {
+        "gemma3_text" => {
+            r#"{"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+            "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+            "head_dim": 256, "max_position_embeddings": 131072}"#
+        }
+        "gemma" => {
+            r#"{"vocab_size": 256000, "hidden_size": 3072, "intermediate_size": 24576,
+            "num_hidden_layers": 28, "num_attention_heads": 16, "num_key_value_heads": 16,
+            "head_dim": 256, "max_position_embeddings": 8192}"#
+        }
+        "gemma2" => {
+            r#"{"vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216,
+            "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4,
+            "head_dim": 256, "max_position_embeddings": 8192}"#
+        }
+        "llama" => {
+            r#"{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048}"#
+        }
+        "mistral" => {
+            r#"{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+            "max_position_embeddings": 131072}"#
+        }
+        _ => return None,
+    })
+}
+
+/// Defaults of the vision towers' config classes.
+fn vision_defaults(model_type: &str) -> Option<&'static str> {
+    Some(match model_type {
+        "siglip_vision_model" => {
+            r#"{"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+            "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 16,
+            "hidden_act": "gelu_pytorch_tanh"}"#
+        }
+        "clip_vision_model" => {
+            r#"{"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+            "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
+            "hidden_act": "quick_gelu"}"#
+        }
+        _ => return None,
+    })
+}
+
+/// Each wrapper's sub-config classes when the file names none, and whether the wrapper ties
+/// the LM head to the embedding by default.
+fn wrapper_defaults(model_type: &str) -> (&'static str, &'static str, bool) {
+    match model_type {
+        "gemma3" => ("gemma3_text", "siglip_vision_model", true),
+        "paligemma" => ("gemma", "siglip_vision_model", true),
+        _ => ("llama", "clip_vision_model", false),
+    }
+}
+
+/// `sub` (the wrapper's `text_config` / `vision_config`) over its class's defaults, with the
+/// class's `model_type`; an input error naming the key when it is not an object or names a
+/// class the planner has no defaults for.
+fn sub_config(
+    o: &Obj,
+    key: &str,
+    default_type: &str,
+    defaults: fn(&str) -> Option<&'static str>,
+    accepted: &str,
+) -> anyhow::Result<Obj> {
+    let given = match o.get(key) {
+        None | Some(Value::Null) => Obj::new(),
+        Some(Value::Object(m)) => m.clone(),
+        Some(v) => {
+            return input_err(
+                &format!("config.json {key}"),
+                format!("{v} is not an object; accepted the sub-model's config"),
+            )
+        }
+    };
+    let model_type = match given.get("model_type") {
+        None | Some(Value::Null) => default_type.to_string(),
+        Some(Value::String(s)) => s.to_ascii_lowercase(),
+        Some(v) => {
+            return input_err(
+                &format!("config.json {key}.model_type"),
+                format!("{v} is not a string; accepted {accepted}"),
+            )
+        }
+    };
+    let Some(text) = defaults(&model_type) else {
+        return input_err(
+            &format!("config.json {key}.model_type"),
+            format!("'{model_type}' is not supported here; accepted {accepted}"),
+        );
+    };
+    let Ok(Value::Object(mut merged)) = serde_json::from_str::<Value>(text) else {
+        unreachable!("the defaults are valid JSON objects")
+    };
+    merged.extend(given);
+    merged.insert("model_type".into(), Value::String(model_type));
+    Ok(merged)
+}
+
+/// Renames `config.json <k>` in an input error to `config.json <key>.<k>`, the key's place in
+/// the wrapper's file.
+fn nested(err: anyhow::Error, key: &str) -> anyhow::Error {
+    rename_field(err, |f| {
+        f.strip_prefix("config.json ")
+            .map(|k| format!("config.json {key}.{k}"))
+    })
+}
+
+/// A wrapper's language model with its vision tower; `parse_text` reads the `text_config` object
+/// as a config.json of its own (`hf_config`'s family parsers).
+pub fn parse(
+    o: &Obj,
+    name: &str,
+    model_type: &str,
+    parse_text: fn(&Obj, &str) -> anyhow::Result<TransformerSpec>,
+) -> anyhow::Result<TransformerSpec> {
+    let (text_type, vision_type, tie_default) = wrapper_defaults(model_type);
+    let text = sub_config(
+        o,
+        "text_config",
+        text_type,
+        text_defaults,
+        "gemma3_text, gemma, gemma2, llama, mistral",
+    )?;
+    let lm = parse_text(&text, name).map_err(|e| nested(e, "text_config"))?;
+    let v = sub_config(
+        o,
+        "vision_config",
+        vision_type,
+        vision_defaults,
+        "siglip_vision_model, clip_vision_model",
+    )?;
+    let tower = tower(&v).map_err(|e| nested(e, "vision_config"))?;
+    let (vh, th) = (tower.hidden, lm.hidden);
+    let bias = opt_bool(o, "multimodal_projector_bias", true)?;
+    let b = |n: u64| if bias { n } else { 0 };
+    let (projector, images) = match model_type {
+        // a vision-width RMSNorm, then a bias-free projection to the text width (after pooling
+        // the patches to `mm_tokens_per_image`)
+        "gemma3" => (vh * th + vh, 1),
+        // one biased linear to `projection_dim`, which must be the text width
+        "paligemma" => {
+            let d = opt_u64(o, "projection_dim")?.unwrap_or(2048);
+            if d != th {
+                return input_err(
+                    "config.json projection_dim",
+                    format!("{d} is not the text model's hidden_size {th}; accepted {th}"),
+                );
+            }
+            (vh * d + d, 1)
+        }
+        // two linears with a GELU between; the first reads one or several of the tower's layers
+        // concatenated (`vision_feature_layer` an index or a list); LLaVA-NeXT adds its
+        // image-newline row and tiles each image into a base view and up to the largest grid's
+        // crops of `image_size`
+        _ => {
+            let feature_layers = match o.get("vision_feature_layer") {
+                Some(Value::Array(a)) if !a.is_empty() => a.len() as u64,
+                _ => 1,
+            };
+            let mlp = vh * feature_layers * th + b(th) + th * th + b(th);
+            if model_type == "llava_next" {
+                (mlp + th, 1 + largest_grid(o, tower.image)?)
+            } else {
+                (mlp, 1)
+            }
+        }
+    };
+    let top_tie = match o.get("tie_word_embeddings") {
+        None | Some(Value::Null) => None,
+        Some(_) => Some(opt_bool(o, "tie_word_embeddings", tie_default)?),
+    };
+    // transformers 5: LLaVA ties when either its own key or the text model's says so; the other
+    // wrappers read only their own key
+    let tied = match (model_type, top_tie) {
+        ("llava", t) => t == Some(true) || lm.tied_embeddings,
+        (_, t) => t.unwrap_or(tie_default),
+    };
+    let mut spec = TransformerSpec {
+        tied_embeddings: tied,
+        ..lm
+    };
+    spec.extras.vision = Some(Box::new(VisionTower {
+        projector,
+        images,
+        ..tower
+    }));
+    spec.validate()?;
+    Ok(spec)
+}
+
+/// The encoder of a SigLIP or CLIP `vision_config` (defaults already merged in).
+fn tower(v: &Obj) -> anyhow::Result<VisionTower> {
+    let clip = v.get("model_type").and_then(Value::as_str) == Some("clip_vision_model");
+    let act = match v.get("hidden_act") {
+        Some(Value::String(s)) => match Activation::from_name(s) {
+            Some(a) => a,
+            None => {
+                return input_err(
+                    "config.json hidden_act",
+                    format!(
+                        "'{s}' is not a modelled activation; accepted {}",
+                        Activation::accepted()
+                    ),
+                )
+            }
+        },
+        Some(other) => {
+            return input_err(
+                "config.json hidden_act",
+                format!(
+                    "{other} is not a string; accepted {}",
+                    Activation::accepted()
+                ),
+            )
+        }
+        None => unreachable!("the defaults set hidden_act"),
+    };
+    let t = VisionTower {
+        layers: req_u64(v, "num_hidden_layers")?,
+        hidden: req_u64(v, "hidden_size")?,
+        heads: req_u64(v, "num_attention_heads")?,
+        ffn: req_u64(v, "intermediate_size")?,
+        activation: act,
+        channels: req_u64(v, "num_channels")?,
+        patch: req_u64(v, "patch_size")?,
+        image: req_u64(v, "image_size")?,
+        class_token: clip,
+        patch_bias: !clip,
+        pre_norm: clip,
+        projector: 0,
+        images: 1,
+    };
+    t.validate(MAX_LAYERS, MAX_HIDDEN).map_err(|e| {
+        rename_field(e, |f| {
+            Some(
+                match f {
+                    "vision layers" => "config.json num_hidden_layers",
+                    "vision hidden" => "config.json hidden_size",
+                    "vision heads" => "config.json num_attention_heads",
+                    "vision ffn" => "config.json intermediate_size",
+                    "vision channels" => "config.json num_channels",
+                    "vision patch" => "config.json patch_size",
+                    "vision image" => "config.json image_size",
+                    _ => return None,
+                }
+                .to_string(),
+            )
+        })
+    })?;
+    Ok(t)
+}
+
+/// LLaVA-NeXT's crops per image at most: the largest `image_grid_pinpoints` resolution in tiles
+/// of `image` pixels (transformers' default grid tops out at 672 x 672, 4 crops of 336).
+fn largest_grid(o: &Obj, image: u64) -> anyhow::Result<u64> {
+    let bad = |v: &Value| {
+        input_err(
+            "config.json image_grid_pinpoints",
+            format!("{v} is not a list of [height, width] pairs; accepted pairs of pixel sizes"),
+        )
+    };
+    let pins = match o.get("image_grid_pinpoints") {
+        None | Some(Value::Null) => return Ok(4),
+        Some(Value::Array(a)) => a,
+        Some(v) => return bad(v),
+    };
+    let mut most = 1;
+    for p in pins {
+        let pair = p
+            .as_array()
+            .filter(|a| a.len() == 2)
+            .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)));
+        let Some((h, w)) = pair else { return bad(p) };
+        most = most.max(h.div_ceil(image) * w.div_ceil(image));
+    }
+    Ok(most)
+}
