@@ -55,8 +55,9 @@ sweep FAMILY_GRID at their config classes' defaults (MoE: 4 or 8 small experts, 
 with position_buckets moved too (the rows add position_buckets); --arch deepseek-mla (DeepSeek-V2's
 latent attention, every block dense) sweeps mla_grid() (the rows add mla: kv rank / q rank / nope /
 rope / v widths).
-The vision-language wrappers (--arch gemma3-vlm|llava) sweep vlm_grid(): a Gemma 3 or Llama
-language model with a SigLIP or CLIP tower (the rows add vision: tower layers / width / MLP /
+The vision-language wrappers (--arch gemma3-vlm|llava|qwen2-vl|qwen2.5-vl) sweep vlm_grid(): a
+Gemma 3, Llama or Qwen2 language model with a SigLIP, CLIP or Qwen tower (Qwen: one vision-start
+token before each image's merged tokens, a quarter of its patches) (the rows add vision: tower layers / width / MLP /
 heads / image side / images per sample / Gemma 3's pooled tokens per image); s counts the image
 tokens. The encoder-decoders (--arch t5|t5-gated|bart) sweep their own grid (encoder and decoder depth,
 input and target length moved apart; the rows add decoder_layers and target_len), and
@@ -116,9 +117,10 @@ MLA_ARCHS = ("deepseek-mla",)
 # of the config (T5 dropout_rate; BART dropout, attention_dropout, activation_dropout): what
 # plan::encdec's per-stack bytes are fitted and checked against
 ENCDEC_ARCHS = ("t5", "t5-gated", "bart")
-# vision-language wrappers: Gemma3ForConditionalGeneration (SigLIP tower) and
-# LlavaForConditionalGeneration (CLIP tower, Llama text); the rows add `vision`
-VLM_ARCHS = ("gemma3-vlm", "llava")
+# vision-language wrappers: Gemma3ForConditionalGeneration (SigLIP tower),
+# LlavaForConditionalGeneration (CLIP tower, Llama text), Qwen2VLForConditionalGeneration and
+# Qwen2_5_VLForConditionalGeneration (Qwen's native-resolution towers); the rows add `vision`
+VLM_ARCHS = ("gemma3-vlm", "llava", "qwen2-vl", "qwen2.5-vl")
 ATTENTIONS = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 GQA_ARCHS = ("llama", "mistral", "qwen2") + DEPARTURE_ARCHS
@@ -491,6 +493,32 @@ def build(arch, attention, c, dropout=None, activation=None):
                                  mm_tokens_per_image=c["m"], image_token_index=V - 1,
                                  boi_token_index=V - 2, eoi_token_index=V - 3, **common)
             model = T.Gemma3ForConditionalGeneration(cfg)
+        elif arch in ("qwen2-vl", "qwen2.5-vl"):
+            ids = dict(image_token_id=V - 1, vision_start_token_id=V - 2, video_token_id=V - 3,
+                       vision_end_token_id=V - 4)
+            # the multimodal rotary sections (time, height, width) at Qwen's 16:24:24 of the
+            # rotary half of a head
+            d = h // a
+            text = dict(text, rope_parameters=dict(rope_type="default", rope_theta=1e6,
+                                                   mrope_section=[d // 8, 3 * d // 16, 3 * d // 16]))
+            if arch == "qwen2-vl":
+                # an MLP `mlp_ratio` times the width: the row records the width it built
+                c["vf"] = c["vh"] * max(1, c["vf"] // c["vh"])
+                vis = dict(depth=c["vL"], embed_dim=c["vh"], hidden_size=h, mlp_ratio=c["vf"] // c["vh"],
+                           num_heads=c["va"], patch_size=VIT_PATCH, spatial_merge_size=2,
+                           temporal_patch_size=2)
+                cfg = T.Qwen2VLConfig(text_config=dict(text, model_type="qwen2_vl_text"), vision_config=vis,
+                                      **ids, **common)
+                model = T.Qwen2VLForConditionalGeneration(cfg)
+            else:
+                # windows of 2 x 2 merged patches, the last block full attention
+                vis = dict(depth=c["vL"], hidden_size=c["vh"], intermediate_size=c["vf"], num_heads=c["va"],
+                           out_hidden_size=h, patch_size=VIT_PATCH, spatial_merge_size=2,
+                           temporal_patch_size=2, window_size=4 * VIT_PATCH,
+                           fullatt_block_indexes=[c["vL"] - 1])
+                cfg = T.Qwen2_5_VLConfig(text_config=dict(text, model_type="qwen2_5_vl_text"), vision_config=vis,
+                                         **ids, **common)
+                model = T.Qwen2_5_VLForConditionalGeneration(cfg)
         else:
             cfg = T.LlavaConfig(text_config=dict(text, model_type="llama"),
                                 vision_config=dict(vision, model_type="clip_vision_model"),
@@ -518,9 +546,23 @@ def make_inputs(arch, c, torch, dtype):
     if arch in VLM_ARCHS:
         # each image's tokens first (Gemma 3: its pooled m; LLaVA: every patch), then text that
         # avoids the image, begin- and end-of-image ids
-        per_image = c["m"] if arch == "gemma3-vlm" else (c["img"] // VIT_PATCH) ** 2
+        side = c["img"] // VIT_PATCH
+        per_image = (c["m"] if arch == "gemma3-vlm" else side * side // 4 if arch.startswith("qwen")
+                     else side * side)
         n_img = c["im"] * per_image
-        ids = torch.randint(0, V - 3, (b, s), generator=g)
+        ids = torch.randint(0, V - 4, (b, s), generator=g)
+        if arch.startswith("qwen"):
+            # each image: vision-start, its merged tokens; Qwen's processor flattens the 3-D
+            # patches (channels x 2 frames x patch x patch) and gives each image's grid
+            for i in range(c["im"]):
+                at = i * (per_image + 1)
+                ids[:, at] = V - 2
+                ids[:, at + 1:at + 1 + per_image] = V - 1
+            px = torch.randn(b * c["im"] * side * side, 3 * 2 * VIT_PATCH * VIT_PATCH, generator=g).to(dtype)
+            grid = torch.tensor([[1, side, side]] * (b * c["im"]))
+            # which tokens are image tokens (1; text 0), as the processor returns it
+            return dict(input_ids=ids, pixel_values=px, image_grid_thw=grid, labels=ids.clone(), use_cache=False,
+                        mm_token_type_ids=(ids == V - 1).long())
         ids[:, :n_img] = V - 1
         px = torch.randn(b * c["im"], 3, c["img"], c["img"], generator=g).to(dtype)
         out = dict(input_ids=ids, pixel_values=px, labels=ids.clone(), use_cache=False)

@@ -64,7 +64,8 @@ pub struct TrainFlags {
     /// Sequence length (text transformers) [default: 512]
     #[arg(long, allow_hyphen_values = true)]
     pub seq: Option<String>,
-    /// Image side in pixels (CNNs, ViT) [default: 224; measure: a ViT preset's own]
+    /// Image side in pixels (CNNs, ViT; Qwen2-VL's and Qwen2.5-VL's vision towers) [default:
+    /// 224; measure: a ViT preset's own; Qwen's towers: 448]
     #[arg(long, allow_hyphen_values = true)]
     pub image: Option<String>,
     /// fp32; bf16-mixed / fp16-mixed = torch autocast (fp32 weights, gradients and AdamW

@@ -15,6 +15,9 @@ use crate::spec::{ModelSpec, TrainSpec};
 pub struct LayoutFlags<'a> {
     pub target_seq: Option<&'a str>,
     pub images: Option<&'a str>,
+    /// `--image`, which for a vision-language model with a native-resolution tower (Qwen2-VL,
+    /// Qwen2.5-VL) is the side its images are resized to
+    pub image: Option<&'a str>,
     pub expert_parallel: Option<&'a str>,
     pub capacity_factor: Option<&'a str>,
 }
@@ -26,7 +29,7 @@ impl LayoutFlags<'_> {
 }
 
 fn apply(model: ModelSpec, a: &LayoutFlags, train: &TrainSpec) -> anyhow::Result<ModelSpec> {
-    let model = images(target_seq(model, a)?, a)?;
+    let model = image_side(images(target_seq(model, a)?, a)?, a)?;
     if a.expert_parallel.is_none() && a.capacity_factor.is_none() {
         return Ok(model);
     }
@@ -129,7 +132,8 @@ fn target_seq(model: ModelSpec, a: &LayoutFlags) -> anyhow::Result<ModelSpec> {
 /// `--images`: vision-encoder passes per sample of a vision-language model (images, or the crops
 /// of a tiled image).
 fn images(model: ModelSpec, a: &LayoutFlags) -> anyhow::Result<ModelSpec> {
-    const WITH: &str = "accepted with a Gemma 3, PaliGemma, LLaVA or LLaVA-NeXT config";
+    const WITH: &str =
+        "accepted with a Gemma 3, PaliGemma, LLaVA, LLaVA-NeXT, Qwen2-VL or Qwen2.5-VL config";
     let Some(s) = a.images else {
         return Ok(model);
     };
@@ -145,6 +149,36 @@ fn images(model: ModelSpec, a: &LayoutFlags) -> anyhow::Result<ModelSpec> {
     let n = parse_int("images", s)?;
     crate::error::check_range("images", n, 1, crate::spec::vision::MAX_IMAGES)?;
     v.images = n;
+    t.extras.vision = Some(Box::new(v));
+    Ok(ModelSpec::Transformer(t))
+}
+
+/// `--image` on a vision-language model: the image side of a native-resolution tower; a
+/// fixed-resolution tower (SigLIP, CLIP) refuses it, naming its size. Other models read it as
+/// the training image side (CNNs, ViT).
+fn image_side(model: ModelSpec, a: &LayoutFlags) -> anyhow::Result<ModelSpec> {
+    let Some(s) = a.image else {
+        return Ok(model);
+    };
+    let ModelSpec::Transformer(mut t) = model else {
+        return Ok(model);
+    };
+    let Some(mut v) = t.extras.vision.as_deref().copied() else {
+        return Ok(ModelSpec::Transformer(t));
+    };
+    if !v.native_resolution() {
+        return input_err(
+            "image",
+            format!(
+                "{}'s vision tower takes {}x{} images (its config.json image_size); accepted \
+                 without --image, or with a Qwen2-VL / Qwen2.5-VL config",
+                t.name, v.image, v.image
+            ),
+        );
+    }
+    let n = parse_int("image", s)?;
+    crate::error::check_range("image", n, v.patch, 1 << 16)?;
+    v.image = n;
     t.extras.vision = Some(Box::new(v));
     Ok(ModelSpec::Transformer(t))
 }

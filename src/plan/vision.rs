@@ -3,13 +3,33 @@
 //! and its training FLOPs (`plan::time`).
 
 use crate::spec::presets;
-use crate::spec::transformer::{DropoutP, Head, PatchEmbed, TransformerSpec};
-use crate::spec::vision::VisionTower;
+use crate::spec::transformer::{Arch, BlockExtras, DropoutP, Head, PatchEmbed, TransformerSpec};
+use crate::spec::vision::{TowerKind, VisionTower};
 use crate::spec::TrainSpec;
 
-/// The tower's encoder as a ViT, priced at `batch x images` samples of one image each. Its
-/// pooler head stands for the final norm (b·h elements, nothing next to the blocks).
+/// The tower's encoder as the measured block it is built like, priced at `batch x images`
+/// samples of one image each: SigLIP, CLIP and Qwen2-VL as a ViT (whose input is the pixel
+/// batch, `channels x temporal_patch` per patch pixel; Qwen2-VL's rotary copies of q and k are
+/// not in the ViT block), Qwen2.5-VL's RMSNorm/SwiGLU blocks as a non-causal Llama block (with
+/// its rotary copies). The pooler head stands for the final norm (b·h elements, nothing next
+/// to the blocks).
 pub fn stack(v: &VisionTower, name: &str) -> TransformerSpec {
+    let name = format!("{name} vision tower");
+    if v.kind == TowerKind::QwenSwiglu {
+        return TransformerSpec {
+            arch: Arch::Encoder,
+            head: Head::Pooler,
+            tied_embeddings: false,
+            dropout: Some(DropoutP(0.0)),
+            activation: Some(v.activation),
+            // one fused qkv: under sdpa the value view keeps the whole fused output
+            extras: BlockExtras {
+                fused_qkv: true,
+                ..BlockExtras::default()
+            },
+            ..presets::llama(&name, v.layers, v.hidden, v.heads, v.heads, v.ffn, 1)
+        };
+    }
     TransformerSpec {
         ffn: v.ffn,
         head: Head::Pooler,
@@ -18,17 +38,9 @@ pub fn stack(v: &VisionTower, name: &str) -> TransformerSpec {
         patch: Some(PatchEmbed {
             image: v.image,
             patch: v.patch,
-            channels: v.channels,
+            channels: v.channels * v.temporal_patch,
         }),
-        ..presets::vit(
-            &format!("{name} vision tower"),
-            v.layers,
-            v.hidden,
-            v.heads,
-            v.image,
-            v.patch,
-            1,
-        )
+        ..presets::vit(&name, v.layers, v.hidden, v.heads, v.image, v.patch, 1)
     }
 }
 

@@ -1,7 +1,8 @@
 //! HuggingFace config.json of vision-language wrappers -> the language model's spec with a
 //! [`VisionTower`]: Gemma 3 (`gemma3`: SigLIP + Gemma 3), PaliGemma (`paligemma`: SigLIP +
 //! Gemma or Gemma 2), LLaVA-1.5 and LLaVA-NeXT (`llava`, `llava_next`: CLIP + Llama, Vicuna or
-//! Mistral). The wrappers' files list only the sub-config keys that differ from the config
+//! Mistral), Qwen2-VL and Qwen2.5-VL (`qwen2_vl`, `qwen2_5_vl`: Qwen's native-resolution towers +
+//! Qwen2). The wrappers' files list only the sub-config keys that differ from the config
 //! classes' defaults (gemma-3-4b-it's `text_config` has no `vocab_size`, llava-1.5-7b-hf's has
 //! no widths at all), so each sub-config is read over its class's defaults, as transformers
 //! builds it; the defaults below are transformers 5.24's.
@@ -9,12 +10,19 @@
 use super::activation::Activation;
 use super::hf_keys::{opt_bool, opt_u64, req_u64, Obj};
 use super::transformer::{TransformerSpec, MAX_HIDDEN, MAX_LAYERS};
-use super::vision::VisionTower;
+use super::vision::{TowerKind, VisionTower};
 use crate::error::{input_err, rename_field};
 use serde_json::Value;
 
 /// The wrappers' `model_type`s.
-pub const WRAPPERS: [&str; 4] = ["gemma3", "paligemma", "llava", "llava_next"];
+pub const WRAPPERS: [&str; 6] = [
+    "gemma3",
+    "paligemma",
+    "llava",
+    "llava_next",
+    "qwen2_vl",
+    "qwen2_5_vl",
+];
 
 /// Config-class defaults of the language models the wrappers carry, for the keys the planner
 /// reads. Only true class defaults: Llama's `head_dim` and `num_key_value_heads` default to
@@ -40,6 +48,12 @@ fn text_defaults(model_type: &str) -> Option<&'static str> {
             r#"{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
             "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 2048}"#
         }
+        // Qwen2-VL's and Qwen2.5-VL's text classes (Qwen2's block, 72B's sizes by default)
+        "qwen2_vl_text" | "qwen2_5_vl_text" => {
+            r#"{"vocab_size": 152064, "hidden_size": 8192, "intermediate_size": 29568,
+            "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+            "max_position_embeddings": 32768}"#
+        }
         "mistral" => {
             r#"{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -62,9 +76,23 @@ fn vision_defaults(model_type: &str) -> Option<&'static str> {
             "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
             "hidden_act": "quick_gelu"}"#
         }
+        "qwen2_vl_vision" => {
+            r#"{"depth": 32, "embed_dim": 1280, "hidden_size": 3584, "mlp_ratio": 4,
+            "num_heads": 16, "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
+            "temporal_patch_size": 2, "hidden_act": "quick_gelu"}"#
+        }
+        "qwen2_5_vl_vision" => {
+            r#"{"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+            "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "out_hidden_size": 3584, "hidden_act": "silu"}"#
+        }
         _ => return None,
     })
 }
+
+/// Image side planned for Qwen's native-resolution towers without `--image`: 448 pixels, 32 x 32
+/// patches of 14, which the merger turns into 256 language-model tokens.
+pub const QWEN_DEFAULT_IMAGE: u64 = 448;
 
 /// Each wrapper's sub-config classes when the file names none, and whether the wrapper ties
 /// the LM head to the embedding by default.
@@ -72,6 +100,8 @@ fn wrapper_defaults(model_type: &str) -> (&'static str, &'static str, bool) {
     match model_type {
         "gemma3" => ("gemma3_text", "siglip_vision_model", true),
         "paligemma" => ("gemma", "siglip_vision_model", true),
+        "qwen2_vl" => ("qwen2_vl_text", "qwen2_vl_vision", false),
+        "qwen2_5_vl" => ("qwen2_5_vl_text", "qwen2_5_vl_vision", false),
         _ => ("llama", "clip_vision_model", false),
     }
 }
@@ -123,6 +153,9 @@ fn sub_config(
 /// Renames `config.json <k>` in an input error to `config.json <key>.<k>`, the key's place in
 /// the wrapper's file.
 fn nested(err: anyhow::Error, key: &str) -> anyhow::Error {
+    if key.is_empty() {
+        return err;
+    }
     rename_field(err, |f| {
         f.strip_prefix("config.json ")
             .map(|k| format!("config.json {key}.{k}"))
@@ -145,15 +178,41 @@ pub fn parse(
         text_defaults,
         "gemma3_text, gemma, gemma2, llama, mistral",
     )?;
-    let lm = parse_text(&text, name).map_err(|e| nested(e, "text_config"))?;
+    let qwen = model_type.starts_with("qwen2");
+    let (text, text_key) = if qwen {
+        // Qwen's files before transformers 5 keep the text model's keys at the top level
+        let mut t = if o.contains_key("text_config") {
+            text
+        } else {
+            let mut top = sub_config(&Obj::new(), "text_config", text_type, text_defaults, "")?;
+            top.extend(
+                o.iter()
+                    .filter(|(k, _)| *k != "vision_config")
+                    .map(|(k, v)| (k.clone(), v.clone())),
+            );
+            top
+        };
+        // Qwen2's block (biased q, k, v) for the family parser
+        t.insert("model_type".into(), Value::String("qwen2".into()));
+        let key = if o.contains_key("text_config") {
+            "text_config"
+        } else {
+            ""
+        };
+        (t, key)
+    } else {
+        (text, "text_config")
+    };
+    let lm = parse_text(&text, name).map_err(|e| nested(e, text_key))?;
     let v = sub_config(
         o,
         "vision_config",
         vision_type,
         vision_defaults,
-        "siglip_vision_model, clip_vision_model",
+        "siglip_vision_model, clip_vision_model, qwen2_vl_vision, qwen2_5_vl_vision",
     )?;
-    let tower = tower(&v).map_err(|e| nested(e, "vision_config"))?;
+    let tower =
+        if qwen { qwen_tower(&v) } else { tower(&v) }.map_err(|e| nested(e, "vision_config"))?;
     let (vh, th) = (tower.hidden, lm.hidden);
     let bias = opt_bool(o, "multimodal_projector_bias", true)?;
     let b = |n: u64| if bias { n } else { 0 };
@@ -161,6 +220,25 @@ pub fn parse(
         // a vision-width RMSNorm, then a bias-free projection to the text width (after pooling
         // the patches to `mm_tokens_per_image`)
         "gemma3" => (vh * th + vh, 1),
+        // the patch merger: a norm over each patch, then `merge²` neighbouring patches
+        // concatenated through two biased linears to the text width
+        "qwen2_vl" | "qwen2_5_vl" => {
+            let (out_key, out) = if model_type == "qwen2_vl" {
+                ("hidden_size", req_u64(&v, "hidden_size")?)
+            } else {
+                ("out_hidden_size", req_u64(&v, "out_hidden_size")?)
+            };
+            if out != th {
+                return input_err(
+                    &format!("config.json vision_config.{out_key}"),
+                    format!("{out} is not the text model's hidden_size {th}; accepted {th}"),
+                );
+            }
+            let merge = req_u64(&v, "spatial_merge_size")?;
+            let merged = vh * merge * merge;
+            let norm = if model_type == "qwen2_vl" { 2 * vh } else { vh };
+            (norm + merged * merged + merged + merged * th + th, 1)
+        }
         // one biased linear to `projection_dim`, which must be the text width
         "paligemma" => {
             let d = opt_u64(o, "projection_dim")?.unwrap_or(2048);
@@ -194,7 +272,7 @@ pub fn parse(
         Some(_) => Some(opt_bool(o, "tie_word_embeddings", tie_default)?),
     };
     // transformers 5: LLaVA ties when either its own key or the text model's says so; the other
-    // wrappers read only their own key
+    // wrappers read only their own key (Qwen's top-level key is its text model's)
     let tied = match (model_type, top_tie) {
         ("llava", t) => t == Some(true) || lm.tied_embeddings,
         (_, t) => t.unwrap_or(tie_default),
@@ -215,31 +293,9 @@ pub fn parse(
 /// The encoder of a SigLIP or CLIP `vision_config` (defaults already merged in).
 fn tower(v: &Obj) -> anyhow::Result<VisionTower> {
     let clip = v.get("model_type").and_then(Value::as_str) == Some("clip_vision_model");
-    let act = match v.get("hidden_act") {
-        Some(Value::String(s)) => match Activation::from_name(s) {
-            Some(a) => a,
-            None => {
-                return input_err(
-                    "config.json hidden_act",
-                    format!(
-                        "'{s}' is not a modelled activation; accepted {}",
-                        Activation::accepted()
-                    ),
-                )
-            }
-        },
-        Some(other) => {
-            return input_err(
-                "config.json hidden_act",
-                format!(
-                    "{other} is not a string; accepted {}",
-                    Activation::accepted()
-                ),
-            )
-        }
-        None => unreachable!("the defaults set hidden_act"),
-    };
+    let act = activation(v)?;
     let t = VisionTower {
+        kind: TowerKind::Vit,
         layers: req_u64(v, "num_hidden_layers")?,
         hidden: req_u64(v, "hidden_size")?,
         heads: req_u64(v, "num_attention_heads")?,
@@ -247,6 +303,7 @@ fn tower(v: &Obj) -> anyhow::Result<VisionTower> {
         activation: act,
         channels: req_u64(v, "num_channels")?,
         patch: req_u64(v, "patch_size")?,
+        temporal_patch: 1,
         image: req_u64(v, "image_size")?,
         class_token: clip,
         patch_bias: !clip,
@@ -272,6 +329,90 @@ fn tower(v: &Obj) -> anyhow::Result<VisionTower> {
         })
     })?;
     Ok(t)
+}
+
+/// The encoder of a Qwen2-VL or Qwen2.5-VL `vision_config` (defaults already merged in), planned
+/// at [`QWEN_DEFAULT_IMAGE`] until `--image` says otherwise.
+fn qwen_tower(v: &Obj) -> anyhow::Result<VisionTower> {
+    let swiglu = v.get("model_type").and_then(Value::as_str) == Some("qwen2_5_vl_vision");
+    // Qwen2-VL: `embed_dim` wide, `mlp_ratio` x wider MLP (`hidden_size` is the output width);
+    // Qwen2.5-VL: `hidden_size` wide with an `intermediate_size` SwiGLU
+    let (hidden, ffn) = if swiglu {
+        (req_u64(v, "hidden_size")?, req_u64(v, "intermediate_size")?)
+    } else {
+        let e = req_u64(v, "embed_dim")?;
+        (e, e.saturating_mul(req_u64(v, "mlp_ratio")?))
+    };
+    // the files before transformers 5 name the channels `in_chans`
+    let channels = match opt_u64(v, "in_chans")? {
+        Some(c) => c,
+        None => req_u64(v, "in_channels")?,
+    };
+    let t = VisionTower {
+        kind: if swiglu {
+            TowerKind::QwenSwiglu
+        } else {
+            TowerKind::QwenVit
+        },
+        layers: req_u64(v, "depth")?,
+        hidden,
+        heads: req_u64(v, "num_heads")?,
+        ffn,
+        activation: activation(v)?,
+        channels,
+        patch: req_u64(v, "patch_size")?,
+        temporal_patch: req_u64(v, "temporal_patch_size")?,
+        image: QWEN_DEFAULT_IMAGE,
+        class_token: false,
+        patch_bias: false,
+        pre_norm: false,
+        projector: 0,
+        images: 1,
+    };
+    t.validate(MAX_LAYERS, MAX_HIDDEN).map_err(|e| {
+        rename_field(e, |f| {
+            Some(
+                match f {
+                    "vision layers" => "config.json depth",
+                    "vision hidden" if swiglu => "config.json hidden_size",
+                    "vision hidden" => "config.json embed_dim",
+                    "vision heads" => "config.json num_heads",
+                    "vision ffn" if swiglu => "config.json intermediate_size",
+                    "vision ffn" => "config.json mlp_ratio",
+                    "vision channels" => "config.json in_channels",
+                    "vision patch" => "config.json patch_size",
+                    "vision temporal patch" => "config.json temporal_patch_size",
+                    _ => return None,
+                }
+                .to_string(),
+            )
+        })
+    })?;
+    Ok(t)
+}
+
+/// A tower's `hidden_act` (its class default already merged in).
+fn activation(v: &Obj) -> anyhow::Result<Activation> {
+    match v.get("hidden_act") {
+        Some(Value::String(s)) => match Activation::from_name(s) {
+            Some(a) => Ok(a),
+            None => input_err(
+                "config.json hidden_act",
+                format!(
+                    "'{s}' is not a modelled activation; accepted {}",
+                    Activation::accepted()
+                ),
+            ),
+        },
+        Some(other) => input_err(
+            "config.json hidden_act",
+            format!(
+                "{other} is not a string; accepted {}",
+                Activation::accepted()
+            ),
+        ),
+        None => unreachable!("the defaults set hidden_act"),
+    }
 }
 
 /// LLaVA-NeXT's crops per image at most: the largest `image_grid_pinpoints` resolution in tiles

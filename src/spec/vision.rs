@@ -1,5 +1,5 @@
-//! The vision tower of a vision-language model (Gemma 3, LLaVA) as data on the language model's
-//! spec: a ViT-style encoder (SigLIP, CLIP) over each image's patches, and the multimodal
+//! The vision tower of a vision-language model (Gemma 3, LLaVA, Qwen2-VL) as data on the language
+//! model's spec: a ViT-style encoder (SigLIP, CLIP, Qwen's) over each image's patches, and the multimodal
 //! projector that maps its output into the language model's embedding space. The language model
 //! is the spec itself; its `--seq` already counts the image tokens the projector inserts.
 //! Images per sample (`--images`) are kept here, as the decoder length is on
@@ -14,33 +14,60 @@ use serde::{Deserialize, Serialize};
 /// image into up to 5 crops).
 pub const MAX_IMAGES: u64 = 1 << 10;
 
-/// A pre-LayerNorm encoder of `layers` blocks over `(image / patch)²` patches, each block
-/// LayerNorm → biased q/k/v/o → residual → LayerNorm → biased `hidden → ffn → hidden` MLP →
-/// residual (transformers' `SiglipEncoderLayer` and `CLIPEncoderLayer` alike), a final
-/// LayerNorm, and the projector's parameters.
+/// The encoder block a tower is built from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TowerKind {
+    /// LayerNorm → biased q, k, v, o → residual → LayerNorm → biased `hidden → ffn → hidden` MLP
+    /// → residual, learned positions, a final LayerNorm (transformers' `SiglipEncoderLayer` and
+    /// `CLIPEncoderLayer` alike)
+    #[default]
+    Vit,
+    /// Qwen2-VL's: the same block with one fused biased qkv and 2-D rotary positions, no
+    /// position table and no final norm (the merger has its own)
+    QwenVit,
+    /// Qwen2.5-VL's: RMSNorm, fused biased qkv with 2-D rotary positions, a biased SwiGLU MLP;
+    /// windowed attention in all blocks but a few (planned as full attention: an upper bound
+    /// for eager's scores)
+    QwenSwiglu,
+}
+
+/// The vision tower: `layers` blocks over each image's `(image / patch)²` patches (of
+/// `temporal_patch` frames each, Qwen's 3-D patches), and the projector's parameters.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct VisionTower {
+    #[serde(default)]
+    pub kind: TowerKind,
     pub layers: u64,
     pub hidden: u64,
     pub heads: u64,
     pub ffn: u64,
-    /// the MLP's activation (SigLIP `gelu_pytorch_tanh`, CLIP `quick_gelu`)
+    /// the MLP's activation (SigLIP `gelu_pytorch_tanh`, CLIP and Qwen2-VL `quick_gelu`,
+    /// Qwen2.5-VL `silu` on the gate)
     pub activation: Activation,
     pub channels: u64,
     pub patch: u64,
-    /// pixels per side the image processor resizes each image (or crop) to
+    /// frames per patch (Qwen's video-ready patches repeat a still image twice); 1 otherwise
+    #[serde(default = "one")]
+    pub temporal_patch: u64,
+    /// pixels per side of each image (or crop): fixed by the config for SigLIP and CLIP, the
+    /// image processor's resize for Qwen's native-resolution towers (`--image`)
     pub image: u64,
     /// a learned class token before the patches, with a position of its own (CLIP)
     pub class_token: bool,
-    /// the patch convolution has a bias (SigLIP; CLIP's has none)
+    /// the patch convolution has a bias (SigLIP; CLIP's and Qwen's have none)
     pub patch_bias: bool,
     /// a LayerNorm over the embeddings before the first block (CLIP's `pre_layrnorm`)
     pub pre_norm: bool,
     /// parameters of the multimodal projector (and any other weights the wrapper adds, such as
-    /// LLaVA-NeXT's image-newline row)
+    /// LLaVA-NeXT's image-newline row or Qwen's patch merger)
     pub projector: u64,
     /// vision-encoder passes per sample: images, or crops of a tiled image (`--images`)
     pub images: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 impl VisionTower {
@@ -50,18 +77,40 @@ impl VisionTower {
         side * side + u64::from(self.class_token)
     }
 
-    /// Parameters of the encoder: patch convolution, class token, one position per token, the
-    /// blocks and the norms around them.
+    /// Whether `--image` may set the image side: Qwen's towers take images at their own
+    /// resolution (rotary positions); SigLIP's and CLIP's position tables fix it.
+    pub fn native_resolution(&self) -> bool {
+        self.kind != TowerKind::Vit
+    }
+
+    /// Weights of the patch projection.
+    fn patch_weights(&self) -> u64 {
+        self.channels * self.temporal_patch * self.patch * self.patch * self.hidden
+    }
+
+    /// Parameters of the encoder: patch projection, class token, position table, the blocks and
+    /// the norms around them.
     pub fn encoder_params(&self) -> u64 {
-        let h = self.hidden;
-        let conv =
-            self.channels * self.patch * self.patch * h + if self.patch_bias { h } else { 0 };
-        let class = if self.class_token { h } else { 0 };
-        let positions = self.tokens() * h;
-        // q, k, v, o with biases; fc1, fc2 with biases; two LayerNorms
-        let block = 4 * (h * h + h) + 2 * h * self.ffn + self.ffn + h + 2 * 2 * h;
-        let norms = 2 * h * (1 + u64::from(self.pre_norm));
-        conv + class + positions + self.layers * block + norms
+        let (h, f) = (self.hidden, self.ffn);
+        let conv = self.patch_weights() + if self.patch_bias { h } else { 0 };
+        match self.kind {
+            TowerKind::Vit => {
+                let class = if self.class_token { h } else { 0 };
+                let positions = self.tokens() * h;
+                // q, k, v, o with biases; fc1, fc2 with biases; two LayerNorms
+                let block = 4 * (h * h + h) + 2 * h * f + f + h + 2 * 2 * h;
+                let norms = 2 * h * (1 + u64::from(self.pre_norm));
+                conv + class + positions + self.layers * block + norms
+            }
+            // fused qkv and proj with biases, fc1 and fc2 with biases, two LayerNorms
+            TowerKind::QwenVit => {
+                conv + self.layers * (4 * (h * h + h) + 2 * h * f + f + h + 2 * 2 * h)
+            }
+            // fused qkv and proj with biases, gate, up and down with biases, two RMSNorms
+            TowerKind::QwenSwiglu => {
+                conv + self.layers * (4 * (h * h + h) + 3 * h * f + 2 * f + h + 2 * h)
+            }
+        }
     }
 
     /// Everything the tower and projector add to the language model.
@@ -72,8 +121,12 @@ impl VisionTower {
     /// Weights that multiply each of the tower's tokens (the blocks' linears and the patch
     /// projection), for its FLOPs.
     pub fn matmul_per_token(&self) -> u64 {
-        let h = self.hidden;
-        self.layers * (4 * h * h + 2 * h * self.ffn) + self.channels * self.patch * self.patch * h
+        let (h, f) = (self.hidden, self.ffn);
+        let mlp = match self.kind {
+            TowerKind::QwenSwiglu => 3 * h * f,
+            _ => 2 * h * f,
+        };
+        self.layers * (4 * h * h + mlp) + self.patch_weights()
     }
 
     /// Range checks; `max_layers` and `max_hidden` are the spec's bounds.
@@ -93,6 +146,7 @@ impl VisionTower {
         check_range("vision ffn", self.ffn, 1, 64 * max_hidden)?;
         check_range("vision channels", self.channels, 1, 1 << 12)?;
         check_range("vision patch", self.patch, 1, 1 << 12)?;
+        check_range("vision temporal patch", self.temporal_patch, 1, 1 << 8)?;
         check_range("vision image", self.image, self.patch, 1 << 16)?;
         check_range("projector", self.projector, 0, 1 << 40)?;
         check_range("images", self.images, 1, MAX_IMAGES)?;

@@ -44,10 +44,11 @@ fn more_published_counts() {
 /// head to the shared embedding whatever `tie_word_embeddings` says (so mT5-small is 172M here,
 /// not transformers 4's 300M with its separate head). Granite-3.1-2B and SmolLM3-3B (Llama's
 /// block; SmolLM3 ties its head by its config class's default) likewise. The vision-language
-/// wrappers (Gemma-3-4B/27B-it, LLaVA-1.5-7B, LLaVA-v1.6-Mistral-7B, PaliGemma-3B-224) are their
+/// wrappers (Gemma-3-4B/27B-it, LLaVA-1.5-7B, LLaVA-v1.6-Mistral-7B, PaliGemma-3B-224, Qwen2-VL-7B,
+/// Qwen2.5-VL-7B/3B, the Qwen files in their pre-transformers-5 layout) are their
 /// published config.json files, which leave most sub-config keys at the classes' defaults, counted
 /// as *ForConditionalGeneration (tower, projector, language model); the cards state 4.3B, 27.4B,
-/// 7.06B, 7.57B and 2.92B.
+/// 7.06B, 7.57B, 2.92B, 8.29B, 8.29B and 3.75B.
 #[test]
 fn hf_config_families_count_like_transformers() {
     let cases = [
@@ -84,6 +85,9 @@ fn hf_config_families_count_like_transformers() {
         ("llava-1.5-7b", 7_063_427_072),
         ("llava-v1.6-mistral-7b", 7_566_747_648),
         ("paligemma-3b-pt-224", 2_923_466_480),
+        ("qwen2-vl-7b", 8_291_375_616),
+        ("qwen2.5-vl-7b", 8_292_166_656),
+        ("qwen2.5-vl-3b", 3_754_622_976),
     ];
     for (name, want) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
