@@ -4,8 +4,8 @@ Builds each config's transformers class on the meta device (no weights are alloc
 `name count`, the sum of p.numel() over model.parameters() (tied weights once): the figures
 tests/it/param_counts.rs expects. Decoders are built as *ForCausalLM, BERT-family encoders and ViT as the bare model
 (with BERT's pooler), DistilBERT/DeBERTa-v2 as *ForMaskedLM, ELECTRA as ElectraForPreTraining,
-T5/mT5/BART and the vision-language wrappers (Gemma 3, PaliGemma, LLaVA, LLaVA-NeXT, Qwen2-VL,
-Qwen2.5-VL) as
+T5/mT5/BART and the vision-language wrappers (Gemma 3, PaliGemma, LLaVA, LLaVA-NeXT, Mistral 3,
+Qwen2-VL, Qwen2.5-VL) as
 *ForConditionalGeneration.
 Mixture-of-experts configs (num_experts_per_tok) print a third figure, the parameters one token
 uses: the total less, in every `*.experts` module, the (experts - top-k) experts it does not
@@ -31,7 +31,8 @@ WITH_HEAD = {"distilbert": AutoModelForMaskedLM, "deberta-v2": AutoModelForMaske
              # model and LM head
              "gemma3": AutoModelForImageTextToText, "paligemma": AutoModelForImageTextToText,
              "llava": AutoModelForImageTextToText, "llava_next": AutoModelForImageTextToText,
-             "qwen2_vl": AutoModelForImageTextToText, "qwen2_5_vl": AutoModelForImageTextToText}
+             "qwen2_vl": AutoModelForImageTextToText, "qwen2_5_vl": AutoModelForImageTextToText,
+             "mistral3": AutoModelForImageTextToText}
 
 
 def count(directory: pathlib.Path) -> str:

@@ -55,9 +55,10 @@ sweep FAMILY_GRID at their config classes' defaults (MoE: 4 or 8 small experts, 
 with position_buckets moved too (the rows add position_buckets); --arch deepseek-mla (DeepSeek-V2's
 latent attention, every block dense) sweeps mla_grid() (the rows add mla: kv rank / q rank / nope /
 rope / v widths).
-The vision-language wrappers (--arch gemma3-vlm|llava|qwen2-vl|qwen2.5-vl) sweep vlm_grid(): a
-Gemma 3, Llama or Qwen2 language model with a SigLIP, CLIP or Qwen tower (Qwen: one vision-start
-token before each image's merged tokens, a quarter of its patches) (the rows add vision: tower layers / width / MLP /
+The vision-language wrappers (--arch gemma3-vlm|llava|qwen2-vl|qwen2.5-vl|mistral3) sweep vlm_grid():
+a Gemma 3, Llama, Qwen2 or Mistral language model with a SigLIP, CLIP, Qwen or Pixtral tower (Qwen:
+one vision-start token before each image's merged tokens, a quarter of its patches; Mistral 3: a
+quarter of its patches) (the rows add vision: tower layers / width / MLP /
 heads / image side / images per sample / Gemma 3's pooled tokens per image); s counts the image
 tokens. The encoder-decoders (--arch t5|t5-gated|bart) sweep their own grid (encoder and decoder depth,
 input and target length moved apart; the rows add decoder_layers and target_len), and
@@ -119,8 +120,9 @@ MLA_ARCHS = ("deepseek-mla",)
 ENCDEC_ARCHS = ("t5", "t5-gated", "bart")
 # vision-language wrappers: Gemma3ForConditionalGeneration (SigLIP tower),
 # LlavaForConditionalGeneration (CLIP tower, Llama text), Qwen2VLForConditionalGeneration and
-# Qwen2_5_VLForConditionalGeneration (Qwen's native-resolution towers); the rows add `vision`
-VLM_ARCHS = ("gemma3-vlm", "llava", "qwen2-vl", "qwen2.5-vl")
+# Qwen2_5_VLForConditionalGeneration (Qwen's native-resolution towers), Mistral3ForConditional-
+# Generation (Pixtral tower, patch merger); the rows add `vision`
+VLM_ARCHS = ("gemma3-vlm", "llava", "qwen2-vl", "qwen2.5-vl", "mistral3")
 ATTENTIONS = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 GQA_ARCHS = ("llama", "mistral", "qwen2") + DEPARTURE_ARCHS
@@ -519,6 +521,12 @@ def build(arch, attention, c, dropout=None, activation=None):
                 cfg = T.Qwen2_5_VLConfig(text_config=dict(text, model_type="qwen2_5_vl_text"), vision_config=vis,
                                          **ids, **common)
                 model = T.Qwen2_5_VLForConditionalGeneration(cfg)
+        elif arch == "mistral3":
+            vis = dict(vision, model_type="pixtral", head_dim=c["vh"] // c["va"])
+            cfg = T.Mistral3Config(text_config=dict(text, model_type="mistral", head_dim=h // a),
+                                   vision_config=vis, image_token_index=V - 1, spatial_merge_size=2,
+                                   **common)
+            model = T.Mistral3ForConditionalGeneration(cfg)
         else:
             cfg = T.LlavaConfig(text_config=dict(text, model_type="llama"),
                                 vision_config=dict(vision, model_type="clip_vision_model"),
@@ -547,7 +555,8 @@ def make_inputs(arch, c, torch, dtype):
         # each image's tokens first (Gemma 3: its pooled m; LLaVA: every patch), then text that
         # avoids the image, begin- and end-of-image ids
         side = c["img"] // VIT_PATCH
-        per_image = (c["m"] if arch == "gemma3-vlm" else side * side // 4 if arch.startswith("qwen")
+        per_image = (c["m"] if arch == "gemma3-vlm"
+                     else side * side // 4 if arch.startswith("qwen") or arch == "mistral3"
                      else side * side)
         n_img = c["im"] * per_image
         ids = torch.randint(0, V - 4, (b, s), generator=g)
@@ -568,6 +577,8 @@ def make_inputs(arch, c, torch, dtype):
         out = dict(input_ids=ids, pixel_values=px, labels=ids.clone(), use_cache=False)
         if arch == "gemma3-vlm":
             out["token_type_ids"] = (ids == V - 1).long()
+        if arch == "mistral3":
+            out["image_sizes"] = torch.tensor([[c["img"], c["img"]]] * (b * c["im"]))
         return out
     if arch == "vit":
         img = vit_image_size(s)

@@ -358,6 +358,17 @@ impl Finetune {
                 t.layers
             };
             check_range("freeze-layers", self.freeze_layers, 0, max_frozen)?;
+            // a trainable vision tower under frozen leading blocks: the image tokens' gradients
+            // run back through the frozen blocks, which then keep what backward needs (not the
+            // nothing frozen blocks are planned with)
+            if !self.is_adapter() && t.extras.vision.is_some() {
+                return input_err(
+                    "freeze-layers",
+                    "is not modelled for vision-language models (the trainable vision tower's \
+                     gradients run back through the frozen blocks); accepted 0, or --finetune \
+                     lora / qlora (the tower frozen)",
+                );
+            }
         }
         if let (true, Some(t)) = (self.is_adapter(), t) {
             let width = block_linears(t)

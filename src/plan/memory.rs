@@ -697,6 +697,8 @@ pub fn vision_features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<O
         max_param: 0.0,
         group_update_bytes: 0.0,
         tied_grad_elems: 0.0,
+        // known bytes beside the block the tower is planned with
+        departure_bytes: f.departure_bytes + vision::block_mask_bytes(v, train),
         ..f
     }))
 }
@@ -806,21 +808,6 @@ pub fn fit_terms(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<FitTerm
         features: features(model, train)?,
         vision: vision_features(model, train)?,
     })
-}
-
-impl FitTerms {
-    /// Activation bytes at the step's activation peak. With a vision tower, the tower's forward
-    /// runs first and its backward last: while the language model's backward peaks, the tower
-    /// holds what it saved (under full checkpointing, its block inputs); its own backward
-    /// happens after the language model's activations are freed, so the peak is the larger of
-    /// the two phases.
-    pub fn activation_bytes(&self, a: &ActivationCoeffs) -> f64 {
-        let lm = self.features.activation_bytes(a);
-        match &self.vision {
-            None => lm,
-            Some(v) => (lm + v.resident_bytes(a)).max(v.activation_bytes(a)),
-        }
-    }
 }
 
 /// The largest byte count a plan reports: 1 EiB, far above any machine. A component above it is
@@ -938,18 +925,33 @@ pub struct LiveParts {
     pub half_copy: f64,
     /// the optimizer step's transients
     pub step: f64,
+    /// a vision tower's saved bytes, held from its forward (the first) through the language
+    /// model's whole backward (under full checkpointing, its block inputs): no gradient of the
+    /// language model frees them; 0 without a tower
+    pub held: f64,
+    /// a vision tower's activation bytes during its own backward (the last), saved tensors and
+    /// temporaries, when every language-model gradient exists and its activations are gone
+    pub tower_backward: f64,
 }
 
 impl LiveParts {
     /// The parts of a configuration's step under the activation coefficients `a`.
     pub fn of(terms: &FitTerms, a: &ActivationCoeffs) -> Self {
         Self {
-            activations: terms.activation_bytes(a),
+            activations: terms.features.activation_bytes(a),
             gradients: terms.states.gradients,
             tied_gradients: tied_gradient_bytes(terms),
             half_copy: a.half_copy.value * terms.states.half_copy,
             step: terms.features.step_transient_bytes(a),
+            held: terms.vision.map_or(0.0, |v| v.resident_bytes(a)),
+            tower_backward: terms.vision.map_or(0.0, |v| v.activation_bytes(a)),
         }
+    }
+
+    /// Activation bytes at the activation peak: the language model's and what a vision tower
+    /// holds beside them, or the tower's own backward if larger.
+    pub fn activation_peak(&self) -> f64 {
+        (self.activations + self.held).max(self.tower_backward)
     }
 
     /// Multiplier of each part `(activations, gradients, tied gradients, half copy, step)` when
@@ -964,10 +966,22 @@ impl LiveParts {
         }
     }
 
-    /// The live bytes if the peak is `at`.
+    /// The live bytes if the peak is `at`. A vision tower's bytes take no share of the
+    /// overlap: in backward they are held beside the language model's; at the end of backward,
+    /// with every gradient, the larger of what the tower still holds beside the language
+    /// model's unfreed share and the tower's own backward.
     pub fn at(&self, at: PeakAt, overlap: f64) -> f64 {
         let w = Self::shares(at, overlap);
-        w[0] * self.activations
+        let (activations, tower) = match at {
+            PeakAt::Activations => (w[0] * self.activations + self.held, 0.0),
+            PeakAt::Gradients => (
+                0.0,
+                (w[0] * self.activations + self.held).max(self.tower_backward),
+            ),
+            PeakAt::Step => (w[0] * self.activations, 0.0),
+        };
+        activations
+            + tower
             + w[1] * self.gradients
             + w[2] * self.tied_gradients
             + w[3] * self.half_copy
@@ -1030,7 +1044,7 @@ pub fn breakdown_with_mode(terms: &FitTerms, mode: &crate::coeffs::ModeCoeffs) -
     let weights_f = s.weights + half;
     let grads = s.gradients;
     let live_parts = LiveParts::of(terms, a);
-    let act = live_parts.activations;
+    let act = live_parts.activation_peak();
     let (_, live) = live_parts.peak(overlap(terms, a));
     let base = s.weights + s.optimizer;
     let peak_f =

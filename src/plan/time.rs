@@ -77,7 +77,15 @@ pub fn finetune_flops(
     } else {
         flops.dense - 4.0 * n * block_mm * tokens
     };
-    let attention = flops.attention * (1.0 - 2.0 / 3.0 * n / l);
+    // the frozen leading blocks' attention runs forward only (a third), and with adapters so
+    // does the frozen vision tower's, whose FLOPs are not the blocks'
+    let vision_attention = if ft.is_adapter() {
+        crate::plan::vision::flops(t, train).1
+    } else {
+        0.0
+    };
+    let attention =
+        (flops.attention - vision_attention) * (1.0 - 2.0 / 3.0 * n / l) + vision_attention / 3.0;
     let recompute = recompute_flops(train.checkpointing, dense, attention);
     StepFlops {
         dense,

@@ -5,26 +5,27 @@
 use crate::spec::presets;
 use crate::spec::transformer::{Arch, BlockExtras, DropoutP, Head, PatchEmbed, TransformerSpec};
 use crate::spec::vision::{TowerKind, VisionTower};
-use crate::spec::TrainSpec;
+use crate::spec::{Attention, TrainSpec};
 
 /// The tower's encoder as the measured block it is built like, priced at `batch x images`
 /// samples of one image each: SigLIP, CLIP and Qwen2-VL as a ViT (whose input is the pixel
 /// batch, `channels x temporal_patch` per patch pixel; Qwen2-VL's rotary copies of q and k are
-/// not in the ViT block), Qwen2.5-VL's RMSNorm/SwiGLU blocks as a non-causal Llama block (with
-/// its rotary copies). The pooler head stands for the final norm (b·h elements, nothing next
+/// not in the ViT block), Qwen2.5-VL's and Pixtral's RMSNorm/gated-MLP blocks as a non-causal
+/// Llama block (with its rotary copies). The pooler head stands for the final norm (b·h elements, nothing next
 /// to the blocks).
 pub fn stack(v: &VisionTower, name: &str) -> TransformerSpec {
     let name = format!("{name} vision tower");
-    if v.kind == TowerKind::QwenSwiglu {
+    if matches!(v.kind, TowerKind::QwenSwiglu | TowerKind::Pixtral) {
         return TransformerSpec {
             arch: Arch::Encoder,
             head: Head::Pooler,
             tied_embeddings: false,
             dropout: Some(DropoutP(0.0)),
             activation: Some(v.activation),
-            // one fused qkv: under sdpa the value view keeps the whole fused output
+            // Qwen's one fused qkv: under sdpa the value view keeps the whole fused output
+            // (Pixtral's separate q, k, v are the Llama block's)
             extras: BlockExtras {
-                fused_qkv: true,
+                fused_qkv: v.kind == TowerKind::QwenSwiglu,
                 ..BlockExtras::default()
             },
             ..presets::llama(&name, v.layers, v.hidden, v.heads, v.heads, v.ffn, 1)
@@ -44,14 +45,34 @@ pub fn stack(v: &VisionTower, name: &str) -> TransformerSpec {
     }
 }
 
-/// The training step the tower takes: `batch x images` images at its own image size.
+/// The training step the tower takes: `batch x images` images at its own image size. Pixtral
+/// runs every image of the micro-batch as one sequence of all their patches under a
+/// block-diagonal mask (transformers' `PixtralVisionModel`), so its eager scores grow with the
+/// square of the images ([`block_mask_bytes`] adds sdpa's mask).
 pub fn train(v: &VisionTower, train: &TrainSpec) -> TrainSpec {
+    let images = train.batch.saturating_mul(v.images);
+    let (batch, seq) = if v.kind == TowerKind::Pixtral {
+        (1, images.saturating_mul(v.tokens()))
+    } else {
+        (images, v.tokens())
+    };
     TrainSpec {
-        batch: train.batch.saturating_mul(v.images),
+        batch,
         image: v.image,
-        seq: v.tokens(),
+        seq,
         ..train.clone()
     }
+}
+
+/// Pixtral's block-diagonal mask over all the micro-batch's patches, `N² ` elements in the
+/// compute dtype: sdpa's kernel with a mask saves it for backward (once, shared by the blocks);
+/// eager attention adds it to the scores without keeping it. 0 for other towers.
+pub fn block_mask_bytes(v: &VisionTower, train: &TrainSpec) -> f64 {
+    if v.kind != TowerKind::Pixtral || train.attention != Attention::Sdpa {
+        return 0.0;
+    }
+    let n = train.batch as f64 * v.images as f64 * v.tokens() as f64;
+    n * n * train.precision.compute_bytes() as f64
 }
 
 /// The tower's (dense, attention) FLOPs of forward + backward: its linears and patch projection

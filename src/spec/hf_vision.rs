@@ -1,8 +1,8 @@
 //! HuggingFace config.json of vision-language wrappers -> the language model's spec with a
 //! [`VisionTower`]: Gemma 3 (`gemma3`: SigLIP + Gemma 3), PaliGemma (`paligemma`: SigLIP +
 //! Gemma or Gemma 2), LLaVA-1.5 and LLaVA-NeXT (`llava`, `llava_next`: CLIP + Llama, Vicuna or
-//! Mistral), Qwen2-VL and Qwen2.5-VL (`qwen2_vl`, `qwen2_5_vl`: Qwen's native-resolution towers +
-//! Qwen2). The wrappers' files list only the sub-config keys that differ from the config
+//! Mistral; Pixtral-12B's Pixtral + Mistral), Mistral 3 (`mistral3`: Pixtral + Mistral), Qwen2-VL
+//! and Qwen2.5-VL (`qwen2_vl`, `qwen2_5_vl`: Qwen's native-resolution towers + Qwen2). The wrappers' files list only the sub-config keys that differ from the config
 //! classes' defaults (gemma-3-4b-it's `text_config` has no `vocab_size`, llava-1.5-7b-hf's has
 //! no widths at all), so each sub-config is read over its class's defaults, as transformers
 //! builds it; the defaults below are transformers 5.24's.
@@ -10,13 +10,14 @@
 use super::activation::Activation;
 use super::hf_keys::{opt_bool, opt_u64, req_u64, Obj};
 use super::transformer::{TransformerSpec, MAX_HIDDEN, MAX_LAYERS};
-use super::vision::{TowerKind, VisionTower};
+use super::vision::{TowerKind, VisionTower, MAX_IMAGES, MAX_MERGE};
 use crate::error::{input_err, rename_field};
 use serde_json::Value;
 
 /// The wrappers' `model_type`s.
-pub const WRAPPERS: [&str; 6] = [
+pub const WRAPPERS: [&str; 7] = [
     "gemma3",
+    "mistral3",
     "paligemma",
     "llava",
     "llava_next",
@@ -54,6 +55,10 @@ fn text_defaults(model_type: &str) -> Option<&'static str> {
             "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
             "max_position_embeddings": 32768}"#
         }
+        "qwen2" => {
+            r#"{"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 32768}"#
+        }
         "mistral" => {
             r#"{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -76,13 +81,18 @@ fn vision_defaults(model_type: &str) -> Option<&'static str> {
             "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
             "hidden_act": "quick_gelu"}"#
         }
+        "pixtral" => {
+            r#"{"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
+            "num_attention_heads": 16, "head_dim": 64, "num_channels": 3, "image_size": 1024,
+            "patch_size": 16, "hidden_act": "gelu"}"#
+        }
         "qwen2_vl_vision" => {
             r#"{"depth": 32, "embed_dim": 1280, "hidden_size": 3584, "mlp_ratio": 4,
             "num_heads": 16, "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
             "temporal_patch_size": 2, "hidden_act": "quick_gelu"}"#
         }
         "qwen2_5_vl_vision" => {
-            r#"{"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+            r#"{"depth": 32, "hidden_size": 3584, "intermediate_size": 3420, "num_heads": 16,
             "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
             "out_hidden_size": 3584, "hidden_act": "silu"}"#
         }
@@ -100,6 +110,7 @@ fn wrapper_defaults(model_type: &str) -> (&'static str, &'static str, bool) {
     match model_type {
         "gemma3" => ("gemma3_text", "siglip_vision_model", true),
         "paligemma" => ("gemma", "siglip_vision_model", true),
+        "mistral3" => ("mistral", "pixtral", true),
         "qwen2_vl" => ("qwen2_vl_text", "qwen2_vl_vision", false),
         "qwen2_5_vl" => ("qwen2_5_vl_text", "qwen2_5_vl_vision", false),
         _ => ("llama", "clip_vision_model", false),
@@ -116,16 +127,22 @@ fn sub_config(
     defaults: fn(&str) -> Option<&'static str>,
     accepted: &str,
 ) -> anyhow::Result<Obj> {
-    let given = match o.get(key) {
-        None | Some(Value::Null) => Obj::new(),
-        Some(Value::Object(m)) => m.clone(),
-        Some(v) => {
-            return input_err(
+    let given =
+        match o.get(key) {
+            // the wrapper's own defaults for a missing sub-config are not the class's: real files
+            // always carry it
+            None | Some(Value::Null) => return input_err(
                 &format!("config.json {key}"),
-                format!("{v} is not an object; accepted the sub-model's config"),
-            )
-        }
-    };
+                "missing; accepted the sub-model's config (as the model's published file has it)",
+            ),
+            Some(Value::Object(m)) => m.clone(),
+            Some(v) => {
+                return input_err(
+                    &format!("config.json {key}"),
+                    format!("{v} is not an object; accepted the sub-model's config"),
+                )
+            }
+        };
     let model_type = match given.get("model_type") {
         None | Some(Value::Null) => default_type.to_string(),
         Some(Value::String(s)) => s.to_ascii_lowercase(),
@@ -135,6 +152,12 @@ fn sub_config(
                 format!("{v} is not a string; accepted {accepted}"),
             )
         }
+    };
+    // transformers 4's Qwen files name the vision class after the wrapper (`qwen2_vl`), which
+    // transformers 5 reads as `qwen2_vl_vision`
+    let model_type = match model_type.as_str() {
+        "qwen2_vl" | "qwen2_5_vl" if key == "vision_config" => format!("{model_type}_vision"),
+        _ => model_type,
     };
     let Some(text) = defaults(&model_type) else {
         return input_err(
@@ -171,35 +194,29 @@ pub fn parse(
     parse_text: fn(&Obj, &str) -> anyhow::Result<TransformerSpec>,
 ) -> anyhow::Result<TransformerSpec> {
     let (text_type, vision_type, tie_default) = wrapper_defaults(model_type);
-    let text = sub_config(
-        o,
-        "text_config",
-        text_type,
-        text_defaults,
-        "gemma3_text, gemma, gemma2, llama, mistral",
-    )?;
+    const TEXT_TYPES: &str =
+        "gemma3_text, gemma, gemma2, llama, mistral, qwen2, qwen2_vl_text, qwen2_5_vl_text";
     let qwen = model_type.starts_with("qwen2");
+    // Qwen's files before transformers 5 keep the text model's keys at the top level
+    let legacy_qwen = qwen && !o.contains_key("text_config");
+    let text = if legacy_qwen {
+        let mut top = Obj::new();
+        top.insert("text_config".into(), Value::Object(Obj::new()));
+        let mut t = sub_config(&top, "text_config", text_type, text_defaults, TEXT_TYPES)?;
+        t.extend(
+            o.iter()
+                .filter(|(k, _)| *k != "vision_config")
+                .map(|(k, v)| (k.clone(), v.clone())),
+        );
+        t
+    } else {
+        sub_config(o, "text_config", text_type, text_defaults, TEXT_TYPES)?
+    };
     let (text, text_key) = if qwen {
-        // Qwen's files before transformers 5 keep the text model's keys at the top level
-        let mut t = if o.contains_key("text_config") {
-            text
-        } else {
-            let mut top = sub_config(&Obj::new(), "text_config", text_type, text_defaults, "")?;
-            top.extend(
-                o.iter()
-                    .filter(|(k, _)| *k != "vision_config")
-                    .map(|(k, v)| (k.clone(), v.clone())),
-            );
-            top
-        };
+        let mut t = text;
         // Qwen2's block (biased q, k, v) for the family parser
         t.insert("model_type".into(), Value::String("qwen2".into()));
-        let key = if o.contains_key("text_config") {
-            "text_config"
-        } else {
-            ""
-        };
-        (t, key)
+        (t, if legacy_qwen { "" } else { "text_config" })
     } else {
         (text, "text_config")
     };
@@ -209,12 +226,19 @@ pub fn parse(
         "vision_config",
         vision_type,
         vision_defaults,
-        "siglip_vision_model, clip_vision_model, qwen2_vl_vision, qwen2_5_vl_vision",
+        "siglip_vision_model, clip_vision_model, pixtral, qwen2_vl_vision, qwen2_5_vl_vision",
     )?;
-    let tower =
-        if qwen { qwen_tower(&v) } else { tower(&v) }.map_err(|e| nested(e, "vision_config"))?;
+    let tower = if qwen {
+        qwen_tower(&v)
+    } else if v.get("model_type").and_then(Value::as_str) == Some("pixtral") {
+        pixtral_tower(&v)
+    } else {
+        tower(&v)
+    }
+    .map_err(|e| nested(e, "vision_config"))?;
     let (vh, th) = (tower.hidden, lm.hidden);
-    let bias = opt_bool(o, "multimodal_projector_bias", true)?;
+    // Mistral 3's projector has no biases by default, LLaVA's have
+    let bias = opt_bool(o, "multimodal_projector_bias", model_type != "mistral3")?;
     let b = |n: u64| if bias { n } else { 0 };
     let (projector, images) = match model_type {
         // a vision-width RMSNorm, then a bias-free projection to the text width (after pooling
@@ -234,10 +258,20 @@ pub fn parse(
                     format!("{out} is not the text model's hidden_size {th}; accepted {th}"),
                 );
             }
-            let merge = req_u64(&v, "spatial_merge_size")?;
+            let merge = merge_size(&v, "config.json vision_config.spatial_merge_size")?;
             let merged = vh * merge * merge;
             let norm = if model_type == "qwen2_vl" { 2 * vh } else { vh };
             (norm + merged * merged + merged + merged * th + th, 1)
+        }
+        // a vision-width RMSNorm, a bias-free merger of `merge²` neighbouring patches back to
+        // the vision width, then LLaVA's two linears
+        "mistral3" => {
+            let merge = match o.get("spatial_merge_size") {
+                None | Some(Value::Null) => 2,
+                Some(_) => merge_size(o, "config.json spatial_merge_size")?,
+            };
+            let merger = vh * merge * merge * vh;
+            (vh + merger + vh * th + b(th) + th * th + b(th), 1)
         }
         // one biased linear to `projection_dim`, which must be the text width
         "paligemma" => {
@@ -274,8 +308,32 @@ pub fn parse(
     // transformers 5: LLaVA ties when either its own key or the text model's says so; the other
     // wrappers read only their own key (Qwen's top-level key is its text model's)
     let tied = match (model_type, top_tie) {
-        ("llava", t) => t == Some(true) || lm.tied_embeddings,
+        ("llava" | "qwen2_vl" | "qwen2_5_vl", t) => t == Some(true) || lm.tied_embeddings,
         (_, t) => t.unwrap_or(tie_default),
+    };
+    // the image tokens each image puts into the sequence
+    let side = tower.image / tower.patch;
+    let (lm_tokens, merge) = match model_type {
+        "gemma3" => (opt_u64(o, "mm_tokens_per_image")?.unwrap_or(256), 1),
+        "mistral3" => {
+            let merge = match o.get("spatial_merge_size") {
+                None | Some(Value::Null) => 2,
+                Some(_) => merge_size(o, "config.json spatial_merge_size")?,
+            };
+            (side * side / (merge * merge), merge)
+        }
+        "qwen2_vl" | "qwen2_5_vl" => (tower.merged_tokens(), tower.merge),
+        // LLaVA-NeXT's tiles lose their padding rows: it varies per image
+        "llava_next" => (0, 1),
+        // LLaVA's "full" strategy keeps CLIP's class token
+        "llava"
+            if o.get("vision_feature_select_strategy")
+                .and_then(Value::as_str)
+                == Some("full") =>
+        {
+            (tower.tokens(), 1)
+        }
+        _ => (side * side, 1),
     };
     let mut spec = TransformerSpec {
         tied_embeddings: tied,
@@ -284,6 +342,8 @@ pub fn parse(
     spec.extras.vision = Some(Box::new(VisionTower {
         projector,
         images,
+        lm_tokens,
+        merge,
         ..tower
     }));
     spec.validate()?;
@@ -308,27 +368,33 @@ fn tower(v: &Obj) -> anyhow::Result<VisionTower> {
         class_token: clip,
         patch_bias: !clip,
         pre_norm: clip,
+        // SigLIP builds its pooling head unless told not to
+        pool_head: !clip && opt_bool(v, "vision_use_head", true)?,
+        lm_tokens: 0,
+        merge: 1,
         projector: 0,
         images: 1,
     };
-    t.validate(MAX_LAYERS, MAX_HIDDEN).map_err(|e| {
-        rename_field(e, |f| {
-            Some(
-                match f {
-                    "vision layers" => "config.json num_hidden_layers",
-                    "vision hidden" => "config.json hidden_size",
-                    "vision heads" => "config.json num_attention_heads",
-                    "vision ffn" => "config.json intermediate_size",
-                    "vision channels" => "config.json num_channels",
-                    "vision patch" => "config.json patch_size",
-                    "vision image" => "config.json image_size",
-                    _ => return None,
-                }
-                .to_string(),
-            )
-        })
-    })?;
+    t.validate(MAX_LAYERS, MAX_HIDDEN)
+        .map_err(|e| rename_field(e, vit_key))?;
     Ok(t)
+}
+
+/// The config.json key of a SigLIP, CLIP or Pixtral tower's field.
+fn vit_key(field: &str) -> Option<String> {
+    Some(
+        match field {
+            "vision layers" => "config.json num_hidden_layers",
+            "vision hidden" => "config.json hidden_size",
+            "vision heads" => "config.json num_attention_heads",
+            "vision ffn" => "config.json intermediate_size",
+            "vision channels" => "config.json num_channels",
+            "vision patch" => "config.json patch_size",
+            "vision image" => "config.json image_size",
+            _ => return None,
+        }
+        .to_string(),
+    )
 }
 
 /// The encoder of a Qwen2-VL or Qwen2.5-VL `vision_config` (defaults already merged in), planned
@@ -362,10 +428,13 @@ fn qwen_tower(v: &Obj) -> anyhow::Result<VisionTower> {
         channels,
         patch: req_u64(v, "patch_size")?,
         temporal_patch: req_u64(v, "temporal_patch_size")?,
-        image: QWEN_DEFAULT_IMAGE,
+        image: QWEN_DEFAULT_IMAGE.max(req_u64(v, "patch_size")?),
         class_token: false,
         patch_bias: false,
         pre_norm: false,
+        pool_head: false,
+        lm_tokens: 0,
+        merge: merge_size(v, "config.json spatial_merge_size")?,
         projector: 0,
         images: 1,
     };
@@ -389,6 +458,59 @@ fn qwen_tower(v: &Obj) -> anyhow::Result<VisionTower> {
         })
     })?;
     Ok(t)
+}
+
+/// The encoder of a Pixtral `vision_config` (defaults already merged in): planned at its
+/// `image_size`, the side its image processor fits the longest edge into (a square image of that
+/// side is the most one image costs), until `--image` says otherwise.
+fn pixtral_tower(v: &Obj) -> anyhow::Result<VisionTower> {
+    let hidden = req_u64(v, "hidden_size")?;
+    let heads = req_u64(v, "num_attention_heads")?;
+    let head_dim = req_u64(v, "head_dim")?;
+    if head_dim.checked_mul(heads) != Some(hidden) {
+        return input_err(
+            "config.json head_dim",
+            format!(
+                "{head_dim} x {heads} heads is not the hidden_size {hidden}; accepted {}",
+                hidden / heads.max(1)
+            ),
+        );
+    }
+    let t = VisionTower {
+        kind: TowerKind::Pixtral,
+        layers: req_u64(v, "num_hidden_layers")?,
+        hidden,
+        heads,
+        ffn: req_u64(v, "intermediate_size")?,
+        activation: activation(v)?,
+        channels: req_u64(v, "num_channels")?,
+        patch: req_u64(v, "patch_size")?,
+        temporal_patch: 1,
+        image: req_u64(v, "image_size")?,
+        class_token: false,
+        patch_bias: false,
+        pre_norm: true,
+        pool_head: false,
+        lm_tokens: 0,
+        merge: 1,
+        projector: 0,
+        images: 1,
+    };
+    t.validate(MAX_LAYERS, MAX_HIDDEN)
+        .map_err(|e| rename_field(e, vit_key))?;
+    Ok(t)
+}
+
+/// A patch merger's `spatial_merge_size` read from `o`, named `field` in errors.
+fn merge_size(o: &Obj, field: &str) -> anyhow::Result<u64> {
+    let n = req_u64(o, "spatial_merge_size")?;
+    if !(1..=MAX_MERGE).contains(&n) {
+        return input_err(
+            field,
+            format!("{n} is out of range; accepted 1..={MAX_MERGE}"),
+        );
+    }
+    Ok(n)
 }
 
 /// A tower's `hidden_act` (its class default already merged in).
@@ -434,9 +556,24 @@ fn largest_grid(o: &Obj, image: u64) -> anyhow::Result<u64> {
         let pair = p
             .as_array()
             .filter(|a| a.len() == 2)
-            .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)));
+            .and_then(|a| Some((a[0].as_u64()?, a[1].as_u64()?)))
+            .filter(|&(h, w)| h > 0 && w > 0);
         let Some((h, w)) = pair else { return bad(p) };
-        most = most.max(h.div_ceil(image) * w.div_ceil(image));
+        // the base view takes one more pass per image
+        let crops = h.div_ceil(image).checked_mul(w.div_ceil(image));
+        match crops {
+            Some(n) if n < MAX_IMAGES => most = most.max(n),
+            _ => {
+                return input_err(
+                    "config.json image_grid_pinpoints",
+                    format!(
+                        "{p} tiles into more than {} crops of {image} pixels; accepted smaller \
+                         resolutions",
+                        MAX_IMAGES - 1
+                    ),
+                )
+            }
+        }
     }
     Ok(most)
 }

@@ -442,8 +442,22 @@ impl TransformerSpec {
         Ok(())
     }
 
-    /// Checks that a training sequence fits the learned position table.
+    /// Checks that a training sequence fits the learned position table, and that a
+    /// vision-language model's sequence holds its images' tokens.
     pub fn check_seq(&self, seq: u64) -> anyhow::Result<()> {
+        if let Some(v) = &self.extras.vision {
+            let need = v.images.saturating_mul(v.lm_tokens);
+            if seq < need {
+                return input_err(
+                    "seq",
+                    format!(
+                        "{seq} cannot hold {} image(s) of {} tokens each; accepted {need} or more \
+                         (--seq counts the image tokens)",
+                        v.images, v.lm_tokens
+                    ),
+                );
+            }
+        }
         if self.patch.is_none() && self.max_positions > 0 && seq > self.max_positions {
             return input_err(
                 "seq",

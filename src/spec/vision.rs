@@ -14,6 +14,9 @@ use serde::{Deserialize, Serialize};
 /// image into up to 5 crops).
 pub const MAX_IMAGES: u64 = 1 << 10;
 
+/// The widest patch merger accepted (Qwen and Mistral 3 merge 2 x 2).
+pub const MAX_MERGE: u64 = 16;
+
 /// The encoder block a tower is built from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -30,6 +33,9 @@ pub enum TowerKind {
     /// windowed attention in all blocks but a few (planned as full attention: an upper bound
     /// for eager's scores)
     QwenSwiglu,
+    /// Pixtral's (Mistral 3, Pixtral-12B): RMSNorm, bias-free q, k, v, o with 2-D rotary
+    /// positions, a bias-free gated MLP, an RMSNorm before the first block and none after
+    Pixtral,
 }
 
 /// The vision tower: `layers` blocks over each image's `(image / patch)²` patches (of
@@ -59,6 +65,19 @@ pub struct VisionTower {
     pub patch_bias: bool,
     /// a LayerNorm over the embeddings before the first block (CLIP's `pre_layrnorm`)
     pub pre_norm: bool,
+    /// SigLIP's attention-pooling head (`vision_use_head`: a probe token, one multi-head
+    /// attention, a LayerNorm and an MLP): built, but unused by the wrappers, which read every
+    /// patch's output
+    #[serde(default)]
+    pub pool_head: bool,
+    /// tokens each image puts into the language model's sequence (Gemma 3's pooled 256, LLaVA's
+    /// patches, Qwen's and Mistral 3's merged quarter); 0 where it varies (LLaVA-NeXT's tiles)
+    #[serde(default)]
+    pub lm_tokens: u64,
+    /// neighbouring patches per side a merger joins into one language-model token (Qwen,
+    /// Mistral 3: 2); 1 without a merger
+    #[serde(default = "one")]
+    pub merge: u64,
     /// parameters of the multimodal projector (and any other weights the wrapper adds, such as
     /// LLaVA-NeXT's image-newline row or Qwen's patch merger)
     pub projector: u64,
@@ -77,8 +96,15 @@ impl VisionTower {
         side * side + u64::from(self.class_token)
     }
 
-    /// Whether `--image` may set the image side: Qwen's towers take images at their own
-    /// resolution (rotary positions); SigLIP's and CLIP's position tables fix it.
+    /// Tokens one image puts into the language model's sequence at the tower's image side when
+    /// a merger sets them: the patches over `merge²`.
+    pub fn merged_tokens(&self) -> u64 {
+        let side = self.image / self.patch.max(1);
+        side * side / (self.merge * self.merge).max(1)
+    }
+
+    /// Whether `--image` may set the image side: Qwen's and Pixtral's towers take images at their
+    /// own resolution (rotary positions); SigLIP's and CLIP's position tables fix it.
     pub fn native_resolution(&self) -> bool {
         self.kind != TowerKind::Vit
     }
@@ -100,7 +126,13 @@ impl VisionTower {
                 // q, k, v, o with biases; fc1, fc2 with biases; two LayerNorms
                 let block = 4 * (h * h + h) + 2 * h * f + f + h + 2 * 2 * h;
                 let norms = 2 * h * (1 + u64::from(self.pre_norm));
-                conv + class + positions + self.layers * block + norms
+                // probe, fused in-projection and out-projection with biases, LayerNorm, MLP
+                let head = if self.pool_head {
+                    4 * h * h + 2 * h * f + f + 8 * h
+                } else {
+                    0
+                };
+                conv + class + positions + self.layers * block + norms + head
             }
             // fused qkv and proj with biases, fc1 and fc2 with biases, two LayerNorms
             TowerKind::QwenVit => {
@@ -110,6 +142,8 @@ impl VisionTower {
             TowerKind::QwenSwiglu => {
                 conv + self.layers * (4 * (h * h + h) + 3 * h * f + 2 * f + h + 2 * h)
             }
+            // the pre-norm, then bias-free q, k, v, o and gate, up, down, two RMSNorms
+            TowerKind::Pixtral => conv + h + self.layers * (4 * h * h + 3 * h * f + 2 * h),
         }
     }
 
@@ -123,8 +157,8 @@ impl VisionTower {
     pub fn matmul_per_token(&self) -> u64 {
         let (h, f) = (self.hidden, self.ffn);
         let mlp = match self.kind {
-            TowerKind::QwenSwiglu => 3 * h * f,
-            _ => 2 * h * f,
+            TowerKind::QwenSwiglu | TowerKind::Pixtral => 3 * h * f,
+            TowerKind::Vit | TowerKind::QwenVit => 2 * h * f,
         };
         self.layers * (4 * h * h + mlp) + self.patch_weights()
     }
@@ -150,6 +184,7 @@ impl VisionTower {
         check_range("vision image", self.image, self.patch, 1 << 16)?;
         check_range("projector", self.projector, 0, 1 << 40)?;
         check_range("images", self.images, 1, MAX_IMAGES)?;
+        check_range("spatial_merge_size", self.merge, 1, MAX_MERGE)?;
         Ok(())
     }
 }

@@ -45,10 +45,12 @@ fn more_published_counts() {
 /// not transformers 4's 300M with its separate head). Granite-3.1-2B and SmolLM3-3B (Llama's
 /// block; SmolLM3 ties its head by its config class's default) likewise. The vision-language
 /// wrappers (Gemma-3-4B/27B-it, LLaVA-1.5-7B, LLaVA-v1.6-Mistral-7B, PaliGemma-3B-224, Qwen2-VL-7B,
-/// Qwen2.5-VL-7B/3B, the Qwen files in their pre-transformers-5 layout) are their
+/// Qwen2.5-VL-7B/3B, the Qwen files in their pre-transformers-5 layout, Pixtral-12B as LLaVA with
+/// a Pixtral tower; Mistral-Small-3.1-24B is a hand-written file of its published sizes, untied)
+/// are their
 /// published config.json files, which leave most sub-config keys at the classes' defaults, counted
 /// as *ForConditionalGeneration (tower, projector, language model); the cards state 4.3B, 27.4B,
-/// 7.06B, 7.57B, 2.92B, 8.29B, 8.29B and 3.75B.
+/// 7.06B, 7.57B, 2.92B, 8.29B, 8.29B, 3.75B, 12.7B and 24.0B.
 #[test]
 fn hf_config_families_count_like_transformers() {
     let cases = [
@@ -88,6 +90,8 @@ fn hf_config_families_count_like_transformers() {
         ("qwen2-vl-7b", 8_291_375_616),
         ("qwen2.5-vl-7b", 8_292_166_656),
         ("qwen2.5-vl-3b", 3_754_622_976),
+        ("pixtral-12b", 12_682_739_712),
+        ("mistral-small-3.1-24b", 24_011_361_280),
     ];
     for (name, want) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

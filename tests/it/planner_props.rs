@@ -336,7 +336,7 @@ proptest! {
         o in prop::sample::select(vec![0.0, 0.25, 0.5, 1.0]),
     ) {
         use vramcal::plan::memory::{LiveParts, PeakAt};
-        let parts = LiveParts { activations: act, gradients: grads, tied_gradients: tied, half_copy: half, step };
+        let parts = LiveParts { activations: act, gradients: grads, tied_gradients: tied, half_copy: half, step, held: 0.0, tower_backward: 0.0 };
         let backward = (1.0 - o) * (act + grads) + o * act.max(grads + tied) + half;
         let at_step = grads + step + (1.0 - o) * half;
         let (at, live) = parts.peak(o);
@@ -345,5 +345,27 @@ proptest! {
         // the regime named is the one that holds the peak: at the step exactly when the step
         // is above backward (ties go to the earlier regime)
         prop_assert_eq!(at == PeakAt::Step, at_step > backward);
+    }
+
+    /// A vision tower's bytes get no share of the language model's backward overlap: its saved
+    /// tensors outlive the language model's backward, so the peak holds every gradient beside
+    /// them, and beside the tower's own backward; and they only add to a peak.
+    #[test]
+    fn a_vision_towers_bytes_coexist_with_every_gradient(
+        act in 0.0f64..1e9,
+        grads in 0.0f64..1e9,
+        half in 0.0f64..1e8,
+        step in 0.0f64..1e9,
+        held in 0.0f64..1e9,
+        extra in 0.0f64..1e9,
+        o in prop::sample::select(vec![0.0, 0.25, 0.5, 1.0]),
+    ) {
+        use vramcal::plan::memory::LiveParts;
+        let plain = LiveParts { activations: act, gradients: grads, tied_gradients: 0.0, half_copy: half, step, held: 0.0, tower_backward: 0.0 };
+        let tower = LiveParts { held, tower_backward: held + extra, ..plain };
+        let (_, live) = tower.peak(o);
+        prop_assert!(live >= grads + held + extra + half - 1e-6, "{live}");
+        prop_assert!(live >= act + held + (1.0 - o) * grads - 1e-6, "{live}");
+        prop_assert!(live >= plain.peak(o).1 - 1e-6);
     }
 }
