@@ -5,7 +5,7 @@ Builds each config's transformers class on the meta device (no weights are alloc
 tests/it/param_counts.rs expects. Decoders are built as *ForCausalLM, BERT-family encoders and ViT as the bare model
 (with BERT's pooler), DistilBERT/DeBERTa-v2 as *ForMaskedLM, ELECTRA as ElectraForPreTraining,
 T5/mT5/BART and the vision-language wrappers (Gemma 3, PaliGemma, LLaVA, LLaVA-NeXT, Mistral 3,
-Qwen2-VL, Qwen2.5-VL) as
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL) as
 *ForConditionalGeneration.
 Mixture-of-experts configs (num_experts_per_tok) print a third figure, the parameters one token
 uses: the total less, in every `*.experts` module, the (experts - top-k) experts it does not
@@ -32,7 +32,8 @@ WITH_HEAD = {"distilbert": AutoModelForMaskedLM, "deberta-v2": AutoModelForMaske
              "gemma3": AutoModelForImageTextToText, "paligemma": AutoModelForImageTextToText,
              "llava": AutoModelForImageTextToText, "llava_next": AutoModelForImageTextToText,
              "qwen2_vl": AutoModelForImageTextToText, "qwen2_5_vl": AutoModelForImageTextToText,
-             "mistral3": AutoModelForImageTextToText}
+             "mistral3": AutoModelForImageTextToText, "qwen3_vl": AutoModelForImageTextToText,
+             "qwen3_vl_moe": AutoModelForImageTextToText}
 
 
 def count(directory: pathlib.Path) -> str:
@@ -43,10 +44,12 @@ def count(directory: pathlib.Path) -> str:
     with torch.device("meta"):
         model = auto.from_config(cfg)
     total = sum(p.numel() for p in model.parameters())
-    k = raw.get("num_experts_per_tok")
+    # a vision-language wrapper's experts are its text model's
+    moe = raw.get("text_config") if "num_experts_per_tok" in raw.get("text_config", {}) else raw
+    k = moe.get("num_experts_per_tok")
     if not k:
         return str(total)
-    experts = raw.get("num_local_experts") or raw.get("num_experts") or raw["n_routed_experts"]
+    experts = moe.get("num_local_experts") or moe.get("num_experts") or moe["n_routed_experts"]
     idle = sum(
         sum(p.numel() for p in mod.parameters()) // experts * (experts - k)
         for name, mod in model.named_modules()

@@ -122,7 +122,7 @@ ENCDEC_ARCHS = ("t5", "t5-gated", "bart")
 # LlavaForConditionalGeneration (CLIP tower, Llama text), Qwen2VLForConditionalGeneration and
 # Qwen2_5_VLForConditionalGeneration (Qwen's native-resolution towers), Mistral3ForConditional-
 # Generation (Pixtral tower, patch merger); the rows add `vision`
-VLM_ARCHS = ("gemma3-vlm", "llava", "qwen2-vl", "qwen2.5-vl", "mistral3")
+VLM_ARCHS = ("gemma3-vlm", "llava", "qwen2-vl", "qwen2.5-vl", "qwen3-vl", "mistral3")
 ATTENTIONS = ("eager", "sdpa")
 PRECISIONS = ("fp32", "bf16-autocast", "bf16")
 GQA_ARCHS = ("llama", "mistral", "qwen2") + DEPARTURE_ARCHS
@@ -495,7 +495,7 @@ def build(arch, attention, c, dropout=None, activation=None):
                                  mm_tokens_per_image=c["m"], image_token_index=V - 1,
                                  boi_token_index=V - 2, eoi_token_index=V - 3, **common)
             model = T.Gemma3ForConditionalGeneration(cfg)
-        elif arch in ("qwen2-vl", "qwen2.5-vl"):
+        elif arch in ("qwen2-vl", "qwen2.5-vl", "qwen3-vl"):
             ids = dict(image_token_id=V - 1, vision_start_token_id=V - 2, video_token_id=V - 3,
                        vision_end_token_id=V - 4)
             # the multimodal rotary sections (time, height, width) at Qwen's 16:24:24 of the
@@ -512,6 +512,16 @@ def build(arch, attention, c, dropout=None, activation=None):
                 cfg = T.Qwen2VLConfig(text_config=dict(text, model_type="qwen2_vl_text"), vision_config=vis,
                                       **ids, **common)
                 model = T.Qwen2VLForConditionalGeneration(cfg)
+            elif arch == "qwen3-vl":
+                # a learned position table of 8 x 8 rows interpolated to each grid, DeepStack
+                # mergers after the first two tower blocks
+                vis = dict(depth=c["vL"], hidden_size=c["vh"], intermediate_size=c["vf"], num_heads=c["va"],
+                           out_hidden_size=h, patch_size=VIT_PATCH, spatial_merge_size=2,
+                           temporal_patch_size=2, num_position_embeddings=64,
+                           deepstack_visual_indexes=list(range(min(2, c["vL"]))))
+                cfg = T.Qwen3VLConfig(text_config=dict(text, model_type="qwen3_vl_text", head_dim=h // a),
+                                      vision_config=vis, **ids, **common)
+                model = T.Qwen3VLForConditionalGeneration(cfg)
             else:
                 # windows of 2 x 2 merged patches, the last block full attention
                 vis = dict(depth=c["vL"], hidden_size=c["vh"], intermediate_size=c["vf"], num_heads=c["va"],

@@ -64,7 +64,7 @@ pub struct TrainFlags {
     /// Sequence length (text transformers) [default: 512]
     #[arg(long, allow_hyphen_values = true)]
     pub seq: Option<String>,
-    /// Image side in pixels (CNNs, ViT; Qwen2-VL's, Qwen2.5-VL's and Pixtral's vision towers)
+    /// Image side in pixels (CNNs, ViT; Qwen2/2.5/3-VL's and Pixtral's vision towers)
     /// [default: 224; measure: a ViT preset's own; Qwen's towers: 448; Pixtral: its image_size]
     #[arg(long, allow_hyphen_values = true)]
     pub image: Option<String>,

@@ -16,7 +16,7 @@ pub struct LayoutFlags<'a> {
     pub target_seq: Option<&'a str>,
     pub images: Option<&'a str>,
     /// `--image`, which for a vision-language model with a native-resolution tower (Qwen2-VL,
-    /// Qwen2.5-VL, Pixtral) is the side its images are resized to
+    /// Qwen2.5-VL, Qwen3-VL, Pixtral) is the side its images are resized to
     pub image: Option<&'a str>,
     pub expert_parallel: Option<&'a str>,
     pub capacity_factor: Option<&'a str>,
@@ -133,7 +133,7 @@ fn target_seq(model: ModelSpec, a: &LayoutFlags) -> anyhow::Result<ModelSpec> {
 /// of a tiled image).
 fn images(model: ModelSpec, a: &LayoutFlags) -> anyhow::Result<ModelSpec> {
     const WITH: &str =
-        "accepted with a Gemma 3, PaliGemma, LLaVA, LLaVA-NeXT, Mistral 3, Qwen2-VL or Qwen2.5-VL config";
+        "accepted with a Gemma 3, PaliGemma, LLaVA, LLaVA-NeXT, Mistral 3 or Qwen2/2.5/3-VL config";
     let Some(s) = a.images else {
         return Ok(model);
     };
@@ -171,7 +171,7 @@ fn image_side(model: ModelSpec, a: &LayoutFlags) -> anyhow::Result<ModelSpec> {
             "image",
             format!(
                 "{}'s vision tower takes {}x{} images (its config.json image_size); accepted \
-                 without --image, or with a Qwen2-VL, Qwen2.5-VL or Pixtral-tower config",
+                 without --image, or with a Qwen2/2.5/3-VL or Pixtral-tower config",
                 t.name, v.image, v.image
             ),
         );

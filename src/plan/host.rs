@@ -15,12 +15,18 @@ pub const LOADER_COPIES: u64 = 3;
 pub const DEFAULT_WORKERS: u64 = 4;
 
 /// Bytes of one raw training sample as the loader holds it: token ids as 4-byte integers, or an
-/// 8-bit image of C x H x W. `--sample-bytes` overrides it.
+/// 8-bit image of C x H x W; a vision-language sample has both, its images as the processor
+/// hands them over (fp32 pixel values at the tower's image size). `--sample-bytes` overrides
+/// it.
 pub fn default_sample_bytes(model: &ModelSpec, train: &TrainSpec) -> u64 {
     match model {
-        ModelSpec::Transformer(t) => match &t.patch {
-            Some(p) => p.channels * train.image * train.image,
-            None => train.seq * 4,
+        ModelSpec::Transformer(t) => match (&t.patch, &t.extras.vision) {
+            (Some(p), _) => p.channels * train.image * train.image,
+            (None, Some(v)) => {
+                let pixels = v.channels * v.temporal_patch * v.image * v.image;
+                train.seq * 4 + v.images.saturating_mul(pixels).saturating_mul(4)
+            }
+            (None, None) => train.seq * 4,
         },
         ModelSpec::Cnn(c) => c.in_channels * train.image * train.image,
     }

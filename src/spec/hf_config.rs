@@ -27,7 +27,7 @@ pub const MODEL_TYPES: &str =
      granite, smollm3, gpt_oss, \
      phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, \
      qwen3_moe, deepseek_v2, deepseek_v3, t5, mt5, bart, gemma3, paligemma, llava, \
-     llava_next, mistral3, qwen2_vl, qwen2_5_vl";
+     llava_next, mistral3, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe";
 
 /// A size that must be at least 1 (a zero-length position table is a broken config).
 fn req_pos(o: &Obj, f: &str) -> anyhow::Result<u64> {
@@ -1349,7 +1349,7 @@ mod tests {
              xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, starcoder2, vit, llama, \
              mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, granite, smollm3, \
              gpt_oss, phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, qwen3_moe, \
-             deepseek_v2, deepseek_v3, t5, mt5, bart, gemma3, paligemma, llava, llava_next, mistral3, qwen2_vl, qwen2_5_vl (for any other checkpoint, `--safetensors` \
+             deepseek_v2, deepseek_v3, t5, mt5, bart, gemma3, paligemma, llava, llava_next, mistral3, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe (for any other checkpoint, `--safetensors` \
              counts its parameters from the weights' headers)"
         );
         let err = parse(r#"{"model_type":"opt","hidden_size":64}"#, "x").unwrap_err();

@@ -2,7 +2,8 @@
 //! [`VisionTower`]: Gemma 3 (`gemma3`: SigLIP + Gemma 3), PaliGemma (`paligemma`: SigLIP +
 //! Gemma or Gemma 2), LLaVA-1.5 and LLaVA-NeXT (`llava`, `llava_next`: CLIP + Llama, Vicuna or
 //! Mistral; Pixtral-12B's Pixtral + Mistral), Mistral 3 (`mistral3`: Pixtral + Mistral), Qwen2-VL
-//! and Qwen2.5-VL (`qwen2_vl`, `qwen2_5_vl`: Qwen's native-resolution towers + Qwen2). The wrappers' files list only the sub-config keys that differ from the config
+//! and Qwen2.5-VL (`qwen2_vl`, `qwen2_5_vl`: Qwen's native-resolution towers + Qwen2), Qwen3-VL
+//! (`qwen3_vl`, `qwen3_vl_moe`: + Qwen3 or Qwen3-MoE). The wrappers' files list only the sub-config keys that differ from the config
 //! classes' defaults (gemma-3-4b-it's `text_config` has no `vocab_size`, llava-1.5-7b-hf's has
 //! no widths at all), so each sub-config is read over its class's defaults, as transformers
 //! builds it; the defaults below are transformers 5.24's.
@@ -15,7 +16,7 @@ use crate::error::{input_err, rename_field};
 use serde_json::Value;
 
 /// The wrappers' `model_type`s.
-pub const WRAPPERS: [&str; 7] = [
+pub const WRAPPERS: [&str; 9] = [
     "gemma3",
     "mistral3",
     "paligemma",
@@ -23,6 +24,8 @@ pub const WRAPPERS: [&str; 7] = [
     "llava_next",
     "qwen2_vl",
     "qwen2_5_vl",
+    "qwen3_vl",
+    "qwen3_vl_moe",
 ];
 
 /// Config-class defaults of the language models the wrappers carry, for the keys the planner
@@ -59,6 +62,18 @@ fn text_defaults(model_type: &str) -> Option<&'static str> {
             r#"{"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
             "num_hidden_layers": 32, "num_attention_heads": 32, "max_position_embeddings": 32768}"#
         }
+        // Qwen3-VL's text classes (Qwen3's block; the MoE one Qwen3-MoE's)
+        "qwen3_vl_text" => {
+            r#"{"vocab_size": 151936, "hidden_size": 4096, "intermediate_size": 22016,
+            "num_hidden_layers": 32, "num_attention_heads": 32, "head_dim": 128,
+            "max_position_embeddings": 128000}"#
+        }
+        "qwen3_vl_moe_text" => {
+            r#"{"vocab_size": 151936, "hidden_size": 2048, "intermediate_size": 5632,
+            "moe_intermediate_size": 1408, "num_hidden_layers": 24, "num_attention_heads": 16,
+            "num_key_value_heads": 16, "head_dim": 128, "num_experts": 60,
+            "num_experts_per_tok": 4, "max_position_embeddings": 128000}"#
+        }
         "mistral" => {
             r#"{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -91,6 +106,12 @@ fn vision_defaults(model_type: &str) -> Option<&'static str> {
             "num_heads": 16, "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2,
             "temporal_patch_size": 2, "hidden_act": "quick_gelu"}"#
         }
+        "qwen3_vl_vision" | "qwen3_vl_moe_vision" => {
+            r#"{"depth": 27, "hidden_size": 1152, "intermediate_size": 4304, "num_heads": 16,
+            "in_channels": 3, "patch_size": 16, "spatial_merge_size": 2, "temporal_patch_size": 2,
+            "out_hidden_size": 3584, "num_position_embeddings": 2304,
+            "deepstack_visual_indexes": [8, 16, 24], "hidden_act": "gelu_pytorch_tanh"}"#
+        }
         "qwen2_5_vl_vision" => {
             r#"{"depth": 32, "hidden_size": 3584, "intermediate_size": 3420, "num_heads": 16,
             "in_channels": 3, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
@@ -113,6 +134,8 @@ fn wrapper_defaults(model_type: &str) -> (&'static str, &'static str, bool) {
         "mistral3" => ("mistral", "pixtral", true),
         "qwen2_vl" => ("qwen2_vl_text", "qwen2_vl_vision", false),
         "qwen2_5_vl" => ("qwen2_5_vl_text", "qwen2_5_vl_vision", false),
+        "qwen3_vl" => ("qwen3_vl_text", "qwen3_vl_vision", false),
+        "qwen3_vl_moe" => ("qwen3_vl_moe_text", "qwen3_vl_moe_vision", false),
         _ => ("llama", "clip_vision_model", false),
     }
 }
@@ -156,7 +179,9 @@ fn sub_config(
     // transformers 4's Qwen files name the vision class after the wrapper (`qwen2_vl`), which
     // transformers 5 reads as `qwen2_vl_vision`
     let model_type = match model_type.as_str() {
-        "qwen2_vl" | "qwen2_5_vl" if key == "vision_config" => format!("{model_type}_vision"),
+        "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" | "qwen3_vl_moe" if key == "vision_config" => {
+            format!("{model_type}_vision")
+        }
         _ => model_type,
     };
     let Some(text) = defaults(&model_type) else {
@@ -194,9 +219,9 @@ pub fn parse(
     parse_text: fn(&Obj, &str) -> anyhow::Result<TransformerSpec>,
 ) -> anyhow::Result<TransformerSpec> {
     let (text_type, vision_type, tie_default) = wrapper_defaults(model_type);
-    const TEXT_TYPES: &str =
-        "gemma3_text, gemma, gemma2, llama, mistral, qwen2, qwen2_vl_text, qwen2_5_vl_text";
-    let qwen = model_type.starts_with("qwen2");
+    const TEXT_TYPES: &str = "gemma3_text, gemma, gemma2, llama, mistral, qwen2, qwen2_vl_text, \
+                              qwen2_5_vl_text, qwen3_vl_text, qwen3_vl_moe_text";
+    let qwen = model_type.starts_with("qwen");
     // Qwen's files before transformers 5 keep the text model's keys at the top level
     let legacy_qwen = qwen && !o.contains_key("text_config");
     let text = if legacy_qwen {
@@ -214,8 +239,14 @@ pub fn parse(
     };
     let (text, text_key) = if qwen {
         let mut t = text;
-        // Qwen2's block (biased q, k, v) for the family parser
-        t.insert("model_type".into(), Value::String("qwen2".into()));
+        // the family parser's block: Qwen2's (biased q, k, v), Qwen3's (q/k norms) or
+        // Qwen3-MoE's
+        let family = match model_type {
+            "qwen3_vl" => "qwen3",
+            "qwen3_vl_moe" => "qwen3_moe",
+            _ => "qwen2",
+        };
+        t.insert("model_type".into(), Value::String(family.into()));
         (t, if legacy_qwen { "" } else { "text_config" })
     } else {
         (text, "text_config")
@@ -226,7 +257,8 @@ pub fn parse(
         "vision_config",
         vision_type,
         vision_defaults,
-        "siglip_vision_model, clip_vision_model, pixtral, qwen2_vl_vision, qwen2_5_vl_vision",
+        "siglip_vision_model, clip_vision_model, pixtral, qwen2_vl_vision, qwen2_5_vl_vision, \
+         qwen3_vl_vision",
     )?;
     let tower = if qwen {
         qwen_tower(&v)
@@ -246,7 +278,7 @@ pub fn parse(
         "gemma3" => (vh * th + vh, 1),
         // the patch merger: a norm over each patch, then `merge²` neighbouring patches
         // concatenated through two biased linears to the text width
-        "qwen2_vl" | "qwen2_5_vl" => {
+        "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" | "qwen3_vl_moe" => {
             let (out_key, out) = if model_type == "qwen2_vl" {
                 ("hidden_size", req_u64(&v, "hidden_size")?)
             } else {
@@ -260,8 +292,20 @@ pub fn parse(
             }
             let merge = merge_size(&v, "config.json vision_config.spatial_merge_size")?;
             let merged = vh * merge * merge;
-            let norm = if model_type == "qwen2_vl" { 2 * vh } else { vh };
-            (norm + merged * merged + merged + merged * th + th, 1)
+            let mlp = merged * merged + merged + merged * th + th;
+            // Qwen2-VL's and Qwen3-VL's norm is a LayerNorm, Qwen2.5-VL's an RMSNorm
+            let norm = if model_type == "qwen2_5_vl" {
+                vh
+            } else {
+                2 * vh
+            };
+            // Qwen3-VL's DeepStack: one more merger (LayerNorm over the merged width) per
+            // tower layer it feeds into the language model's first blocks
+            let deepstack = match v.get("deepstack_visual_indexes") {
+                Some(Value::Array(a)) if model_type.starts_with("qwen3") => a.len() as u64,
+                _ => 0,
+            };
+            (norm + mlp + deepstack * (2 * merged + mlp), 1)
         }
         // a vision-width RMSNorm, a bias-free merger of `merge²` neighbouring patches back to
         // the vision width, then LLaVA's two linears
@@ -322,7 +366,9 @@ pub fn parse(
             };
             (side * side / (merge * merge), merge)
         }
-        "qwen2_vl" | "qwen2_5_vl" => (tower.merged_tokens(), tower.merge),
+        "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" | "qwen3_vl_moe" => {
+            (tower.merged_tokens(), tower.merge)
+        }
         // LLaVA-NeXT's tiles lose their padding rows: it varies per image
         "llava_next" => (0, 1),
         // LLaVA's "full" strategy keeps CLIP's class token
@@ -370,6 +416,7 @@ fn tower(v: &Obj) -> anyhow::Result<VisionTower> {
         pre_norm: clip,
         // SigLIP builds its pooling head unless told not to
         pool_head: !clip && opt_bool(v, "vision_use_head", true)?,
+        position_rows: 0,
         lm_tokens: 0,
         merge: 1,
         projector: 0,
@@ -400,10 +447,13 @@ fn vit_key(field: &str) -> Option<String> {
 /// The encoder of a Qwen2-VL or Qwen2.5-VL `vision_config` (defaults already merged in), planned
 /// at [`QWEN_DEFAULT_IMAGE`] until `--image` says otherwise.
 fn qwen_tower(v: &Obj) -> anyhow::Result<VisionTower> {
-    let swiglu = v.get("model_type").and_then(Value::as_str) == Some("qwen2_5_vl_vision");
+    let class = v.get("model_type").and_then(Value::as_str);
+    let swiglu = class == Some("qwen2_5_vl_vision");
+    let qwen3 = matches!(class, Some("qwen3_vl_vision" | "qwen3_vl_moe_vision"));
     // Qwen2-VL: `embed_dim` wide, `mlp_ratio` x wider MLP (`hidden_size` is the output width);
-    // Qwen2.5-VL: `hidden_size` wide with an `intermediate_size` SwiGLU
-    let (hidden, ffn) = if swiglu {
+    // Qwen2.5-VL: `hidden_size` wide with an `intermediate_size` SwiGLU; Qwen3-VL: `hidden_size`
+    // wide with an `intermediate_size` GELU MLP
+    let (hidden, ffn) = if swiglu || qwen3 {
         (req_u64(v, "hidden_size")?, req_u64(v, "intermediate_size")?)
     } else {
         let e = req_u64(v, "embed_dim")?;
@@ -430,7 +480,13 @@ fn qwen_tower(v: &Obj) -> anyhow::Result<VisionTower> {
         temporal_patch: req_u64(v, "temporal_patch_size")?,
         image: QWEN_DEFAULT_IMAGE.max(req_u64(v, "patch_size")?),
         class_token: false,
-        patch_bias: false,
+        // Qwen3-VL's patch projection has a bias and a position table
+        patch_bias: qwen3,
+        position_rows: if qwen3 {
+            req_u64(v, "num_position_embeddings")?
+        } else {
+            0
+        },
         pre_norm: false,
         pool_head: false,
         lm_tokens: 0,
@@ -491,6 +547,7 @@ fn pixtral_tower(v: &Obj) -> anyhow::Result<VisionTower> {
         patch_bias: false,
         pre_norm: true,
         pool_head: false,
+        position_rows: 0,
         lm_tokens: 0,
         merge: 1,
         projector: 0,

@@ -26,8 +26,9 @@ pub enum TowerKind {
     /// `CLIPEncoderLayer` alike)
     #[default]
     Vit,
-    /// Qwen2-VL's: the same block with one fused biased qkv and 2-D rotary positions, no
-    /// position table and no final norm (the merger has its own)
+    /// Qwen2-VL's and Qwen3-VL's: the same block with one fused biased qkv and 2-D rotary
+    /// positions, no final norm (the merger has its own); Qwen3-VL adds a position table it
+    /// interpolates
     QwenVit,
     /// Qwen2.5-VL's: RMSNorm, fused biased qkv with 2-D rotary positions, a biased SwiGLU MLP;
     /// windowed attention in all blocks but a few (planned as full attention: an upper bound
@@ -70,6 +71,10 @@ pub struct VisionTower {
     /// patch's output
     #[serde(default)]
     pub pool_head: bool,
+    /// rows of a learned position table the tower interpolates to each image's grid (Qwen3-VL's
+    /// `num_position_embeddings`); SigLIP's and CLIP's one row per token are counted apart
+    #[serde(default)]
+    pub position_rows: u64,
     /// tokens each image puts into the language model's sequence (Gemma 3's pooled 256, LLaVA's
     /// patches, Qwen's and Mistral 3's merged quarter); 0 where it varies (LLaVA-NeXT's tiles)
     #[serde(default)]
@@ -135,8 +140,10 @@ impl VisionTower {
                 conv + class + positions + self.layers * block + norms + head
             }
             // fused qkv and proj with biases, fc1 and fc2 with biases, two LayerNorms
+            // (Qwen3-VL adds a learned position table)
             TowerKind::QwenVit => {
-                conv + self.layers * (4 * (h * h + h) + 2 * h * f + f + h + 2 * 2 * h)
+                conv + self.position_rows * h
+                    + self.layers * (4 * (h * h + h) + 2 * h * f + f + h + 2 * 2 * h)
             }
             // fused qkv and proj with biases, gate, up and down with biases, two RMSNorms
             TowerKind::QwenSwiglu => {

@@ -50,7 +50,7 @@ fn more_published_counts() {
 /// are their
 /// published config.json files, which leave most sub-config keys at the classes' defaults, counted
 /// as *ForConditionalGeneration (tower, projector, language model); the cards state 4.3B, 27.4B,
-/// 7.06B, 7.57B, 2.92B, 8.29B, 8.29B, 3.75B, 12.7B and 24.0B.
+/// 7.06B, 7.57B, 2.92B, 8.29B, 8.29B, 3.75B, 12.7B, 24.0B and (Qwen3-VL-8B) 8.77B.
 #[test]
 fn hf_config_families_count_like_transformers() {
     let cases = [
@@ -92,6 +92,7 @@ fn hf_config_families_count_like_transformers() {
         ("qwen2.5-vl-3b", 3_754_622_976),
         ("pixtral-12b", 12_682_739_712),
         ("mistral-small-3.1-24b", 24_011_361_280),
+        ("qwen3-vl-8b", 8_767_123_696),
     ];
     for (name, want) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -126,6 +127,10 @@ fn moe_families_count_total_and_active_like_transformers() {
         ("deepseek-v3", 671_026_404_352, 37_552_282_624),
         ("gpt-oss-20b", 20_914_757_184, 4_187_440_704),
         ("gpt-oss-120b", 116_829_156_672, 5_711_982_912),
+        // Qwen3-VL-30B-A3B: Qwen3-30B-A3B's language model (30.5B / 3.35B above) with a
+        // 0.54B vision tower and mergers, which every token's forward counts; the card states
+        // 31.1B
+        ("qwen3-vl-30b-a3b", 31_070_754_032, 3_891_664_112),
     ];
     for (name, total, active) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

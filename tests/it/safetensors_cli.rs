@@ -286,7 +286,7 @@ fn unknown_architecture_points_to_safetensors_and_exits_2() {
         err.starts_with(
             "error: invalid config.json model_type: 'mamba' is not supported; accepted bert, "
         ) && err.contains(
-            "qwen2_5_vl (for any other checkpoint, `--safetensors` counts its parameters"
+            "qwen3_vl_moe (for any other checkpoint, `--safetensors` counts its parameters"
         ),
         "{err}"
     );
