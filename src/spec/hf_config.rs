@@ -1,6 +1,7 @@
 //! HuggingFace `config.json` -> [`TransformerSpec`], for the architectures whose field names the
 //! planner knows: BERT (and RoBERTa, XLM-RoBERTa, CamemBERT), GPT-2, GPT-BigCode, GPT-NeoX,
-//! StarCoder2, ViT, Llama, Mistral, Qwen2, Phi-3, Gemma, Qwen3, Gemma2, Gemma3 (text), OLMo2,
+//! StarCoder2, ViT, Llama, Mistral, Qwen2, Phi-3, Gemma, Qwen3, Gemma2, Gemma3 (text), OLMo2/3,
+//! Helium, ERNIE 4.5, Seed-OSS, Hunyuan (dense), GLM-4.5 (MoE),
 //! Phi, OPT, GPT-J, Falcon, BLOOM, OLMo, DistilBERT, ELECTRA and DeBERTa-v2, the
 //! mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE
 //! ([`super::moe::Moe`]), and DeepSeek-V2/V3 (latent attention, [`super::moe::Mla`], and MoE
@@ -24,7 +25,7 @@ use std::path::Path;
 pub const MODEL_TYPES: &str =
     "bert, roberta, xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, \
      starcoder2, vit, llama, mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, \
-     granite, smollm3, gpt_oss, \
+     granite, smollm3, gpt_oss, olmo3, helium, ernie4_5, seed_oss, hunyuan_v1_dense, glm4_moe, \
      phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, \
      qwen3_moe, deepseek_v2, deepseek_v3, t5, mt5, bart, gemma3, paligemma, llava, \
      llava_next, mistral3, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe";
@@ -153,8 +154,23 @@ fn parse_obj(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
         // Qwen3, Gemma2/3 and OLMo2: the same block with query/key norms and extra norms
         // Granite's embedding, residual, attention and logit multipliers are scalars (no
         // parameters, nothing saved) and SmolLM3's RoPE-free layers change no shapes
+        // Helium, ERNIE 4.5 and Seed-OSS are Llama's block with their own biases, OLMo 3 is
+        // OLMo2's, Hunyuan's dense block Qwen3's (per-head q/k norms)
         "llama" | "mistral" | "qwen2" | "phi3" | "gemma" | "qwen3" | "gemma2" | "gemma3_text"
-        | "olmo2" | "granite" | "smollm3" => llama_like(o, name, &model_type)?,
+        | "olmo2" | "olmo3" | "granite" | "smollm3" | "helium" | "ernie4_5" | "seed_oss"
+        | "hunyuan_v1_dense" => llama_like(o, name, &model_type)?,
+        // GLM-4.5's: biased q, k, v (optional per-head q/k norms) and DeepSeek-V3's MoE layout
+        // (dense leading blocks, shared experts) with grouped-query attention
+        "glm4_moe" => {
+            let base = llama_like(o, name, &model_type)?;
+            TransformerSpec {
+                extras: BlockExtras {
+                    moe: Some(Box::new(deepseek_moe(o, base.layers, (1, 1))?)),
+                    ..base.extras
+                },
+                ..base
+            }
+        }
         // the same blocks with a mixture-of-experts feed-forward
         "deepseek_v2" | "deepseek_v3" => deepseek(o, name, &model_type)?,
         "t5" | "mt5" => t5(o, name)?,
@@ -564,15 +580,33 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
     // head_dim: the config's, else the config class's default (Qwen3 128, Gemma2/3 256), else
     // hidden / heads; kept only where it departs from hidden / heads
     let class_head_dim = match model_type {
-        "qwen3" => Some(128),
+        "qwen3" | "helium" | "ernie4_5" | "seed_oss" => Some(128),
         "gemma2" | "gemma3_text" => Some(256),
         _ => None,
     };
     let head_dim = opt_u64(o, "head_dim")?
         .or(class_head_dim)
         .filter(|&hd| heads == 0 || hd.checked_mul(heads) != Some(hidden));
-    let attention_bias = opt_bool(o, "attention_bias", false)?;
-    let mlp_bias = opt_bool(o, "mlp_bias", false)?;
+    // ERNIE 4.5's `use_bias` is every linear's; Seed-OSS's and GLM-4.5's `attention_bias` is
+    // q, k and v's (Seed-OSS's o has `attention_out_bias`), Llama's all four
+    let ernie_bias = model_type == "ernie4_5" && opt_bool(o, "use_bias", false)?;
+    let qkv_only = matches!(model_type, "seed_oss" | "glm4_moe");
+    let qkv_bias_key = qkv_only && opt_bool(o, "attention_bias", model_type == "seed_oss")?;
+    let out_bias = model_type == "seed_oss" && opt_bool(o, "attention_out_bias", false)?;
+    if out_bias && !qkv_bias_key {
+        return input_err(
+            &field_name("attention_out_bias"),
+            "true without attention_bias (a bias on o alone is not modelled); accepted false, or \
+             with attention_bias true",
+        );
+    }
+    let attention_bias = ernie_bias
+        || if qkv_only {
+            out_bias
+        } else {
+            opt_bool(o, "attention_bias", false)?
+        };
+    let mlp_bias = ernie_bias || opt_bool(o, "mlp_bias", false)?;
     let base = presets::llama(
         name,
         req_u64(o, "num_hidden_layers")?,
@@ -583,12 +617,13 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
         req_u64(o, "vocab_size")?,
     );
     let (qk_norm, block_norms) = match model_type {
-        "qwen3" | "qwen3_moe" => (QkNorm::PerHead, None),
+        "qwen3" | "qwen3_moe" | "hunyuan_v1_dense" => (QkNorm::PerHead, None),
+        "glm4_moe" if opt_bool(o, "use_qk_norm", false)? => (QkNorm::PerHead, None),
         // input, post-attention, pre- and post-feed-forward norms
         "gemma2" => (QkNorm::None, Some(4)),
         "gemma3_text" => (QkNorm::PerHead, Some(4)),
         // post-attention and post-feed-forward norms (no input norm), q/k norms full width
-        "olmo2" => (QkNorm::Full, None),
+        "olmo2" | "olmo3" => (QkNorm::Full, None),
         _ => (QkNorm::None, None),
     };
     Ok(TransformerSpec {
@@ -606,20 +641,27 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
         // Qwen2 hard-codes biases on q, k and v (and none on o or the MLP); Qwen2-MoE has them
         // unless its `qkv_bias` says otherwise
         qkv_bias: model_type == "qwen2"
-            || (model_type == "qwen2_moe" && opt_bool(o, "qkv_bias", true)?),
+            || (model_type == "qwen2_moe" && opt_bool(o, "qkv_bias", true)?)
+            || qkv_bias_key,
         // Gemma and SmolLM3 tie their LM head to the embedding unless told otherwise (their
         // config classes' default)
         tied_embeddings: opt_bool(
             o,
             "tie_word_embeddings",
-            matches!(model_type, "gemma" | "gemma2" | "gemma3_text" | "smollm3"),
+            matches!(
+                model_type,
+                "gemma" | "gemma2" | "gemma3_text" | "smollm3" | "ernie4_5"
+            ),
         )?,
         extras: BlockExtras {
             head_dim,
             qk_norm,
             block_norms,
             attn_bias: (attention_bias != mlp_bias).then_some(attention_bias),
-            norm_weight_fp32: matches!(model_type, "gemma" | "gemma2" | "gemma3_text" | "olmo2"),
+            norm_weight_fp32: matches!(
+                model_type,
+                "gemma" | "gemma2" | "gemma3_text" | "olmo2" | "olmo3"
+            ),
             fused_qkv: model_type == "phi3",
             fused_gate_up: model_type == "phi3",
             // Gemma2Config defaults both on (50 and 30); Gemma3's off
@@ -901,24 +943,7 @@ fn deepseek(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transformer
         qk_rope: req_u64(o, "qk_rope_head_dim")?,
         v_head: req_u64(o, "v_head_dim")?,
     };
-    let moe_ffn = req_u64(o, "moe_intermediate_size")?;
-    let moe = Moe {
-        experts: req_u64(o, "n_routed_experts")?,
-        top_k: req_u64(o, "num_experts_per_tok")?,
-        expert_ffn: moe_ffn,
-        shared_ffn: opt_u64(o, "n_shared_experts")?
-            .unwrap_or(0)
-            .saturating_mul(moe_ffn),
-        shared_gate: false,
-        dense_layers: opt_u64(o, "first_k_dense_replace")?
-            .unwrap_or(0)
-            .min(base.layers),
-        expert_parallel: 1,
-        capacity_factor: CapacityFactor::default(),
-        expert_bias: false,
-        router_bias: false,
-        clamped_glu: false,
-    };
+    let moe = deepseek_moe(o, base.layers, (0, 0))?;
     Ok(TransformerSpec {
         kv_heads: base.heads,
         extras: BlockExtras {
@@ -929,6 +954,31 @@ fn deepseek(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transformer
             ..base.extras
         },
         ..base
+    })
+}
+
+/// DeepSeek-V2/V3's MoE layout (also GLM-4.5's): `n_routed_experts` of `moe_intermediate_size`,
+/// top-k, `n_shared_experts` always-on experts of the same width, and `first_k_dense_replace`
+/// leading blocks with the dense MLP, each key absent at `defaults` (shared experts, dense
+/// blocks). (transformers builds neither's multi-token-prediction layers.)
+fn deepseek_moe(o: &Obj, layers: u64, defaults: (u64, u64)) -> anyhow::Result<Moe> {
+    let moe_ffn = req_u64(o, "moe_intermediate_size")?;
+    Ok(Moe {
+        experts: req_u64(o, "n_routed_experts")?,
+        top_k: req_u64(o, "num_experts_per_tok")?,
+        expert_ffn: moe_ffn,
+        shared_ffn: opt_u64(o, "n_shared_experts")?
+            .unwrap_or(defaults.0)
+            .saturating_mul(moe_ffn),
+        shared_gate: false,
+        dense_layers: opt_u64(o, "first_k_dense_replace")?
+            .unwrap_or(defaults.1)
+            .min(layers),
+        expert_parallel: 1,
+        capacity_factor: CapacityFactor::default(),
+        expert_bias: false,
+        router_bias: false,
+        clamped_glu: false,
     })
 }
 
@@ -1345,12 +1395,11 @@ mod tests {
         let err = parse(r#"{"model_type":"mamba"}"#, "x").unwrap_err();
         assert_eq!(
             format!("{err}"),
-            "invalid config.json model_type: 'mamba' is not supported; accepted bert, roberta, \
-             xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, starcoder2, vit, llama, \
-             mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, granite, smollm3, \
-             gpt_oss, phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, qwen3_moe, \
-             deepseek_v2, deepseek_v3, t5, mt5, bart, gemma3, paligemma, llava, llava_next, mistral3, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe (for any other checkpoint, `--safetensors` \
-             counts its parameters from the weights' headers)"
+            format!(
+                "invalid config.json model_type: 'mamba' is not supported; accepted \
+                 {MODEL_TYPES} (for any other checkpoint, `--safetensors` counts its parameters \
+                 from the weights' headers)"
+            )
         );
         let err = parse(r#"{"model_type":"opt","hidden_size":64}"#, "x").unwrap_err();
         assert_eq!(

@@ -50,7 +50,9 @@ fn more_published_counts() {
 /// are their
 /// published config.json files, which leave most sub-config keys at the classes' defaults, counted
 /// as *ForConditionalGeneration (tower, projector, language model); the cards state 4.3B, 27.4B,
-/// 7.06B, 7.57B, 2.92B, 8.29B, 8.29B, 3.75B, 12.7B, 24.0B and (Qwen3-VL-8B) 8.77B.
+/// 7.06B, 7.57B, 2.92B, 8.29B, 8.29B, 3.75B, 12.7B, 24.0B and (Qwen3-VL-8B) 8.77B. OLMo-3-7B,
+/// Seed-OSS-36B (biased q, k, v, not o), ERNIE-4.5-0.3B (tied) and Helium-1-2B are hand-written
+/// files of their published sizes, counted the same way (cards: 7.3B, 36B, 0.36B, 2B).
 #[test]
 fn hf_config_families_count_like_transformers() {
     let cases = [
@@ -93,6 +95,10 @@ fn hf_config_families_count_like_transformers() {
         ("pixtral-12b", 12_682_739_712),
         ("mistral-small-3.1-24b", 24_011_361_280),
         ("qwen3-vl-8b", 8_767_123_696),
+        ("olmo-3-7b", 7_298_011_136),
+        ("seed-oss-36b", 36_151_104_512),
+        ("ernie-4.5-0.3b", 360_748_032),
+        ("helium-1-2b", 2_254_563_840),
     ];
     for (name, want) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -131,6 +137,11 @@ fn moe_families_count_total_and_active_like_transformers() {
         // 0.54B vision tower and mergers, which every token's forward counts; the card states
         // 31.1B
         ("qwen3-vl-30b-a3b", 31_070_754_032, 3_891_664_112),
+        // GLM-4.5-Air (hand-written, its published sizes): DeepSeek-V3's MoE layout under
+        // grouped-query attention with biased q, k, v; the card's 106B / 12B leave out the
+        // embeddings from the active count and add the multi-token-prediction layer
+        // transformers does not build
+        ("glm-4.5-air", 106_852_245_504, 13_424_123_904),
     ];
     for (name, total, active) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
