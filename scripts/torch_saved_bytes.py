@@ -108,7 +108,8 @@ FAMILY_ARCHS = ("gpt_neox", "phi", "gptj", "falcon", "opt", "distilbert", "elect
 # more families the planner parses, at their config classes' defaults (DeBERTa-v2 with
 # DeBERTa-v3's relative attention): how far their plans are from PyTorch's own bytes
 COVERAGE_ARCHS = ("phi3", "starcoder2", "bloom", "gpt_bigcode", "deberta-v2", "gemma", "olmo", "mixtral",
-                  "qwen2_moe", "granite", "smollm3", "gpt_oss")
+                  "qwen2_moe", "granite", "smollm3", "gpt_oss", "olmo3", "seed_oss", "hunyuan_v1_dense",
+                  "ernie4_5", "glm4_moe")
 # DeepSeek-V2's multi-head latent attention with every block dense (first_k_dense_replace = L),
 # measured over mla_grid(): the latent ranks and head widths moved apart (REAL_SHAPES: with MoE)
 MLA_ARCHS = ("deepseek-mla",)
@@ -416,6 +417,26 @@ def build(arch, attention, c, dropout=None, activation=None):
                                  layer_types=["sliding_attention", "full_attention"] * (L // 2)
                                  + ["sliding_attention"] * (L % 2), **common)
             model = T.GptOssForCausalLM(cfg)
+        elif arch in ("olmo3", "seed_oss", "hunyuan_v1_dense", "ernie4_5"):
+            # Llama's block with OLMo2's norms, biased q/k/v, per-head q/k norms, or nothing new
+            cls = {"olmo3": (T.Olmo3Config, T.Olmo3ForCausalLM),
+                   "seed_oss": (T.SeedOssConfig, T.SeedOssForCausalLM),
+                   "hunyuan_v1_dense": (T.HunYuanDenseV1Config, T.HunYuanDenseV1ForCausalLM),
+                   "ernie4_5": (T.Ernie4_5Config, T.Ernie4_5ForCausalLM)}[arch]
+            cfg = cls[0](vocab_size=V, hidden_size=h, intermediate_size=f, num_hidden_layers=L,
+                         num_attention_heads=a, num_key_value_heads=2, head_dim=h // a,
+                         max_position_embeddings=512, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                         **common)
+            model = cls[1](cfg)
+        elif arch == "glm4_moe":
+            # GLM-4.5's layout: one dense block, then 8 routed experts (top 2) and a shared one,
+            # biased q/k/v, per-head q/k norms
+            cfg = T.Glm4MoeConfig(vocab_size=V, hidden_size=h, intermediate_size=f, moe_intermediate_size=64,
+                                  num_hidden_layers=L, num_attention_heads=a, num_key_value_heads=2,
+                                  head_dim=h // a, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2,
+                                  first_k_dense_replace=1, attention_bias=True, use_qk_norm=True,
+                                  max_position_embeddings=512, pad_token_id=0, **common)
+            model = T.Glm4MoeForCausalLM(cfg)
         elif arch == "smollm3":
             cfg = T.SmolLM3Config(vocab_size=V, hidden_size=h, intermediate_size=f, num_hidden_layers=L,
                                   num_attention_heads=a, num_key_value_heads=2, max_position_embeddings=512,
@@ -736,7 +757,9 @@ def measure(arch, attention, precision, c, device="cpu", dump=False, dropout=Non
                   else 1 if arch == "falcon" and model.config.multi_query
                   and not model.config.new_decoder_architecture
                   else model.config.num_key_value_heads if arch in ("starcoder2", "mixtral", "qwen2_moe",
-                                                                     "granite", "smollm3", "gpt_oss")
+                                                                     "granite", "smollm3", "gpt_oss", "olmo3",
+                                                                     "seed_oss", "hunyuan_v1_dense", "ernie4_5",
+                                                                     "glm4_moe")
                   else 1 if arch == "gpt_bigcode" and model.config.multi_query else c["a"]), head_dim=c.get("hd", c["h"] // c["a"]), L=c["L"],
         V=c["V"], image_size=img, embd_dropout=drop[0], hidden_dropout=drop[1], attn_dropout=drop[2],
         saved_storages=n_act, param_bytes=param_bytes, attn_impl_used=used, device=device,

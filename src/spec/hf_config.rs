@@ -281,6 +281,8 @@ fn dropout_keys(model_type: &str) -> &'static [(&'static str, f32)] {
         ],
         "opt" => &[("dropout", 0.1), ("attention_dropout", 0.0)],
         "falcon" | "bloom" => &[("hidden_dropout", 0.0), ("attention_dropout", 0.0)],
+        // Seed-OSS's class defaults keep both on
+        "seed_oss" => &[("attention_dropout", 0.1), ("residual_dropout", 0.1)],
         "t5" | "mt5" => &[("dropout_rate", 0.1)],
         "bart" => &[
             ("dropout", 0.1),
@@ -317,6 +319,7 @@ fn dropout(o: &Obj, model_type: &str) -> anyhow::Result<Option<DropoutP>> {
             | "distilbert"
             | "electra"
             | "deberta-v2"
+            | "seed_oss"
             | "t5"
             | "mt5"
             | "bart"

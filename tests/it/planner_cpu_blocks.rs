@@ -432,8 +432,10 @@ fn a_table_without_bsq_takes_the_literatures_on_loading() {
 /// More families the parser accepts, at their config classes' defaults, planned as a user's
 /// config.json reaches the planner, against PyTorch's own saved bytes on a CPU
 /// (calibration/data/torch-saved-bytes-coverage-cpu.csv, scripts/torch_saved_bytes.py
-/// --arch phi3|starcoder2|bloom|gpt_bigcode|gemma|olmo|mixtral|qwen2_moe|granite|smollm3|gpt_oss):
-/// Gemma, Mixtral, Qwen2-MoE, Granite, SmolLM3 and gpt-oss with the Llama block (and plan::moe's
+/// --arch phi3|starcoder2|bloom|gpt_bigcode|gemma|olmo|mixtral|qwen2_moe|granite|smollm3|gpt_oss|
+/// olmo3|seed_oss|hunyuan_v1_dense|ernie4_5|glm4_moe):
+/// Gemma, Mixtral, Qwen2-MoE, Granite, SmolLM3, OLMo 3, Seed-OSS, Hunyuan, ERNIE 4.5, GLM-4.5 and
+/// gpt-oss with the Llama block (and their departures' bytes, and plan::moe's
 /// experts; gpt-oss's clamped GLU keeps three more expert-width tensors, 17-23 % low without
 /// them), OLMo
 /// v1 with it less its parameter-free norms' weighted tensor (17-23 % low in autocast with the
@@ -494,6 +496,16 @@ fn more_families_against_pytorchs_saved_bytes() {
                 "hidden_size": h, "intermediate_size": f, "num_hidden_layers": l,
                 "num_attention_heads": a, "num_key_value_heads": kv,
                 "max_position_embeddings": 512}),
+            "olmo3" | "seed_oss" | "hunyuan_v1_dense" | "ernie4_5" => serde_json::json!({
+                "model_type": r["arch"], "vocab_size": v, "hidden_size": h,
+                "intermediate_size": f, "num_hidden_layers": l, "num_attention_heads": a,
+                "num_key_value_heads": kv, "head_dim": h / a, "max_position_embeddings": 512}),
+            "glm4_moe" => serde_json::json!({"model_type": "glm4_moe", "vocab_size": v,
+                "hidden_size": h, "intermediate_size": f, "moe_intermediate_size": 64,
+                "num_hidden_layers": l, "num_attention_heads": a, "num_key_value_heads": kv,
+                "head_dim": h / a, "n_routed_experts": 8, "n_shared_experts": 1,
+                "num_experts_per_tok": 2, "first_k_dense_replace": 1, "attention_bias": true,
+                "use_qk_norm": true, "max_position_embeddings": 512}),
             other => panic!("unexpected arch {other}"),
         };
         let (fe, planned) = plan_on_a_cpu(&lit, &config, &r);
@@ -521,8 +533,14 @@ fn more_families_against_pytorchs_saved_bytes() {
             "Some(Llama)"
         };
         assert!(k.ends_with(block), "{k}: planned with the measured block");
-        assert!(*lo >= -0.06 && *hi <= 0.12, "{k}: {lo:+.3} .. {hi:+.3}");
+        // Seed-OSS's residual dropout (two b·s·h masks per block; the Llama block has none)
+        let low = if k.starts_with("seed_oss") {
+            -0.11
+        } else {
+            -0.06
+        };
+        assert!(*lo >= low && *hi <= 0.12, "{k}: {lo:+.3} .. {hi:+.3}");
     }
     // gpt-oss: eager only (transformers has no sdpa for its sink logits)
-    assert_eq!(range.len(), 14 + 6 * 4 + 2, "{range:?}");
+    assert_eq!(range.len(), 14 + 11 * 4 + 2, "{range:?}");
 }
