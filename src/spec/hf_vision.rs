@@ -409,18 +409,13 @@ fn tower(v: &Obj) -> anyhow::Result<VisionTower> {
         activation: act,
         channels: req_u64(v, "num_channels")?,
         patch: req_u64(v, "patch_size")?,
-        temporal_patch: 1,
         image: req_u64(v, "image_size")?,
         class_token: clip,
         patch_bias: !clip,
         pre_norm: clip,
         // SigLIP builds its pooling head unless told not to
         pool_head: !clip && opt_bool(v, "vision_use_head", true)?,
-        position_rows: 0,
-        lm_tokens: 0,
-        merge: 1,
-        projector: 0,
-        images: 1,
+        ..VisionTower::default()
     };
     t.validate(MAX_LAYERS, MAX_HIDDEN)
         .map_err(|e| rename_field(e, vit_key))?;
@@ -479,7 +474,6 @@ fn qwen_tower(v: &Obj) -> anyhow::Result<VisionTower> {
         patch: req_u64(v, "patch_size")?,
         temporal_patch: req_u64(v, "temporal_patch_size")?,
         image: QWEN_DEFAULT_IMAGE.max(req_u64(v, "patch_size")?),
-        class_token: false,
         // Qwen3-VL's patch projection has a bias and a position table
         patch_bias: qwen3,
         position_rows: if qwen3 {
@@ -487,12 +481,8 @@ fn qwen_tower(v: &Obj) -> anyhow::Result<VisionTower> {
         } else {
             0
         },
-        pre_norm: false,
-        pool_head: false,
-        lm_tokens: 0,
         merge: merge_size(v, "config.json spatial_merge_size")?,
-        projector: 0,
-        images: 1,
+        ..VisionTower::default()
     };
     t.validate(MAX_LAYERS, MAX_HIDDEN).map_err(|e| {
         rename_field(e, |f| {
@@ -541,17 +531,9 @@ fn pixtral_tower(v: &Obj) -> anyhow::Result<VisionTower> {
         activation: activation(v)?,
         channels: req_u64(v, "num_channels")?,
         patch: req_u64(v, "patch_size")?,
-        temporal_patch: 1,
         image: req_u64(v, "image_size")?,
-        class_token: false,
-        patch_bias: false,
         pre_norm: true,
-        pool_head: false,
-        position_rows: 0,
-        lm_tokens: 0,
-        merge: 1,
-        projector: 0,
-        images: 1,
+        ..VisionTower::default()
     };
     t.validate(MAX_LAYERS, MAX_HIDDEN)
         .map_err(|e| rename_field(e, vit_key))?;

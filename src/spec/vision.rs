@@ -94,6 +94,35 @@ fn one() -> u64 {
     1
 }
 
+/// A tower with none of the optional parts (no class token, patch bias, pre-norm, pooling head
+/// or position table; one frame per patch, no merger, no projector, one image) and no sizes: what
+/// the parsers fill in (`validate` refuses it until they have).
+impl Default for VisionTower {
+    fn default() -> Self {
+        VisionTower {
+            kind: TowerKind::Vit,
+            layers: 0,
+            hidden: 0,
+            heads: 0,
+            ffn: 0,
+            activation: Activation::Gelu,
+            channels: 3,
+            patch: 0,
+            temporal_patch: 1,
+            image: 0,
+            class_token: false,
+            patch_bias: false,
+            pre_norm: false,
+            pool_head: false,
+            position_rows: 0,
+            lm_tokens: 0,
+            merge: 1,
+            projector: 0,
+            images: 1,
+        }
+    }
+}
+
 impl VisionTower {
     /// Patch tokens per image, with the class token.
     pub fn tokens(&self) -> u64 {

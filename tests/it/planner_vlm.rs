@@ -139,8 +139,28 @@ fn config(name: &str) -> String {
     )
 }
 
-fn json_estimate(args: &[&str]) -> serde_json::Value {
-    let (code, out, err) = crate::common::vramcal(args);
+/// `estimate --json` of the config `c` at `batch` x `seq` under sdpa at `precision`, with the
+/// `extra` flags.
+fn json_estimate(
+    c: &str,
+    (batch, seq, precision): (&str, &str, &str),
+    extra: &[&str],
+) -> serde_json::Value {
+    let base = [
+        "estimate",
+        "--hf-config",
+        c,
+        "--batch",
+        batch,
+        "--seq",
+        seq,
+        "--attention",
+        "sdpa",
+        "--precision",
+        precision,
+        "--json",
+    ];
+    let (code, out, err) = crate::common::vramcal(&[&base[..], extra].concat());
     assert_eq!(code, 0, "{err}");
     serde_json::from_str(&out).unwrap()
 }
@@ -150,22 +170,9 @@ fn json_estimate(args: &[&str]) -> serde_json::Value {
 #[test]
 fn images_per_sample_add_tower_activations() {
     let c = config("gemma-3-4b-it");
-    let base = [
-        "estimate",
-        "--hf-config",
-        &c,
-        "--batch",
-        "1",
-        "--seq",
-        "1024",
-        "--attention",
-        "sdpa",
-        "--precision",
-        "bf16-mixed",
-        "--json",
-    ];
-    let one = json_estimate(&base);
-    let three = json_estimate(&[&base[..], &["--images", "3"]].concat());
+    let step = ("1", "1024", "bf16-mixed");
+    let one = json_estimate(&c, step, &[]);
+    let three = json_estimate(&c, step, &["--images", "3"]);
     let v = &one["vision"];
     assert_eq!(v["images_per_sample"], 1);
     assert_eq!(v["tower_tokens_per_image"], 4096); // (896 / 14)², SigLIP has no class token
@@ -192,21 +199,7 @@ fn images_per_sample_add_tower_activations() {
 fn lora_freezes_the_tower() {
     let c = config("llava-1.5-7b");
     let run = |extra: &[&str]| {
-        let base = [
-            "estimate",
-            "--hf-config",
-            &c,
-            "--batch",
-            "2",
-            "--seq",
-            "1024",
-            "--attention",
-            "sdpa",
-            "--precision",
-            "bf16",
-            "--json",
-        ];
-        json_estimate(&[&base[..], extra].concat())["memory"]["activations"]
+        json_estimate(&c, ("2", "1024", "bf16"), extra)["memory"]["activations"]
             .as_u64()
             .unwrap()
     };
@@ -326,22 +319,9 @@ fn vision_language_input_errors_name_the_key() {
 #[test]
 fn qwen_towers_take_the_image_side() {
     let c = config("qwen2.5-vl-7b");
-    let base = [
-        "estimate",
-        "--hf-config",
-        &c,
-        "--batch",
-        "1",
-        "--seq",
-        "2048",
-        "--attention",
-        "sdpa",
-        "--precision",
-        "bf16",
-        "--json",
-    ];
-    let default = json_estimate(&base);
-    let large = json_estimate(&[&base[..], &["--image", "896"]].concat());
+    let step = ("1", "2048", "bf16");
+    let default = json_estimate(&c, step, &[]);
+    let large = json_estimate(&c, step, &["--image", "896"]);
     assert_eq!(default["vision"]["tower_tokens_per_image"], 1024);
     assert_eq!(large["vision"]["tower_tokens_per_image"], 4096);
     let act = |e: &serde_json::Value| e["memory"]["activations"].as_u64().unwrap();
