@@ -5,7 +5,7 @@ Builds each config's transformers class on the meta device (no weights are alloc
 tests/it/param_counts.rs expects. Decoders are built as *ForCausalLM, BERT-family encoders and ViT as the bare model
 (with BERT's pooler), DistilBERT/DeBERTa-v2 as *ForMaskedLM, ELECTRA as ElectraForPreTraining,
 T5/mT5/BART and the vision-language wrappers (Gemma 3, PaliGemma, LLaVA, LLaVA-NeXT, Mistral 3,
-Qwen2-VL, Qwen2.5-VL, Qwen3-VL) as
+Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Llama 4) as
 *ForConditionalGeneration.
 Mixture-of-experts configs (num_experts_per_tok) print a third figure, the parameters one token
 uses: the total less, in every `*.experts` module, the (experts - top-k) experts it does not
@@ -33,7 +33,7 @@ WITH_HEAD = {"distilbert": AutoModelForMaskedLM, "deberta-v2": AutoModelForMaske
              "llava": AutoModelForImageTextToText, "llava_next": AutoModelForImageTextToText,
              "qwen2_vl": AutoModelForImageTextToText, "qwen2_5_vl": AutoModelForImageTextToText,
              "mistral3": AutoModelForImageTextToText, "qwen3_vl": AutoModelForImageTextToText,
-             "qwen3_vl_moe": AutoModelForImageTextToText}
+             "qwen3_vl_moe": AutoModelForImageTextToText, "llama4": AutoModelForImageTextToText}
 
 
 def count(directory: pathlib.Path) -> str:

@@ -35,8 +35,8 @@ pub struct Flags {
     /// GPT-BigCode, GPT-NeoX, GPT-J, OPT, BLOOM, Falcon, Phi, Phi-3, StarCoder2, ViT, Llama,
     /// Mistral, Qwen2/3, Gemma 1-3, OLMo 1-3, Granite, SmolLM3, Helium, ERNIE 4.5, Seed-OSS,
     /// Hunyuan (dense), ELECTRA, Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3, GLM-4.5,
-    /// gpt-oss, T5, mT5, BART; vision-language Gemma 3, PaliGemma, LLaVA, LLaVA-NeXT,
-    /// Mistral 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL and Qwen3-VL-MoE)
+    /// Llama 4 (text), gpt-oss, T5, mT5, BART; vision-language Gemma 3, PaliGemma, LLaVA, LLaVA-NeXT,
+    /// Mistral 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and Llama 4)
     #[arg(long)]
     pub hf_config: Option<PathBuf>,
     /// safetensors checkpoint (a .safetensors file or its model.safetensors.index.json): exact
@@ -49,7 +49,7 @@ pub struct Flags {
     #[arg(long, allow_hyphen_values = true)]
     pub target_seq: Option<String>,
     /// Vision-language model (Gemma 3, PaliGemma, LLaVA, LLaVA-NeXT, Mistral 3, Qwen2-VL,
-    /// Qwen2.5-VL, Qwen3-VL): images (or crops of a tiled image) the vision tower encodes per sample; --seq
+    /// Qwen2.5-VL, Qwen3-VL, Llama 4): images (or crops of a tiled image) the vision tower encodes per sample; --seq
     /// counts their tokens in the language model's sequence [default: 1; LLaVA-NeXT: 1 + its
     /// largest grid's crops]. Qwen's and Pixtral's towers take --image as the images' side
     /// [default: Qwen 448; Pixtral its config's image_size]

@@ -133,7 +133,7 @@ fn target_seq(model: ModelSpec, a: &LayoutFlags) -> anyhow::Result<ModelSpec> {
 /// of a tiled image).
 fn images(model: ModelSpec, a: &LayoutFlags) -> anyhow::Result<ModelSpec> {
     const WITH: &str =
-        "accepted with a Gemma 3, PaliGemma, LLaVA, LLaVA-NeXT, Mistral 3 or Qwen2/2.5/3-VL config";
+        "accepted with a Gemma 3, PaliGemma, LLaVA, LLaVA-NeXT, Mistral 3, Qwen2/2.5/3-VL or Llama 4 config";
     let Some(s) = a.images else {
         return Ok(model);
     };

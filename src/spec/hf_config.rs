@@ -26,9 +26,10 @@ pub const MODEL_TYPES: &str =
     "bert, roberta, xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, \
      starcoder2, vit, llama, mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, \
      granite, smollm3, gpt_oss, olmo3, helium, ernie4_5, seed_oss, hunyuan_v1_dense, glm4_moe, \
+     llama4_text, \
      phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, \
      qwen3_moe, deepseek_v2, deepseek_v3, t5, mt5, bart, gemma3, paligemma, llava, \
-     llava_next, mistral3, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe";
+     llava_next, mistral3, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llama4";
 
 /// A size that must be at least 1 (a zero-length position table is a broken config).
 fn req_pos(o: &Obj, f: &str) -> anyhow::Result<u64> {
@@ -190,6 +191,48 @@ fn parse_obj(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
                 extras: BlockExtras {
                     moe: Some(Box::new(m)),
                     attn_sinks: true,
+                    ..base.extras
+                },
+                ..base
+            }
+        }
+        // Llama 4: dense blocks of `intermediate_size_mlp`, MoE blocks (every
+        // `interleave_moe_layer_step`-th, or the `moe_layers` listed) of routed experts and one
+        // always-on shared expert of `intermediate_size`; its q/k L2 norms have no weights
+        "llama4_text" => {
+            let base = llama_like(o, name, &model_type)?;
+            let expert_ffn = base.ffn;
+            let layers = base.layers;
+            let moe_layers = match o.get("moe_layers") {
+                Some(Value::Array(a)) if !a.is_empty() => a.len() as u64,
+                _ => {
+                    let step = opt_u64(o, "interleave_moe_layer_step")?.unwrap_or(1);
+                    if step == 0 {
+                        return input_err(
+                            &field_name("interleave_moe_layer_step"),
+                            "0; accepted a positive integer",
+                        );
+                    }
+                    (0..layers).filter(|i| (i + 1) % step == 0).count() as u64
+                }
+            };
+            let m = Moe {
+                experts: req_u64(o, "num_local_experts")?,
+                top_k: req_u64(o, "num_experts_per_tok")?,
+                expert_ffn,
+                shared_ffn: expert_ffn,
+                shared_gate: false,
+                dense_layers: layers.saturating_sub(moe_layers),
+                expert_parallel: 1,
+                capacity_factor: CapacityFactor::default(),
+                expert_bias: false,
+                router_bias: false,
+                clamped_glu: false,
+            };
+            TransformerSpec {
+                ffn: req_u64(o, "intermediate_size_mlp")?,
+                extras: BlockExtras {
+                    moe: Some(Box::new(m)),
                     ..base.extras
                 },
                 ..base
@@ -583,7 +626,7 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
     // head_dim: the config's, else the config class's default (Qwen3 128, Gemma2/3 256), else
     // hidden / heads; kept only where it departs from hidden / heads
     let class_head_dim = match model_type {
-        "qwen3" | "helium" | "ernie4_5" | "seed_oss" => Some(128),
+        "qwen3" | "helium" | "ernie4_5" | "seed_oss" | "llama4_text" => Some(128),
         "gemma2" | "gemma3_text" => Some(256),
         _ => None,
     };

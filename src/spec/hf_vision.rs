@@ -3,7 +3,8 @@
 //! Gemma or Gemma 2), LLaVA-1.5 and LLaVA-NeXT (`llava`, `llava_next`: CLIP + Llama, Vicuna or
 //! Mistral; Pixtral-12B's Pixtral + Mistral), Mistral 3 (`mistral3`: Pixtral + Mistral), Qwen2-VL
 //! and Qwen2.5-VL (`qwen2_vl`, `qwen2_5_vl`: Qwen's native-resolution towers + Qwen2), Qwen3-VL
-//! (`qwen3_vl`, `qwen3_vl_moe`: + Qwen3 or Qwen3-MoE). The wrappers' files list only the sub-config keys that differ from the config
+//! (`qwen3_vl`, `qwen3_vl_moe`: + Qwen3 or Qwen3-MoE), Llama 4 (`llama4`: CLIP's layout with a
+//! pixel-shuffle adapter + its MoE text model). The wrappers' files list only the sub-config keys that differ from the config
 //! classes' defaults (gemma-3-4b-it's `text_config` has no `vocab_size`, llava-1.5-7b-hf's has
 //! no widths at all), so each sub-config is read over its class's defaults, as transformers
 //! builds it; the defaults below are transformers 5.24's.
@@ -16,7 +17,7 @@ use crate::error::{input_err, rename_field};
 use serde_json::Value;
 
 /// The wrappers' `model_type`s.
-pub const WRAPPERS: [&str; 9] = [
+pub const WRAPPERS: [&str; 10] = [
     "gemma3",
     "mistral3",
     "paligemma",
@@ -26,6 +27,7 @@ pub const WRAPPERS: [&str; 9] = [
     "qwen2_5_vl",
     "qwen3_vl",
     "qwen3_vl_moe",
+    "llama4",
 ];
 
 /// Config-class defaults of the language models the wrappers carry, for the keys the planner
@@ -74,6 +76,14 @@ fn text_defaults(model_type: &str) -> Option<&'static str> {
             "num_key_value_heads": 16, "head_dim": 128, "num_experts": 60,
             "num_experts_per_tok": 4, "max_position_embeddings": 128000}"#
         }
+        // Llama 4 Scout's sizes
+        "llama4_text" => {
+            r#"{"vocab_size": 202048, "hidden_size": 5120, "intermediate_size": 8192,
+            "intermediate_size_mlp": 16384, "num_hidden_layers": 48, "num_attention_heads": 40,
+            "num_key_value_heads": 8, "head_dim": 128, "num_local_experts": 16,
+            "num_experts_per_tok": 1, "interleave_moe_layer_step": 1,
+            "max_position_embeddings": 131072}"#
+        }
         "mistral" => {
             r#"{"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
             "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
@@ -95,6 +105,12 @@ fn vision_defaults(model_type: &str) -> Option<&'static str> {
             r#"{"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
             "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
             "hidden_act": "quick_gelu"}"#
+        }
+        "llama4_vision_model" => {
+            r#"{"hidden_size": 768, "intermediate_size": 5632, "num_hidden_layers": 34,
+            "num_attention_heads": 16, "num_channels": 3, "image_size": 448, "patch_size": 14,
+            "projector_input_dim": 4096, "projector_output_dim": 4096, "vision_output_dim": 7680,
+            "pixel_shuffle_ratio": 0.5, "hidden_act": "gelu"}"#
         }
         "pixtral" => {
             r#"{"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24,
@@ -132,6 +148,7 @@ fn wrapper_defaults(model_type: &str) -> (&'static str, &'static str, bool) {
         "gemma3" => ("gemma3_text", "siglip_vision_model", true),
         "paligemma" => ("gemma", "siglip_vision_model", true),
         "mistral3" => ("mistral", "pixtral", true),
+        "llama4" => ("llama4_text", "llama4_vision_model", false),
         "qwen2_vl" => ("qwen2_vl_text", "qwen2_vl_vision", false),
         "qwen2_5_vl" => ("qwen2_5_vl_text", "qwen2_5_vl_vision", false),
         "qwen3_vl" => ("qwen3_vl_text", "qwen3_vl_vision", false),
@@ -220,7 +237,7 @@ pub fn parse(
 ) -> anyhow::Result<TransformerSpec> {
     let (text_type, vision_type, tie_default) = wrapper_defaults(model_type);
     const TEXT_TYPES: &str = "gemma3_text, gemma, gemma2, llama, mistral, qwen2, qwen2_vl_text, \
-                              qwen2_5_vl_text, qwen3_vl_text, qwen3_vl_moe_text";
+                              qwen2_5_vl_text, qwen3_vl_text, qwen3_vl_moe_text, llama4_text";
     let qwen = model_type.starts_with("qwen");
     // Qwen's files before transformers 5 keep the text model's keys at the top level
     let legacy_qwen = qwen && !o.contains_key("text_config");
@@ -257,8 +274,8 @@ pub fn parse(
         "vision_config",
         vision_type,
         vision_defaults,
-        "siglip_vision_model, clip_vision_model, pixtral, qwen2_vl_vision, qwen2_5_vl_vision, \
-         qwen3_vl_vision",
+        "siglip_vision_model, clip_vision_model, llama4_vision_model, pixtral, qwen2_vl_vision, \
+         qwen2_5_vl_vision, qwen3_vl_vision",
     )?;
     let tower = if qwen {
         qwen_tower(&v)
@@ -317,6 +334,17 @@ pub fn parse(
             let merger = vh * merge * merge * vh;
             (vh + merger + vh * th + b(th) + th * th + b(th), 1)
         }
+        // the pixel-shuffle adapter (2 x 2 patches into one token) and its two bias-free
+        // linears, then a bias-free projection to the text width
+        "llama4" => {
+            let adapter_in = req_u64(&v, "projector_input_dim")?;
+            let adapter_out = req_u64(&v, "projector_output_dim")?;
+            let out = req_u64(&v, "vision_output_dim")?;
+            (
+                tower.ffn * adapter_in + adapter_out * adapter_out + out * th,
+                1,
+            )
+        }
         // one biased linear to `projection_dim`, which must be the text width
         "paligemma" => {
             let d = opt_u64(o, "projection_dim")?.unwrap_or(2048);
@@ -349,10 +377,12 @@ pub fn parse(
         None | Some(Value::Null) => None,
         Some(_) => Some(opt_bool(o, "tie_word_embeddings", tie_default)?),
     };
-    // transformers 5: LLaVA ties when either its own key or the text model's says so; the other
-    // wrappers read only their own key (Qwen's top-level key is its text model's)
+    // transformers 5: LLaVA and Qwen2/2.5-VL tie when either their own key or the text model's
+    // says so; Llama 4 only by the text model's; the other wrappers by their own key
     let tied = match (model_type, top_tie) {
         ("llava" | "qwen2_vl" | "qwen2_5_vl", t) => t == Some(true) || lm.tied_embeddings,
+        // Llama 4 reads only its text model's
+        ("llama4", _) => lm.tied_embeddings,
         (_, t) => t.unwrap_or(tie_default),
     };
     // the image tokens each image puts into the sequence
@@ -369,6 +399,8 @@ pub fn parse(
         "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" | "qwen3_vl_moe" => {
             (tower.merged_tokens(), tower.merge)
         }
+        // the pixel shuffle's 2 x 2 patches per token (the class token dropped)
+        "llama4" => (side * side / 4, 2),
         // LLaVA-NeXT's tiles lose their padding rows: it varies per image
         "llava_next" => (0, 1),
         // LLaVA's "full" strategy keeps CLIP's class token
@@ -396,9 +428,11 @@ pub fn parse(
     Ok(spec)
 }
 
-/// The encoder of a SigLIP or CLIP `vision_config` (defaults already merged in).
+/// The encoder of a SigLIP, CLIP or Llama 4 `vision_config` (defaults already merged in).
 fn tower(v: &Obj) -> anyhow::Result<VisionTower> {
-    let clip = v.get("model_type").and_then(Value::as_str) == Some("clip_vision_model");
+    // CLIP's layout (class token, bias-free patch projection, pre-norm) is also Llama 4's;
+    // SigLIP has none of them and a pooling head
+    let clip = v.get("model_type").and_then(Value::as_str) != Some("siglip_vision_model");
     let act = activation(v)?;
     let t = VisionTower {
         kind: TowerKind::Vit,

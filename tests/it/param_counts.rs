@@ -142,6 +142,11 @@ fn moe_families_count_total_and_active_like_transformers() {
         // embeddings from the active count and add the multi-token-prediction layer
         // transformers does not build
         ("glm-4.5-air", 106_852_245_504, 13_424_123_904),
+        // Llama 4 Scout and Maverick (their published files' sizes): a CLIP-like tower with a
+        // pixel-shuffle adapter, 16 experts in every block or 128 in every second, one shared
+        // expert; the cards state 109B / 17B and 400B / 17B (active without the embeddings)
+        ("llama-4-scout-17b-16e", 108_641_793_536, 18_044_827_136),
+        ("llama-4-maverick-17b-128e", 401_583_781_376, 18_056_623_616),
     ];
     for (name, total, active) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -346,7 +346,8 @@ fn qwen_towers_take_the_image_side() {
 /// 5.24 counts the same files (*ForConditionalGeneration on the meta device): SigLIP builds its
 /// pooling head unless `vision_use_head` is false; a Qwen2-VL tied by its `text_config` alone,
 /// with transformers 4's `qwen2_vl` vision class name; LLaVA over a Qwen2 text model reading two
-/// tower layers concatenated.
+/// tower layers concatenated; a Llama 4 whose top-level tie is ignored (only its text model's
+/// counts), with MoE in every second block and the pixel-shuffle adapter.
 #[test]
 fn wrapper_defaults_count_like_transformers() {
     let cases = [
@@ -378,6 +379,10 @@ fn wrapper_defaults_count_like_transformers() {
                     "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
                     "image_size": 32, "patch_size": 4}}"#,
             231_488,
+        ),
+        (
+            r#"{"model_type": "llama4", "text_config": {"hidden_size": 64, "intermediate_size": 96, "intermediate_size_mlp": 128, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 1000, "num_local_experts": 4, "num_experts_per_tok": 1, "interleave_moe_layer_step": 2, "tie_word_embeddings": false}, "vision_config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 4, "projector_input_dim": 64, "projector_output_dim": 64, "vision_output_dim": 48, "pixel_shuffle_ratio": 0.5}, "tie_word_embeddings": true}"#,
+            443_840,
         ),
     ];
     for (text, want) in cases {

@@ -285,9 +285,10 @@ fn unknown_architecture_points_to_safetensors_and_exits_2() {
     assert!(
         err.starts_with(
             "error: invalid config.json model_type: 'mamba' is not supported; accepted bert, "
-        ) && err.contains(
-            "qwen3_vl_moe (for any other checkpoint, `--safetensors` counts its parameters"
-        ),
+        ) && err.contains(&format!(
+            "{} (for any other checkpoint, `--safetensors` counts its parameters",
+            vramcal::spec::hf_config::MODEL_TYPES
+        )),
         "{err}"
     );
 }
