@@ -676,9 +676,10 @@ fn encdec_features(
     })
 }
 
-/// A vision-language model's vision tower: the activation features of its encoder as a ViT of
-/// `batch x images` samples at the tower's image size (its measured block is the ViT one), for
-/// the tower's own bytes beside the language model's ([`FitTerms::activation_bytes`]). The
+/// A vision-language model's vision tower: the activation features of its encoder as the
+/// measured block it is built like ([`vision::stack`]) at `batch x images` samples of the
+/// tower's image size, for the tower's own bytes beside the language model's
+/// ([`LiveParts::held`], [`LiveParts::tower_backward`]). The
 /// step-level terms (ZeRO-3 gathers, the optimizer's transients, a tied embedding's gradients)
 /// are the whole model's and stay with the language model's features. `None` without a tower.
 pub fn vision_features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Option<Features>> {
@@ -795,8 +796,8 @@ pub struct FitTerms {
     pub params: u64,
     pub states: StateBytes,
     pub features: Features,
-    /// a vision-language model's vision tower ([`vision_features`]); `None` otherwise, and
-    /// when the tower is frozen without adapters (it then saves nothing for backward)
+    /// a vision-language model's vision tower ([`vision_features`]); `None` without one, and
+    /// under LoRA/QLoRA, whose frozen tower saves nothing for backward
     pub vision: Option<Features>,
 }
 
