@@ -108,7 +108,13 @@ mod tests {
         let during = peak_bytes();
         let cur = current_bytes();
         drop(std::hint::black_box(v));
-        assert!(during >= before + (10 << 20), "peak {before} -> {during}");
+        // other test threads free their own buffers meanwhile, which lowers the current bytes
+        // the vec lands on (seen: 24 B and 89 KB short of the 10 MB); 1 MB of slack keeps the
+        // check on the 10 MB vec, not on them
+        assert!(
+            during + (1 << 20) >= before + (10 << 20),
+            "peak {before} -> {during}"
+        );
         // Other test threads may allocate concurrently, so compare with a margin, not exactly.
         assert!(cur >= 10 << 20);
         assert!(peak_bytes() >= during);
