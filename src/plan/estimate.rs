@@ -705,7 +705,7 @@ fn vision_note(model: &ModelSpec, train: &TrainSpec) -> Option<String> {
     let v = t.extras.vision.as_deref()?;
     Some(format!(
         "vision-language model: per sample the vision tower encodes {} image(s) of {} tokens \
-         ({}x{} pixels; --images sets the count), planned as a {}-layer ViT beside the language \
+         ({}x{} pixels; --images sets the count), planned as a {}-layer encoder beside the language \
          model, whose --seq {} must already count the image tokens the projector inserts; with \
          LoRA/QLoRA the tower is frozen and unadapted (it then saves nothing for backward)",
         v.images,

@@ -38,9 +38,6 @@ pub struct TransformerParams {
     pub matmul: u64,
     /// of `matmul`: the block linears' weights over all blocks
     pub block_matmul: u64,
-    /// vision-language models: the vision tower and multimodal projector (in `total` and
-    /// `active`, not in `matmul`, which multiplies the language model's tokens); 0 otherwise
-    pub vision: u64,
 }
 
 fn norm_params(kind: NormKind, h: u64) -> u64 {
@@ -167,6 +164,8 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
         + moe_layers * (attn_w + moe_active)
         + decoder_layers * (2 * attn_w + mlp_w);
     let decoder = decoder_layers * decoder_per_layer;
+    // a vision-language model's tower and projector: in `total` and `active`, not in `matmul`,
+    // which multiplies the language model's tokens
     let vision = x.vision.as_ref().map_or(0, |v| v.params());
     TransformerParams {
         embedding,
@@ -192,7 +191,6 @@ pub fn transformer(t: &TransformerSpec) -> TransformerParams {
         rel_bias,
         matmul: block_matmul + head_matmul + patch_w + proj,
         block_matmul,
-        vision,
     }
 }
 

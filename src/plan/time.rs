@@ -69,21 +69,22 @@ pub fn finetune_flops(
     let block_mm = (p.matmul - p.head_matmul_and_patch()) as f64 / t.layers as f64;
     let n = ft.freeze_layers as f64;
     let l = t.layers as f64;
+    // adapters sit on the language model: the frozen vision tower runs forward only (a third
+    // of its FLOPs), which are not the blocks'
+    let (vision_dense, vision_attention) = if ft.is_adapter() {
+        crate::plan::vision::flops(t, train)
+    } else {
+        (0.0, 0.0)
+    };
     let dense = if ft.is_adapter() {
         let s = crate::plan::finetune::split(model, ft);
-        // adapters sit on the language model: the frozen vision tower runs forward only
         tokens * (4.0 * p.matmul as f64 - 2.0 * n * block_mm + 6.0 * s.trainable as f64)
-            + crate::plan::vision::flops(t, train).0 / 3.0
+            + vision_dense / 3.0
     } else {
         flops.dense - 4.0 * n * block_mm * tokens
     };
-    // the frozen leading blocks' attention runs forward only (a third), and with adapters so
-    // does the frozen vision tower's, whose FLOPs are not the blocks'
-    let vision_attention = if ft.is_adapter() {
-        crate::plan::vision::flops(t, train).1
-    } else {
-        0.0
-    };
+    // the frozen leading blocks' attention runs forward only (a third), as does the frozen
+    // tower's
     let attention =
         (flops.attention - vision_attention) * (1.0 - 2.0 / 3.0 * n / l) + vision_attention / 3.0;
     let recompute = recompute_flops(train.checkpointing, dense, attention);

@@ -286,6 +286,17 @@ pub fn parse(
     }
     .map_err(|e| nested(e, "vision_config"))?;
     let (vh, th) = (tower.hidden, lm.hidden);
+    // neighbouring patches per side a merger joins into one language-model token: Qwen's tower
+    // reads its own `spatial_merge_size`, Mistral 3's wrapper holds it (2 by default), Llama 4's
+    // pixel shuffle joins 2 x 2
+    let merge = match model_type {
+        "mistral3" => match o.get("spatial_merge_size") {
+            None | Some(Value::Null) => 2,
+            Some(_) => merge_size(o, "config.json spatial_merge_size")?,
+        },
+        "llama4" => 2,
+        _ => tower.merge,
+    };
     // Mistral 3's projector has no biases by default, LLaVA's have
     let bias = opt_bool(o, "multimodal_projector_bias", model_type != "mistral3")?;
     let b = |n: u64| if bias { n } else { 0 };
@@ -307,7 +318,6 @@ pub fn parse(
                     format!("{out} is not the text model's hidden_size {th}; accepted {th}"),
                 );
             }
-            let merge = merge_size(&v, "config.json vision_config.spatial_merge_size")?;
             let merged = vh * merge * merge;
             let mlp = merged * merged + merged + merged * th + th;
             // Qwen2-VL's and Qwen3-VL's norm is a LayerNorm, Qwen2.5-VL's an RMSNorm
@@ -327,10 +337,6 @@ pub fn parse(
         // a vision-width RMSNorm, a bias-free merger of `merge²` neighbouring patches back to
         // the vision width, then LLaVA's two linears
         "mistral3" => {
-            let merge = match o.get("spatial_merge_size") {
-                None | Some(Value::Null) => 2,
-                Some(_) => merge_size(o, "config.json spatial_merge_size")?,
-            };
             let merger = vh * merge * merge * vh;
             (vh + merger + vh * th + b(th) + th * th + b(th), 1)
         }
@@ -387,31 +393,23 @@ pub fn parse(
     };
     // the image tokens each image puts into the sequence
     let side = tower.image / tower.patch;
-    let (lm_tokens, merge) = match model_type {
-        "gemma3" => (opt_u64(o, "mm_tokens_per_image")?.unwrap_or(256), 1),
-        "mistral3" => {
-            let merge = match o.get("spatial_merge_size") {
-                None | Some(Value::Null) => 2,
-                Some(_) => merge_size(o, "config.json spatial_merge_size")?,
-            };
-            (side * side / (merge * merge), merge)
+    let lm_tokens = match model_type {
+        "gemma3" => opt_u64(o, "mm_tokens_per_image")?.unwrap_or(256),
+        // a merger's tokens (Llama 4's pixel shuffle drops the class token)
+        "mistral3" | "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" | "qwen3_vl_moe" | "llama4" => {
+            side * side / (merge * merge)
         }
-        "qwen2_vl" | "qwen2_5_vl" | "qwen3_vl" | "qwen3_vl_moe" => {
-            (tower.merged_tokens(), tower.merge)
-        }
-        // the pixel shuffle's 2 x 2 patches per token (the class token dropped)
-        "llama4" => (side * side / 4, 2),
         // LLaVA-NeXT's tiles lose their padding rows: it varies per image
-        "llava_next" => (0, 1),
+        "llava_next" => 0,
         // LLaVA's "full" strategy keeps CLIP's class token
         "llava"
             if o.get("vision_feature_select_strategy")
                 .and_then(Value::as_str)
                 == Some("full") =>
         {
-            (tower.tokens(), 1)
+            tower.tokens()
         }
-        _ => (side * side, 1),
+        _ => side * side,
     };
     let mut spec = TransformerSpec {
         tied_embeddings: tied,
