@@ -80,12 +80,80 @@ FINETUNE_CONFIGS = [
     c(L2, "lora-all r16 llama-big fp32 sdpa b2s512", attn="sdpa", precision="fp32", impl="foreach", batch=2, seq=512, lora=dict(r=16, targets=ALL)),
     c(L2, "lora-all r16 llama-big bf16 sdpa b2s512", attn="sdpa", precision="bf16", impl="foreach", batch=2, seq=512, lora=dict(r=16, targets=ALL)),
     c(L1, "lora-all r16 DROPOUT0.1 llama-mha fp32 sdpa b4s512", attn="sdpa", precision="fp32", impl="foreach", batch=4, seq=512, lora=dict(r=16, targets=ALL, dropout=0.1)),
+    # peft's own default over a 16-bit base: fp32 adapters, each adapted linear casting its
+    # input to fp32 (true bf16) or back to bf16 under autocast (bf16-mixed, HF Trainer bf16=True)
+    c(L1, "lora-qv r16 fp32-adapters llama-mha bf16 sdpa b4s512", attn="sdpa", precision="bf16", impl="foreach", batch=4, seq=512, lora=dict(r=16, targets=["q_proj", "v_proj"]), adapter_dtype="fp32"),
+    c(L1, "lora-all r16 fp32-adapters llama-mha bf16 sdpa b4s512", attn="sdpa", precision="bf16", impl="foreach", batch=4, seq=512, lora=dict(r=16, targets=ALL), adapter_dtype="fp32"),
+    c(L1, "lora-qv r16 llama-mha bf16-mixed sdpa b4s512", attn="sdpa", precision="bf16-mixed", impl="foreach", batch=4, seq=512, lora=dict(r=16, targets=["q_proj", "v_proj"])),
+    c(L1, "lora-all r16 llama-mha bf16-mixed sdpa b4s512", attn="sdpa", precision="bf16-mixed", impl="foreach", batch=4, seq=512, lora=dict(r=16, targets=ALL)),
+    c(L2, "lora-all r16 fp32-adapters llama-big bf16 sdpa b2s512", attn="sdpa", precision="bf16", impl="foreach", batch=2, seq=512, lora=dict(r=16, targets=ALL), adapter_dtype="fp32"),
     c(L1, "freeze2 llama-mha fp32 sdpa b4s512", attn="sdpa", precision="fp32", impl="foreach", batch=4, seq=512, freeze_layers=2),
     c(L2, "freeze2 llama-big fp32 sdpa b2s512", attn="sdpa", precision="fp32", impl="foreach", batch=2, seq=512, freeze_layers=2),
 ]
 
 
-def planner(cf):
+def random_configs(n, seed):
+    """`n` training steps drawn from `seed` over the shapes people train on a CPU-sized scale:
+    Llama/Mistral/Qwen2 (MHA or GQA, tied or not), GPT-2 and BERT; fp32 or true bf16; eager or
+    sdpa; foreach or for-loop AdamW; full (non-reentrant) checkpointing or none. Drawn, not
+    chosen, so the planner meets shapes nobody tuned it on. Dropout is 0 (CPU dropout keeps
+    4-byte masks where the planner counts CUDA's 1-byte ones); each is planned from the
+    config.json transformers writes for it (`--hf-config`), as a user would."""
+    import random
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        fam = rng.choice(["llama", "mistral", "qwen2", "gpt2", "bert"])
+        head_dim = rng.choice([32, 64, 64, 128])
+        heads = rng.choice([4, 6, 8, 12, 16])
+        hidden = heads * head_dim
+        if not 256 <= hidden <= 1536:
+            continue
+        cf = dict(model=fam, hidden=hidden, heads=heads, layers=rng.randint(2, 6),
+                  vocab=rng.choice([4000, 8000, 16000, 32000, 50257]),
+                  batch=rng.choice([1, 2, 4, 8]), seq=rng.choice([128, 256, 512, 1024]),
+                  precision=rng.choice(["fp32", "fp32", "bf16"]),
+                  attn=rng.choice(["eager", "sdpa"]), impl=rng.choice(["foreach", "loop"]),
+                  ckpt=rng.choice(["none", "none", "full"]), hf=True)
+        if cf["batch"] * cf["seq"] > 4096:
+            continue
+        if fam in ("llama", "mistral", "qwen2"):
+            cf["kv"] = rng.choice([d for d in (1, 2, 4, heads) if heads % d == 0])
+            cf["ffn"] = 64 * round(hidden * rng.choice([2.0, 8 / 3, 3.5, 4.0]) / 64)
+            cf["tied"] = rng.random() < 0.3
+        else:
+            cf["positions"] = 1024 if fam == "gpt2" else 512
+            cf["seq"] = min(cf["seq"], cf["positions"])
+            if fam == "bert":
+                cf["classes"] = rng.choice([2, 3, 10])
+        cf["name"] = (f"{fam} h{hidden} a{heads}" + (f"/{cf['kv']}" if "kv" in cf else "")
+                      + f" L{cf['layers']} V{cf['vocab']}" + (" tied" if cf.get("tied") else "")
+                      + f" {cf['precision']} {cf['attn']} {cf['impl']} ckpt={cf['ckpt']}"
+                      + f" b{cf['batch']}s{cf['seq']}")
+        out.append(cf)
+    return out
+
+
+def planner_from_hf(cf, hf_config):
+    """The plan for a step whose model is given by its config.json (written to a temporary file
+    that the recorded command names `{config}`)."""
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(hf_config, f)
+    a = ["estimate", "--hf-config", "{config}", "--batch", str(cf["batch"]), "--seq", str(cf["seq"]),
+         "--precision", cf["precision"], "--attention", cf["attn"], "--optimizer-impl", cf["impl"],
+         "--checkpointing", cf.get("ckpt", "none"), "--json", "--no-gpu-choice"]
+    try:
+        run = [VC] + [f.name if x == "{config}" else x for x in a]
+        j = json.loads(subprocess.run(run, check=True, capture_output=True, text=True).stdout)
+    finally:
+        os.unlink(f.name)
+    return j, " ".join(a)
+
+
+def planner(cf, hf_config=None):
+    if hf_config is not None:
+        return planner_from_hf(cf, hf_config)
     a = [VC, "estimate", "--layers", str(cf["layers"]), "--hidden", str(cf["hidden"]),
          "--heads", str(cf["heads"]), "--vocab", str(cf["vocab"]),
          "--batch", str(cf["batch"]), "--seq", str(cf["seq"]),
@@ -108,7 +176,10 @@ def planner(cf):
         lc = cf["lora"]
         a += ["--finetune", "lora", "--lora-rank", str(lc["r"]),
               "--lora-targets", ",".join(lc["targets"]),
-              "--lora-dropout", str(lc.get("dropout", 0.0))]
+              "--lora-dropout", str(lc.get("dropout", 0.0)),
+              # step.py converts the adapters with the model unless they are peft's fp32 ones
+              "--adapter-dtype", "fp32" if cf.get("adapter_dtype") == "fp32"
+              or cf["precision"] == "bf16-mixed" else "base"]
     if "freeze_layers" in cf:
         a += ["--freeze-layers", str(cf["freeze_layers"])]
     j = json.loads(subprocess.run(a, check=True, capture_output=True, text=True).stdout)
@@ -125,7 +196,7 @@ def measure(cf):
 
 
 def row(cf, m):
-    j, cmd = planner(cf)
+    j, cmd = planner(cf, m.get("hf_config") if cf.get("hf") else None)
     mem = j["memory"]
     planned_states = mem["weights"] + mem["optimizer"]
     planned_total = mem["total"] - CUBLAS
@@ -157,7 +228,8 @@ def row(cf, m):
                 plan_overlap=mem["backward_overlap"], plan_opt_excess=planned_opt_excess,
                 meas_opt_transient=m["peak_opt_bytes"] - m["live_after_bwd"],
                 pre_model=m["pre_model_bytes"], baseline_abs=m["baseline_bytes"],
-                warm_s=m["warm_s"], planner_cmd=cmd)
+                warm_s=m["warm_s"], planner_cmd=cmd,
+                **({"hf_config": json.dumps(m["hf_config"], sort_keys=True)} if cf.get("hf") else {}))
 
 
 def measured_of(r):
@@ -170,7 +242,8 @@ def measured_of(r):
                 pre_model_bytes=pre, peak_phase=r["meas_phase"], live_after_fwd=i("meas_saved_act"),
                 peak_fwd_bytes=i("meas_fwd_peak_above_base"), peak_bwd_bytes=i("meas_bwd_peak_above_base"),
                 live_after_bwd=i("meas_grads"), peak_opt_bytes=i("meas_opt_peak_above_base"),
-                baseline_bytes=i("baseline_abs"), warm_s=float(r["warm_s"]))
+                baseline_bytes=i("baseline_abs"), warm_s=float(r["warm_s"]),
+                **({"hf_config": json.loads(r["hf_config"])} if r.get("hf_config") else {}))
 
 
 def main():
@@ -180,6 +253,8 @@ def main():
     only = sys.argv[1:]
     replan = os.environ.get("REPLAN") == "1"
     configs = FINETUNE_CONFIGS if os.environ.get("FINETUNE") == "1" else CONFIGS
+    if os.environ.get("DRAW"):
+        configs = random_configs(int(os.environ["DRAW"]), int(os.environ.get("SEED", "1")))
     out = os.environ.get("OUT", "torch-step-peaks-cpu.csv") if not only else os.environ.get("OUT", "torch-step-peaks-cpu.partial.csv")
     old = {}
     if replan and os.path.exists(out):

@@ -13,19 +13,26 @@ torch.set_num_threads(2)
 torch.manual_seed(0)
 
 import gc
-from transformers import LlamaConfig, LlamaForCausalLM, GPT2Config, GPT2LMHeadModel
+from transformers import GPT2Config, GPT2LMHeadModel
 if "lora" in cfg:
     import peft  # noqa: F401  (its modules are the interpreter's, not the model's bytes)
 gc.collect()
 pre_model = live()   # interpreter + torch + transformers, before any model tensor exists
-if cfg["model"] == "llama":
-    c = LlamaConfig(hidden_size=cfg["hidden"], intermediate_size=cfg["ffn"],
-                    num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
-                    num_key_value_heads=cfg["kv"], vocab_size=cfg["vocab"],
-                    max_position_embeddings=max(2048, cfg["seq"]),
-                    tie_word_embeddings=False, attention_dropout=0.0,
-                    attn_implementation=cfg["attn"])
-    model = LlamaForCausalLM(c)
+if cfg["model"] in ("llama", "mistral", "qwen2"):
+    # the Llama-family decoders differ in QKV bias (Qwen2), sliding window (Mistral, off at
+    # these lengths) and defaults; each is built from its own config class
+    import transformers
+    cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
+           "mistral": ("MistralConfig", "MistralForCausalLM"),
+           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[cfg["model"]]
+    c = getattr(transformers, cls[0])(
+        hidden_size=cfg["hidden"], intermediate_size=cfg["ffn"],
+        num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["kv"], vocab_size=cfg["vocab"],
+        max_position_embeddings=max(2048, cfg["seq"]),
+        tie_word_embeddings=cfg.get("tied", False), attention_dropout=0.0,
+        attn_implementation=cfg["attn"])
+    model = getattr(transformers, cls[1])(c)
 elif cfg["model"] == "gpt2":
     c = GPT2Config(n_embd=cfg["hidden"], n_layer=cfg["layers"], n_head=cfg["heads"],
                    vocab_size=cfg["vocab"], n_positions=cfg["positions"],
@@ -47,9 +54,21 @@ else:
     raise SystemExit("unknown model")
 
 assert model.config._attn_implementation == cfg["attn"], model.config._attn_implementation
-if cfg["precision"] == "bf16":
+# the config.json a user would hand the planner (save_pretrained writes the same dict)
+model.config.architectures = [type(model).__name__]
+hf_config = model.config.to_dict()
+# peft's own default (autocast_adapter_dtype=True) keeps adapters in fp32 over a 16-bit base:
+# the base is converted before peft wraps it ("adapter_dtype": "fp32", and always under
+# bf16-mixed, HF Trainer's bf16=True); torchtune and LitGPT convert the whole model, adapters
+# included, after (the default here)
+fp32_adapters = "lora" in cfg and (cfg.get("adapter_dtype") == "fp32"
+                                   or cfg["precision"] == "bf16-mixed")
+if cfg["precision"] == "bf16" or fp32_adapters:
     model = model.to(torch.bfloat16)
 model.train()
+if cfg.get("ckpt") == "full":
+    # HF Trainer's gradient_checkpointing=True with the non-reentrant implementation
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 nparams = sum(p.numel() for p in model.parameters())
 nbuf = sum(b.numel() * b.element_size() for b in model.buffers())
 if "lora" in cfg:
@@ -60,7 +79,7 @@ if "lora" in cfg:
     model = get_peft_model(model, LoraConfig(r=lc["r"], lora_alpha=2 * lc["r"],
                                              target_modules=lc["targets"],
                                              lora_dropout=lc.get("dropout", 0.0)))
-    if cfg["precision"] == "bf16":
+    if cfg["precision"] == "bf16" and not fp32_adapters:
         model = model.to(torch.bfloat16)
     model.train()
 if "freeze_layers" in cfg:
@@ -81,7 +100,8 @@ if cfg["model"] == "bert":
 
 
 def fwd():
-    outputs = model(**batch)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16-mixed"):
+        outputs = model(**batch)
     loss = outputs.loss
     del outputs          # like HF Trainer: keep only the loss
     return loss
@@ -127,5 +147,5 @@ out = dict(cfg, params=nparams, trainable_params=ntrainable, buffer_bytes=nbuf,
            peak_opt_bytes=p_opt - baseline, live_after_opt=live_opt - baseline,
            live_end=live_end - baseline,
            peak_fwd_bwd_abs=peak_fwd_bwd, peak_step_abs=peak_step,
-           peak_phase=phase, warm_s=round(t_warm, 2))
+           peak_phase=phase, warm_s=round(t_warm, 2), hf_config=hf_config)
 print("RESULT " + json.dumps(out))

@@ -504,6 +504,11 @@ pub struct FinetuneFlags {
     /// bitsandbytes paged optimizer (noted only; states planned as resident)
     #[arg(long)]
     pub paged_optimizer: bool,
+    /// LoRA/QLoRA adapters over a 16-bit base: fp32 (peft's default, autocast_adapter_dtype:
+    /// fp32 adapters, each adapted linear keeps its own cast copy of its input) or base (in the
+    /// base's dtype, as torchtune and LitGPT train them) [default: fp32]
+    #[arg(long, allow_hyphen_values = true)]
+    pub adapter_dtype: Option<String>,
 }
 
 /// `--finetune`, `--lora-*`, `--base-bits`, `--freeze-layers`, `--offload`, checked against the
@@ -526,6 +531,7 @@ pub fn finetune_from_args(
         ("lora-targets", a.lora_targets.is_some()),
         ("lora-dropout", a.lora_dropout.is_some()),
         ("base-bits", a.base_bits.is_some()),
+        ("adapter-dtype", a.adapter_dtype.is_some()),
     ];
     if mode == FinetuneMode::Full {
         if let Some((flag, _)) = adapter_flags.iter().find(|(_, given)| *given) {
@@ -583,6 +589,9 @@ pub fn finetune_from_args(
         ft.offload = value_enum("offload", o)?;
     }
     ft.paged_optimizer = a.paged_optimizer;
+    if let Some(d) = &a.adapter_dtype {
+        ft.adapter_dtype = value_enum("adapter-dtype", d)?;
+    }
     if ft.is_adapter() {
         if let ModelSpec::Transformer(t) = model {
             if let Some(spec) = &a.lora_targets {
@@ -784,12 +793,13 @@ pub fn render(e: &Estimate) -> String {
     );
     let tuning = match &t.lora {
         Some(l) => format!(
-            "{} rank {} on {} of every block from block {}, base {} bits",
+            "{} rank {} on {} of every block from block {}, base {} bits, {} adapters",
             t.finetune.as_str(),
             l.rank,
             l.targets.join(","),
             t.freeze_layers,
-            l.base_bits
+            l.base_bits,
+            l.adapter_dtype
         ),
         None if t.freeze_layers > 0 => format!(
             "full, embeddings and the first {} block(s) frozen",

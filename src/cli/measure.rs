@@ -134,7 +134,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         Defaults::Harness,
     )?;
     model.validate_for(&train)?;
-    let ft = super::estimate::finetune_from_args(&args.finetune, &model, &train)?;
+    let mut ft = super::estimate::finetune_from_args(&args.finetune, &model, &train)?;
+    // each backend trains its adapters one way (peft's fp32 adapters; candle's in the weights'
+    // dtype), which the row records through its backend (`Row::finetune`)
+    let adapters = match args.backend {
+        Backend::Torch => crate::plan::finetune::AdapterDtype::Fp32,
+        Backend::Candle => crate::plan::finetune::AdapterDtype::Base,
+    };
+    if args.finetune.adapter_dtype.is_some() && ft.adapter_dtype != adapters {
+        return crate::error::input_err(
+            "adapter-dtype",
+            format!(
+                "{} with --backend {}, which trains its adapters as {}; accepted {} (or leave it out)",
+                ft.adapter_dtype.as_str(),
+                args.backend,
+                adapters.as_str(),
+                adapters.as_str()
+            ),
+        );
+    }
+    ft.adapter_dtype = adapters;
     if !args.no_memory_guard {
         memory_guard(&model, &train, &ft, device, &args.device)?;
     }

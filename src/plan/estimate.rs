@@ -349,6 +349,9 @@ pub struct LoraOut {
     /// bytes per quantized parameter (null when the base is not quantized)
     pub base_bytes_per_param: Option<f64>,
     pub base_source: Option<&'static str>,
+    /// the adapters' weights as trained: "fp32" (peft's default over a 16-bit base, and the
+    /// master weights of mixed precision) or "bf16" (`--adapter-dtype base` in true bf16)
+    pub adapter_dtype: &'static str,
 }
 
 fn train_out(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> TrainOut {
@@ -368,6 +371,11 @@ fn train_out(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> TrainOut {
                 4 => Some("NF4 with double quantization: 4 + 8/64 + 32/(64*256) bits (Dettmers et al. 2023, QLoRA)"),
                 8 => Some("LLM.int8(): 1 byte per weight + an fp32 scale per output row (Dettmers et al. 2022)"),
                 _ => None,
+            },
+            adapter_dtype: if train.precision.is_pure_half() && !ft.fp32_adapters(train) {
+                "bf16"
+            } else {
+                "fp32"
             },
         }),
         _ => None,

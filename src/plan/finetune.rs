@@ -38,6 +38,45 @@ impl FinetuneMode {
     }
 }
 
+/// The dtype of LoRA/QLoRA adapter weights over a 16-bit base, and so what each adapted linear
+/// keeps for backward.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+pub enum AdapterDtype {
+    /// peft's default (`autocast_adapter_dtype=True`): adapters in fp32 over a 16-bit base; each
+    /// adapted linear casts its input to the adapter's dtype (`LoraLayer._cast_input_dtype`),
+    /// so `lora_A` saves its own copy of the input (fp32 without autocast; under autocast the
+    /// fp32 copy is cast back to 16 bits, again one copy per adapted linear)
+    #[default]
+    #[serde(rename = "fp32")]
+    #[value(name = "fp32")]
+    Fp32,
+    /// adapters in the base's dtype (torchtune, LitGPT, or peft followed by `model.to(bf16)`):
+    /// the adapted linears of one input share it, nothing is cast
+    #[serde(rename = "base")]
+    #[value(name = "base")]
+    Base,
+}
+
+impl AdapterDtype {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AdapterDtype::Fp32 => "fp32",
+            AdapterDtype::Base => "base",
+        }
+    }
+}
+
+/// What an adapted linear's `lora_A` saves of its input.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum AdapterInput {
+    /// the input itself, shared by the adapted linears that read it (adapters in the compute
+    /// dtype, or bitsandbytes' linears under autocast, which skip peft's cast)
+    Shared,
+    /// its own copy per adapted linear, of this many bytes per element (4: the fp32 cast of a
+    /// 16-bit base's activations; 2: autocast's 16-bit cast of that fp32 copy)
+    Copy(f64),
+}
+
 /// What ZeRO moves to host memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
 pub enum Offload {
@@ -97,6 +136,8 @@ pub struct Finetune {
     pub offload: Offload,
     /// bitsandbytes paged optimizer: noted only (pages move to host under memory pressure)
     pub paged_optimizer: bool,
+    /// the adapters' dtype over a 16-bit base
+    pub adapter_dtype: AdapterDtype,
 }
 
 impl Default for Finetune {
@@ -110,6 +151,7 @@ impl Default for Finetune {
             base_bits: 16,
             offload: Offload::None,
             paged_optimizer: false,
+            adapter_dtype: AdapterDtype::Fp32,
         }
     }
 }
@@ -304,6 +346,44 @@ impl Finetune {
 
     pub fn is_adapter(&self) -> bool {
         self.mode != FinetuneMode::Full
+    }
+
+    /// Adapters kept in fp32 over a 16-bit base (peft's default): they train as fp32 weights.
+    pub fn fp32_adapters(&self, train: &TrainSpec) -> bool {
+        self.is_adapter()
+            && self.adapter_dtype == AdapterDtype::Fp32
+            && train.precision.compute_bytes() == 2
+    }
+
+    /// What each adapted linear's `lora_A` saves of its input ([`AdapterInput`]). peft's plain
+    /// LoRA linears cast the input to fp32 whenever the adapter is fp32; its bitsandbytes
+    /// linears (8- and 4-bit bases) only without autocast (`requires_conversion = not
+    /// torch.is_autocast_enabled()`). Measured with peft 0.21 on CPU (Llama blocks h512, b4
+    /// s512, true bf16 and bf16 autocast; calibration/data/torch-finetune-peaks-cpu.csv).
+    pub fn adapter_input(&self, train: &TrainSpec) -> AdapterInput {
+        if !self.fp32_adapters(train) {
+            AdapterInput::Shared
+        } else if !train.precision.is_mixed() {
+            AdapterInput::Copy(4.0)
+        } else if self.base_bits < 16 {
+            AdapterInput::Shared
+        } else {
+            AdapterInput::Copy(2.0)
+        }
+    }
+
+    /// The training configuration the trainable parameters' states follow: fp32 for fp32
+    /// adapters over a true 16-bit base (weights, gradients and AdamW moments of 4 bytes each);
+    /// under autocast the mixed layout already trains them as fp32 with a cached 16-bit copy.
+    pub fn trainable_train(&self, train: &TrainSpec) -> TrainSpec {
+        if self.fp32_adapters(train) && train.precision.is_pure_half() {
+            TrainSpec {
+                precision: crate::spec::Precision::Fp32,
+                ..train.clone()
+            }
+        } else {
+            train.clone()
+        }
     }
 
     /// The adapted linears of one block (every block linear when `targets` is empty).
@@ -527,7 +607,7 @@ fn shards_undo(train: &TrainSpec) -> f64 {
 /// frozen base's weights (no gradients, no optimizer states). Offloaded states leave the GPU.
 pub fn states(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> StateBytes {
     let s = split(model, ft);
-    let mut st = state_bytes(s.trainable, train);
+    let mut st = state_bytes(s.trainable, &ft.trainable_train(train));
     st.weights += frozen_bytes(&s, train, ft);
     if ft.offload.optimizer() {
         st.optimizer = 0.0;
@@ -559,24 +639,30 @@ pub fn offloaded_bytes(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> u
 /// rank-R intermediate `x·A` (b·s·R in the compute dtype) of each adapted linear, and with
 /// `lora_dropout` > 0 the dropped copy of its input that `lora_A` saves plus the mask
 /// (b·s·d_in × (compute bytes + 1)): peft applies `lora_dropout(x)` per adapted module.
+///
+/// With fp32 adapters over a 16-bit base ([`AdapterInput::Copy`]) each adapted linear keeps its
+/// own cast copy of the input instead (and the rank-R intermediate in the copy's dtype); with
+/// dropout the dropped copy replaces it and only the mask is added.
 pub fn adapter_saved_per_block(t: &TransformerSpec, train: &TrainSpec, ft: &Finetune) -> f64 {
     let bs = (train.batch * t.effective_seq(train.seq, train.image)) as f64;
     let cb = train.precision.compute_bytes() as f64;
+    let mask = if ft.lora_dropout > 0.0 { 1.0 } else { 0.0 };
+    let input = ft.adapter_input(train);
     ft.adapted(t)
         .iter()
         .map(|l| {
-            let drop = if ft.lora_dropout > 0.0 {
-                bs * l.d_in as f64 * (cb + 1.0)
-            } else {
-                0.0
+            let (rank_bytes, input_bytes) = match input {
+                AdapterInput::Shared => (cb, mask * (cb + 1.0)),
+                AdapterInput::Copy(b) => (b, b + mask),
             };
-            bs * ft.rank as f64 * cb + drop
+            bs * (ft.rank as f64 * rank_bytes + l.d_in as f64 * input_bytes)
         })
         .sum()
 }
 
 /// Bytes per live block that full training saves and an adapter fine-tune does not: the input
-/// of a group of frozen linears none of which is adapted. PyTorch saves a linear's input only
+/// of a group of frozen linears none of which is adapted (of every group when the adapters keep
+/// their own cast copies, [`AdapterInput::Copy`]). PyTorch saves a linear's input only
 /// to compute its weight's gradient, so once the base is frozen an input is kept only when an
 /// adapter reads it (`lora_A` saves its input) or another op saves it anyway. Inputs are grouped
 /// by the tensor they read: the attention input (q, k, v / fused qkv; the norm before them is
@@ -595,6 +681,8 @@ pub fn frozen_inputs_unsaved_per_block(
     }
     let bs = (train.batch * t.effective_seq(train.seq, train.image)) as f64;
     let cb = train.precision.compute_bytes() as f64;
+    // adapters that keep their own copies of their inputs keep no shared input either
+    let shared = ft.adapter_input(train) == AdapterInput::Shared;
     let adapted: Vec<&str> = ft.adapted(t).iter().map(|l| l.name).collect();
     let groups: [&[&str]; 4] = [
         &["q", "k", "v", "qkv"],
@@ -608,7 +696,7 @@ pub fn frozen_inputs_unsaved_per_block(
         .filter_map(|group| {
             let members: Vec<&Linear> =
                 linears.iter().filter(|l| group.contains(&l.name)).collect();
-            let kept = members.iter().any(|l| adapted.contains(&l.name));
+            let kept = shared && members.iter().any(|l| adapted.contains(&l.name));
             (!kept && !members.is_empty()).then(|| bs * members[0].d_in as f64 * cb)
         })
         .sum();
@@ -751,7 +839,7 @@ pub fn terms(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> anyhow::Res
         && train.optimizer_impl == OptimizerImpl::Foreach
         && !ft.offload.optimizer()
     {
-        s.trainable as f64 / shards * state_elem_bytes(train)
+        s.trainable as f64 / shards * state_elem_bytes(&ft.trainable_train(train))
     } else {
         0.0
     };

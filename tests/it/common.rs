@@ -91,7 +91,19 @@ pub fn step_peak_rows(file: &str, keep: impl Fn(&str) -> bool) -> Vec<StepPeakRo
         .into_iter()
         .filter(|cells| keep(&cells["name"]))
         .map(|cells| {
-            let args: Vec<&str> = cells["planner_cmd"].split_whitespace().collect();
+            // a row drawn with its model's config.json (`DRAW=n run.py`) names it `{config}`
+            let config = cells.get("hf_config").filter(|c| !c.is_empty()).map(|c| {
+                let mut f = tempfile::NamedTempFile::new().unwrap();
+                std::io::Write::write_all(&mut f, c.as_bytes()).unwrap();
+                f
+            });
+            let args: Vec<&str> = cells["planner_cmd"]
+                .split_whitespace()
+                .map(|a| match (&config, a) {
+                    (Some(f), "{config}") => f.path().to_str().unwrap(),
+                    _ => a,
+                })
+                .collect();
             let (code, out, err) = vramcal(&args);
             assert_eq!(code, 0, "{}: {err}", cells["name"]);
             StepPeakRow {

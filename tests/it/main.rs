@@ -35,5 +35,6 @@ mod planner_model;
 mod planner_moe;
 mod planner_props;
 mod planner_vlm;
+mod published_gpu;
 mod report_end_to_end;
 mod safetensors_cli;

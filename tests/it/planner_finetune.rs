@@ -276,6 +276,122 @@ fn text_header_names_the_mode_and_trainable_params() {
     );
 }
 
+/// peft's fp32 adapters over a true-bf16 base (the default) against adapters in the base's
+/// dtype (`--adapter-dtype base`): 8 more bytes per trainable parameter (fp32 weight, gradient
+/// and AdamW moments: 16 B against 8 B), and per adapted linear its own fp32 copy of the input
+/// (4·b·s·d_in) where the base-dtype adapters share one bf16 input per group (2·b·s·d_in). GPT-2
+/// (h 768, 12 layers), LoRA r 16 on the fused qkv only, b 2, s 512: one adapted linear reading
+/// one input per block.
+#[test]
+fn fp32_adapters_train_fp32_states_and_keep_fp32_copies_of_their_inputs() {
+    let plan = |dtype: &str| {
+        let (code, out, err) = vramcal(&[
+            "estimate",
+            "--model",
+            "gpt2",
+            "--precision",
+            "bf16",
+            "--finetune",
+            "lora",
+            "--lora-targets",
+            "qkv",
+            "--batch",
+            "2",
+            "--seq",
+            "512",
+            "--adapter-dtype",
+            dtype,
+            "--json",
+            "--no-gpu-choice",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let (fp32, base) = (plan("fp32"), plan("base"));
+    let m = |j: &serde_json::Value, k: &str| j["memory"][k].as_f64().unwrap();
+    let trainable = fp32["train"]["trainable_params"].as_f64().unwrap();
+    // 12 blocks x r16 x (768 + 2304)
+    assert_eq!(trainable, 12.0 * 16.0 * (768.0 + 2304.0));
+    let states = |j| m(j, "weights") + m(j, "gradients") + m(j, "optimizer");
+    assert_eq!(states(&fp32) - states(&base), 8.0 * trainable);
+    // per block: the input copy 4·b·s·h against the shared 2·b·s·h, and the rank-16
+    // intermediate in fp32 (4·b·s·r) against bf16
+    let per_block = 2.0 * 2.0 * 512.0 * 768.0 + 2.0 * 2.0 * 512.0 * 16.0;
+    assert_eq!(
+        m(&fp32, "activations") - m(&base, "activations"),
+        12.0 * per_block
+    );
+    assert_eq!(fp32["train"]["lora"]["adapter_dtype"], "fp32");
+    assert_eq!(base["train"]["lora"]["adapter_dtype"], "bf16");
+}
+
+/// With peft's fp32 adapters over a true bf16 base, LoRA on every linear saves more for
+/// backward than full training of the same model: each adapted linear keeps its own fp32 copy of
+/// its input (q, k and v three of the attention input), more than the frozen base stops saving.
+/// Measured (calibration/data/torch-*-peaks-cpu.csv, Llama h512 4 layers, b4 s512, bf16 sdpa):
+/// 351 MB saved against full training's 266 MB; planned the same way round.
+#[test]
+fn peft_lora_on_every_linear_saves_more_than_full_training_in_true_bf16() {
+    let saved = |file: &str, name: &str| {
+        crate::common::data_rows(file)
+            .into_iter()
+            .find(|r| r["name"] == name)
+            .unwrap_or_else(|| panic!("{name}"))["meas_saved_act"]
+            .parse::<f64>()
+            .unwrap()
+    };
+    let full = saved(
+        "torch-step-peaks-cpu.csv",
+        "llama-mha bf16 sdpa foreach b4s512",
+    );
+    let lora = saved(
+        "torch-finetune-peaks-cpu.csv",
+        "lora-all r16 fp32-adapters llama-mha bf16 sdpa b4s512",
+    );
+    assert!(lora > 1.2 * full, "measured {lora} vs {full}");
+    let plan = |extra: &[&str]| {
+        let mut a = vec![
+            "estimate",
+            "--layers",
+            "4",
+            "--hidden",
+            "512",
+            "--heads",
+            "8",
+            "--vocab",
+            "8000",
+            "--ffn",
+            "1376",
+            "--ffn-kind",
+            "swiglu",
+            "--norm",
+            "rmsnorm",
+            "--no-bias",
+            "--untied",
+            "--max-positions",
+            "0",
+            "--batch",
+            "4",
+            "--seq",
+            "512",
+            "--precision",
+            "bf16",
+            "--attention",
+            "sdpa",
+            "--json",
+            "--no-gpu-choice",
+        ];
+        a.extend_from_slice(extra);
+        let (code, out, err) = vramcal(&a);
+        assert_eq!(code, 0, "{err}");
+        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+        j["memory"]["activations"].as_f64().unwrap()
+    };
+    let (full_plan, lora_plan) = (plan(&[]), plan(&["--finetune", "lora"]));
+    assert!(lora_plan > full_plan, "planned {lora_plan} vs {full_plan}");
+    assert!(plan(&["--finetune", "lora", "--adapter-dtype", "base"]) < full_plan);
+}
+
 #[test]
 fn bad_finetune_inputs_exit_2_with_one_line_naming_the_flag() {
     let cases: &[(&[&str], &str)] = &[
@@ -292,6 +408,8 @@ fn bad_finetune_inputs_exit_2_with_one_line_naming_the_flag() {
         (&["--offload", "disk"], "invalid offload: 'disk' is unknown; accepted none, optimizer, optimizer+params"),
         (&["--offload", "optimizer", "--zero", "1", "--gpus", "0"], "invalid gpus: 0 is out of range"),
         (&["--finetune", "lora", "--base-bits", "3", "--precision", "bf16"], "invalid base-bits: '3' is unknown; accepted 4, 8, 16"),
+        (&["--adapter-dtype", "base"], "invalid adapter-dtype: applies to adapters only"),
+        (&["--finetune", "lora", "--adapter-dtype", "fp8"], "invalid adapter-dtype: 'fp8' is unknown; accepted fp32, base"),
     ];
     for (args, want) in cases {
         let mut a = vec!["estimate", "--model", "gpt2"];
@@ -316,10 +434,11 @@ fn bad_finetune_inputs_exit_2_with_one_line_naming_the_flag() {
 /// The fine-tuning plans against real PyTorch steps of peft LoRA and partially frozen models
 /// (scripts/torch_step_peak with FINETUNE=1, calibration/data/torch-finetune-peaks-cpu.csv:
 /// transformers' Llama, peft 0.21 adapters on all block linears or on q and v only, ranks 8-64,
-/// fp32 and true bf16, AdamW over the trainable parameters; embeddings and the first two blocks
+/// fp32, true bf16 with bf16 adapters or peft's own fp32 ones, and bf16 autocast, AdamW over
+/// the trainable parameters; embeddings and the first two blocks
 /// frozen), measured on CPU with the live-heap shim. The plan's trainable parameters equal peft's
 /// exactly, and its allocated peak less the cuBLAS workspace (a CUDA buffer a CPU process lacks)
-/// is within 3 % of each step (largest: 1.8 % when written). Not scored: lora_dropout on CPU (4-byte masks where the plan
+/// is within 3 % of each step (largest: 2.7 % when written, a true-bf16 step with peft's fp32 adapters). Not scored: lora_dropout on CPU (4-byte masks where the plan
 /// counts CUDA's 1-byte ones).
 #[test]
 fn finetune_peaks_match_real_peft_steps() {
@@ -347,5 +466,5 @@ fn finetune_peaks_match_real_peft_steps() {
         );
         scored += 1;
     }
-    assert!(scored >= 8, "only {scored} steps scored");
+    assert!(scored >= 12, "only {scored} steps scored");
 }

@@ -1,0 +1,82 @@
+//! The planner against peak GPU memory published for real training runs
+//! (`calibration/data/published-gpu-peaks.csv`: each row's source and a verbatim quote, the
+//! configuration as `estimate` flags over a config.json in `tests/hf_configs/`, the metric the
+//! source reported and its value). None of these runs was used to set a coefficient.
+
+use crate::common::{data_rows, vramcal};
+
+/// The plan's figure for a published metric: `torch.cuda.max_memory_allocated` and torchtune's
+/// peak active bytes are the allocated peak (`memory.total`); `max_memory_reserved`, and
+/// nvidia-smi less the CUDA context, the caching allocator's reserved peak.
+fn planned(plan: &serde_json::Value, metric: &str) -> f64 {
+    let key = match metric {
+        "allocated" | "active" => "total",
+        "reserved" => "reserved_peak",
+        other => panic!("unknown metric {other}"),
+    };
+    plan["memory"][key].as_f64().unwrap()
+}
+
+/// Rows `within` a band: bert-large fine-tuned by HF Trainer on a V100 (fp32 and fp16 AMP,
+/// gradient accumulation, checkpointing, 8-bit Adam), Llama 3.2 3B full fine-tuning with
+/// torchtune (2 x 4096 packed tokens), LitGPT LoRA on Llama 2 7B/13B, StableLM-Alpha 3B and
+/// phi-1.5 at micro-batches 1-4, and peft's LoRA benchmark on Llama 3.2 3B. The plan is never
+/// more than 6 % below a published peak (a wrong "fits") nor 13 % above it, 5 % on average
+/// (4.5 % when written: -4.9 % to +11.7 %, the largest over a checkpointed bert-large whose
+/// reserved memory is planned with 10 % allocator slack on its states too). Rows outside what
+/// the planner models say which way they miss and why (`note`), and must still miss that way:
+/// PyTorch 1.x keeping gradients between steps (under), a load-and-quantize transient in the
+/// whole run's peak (under), torch.compile and chunked cross-entropy (over). Where the source
+/// gives the trainable parameters, the plan's equal them.
+#[test]
+fn published_gpu_peaks_are_planned_within_their_band() {
+    let (mut scored, mut abs_sum) = (0usize, 0.0);
+    for row in data_rows("published-gpu-peaks.csv") {
+        let config = format!("tests/hf_configs/{}/config.json", row["config"]);
+        let mut args = vec![
+            "estimate",
+            "--hf-config",
+            &config,
+            "--json",
+            "--no-gpu-choice",
+        ];
+        args.extend(row["args"].split_whitespace());
+        let (code, out, err) = vramcal(&args);
+        assert_eq!(code, 0, "{}: {err}", row["id"]);
+        let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+        if !row["published_trainable"].is_empty() {
+            assert_eq!(
+                plan["train"]["trainable_params"]
+                    .as_u64()
+                    .unwrap()
+                    .to_string(),
+                row["published_trainable"],
+                "{}: trainable parameters",
+                row["id"]
+            );
+        }
+        let measured: f64 = row["measured_bytes"].parse().unwrap();
+        let e = (planned(&plan, &row["metric"]) - measured) / measured;
+        let what = format!("{} ({}): {:+.1} %", row["id"], row["note"], e * 100.0);
+        match row["expect"].as_str() {
+            "within" => {
+                assert!((-0.06..0.13).contains(&e), "{what}");
+                scored += 1;
+                abs_sum += e.abs();
+            }
+            "under" => assert!(e < 0.0, "{what}"),
+            "over" => assert!(e > 0.0, "{what}"),
+            other => panic!("{}: unknown expect {other}", row["id"]),
+        }
+        if row["expect"] != "within" {
+            assert!(
+                !row["note"].is_empty(),
+                "{}: a miss needs its reason",
+                row["id"]
+            );
+        }
+    }
+    assert!(scored >= 18, "only {scored} published peaks scored");
+    let mean = abs_sum / scored as f64;
+    assert!(mean < 0.05, "mean error {:.2} %", mean * 100.0);
+}
