@@ -505,8 +505,10 @@ pub struct FinetuneFlags {
     #[arg(long)]
     pub paged_optimizer: bool,
     /// LoRA/QLoRA adapters over a 16-bit base: fp32 (peft's default, autocast_adapter_dtype:
-    /// fp32 adapters, each adapted linear keeps its own cast copy of its input) or base (in the
-    /// base's dtype, as torchtune and LitGPT train them) [default: fp32]
+    /// fp32 adapters, each adapted linear keeps its own cast copy of its input; a 4/8-bit base
+    /// prepared as the QLoRA recipe does, prepare_model_for_kbit_training: embeddings, norms and
+    /// head in fp32) or base (adapters and the unquantized rest in the base's dtype, as
+    /// torchtune and LitGPT train them) [default: fp32]
     #[arg(long, allow_hyphen_values = true)]
     pub adapter_dtype: Option<String>,
 }

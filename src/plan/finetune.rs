@@ -356,20 +356,30 @@ impl Finetune {
     }
 
     /// What each adapted linear's `lora_A` saves of its input ([`AdapterInput`]). peft's plain
-    /// LoRA linears cast the input to fp32 whenever the adapter is fp32; its bitsandbytes
-    /// linears (8- and 4-bit bases) only without autocast (`requires_conversion = not
-    /// torch.is_autocast_enabled()`). Measured with peft 0.21 on CPU (Llama blocks h512, b4
-    /// s512, true bf16 and bf16 autocast; calibration/data/torch-finetune-peaks-cpu.csv).
+    /// LoRA linears cast the input to fp32 whenever the adapter is fp32, and under autocast
+    /// `lora_A` casts that copy back to 16 bits, one copy per adapted linear. Its
+    /// bitsandbytes linears (8- and 4-bit bases) skip the cast under autocast, but there the
+    /// input is already fp32 ([`Finetune::kbit_prepared`]: the residual stream runs through
+    /// fp32 embeddings and norms), so autocast again makes one 16-bit copy per `lora_A`.
+    /// Measured with peft 0.21 on CPU (Llama blocks h512, b4 s512, true bf16 and bf16
+    /// autocast; calibration/data/torch-finetune-peaks-cpu.csv).
     pub fn adapter_input(&self, train: &TrainSpec) -> AdapterInput {
         if !self.fp32_adapters(train) {
             AdapterInput::Shared
         } else if !train.precision.is_mixed() {
             AdapterInput::Copy(4.0)
-        } else if self.base_bits < 16 {
-            AdapterInput::Shared
         } else {
             AdapterInput::Copy(2.0)
         }
+    }
+
+    /// A quantized base prepared the way the QLoRA recipe does (peft's
+    /// `prepare_model_for_kbit_training`, called by the QLoRA paper's `qlora.py` and by TRL's
+    /// `SFTTrainer` for a 4- or 8-bit model): every parameter that is not quantized (embeddings,
+    /// norms, the output head, biases) is cast to fp32. Planned with peft's fp32 adapters;
+    /// `--adapter-dtype base` (torchtune, LitGPT) keeps them 16-bit.
+    pub fn kbit_prepared(&self) -> bool {
+        self.is_adapter() && self.base_bits < 16 && self.adapter_dtype == AdapterDtype::Fp32
     }
 
     /// The training configuration the trainable parameters' states follow: fp32 for fp32
@@ -570,17 +580,17 @@ pub fn split(model: &ModelSpec, ft: &Finetune) -> ParamSplit {
 }
 
 /// Bytes of the frozen base on one rank (sharded under ZeRO-3 like any weight): quantized block
-/// linears at their storage rate, the rest in 16 bits under QLoRA/int8 (bitsandbytes replaces
+/// linears at their storage rate, the rest in fp32 once prepared for k-bit training
+/// ([`Finetune::kbit_prepared`]), else in 16 bits under QLoRA/int8 (bitsandbytes replaces
 /// the blocks' `nn.Linear`s only; transformers' `BitsAndBytesConfig` skips the output head,
 /// `llm_int8_skip_modules` defaulting to `get_keys_to_not_convert`, i.e. `lm_head`); a 16-bit
 /// LoRA base in the compute dtype; frozen blocks of full fine-tuning in the weights' dtype.
 pub fn frozen_bytes(s: &ParamSplit, train: &TrainSpec, ft: &Finetune) -> f64 {
-    let unquantized = (s.frozen - s.quantized) as f64;
+    // what is not quantized: 16-bit, or fp32 once prepared for k-bit training
+    let unquantized = (s.frozen - s.quantized) as f64 * if ft.kbit_prepared() { 4.0 } else { 2.0 };
     let bytes = match ft.base_bits {
-        4 => s.quantized as f64 * NF4_BITS_PER_PARAM / 8.0 + 2.0 * unquantized,
-        8 => {
-            s.quantized as f64 + s.quantized_rows as f64 * INT8_ROW_SCALE_BYTES + 2.0 * unquantized
-        }
+        4 => s.quantized as f64 * NF4_BITS_PER_PARAM / 8.0 + unquantized,
+        8 => s.quantized as f64 + s.quantized_rows as f64 * INT8_ROW_SCALE_BYTES + unquantized,
         // an adapter's frozen base is loaded in the compute dtype (transformers `torch_dtype`
         // with peft): nothing needs an fp32 master copy of it
         _ if ft.is_adapter() => train.precision.compute_bytes() as f64 * s.frozen as f64,

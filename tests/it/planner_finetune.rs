@@ -177,15 +177,32 @@ fn qlora_below_lora_below_full_and_llama2_7b_qlora_fits_24gb() {
         "QLoRA 7B fits a 24 GB card"
     );
     assert!(!full.verdict.as_ref().unwrap().fits);
-    // NF4 base: 6.48e9 block-linear weights at 4.127 bits + 16-bit embeddings, head and norms
+    // NF4 base: 6.48e9 block-linear weights at 4.127 bits + embeddings, head and norms in fp32
+    // (peft's prepare_model_for_kbit_training, the QLoRA recipe), or kept 16-bit with adapters
+    // in the base's dtype (torchtune, LitGPT)
     let quant = 32u64 * (4 * 4096 * 4096 + 3 * 4096 * 11008);
     let rest = 6_738_415_616u64 - quant;
-    let base = quant as f64 * 4.127 / 8.0 + rest as f64 * 2.0;
+    let base = quant as f64 * 4.127 / 8.0 + rest as f64 * 4.0;
     let adapters = 39_976_960.0 * (4.0 + 2.0); // fp32 adapters + their autocast copy
     assert!(
         (q.weights as f64 - base - adapters).abs() / base < 1e-3,
         "{}",
         q.weights
+    );
+    let q16 = plan(
+        &m,
+        &t,
+        Finetune {
+            mode: FinetuneMode::Qlora,
+            base_bits: 4,
+            adapter_dtype: vramcal::plan::finetune::AdapterDtype::Base,
+            ..Finetune::default()
+        },
+    );
+    assert_eq!(
+        (q.weights - q16.memory.weights) as f64,
+        rest as f64 * 2.0,
+        "16-bit rest"
     );
     // with every linear adapted, the frozen RMSNorms keep less than full training does and
     // the adapter branches add back only their rank-16 intermediates (measured with peft,
