@@ -109,7 +109,7 @@ FAMILY_ARCHS = ("gpt_neox", "phi", "gptj", "falcon", "opt", "distilbert", "elect
 # DeBERTa-v3's relative attention): how far their plans are from PyTorch's own bytes
 COVERAGE_ARCHS = ("phi3", "starcoder2", "bloom", "gpt_bigcode", "deberta-v2", "gemma", "olmo", "mixtral",
                   "qwen2_moe", "granite", "smollm3", "gpt_oss", "olmo3", "seed_oss", "hunyuan_v1_dense",
-                  "ernie4_5", "glm4_moe")
+                  "ernie4_5", "glm4_moe", "glm", "glm4", "cohere", "cohere2", "stablelm")
 # DeepSeek-V2's multi-head latent attention with every block dense (first_k_dense_replace = L),
 # measured over mla_grid(): the latent ranks and head widths moved apart (REAL_SHAPES: with MoE)
 MLA_ARCHS = ("deepseek-mla",)
@@ -427,6 +427,21 @@ def build(arch, attention, c, dropout=None, activation=None):
                          num_attention_heads=a, num_key_value_heads=2, head_dim=h // a,
                          max_position_embeddings=512, pad_token_id=0, bos_token_id=0, eos_token_id=0,
                          **common)
+            model = cls[1](cfg)
+        elif arch in ("glm", "glm4", "cohere", "cohere2", "stablelm"):
+            # GLM-4's biased q/k/v and fused gate_up (glm4: sandwich norms); Cohere's one
+            # weight-only LayerNorm before attention and MLP in parallel (cohere with its
+            # per-head q/k norms); StableLM 2's LayerNorms with bias and biased q/k/v
+            cls = {"glm": (T.GlmConfig, T.GlmForCausalLM), "glm4": (T.Glm4Config, T.Glm4ForCausalLM),
+                   "cohere": (T.CohereConfig, T.CohereForCausalLM),
+                   "cohere2": (T.Cohere2Config, T.Cohere2ForCausalLM),
+                   "stablelm": (T.StableLmConfig, T.StableLmForCausalLM)}[arch]
+            extra = {"cohere": dict(use_qk_norm=True), "stablelm": dict(use_qkv_bias=True),
+                     "cohere2": dict(layer_types=["full_attention"] * L)}.get(arch, {})
+            cfg = cls[0](vocab_size=V, hidden_size=h, intermediate_size=f, num_hidden_layers=L,
+                         num_attention_heads=a, num_key_value_heads=2, head_dim=h // a,
+                         max_position_embeddings=512, pad_token_id=0, bos_token_id=0, eos_token_id=0,
+                         **extra, **common)
             model = cls[1](cfg)
         elif arch == "glm4_moe":
             # GLM-4.5's layout: one dense block, then 8 routed experts (top 2) and a shared one,
@@ -759,7 +774,8 @@ def measure(arch, attention, precision, c, device="cpu", dump=False, dropout=Non
                   else model.config.num_key_value_heads if arch in ("starcoder2", "mixtral", "qwen2_moe",
                                                                      "granite", "smollm3", "gpt_oss", "olmo3",
                                                                      "seed_oss", "hunyuan_v1_dense", "ernie4_5",
-                                                                     "glm4_moe")
+                                                                     "glm4_moe", "glm", "glm4", "cohere",
+                                                                     "cohere2", "stablelm")
                   else 1 if arch == "gpt_bigcode" and model.config.multi_query else c["a"]), head_dim=c.get("hd", c["h"] // c["a"]), L=c["L"],
         V=c["V"], image_size=img, embd_dropout=drop[0], hidden_dropout=drop[1], attn_dropout=drop[2],
         saved_storages=n_act, param_bytes=param_bytes, attn_impl_used=used, device=device,

@@ -34,7 +34,8 @@ pub struct Flags {
     /// HuggingFace config.json (BERT, RoBERTa, XLM-R, CamemBERT, DistilBERT, DeBERTa-v2, GPT-2,
     /// GPT-BigCode, GPT-NeoX, GPT-J, OPT, BLOOM, Falcon, Phi, Phi-3, StarCoder2, ViT, Llama,
     /// Mistral, Qwen2/3, Gemma 1-3, OLMo 1-3, Granite, SmolLM3, Helium, ERNIE 4.5, Seed-OSS,
-    /// Hunyuan (dense), ELECTRA, Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3, GLM-4.5,
+    /// Hunyuan (dense), GLM-4, GLM-4-0414, Cohere (Command R, R+, R7B, Aya), StableLM, ELECTRA,
+    /// Mixtral, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V3, GLM-4.5,
     /// Llama 4 (text), gpt-oss, T5, mT5, BART; vision-language Gemma 3, PaliGemma, LLaVA, LLaVA-NeXT,
     /// Mistral 3, Qwen2-VL, Qwen2.5-VL, Qwen3-VL, Qwen3-VL-MoE and Llama 4)
     #[arg(long)]

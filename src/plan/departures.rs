@@ -80,8 +80,17 @@ impl Planned {
             Some(4) => 2.0 * (t.hidden as f64 * per_norm + 4.0),
             _ => 0.0,
         };
+        // Cohere's centered q/k norms keep an fp32 difference more per element than the
+        // composed RMSNorm `qk` prices; its one block norm against the Llama block's two
+        // already covers the block norm's own
+        let centered = if t.extras.centered_norm && t.extras.qk_norm != QkNorm::None {
+            4.0 * (q + kv)
+        } else {
+            0.0
+        };
         qk + extra_norms
-            + 2.0 * t.hidden as f64 * (self.fp32_norm_excess(t, p) - param_free_norm_saving(t, p))
+            + centered
+            + 2.0 * t.hidden as f64 * (self.fp32_norm_excess(t, p) - fused_norm_saving(t, p))
     }
 
     /// Bytes per token one live block keeps beyond its planned block when q, k and v are views
@@ -156,7 +165,7 @@ impl Planned {
             0.0
         };
         let final_norm = if self.llama_like {
-            self.fp32_norm_excess(t, p) - param_free_norm_saving(t, p)
+            self.fp32_norm_excess(t, p) - fused_norm_saving(t, p)
         } else {
             0.0
         };
@@ -182,8 +191,11 @@ impl Planned {
 /// statistics are as the RMSNorm's. Measured (calibration/data/torch-saved-bytes-coverage-cpu.csv):
 /// OLMo planned within -2 % to 0 with it, +10 % to +21 % over without; the generic coefficients
 /// it took before were 17-23 % low under autocast.
-fn param_free_norm_saving(t: &TransformerSpec, p: Precision) -> f64 {
-    if has_param_free_norms(t) {
+///
+/// StableLM's LayerNorms with weight and bias run PyTorch's fused kernel, which keeps its input
+/// and row statistics and recomputes the normalised tensor in backward: the same saving.
+fn fused_norm_saving(t: &TransformerSpec, p: Precision) -> f64 {
+    if has_param_free_norms(t) || t.norm == NormKind::Layernorm {
         if p.is_pure_half() {
             2.0
         } else {
@@ -215,6 +227,7 @@ fn is_llama_like(t: &TransformerSpec) -> bool {
     x.attn_softcap = false;
     x.final_softcap = false;
     x.norm_weight_fp32 = false;
+    x.centered_norm = false;
     x.fused_qkv = false;
     x.fused_gate_up = false;
     // biases and sink logits keep nothing for backward beyond what the Llama block counts
@@ -222,15 +235,25 @@ fn is_llama_like(t: &TransformerSpec) -> bool {
     x.attn_bias = None;
     x.attn_sinks = false;
     x.eager_only = false;
-    if x.block_norms == Some(4) {
+    // Gemma 2's and GLM-4-0414's sandwich norms (their bytes are a departure of their own);
+    // Cohere's and a parallel StableLM's one norm before attention and MLP alike, planned with
+    // the Llama block's two (the MLP reads the tensor q, k and v keep anyway: a few b·s·h over)
+    if matches!(x.block_norms, Some(1) | Some(4)) {
         x.block_norms = None;
     }
     // OLMo v1's parameter-free LayerNorms: the Llama block's norms less the weighted tensor
-    // (`param_free_norm_saving`)
+    // (`fused_norm_saving`)
     if has_param_free_norms(t) {
         x.block_norms = None;
         plain.norm = NormKind::Rmsnorm;
         plain.final_norm = true;
+    }
+    // StableLM's LayerNorms with bias (the fused kernel keeps its input and statistics, less
+    // than the composed RMSNorm the Llama block measured)
+    if plain.norm == NormKind::Layernorm
+        && plain.ffn_kind == crate::spec::transformer::FfnKind::Swiglu
+    {
+        plain.norm = NormKind::Rmsnorm;
     }
     plain.block_kind() == Some(BlockKind::Llama)
 }

@@ -26,7 +26,7 @@ pub const MODEL_TYPES: &str =
     "bert, roberta, xlm-roberta, camembert, gpt2, gpt_bigcode, gpt_neox, \
      starcoder2, vit, llama, mistral, qwen2, phi3, gemma, qwen3, gemma2, gemma3_text, olmo2, \
      granite, smollm3, gpt_oss, olmo3, helium, ernie4_5, seed_oss, hunyuan_v1_dense, glm4_moe, \
-     llama4_text, \
+     llama4_text, glm, glm4, cohere, cohere2, stablelm, \
      phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, \
      qwen3_moe, deepseek_v2, deepseek_v3, t5, mt5, bart, gemma3, paligemma, llava, \
      llava_next, mistral3, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llama4";
@@ -157,9 +157,16 @@ fn parse_obj(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
         // parameters, nothing saved) and SmolLM3's RoPE-free layers change no shapes
         // Helium, ERNIE 4.5 and Seed-OSS are Llama's block with their own biases, OLMo 3 is
         // OLMo2's, Hunyuan's dense block Qwen3's (per-head q/k norms)
+        // GLM-4 (glm) and GLM-4-0414 (glm4, with Gemma 2's sandwich norms): biased q/k/v and one
+        // fused gate_up projection; Cohere's Command R/R7B and Aya (cohere, cohere2): one
+        // weight-only LayerNorm feeding attention and MLP in parallel, optional q/k norms, a
+        // tied head; StableLM (2): LayerNorms with biases, optional biased q/k/v and parallel
+        // residual
         "llama" | "mistral" | "qwen2" | "phi3" | "gemma" | "qwen3" | "gemma2" | "gemma3_text"
         | "olmo2" | "olmo3" | "granite" | "smollm3" | "helium" | "ernie4_5" | "seed_oss"
-        | "hunyuan_v1_dense" => llama_like(o, name, &model_type)?,
+        | "hunyuan_v1_dense" | "glm" | "glm4" | "cohere" | "cohere2" | "stablelm" => {
+            llama_like(o, name, &model_type)?
+        }
         // GLM-4.5's: biased q, k, v (optional per-head q/k norms) and DeepSeek-V3's MoE layout
         // (dense leading blocks, shared experts) with grouped-query attention
         "glm4_moe" => {
@@ -326,6 +333,7 @@ fn dropout_keys(model_type: &str) -> &'static [(&'static str, f32)] {
         "falcon" | "bloom" => &[("hidden_dropout", 0.0), ("attention_dropout", 0.0)],
         // Seed-OSS's class defaults keep both on
         "seed_oss" => &[("attention_dropout", 0.1), ("residual_dropout", 0.1)],
+        "stablelm" => &[("hidden_dropout", 0.0), ("attention_dropout", 0.0)],
         "t5" | "mt5" => &[("dropout_rate", 0.1)],
         "bart" => &[
             ("dropout", 0.1),
@@ -626,7 +634,7 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
     // head_dim: the config's, else the config class's default (Qwen3 128, Gemma2/3 256), else
     // hidden / heads; kept only where it departs from hidden / heads
     let class_head_dim = match model_type {
-        "qwen3" | "helium" | "ernie4_5" | "seed_oss" | "llama4_text" => Some(128),
+        "qwen3" | "helium" | "ernie4_5" | "seed_oss" | "llama4_text" | "glm" | "glm4" => Some(128),
         "gemma2" | "gemma3_text" => Some(256),
         _ => None,
     };
@@ -636,8 +644,26 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
     // ERNIE 4.5's `use_bias` is every linear's; Seed-OSS's and GLM-4.5's `attention_bias` is
     // q, k and v's (Seed-OSS's o has `attention_out_bias`), Llama's all four
     let ernie_bias = model_type == "ernie4_5" && opt_bool(o, "use_bias", false)?;
-    let qkv_only = matches!(model_type, "seed_oss" | "glm4_moe");
-    let qkv_bias_key = qkv_only && opt_bool(o, "attention_bias", model_type == "seed_oss")?;
+    let qkv_only = matches!(
+        model_type,
+        "seed_oss" | "glm4_moe" | "glm" | "glm4" | "stablelm"
+    );
+    let qkv_bias_key = qkv_only
+        && if model_type == "stablelm" {
+            opt_bool(o, "use_qkv_bias", false)?
+        } else {
+            opt_bool(
+                o,
+                "attention_bias",
+                matches!(model_type, "seed_oss" | "glm" | "glm4"),
+            )?
+        };
+    if model_type == "stablelm" && opt_bool(o, "qk_layernorm", false)? {
+        return input_err(
+            &field_name("qk_layernorm"),
+            "true (StableLM 2 12B's per-head LayerNorms are not modelled); accepted false",
+        );
+    }
     let out_bias = model_type == "seed_oss" && opt_bool(o, "attention_out_bias", false)?;
     if out_bias && !qkv_bias_key {
         return input_err(
@@ -653,12 +679,18 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
             opt_bool(o, "attention_bias", false)?
         };
     let mlp_bias = ernie_bias || opt_bool(o, "mlp_bias", false)?;
+    // GLM's config classes default to two key/value heads, the others to multi-head attention
+    let class_kv = if matches!(model_type, "glm" | "glm4") {
+        2
+    } else {
+        heads
+    };
     let base = presets::llama(
         name,
         req_u64(o, "num_hidden_layers")?,
         hidden,
         heads,
-        opt_u64(o, "num_key_value_heads")?.unwrap_or(heads),
+        opt_u64(o, "num_key_value_heads")?.unwrap_or(class_kv),
         req_u64(o, "intermediate_size")?,
         req_u64(o, "vocab_size")?,
     );
@@ -670,14 +702,20 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
         "gemma3_text" => (QkNorm::PerHead, Some(4)),
         // post-attention and post-feed-forward norms (no input norm), q/k norms full width
         "olmo2" | "olmo3" => (QkNorm::Full, None),
+        "glm4" => (QkNorm::None, Some(4)),
+        // one norm before attention and MLP alike; Cohere's q/k norms weigh every head apart
+        "cohere" if opt_bool(o, "use_qk_norm", false)? => (QkNorm::Full, Some(1)),
+        "cohere" | "cohere2" => (QkNorm::None, Some(1)),
+        "stablelm" if opt_bool(o, "use_parallel_residual", false)? => (QkNorm::None, Some(1)),
         _ => (QkNorm::None, None),
     };
     Ok(TransformerSpec {
         arch: Arch::Decoder,
         ffn_kind: FfnKind::Swiglu,
-        // every family here normalises with RMSNorm except OLMo v1 (parameter-free LayerNorm),
-        // whatever keys its config.json happens to carry
-        norm: if model_type == "olmo" {
+        // every family here normalises with RMSNorm except OLMo v1 (parameter-free LayerNorm)
+        // and StableLM (LayerNorm with bias), whatever keys its config.json happens to carry;
+        // Cohere's LayerNorm has no bias: RMSNorm's one weight per channel
+        norm: if matches!(model_type, "olmo" | "stablelm") {
             NormKind::Layernorm
         } else {
             NormKind::Rmsnorm
@@ -696,7 +734,7 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
             "tie_word_embeddings",
             matches!(
                 model_type,
-                "gemma" | "gemma2" | "gemma3_text" | "smollm3" | "ernie4_5"
+                "gemma" | "gemma2" | "gemma3_text" | "smollm3" | "ernie4_5" | "cohere" | "cohere2"
             ),
         )?,
         extras: BlockExtras {
@@ -708,8 +746,9 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
                 model_type,
                 "gemma" | "gemma2" | "gemma3_text" | "olmo2" | "olmo3"
             ),
+            centered_norm: matches!(model_type, "cohere" | "cohere2"),
             fused_qkv: model_type == "phi3",
-            fused_gate_up: model_type == "phi3",
+            fused_gate_up: matches!(model_type, "phi3" | "glm" | "glm4"),
             // Gemma2Config defaults both on (50 and 30); Gemma3's off
             attn_softcap: softcap_on(o, "attn_logit_softcapping", model_type == "gemma2")?,
             final_softcap: softcap_on(o, "final_logit_softcapping", model_type == "gemma2")?,

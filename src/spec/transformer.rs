@@ -98,6 +98,11 @@ pub struct BlockExtras {
     /// tensor where Llama's keeps a 16-bit one.
     #[serde(default, skip_serializing_if = "is_default")]
     pub norm_weight_fp32: bool,
+    /// The norms are Cohere's composed LayerNorm (weight, no bias): in fp32 it subtracts the
+    /// mean twice, once for the variance and once to normalise, and both differences are kept
+    /// for backward, an fp32 tensor more per normalised element than the composed RMSNorm.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub centered_norm: bool,
     /// q, k and v come out of one fused projection (Phi-3's `qkv_proj`; GPT-NeoX's, Falcon's and
     /// BLOOM's `query_key_value`) where the block it is planned with has separate ones (Llama)
     /// or keeps no rotated copies (GPT-2): no parameter changes, but a kernel that saves the

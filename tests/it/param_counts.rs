@@ -52,7 +52,13 @@ fn more_published_counts() {
 /// as *ForConditionalGeneration (tower, projector, language model); the cards state 4.3B, 27.4B,
 /// 7.06B, 7.57B, 2.92B, 8.29B, 8.29B, 3.75B, 12.7B, 24.0B and (Qwen3-VL-8B) 8.77B. OLMo-3-7B,
 /// Seed-OSS-36B (biased q, k, v, not o), ERNIE-4.5-0.3B (tied) and Helium-1-2B are hand-written
-/// files of their published sizes, counted the same way (cards: 7.3B, 36B, 0.36B, 2B).
+/// files of their published sizes, counted the same way (cards: 7.3B, 36B, 0.36B, 2B). So are
+/// the published-peak configs (Llama 2 13B, Llama 3.2 3B, Llama 3.1 8B, StableLM-Alpha 3B as
+/// GPT-NeoX, phi-1.5, bert-large as BertModel) and GLM-4-9B (glm, fused gate_up, biased q/k/v),
+/// GLM-4-9B-0414 (glm4, sandwich norms), Aya Expanse 8B and Command R+ (cohere, one weight-only
+/// LayerNorm per block; R+ with per-head q/k norms), Command R7B (cohere2) and StableLM 2 1.6B /
+/// StableLM-3B-4E1T (LayerNorms with bias; 2's biased q/k/v): cards 13B, 3.21B, 8.03B, 3.6B,
+/// 1.42B, 335M, 9.4B, 9.4B, 8.03B, 104B, 8.03B, 1.64B and 2.8B.
 #[test]
 fn hf_config_families_count_like_transformers() {
     let cases = [
@@ -99,6 +105,19 @@ fn hf_config_families_count_like_transformers() {
         ("seed-oss-36b", 36_151_104_512),
         ("ernie-4.5-0.3b", 360_748_032),
         ("helium-1-2b", 2_254_563_840),
+        ("llama-2-13b", 13_015_864_320),
+        ("llama-3.2-3b", 3_212_749_824),
+        ("llama-3.1-8b", 8_030_261_248),
+        ("stablelm-base-alpha-3b", 3_637_321_728),
+        ("phi-1_5", 1_418_270_720),
+        ("bert-large-uncased-cls", 335_141_888),
+        ("glm-4-9b-chat-hf", 9_399_951_360),
+        ("glm-4-9b-0414", 9_400_279_040),
+        ("aya-expanse-8b", 8_028_033_024),
+        ("c4ai-command-r-plus", 103_810_674_688),
+        ("c4ai-command-r7b-12-2024", 8_028_033_024),
+        ("stablelm-2-1_6b", 1_644_515_328),
+        ("stablelm-3b-4e1t", 2_795_443_200),
     ];
     for (name, want) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -433,8 +433,11 @@ fn a_table_without_bsq_takes_the_literatures_on_loading() {
 /// config.json reaches the planner, against PyTorch's own saved bytes on a CPU
 /// (calibration/data/torch-saved-bytes-coverage-cpu.csv, scripts/torch_saved_bytes.py
 /// --arch phi3|starcoder2|bloom|gpt_bigcode|gemma|olmo|mixtral|qwen2_moe|granite|smollm3|gpt_oss|
-/// olmo3|seed_oss|hunyuan_v1_dense|ernie4_5|glm4_moe):
-/// Gemma, Mixtral, Qwen2-MoE, Granite, SmolLM3, OLMo 3, Seed-OSS, Hunyuan, ERNIE 4.5, GLM-4.5 and
+/// olmo3|seed_oss|hunyuan_v1_dense|ernie4_5|glm4_moe|glm|glm4|cohere|cohere2|stablelm):
+/// Gemma, Mixtral, Qwen2-MoE, Granite, SmolLM3, OLMo 3, Seed-OSS, Hunyuan, ERNIE 4.5, GLM-4.5,
+/// GLM-4 and GLM-4-0414, Command R (cohere with per-head q/k norms: their centered fp32 copy, without which
+/// its autocast steps were 7-11 % low; cohere2 without), StableLM 2 (LayerNorms with bias, fused:
+/// less than the Llama block's composed RMSNorm keeps, 5-17 % over without) and
 /// gpt-oss with the Llama block (and their departures' bytes, and plan::moe's
 /// experts; gpt-oss's clamped GLU keeps three more expert-width tensors, 17-23 % low without
 /// them), OLMo
@@ -500,6 +503,11 @@ fn more_families_against_pytorchs_saved_bytes() {
                 "model_type": r["arch"], "vocab_size": v, "hidden_size": h,
                 "intermediate_size": f, "num_hidden_layers": l, "num_attention_heads": a,
                 "num_key_value_heads": kv, "head_dim": h / a, "max_position_embeddings": 512}),
+            "glm" | "glm4" | "cohere" | "cohere2" | "stablelm" => serde_json::json!({
+                "model_type": r["arch"], "vocab_size": v, "hidden_size": h,
+                "intermediate_size": f, "num_hidden_layers": l, "num_attention_heads": a,
+                "num_key_value_heads": kv, "head_dim": h / a, "max_position_embeddings": 512,
+                "use_qk_norm": r["arch"] == "cohere", "use_qkv_bias": true}),
             "glm4_moe" => serde_json::json!({"model_type": "glm4_moe", "vocab_size": v,
                 "hidden_size": h, "intermediate_size": f, "moe_intermediate_size": 64,
                 "num_hidden_layers": l, "num_attention_heads": a, "num_key_value_heads": kv,
@@ -533,14 +541,17 @@ fn more_families_against_pytorchs_saved_bytes() {
             "Some(Llama)"
         };
         assert!(k.ends_with(block), "{k}: planned with the measured block");
-        // Seed-OSS's residual dropout (two b·s·h masks per block; the Llama block has none)
+        // Seed-OSS's residual dropout (two b·s·h masks per block; the Llama block has none);
+        // StableLM's sdpa steps in fp32, -3.9 to -6.3 % (partial rotary)
         let low = if k.starts_with("seed_oss") {
             -0.11
+        } else if k.starts_with("stablelm sdpa fp32") {
+            -0.07
         } else {
             -0.06
         };
         assert!(*lo >= low && *hi <= 0.12, "{k}: {lo:+.3} .. {hi:+.3}");
     }
     // gpt-oss: eager only (transformers has no sdpa for its sink logits)
-    assert_eq!(range.len(), 14 + 11 * 4 + 2, "{range:?}");
+    assert_eq!(range.len(), 14 + 16 * 4 + 2, "{range:?}");
 }
