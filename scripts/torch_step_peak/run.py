@@ -101,9 +101,12 @@ def random_configs(n, seed):
     config.json transformers writes for it (`--hf-config`), as a user would."""
     import random
     rng = random.Random(seed)
+    # FAMILIES=a,b,...: draw from these instead (the first draw's five by default, so a seed
+    # draws the same steps it always did)
+    families = os.environ.get("FAMILIES", "llama,mistral,qwen2,gpt2,bert").split(",")
     out = []
     while len(out) < n:
-        fam = rng.choice(["llama", "mistral", "qwen2", "gpt2", "bert"])
+        fam = rng.choice(families)
         head_dim = rng.choice([32, 64, 64, 128])
         heads = rng.choice([4, 6, 8, 12, 16])
         hidden = heads * head_dim
@@ -117,7 +120,7 @@ def random_configs(n, seed):
                   ckpt=rng.choice(["none", "none", "full"]), hf=True)
         if cf["batch"] * cf["seq"] > 4096:
             continue
-        if fam in ("llama", "mistral", "qwen2"):
+        if fam in ("llama", "mistral", "qwen2", "glm", "cohere", "stablelm"):
             cf["kv"] = rng.choice([d for d in (1, 2, 4, heads) if heads % d == 0])
             cf["ffn"] = 64 * round(hidden * rng.choice([2.0, 8 / 3, 3.5, 4.0]) / 64)
             cf["tied"] = rng.random() < 0.3

@@ -18,14 +18,20 @@ if "lora" in cfg:
     import peft  # noqa: F401  (its modules are the interpreter's, not the model's bytes)
 gc.collect()
 pre_model = live()   # interpreter + torch + transformers, before any model tensor exists
-if cfg["model"] in ("llama", "mistral", "qwen2"):
-    # the Llama-family decoders differ in QKV bias (Qwen2), sliding window (Mistral, off at
-    # these lengths) and defaults; each is built from its own config class
+if cfg["model"] in ("llama", "mistral", "qwen2", "glm", "cohere", "stablelm"):
+    # the Llama-family decoders differ in QKV bias (Qwen2, GLM), sliding window (Mistral, off at
+    # these lengths), norms (Cohere's one parallel LayerNorm, StableLM's biased ones) and
+    # defaults; each is built from its own config class
     import transformers
     cls = {"llama": ("LlamaConfig", "LlamaForCausalLM"),
            "mistral": ("MistralConfig", "MistralForCausalLM"),
-           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[cfg["model"]]
-    c = getattr(transformers, cls[0])(
+           "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+           "glm": ("GlmConfig", "GlmForCausalLM"),
+           "cohere": ("CohereConfig", "CohereForCausalLM"),
+           "stablelm": ("StableLmConfig", "StableLmForCausalLM")}[cfg["model"]]
+    extra = {"glm": dict(head_dim=cfg["hidden"] // cfg["heads"], pad_token_id=0, eos_token_id=0),
+             "stablelm": dict(use_qkv_bias=True)}.get(cfg["model"], {})
+    c = getattr(transformers, cls[0])(**extra,
         hidden_size=cfg["hidden"], intermediate_size=cfg["ffn"],
         num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
         num_key_value_heads=cfg["kv"], vocab_size=cfg["vocab"],

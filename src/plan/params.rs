@@ -274,7 +274,13 @@ pub fn largest_tensor(model: &ModelSpec) -> u64 {
             let experts = t.extras.moe.as_ref().map_or(0, |m| {
                 m.experts / m.expert_parallel.max(1) * 2 * m.expert_ffn * h
             });
-            [qkv, h * t.ffn, head, embed, t.max_positions * h, experts]
+            // Phi-3's and GLM's gate and up are one `2f x h` tensor
+            let mlp = if t.extras.fused_gate_up {
+                2 * h * t.ffn
+            } else {
+                h * t.ffn
+            };
+            [qkv, mlp, head, embed, t.max_positions * h, experts]
                 .into_iter()
                 .max()
                 .unwrap_or(0)

@@ -517,14 +517,16 @@ fn whole_step_peaks_match_real_pytorch_steps() {
 }
 
 /// Training steps drawn at random rather than chosen (`DRAW=24 SEED=20261202
-/// scripts/torch_step_peak/run.py`, calibration/data/torch-step-peaks-drawn-cpu.csv): Llama,
-/// Mistral and Qwen2 (MHA or GQA, tied or not), GPT-2 and BERT classifiers with 4-16 heads of
-/// 32-128, 2-6 layers and vocabularies of 4k-50k; fp32 or true bf16, eager or sdpa, foreach or
-/// for-loop AdamW, full checkpointing or none; each planned from the config.json transformers
-/// wrote for it, as a user would (`--hf-config`). PyTorch 2.15 + transformers 5.24 on CPU, the
-/// malloc high-water shim. The plan is within 8 % of every step and 2.5 % on average (1.1 %
-/// when written, largest -7.0 %: true bf16 steps of the smallest models, whose ~11 MB of oneDNN
-/// heap it does not count). Parameter counts are transformers' own except BERT's classifier
+/// scripts/torch_step_peak/run.py`, then `DRAW=12 SEED=20261203 FAMILIES=glm,cohere,stablelm`,
+/// calibration/data/torch-step-peaks-drawn-cpu.csv): Llama, Mistral, Qwen2, GLM-4, Cohere and
+/// StableLM (MHA or GQA, tied or not), GPT-2 and BERT classifiers with 4-16 heads of 32-128,
+/// 2-6 layers and vocabularies of 4k-50k; fp32 or true bf16, eager or sdpa, foreach or for-loop
+/// AdamW, full checkpointing or none; each planned from the config.json transformers wrote for
+/// it, as a user would (`--hf-config`). PyTorch 2.15 + transformers 5.24 on CPU, the malloc
+/// high-water shim. The plan is within 8 % of every step and 2.5 % on average (1.5 % when
+/// written, largest -7.6 %: true bf16 steps of the smallest models, whose ~11 MB of oneDNN heap
+/// it does not count; a GLM step was -7.7 % until the largest-tensor transient counted its
+/// fused `2f x h` gate_up). Parameter counts are transformers' own except BERT's classifier
 /// (h·classes + classes): a BERT config.json is planned as BertModel with its pooler.
 #[test]
 fn drawn_pytorch_steps_are_planned_from_their_configs() {
@@ -554,7 +556,7 @@ fn drawn_pytorch_steps_are_planned_from_their_configs() {
         );
         abs_sum += err.abs();
     }
-    assert!(rows.len() >= 24, "only {} steps", rows.len());
+    assert!(rows.len() >= 36, "only {} steps", rows.len());
     let mape = abs_sum / rows.len() as f64;
     assert!(mape < 0.025, "mean error {:.2} %", mape * 100.0);
 }

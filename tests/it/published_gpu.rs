@@ -4,6 +4,24 @@
 //! source reported and its value). None of these runs was used to set a coefficient.
 
 use crate::common::{data_rows, vramcal};
+use std::collections::HashMap;
+
+/// `estimate --json` of a published row: its config.json, its flags, and `extra`.
+fn plan_row(row: &HashMap<String, String>, extra: &[&str]) -> serde_json::Value {
+    let config = format!("tests/hf_configs/{}/config.json", row["config"]);
+    let mut args = vec![
+        "estimate",
+        "--hf-config",
+        &config,
+        "--json",
+        "--no-gpu-choice",
+    ];
+    args.extend(row["args"].split_whitespace());
+    args.extend_from_slice(extra);
+    let (code, out, err) = vramcal(&args);
+    assert_eq!(code, 0, "{}: {err}", row["id"]);
+    serde_json::from_str(&out).unwrap()
+}
 
 /// The plan's figure for a published metric: `torch.cuda.max_memory_allocated` and torchtune's
 /// peak active bytes are the allocated peak (`memory.total`); `max_memory_reserved`, and
@@ -32,18 +50,7 @@ fn planned(plan: &serde_json::Value, metric: &str) -> f64 {
 fn published_gpu_peaks_are_planned_within_their_band() {
     let (mut scored, mut abs_sum) = (0usize, 0.0);
     for row in data_rows("published-gpu-peaks.csv") {
-        let config = format!("tests/hf_configs/{}/config.json", row["config"]);
-        let mut args = vec![
-            "estimate",
-            "--hf-config",
-            &config,
-            "--json",
-            "--no-gpu-choice",
-        ];
-        args.extend(row["args"].split_whitespace());
-        let (code, out, err) = vramcal(&args);
-        assert_eq!(code, 0, "{}: {err}", row["id"]);
-        let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let plan = plan_row(&row, &[]);
         if !row["published_trainable"].is_empty() {
             assert_eq!(
                 plan["train"]["trainable_params"]
@@ -93,19 +100,7 @@ fn published_gpu_peaks_are_planned_within_their_band() {
 fn published_longest_sequences_are_the_planners_max_seq() {
     let mut checked = 0;
     for row in data_rows("published-gpu-max-seq.csv") {
-        let config = format!("tests/hf_configs/{}/config.json", row["config"]);
-        let mut args = vec![
-            "estimate",
-            "--hf-config",
-            &config,
-            "--json",
-            "--no-gpu-choice",
-        ];
-        args.extend(row["args"].split_whitespace());
-        args.extend(["--gpu-mem", &row["capacity"], "--max-seq"]);
-        let (code, out, err) = vramcal(&args);
-        assert_eq!(code, 0, "{}: {err}", row["id"]);
-        let plan: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let plan = plan_row(&row, &["--gpu-mem", &row["capacity"], "--max-seq"]);
         let planned = plan["search"]["max_seq"].as_f64().unwrap();
         match row["published_max_seq"].as_str() {
             "OOM" => assert_eq!(planned, 0.0, "{}: planned {planned}", row["id"]),
