@@ -137,10 +137,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut ft = super::estimate::finetune_from_args(&args.finetune, &model, &train)?;
     // each backend trains its adapters one way (peft's fp32 adapters; candle's in the weights'
     // dtype), which the row records through its backend (`Row::finetune`)
-    let adapters = match args.backend {
-        Backend::Torch => crate::plan::finetune::AdapterDtype::Fp32,
-        Backend::Candle => crate::plan::finetune::AdapterDtype::Base,
-    };
+    let adapters = args.backend.adapter_dtype();
     if args.finetune.adapter_dtype.is_some() && ft.adapter_dtype != adapters {
         return crate::error::input_err(
             "adapter-dtype",

@@ -25,6 +25,16 @@ impl Backend {
             Backend::Torch => "torch",
         }
     }
+
+    /// How this backend trains LoRA adapters over a 16-bit base: the PyTorch runner as peft's
+    /// defaults do (fp32 adapters, each casting its input), candle in the weights' dtype with no
+    /// cast. What a row of this backend is planned with.
+    pub fn adapter_dtype(self) -> crate::plan::finetune::AdapterDtype {
+        match self {
+            Backend::Candle => crate::plan::finetune::AdapterDtype::Base,
+            Backend::Torch => crate::plan::finetune::AdapterDtype::Fp32,
+        }
+    }
 }
 
 impl std::fmt::Display for Backend {

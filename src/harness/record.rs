@@ -30,7 +30,7 @@
 
 use crate::error::input_err;
 pub use crate::harness::backend::Backend;
-use crate::plan::finetune::{AdapterDtype, Finetune, FinetuneMode};
+use crate::plan::finetune::{Finetune, FinetuneMode};
 use crate::spec::{
     Attention, Checkpointing, Family, ModelSpec, Optimizer, OptimizerImpl, Precision, TrainSpec,
 };
@@ -215,12 +215,7 @@ impl Row {
             if ft.mode == FinetuneMode::Qlora {
                 ft.base_bits = 4;
             }
-            // the PyTorch runner trains peft's default fp32 adapters; the candle harness keeps
-            // its adapters in the weights' dtype and casts no input
-            ft.adapter_dtype = match self.backend {
-                Backend::Torch => AdapterDtype::Fp32,
-                Backend::Candle => AdapterDtype::Base,
-            };
+            ft.adapter_dtype = self.backend.adapter_dtype();
         }
         ft
     }

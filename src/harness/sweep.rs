@@ -712,8 +712,12 @@ pub fn run_sweep(opts: &SweepOptions) -> anyhow::Result<SweepSummary> {
             summary.retried += 1;
         }
         pb.set_message(describe(point));
-        let planned =
-            crate::plan::finetune::estimate(&point.model, &point.train, &point.finetune, &coeffs)?;
+        // planned as the backend trains its adapters (`Backend::adapter_dtype`)
+        let ft = crate::plan::finetune::Finetune {
+            adapter_dtype: opts.backend.adapter_dtype(),
+            ..point.finetune.clone()
+        };
+        let planned = crate::plan::finetune::estimate(&point.model, &point.train, &ft, &coeffs)?;
         let free = opts.memory_guard.then(|| free_now(device, &info)).flatten();
         let skip = if planned.total > cap {
             Some(format!(

@@ -69,8 +69,8 @@ impl AdapterDtype {
 /// What an adapted linear's `lora_A` saves of its input.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum AdapterInput {
-    /// the input itself, shared by the adapted linears that read it (adapters in the compute
-    /// dtype, or bitsandbytes' linears under autocast, which skip peft's cast)
+    /// the input itself, shared by the adapted linears that read it (adapters in the base's
+    /// dtype, `--adapter-dtype base`, or anything trained in fp32, where there is no cast)
     Shared,
     /// its own copy per adapted linear, of this many bytes per element (4: the fp32 cast of a
     /// 16-bit base's activations; 2: autocast's 16-bit cast of that fp32 copy)
