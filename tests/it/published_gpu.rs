@@ -1,7 +1,11 @@
 //! The planner against peak GPU memory published for real training runs
 //! (`calibration/data/published-gpu-peaks.csv`: each row's source and a verbatim quote, the
 //! configuration as `estimate` flags over a config.json in `tests/hf_configs/`, the metric the
-//! source reported and its value). None of these runs was used to set a coefficient.
+//! source reported and its value). None of these runs set a coefficient; two mechanisms they
+//! exposed were read in peft's source before the planner took them: peft's fp32 adapters over
+//! a 16-bit base (then measured on a CPU, `finetune_peaks_match_real_peft_steps`) and QLoRA's
+//! fp32 embeddings, norms and head after `prepare_model_for_kbit_training` (not measured here:
+//! bitsandbytes needs CUDA).
 
 use crate::common::{data_rows, vramcal};
 use std::collections::HashMap;
