@@ -185,17 +185,15 @@ impl Planned {
     }
 }
 
-/// Bytes per element a parameter-free LayerNorm (OLMo v1's `F.layer_norm` without weight) keeps
-/// less than the Llama block's RMSNorm: no weight multiplies its normalised tensor, so that
-/// tensor (fp32 under fp32 and autocast, 16-bit in pure 16-bit) is not kept; its input and row
-/// statistics are as the RMSNorm's. Measured (calibration/data/torch-saved-bytes-coverage-cpu.csv):
-/// OLMo planned within -2 % to 0 with it, +10 % to +21 % over without; the generic coefficients
-/// it took before were 17-23 % low under autocast.
-///
-/// StableLM's LayerNorms with weight and bias run PyTorch's fused kernel, which keeps its input
-/// and row statistics and recomputes the normalised tensor in backward: the same saving.
+/// Bytes per element a LayerNorm of a Llama-like block keeps less than the Llama block's
+/// composed RMSNorm: PyTorch's fused kernel keeps its input and row statistics and recomputes
+/// the normalised tensor in backward, so that tensor (fp32 under fp32 and autocast, 16-bit in
+/// pure 16-bit) is not kept. Measured (calibration/data/torch-saved-bytes-coverage-cpu.csv):
+/// OLMo v1's parameter-free LayerNorms planned within -2 % to 0 with it, +10 % to +21 % over
+/// without (the generic coefficients it took before were 17-23 % low under autocast);
+/// StableLM's, with weight and bias, -6.3 % to -0.2 % with it, +5 % to +17 % over without.
 fn fused_norm_saving(t: &TransformerSpec, p: Precision) -> f64 {
-    if has_param_free_norms(t) || t.norm == NormKind::Layernorm {
+    if t.norm == NormKind::Layernorm {
         if p.is_pure_half() {
             2.0
         } else {
@@ -241,15 +239,14 @@ fn is_llama_like(t: &TransformerSpec) -> bool {
     if matches!(x.block_norms, Some(1) | Some(4)) {
         x.block_norms = None;
     }
-    // OLMo v1's parameter-free LayerNorms: the Llama block's norms less the weighted tensor
-    // (`fused_norm_saving`)
+    // OLMo v1's parameter-free LayerNorms: counted as no norms at all, planned as the Llama
+    // block's
     if has_param_free_norms(t) {
         x.block_norms = None;
-        plain.norm = NormKind::Rmsnorm;
         plain.final_norm = true;
     }
-    // StableLM's LayerNorms with bias (the fused kernel keeps its input and statistics, less
-    // than the composed RMSNorm the Llama block measured)
+    // LayerNorms (OLMo v1's, StableLM's): the Llama block's norms less the normalised tensor
+    // their fused kernel does not keep (`fused_norm_saving`)
     if plain.norm == NormKind::Layernorm
         && plain.ffn_kind == crate::spec::transformer::FfnKind::Swiglu
     {

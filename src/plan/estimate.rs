@@ -372,7 +372,9 @@ fn train_out(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> TrainOut {
                 8 => Some("LLM.int8(): 1 byte per weight + an fp32 scale per output row (Dettmers et al. 2022)"),
                 _ => None,
             },
-            adapter_dtype: if train.precision.is_pure_half() && !ft.fp32_adapters(train) {
+            // the trainable parameters' own layout: true bf16 keeps bf16 adapters, unless
+            // they are peft's fp32 ones; mixed precision trains fp32 master weights
+            adapter_dtype: if ft.trainable_train(train).precision.is_pure_half() {
                 "bf16"
             } else {
                 "fp32"

@@ -349,64 +349,35 @@ fn fp32_adapters_train_fp32_states_and_keep_fp32_copies_of_their_inputs() {
 /// 351 MB saved against full training's 266 MB; planned the same way round.
 #[test]
 fn peft_lora_on_every_linear_saves_more_than_full_training_in_true_bf16() {
-    let saved = |file: &str, name: &str| {
-        crate::common::data_rows(file)
-            .into_iter()
-            .find(|r| r["name"] == name)
-            .unwrap_or_else(|| panic!("{name}"))["meas_saved_act"]
-            .parse::<f64>()
-            .unwrap()
+    // both steps re-planned from their recorded commands
+    let row = |file: &str, name: &str| {
+        crate::common::step_peak_rows(file, |n| n == name)
+            .pop()
+            .unwrap_or_else(|| panic!("{name}"))
     };
-    let full = saved(
+    let full = row(
         "torch-step-peaks-cpu.csv",
         "llama-mha bf16 sdpa foreach b4s512",
     );
-    let lora = saved(
+    let lora = row(
         "torch-finetune-peaks-cpu.csv",
         "lora-all r16 fp32-adapters llama-mha bf16 sdpa b4s512",
     );
-    assert!(lora > 1.2 * full, "measured {lora} vs {full}");
-    let plan = |extra: &[&str]| {
-        let mut a = vec![
-            "estimate",
-            "--layers",
-            "4",
-            "--hidden",
-            "512",
-            "--heads",
-            "8",
-            "--vocab",
-            "8000",
-            "--ffn",
-            "1376",
-            "--ffn-kind",
-            "swiglu",
-            "--norm",
-            "rmsnorm",
-            "--no-bias",
-            "--untied",
-            "--max-positions",
-            "0",
-            "--batch",
-            "4",
-            "--seq",
-            "512",
-            "--precision",
-            "bf16",
-            "--attention",
-            "sdpa",
-            "--json",
-            "--no-gpu-choice",
-        ];
-        a.extend_from_slice(extra);
-        let (code, out, err) = vramcal(&a);
-        assert_eq!(code, 0, "{err}");
-        let j: serde_json::Value = serde_json::from_str(&out).unwrap();
-        j["memory"]["activations"].as_f64().unwrap()
-    };
-    let (full_plan, lora_plan) = (plan(&[]), plan(&["--finetune", "lora"]));
+    let (full_saved, lora_saved) = (full.num("meas_saved_act"), lora.num("meas_saved_act"));
+    assert!(
+        lora_saved > 1.2 * full_saved,
+        "measured {lora_saved} vs {full_saved}"
+    );
+    let act = |plan: &serde_json::Value| plan["memory"]["activations"].as_f64().unwrap();
+    let (full_plan, lora_plan) = (act(&full.plan), act(&lora.plan));
     assert!(lora_plan > full_plan, "planned {lora_plan} vs {full_plan}");
-    assert!(plan(&["--finetune", "lora", "--adapter-dtype", "base"]) < full_plan);
+    // the same LoRA step with adapters in the base's dtype
+    let base_cmd =
+        lora.cells["planner_cmd"].replace("--adapter-dtype fp32", "--adapter-dtype base");
+    assert_ne!(base_cmd, lora.cells["planner_cmd"]);
+    let (code, out, err) = vramcal(&base_cmd.split_whitespace().collect::<Vec<_>>());
+    assert_eq!(code, 0, "{err}");
+    assert!(act(&serde_json::from_str(&out).unwrap()) < full_plan);
 }
 
 #[test]
