@@ -137,6 +137,97 @@ def random_configs(n, seed):
     return out
 
 
+# the third draw's families (DRAW_SET=wide), each built by transformers' own config class
+# (AutoConfig.for_model) from these keys; `kv` families take grouped-query heads, `lora`
+# families have the Llama linear names peft targets
+WIDE = {
+    "llama": dict(kv=True, lora=True), "qwen3": dict(kv=True, lora=True, head_dim=True),
+    "gemma": dict(kv=True, lora=True, head_dim=True), "gemma2": dict(kv=True, lora=True, head_dim=True),
+    "olmo2": dict(kv=True, lora=True), "granite": dict(kv=True, lora=True),
+    "phi3": dict(kv=True), "starcoder2": dict(kv=True), "mixtral": dict(kv=True, lora=True),
+    "gpt_neox": dict(), "opt": dict(), "phi": dict(), "falcon": dict(kv=True),
+}
+
+
+def wide_config_kw(fam, cf):
+    """transformers config keys for a `WIDE` family drawn as `cf` (dropout 0 everywhere)."""
+    h, a, L, V = cf["hidden"], cf["heads"], cf["layers"], cf["vocab"]
+    kw = dict(hidden_size=h, num_attention_heads=a, num_hidden_layers=L, vocab_size=V,
+              max_position_embeddings=2048, tie_word_embeddings=cf["tied"])
+    if WIDE[fam].get("kv"):
+        kw["num_key_value_heads"] = cf["kv"]
+    if fam not in ("opt",):
+        kw["intermediate_size"] = cf["ffn"]
+    if WIDE[fam].get("head_dim"):
+        kw["head_dim"] = h // a
+    if fam == "gemma2":
+        kw["query_pre_attn_scalar"] = h // a
+    if fam == "mixtral":
+        kw.update(num_local_experts=cf["experts"], num_experts_per_tok=2)
+    if fam == "phi3":
+        kw.update(pad_token_id=0, bos_token_id=0, eos_token_id=0)
+    if fam == "gpt_neox":
+        kw.update(rotary_pct=0.25, use_parallel_residual=cf["parallel"])
+    if fam == "opt":
+        kw.update(ffn_dim=cf["ffn"], word_embed_proj_dim=h, dropout=0.0, attention_dropout=0.0,
+                  pad_token_id=1, bos_token_id=2, eos_token_id=2, tie_word_embeddings=True)
+    if fam == "phi":
+        kw.update(partial_rotary_factor=0.5, resid_pdrop=0.0, embd_pdrop=0.0)
+    if fam == "falcon":
+        kw.pop("num_key_value_heads"); kw.pop("intermediate_size")
+        kw.update(new_decoder_architecture=True, num_kv_heads=cf["kv"], ffn_hidden_size=cf["ffn"],
+                  hidden_dropout=0.0, attention_dropout=0.0, bias=False, parallel_attn=True)
+    if fam == "starcoder2":
+        kw.update(residual_dropout=0.0, embedding_dropout=0.0)
+    return kw
+
+
+def random_wide_configs(n, seed):
+    """The third draw (DRAW_SET=wide): 13 decoder families beyond the first two draws' (Gemma 1/2,
+    Qwen3, OLMo2, Granite, Phi-3, StarCoder2, Mixtral MoE, GPT-NeoX, OPT, Phi, Falcon, Llama),
+    in fp32, true bf16 or bf16 autocast (HF Trainer's bf16=True), a quarter of the Llama-named
+    ones peft LoRA (peft's fp32 adapters); otherwise as `random_configs`."""
+    import random
+    rng = random.Random(seed)
+    fams = sorted(WIDE)
+    out = []
+    while len(out) < n:
+        fam = rng.choice(fams)
+        head_dim = rng.choice([32, 64, 64, 128])
+        heads = rng.choice([4, 6, 8, 12, 16])
+        hidden = heads * head_dim
+        if not 256 <= hidden <= 1536:
+            continue
+        cf = dict(model=fam, hidden=hidden, heads=heads, layers=rng.randint(2, 6),
+                  vocab=rng.choice([4000, 8000, 16000, 32000, 50257]),
+                  batch=rng.choice([1, 2, 4, 8]), seq=rng.choice([128, 256, 512, 1024]),
+                  precision=rng.choice(["fp32", "bf16", "bf16-mixed"]),
+                  attn=rng.choice(["eager", "sdpa"]), impl=rng.choice(["foreach", "loop"]),
+                  ckpt=rng.choice(["none", "none", "full"]), hf=True, auto=True)
+        if cf["batch"] * cf["seq"] > 4096:
+            continue
+        cf["kv"] = rng.choice([d for d in (1, 2, 4, heads) if heads % d == 0]) if WIDE[fam].get("kv") else heads
+        cf["ffn"] = 64 * round(hidden * rng.choice([2.0, 8 / 3, 3.5, 4.0]) / 64)
+        cf["tied"] = rng.random() < 0.3
+        cf["parallel"] = rng.random() < 0.5
+        cf["experts"] = rng.choice([4, 8])
+        lora = WIDE[fam].get("lora") and rng.random() < 0.25
+        if lora:
+            cf["lora"] = dict(r=rng.choice([8, 16, 64]),
+                              targets=rng.choice([["q_proj", "v_proj"], ALL]))
+            cf["adapter_dtype"] = "fp32"
+        cf["config_kw"] = wide_config_kw(fam, cf)
+        cf["name"] = (f"{fam} h{hidden} a{heads}/{cf['kv']} L{cf['layers']} V{cf['vocab']}"
+                      + (" tied" if cf["tied"] else "")
+                      + (f" E{cf['experts']}" if fam == "mixtral" else "")
+                      + (" parallel" if fam == "gpt_neox" and cf["parallel"] else "")
+                      + (f" lora-r{cf['lora']['r']}-{'qv' if len(cf['lora']['targets']) == 2 else 'all'}" if lora else "")
+                      + f" {cf['precision']} {cf['attn']} {cf['impl']} ckpt={cf['ckpt']}"
+                      + f" b{cf['batch']}s{cf['seq']}")
+        out.append(cf)
+    return out
+
+
 def planner_from_hf(cf, hf_config):
     """The plan for a step whose model is given by its config.json (written to a temporary file
     that the recorded command names `{config}`)."""
@@ -146,6 +237,11 @@ def planner_from_hf(cf, hf_config):
     a = ["estimate", "--hf-config", "{config}", "--batch", str(cf["batch"]), "--seq", str(cf["seq"]),
          "--precision", cf["precision"], "--attention", cf["attn"], "--optimizer-impl", cf["impl"],
          "--checkpointing", cf.get("ckpt", "none"), "--json", "--no-gpu-choice"]
+    if "lora" in cf:
+        lc = cf["lora"]
+        a += ["--finetune", "lora", "--lora-rank", str(lc["r"]),
+              "--lora-targets", ",".join(lc["targets"]),
+              "--adapter-dtype", cf.get("adapter_dtype", "base")]
     try:
         run = [VC] + [f.name if x == "{config}" else x for x in a]
         j = json.loads(subprocess.run(run, check=True, capture_output=True, text=True).stdout)
@@ -257,7 +353,8 @@ def main():
     replan = os.environ.get("REPLAN") == "1"
     configs = FINETUNE_CONFIGS if os.environ.get("FINETUNE") == "1" else CONFIGS
     if os.environ.get("DRAW"):
-        configs = random_configs(int(os.environ["DRAW"]), int(os.environ.get("SEED", "1")))
+        draw = random_wide_configs if os.environ.get("DRAW_SET") == "wide" else random_configs
+        configs = draw(int(os.environ["DRAW"]), int(os.environ.get("SEED", "1")))
     out = os.environ.get("OUT", "torch-step-peaks-cpu.csv") if not only else os.environ.get("OUT", "torch-step-peaks-cpu.partial.csv")
     old = {}
     if replan and os.path.exists(out):

@@ -18,7 +18,13 @@ if "lora" in cfg:
     import peft  # noqa: F401  (its modules are the interpreter's, not the model's bytes)
 gc.collect()
 pre_model = live()   # interpreter + torch + transformers, before any model tensor exists
-if cfg["model"] in ("llama", "mistral", "qwen2", "glm", "cohere", "stablelm"):
+if cfg.get("auto"):
+    # the third draw's families: transformers' own config class for the model_type
+    import transformers
+    c = transformers.AutoConfig.for_model(cfg["model"], **cfg["config_kw"],
+                                          attn_implementation=cfg["attn"])
+    model = transformers.AutoModelForCausalLM.from_config(c)
+elif cfg["model"] in ("llama", "mistral", "qwen2", "glm", "cohere", "stablelm"):
     # the Llama-family decoders differ in QKV bias (Qwen2, GLM), sliding window (Mistral, off at
     # these lengths), norms (Cohere's one parallel LayerNorm, StableLM's biased ones) and
     # defaults; each is built from its own config class
@@ -67,8 +73,8 @@ hf_config = model.config.to_dict()
 # the base is converted before peft wraps it ("adapter_dtype": "fp32", and always under
 # bf16-mixed, HF Trainer's bf16=True); torchtune and LitGPT convert the whole model, adapters
 # included, after (the default here)
-fp32_adapters = "lora" in cfg and (cfg.get("adapter_dtype") == "fp32"
-                                   or cfg["precision"] == "bf16-mixed")
+fp32_adapters = "lora" in cfg and cfg["precision"] != "fp32" and (
+    cfg.get("adapter_dtype") == "fp32" or cfg["precision"] == "bf16-mixed")
 if cfg["precision"] == "bf16" or fp32_adapters:
     model = model.to(torch.bfloat16)
 model.train()

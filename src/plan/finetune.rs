@@ -195,7 +195,13 @@ pub fn block_linears(t: &TransformerSpec) -> Vec<Linear> {
         part,
     };
     let mut v = Vec::new();
-    if t.block_kind() == Some(BlockKind::Gpt2) || t.extras.fused_qkv {
+    // GPT-2's fused c_attn, also in GPT-BigCode, whose fp32 softmax is no departure here
+    let gpt2_attention = {
+        let mut plain = t.clone();
+        plain.extras.fp32_softmax = false;
+        plain.block_kind() == Some(BlockKind::Gpt2)
+    };
+    if gpt2_attention || t.extras.fused_qkv {
         v.push(l(
             "qkv",
             "c_attn/query_key_value/qkv_proj",

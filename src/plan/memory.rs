@@ -572,7 +572,10 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                     + if sdpa {
                         0.0
                     } else {
-                        score_layers * scores * planned.softcap_score_bytes(t, train.precision)
+                        score_layers
+                            * scores
+                            * (planned.softcap_score_bytes(t, train.precision)
+                                + planned.softmax_upcast_score_bytes(t, train.precision))
                     },
                 head_known_bytes: b * s * planned.head_extra_bytes_per_token(t, train.precision),
                 moe_bytes: moe::live_moe_layers(t, live)

@@ -285,7 +285,18 @@ fn parse_obj(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
             )
         }
     };
+    // eager attention's softmax in fp32 (`BlockExtras::fp32_softmax`); GPT-2's, BERT's and
+    // Falcon's run in the compute dtype, the Llama-like blocks' upcast is in their measured block
+    let fp32_softmax = match model_type.as_str() {
+        "gpt_neox" | "starcoder2" | "phi" | "opt" | "bloom" | "gptj" => true,
+        "gpt_bigcode" => opt_bool(o, "attention_softmax_in_fp32", true)?,
+        _ => spec.extras.fp32_softmax,
+    };
     let spec = TransformerSpec {
+        extras: BlockExtras {
+            fp32_softmax,
+            ..spec.extras
+        },
         dropout: dropout(o, &model_type)?,
         // a family parser's own reading (T5's `feed_forward_proj`) stands when the config's
         // activation keys are absent

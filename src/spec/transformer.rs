@@ -93,6 +93,14 @@ pub struct BlockExtras {
     /// tensor. (transformers runs Gemma2 eager or with FlashAttention-2, which caps in the tile.)
     #[serde(default, skip_serializing_if = "is_default")]
     pub attn_softcap: bool,
+    /// Eager attention computes its softmax in fp32 and casts the probabilities back
+    /// (transformers' `softmax(..., dtype=torch.float32).to(query.dtype)` in GPT-NeoX,
+    /// StarCoder2, Phi, OPT and BLOOM; GPT-J's fp32 scores; GPT-BigCode's
+    /// `attention_softmax_in_fp32`) where GPT-2's block runs it in the compute dtype: in pure
+    /// 16-bit the fp32 probabilities are kept beside the 16-bit ones the value matmul saves.
+    /// (The Llama block's measured bytes already include its own upcast.)
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub fp32_softmax: bool,
     /// The norms apply their weight in fp32 before casting back (Gemma's `x * (1 + w.float())`,
     /// OLMo2's `(w * x).to(dtype)`), so under pure 16-bit compute each keeps an fp32 normalised
     /// tensor where Llama's keeps a 16-bit one.
