@@ -53,6 +53,11 @@ pub struct Args {
     /// Serve Prometheus metrics of the sweep on HOST:PORT (see `vramcal sweep --help`)
     #[arg(long)]
     pub metrics_addr: Option<String>,
+    /// Measure nothing: fit the table and write the report again from the CSV already measured
+    /// (after an upgrade changes the planner's form). With --device-id, the id names the
+    /// device the rows were measured on, and the files get the usual -torch / -quick suffixes.
+    #[arg(long, conflicts_with_all = ["resume", "metrics_addr"])]
+    pub refit: bool,
 }
 
 /// The device id the sweep will record: CPU `cpu-<model>`; CUDA asks a child for the device
@@ -158,10 +163,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 format!("'{id}' cannot name a file; accepted a non-empty id without slashes"),
             )
         }
-        Some(id) => id.clone(),
+        Some(id) if !args.refit => id.clone(),
         // A quick run gets its own files so it never mixes its points into (or is refused by)
         // the full calibration's CSV of the same device.
-        None => {
+        _ => {
             let torch = if args.backend == Backend::Torch {
                 "-torch"
             } else {
@@ -191,8 +196,19 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let table_path = args.calib_dir.join(format!("{id}.json"));
     let report_dir = args.reports_dir.join(&id);
 
-    warn_other_device(&csv, &table_path, &device_id_of_rows);
+    if !args.refit {
+        warn_other_device(&csv, &table_path, &device_id_of_rows);
+    }
 
+    if args.refit && !csv.is_file() {
+        return input_err(
+            "refit",
+            format!(
+                "{} does not exist; accepted a device id whose CSV was measured",
+                csv.display()
+            ),
+        );
+    }
     let mut opts = SweepOptions::new(&grid, &csv);
     opts.device = args.device.clone();
     opts.backend = args.backend;
@@ -203,13 +219,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     opts.timeout_s = args.timeout_s;
     opts.show_progress = true;
     opts.metrics = served.as_ref().map(|(m, _)| m.clone());
-    let sweep = run_sweep(&opts)?;
+    let sweep = if args.refit {
+        None
+    } else {
+        Some(run_sweep(&opts)?)
+    };
 
     // calibrate writes one device's CSV; rows of another device in it are a mistake to refuse
     let fitted = super::fit::fit_file(&csv, false)?;
     let mut table: Coefficients = fitted.table;
     if args.device_id.is_some() {
-        table.device_id = id.clone();
+        table.device_id = if args.refit {
+            device_id_of_rows.clone()
+        } else {
+            id.clone()
+        };
     }
     table.save(&table_path)?;
     // A candle calibration is also scored on PyTorch rows of this device when they exist
@@ -227,6 +251,16 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     // The plan's error band (`estimate`'s memory.error_band) comes from these held-out errors.
     table.residuals = Some(with_heldout(table.residuals.take(), &acc));
     table.save(&table_path)?;
+    let Some(sweep) = sweep else {
+        println!(
+            "refitted {id} from {} without measuring; {}; wrote {}, {}/",
+            csv.display(),
+            super::report::summary(&acc),
+            table_path.display(),
+            report_dir.display()
+        );
+        return Ok(());
+    };
     println!(
         "calibrated {id}: {} points ({} ok, {} oom, {} error, {} killed, {} timeout, {} skipped, {} resumed, {} retried) in {:.0} s; {}; wrote {}, {}, {}/",
         sweep.points,

@@ -30,8 +30,8 @@ pub struct Regime {
     /// activations, at the end of backward at the gradients (only where the prior's
     /// `grad_overlap` frees activations as gradients arrive), or at the optimizer step
     pub at: PeakAt,
-    /// for a checkpointed point: the head's backward, not a block's recompute and backward,
-    /// holds the peak (see `plan::memory::Features::phased`)
+    /// the head's backward, not a block's (recompute and) backward, holds the peak (see
+    /// `plan::memory::Features::head_phase`)
     pub head_phase: bool,
 }
 
@@ -149,9 +149,10 @@ impl Col {
         if scale == 0.0 {
             return 0.0;
         }
-        // Full checkpointing: only the phase (head or blocks) holding the peak contributes.
+        // Only the phase (head or blocks) holding the peak contributes; without checkpointing
+        // every block's saved bytes are in both.
         let head = r.head_phase;
-        if f.phased && ((head && self.is_block()) || (!head && self == Col::Logits)) {
+        if (f.phased && head && self.is_block()) || (!head && self == Col::Logits) {
             return 0.0;
         }
         scale
@@ -169,9 +170,8 @@ impl Col {
                 Col::Act => f.act,
                 Col::Pool => f.pool,
                 Col::Input => f.input,
-                Col::Workspace if f.phased && head => f.ws_head,
-                Col::Workspace if f.phased => f.ws_block,
-                Col::Workspace => f.workspace,
+                Col::Workspace if head => f.ws_head,
+                Col::Workspace => f.ws_block,
                 Col::Gathered => f.gathered,
                 Col::MaxParam => f.max_param,
                 Col::Const => 1.0,
@@ -270,7 +270,8 @@ fn known_activation_bytes(p: &Point, r: Regime, a: &ActivationCoeffs) -> f64 {
     common
         + once
         + match (f.phased, r.head_phase) {
-            (false, _) => head + block,
+            (false, true) => head + block,
+            (false, false) => block,
             (true, true) => head,
             (true, false) => block,
         }
@@ -624,10 +625,7 @@ impl<'a> Eval<'a> {
     /// than a block's.
     fn regime(&self, p: &Point) -> Regime {
         let f = &p.terms.features;
-        let head = f.phased && {
-            let (head, block) = f.phase_peaks(&self.activation);
-            head > block
-        };
+        let head = f.head_phase(&self.activation);
         Regime {
             at: self.parts(p).peak(overlap(&p.terms, &self.activation)).0,
             head_phase: head,

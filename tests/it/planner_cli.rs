@@ -566,10 +566,11 @@ fn drawn_pytorch_steps_are_planned_from_their_configs() {
 /// decoder families built by transformers' own config classes (Llama, Qwen3, Gemma, Gemma 2,
 /// OLMo2, Granite, Phi-3, StarCoder2, Mixtral, GPT-NeoX, OPT, Phi, Falcon), fp32, true bf16 or
 /// bf16 autocast (HF Trainer's `bf16=True`), some peft LoRA, each planned from the config.json
-/// transformers wrote. Measured: mean |error| 2.1 %, -5.6 .. +3.3 % except one step whose eager
-/// attention scores dwarf the rest (GPT-NeoX b4 s1024 16 heads: +14.4 %, the backward's score
-/// workspace planned on top of the head's saved bytes, which are freed by then): planned high,
-/// never low. Before the fp32-softmax departure the true-bf16 StarCoder2 step planned -6.1 %.
+/// transformers wrote. Measured: mean |error| 2.0 %, -5.6 .. +3.3 % except one step whose eager
+/// attention scores dwarf the rest (GPT-NeoX b4 s1024 16 heads: +11.0 %; the last block's
+/// feed-forward bytes, freed before its scores' backward, are still counted): planned high,
+/// never low. Before the fp32-softmax departure the true-bf16 StarCoder2 step planned -6.1 %,
+/// and before the head's and blocks' backward were phases the GPT-NeoX one +14.4 %.
 #[test]
 fn wide_drawn_pytorch_steps_are_planned_from_their_configs() {
     let rows = crate::common::step_peak_rows("torch-step-peaks-drawn-wide-cpu.csv", |_| true);
@@ -591,7 +592,7 @@ fn wide_drawn_pytorch_steps_are_planned_from_their_configs() {
         let (planned, measured) = (row.planned_peak_on_cpu(), row.num("meas_peak_step"));
         let err = (planned - measured) / measured;
         assert!(
-            (-0.07..0.16).contains(&err),
+            (-0.07..0.12).contains(&err),
             "{}: planned {planned} B, measured {measured} B ({:+.1} %)",
             row.name,
             err * 100.0

@@ -46,7 +46,7 @@ fn plan_on_a_cpu(
     let fe = memory::fit_terms(&model, &row_train(r, precision))
         .unwrap()
         .features;
-    let planned = fe.activation_bytes(&act) - fe.workspace * act.c_workspace.value;
+    let planned = fe.resident_bytes(&act);
     (fe, planned)
 }
 

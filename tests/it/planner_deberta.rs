@@ -82,8 +82,9 @@ fn deberta_plans_use_the_table_and_run_eager() {
             planned[i] = fe.activation_bytes(&act);
         }
         assert_eq!(planned[0], planned[1], "sdpa is planned eager");
-        let fe = features(&model, &row_train(r)).unwrap();
-        let saved = planned[0] - fe.workspace * act.c_workspace.value;
+        let saved = features(&model, &row_train(r))
+            .unwrap()
+            .resident_bytes(&act);
         let err = saved / num(r, "saved_bytes") - 1.0;
         assert!(err.abs() < 5e-4, "{r:?}: {err:+.5}");
         n += 1;

@@ -220,7 +220,7 @@ fn the_cuda_plan_departs_from_the_cpu_measurement_only_by_named_kernel_differenc
         let act = lit
             .mode(vramcal::spec::Family::Transformer, train.precision)
             .activation;
-        let planned = fe.activation_bytes(&act) - fe.workspace * act.c_workspace.value;
+        let planned = fe.resident_bytes(&act);
         let (b, a, s, t) = (num(r, "b"), num(r, "a"), num(r, "s"), num(r, "target_len"));
         let (l, ld) = (num(r, "L"), num(r, "decoder_layers"));
         let cuda_softmax = match (r["precision"].as_str(), r["arch"].as_str()) {

@@ -76,7 +76,7 @@ fn latent_attention_plans_use_the_table() {
         .mode(vramcal::spec::Family::Transformer, Precision::Fp32)
         .activation;
     let eager = features(&model, &row_train(r)).unwrap();
-    let planned = eager.activation_bytes(&act) - eager.workspace * act.c_workspace.value;
+    let planned = eager.resident_bytes(&act);
     assert!((planned / num(r, "saved_bytes") - 1.0).abs() < 5e-4);
     let sdpa_train = TrainSpec {
         attention: Attention::Sdpa,

@@ -362,7 +362,9 @@ fn allocated(model: &ModelSpec, t: &TrainSpec) -> memory::MemoryBreakdown {
 /// scripts/torch_saved_bytes.py): eager saves 34 B per b·s·h and 6 B per b·a·s² (fp32 softmax
 /// and its bf16 copy); sdpa saves 30 B per b·s·h, K and V at 4 B per b·s·kv·d and an fp32
 /// log-sum-exp (4 B per b·a·s), and no score tensor. Backward's 8 B/element workspace covers
-/// one layer's scores in eager attention, the fp32 logits' gradients under sdpa.
+/// one layer's scores in eager attention, once the head's backward has freed its saved
+/// logits (4 B per b·s·V); under sdpa the head's phase holds the peak: those logits and the
+/// fp32 logits' gradients.
 #[test]
 fn sdpa_drops_the_score_tensors_of_every_layer() {
     let (m, eager) = llama_at(
@@ -378,7 +380,7 @@ fn sdpa_drops_the_score_tensors_of_every_layer() {
     };
     let (l, s, h, a, v) = (32.0, 4096.0, 4096.0, 32.0, 32000.0);
     let per_layer = (34.0 - 30.0 - 4.0) * s * h + 6.0 * a * s * s - 4.0 * a * s;
-    let expected = l * per_layer + 8.0 * (a * s * s - s * v);
+    let expected = l * per_layer + 8.0 * a * s * s - (4.0 + 8.0) * s * v;
     let got = allocated(&m, &eager).activations as f64 - allocated(&m, &sdpa).activations as f64;
     assert!(
         (got - expected).abs() < 2.0,

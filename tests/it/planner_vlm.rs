@@ -113,8 +113,7 @@ fn vision_language_models_against_pytorchs_saved_bytes() {
         let a = cpu_activation(&lit, train.precision);
         let model = row_model(&r);
         let terms = memory::fit_terms(&model, &train).unwrap();
-        let lm =
-            terms.features.activation_bytes(&a) - terms.features.workspace * a.c_workspace.value;
+        let lm = terms.features.resident_bytes(&a);
         let vision = terms.vision.expect("tower features").resident_bytes(&a);
         let err = (lm + vision) / num(&r, "saved_bytes") - 1.0;
         let key = format!("{} {} {}", r["arch"], r["attention"], r["precision"]);

@@ -192,3 +192,96 @@ fn committed_pytorch_rows_drive_the_reports_pytorch_section() {
     let md = std::fs::read_to_string(out.path().join("README.md")).unwrap();
     assert!(md.contains("## Predicting PyTorch"));
 }
+
+/// The committed CPU tables are what this code fits from the committed CSVs:
+/// `calibrate --refit` (no sweep) rewrites both tables with the same coefficients and held-out
+/// residuals, leaves each CSV byte for byte as it was, and refuses a device with no CSV.
+#[test]
+fn committed_tables_are_refitted_from_their_csvs() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir(&data).unwrap();
+    for (file, backend) in [("cpu-amd-epyc", "candle"), ("cpu-amd-epyc-torch", "torch")] {
+        let csv = root.join(format!("calibration/data/{file}.csv"));
+        std::fs::copy(&csv, data.join(format!("{file}.csv"))).unwrap();
+        let (code, out, err) = crate::common::vramcal(&[
+            "calibrate",
+            "--refit",
+            "--device",
+            "cpu",
+            "--backend",
+            backend,
+            "--device-id",
+            "cpu-amd-epyc",
+            "--grid",
+            "calibration/grids/cpu.toml",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--calib-dir",
+            dir.path().to_str().unwrap(),
+            "--reports-dir",
+            dir.path().join("reports").to_str().unwrap(),
+        ]);
+        assert_eq!(code, 0, "{file}: {err}");
+        assert!(out.contains("without measuring"), "{out}");
+        assert_eq!(
+            std::fs::read(data.join(format!("{file}.csv"))).unwrap(),
+            std::fs::read(&csv).unwrap(),
+            "{file}: the CSV changed"
+        );
+        let load = |p: std::path::PathBuf| -> serde_json::Value {
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+        };
+        let (refit, committed) = (
+            load(dir.path().join(format!("{file}.json"))),
+            load(root.join(format!("calibration/{file}.json"))),
+        );
+        for key in ["device_id", "backend", "points", "modes", "residuals"] {
+            assert_same(&refit[key], &committed[key], &format!("{file}: {key}"));
+        }
+    }
+    let (code, _, err) = crate::common::vramcal(&[
+        "calibrate",
+        "--refit",
+        "--device-id",
+        "cpu-nowhere",
+        "--grid",
+        "calibration/grids/cpu.toml",
+        "--data-dir",
+        data.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains("refit") && err.contains("cpu-nowhere.csv"),
+        "{err}"
+    );
+}
+
+/// JSON values equal but for the last bits of their numbers (a BLAS kernel picked by the CPU's
+/// features may round differently).
+fn assert_same(a: &serde_json::Value, b: &serde_json::Value, at: &str) {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => {
+            let (x, y) = (x.as_f64().unwrap(), y.as_f64().unwrap());
+            assert!(
+                (x - y).abs() <= 1e-9 * x.abs().max(y.abs()),
+                "{at}: {x} vs {y}"
+            );
+        }
+        (Value::Object(x), Value::Object(y)) => {
+            assert_eq!(x.len(), y.len(), "{at}: keys");
+            for (k, v) in x {
+                assert_same(v, &y[k], &format!("{at}.{k}"));
+            }
+        }
+        (Value::Array(x), Value::Array(y)) => {
+            assert_eq!(x.len(), y.len(), "{at}: length");
+            for (i, (v, w)) in x.iter().zip(y).enumerate() {
+                assert_same(v, w, &format!("{at}[{i}]"));
+            }
+        }
+        _ => assert_eq!(a, b, "{at}"),
+    }
+}
