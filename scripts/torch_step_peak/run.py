@@ -14,6 +14,10 @@ dropout 0 unless a config sets `dropout` (step.py), and the planner is told so (
       python3 scripts/torch_step_peak/run.py
   FINETUNE=1 PYTHON=... OUT=calibration/data/torch-finetune-peaks-cpu.csv \
       python3 scripts/torch_step_peak/run.py      # peft LoRA and frozen layers (needs peft)
+  OPT_IN_BWD=1 PYTHON=... OUT=calibration/data/torch-optimizer-in-backward-cpu.csv \
+      python3 scripts/torch_step_peak/run.py      # torchtune's optimizer_in_bwd
+  DRAW=30 SEED=20261205 DRAW_SET=wide PYTHON=... OUT=calibration/data/torch-step-peaks-drawn-wide-cpu.csv \
+      python3 scripts/torch_step_peak/run.py      # the third drawn check (13 more families)
 """
 import csv, json, os, subprocess, sys
 
@@ -89,6 +93,21 @@ FINETUNE_CONFIGS = [
     c(L2, "lora-all r16 fp32-adapters llama-big bf16 sdpa b2s512", attn="sdpa", precision="bf16", impl="foreach", batch=2, seq=512, lora=dict(r=16, targets=ALL), adapter_dtype="fp32"),
     c(L1, "freeze2 llama-mha fp32 sdpa b4s512", attn="sdpa", precision="fp32", impl="foreach", batch=4, seq=512, freeze_layers=2),
     c(L2, "freeze2 llama-big fp32 sdpa b2s512", attn="sdpa", precision="fp32", impl="foreach", batch=2, seq=512, freeze_layers=2),
+]
+
+
+# torchtune's optimizer_in_bwd (each parameter stepped by a hook as its gradient arrives):
+# the planner's --optimizer-in-backward
+OPT_IN_BWD_CONFIGS = [
+    c(L1, "opt-in-bwd llama-mha fp32 sdpa foreach b4s512", attn="sdpa", precision="fp32", impl="foreach", batch=4, seq=512, opt_in_bwd=True),
+    c(L1, "opt-in-bwd llama-mha fp32 sdpa loop b4s512", attn="sdpa", precision="fp32", impl="loop", batch=4, seq=512, opt_in_bwd=True),
+    c(L1, "opt-in-bwd llama-mha fp32 sdpa foreach b1s128", attn="sdpa", precision="fp32", impl="foreach", batch=1, seq=128, opt_in_bwd=True),
+    c(L2, "opt-in-bwd llama-big bf16 sdpa foreach b2s512", attn="sdpa", precision="bf16", impl="foreach", batch=2, seq=512, opt_in_bwd=True),
+    c(L2, "opt-in-bwd llama-big bf16 sdpa foreach b1s128", attn="sdpa", precision="bf16", impl="foreach", batch=1, seq=128, opt_in_bwd=True),
+    c(L2, "opt-in-bwd llama-big fp32 eager loop b1s128", attn="eager", precision="fp32", impl="loop", batch=1, seq=128, opt_in_bwd=True),
+    c(L1G, "opt-in-bwd llama-gqa bf16 sdpa foreach ckpt b4s512", attn="sdpa", precision="bf16", impl="foreach", batch=4, seq=512, ckpt="full", opt_in_bwd=True),
+    c(G1, "opt-in-bwd gpt2 fp32 sdpa foreach b4s512", attn="sdpa", precision="fp32", impl="foreach", batch=4, seq=512, opt_in_bwd=True),
+    c(G2, "opt-in-bwd gpt2-big fp32 sdpa loop b1s128", attn="sdpa", precision="fp32", impl="loop", batch=1, seq=128, opt_in_bwd=True),
 ]
 
 
@@ -281,6 +300,10 @@ def planner(cf, hf_config=None):
               or cf["precision"] == "bf16-mixed" else "base"]
     if "freeze_layers" in cf:
         a += ["--freeze-layers", str(cf["freeze_layers"])]
+    if cf.get("ckpt", "none") != "none":
+        a += ["--checkpointing", cf["ckpt"]]
+    if cf.get("opt_in_bwd"):
+        a += ["--optimizer-in-backward"]
     j = json.loads(subprocess.run(a, check=True, capture_output=True, text=True).stdout)
     return j, " ".join(a[1:])
 
@@ -352,6 +375,8 @@ def main():
     only = sys.argv[1:]
     replan = os.environ.get("REPLAN") == "1"
     configs = FINETUNE_CONFIGS if os.environ.get("FINETUNE") == "1" else CONFIGS
+    if os.environ.get("OPT_IN_BWD") == "1":
+        configs = OPT_IN_BWD_CONFIGS
     if os.environ.get("DRAW"):
         draw = random_wide_configs if os.environ.get("DRAW_SET") == "wide" else random_configs
         configs = draw(int(os.environ["DRAW"]), int(os.environ.get("SEED", "1")))

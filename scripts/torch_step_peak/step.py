@@ -102,7 +102,29 @@ if "freeze_layers" in cfg:
         layer.requires_grad_(False)
 trainable = [p for p in model.parameters() if p.requires_grad]
 ntrainable = sum(p.numel() for p in trainable)
-opt = torch.optim.AdamW(trainable, lr=1e-4, foreach=(cfg["impl"] == "foreach"))
+if cfg.get("opt_in_bwd"):
+    # torchtune's optimizer_in_bwd: one optimizer per parameter, stepped by a hook as soon as
+    # the parameter's gradient is accumulated, which then frees the gradient
+    per_param = {p: torch.optim.AdamW([p], lr=1e-4, foreach=(cfg["impl"] == "foreach"))
+                 for p in trainable}
+
+    def _step_in_bwd(p):
+        per_param[p].step()
+        per_param[p].zero_grad(set_to_none=True)
+
+    for p in trainable:
+        p.register_post_accumulate_grad_hook(_step_in_bwd)
+
+    class _Stepped:  # the step already ran inside backward
+        def step(self):
+            pass
+
+        def zero_grad(self, set_to_none=True):
+            pass
+
+    opt = _Stepped()
+else:
+    opt = torch.optim.AdamW(trainable, lr=1e-4, foreach=(cfg["impl"] == "foreach"))
 
 B, T = cfg["batch"], cfg["seq"]
 ids = torch.randint(0, cfg["vocab"], (B, T))

@@ -505,6 +505,10 @@ pub struct FinetuneFlags {
     /// bitsandbytes paged optimizer (noted only; states planned as resident)
     #[arg(long)]
     pub paged_optimizer: bool,
+    /// Step each parameter inside backward as its gradient arrives, freeing it (torchtune's
+    /// optimizer_in_bwd): one tensor's gradient at a time instead of all; needs --grad-accum 1
+    #[arg(long)]
+    pub optimizer_in_backward: bool,
     /// LoRA/QLoRA adapters over a 16-bit base: fp32 (peft's default, autocast_adapter_dtype:
     /// fp32 adapters, each adapted linear keeps its own cast copy of its input; a 4/8-bit base
     /// prepared as the QLoRA recipe does, prepare_model_for_kbit_training: embeddings, norms and
@@ -592,6 +596,7 @@ pub fn finetune_from_args(
         ft.offload = value_enum("offload", o)?;
     }
     ft.paged_optimizer = a.paged_optimizer;
+    ft.optimizer_in_backward = a.optimizer_in_backward;
     if let Some(d) = &a.adapter_dtype {
         ft.adapter_dtype = value_enum("adapter-dtype", d)?;
     }

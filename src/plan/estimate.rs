@@ -327,6 +327,9 @@ pub struct TrainOut {
     /// bytes moved to pinned host memory per process by `offload`
     pub offloaded_bytes: u64,
     pub paged_optimizer: bool,
+    /// the optimizer steps each parameter inside backward (`--optimizer-in-backward`): the
+    /// plan's `gradients` are one tensor's gradient and its update's temporaries
+    pub optimizer_in_backward: bool,
     /// samples per optimizer step over all GPUs: batch x grad_accum x gpus
     pub global_batch: u64,
     /// tokens per optimizer step over all GPUs (transformers; null for CNNs)
@@ -392,6 +395,7 @@ fn train_out(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> TrainOut {
         offload: ft.offload,
         offloaded_bytes: finetune::offloaded_bytes(model, train, ft),
         paged_optimizer: ft.paged_optimizer,
+        optimizer_in_backward: ft.optimizer_in_backward,
         global_batch: train.batch * train.grad_accum * train.gpus,
         global_tokens: match model {
             ModelSpec::Transformer(t) => Some(
@@ -849,6 +853,9 @@ pub fn estimate(
             let mut n = counterintuitive(train, &memory, &ev)?;
             n.extend(attention_caveats(model, train, &memory, &ev)?);
             n.extend(vision_note(model, train));
+            if opts.finetune.optimizer_in_backward {
+                n.push("optimizer in backward (torchtune's optimizer_in_bwd): each parameter is stepped as its gradient arrives, so the gradients above are one tensor's with its update's temporaries; clipping by the global gradient norm and gradient accumulation are impossible in this mode".into());
+            }
             if opts.finetune.paged_optimizer {
                 n.push("paged optimizer: bitsandbytes keeps the optimizer states in CUDA unified memory and pages them to host RAM only under memory pressure; planned as resident (no saving counted)".into());
             }

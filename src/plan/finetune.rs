@@ -138,6 +138,11 @@ pub struct Finetune {
     pub paged_optimizer: bool,
     /// the adapters' dtype over a 16-bit base
     pub adapter_dtype: AdapterDtype,
+    /// Each parameter's optimizer step runs inside backward as soon as its gradient is
+    /// accumulated, which then frees it (torchtune's `optimizer_in_bwd`: one optimizer per
+    /// parameter stepped by `register_post_accumulate_grad_hook`): no full set of gradients and
+    /// no step phase; one tensor's gradient and its update's temporaries at a time
+    pub optimizer_in_backward: bool,
 }
 
 impl Default for Finetune {
@@ -152,6 +157,7 @@ impl Default for Finetune {
             offload: Offload::None,
             paged_optimizer: false,
             adapter_dtype: AdapterDtype::Fp32,
+            optimizer_in_backward: false,
         }
     }
 }
@@ -347,7 +353,10 @@ impl Finetune {
 
     /// Full fine-tuning of every parameter with nothing offloaded: today's plan, untouched.
     pub fn is_plain(&self) -> bool {
-        self.mode == FinetuneMode::Full && self.freeze_layers == 0 && !self.offload.optimizer()
+        self.mode == FinetuneMode::Full
+            && self.freeze_layers == 0
+            && !self.offload.optimizer()
+            && !self.optimizer_in_backward
     }
 
     pub fn is_adapter(&self) -> bool {
@@ -488,6 +497,30 @@ impl Finetune {
                 "precision",
                 "fp32 with --finetune qlora: the NF4 base computes in 16 bits; accepted bf16-mixed, bf16, fp16-mixed",
             );
+        }
+        if self.optimizer_in_backward {
+            if train.grad_accum > 1 {
+                return input_err(
+                    "grad-accum",
+                    format!(
+                        "{} with --optimizer-in-backward: each parameter is stepped as its \
+                         gradient arrives, so none accumulate; accepted 1",
+                        train.grad_accum
+                    ),
+                );
+            }
+            if self.offload.optimizer() || matches!(train.zero_stage, 1 | 2) {
+                return input_err(
+                    "optimizer-in-backward",
+                    format!(
+                        "with --zero {} --offload {}: the optimizer steps on this device per \
+                         parameter; accepted --zero 0 (one device) or 3 (FSDP, as torchtune's \
+                         distributed recipe) without --offload",
+                        train.zero_stage,
+                        self.offload.as_str()
+                    ),
+                );
+            }
         }
         if self.offload.optimizer() {
             if train.zero_stage == 0 {
@@ -859,9 +892,35 @@ pub fn terms(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> anyhow::Res
     } else {
         0.0
     };
+    let mut st = states(model, train, ft);
+    if ft.optimizer_in_backward {
+        // one tensor's gradient and its update's temporaries at a time, inside backward:
+        // PyTorch's single-tensor AdamW allocates exp_avg_sq.sqrt() and its quotient (two
+        // copies), foreach over one tensor one; fused kernels, 8-bit AdamW and SGD none
+        let tt = ft.trainable_train(train);
+        let largest = s.largest_trainable;
+        let copies = match (train.optimizer, train.optimizer_impl) {
+            (Optimizer::AdamW, OptimizerImpl::Loop) => 2.0,
+            (Optimizer::AdamW, OptimizerImpl::Foreach) => 1.0,
+            _ => 0.0,
+        };
+        let grad_shards = if train.zero_stage >= 2 {
+            train.gpus as f64
+        } else {
+            1.0
+        };
+        st.gradients = crate::plan::memory::state_bytes(largest, &tt).gradients
+            + copies * largest as f64 / grad_shards * state_elem_bytes(&tt);
+        f.max_param = 0.0;
+        f.group_update_bytes = 0.0;
+        f.step_in_backward = true;
+        // the hook steps and frees a tied embedding's gradient after each of its two
+        // accumulations: no end-of-backward sum
+        f.tied_grad_elems = 0.0;
+    }
     Ok(FitTerms {
         params: s.trainable,
-        states: states(model, train, ft),
+        states: st,
         features: f,
         // adapters go on the language model: a frozen vision tower whose input needs no
         // gradient records nothing for backward; a partly frozen model trains its tower

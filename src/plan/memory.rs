@@ -110,10 +110,15 @@ pub struct Features {
     /// PyTorch's backward the embedding's second gradient and their sum briefly exist on top of
     /// all the gradients (measured: 2 x V*h in the gradient dtype)
     pub tied_grad_elems: f64,
-    /// Gradient accumulation: after the first micro-batch every gradient is resident through
-    /// forward and backward (they accumulate into `param.grad`), so activations and gradients
-    /// coexist in full whatever the backend's lifetimes
-    pub accumulating: bool,
+    /// The gradients coexist in full with the activations instead of arriving as backward frees
+    /// them: under gradient accumulation every gradient is resident through forward and
+    /// backward after the first micro-batch (they accumulate into `param.grad`)
+    pub grads_beside_activations: bool,
+    /// The optimizer steps each parameter inside backward (`plan::finetune`,
+    /// `--optimizer-in-backward`): the gradients are one tensor's with its update's
+    /// temporaries, made once the head's backward is done, beside the saved activations but not
+    /// the backward's temporaries; no step phase ([`LiveParts::at`])
+    pub step_in_backward: bool,
     /// Bytes (not elements), fine-tuning only (`plan::finetune`): what LoRA adapter branches save
     /// for backward over the live blocks, plus a quantized base's dequantized-weight transient.
     /// Known, not fitted; 0 in full training.
@@ -576,7 +581,8 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 } else {
                     0.0
                 },
-                accumulating: train.grad_accum > 1,
+                grads_beside_activations: train.grad_accum > 1,
+                step_in_backward: false,
                 adapter_bytes: 0.0,
                 cross_attention_bytes: 0.0,
                 measured_saved: deberta_saved::saved(t, train, measured::Kernels::Cuda)
@@ -627,7 +633,8 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 ops: walk.ops as f64,
                 max_param: update_transient(model, train),
                 group_update_bytes: group_update(c.params(), train),
-                accumulating: train.grad_accum > 1,
+                grads_beside_activations: train.grad_accum > 1,
+                step_in_backward: false,
                 ..Features::default()
             })
         }
@@ -688,7 +695,8 @@ fn encdec_features(
         bsh_once: enc.bsh_once + dec.bsh_once,
         bs_once: enc.bs_once + dec.bs_once,
         tied_grad_elems: dec.tied_grad_elems,
-        accumulating: enc.accumulating,
+        grads_beside_activations: enc.grads_beside_activations,
+        step_in_backward: false,
         q_extra: enc.q_extra + dec.q_extra,
         departure_bytes: enc.departure_bytes + dec.departure_bytes,
         head_known_bytes: dec.head_known_bytes,
@@ -955,6 +963,10 @@ pub struct LiveParts {
     /// a vision tower's activation bytes during its own backward (the last), saved tensors and
     /// temporaries, when every language-model gradient exists and its activations are gone
     pub tower_backward: f64,
+    /// with the optimizer in backward ([`Features::step_in_backward`]): the saved activations
+    /// without the backward's temporaries, beside which the one live gradient is made; `None`
+    /// otherwise
+    pub saved_beside_step: Option<f64>,
 }
 
 impl LiveParts {
@@ -968,6 +980,10 @@ impl LiveParts {
             step: terms.features.step_transient_bytes(a),
             held: terms.vision.map_or(0.0, |v| v.resident_bytes(a)),
             tower_backward: terms.vision.map_or(0.0, |v| v.activation_bytes(a)),
+            saved_beside_step: terms
+                .features
+                .step_in_backward
+                .then(|| terms.features.resident_bytes(a)),
         }
     }
 
@@ -994,6 +1010,17 @@ impl LiveParts {
     /// with every gradient, the larger of what the tower still holds beside the language
     /// model's unfreed share and the tower's own backward.
     pub fn at(&self, at: PeakAt, overlap: f64) -> f64 {
+        // the optimizer in backward: the activations' peak before any gradient (the head's
+        // backward), or the live gradient and its update beside what is still saved (measured
+        // on a CPU: with every gradient beside the activations' peak instead, +4 to +9 % where
+        // PyTorch's peak did not move)
+        if let Some(saved) = self.saved_beside_step {
+            return self.half_copy
+                + match at {
+                    PeakAt::Activations => self.activations + self.held,
+                    PeakAt::Gradients | PeakAt::Step => saved + self.held + self.gradients,
+                };
+        }
         let w = Self::shares(at, overlap);
         let (activations, tower) = match at {
             PeakAt::Activations => (w[0] * self.activations + self.held, 0.0),
@@ -1027,10 +1054,10 @@ impl LiveParts {
 }
 
 /// The fraction of the activations freed while backward allocates gradients: the table's
-/// `grad_overlap`, except under gradient accumulation, where after the first micro-batch every
-/// gradient is resident through forward and backward.
+/// `grad_overlap`, except where the gradients sit beside the activations
+/// ([`Features::grads_beside_activations`]).
 pub fn overlap(terms: &FitTerms, a: &ActivationCoeffs) -> f64 {
-    if terms.features.accumulating {
+    if terms.features.grads_beside_activations {
         0.0
     } else {
         a.grad_overlap.value.clamp(0.0, 1.0)

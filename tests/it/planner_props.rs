@@ -336,7 +336,7 @@ proptest! {
         o in prop::sample::select(vec![0.0, 0.25, 0.5, 1.0]),
     ) {
         use vramcal::plan::memory::{LiveParts, PeakAt};
-        let parts = LiveParts { activations: act, gradients: grads, tied_gradients: tied, half_copy: half, step, held: 0.0, tower_backward: 0.0 };
+        let parts = LiveParts { activations: act, gradients: grads, tied_gradients: tied, half_copy: half, step, held: 0.0, tower_backward: 0.0, saved_beside_step: None };
         let backward = (1.0 - o) * (act + grads) + o * act.max(grads + tied) + half;
         let at_step = grads + step + (1.0 - o) * half;
         let (at, live) = parts.peak(o);
@@ -361,7 +361,7 @@ proptest! {
         o in prop::sample::select(vec![0.0, 0.25, 0.5, 1.0]),
     ) {
         use vramcal::plan::memory::LiveParts;
-        let plain = LiveParts { activations: act, gradients: grads, tied_gradients: 0.0, half_copy: half, step, held: 0.0, tower_backward: 0.0 };
+        let plain = LiveParts { activations: act, gradients: grads, tied_gradients: 0.0, half_copy: half, step, held: 0.0, tower_backward: 0.0, saved_beside_step: None };
         let tower = LiveParts { held, tower_backward: held + extra, ..plain };
         let (_, live) = tower.peak(o);
         prop_assert!(live >= grads + held + extra + half - 1e-6, "{live}");
