@@ -111,6 +111,25 @@ OPT_IN_BWD_CONFIGS = [
 ]
 
 
+def draw_step(rng, families, precisions):
+    """One drawn step's family and shape (None when the draw falls outside the CPU-sized
+    range: the caller draws again). The calls on `rng` are in the first draw's order, so a seed
+    draws the same steps it always did."""
+    fam = rng.choice(families)
+    head_dim = rng.choice([32, 64, 64, 128])
+    heads = rng.choice([4, 6, 8, 12, 16])
+    hidden = heads * head_dim
+    if not 256 <= hidden <= 1536:
+        return None
+    cf = dict(model=fam, hidden=hidden, heads=heads, layers=rng.randint(2, 6),
+              vocab=rng.choice([4000, 8000, 16000, 32000, 50257]),
+              batch=rng.choice([1, 2, 4, 8]), seq=rng.choice([128, 256, 512, 1024]),
+              precision=rng.choice(precisions),
+              attn=rng.choice(["eager", "sdpa"]), impl=rng.choice(["foreach", "loop"]),
+              ckpt=rng.choice(["none", "none", "full"]), hf=True)
+    return None if cf["batch"] * cf["seq"] > 4096 else cf
+
+
 def random_configs(n, seed):
     """`n` training steps drawn from `seed` over the shapes people train on a CPU-sized scale:
     Llama/Mistral/Qwen2 (MHA or GQA, tied or not), GPT-2 and BERT; fp32 or true bf16; eager or
@@ -125,20 +144,10 @@ def random_configs(n, seed):
     families = os.environ.get("FAMILIES", "llama,mistral,qwen2,gpt2,bert").split(",")
     out = []
     while len(out) < n:
-        fam = rng.choice(families)
-        head_dim = rng.choice([32, 64, 64, 128])
-        heads = rng.choice([4, 6, 8, 12, 16])
-        hidden = heads * head_dim
-        if not 256 <= hidden <= 1536:
+        cf = draw_step(rng, families, ["fp32", "fp32", "bf16"])
+        if cf is None:
             continue
-        cf = dict(model=fam, hidden=hidden, heads=heads, layers=rng.randint(2, 6),
-                  vocab=rng.choice([4000, 8000, 16000, 32000, 50257]),
-                  batch=rng.choice([1, 2, 4, 8]), seq=rng.choice([128, 256, 512, 1024]),
-                  precision=rng.choice(["fp32", "fp32", "bf16"]),
-                  attn=rng.choice(["eager", "sdpa"]), impl=rng.choice(["foreach", "loop"]),
-                  ckpt=rng.choice(["none", "none", "full"]), hf=True)
-        if cf["batch"] * cf["seq"] > 4096:
-            continue
+        fam, hidden, heads = cf["model"], cf["hidden"], cf["heads"]
         if fam in ("llama", "mistral", "qwen2", "glm", "cohere", "stablelm"):
             cf["kv"] = rng.choice([d for d in (1, 2, 4, heads) if heads % d == 0])
             cf["ffn"] = 64 * round(hidden * rng.choice([2.0, 8 / 3, 3.5, 4.0]) / 64)
@@ -211,20 +220,11 @@ def random_wide_configs(n, seed):
     fams = sorted(WIDE)
     out = []
     while len(out) < n:
-        fam = rng.choice(fams)
-        head_dim = rng.choice([32, 64, 64, 128])
-        heads = rng.choice([4, 6, 8, 12, 16])
-        hidden = heads * head_dim
-        if not 256 <= hidden <= 1536:
+        cf = draw_step(rng, fams, ["fp32", "bf16", "bf16-mixed"])
+        if cf is None:
             continue
-        cf = dict(model=fam, hidden=hidden, heads=heads, layers=rng.randint(2, 6),
-                  vocab=rng.choice([4000, 8000, 16000, 32000, 50257]),
-                  batch=rng.choice([1, 2, 4, 8]), seq=rng.choice([128, 256, 512, 1024]),
-                  precision=rng.choice(["fp32", "bf16", "bf16-mixed"]),
-                  attn=rng.choice(["eager", "sdpa"]), impl=rng.choice(["foreach", "loop"]),
-                  ckpt=rng.choice(["none", "none", "full"]), hf=True, auto=True)
-        if cf["batch"] * cf["seq"] > 4096:
-            continue
+        cf["auto"] = True
+        fam, hidden, heads = cf["model"], cf["hidden"], cf["heads"]
         cf["kv"] = rng.choice([d for d in (1, 2, 4, heads) if heads % d == 0]) if WIDE[fam].get("kv") else heads
         cf["ffn"] = 64 * round(hidden * rng.choice([2.0, 8 / 3, 3.5, 4.0]) / 64)
         cf["tied"] = rng.random() < 0.3

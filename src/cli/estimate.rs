@@ -817,6 +817,8 @@ pub fn render(e: &Estimate) -> String {
     };
     let offload = if t.offload.optimizer() {
         format!(", offload {} to host", t.offload.as_str())
+    } else if t.optimizer_in_backward {
+        ", optimizer stepped inside backward".to_string()
     } else {
         String::new()
     };
@@ -866,7 +868,13 @@ pub fn render(e: &Estimate) -> String {
     let m = &e.memory;
     let _ = writeln!(o, "\nGPU memory per GPU");
     row(&mut o, "weights", bytes(m.weights));
-    row(&mut o, "gradients", bytes(m.gradients));
+    // with the optimizer in backward only one tensor's gradient (and its update) is live
+    let gradients = if e.train.optimizer_in_backward {
+        "gradients (one tensor)"
+    } else {
+        "gradients"
+    };
+    row(&mut o, gradients, bytes(m.gradients));
     row(&mut o, "optimizer states", bytes(m.optimizer));
     row(&mut o, "activations", bytes(m.activations));
     row(&mut o, "overhead", bytes(m.overhead));

@@ -135,6 +135,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     )?;
     model.validate_for(&train)?;
     let mut ft = super::estimate::finetune_from_args(&args.finetune, &model, &train)?;
+    if ft.optimizer_in_backward {
+        // checked against PyTorch by scripts/torch_step_peak (OPT_IN_BWD=1), not measured here
+        return crate::error::input_err(
+            "optimizer-in-backward",
+            "is planned only (`vramcal estimate`); the harness steps the optimizer after \
+             backward; accepted without it",
+        );
+    }
     // each backend trains its adapters one way (peft's fp32 adapters; candle's in the weights'
     // dtype), which the row records through its backend (`Row::finetune`)
     let adapters = args.backend.adapter_dtype();

@@ -655,6 +655,11 @@ fn optimizer_in_backward_steps_are_planned_from_their_flags() {
         err.contains("grad-accum") && err.contains("accepted 1"),
         "{err}"
     );
+    // planned only: the harness would record a step it did not run
+    let (code, _, err) =
+        crate::common::vramcal(&["measure", "--model", "tiny-gpt", "--optimizer-in-backward"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("optimizer-in-backward"), "{err}");
 }
 
 /// The committed CPU table, fitted on the candle harness's tiny grid, plans the larger PyTorch
