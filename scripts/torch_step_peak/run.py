@@ -16,6 +16,8 @@ dropout 0 unless a config sets `dropout` (step.py), and the planner is told so (
       python3 scripts/torch_step_peak/run.py      # peft LoRA and frozen layers (needs peft)
   OPT_IN_BWD=1 PYTHON=... OUT=calibration/data/torch-optimizer-in-backward-cpu.csv \
       python3 scripts/torch_step_peak/run.py      # torchtune's optimizer_in_bwd
+  CHUNKED_CE=1 PYTHON=... OUT=calibration/data/torch-chunked-ce-cpu.csv \
+      python3 scripts/torch_step_peak/run.py      # torchtune's chunked cross-entropy
   DRAW=30 SEED=20261205 DRAW_SET=wide PYTHON=... OUT=calibration/data/torch-step-peaks-drawn-wide-cpu.csv \
       python3 scripts/torch_step_peak/run.py      # the third drawn check (13 more families)
 """
@@ -128,6 +130,23 @@ def draw_step(rng, families, precisions):
               attn=rng.choice(["eager", "sdpa"]), impl=rng.choice(["foreach", "loop"]),
               ckpt=rng.choice(["none", "none", "full"]), hf=True)
     return None if cf["batch"] * cf["seq"] > 4096 else cf
+
+
+# torchtune's chunked cross-entropy (CEWithChunkedOutputLoss, 8 chunks), eager and compiled:
+# the planner's --cross-entropy
+CE_CONFIGS = [
+    c(L2, "ce-chunked llama-big bf16 sdpa b2s512", attn="sdpa", precision="bf16", impl="foreach", batch=2, seq=512, loss="chunked"),
+    c(L2, "ce-chunked-compiled llama-big bf16 sdpa b2s512", attn="sdpa", precision="bf16", impl="foreach", batch=2, seq=512, loss="chunked-compiled"),
+    c(L2, "ce-chunked llama-big bf16 sdpa ckpt b4s512", attn="sdpa", precision="bf16", impl="foreach", batch=4, seq=512, ckpt="full", loss="chunked"),
+    c(L2, "ce-chunked-compiled llama-big bf16 sdpa ckpt b4s512", attn="sdpa", precision="bf16", impl="foreach", batch=4, seq=512, ckpt="full", loss="chunked-compiled"),
+    c(L1, "ce-chunked llama-mha fp32 sdpa b4s512", attn="sdpa", precision="fp32", impl="foreach", batch=4, seq=512, loss="chunked"),
+    c(L1, "ce-chunked-compiled llama-mha bf16-mixed sdpa b4s1024", attn="sdpa", precision="bf16-mixed", impl="foreach", batch=4, seq=1024, loss="chunked-compiled"),
+    # the logits dominate: 4096 tokens x 32000
+    c(L2, "ce-full llama-big bf16 sdpa b8s512", attn="sdpa", precision="bf16", impl="foreach", batch=8, seq=512),
+    c(L2, "ce-chunked llama-big bf16 sdpa b8s512", attn="sdpa", precision="bf16", impl="foreach", batch=8, seq=512, loss="chunked"),
+    c(L2, "ce-chunked-compiled llama-big bf16 sdpa b8s512", attn="sdpa", precision="bf16", impl="foreach", batch=8, seq=512, loss="chunked-compiled"),
+    c(L2, "ce-chunked-compiled llama-big bf16 sdpa ckpt b8s512", attn="sdpa", precision="bf16", impl="foreach", batch=8, seq=512, ckpt="full", loss="chunked-compiled"),
+]
 
 
 def random_configs(n, seed):
@@ -304,6 +323,8 @@ def planner(cf, hf_config=None):
         a += ["--checkpointing", cf["ckpt"]]
     if cf.get("opt_in_bwd"):
         a += ["--optimizer-in-backward"]
+    if cf.get("loss", "full") != "full":
+        a += ["--cross-entropy", cf["loss"]]
     j = json.loads(subprocess.run(a, check=True, capture_output=True, text=True).stdout)
     return j, " ".join(a[1:])
 
@@ -377,6 +398,8 @@ def main():
     configs = FINETUNE_CONFIGS if os.environ.get("FINETUNE") == "1" else CONFIGS
     if os.environ.get("OPT_IN_BWD") == "1":
         configs = OPT_IN_BWD_CONFIGS
+    if os.environ.get("CHUNKED_CE") == "1":
+        configs = CE_CONFIGS
     if os.environ.get("DRAW"):
         draw = random_wide_configs if os.environ.get("DRAW_SET") == "wide" else random_configs
         configs = draw(int(os.environ["DRAW"]), int(os.environ.get("SEED", "1")))

@@ -133,8 +133,31 @@ if cfg["model"] == "bert":
     batch = {"input_ids": ids, "labels": torch.randint(0, cfg["classes"], (B,))}
 
 
+if cfg.get("loss", "full") != "full":
+    # torchtune's CEWithChunkedOutputLoss: the output projection in 8 chunks of the sequence,
+    # each chunk upcast and cross-entropied alone (compiled with torch.compile for
+    # "chunked-compiled", as torchtune's compile: True does); labels shifted as torchtune does
+    import torch.nn.functional as F
+
+    def chunk_ce(logits, labels):
+        return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+
+    if cfg["loss"] == "chunked-compiled":
+        chunk_ce = torch.compile(chunk_ce)
+    shifted = torch.cat([ids[:, 1:], torch.full((B, 1), -100)], dim=1)
+
+
 def fwd():
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16-mixed"):
+        if cfg.get("loss", "full") != "full":
+            hidden = model.model(input_ids=ids).last_hidden_state
+            chunks = [model.lm_head(h) for h in hidden.tensor_split(8, dim=1)]
+            del hidden
+            loss = sum(chunk_ce(c, l) for c, l in zip(chunks, shifted.tensor_split(8, dim=1)))
+            loss = loss / (shifted != -100).sum()
+            del chunks   # like torchtune's recipe: the logits are dropped before backward
+            return loss
         outputs = model(**batch)
     loss = outputs.loss
     del outputs          # like HF Trainer: keep only the loss

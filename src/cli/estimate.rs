@@ -509,6 +509,11 @@ pub struct FinetuneFlags {
     /// optimizer_in_bwd): one tensor's gradient at a time instead of all; needs --grad-accum 1
     #[arg(long)]
     pub optimizer_in_backward: bool,
+    /// The LM loss: full (all logits upcast to fp32 at once: transformers), chunked
+    /// (torchtune's CEWithChunkedOutputLoss, 8 chunks, eager) or chunked-compiled (its
+    /// per-chunk cross-entropy under torch.compile) [default: full]
+    #[arg(long, allow_hyphen_values = true)]
+    pub cross_entropy: Option<String>,
     /// LoRA/QLoRA adapters over a 16-bit base: fp32 (peft's default, autocast_adapter_dtype:
     /// fp32 adapters, each adapted linear keeps its own cast copy of its input; a 4/8-bit base
     /// prepared as the QLoRA recipe does, prepare_model_for_kbit_training: embeddings, norms and
@@ -597,6 +602,9 @@ pub fn finetune_from_args(
     }
     ft.paged_optimizer = a.paged_optimizer;
     ft.optimizer_in_backward = a.optimizer_in_backward;
+    if let Some(c) = &a.cross_entropy {
+        ft.cross_entropy = value_enum("cross-entropy", c)?;
+    }
     if let Some(d) = &a.adapter_dtype {
         ft.adapter_dtype = value_enum("adapter-dtype", d)?;
     }
@@ -821,6 +829,10 @@ pub fn render(e: &Estimate) -> String {
         ", optimizer stepped inside backward".to_string()
     } else {
         String::new()
+    };
+    let offload = match t.cross_entropy {
+        crate::plan::finetune::CrossEntropy::Full => offload,
+        c => format!("{offload}, {} cross-entropy", c.as_str()),
     };
     let _ = writeln!(
         o,

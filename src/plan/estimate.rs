@@ -330,6 +330,8 @@ pub struct TrainOut {
     /// the optimizer steps each parameter inside backward (`--optimizer-in-backward`): the
     /// plan's `gradients` are one tensor's gradient and its update's temporaries
     pub optimizer_in_backward: bool,
+    /// how the LM loss is computed (`--cross-entropy`)
+    pub cross_entropy: finetune::CrossEntropy,
     /// samples per optimizer step over all GPUs: batch x grad_accum x gpus
     pub global_batch: u64,
     /// tokens per optimizer step over all GPUs (transformers; null for CNNs)
@@ -396,6 +398,7 @@ fn train_out(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> TrainOut {
         offloaded_bytes: finetune::offloaded_bytes(model, train, ft),
         paged_optimizer: ft.paged_optimizer,
         optimizer_in_backward: ft.optimizer_in_backward,
+        cross_entropy: ft.cross_entropy,
         global_batch: train.batch * train.grad_accum * train.gpus,
         global_tokens: match model {
             ModelSpec::Transformer(t) => Some(

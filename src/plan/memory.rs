@@ -48,6 +48,10 @@ pub struct Features {
     pub workspace: f64,
     /// b * the head's output (LM: s*V): the head's and loss's backward temporaries
     pub ws_head: f64,
+    /// Bytes (not elements) the head's forward holds beyond its saved bytes at its peak, when
+    /// that exceeds its backward's temporaries: a chunked loss's 16-bit logit chunks
+    /// (`plan::finetune`, `--cross-entropy chunked`); 0 otherwise
+    pub head_forward_bytes: f64,
     /// transformer: b * the largest per-sample tensor of a block (a*s^2 scores or s*f FFN);
     /// CNN: b * the largest conv's unfolded input (the im2col buffer; a ViT's patch unfold equals
     /// its input batch and is covered by `input`)
@@ -212,8 +216,9 @@ impl Features {
             // has freed its saved logits) a block's temporaries. Measured on a CPU (PyTorch
             // 2.15): eager steps whose scores outweigh the logits planned 14-21 % high while
             // the two were summed (calibration/data/torch-step-peaks-drawn-wide-cpu.csv)
-            let (head, block) = self.saved_bytes(a);
-            common + block + (head + self.ws_head * ws).max(self.ws_block * ws)
+            let (_, block) = self.saved_bytes(a);
+            let (head_peak, _) = self.phase_peaks(a);
+            common + block + head_peak.max(self.ws_block * ws)
         }
     }
 
@@ -363,7 +368,10 @@ impl Features {
     pub fn phase_peaks(&self, a: &ActivationCoeffs) -> (f64, f64) {
         let ws = a.c_workspace.value;
         let (head, block) = self.saved_bytes(a);
-        (head + self.ws_head * ws, block + self.ws_block * ws)
+        (
+            head + (self.ws_head * ws).max(self.head_forward_bytes),
+            block + self.ws_block * ws,
+        )
     }
 
     /// Transient bytes at the optimizer step: per-tensor update buffers scale with the largest
@@ -530,6 +538,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 input: b * input,
                 workspace: b * ws_scores.max(s * f_max).max(head),
                 ws_head: b * head,
+                head_forward_bytes: 0.0,
                 ws_block: b * ws_scores.max(s * f_max),
                 phased: train.checkpointing.is_on(),
                 gathered: if train.zero_stage >= 3 {
