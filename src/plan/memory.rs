@@ -216,9 +216,8 @@ impl Features {
             // has freed its saved logits) a block's temporaries. Measured on a CPU (PyTorch
             // 2.15): eager steps whose scores outweigh the logits planned 14-21 % high while
             // the two were summed (calibration/data/torch-step-peaks-drawn-wide-cpu.csv)
-            let (_, block) = self.saved_bytes(a);
-            let (head_peak, _) = self.phase_peaks(a);
-            common + block + head_peak.max(self.ws_block * ws)
+            let (head, block) = self.saved_bytes(a);
+            common + block + self.head_peak(head, a).max(self.ws_block * ws)
         }
     }
 
@@ -368,10 +367,13 @@ impl Features {
     pub fn phase_peaks(&self, a: &ActivationCoeffs) -> (f64, f64) {
         let ws = a.c_workspace.value;
         let (head, block) = self.saved_bytes(a);
-        (
-            head + (self.ws_head * ws).max(self.head_forward_bytes),
-            block + self.ws_block * ws,
-        )
+        (self.head_peak(head, a), block + self.ws_block * ws)
+    }
+
+    /// The head's phase over its saved bytes `head`: its backward's temporaries, or a chunked
+    /// loss's forward chunks where larger.
+    fn head_peak(&self, head: f64, a: &ActivationCoeffs) -> f64 {
+        head + (self.ws_head * a.c_workspace.value).max(self.head_forward_bytes)
     }
 
     /// Transient bytes at the optimizer step: per-tensor update buffers scale with the largest

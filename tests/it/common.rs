@@ -65,6 +65,20 @@ impl StepPeakRow {
     pub fn planned_peak_on_cpu(&self) -> f64 {
         self.plan["memory"]["total"].as_f64().unwrap() - 33_554_432.0
     }
+
+    /// The plan's relative error on the measured step peak, asserted `ok` (the message names
+    /// the row, both peaks and the error).
+    pub fn checked_step_error(&self, ok: impl Fn(f64) -> bool) -> f64 {
+        let (planned, measured) = (self.planned_peak_on_cpu(), self.num("meas_peak_step"));
+        let err = (planned - measured) / measured;
+        assert!(
+            ok(err),
+            "{}: planned {planned} B, measured {measured} B ({:+.1} %)",
+            self.name,
+            err * 100.0
+        );
+        err
+    }
 }
 
 /// The rows of the committed CSV `calibration/data/<file>`, as (column name -> value) maps.

@@ -444,14 +444,7 @@ fn finetune_peaks_match_real_peft_steps() {
         if row.name.contains("DROPOUT") {
             continue;
         }
-        let (planned, measured) = (row.planned_peak_on_cpu(), row.num("meas_peak_step"));
-        let err = (planned - measured) / measured;
-        assert!(
-            err.abs() < TOLERANCE,
-            "{}: planned {planned} B, measured {measured} B ({:+.1} %)",
-            row.name,
-            err * 100.0
-        );
+        row.checked_step_error(|e| e.abs() < TOLERANCE);
         scored += 1;
     }
     assert!(scored >= 12, "only {scored} steps scored");
