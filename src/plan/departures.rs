@@ -153,9 +153,10 @@ impl Planned {
     /// Bytes per stored score element a GPT-2-like block keeps beyond GPT-2's when its eager
     /// softmax runs in fp32 under pure 16-bit compute: the fp32 probabilities the softmax saves,
     /// beside the 16-bit copy GPT-2's block counts. Measured on a CPU (PyTorch 2.15, b4 a16
-    /// s1024 d64, the attention chain alone): 5.25 B per score saved in bf16 with the upcast,
-    /// 1.63 B without; a drawn GPT-NeoX step in true bf16 planned 16.9 % low without this
-    /// (calibration/data/torch-step-peaks-drawn-wide-cpu.csv). Autocast already keeps fp32
+    /// s1024 d64, the attention chain alone, scripts/torch_step_peak/attention_score_probe.py ->
+    /// calibration/data/torch-probe-attention-scores-cpu.txt): 5.25 B per score saved in bf16
+    /// with the upcast, 1.63 B without; a drawn GPT-NeoX step in true bf16 planned 16.9 % low
+    /// without this (calibration/data/torch-step-peaks-drawn-wide-cpu.csv). Autocast keeps fp32
     /// probabilities in GPT-2's block (CUDA's autocast runs softmax in fp32).
     pub fn softmax_upcast_score_bytes(&self, t: &TransformerSpec, p: Precision) -> f64 {
         if self.gpt2_like && t.extras.fp32_softmax && p.is_pure_half() {

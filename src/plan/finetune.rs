@@ -943,7 +943,8 @@ pub fn terms(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> anyhow::Res
     };
     // the loss's logits (measured on a CPU with PyTorch 2.15, b2 s1024 V32000 bf16, bytes per
     // logit: full 4 saved / 10 forward peak / 12 backward peak; chunked 4 / 6.5 / 5; chunked
-    // and compiled 2 / 2 / 3): chunks shrink the backward's temporaries to one chunk's, keep
+    // and compiled 2 / 2 / 3; scripts/torch_step_peak/cross_entropy_probe.py ->
+    // calibration/data/torch-probe-cross-entropy-cpu.txt): chunks shrink the backward's temporaries to one chunk's, keep
     // every 16-bit chunk through the forward, and compiled save the 16-bit logits instead of
     // the fp32 log-softmax
     if ft.cross_entropy != CrossEntropy::Full {
