@@ -18,6 +18,8 @@ dropout 0 unless a config sets `dropout` (step.py), and the planner is told so (
       python3 scripts/torch_step_peak/run.py      # torchtune's optimizer_in_bwd
   CHUNKED_CE=1 PYTHON=... OUT=calibration/data/torch-chunked-ce-cpu.csv \
       python3 scripts/torch_step_peak/run.py      # torchtune's chunked cross-entropy
+  COMPILE=1 PYTHON=... OUT=calibration/data/torch-compile-cpu.csv \
+      python3 scripts/torch_step_peak/run.py      # torch.compile of every block
   DRAW=30 SEED=20261205 DRAW_SET=wide PYTHON=... OUT=calibration/data/torch-step-peaks-drawn-wide-cpu.csv \
       python3 scripts/torch_step_peak/run.py      # the third drawn check (13 more families)
 """
@@ -146,6 +148,23 @@ CE_CONFIGS = [
     c(L2, "ce-chunked llama-big bf16 sdpa b8s512", attn="sdpa", precision="bf16", impl="foreach", batch=8, seq=512, loss="chunked"),
     c(L2, "ce-chunked-compiled llama-big bf16 sdpa b8s512", attn="sdpa", precision="bf16", impl="foreach", batch=8, seq=512, loss="chunked-compiled"),
     c(L2, "ce-chunked-compiled llama-big bf16 sdpa ckpt b8s512", attn="sdpa", precision="bf16", impl="foreach", batch=8, seq=512, ckpt="full", loss="chunked-compiled"),
+]
+
+
+# torch.compile of every decoder layer (torchtune's compile: True): the planner's --compile blocks,
+# alone and with torchtune's other levers (chunked compiled loss, checkpointing, optimizer in
+# backward) and peft LoRA
+COMPILE_CONFIGS = [
+    c(L1, "compile llama-mha fp32 sdpa foreach b4s512", attn="sdpa", precision="fp32", impl="foreach", batch=4, seq=512, compile="blocks"),
+    c(L1, "compile llama-mha bf16 sdpa foreach b4s512", attn="sdpa", precision="bf16", impl="foreach", batch=4, seq=512, compile="blocks"),
+    c(L1G, "compile llama-gqa bf16-mixed sdpa foreach b4s512", attn="sdpa", precision="bf16-mixed", impl="foreach", batch=4, seq=512, compile="blocks"),
+    c(L1G, "compile llama-gqa fp32 sdpa loop b2s1024", attn="sdpa", precision="fp32", impl="loop", batch=2, seq=1024, compile="blocks"),
+    c(L1, "compile llama-mha bf16 sdpa foreach b1s128", attn="sdpa", precision="bf16", impl="foreach", batch=1, seq=128, compile="blocks"),
+    c(L2, "compile llama-big bf16 sdpa foreach b2s512", attn="sdpa", precision="bf16", impl="foreach", batch=2, seq=512, compile="blocks"),
+    c(L2, "compile llama-big bf16 sdpa foreach ckpt b4s512", attn="sdpa", precision="bf16", impl="foreach", batch=4, seq=512, ckpt="full", compile="blocks"),
+    c(L2, "compile ce-chunked-compiled llama-big bf16 sdpa b8s512", attn="sdpa", precision="bf16", impl="foreach", batch=8, seq=512, loss="chunked-compiled", compile="blocks"),
+    c(L2, "compile ce-chunked-compiled opt-in-bwd llama-big bf16 sdpa ckpt b8s512", attn="sdpa", precision="bf16", impl="foreach", batch=8, seq=512, ckpt="full", loss="chunked-compiled", opt_in_bwd=True, compile="blocks"),
+    c(L2, "compile lora-all r16 llama-big bf16 sdpa b2s512", attn="sdpa", precision="bf16", impl="foreach", batch=2, seq=512, lora=dict(r=16, targets=ALL), compile="blocks"),
 ]
 
 
@@ -325,6 +344,8 @@ def planner(cf, hf_config=None):
         a += ["--optimizer-in-backward"]
     if cf.get("loss", "full") != "full":
         a += ["--cross-entropy", cf["loss"]]
+    if cf.get("compile", "none") != "none":
+        a += ["--compile", cf["compile"]]
     j = json.loads(subprocess.run(a, check=True, capture_output=True, text=True).stdout)
     return j, " ".join(a[1:])
 
@@ -357,6 +378,7 @@ def row(cf, m):
                 trainable_planner=j["train"].get("trainable_params", j["params"]),
                 params_diff=j["params"] - m["params"],
                 meas_states=m["states_bytes"], plan_states=planned_states,
+                **({"meas_tensor_states": m["tensor_states_bytes"]} if "tensor_states_bytes" in m else {}),
                 states_err_pct=100 * (planned_states - m["states_bytes"]) / m["states_bytes"],
                 meas_peak_fwd_bwd=meas_fb, plan_peak_bwd=planned_bwd,
                 fwd_bwd_err_pct=100 * (planned_bwd - meas_fb) / meas_fb,
@@ -381,6 +403,7 @@ def measured_of(r):
     pre = i("pre_model")
     return dict(params=i("params_torch"), trainable_params=i(r.get("trainable_torch") and "trainable_torch" or "params_torch"),
                 states_bytes=i("meas_states"),
+                **({"tensor_states_bytes": i("meas_tensor_states")} if r.get("meas_tensor_states") else {}),
                 peak_step_abs=i("meas_peak_step") + pre, peak_fwd_bwd_abs=i("meas_peak_fwd_bwd") + pre,
                 pre_model_bytes=pre, peak_phase=r["meas_phase"], live_after_fwd=i("meas_saved_act"),
                 peak_fwd_bytes=i("meas_fwd_peak_above_base"), peak_bwd_bytes=i("meas_bwd_peak_above_base"),
@@ -400,6 +423,8 @@ def main():
         configs = OPT_IN_BWD_CONFIGS
     if os.environ.get("CHUNKED_CE") == "1":
         configs = CE_CONFIGS
+    if os.environ.get("COMPILE") == "1":
+        configs = COMPILE_CONFIGS
     if os.environ.get("DRAW"):
         draw = random_wide_configs if os.environ.get("DRAW_SET") == "wide" else random_configs
         configs = draw(int(os.environ["DRAW"]), int(os.environ.get("SEED", "1")))
@@ -415,10 +440,21 @@ def main():
         r = row(cf, m)
         rows.append(r)
         print(json.dumps({k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items() if k != "planner_cmd"}), flush=True)
-    with open(out, "w", newline="") as f:
+        write_rows(out, rows, old)
+    print("wrote", out)
+
+
+def write_rows(out, rows, old):
+    """$OUT rewritten atomically after each step, so a stopped run loses nothing measured: the
+    rows so far, then those already there that this run has not reached."""
+    done = {r["name"] for r in rows}
+    rest = [r for name, r in old.items() if name not in done]
+    tmp = out + ".tmp"
+    with open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
         w.writeheader(); w.writerows(rows)
-    print("wrote", out)
+        w.writerows({k: r.get(k, "") for k in rows[0]} for r in rest)
+    os.replace(tmp, out)
 
 
 if __name__ == "__main__":

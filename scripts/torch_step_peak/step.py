@@ -100,6 +100,16 @@ if "freeze_layers" in cfg:
     inner.embed_tokens.requires_grad_(False)
     for layer in inner.layers[: cfg["freeze_layers"]]:
         layer.requires_grad_(False)
+if cfg.get("compile", "none") != "none":
+    # torch.compile: "blocks" compiles each decoder layer on its own (torchtune's compile: True,
+    # `training.compile_model`); "model" the whole model's forward with its loss (HF Trainer's
+    # torch_compile=True). Inductor compiles during the warm-up steps.
+    if cfg["compile"] == "blocks":
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        for layer in inner.model.layers:
+            layer.compile()
+    else:
+        model.compile()
 trainable = [p for p in model.parameters() if p.requires_grad]
 ntrainable = sum(p.numel() for p in trainable)
 if cfg.get("opt_in_bwd"):
@@ -176,8 +186,25 @@ for _ in range(2):
     step()
 t_warm = time.time() - t0
 
+
+def tensor_state_bytes():
+    """Bytes of the tensors the step keeps between steps (parameters, buffers, optimizer
+    states), counted by storage from the tensors themselves: the rest of the heap grown since
+    `pre_model` is the runtime's own (inductor's compiled code and caches on a CPU)."""
+    seen, n = set(), 0
+    opts = per_param.values() if cfg.get("opt_in_bwd") else [opt]
+    tensors = [*model.parameters(), *model.buffers(),
+               *(v for o in opts for st in o.state.values() for v in st.values())]
+    for t in tensors:
+        if torch.is_tensor(t) and t.untyped_storage().data_ptr() not in seen:
+            seen.add(t.untyped_storage().data_ptr())
+            n += t.untyped_storage().nbytes()
+    return n
+
+
 # measured step
 gc.collect()
+tensor_states = tensor_state_bytes()
 reset()
 baseline = live()
 loss = fwd()
@@ -198,7 +225,7 @@ peak_step = max(peak_fwd_bwd, p_opt)
 phase = max((p_fwd, "forward"), (p_bwd, "backward"), (p_opt, "optimizer"))[1]
 out = dict(cfg, params=nparams, trainable_params=ntrainable, buffer_bytes=nbuf,
            pre_model_bytes=pre_model, baseline_bytes=baseline,
-           states_bytes=baseline - pre_model,
+           states_bytes=baseline - pre_model, tensor_states_bytes=tensor_states,
            peak_fwd_bytes=p_fwd - baseline, live_after_fwd=live_fwd - baseline,
            peak_bwd_bytes=p_bwd - baseline, live_after_bwd=live_bwd - baseline,
            peak_opt_bytes=p_opt - baseline, live_after_opt=live_opt - baseline,

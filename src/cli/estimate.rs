@@ -514,6 +514,10 @@ pub struct FinetuneFlags {
     /// per-chunk cross-entropy under torch.compile) [default: full]
     #[arg(long, allow_hyphen_values = true)]
     pub cross_entropy: Option<String>,
+    /// torch.compile: none, or blocks (every transformer block compiled on its own, as
+    /// torchtune's compile: True does; Llama-family blocks with sdpa) [default: none]
+    #[arg(long, allow_hyphen_values = true)]
+    pub compile: Option<String>,
     /// LoRA/QLoRA adapters over a 16-bit base: fp32 (peft's default, autocast_adapter_dtype:
     /// fp32 adapters, each adapted linear keeps its own cast copy of its input; a 4/8-bit base
     /// prepared as the QLoRA recipe does, prepare_model_for_kbit_training: embeddings, norms and
@@ -604,6 +608,9 @@ pub fn finetune_from_args(
     ft.optimizer_in_backward = a.optimizer_in_backward;
     if let Some(c) = &a.cross_entropy {
         ft.cross_entropy = value_enum("cross-entropy", c)?;
+    }
+    if let Some(c) = &a.compile {
+        ft.compile = value_enum("compile", c)?;
     }
     if let Some(d) = &a.adapter_dtype {
         ft.adapter_dtype = value_enum("adapter-dtype", d)?;
@@ -833,6 +840,10 @@ pub fn render(e: &Estimate) -> String {
     let offload = match t.cross_entropy {
         crate::plan::finetune::CrossEntropy::Full => offload,
         c => format!("{offload}, {} cross-entropy", c.as_str()),
+    };
+    let offload = match t.compile {
+        crate::plan::finetune::Compile::None => offload,
+        c => format!("{offload}, torch.compile of the {}", c.as_str()),
     };
     let _ = writeln!(
         o,

@@ -332,6 +332,8 @@ pub struct TrainOut {
     pub optimizer_in_backward: bool,
     /// how the LM loss is computed (`--cross-entropy`)
     pub cross_entropy: finetune::CrossEntropy,
+    /// what runs under `torch.compile` (`--compile`)
+    pub compile: finetune::Compile,
     /// samples per optimizer step over all GPUs: batch x grad_accum x gpus
     pub global_batch: u64,
     /// tokens per optimizer step over all GPUs (transformers; null for CNNs)
@@ -399,6 +401,7 @@ fn train_out(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> TrainOut {
         paged_optimizer: ft.paged_optimizer,
         optimizer_in_backward: ft.optimizer_in_backward,
         cross_entropy: ft.cross_entropy,
+        compile: ft.compile,
         global_batch: train.batch * train.grad_accum * train.gpus,
         global_tokens: match model {
             ModelSpec::Transformer(t) => Some(

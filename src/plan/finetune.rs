@@ -111,6 +111,33 @@ impl CrossEntropy {
     }
 }
 
+/// Which parts of the model run under `torch.compile` (`--compile`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
+pub enum Compile {
+    /// eager PyTorch
+    #[default]
+    #[serde(rename = "none")]
+    #[value(name = "none")]
+    None,
+    /// every transformer block compiled on its own (torchtune's `compile: True`): inductor's
+    /// partitioner saves the matmuls' inputs and outputs and recomputes the norms' and
+    /// SwiGLU's fp32 intermediates ([`compiled_block_bytes`]). The head and loss are planned as
+    /// `--cross-entropy` says. `torch.compile(model)`, one graph over blocks, head and loss, is
+    /// not measured.
+    #[serde(rename = "blocks")]
+    #[value(name = "blocks")]
+    Blocks,
+}
+
+impl Compile {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compile::None => "none",
+            Compile::Blocks => "blocks",
+        }
+    }
+}
+
 /// What ZeRO moves to host memory.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, clap::ValueEnum)]
 pub enum Offload {
@@ -179,6 +206,8 @@ pub struct Finetune {
     pub optimizer_in_backward: bool,
     /// how the LM loss is computed (`--cross-entropy`)
     pub cross_entropy: CrossEntropy,
+    /// what runs under `torch.compile` (`--compile`)
+    pub compile: Compile,
 }
 
 impl Default for Finetune {
@@ -195,6 +224,7 @@ impl Default for Finetune {
             adapter_dtype: AdapterDtype::Fp32,
             optimizer_in_backward: false,
             cross_entropy: CrossEntropy::Full,
+            compile: Compile::None,
         }
     }
 }
@@ -395,6 +425,7 @@ impl Finetune {
             && !self.offload.optimizer()
             && !self.optimizer_in_backward
             && self.cross_entropy == CrossEntropy::Full
+            && self.compile == Compile::None
     }
 
     pub fn is_adapter(&self) -> bool {
@@ -546,6 +577,17 @@ impl Finetune {
                     self.cross_entropy.as_str()
                 ),
             );
+        }
+        if self.compile == Compile::Blocks {
+            use crate::spec::transformer::BlockKind;
+            let block = crate::plan::memory::features(model, train)?.block;
+            if block != Some((BlockKind::Llama, crate::spec::Attention::Sdpa)) {
+                return input_err(
+                    "compile",
+                    "blocks is measured for Llama-family blocks (RMSNorm + SwiGLU) with \
+                     --attention sdpa only; accepted none for this model and attention",
+                );
+            }
         }
         if self.optimizer_in_backward {
             if train.grad_accum > 1 {
@@ -960,6 +1002,9 @@ pub fn terms(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> anyhow::Res
             f.head_forward_bytes = logits * (cb + upcast / CrossEntropy::CHUNKS);
         }
     }
+    if ft.compile == Compile::Blocks {
+        f.compiled_block_bytes = Some(compiled_block_bytes(&f, train));
+    }
     let mut st = states(model, train, ft);
     if ft.optimizer_in_backward {
         // one tensor's gradient and its update's temporaries at a time, inside backward:
@@ -998,6 +1043,27 @@ pub fn terms(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> anyhow::Res
             crate::plan::memory::vision_features(model, train)?
         },
     })
+}
+
+/// Bytes the live blocks save for backward when each is compiled (`--compile blocks`): what
+/// inductor's partitioned graph of transformers' Llama decoder layer returns for backward
+/// (PyTorch 2.15, `TORCH_LOGS=aot_graphs`; fp32, true bf16 and bf16 autocast alike): the block
+/// input in the residual stream's dtype (fp32 under autocast), and in the compute dtype both
+/// norms' outputs, q, k and v after RoPE, sdpa's output, the o projection's output, gate, up
+/// and their SwiGLU product, with fp32 per-row statistics (both norms' rstd, sdpa's log-sum-exp).
+/// Per token and layer `r·h + c·(3h + 2·q_width + 2·kv_width + 3f) + 4·(2 + heads)` bytes,
+/// against eager's fp32 norm intermediates and four f-wide SwiGLU tensors. Measured on a CPU:
+/// the same numbers per layer and token to 0.1 % (`scripts/torch_step_peak/compile_probe.py`,
+/// `calibration/data/torch-probe-compiled-block-cpu.txt`). With LoRA on some linears only, the
+/// frozen ones' inputs are not saved (not measured; planned as saved, high).
+pub fn compiled_block_bytes(f: &crate::plan::memory::Features, train: &TrainSpec) -> f64 {
+    let c = train.precision.compute_bytes() as f64;
+    let r = crate::plan::measured::norm_out_bytes(train.precision);
+    // f.bsh + f.q_extra is b·s·q_width over the live layers; f.bsf_raw b·s·f over their dense
+    // MLPs (routed experts are `moe_bytes`)
+    r * f.bsh
+        + c * (3.0 * f.bsh + 2.0 * (f.bsh + f.q_extra) + 2.0 * f.bskv + 3.0 * f.bsf_raw)
+        + 4.0 * (2.0 * f.bs + f.bas)
 }
 
 /// The per-rank memory plan of a fine-tuning configuration (`plan::memory::estimate` with

@@ -156,6 +156,10 @@ pub struct Features {
     /// bytes per phase, which replace the table's per-element coefficients for the
     /// once-per-model, head and block bytes. Known, not fitted.
     pub measured_saved: Option<measured::Saved>,
+    /// Bytes (not elements) the live blocks save when each is compiled by `torch.compile`
+    /// (`--compile blocks`, [`crate::plan::finetune::compiled_block_bytes`]), replacing the
+    /// measured eager block's. Known, not fitted; `None` in eager.
+    pub compiled_block_bytes: Option<f64>,
 }
 
 impl Features {
@@ -277,6 +281,17 @@ impl Features {
         if let Some(k) = self.measured_saved {
             return (k.head, k.blocks);
         }
+        let (head, block) = self.eager_saved_bytes(a);
+        match self.compiled_block_bytes {
+            // compiled blocks keep what inductor's partitioned graph saves; what the Llama
+            // block's departures and experts keep is planned as in eager
+            Some(c) => (head, c + self.departure_bytes + self.moe_bytes),
+            None => (head, block),
+        }
+    }
+
+    /// [`Features::saved_bytes`] with every block run eagerly.
+    fn eager_saved_bytes(&self, a: &ActivationCoeffs) -> (f64, f64) {
         if let Some(m) = self.measured(a) {
             // a fitted table's c_dropout: the dropout bytes this device keeps beyond the
             // measured block's (CPU masks in the activation dtype, not CUDA's 1 byte); 0 in the
@@ -598,6 +613,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 cross_attention_bytes: 0.0,
                 measured_saved: deberta_saved::saved(t, train, measured::Kernels::Cuda)
                     .or_else(|| mla_saved::saved(t, train, measured::Kernels::Cuda)),
+                compiled_block_bytes: None,
                 q_extra: live * b * s * planned.q_extra_per_token(t),
                 departure_bytes: live
                     * b
