@@ -20,8 +20,12 @@ dropout 0 unless a config sets `dropout` (step.py), and the planner is told so (
       python3 scripts/torch_step_peak/run.py      # torchtune's chunked cross-entropy
   COMPILE=1 PYTHON=... OUT=calibration/data/torch-compile-cpu.csv \
       python3 scripts/torch_step_peak/run.py      # torch.compile of every block
+  OFFLOAD_ACT=1 PYTHON=... OUT=calibration/data/torch-offload-activations-cpu.csv \
+      python3 scripts/torch_step_peak/run.py      # torchtune's activation offloading
   DRAW=30 SEED=20261205 DRAW_SET=wide PYTHON=... OUT=calibration/data/torch-step-peaks-drawn-wide-cpu.csv \
       python3 scripts/torch_step_peak/run.py      # the third drawn check (13 more families)
+  DRAW=12 SEED=20261216 DRAW_SET=new PYTHON=... OUT=calibration/data/torch-step-peaks-drawn-new-families-cpu.csv \
+      python3 scripts/torch_step_peak/run.py      # OLMoE, Granite-MoE, Phi-3.5-MoE, EXAONE 4
 """
 import csv, json, os, subprocess, sys
 
@@ -168,6 +172,28 @@ COMPILE_CONFIGS = [
 ]
 
 
+# torchtune's activation offloading (step.py's HostOffload: saved tensors to file-backed host
+# memory, outside the counted heap): the planner's --offload-activations, with and without
+# checkpointing, with torchtune's other levers and peft LoRA; 8 layers, so that the one block
+# the plan keeps on the device is an eighth of the blocks' bytes
+L1x8, L1Gx8, L2x8, G1x8 = (dict(b, layers=8) for b in (L1, L1G, L2, G1))
+OFFLOAD_ACT_CONFIGS = [
+    c(L1x8, "offload-act llama-mha fp32 sdpa foreach b4s512", attn="sdpa", precision="fp32", impl="foreach", batch=4, seq=512, offload_act=True),
+    c(L1x8, "offload-act llama-mha bf16 sdpa foreach b4s512", attn="sdpa", precision="bf16", impl="foreach", batch=4, seq=512, offload_act=True),
+    c(L1Gx8, "offload-act llama-gqa bf16-mixed sdpa foreach b4s512", attn="sdpa", precision="bf16-mixed", impl="foreach", batch=4, seq=512, offload_act=True),
+    c(L1x8, "offload-act llama-mha fp32 eager foreach b2s512", attn="eager", precision="fp32", impl="foreach", batch=2, seq=512, offload_act=True),
+    # where one block's scores (eager) or the head's logits set the peak, not the optimizer step
+    c(L1x8, "offload-act llama-mha fp32 eager foreach b4s1024", attn="eager", precision="fp32", impl="foreach", batch=4, seq=1024, offload_act=True),
+    c(L1x8, "offload-act llama-mha fp32 sdpa foreach b8s1024", attn="sdpa", precision="fp32", impl="foreach", batch=8, seq=1024, offload_act=True),
+    c(L2x8, "offload-act llama-big bf16 sdpa foreach ckpt b4s512", attn="sdpa", precision="bf16", impl="foreach", batch=4, seq=512, ckpt="full", offload_act=True),
+    c(L1Gx8, "offload-act llama-gqa fp32 sdpa loop ckpt b2s1024", attn="sdpa", precision="fp32", impl="loop", batch=2, seq=1024, ckpt="full", offload_act=True),
+    c(G1x8, "offload-act gpt2 fp32 sdpa foreach b4s512", attn="sdpa", precision="fp32", impl="foreach", batch=4, seq=512, offload_act=True),
+    c(L2x8, "offload-act lora-all r16 llama-big bf16 sdpa b2s512", attn="sdpa", precision="bf16", impl="foreach", batch=2, seq=512, lora=dict(r=16, targets=ALL), offload_act=True),
+    c(L2x8, "offload-act compile llama-big bf16 sdpa foreach b2s512", attn="sdpa", precision="bf16", impl="foreach", batch=2, seq=512, compile="blocks", offload_act=True),
+    c(L2x8, "offload-act opt-in-bwd llama-big bf16 sdpa ckpt b8s512", attn="sdpa", precision="bf16", impl="foreach", batch=8, seq=512, ckpt="full", opt_in_bwd=True, offload_act=True),
+]
+
+
 def random_configs(n, seed):
     """`n` training steps drawn from `seed` over the shapes people train on a CPU-sized scale:
     Llama/Mistral/Qwen2 (MHA or GQA, tied or not), GPT-2 and BERT; fp32 or true bf16; eager or
@@ -215,21 +241,41 @@ WIDE = {
 }
 
 
+# the fourth draw's families (DRAW_SET=new): those `--hf-config` accepted next (OLMoE,
+# Granite-MoE, Phi-3.5-MoE, EXAONE 4), drawn apart so the earlier seeds draw what they did
+NEW = {
+    "olmoe": dict(kv=True), "granitemoe": dict(kv=True), "phimoe": dict(kv=True),
+    "exaone4": dict(kv=True, lora=True, head_dim=True),
+}
+
+
 def wide_config_kw(fam, cf):
     """transformers config keys for a `WIDE` family drawn as `cf` (dropout 0 everywhere)."""
     h, a, L, V = cf["hidden"], cf["heads"], cf["layers"], cf["vocab"]
     kw = dict(hidden_size=h, num_attention_heads=a, num_hidden_layers=L, vocab_size=V,
               max_position_embeddings=2048, tie_word_embeddings=cf["tied"])
-    if WIDE[fam].get("kv"):
+    fams = NEW if fam in NEW else WIDE
+    if fams[fam].get("kv"):
         kw["num_key_value_heads"] = cf["kv"]
     if fam not in ("opt",):
         kw["intermediate_size"] = cf["ffn"]
-    if WIDE[fam].get("head_dim"):
+    if fams[fam].get("head_dim"):
         kw["head_dim"] = h // a
     if fam == "gemma2":
         kw["query_pre_attn_scalar"] = h // a
     if fam == "mixtral":
         kw.update(num_local_experts=cf["experts"], num_experts_per_tok=2)
+    if fam == "olmoe":
+        kw.update(num_experts=cf["experts"], num_experts_per_tok=2)
+    if fam == "granitemoe":
+        # Granite's scalar multipliers at granite-3.1's values
+        kw.update(num_local_experts=cf["experts"], num_experts_per_tok=2, embedding_multiplier=12.0,
+                  residual_multiplier=0.22, attention_multiplier=1.0 / (h // a), logits_scaling=6.0)
+    if fam == "phimoe":
+        # Phi-3.5-MoE's biases; its sparsemixer routes two experts; the input jitter (0.01 in
+        # the published file, 0.0 by the class default) drawn on or off
+        kw.update(num_local_experts=cf["experts"], num_experts_per_tok=2, attention_bias=True,
+                  lm_head_bias=True, input_jitter_noise=cf["jitter"])
     if fam == "phi3":
         kw.update(pad_token_id=0, bos_token_id=0, eos_token_id=0)
     if fam == "gpt_neox":
@@ -248,13 +294,15 @@ def wide_config_kw(fam, cf):
     return kw
 
 
-def random_wide_configs(n, seed):
+def random_wide_configs(n, seed, families=WIDE):
     """The third draw (DRAW_SET=wide): 13 decoder families beyond the first two draws' (Gemma 1/2,
     Qwen3, OLMo2, Granite, Phi-3, StarCoder2, Mixtral MoE, GPT-NeoX, OPT, Phi, Falcon, Llama),
     in fp32, true bf16 or bf16 autocast (HF Trainer's bf16=True), a quarter of the Llama-named
-    ones peft LoRA (peft's fp32 adapters); otherwise as `random_configs`."""
+    ones peft LoRA (peft's fp32 adapters); otherwise as `random_configs`. The fourth
+    (DRAW_SET=new) draws the same way over `NEW`'s families."""
     import random
     rng = random.Random(seed)
+    WIDE = families  # noqa: N806  (the family table drawn from)
     fams = sorted(WIDE)
     out = []
     while len(out) < n:
@@ -269,6 +317,8 @@ def random_wide_configs(n, seed):
         cf["parallel"] = rng.random() < 0.5
         cf["experts"] = rng.choice([4, 8])
         lora = WIDE[fam].get("lora") and rng.random() < 0.25
+        if families is NEW:
+            cf["jitter"] = rng.choice([0.0, 0.01])
         if lora:
             cf["lora"] = dict(r=rng.choice([8, 16, 64]),
                               targets=rng.choice([["q_proj", "v_proj"], ALL]))
@@ -276,7 +326,8 @@ def random_wide_configs(n, seed):
         cf["config_kw"] = wide_config_kw(fam, cf)
         cf["name"] = (f"{fam} h{hidden} a{heads}/{cf['kv']} L{cf['layers']} V{cf['vocab']}"
                       + (" tied" if cf["tied"] else "")
-                      + (f" E{cf['experts']}" if fam == "mixtral" else "")
+                      + (f" E{cf['experts']}" if fam in ("mixtral", "olmoe", "granitemoe", "phimoe") else "")
+                      + (f" jitter{cf['jitter']}" if fam == "phimoe" else "")
                       + (" parallel" if fam == "gpt_neox" and cf["parallel"] else "")
                       + (f" lora-r{cf['lora']['r']}-{'qv' if len(cf['lora']['targets']) == 2 else 'all'}" if lora else "")
                       + f" {cf['precision']} {cf['attn']} {cf['impl']} ckpt={cf['ckpt']}"
@@ -346,6 +397,8 @@ def planner(cf, hf_config=None):
         a += ["--cross-entropy", cf["loss"]]
     if cf.get("compile", "none") != "none":
         a += ["--compile", cf["compile"]]
+    if cf.get("offload_act"):
+        a += ["--offload-activations"]
     j = json.loads(subprocess.run(a, check=True, capture_output=True, text=True).stdout)
     return j, " ".join(a[1:])
 
@@ -425,8 +478,12 @@ def main():
         configs = CE_CONFIGS
     if os.environ.get("COMPILE") == "1":
         configs = COMPILE_CONFIGS
+    if os.environ.get("OFFLOAD_ACT") == "1":
+        configs = OFFLOAD_ACT_CONFIGS
     if os.environ.get("DRAW"):
-        draw = random_wide_configs if os.environ.get("DRAW_SET") == "wide" else random_configs
+        draw = {"wide": random_wide_configs,
+                "new": lambda n, seed: random_wide_configs(n, seed, NEW)}.get(
+                    os.environ.get("DRAW_SET"), random_configs)
         configs = draw(int(os.environ["DRAW"]), int(os.environ.get("SEED", "1")))
     out = os.environ.get("OUT", "torch-step-peaks-cpu.csv") if not only else os.environ.get("OUT", "torch-step-peaks-cpu.partial.csv")
     old = {}

@@ -1,6 +1,6 @@
 """One config -> one JSON line with live-heap measurements of a real training step on CPU.
 Run under LD_PRELOAD=$SHIM (malloc_peak_shim.so, see run.py).  Usage: step.py '<json config>'"""
-import ctypes, os, json, sys, time
+import ctypes, os, json, sys, tempfile, time
 import torch
 
 S = ctypes.CDLL(os.environ["LD_PRELOAD"])
@@ -158,8 +158,63 @@ if cfg.get("loss", "full") != "full":
     shifted = torch.cat([ids[:, 1:], torch.full((B, 1), -100)], dim=1)
 
 
+class HostOffload(torch.autograd.graph.saved_tensors_hooks):
+    """torchtune's OffloadActivations (`enable_activation_offloading: True`) in its single-stream
+    form, on a CPU: each tensor of >= 1024 bytes the forward saves (not a parameter) is copied to
+    host memory and dropped; backward brings it back when its node unpacks it and frees it with
+    the node. Host memory here is a file-backed mapping (torch.from_file), outside the malloc
+    heap the shim counts, as pinned host memory is outside a GPU's allocator."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="offload-")
+        self.n = 0
+
+        def dense(t):
+            # the strides cover exactly numel elements (a permuted contiguous layout), so the
+            # copy can keep them: compiled backward graphs assert their inputs' strides
+            extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride()) if n > 0)
+            return t.numel() > 0 and extent + 1 == t.numel()
+
+        def pack(t):
+            if t.numel() * t.element_size() < 1024 or isinstance(t, torch.nn.Parameter):
+                return t
+            self.n += 1
+            path = os.path.join(self.dir, str(self.n))
+            host = torch.from_file(path, shared=True, size=t.numel(), dtype=t.dtype)
+            os.unlink(path)   # the mapping stays; the name goes
+            # torchtune's empty_like: the same strides for a dense layout, else contiguous (a
+            # view with gaps, e.g. GPT-2's q, k, v split from one c_attn output)
+            host = host.as_strided(t.shape, t.stride()) if dense(t) else host.view(t.shape)
+            host.copy_(t)
+            return ("host", host)
+
+        def unpack(packed):
+            if torch.is_tensor(packed):
+                return packed
+            host = packed[1]
+            back = torch.empty_like(host)   # on the "device" heap, in the host copy's layout
+            back.copy_(host)
+            return back
+
+        super().__init__(pack, unpack)
+
+
+def offloaded_lm_loss():
+    """torchtune's recipe with activation offloading: the decoder stack under the offloading
+    hooks, the output projection outside them (torchtune's NoOpManager on `output`) and the
+    loss outside the model, as transformers' own causal-LM loss computes it."""
+    lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    with HostOffload():
+        hidden = lm.base_model(input_ids=ids).last_hidden_state
+    logits = lm.lm_head(hidden)
+    return lm.loss_function(logits=logits, labels=batch["labels"],
+                            vocab_size=lm.config.vocab_size)
+
+
 def fwd():
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg["precision"] == "bf16-mixed"):
+        if cfg.get("offload_act"):
+            return offloaded_lm_loss()
         if cfg.get("loss", "full") != "full":
             hidden = model.model(input_ids=ids).last_hidden_state
             chunks = [model.lm_head(h) for h in hidden.tensor_split(8, dim=1)]

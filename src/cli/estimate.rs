@@ -518,6 +518,11 @@ pub struct FinetuneFlags {
     /// torchtune's compile: True does; Llama-family blocks with sdpa) [default: none]
     #[arg(long, allow_hyphen_values = true)]
     pub compile: Option<String>,
+    /// Offload saved activations to pinned host memory during the forward and bring them back
+    /// in backward (torchtune's enable_activation_offloading; with --checkpointing full, the
+    /// stored block inputs, as Unsloth's offloaded checkpointing does); decoder LMs only
+    #[arg(long)]
+    pub offload_activations: bool,
     /// LoRA/QLoRA adapters over a 16-bit base: fp32 (peft's default, autocast_adapter_dtype:
     /// fp32 adapters, each adapted linear keeps its own cast copy of its input; a 4/8-bit base
     /// prepared as the QLoRA recipe does, prepare_model_for_kbit_training: embeddings, norms and
@@ -606,6 +611,7 @@ pub fn finetune_from_args(
     }
     ft.paged_optimizer = a.paged_optimizer;
     ft.optimizer_in_backward = a.optimizer_in_backward;
+    ft.offload_activations = a.offload_activations;
     if let Some(c) = &a.cross_entropy {
         ft.cross_entropy = value_enum("cross-entropy", c)?;
     }
@@ -845,6 +851,11 @@ pub fn render(e: &Estimate) -> String {
         crate::plan::finetune::Compile::None => offload,
         c => format!("{offload}, torch.compile of the {}", c.as_str()),
     };
+    let offload = if t.offload_activations {
+        format!("{offload}, activations offloaded to host memory")
+    } else {
+        offload
+    };
     let _ = writeln!(
         o,
         "fine-tuning: {tuning}{offload}; trainable {} of {} parameters\n",
@@ -986,6 +997,13 @@ pub fn render(e: &Estimate) -> String {
     row(&mut o, "2 x parameter bytes", bytes(h.params_bytes));
     if h.offload_bytes > 0 {
         row(&mut o, "offloaded states (pinned)", bytes(h.offload_bytes));
+    }
+    if h.offload_activation_bytes > 0 {
+        row(
+            &mut o,
+            "offloaded activations (pinned)",
+            bytes(h.offload_activation_bytes),
+        );
     }
     row(&mut o, "recommended (+30 %)", bytes(h.recommended_bytes));
     row(

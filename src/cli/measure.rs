@@ -138,19 +138,22 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if ft.optimizer_in_backward
         || ft.cross_entropy != crate::plan::finetune::CrossEntropy::Full
         || ft.compile != crate::plan::finetune::Compile::None
+        || ft.offload_activations
     {
         // checked against PyTorch by scripts/torch_step_peak (OPT_IN_BWD=1, CHUNKED_CE=1,
-        // COMPILE=1), not measured here
+        // COMPILE=1, OFFLOAD_ACT=1), not measured here
         return crate::error::input_err(
             if ft.optimizer_in_backward {
                 "optimizer-in-backward"
             } else if ft.compile != crate::plan::finetune::Compile::None {
                 "compile"
+            } else if ft.offload_activations {
+                "offload-activations"
             } else {
                 "cross-entropy"
             },
             "is planned only (`vramcal estimate`); the harness steps the optimizer after \
-             backward over one full cross-entropy, eagerly; accepted without it",
+             backward over one full cross-entropy, eagerly, every activation on the device; accepted without it",
         );
     }
     // each backend trains its adapters one way (peft's fp32 adapters; candle's in the weights'

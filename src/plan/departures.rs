@@ -249,6 +249,8 @@ fn is_llama_like(t: &TransformerSpec) -> bool {
     x.attn_bias = None;
     x.attn_sinks = false;
     x.eager_only = false;
+    // an LM-head bias (Phi-3.5-MoE) is added to the logits the head keeps anyway: nothing saved
+    x.lm_head_bias = false;
     // Gemma 2's and GLM-4-0414's sandwich norms (their bytes are a departure of their own);
     // Cohere's and a parallel StableLM's one norm before attention and MLP alike, planned with
     // the Llama block's two (the MLP reads the tensor q, k and v keep anyway: a few b·s·h over)

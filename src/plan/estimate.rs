@@ -11,6 +11,9 @@ use crate::plan::step_time::{self, StepTime};
 use crate::plan::storage::{self, Storage};
 use crate::plan::{params, seed, time};
 use crate::spec::{Checkpointing, Family, ModelSpec, TrainSpec};
+
+/// Bytes in a GiB, for the notes' figures.
+const GIB: f64 = (1u64 << 30) as f64;
 use serde::Serialize;
 
 /// Bumped only when a field changes meaning or disappears (new fields do not bump it).
@@ -334,6 +337,8 @@ pub struct TrainOut {
     pub cross_entropy: finetune::CrossEntropy,
     /// what runs under `torch.compile` (`--compile`)
     pub compile: finetune::Compile,
+    /// saved activations offloaded to host memory (`--offload-activations`)
+    pub offload_activations: bool,
     /// samples per optimizer step over all GPUs: batch x grad_accum x gpus
     pub global_batch: u64,
     /// tokens per optimizer step over all GPUs (transformers; null for CNNs)
@@ -402,6 +407,7 @@ fn train_out(model: &ModelSpec, train: &TrainSpec, ft: &Finetune) -> TrainOut {
         optimizer_in_backward: ft.optimizer_in_backward,
         cross_entropy: ft.cross_entropy,
         compile: ft.compile,
+        offload_activations: ft.offload_activations,
         global_batch: train.batch * train.grad_accum * train.gpus,
         global_tokens: match model {
             ModelSpec::Transformer(t) => Some(
@@ -632,7 +638,6 @@ fn counterintuitive(
     memory: &MemoryBreakdown,
     ev: &Evaluator,
 ) -> anyhow::Result<Vec<String>> {
-    const GIB: f64 = (1u64 << 30) as f64;
     let mut notes = Vec::new();
     if memory.too_large {
         return Ok(notes);
@@ -680,7 +685,6 @@ fn attention_caveats(
     memory: &MemoryBreakdown,
     ev: &Evaluator,
 ) -> anyhow::Result<Vec<String>> {
-    const GIB: f64 = (1u64 << 30) as f64;
     let ModelSpec::Transformer(t) = model else {
         return Ok(Vec::new());
     };
@@ -734,6 +738,48 @@ fn vision_note(model: &ModelSpec, train: &TrainSpec) -> Option<String> {
         v.image,
         v.layers,
         train.seq
+    ))
+}
+
+/// Bytes `--offload-activations` keeps in pinned host memory on one rank: the activations the
+/// same plan holds on the device without it, less those it holds with it (0 without the flag).
+fn offloaded_activation_bytes(
+    ev: &Evaluator,
+    train: &TrainSpec,
+    memory: &MemoryBreakdown,
+) -> anyhow::Result<u64> {
+    if !ev.finetune().offload_activations {
+        return Ok(0);
+    }
+    let on_device = ev
+        .clone()
+        .with_finetune(Finetune {
+            offload_activations: false,
+            ..ev.finetune().clone()
+        })
+        .breakdown(train)?;
+    Ok(on_device.activations.saturating_sub(memory.activations))
+}
+
+/// What activation offloading moves and what it costs in transfers: each offloaded byte crosses
+/// PCIe twice per micro-batch, on a side stream that torchtune overlaps with compute.
+fn offload_activations_note(
+    ev: &Evaluator,
+    train: &TrainSpec,
+    memory: &MemoryBreakdown,
+) -> anyhow::Result<String> {
+    let bytes = offloaded_activation_bytes(ev, train, memory)? as f64;
+    let per_step = 2.0 * bytes * train.grad_accum.max(1) as f64;
+    Ok(format!(
+        "activation offloading (torchtune's OffloadActivations): {:.2} GiB of saved activations \
+         per GPU wait in pinned host memory (counted in host RAM); the device keeps one block's \
+         and the head's. {:.2} GiB cross PCIe per optimizer step, {:.2} s at {:.0} GB/s: hidden \
+         behind compute on a side stream when the step is longer, else added (not in the step \
+         time above)",
+        bytes / GIB,
+        per_step / GIB,
+        per_step / finetune::PCIE_BYTES_PER_S,
+        finetune::PCIE_BYTES_PER_S / 1e9
     ))
 }
 
@@ -794,6 +840,7 @@ pub fn estimate(
         capacity.unwrap_or(memory.total),
     )
     .with_offload(finetune::offloaded_bytes(model, train, &opts.finetune))
+    .with_offload_activations(offloaded_activation_bytes(&ev, train, &memory)?)
     .per_node(train.gpus, opts.cluster.gpus_per_node);
     let storage = storage::storage(
         p,
@@ -861,6 +908,9 @@ pub fn estimate(
             n.extend(vision_note(model, train));
             if opts.finetune.optimizer_in_backward {
                 n.push("optimizer in backward (torchtune's optimizer_in_bwd): each parameter is stepped as its gradient arrives, so the gradients above are one tensor's with its update's temporaries; clipping by the global gradient norm and gradient accumulation are impossible in this mode".into());
+            }
+            if opts.finetune.offload_activations {
+                n.push(offload_activations_note(&ev, train, &memory)?);
             }
             if opts.finetune.paged_optimizer {
                 n.push("paged optimizer: bitsandbytes keeps the optimizer states in CUDA unified memory and pages them to host RAM only under memory pressure; planned as resident (no saving counted)".into());

@@ -58,6 +58,9 @@ pub struct HostRam {
     /// pinned host memory holding the states `--offload` moved off this process's GPU; added
     /// to `required_bytes` (0 without offload)
     pub offload_bytes: u64,
+    /// pinned host memory holding the saved activations `--offload-activations` moved off this
+    /// process's GPU; added to `required_bytes` (0 without it)
+    pub offload_activation_bytes: u64,
     /// training processes (one per GPU) on one node: min(gpus, gpus per node)
     pub processes_per_node: u64,
     /// what one node needs: `recommended_bytes` x processes per node
@@ -82,6 +85,19 @@ impl HostRam {
         let bytes = bytes.min(MAX_PLAN_BYTES);
         self.offload_bytes = bytes;
         self.required_bytes += bytes;
+        self.recommended_bytes = (self.required_bytes as f64 * (1.0 + HEADROOM)).ceil() as u64;
+        self
+    }
+
+    /// Adds the saved activations activation offloading keeps in pinned host memory, on top
+    /// of everything else (they are live through the step).
+    pub fn with_offload_activations(mut self, bytes: u64) -> Self {
+        let bytes = bytes.min(MAX_PLAN_BYTES);
+        self.offload_activation_bytes = bytes;
+        self.required_bytes = self
+            .required_bytes
+            .saturating_add(bytes)
+            .min(MAX_PLAN_BYTES);
         self.recommended_bytes = (self.required_bytes as f64 * (1.0 + HEADROOM)).ceil() as u64;
         self
     }
@@ -116,6 +132,7 @@ pub fn host_ram(
         recommended_bytes: (required_bytes as f64 * (1.0 + HEADROOM)).ceil() as u64,
         rule_of_thumb_bytes: cap(vram_bytes.saturating_mul(3)),
         offload_bytes: 0,
+        offload_activation_bytes: 0,
         processes_per_node: 1,
         per_node_recommended_bytes: 0,
     }

@@ -160,6 +160,13 @@ pub struct Features {
     /// (`--compile blocks`, [`crate::plan::finetune::compiled_block_bytes`]), replacing the
     /// measured eager block's. Known, not fitted; `None` in eager.
     pub compiled_block_bytes: Option<f64>,
+    /// Saved activations move to host memory as the forward saves them and come back one node
+    /// at a time in backward (`--offload-activations`: torchtune's OffloadActivations,
+    /// [`crate::plan::finetune::Finetune::offload_activations`]): the device keeps one layer's
+    /// share of the blocks' saved bytes (of the stored block inputs under checkpointing) and
+    /// none of the once-per-model bytes; the head's saved bytes stay (torchtune leaves the
+    /// output projection and the loss outside the offloading hooks).
+    pub activations_offloaded: bool,
 }
 
 impl Features {
@@ -214,6 +221,16 @@ impl Features {
         if self.phased {
             let (head, block) = self.phase_peaks(a);
             common + head.max(block)
+        } else if self.activations_offloaded {
+            // the head's backward runs with every block's saved bytes in host memory, then each
+            // block's with only its own brought back: a checkpointed step's two phases without
+            // the recompute. Measured on a CPU with torchtune's hooks emulated
+            // (calibration/data/torch-offload-activations-cpu.csv)
+            let (head, block) = self.saved_bytes(a);
+            common
+                + self
+                    .head_peak(head, a)
+                    .max(block * self.on_device_share() + self.ws_block * ws)
         } else {
             // every block's saved tensors through the whole backward, and on top either the
             // head's saved bytes with its backward temporaries, or (once the head's backward
@@ -225,6 +242,17 @@ impl Features {
         }
     }
 
+    /// The share of the live blocks' saved bytes on the device through backward: all of them,
+    /// or with activations offloaded one layer's (the block whose backward runs; the others
+    /// wait in host memory). bs / bs_once is the number of live layers.
+    fn on_device_share(&self) -> f64 {
+        if self.activations_offloaded && self.bs > 0.0 {
+            (self.bs_once / self.bs).min(1.0)
+        } else {
+            1.0
+        }
+    }
+
     /// Whether the head's backward (its saved bytes and temporaries) rather than a block's
     /// holds the activation peak: in a checkpointed step against one recomputed block, else
     /// against one block's temporaries over the saved blocks both phases hold.
@@ -232,6 +260,9 @@ impl Features {
         let (head, block) = self.phase_peaks(a);
         if self.phased {
             head > block
+        } else if self.activations_offloaded {
+            let (_, saved) = self.saved_bytes(a);
+            head > saved * self.on_device_share() + self.ws_block * a.c_workspace.value
         } else {
             head > self.ws_block * a.c_workspace.value
         }
@@ -245,7 +276,7 @@ impl Features {
             common
         } else {
             let (head, block) = self.saved_bytes(a);
-            common + head + block
+            common + head + block * self.on_device_share()
         }
     }
 
@@ -253,11 +284,18 @@ impl Features {
     /// block inputs, CNN features, the input batch, ZeRO-3 gathers and the adapters' bytes.
     fn common_bytes(&self, a: &ActivationCoeffs) -> f64 {
         let once = match (self.measured_saved, self.measured(a)) {
+            _ if self.activations_offloaded => 0.0,
             (Some(k), _) => k.once,
             (None, Some(m)) => self.once_bytes(m),
             (None, None) => 0.0,
         };
-        once + self.ckpt_bsh * a.c_ckpt.value
+        // stored block inputs: every layer's, or offloaded the one layer's being recomputed
+        let ckpt = if self.activations_offloaded {
+            self.ckpt_bsh.min(self.bsh_once)
+        } else {
+            self.ckpt_bsh
+        };
+        once + ckpt * a.c_ckpt.value
             + self.conv * a.c_conv.value
             + self.norm * a.c_norm.value
             + self.act * a.c_act.value
@@ -614,6 +652,7 @@ pub fn features(model: &ModelSpec, train: &TrainSpec) -> anyhow::Result<Features
                 measured_saved: deberta_saved::saved(t, train, measured::Kernels::Cuda)
                     .or_else(|| mla_saved::saved(t, train, measured::Kernels::Cuda)),
                 compiled_block_bytes: None,
+                activations_offloaded: false,
                 q_extra: live * b * s * planned.q_extra_per_token(t),
                 departure_bytes: live
                     * b

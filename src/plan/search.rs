@@ -11,6 +11,7 @@ use crate::spec::train::{MAX_BATCH, MAX_SEQ};
 use crate::spec::{ModelSpec, TrainSpec};
 
 /// Evaluates per-GPU memory for many training configurations of one validated model.
+#[derive(Clone)]
 pub struct Evaluator<'a> {
     model: &'a ModelSpec,
     params: u64,

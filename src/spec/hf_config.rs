@@ -1,9 +1,9 @@
 //! HuggingFace `config.json` -> [`TransformerSpec`], for the architectures whose field names the
 //! planner knows: BERT (and RoBERTa, XLM-RoBERTa, CamemBERT), GPT-2, GPT-BigCode, GPT-NeoX,
 //! StarCoder2, ViT, Llama, Mistral, Qwen2, Phi-3, Gemma, Qwen3, Gemma2, Gemma3 (text), OLMo2/3,
-//! Helium, ERNIE 4.5, Seed-OSS, Hunyuan (dense), GLM-4.5 (MoE),
+//! Helium, ERNIE 4.5, Seed-OSS, Hunyuan (dense), GLM-4.5 (MoE), EXAONE 4,
 //! Phi, OPT, GPT-J, Falcon, BLOOM, OLMo, DistilBERT, ELECTRA and DeBERTa-v2, the
-//! mixture-of-experts Mixtral, Qwen2-MoE and Qwen3-MoE
+//! mixture-of-experts Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, Granite-MoE and Phi-3.5-MoE
 //! ([`super::moe::Moe`]), and DeepSeek-V2/V3 (latent attention, [`super::moe::Mla`], and MoE
 //! with shared experts), and the encoder-decoders T5, mT5 and BART ([`super::encdec::EncDec`]).
 //! A missing or mistyped field is an
@@ -28,8 +28,9 @@ pub const MODEL_TYPES: &str =
      granite, smollm3, gpt_oss, olmo3, helium, ernie4_5, seed_oss, hunyuan_v1_dense, glm4_moe, \
      llama4_text, glm, glm4, cohere, cohere2, stablelm, \
      phi, opt, gptj, falcon, bloom, olmo, distilbert, electra, deberta-v2, mixtral, qwen2_moe, \
-     qwen3_moe, deepseek_v2, deepseek_v3, t5, mt5, bart, gemma3, paligemma, llava, \
-     llava_next, mistral3, qwen2_vl, qwen2_5_vl, qwen3_vl, qwen3_vl_moe, llama4";
+     qwen3_moe, olmoe, granitemoe, phimoe, exaone4, deepseek_v2, deepseek_v3, t5, mt5, bart, \
+     gemma3, paligemma, llava, llava_next, mistral3, qwen2_vl, qwen2_5_vl, qwen3_vl, \
+     qwen3_vl_moe, llama4";
 
 /// A size that must be at least 1 (a zero-length position table is a broken config).
 fn req_pos(o: &Obj, f: &str) -> anyhow::Result<u64> {
@@ -161,10 +162,13 @@ fn parse_obj(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
         // fused gate_up projection; Cohere's Command R/R7B and Aya (cohere, cohere2): one
         // weight-only LayerNorm feeding attention and MLP in parallel, optional q/k norms, a
         // tied head; StableLM (2): LayerNorms with biases, optional biased q/k/v and parallel
-        // residual
+        // residual; EXAONE 4: OLMo2's post-norms (no input norm) with Qwen3's per-head q/k
+        // norms, Llama's RMSNorm (weight applied after the cast back); its sliding-window and
+        // rotary-free global layers change no shapes (planned as full attention with rotary
+        // copies: the larger)
         "llama" | "mistral" | "qwen2" | "phi3" | "gemma" | "qwen3" | "gemma2" | "gemma3_text"
         | "olmo2" | "olmo3" | "granite" | "smollm3" | "helium" | "ernie4_5" | "seed_oss"
-        | "hunyuan_v1_dense" | "glm" | "glm4" | "cohere" | "cohere2" | "stablelm" => {
+        | "hunyuan_v1_dense" | "glm" | "glm4" | "cohere" | "cohere2" | "stablelm" | "exaone4" => {
             llama_like(o, name, &model_type)?
         }
         // GLM-4.5's: biased q, k, v (optional per-head q/k norms) and DeepSeek-V3's MoE layout
@@ -245,7 +249,19 @@ fn parse_obj(o: &Obj, name: &str) -> anyhow::Result<TransformerSpec> {
                 ..base
             }
         }
-        "mixtral" | "qwen2_moe" | "qwen3_moe" => {
+        // OLMoE: Llama's block with full-width q/k RMSNorms (OLMo2's, but pre-norm and with the
+        // weight applied after the cast back, as Llama's) and Mixtral-style routed experts of
+        // `intermediate_size` (`num_experts`). Its optional `clip_qkv` clamps q, k and v in place
+        // (a comparison mask per element for backward, not modelled: absent in the published
+        // files). Granite-MoE: Mixtral's layout under Granite's scalar multipliers (no
+        // parameters, nothing saved). Phi-3.5-MoE: Mixtral's layout with LayerNorms with bias,
+        // biased q/k/v/o (`attention_bias`), a biased LM head (`lm_head_bias`) and the
+        // sparsemixer router, which always routes two experts per token; under training its
+        // `input_jitter_noise` (0.01 in the published file) multiplies the MoE input by a
+        // uniform noise tensor twice in place, two b·s·h tensors per MoE block the planner has
+        // no term for, and sparsemixer keeps a few E-wide router tensors beyond the planned
+        // router's (E = 16: under 0.1 % of a block's bytes)
+        "mixtral" | "qwen2_moe" | "qwen3_moe" | "olmoe" | "granitemoe" | "phimoe" => {
             let base = llama_like(o, name, &model_type)?;
             TransformerSpec {
                 extras: BlockExtras {
@@ -499,8 +515,8 @@ fn config_key(model_type: &str, field: &str) -> Option<String> {
             _,
             "q_lora_rank" | "kv_lora_rank" | "qk_nope_head_dim" | "qk_rope_head_dim" | "v_head_dim",
         ) => field,
-        ("mixtral", "experts") => "num_local_experts",
-        ("mixtral", "expert_ffn") => "intermediate_size",
+        ("mixtral" | "granitemoe" | "phimoe", "experts") => "num_local_experts",
+        ("mixtral" | "olmoe" | "granitemoe" | "phimoe", "expert_ffn") => "intermediate_size",
         (_, "experts") => "num_experts",
         (_, "top_k") => "num_experts_per_tok",
         (_, "expert_ffn") => "moe_intermediate_size",
@@ -706,7 +722,9 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
         req_u64(o, "vocab_size")?,
     );
     let (qk_norm, block_norms) = match model_type {
-        "qwen3" | "qwen3_moe" | "hunyuan_v1_dense" => (QkNorm::PerHead, None),
+        "qwen3" | "qwen3_moe" | "hunyuan_v1_dense" | "exaone4" => (QkNorm::PerHead, None),
+        // OLMoE: q and k normed over their whole widths, before the usual two block norms
+        "olmoe" => (QkNorm::Full, None),
         "glm4_moe" if opt_bool(o, "use_qk_norm", false)? => (QkNorm::PerHead, None),
         // input, post-attention, pre- and post-feed-forward norms
         "gemma2" => (QkNorm::None, Some(4)),
@@ -724,9 +742,10 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
         arch: Arch::Decoder,
         ffn_kind: FfnKind::Swiglu,
         // every family here normalises with RMSNorm except OLMo v1 (parameter-free LayerNorm)
-        // and StableLM (LayerNorm with bias), whatever keys its config.json happens to carry;
+        // and StableLM and Phi-3.5-MoE (LayerNorm with bias), whatever keys its config.json
+        // happens to carry;
         // Cohere's LayerNorm has no bias: RMSNorm's one weight per channel
-        norm: if matches!(model_type, "olmo" | "stablelm") {
+        norm: if matches!(model_type, "olmo" | "stablelm" | "phimoe") {
             NormKind::Layernorm
         } else {
             NormKind::Rmsnorm
@@ -760,6 +779,8 @@ fn llama_like(o: &Obj, name: &str, model_type: &str) -> anyhow::Result<Transform
             centered_norm: matches!(model_type, "cohere" | "cohere2"),
             fused_qkv: model_type == "phi3",
             fused_gate_up: matches!(model_type, "phi3" | "glm" | "glm4"),
+            // Phi-3.5-MoE's LM head bias (PhimoeConfig's `lm_head_bias`, default false)
+            lm_head_bias: model_type == "phimoe" && opt_bool(o, "lm_head_bias", false)?,
             // Gemma2Config defaults both on (50 and 30); Gemma3's off
             attn_softcap: softcap_on(o, "attn_logit_softcapping", model_type == "gemma2")?,
             final_softcap: softcap_on(o, "final_logit_softcapping", model_type == "gemma2")?,
@@ -780,11 +801,25 @@ fn moe(o: &Obj, model_type: &str, layers: u64) -> anyhow::Result<Moe> {
         model_type,
     ) {
         (Some(n), _, _) | (None, Some(n), _) => n,
-        (None, None, "mixtral" | "gpt_oss") => req_u64(o, "num_local_experts")?,
+        (None, None, "mixtral" | "gpt_oss" | "granitemoe" | "phimoe") => {
+            req_u64(o, "num_local_experts")?
+        }
         (None, None, _) => req_u64(o, "num_experts")?,
     };
     let top_k = req_u64(o, "num_experts_per_tok")?;
-    if matches!(model_type, "mixtral" | "gpt_oss") {
+    // Phi-3.5-MoE's sparsemixer picks two experts whatever `num_experts_per_tok` says
+    if model_type == "phimoe" && top_k != 2 {
+        return input_err(
+            &field_name("num_experts_per_tok"),
+            format!("{top_k} (PhiMoE's sparsemixer routes exactly two experts); accepted 2"),
+        );
+    }
+    // Mixtral's layout, the expert width in `intermediate_size`: also gpt-oss, OLMoE,
+    // Granite-MoE and Phi-3.5-MoE
+    if matches!(
+        model_type,
+        "mixtral" | "gpt_oss" | "olmoe" | "granitemoe" | "phimoe"
+    ) {
         return Ok(Moe {
             experts,
             top_k,
@@ -1507,6 +1542,51 @@ mod tests {
             format!("{err}"),
             "invalid config.json hidden_size: missing; accepted a non-negative integer"
         );
+    }
+
+    /// The families added with OLMoE, Granite-MoE, Phi-3.5-MoE and EXAONE 4 map onto the
+    /// Llama block's departures, and their own keys' bad values are one line naming the key.
+    #[test]
+    fn newer_moe_and_exaone_families_map_and_name_their_keys() {
+        let cfg = |model_type: &str, extra: &str| {
+            format!(
+                r#"{{"model_type":"{model_type}","hidden_size":64,"intermediate_size":32,
+                "num_hidden_layers":2,"num_attention_heads":4,"num_key_value_heads":2,
+                "vocab_size":100,"num_experts_per_tok":2{extra}}}"#
+            )
+        };
+        let olmoe = parse(&cfg("olmoe", r#","num_experts":8"#), "o").unwrap();
+        assert_eq!(olmoe.extras.qk_norm, QkNorm::Full);
+        let m = olmoe.extras.moe.as_deref().unwrap();
+        assert_eq!((m.experts, m.top_k, m.expert_ffn), (8, 2, 32));
+        let err = parse(&cfg("olmoe", ""), "o").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid config.json num_experts: missing; accepted a non-negative integer"
+        );
+        let granite = parse(&cfg("granitemoe", r#","num_local_experts":4"#), "g").unwrap();
+        assert_eq!(granite.extras.moe.as_deref().unwrap().experts, 4);
+        assert_eq!(granite.norm, NormKind::Rmsnorm);
+        let phi = r#","num_local_experts":4,"attention_bias":true,"lm_head_bias":true"#;
+        let phi = parse(&cfg("phimoe", phi), "p").unwrap();
+        assert_eq!(phi.norm, NormKind::Layernorm);
+        assert!(phi.extras.lm_head_bias && phi.attn_bias() && !phi.bias);
+        assert_eq!(
+            crate::plan::departures::planned_block(&phi),
+            Some(crate::spec::transformer::BlockKind::Llama)
+        );
+        let three = cfg("phimoe", r#","num_local_experts":4"#)
+            .replace(r#""num_experts_per_tok":2"#, r#""num_experts_per_tok":3"#);
+        let err = parse(&three, "p").unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "invalid config.json num_experts_per_tok: 3 (PhiMoE's sparsemixer routes exactly two \
+             experts); accepted 2"
+        );
+        let exaone = parse(&cfg("exaone4", r#","head_dim":32"#), "e").unwrap();
+        assert_eq!(exaone.extras.qk_norm, QkNorm::PerHead);
+        assert_eq!(exaone.extras.head_dim, Some(32));
+        assert!(!exaone.extras.norm_weight_fp32 && exaone.extras.moe.is_none());
     }
 
     #[test]

@@ -69,7 +69,29 @@ impl StepPeakRow {
     /// The plan's relative error on the measured step peak, asserted `ok` (the message names
     /// the row, both peaks and the error).
     pub fn checked_step_error(&self, ok: impl Fn(f64) -> bool) -> f64 {
-        let (planned, measured) = (self.planned_peak_on_cpu(), self.num("meas_peak_step"));
+        self.checked_error_on(self.num("meas_peak_step"), ok)
+    }
+
+    /// Heap the CPU process keeps beside its tensors between steps (`meas_states` −
+    /// `meas_tensor_states`: oneDNN's primitive cache, inductor's compiled code), asserted
+    /// within `0..max` bytes: runtime memory a GPU would not hold in its allocator.
+    pub fn host_heap(&self, max: f64) -> f64 {
+        let heap = self.num("meas_states") - self.num("meas_tensor_states");
+        assert!(
+            (0.0..max).contains(&heap),
+            "{}: {heap} B of heap beyond the tensors",
+            self.name
+        );
+        heap
+    }
+
+    /// [`StepPeakRow::checked_step_error`] on the measured peak less [`StepPeakRow::host_heap`].
+    pub fn checked_error_less_host_heap(&self, max_heap: f64, ok: impl Fn(f64) -> bool) -> f64 {
+        self.checked_error_on(self.num("meas_peak_step") - self.host_heap(max_heap), ok)
+    }
+
+    fn checked_error_on(&self, measured: f64, ok: impl Fn(f64) -> bool) -> f64 {
+        let planned = self.planned_peak_on_cpu();
         let err = (planned - measured) / measured;
         assert!(
             ok(err),
@@ -78,6 +100,26 @@ impl StepPeakRow {
             err * 100.0
         );
         err
+    }
+
+    /// The plan's parameters and trainable parameters are the PyTorch model's.
+    pub fn assert_counts_are_torchs(&self) {
+        let (params, trainable) = (
+            &self.plan["params"],
+            &self.plan["train"]["trainable_params"],
+        );
+        assert_eq!(
+            params.as_f64(),
+            Some(self.num("params_torch")),
+            "{}",
+            self.name
+        );
+        assert_eq!(
+            trainable.as_f64(),
+            Some(self.num("trainable_torch")),
+            "{}",
+            self.name
+        );
     }
 }
 

@@ -28,6 +28,7 @@ mod param_counts;
 mod planner_cli;
 mod planner_cpu_blocks;
 mod planner_deberta;
+mod planner_drawn_new;
 mod planner_encdec;
 mod planner_finetune;
 mod planner_mla;

@@ -118,6 +118,10 @@ fn hf_config_families_count_like_transformers() {
         ("c4ai-command-r7b-12-2024", 8_028_033_024),
         ("stablelm-2-1_6b", 1_644_515_328),
         ("stablelm-3b-4e1t", 2_795_443_200),
+        // EXAONE-4.0-32B: the published config.json as TensorRT-LLM's exaone4 test quotes it
+        // (its num_hidden_layers and sliding_window restored to the published 64 and 4096);
+        // OLMo2's post-norms with per-head q/k norms. The card states 32.0B
+        ("exaone-4.0-32b", 32_003_216_384),
     ];
     for (name, want) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -166,6 +170,16 @@ fn moe_families_count_total_and_active_like_transformers() {
         // expert; the cards state 109B / 17B and 400B / 17B (active without the embeddings)
         ("llama-4-scout-17b-16e", 108_641_793_536, 18_044_827_136),
         ("llama-4-maverick-17b-128e", 401_583_781_376, 18_056_623_616),
+        // OLMoE-1B-7B-0924 (hand-written, its published sizes: 64 experts of 1024, top 8,
+        // full-width q/k norms), Granite-3.1-3B-A800M (40 experts of 512, top 8, tied) and
+        // Phi-3.5-MoE-instruct (its published config's keys: 16 experts of 6400, top 2,
+        // LayerNorms with bias, biased q/k/v/o and LM head), counted by
+        // scripts/count_hf_params.py (OlmoeForCausalLM, GraniteMoeForCausalLM,
+        // PhimoeForCausalLM, transformers 5.24); the cards state 6.9B / 1.3B, 3.3B / 800M and
+        // 41.9B / 6.6B
+        ("olmoe-1b-7b-0924", 6_919_161_856, 1_282_017_280),
+        ("granite-3.1-3b-a800m", 3_298_793_472, 882_874_368),
+        ("phi-3.5-moe", 41_873_153_344, 6_640_999_744),
     ];
     for (name, total, active) in cases {
         let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))

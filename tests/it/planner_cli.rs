@@ -562,19 +562,7 @@ fn wide_drawn_pytorch_steps_are_planned_from_their_configs() {
     let rows = crate::common::step_peak_rows("torch-step-peaks-drawn-wide-cpu.csv", |_| true);
     let mut abs_sum = 0.0;
     for row in &rows {
-        let (params, trainable) = (&row.plan["params"], &row.plan["train"]["trainable_params"]);
-        assert_eq!(
-            params.as_f64(),
-            Some(row.num("params_torch")),
-            "{}",
-            row.name
-        );
-        assert_eq!(
-            trainable.as_f64(),
-            Some(row.num("trainable_torch")),
-            "{}",
-            row.name
-        );
+        row.assert_counts_are_torchs();
         let err = row.checked_step_error(|e| (-0.07..0.12).contains(&e));
         abs_sum += err.abs();
     }
@@ -757,21 +745,7 @@ fn compiled_block_bytes_are_the_probed_graphs() {
 fn compiled_block_steps_are_planned_from_their_flags() {
     let rows = crate::common::step_peak_rows("torch-compile-cpu.csv", |_| true);
     for row in &rows {
-        let runtime_heap = row.num("meas_states") - row.num("meas_tensor_states");
-        assert!(
-            (0.0..64e6).contains(&runtime_heap),
-            "{}: {runtime_heap} B of heap beyond the tensors",
-            row.name
-        );
-        let measured = row.num("meas_peak_step") - runtime_heap;
-        let planned = row.planned_peak_on_cpu();
-        let err = (planned - measured) / measured;
-        assert!(
-            (-0.02..0.03).contains(&err),
-            "{}: planned {planned} B, measured {measured} B less the runtime's heap ({:+.1} %)",
-            row.name,
-            err * 100.0
-        );
+        row.checked_error_less_host_heap(64e6, |e| (-0.02..0.03).contains(&e));
         assert_eq!(row.plan["train"]["compile"], "blocks", "{}", row.name);
         // the same step eager plans higher: compiled blocks keep no fp32 norm copies and three
         // f-wide SwiGLU tensors instead of four (equal under checkpointing, whose peak here is
@@ -810,6 +784,58 @@ fn compiled_block_steps_are_planned_from_their_flags() {
         let (code, _, err) = crate::common::vramcal(args);
         assert_eq!(code, 2, "{args:?}: {err}");
         assert!(err.contains("compile"), "{args:?}: {err}");
+    }
+}
+
+/// Activation offloading (`--offload-activations`: torchtune's OffloadActivations) against real
+/// PyTorch steps with the same hooks (`OFFLOAD_ACT=1 scripts/torch_step_peak/run.py`,
+/// calibration/data/torch-offload-activations-cpu.csv: every saved tensor of 1 KiB or more
+/// copied to file-backed memory outside the counted heap as the forward saves it and back when
+/// backward needs it, the output projection and loss outside the hooks; Llama MHA/GQA and
+/// GPT-2, fp32 / bf16 / bf16 autocast, eager and sdpa, with checkpointing, compiled blocks,
+/// optimizer in backward and peft LoRA). Planned within -3 % .. +6 % of the measured peak less
+/// the process's non-tensor heap (oneDNN's in bf16, inductor's where compiled: up to 40 MB)
+/// (when written: -1.5 % .. +4.5 %, the highest an eager step whose one block's scores set
+/// the peak, as eager score-dominated steps plan high without offloading too); the device
+/// keeps less than without offloading, and the difference is in host RAM.
+#[test]
+fn offloaded_activation_steps_are_planned_from_their_flags() {
+    let rows = crate::common::step_peak_rows("torch-offload-activations-cpu.csv", |_| true);
+    for row in &rows {
+        row.checked_error_less_host_heap(64e6, |e| (-0.03..0.06).contains(&e));
+        assert_eq!(
+            row.plan["train"]["offload_activations"], true,
+            "{}",
+            row.name
+        );
+        let args: Vec<&str> = row.cells["planner_cmd"].split_whitespace().collect();
+        let on_device: Vec<&str> = args
+            .iter()
+            .copied()
+            .filter(|a| *a != "--offload-activations")
+            .collect();
+        let (code, out, err) = crate::common::vramcal(&on_device);
+        assert_eq!(code, 0, "{err}");
+        let on_device: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let activations = |p: &serde_json::Value| p["memory"]["activations"].as_u64().unwrap();
+        let moved = activations(&on_device) - activations(&row.plan);
+        assert!(moved > 0, "{}", row.name);
+        assert_eq!(
+            row.plan["host_ram"]["offload_activation_bytes"].as_u64(),
+            Some(moved),
+            "{}",
+            row.name
+        );
+    }
+    assert!(rows.len() >= 10, "only {} steps", rows.len());
+    // torchtune offloads a decoder stack: an encoder, and the harness, refuse it
+    for args in [
+        &["estimate", "--model", "tiny-bert", "--offload-activations"][..],
+        &["measure", "--model", "tiny-llama", "--offload-activations"],
+    ] {
+        let (code, _, err) = crate::common::vramcal(args);
+        assert_eq!(code, 2, "{args:?}: {err}");
+        assert!(err.contains("offload-activations"), "{args:?}: {err}");
     }
 }
 
