@@ -912,6 +912,10 @@ pub fn estimate(
             if opts.finetune.offload_activations {
                 n.push(offload_activations_note(&ev, train, &memory)?);
             }
+            if train.optimizer == crate::spec::Optimizer::AdamW8bit {
+                // calibration/data/published-gpu-peaks.csv B10
+                n.push("8-bit AdamW: its moments are planned at 2 B per parameter plus block scales, but not the step's transients (dequantized moments of the tensor being updated); torchtune's published Llama 3.2 3B run with 8-bit AdamW peaked 15 % above this plan's form, so keep that headroom".into());
+            }
             if opts.finetune.paged_optimizer {
                 n.push("paged optimizer: bitsandbytes keeps the optimizer states in CUDA unified memory and pages them to host RAM only under memory pressure; planned as resident (no saving counted)".into());
             }
