@@ -763,14 +763,10 @@ fn offloaded_activation_bytes(
 
 /// What activation offloading moves and what it costs in transfers: each offloaded byte crosses
 /// PCIe twice per micro-batch, on a side stream that torchtune overlaps with compute.
-fn offload_activations_note(
-    ev: &Evaluator,
-    train: &TrainSpec,
-    memory: &MemoryBreakdown,
-) -> anyhow::Result<String> {
-    let bytes = offloaded_activation_bytes(ev, train, memory)? as f64;
+fn offload_activations_note(moved_bytes: u64, train: &TrainSpec) -> String {
+    let bytes = moved_bytes as f64;
     let per_step = 2.0 * bytes * train.grad_accum.max(1) as f64;
-    Ok(format!(
+    format!(
         "activation offloading (torchtune's OffloadActivations): {:.2} GiB of saved activations \
          per GPU wait in pinned host memory (counted in host RAM); the device keeps one block's \
          and the head's. {:.2} GiB cross PCIe per optimizer step, {:.2} s at {:.0} GB/s: hidden \
@@ -780,7 +776,7 @@ fn offload_activations_note(
         per_step / GIB,
         per_step / finetune::PCIE_BYTES_PER_S,
         finetune::PCIE_BYTES_PER_S / 1e9
-    ))
+    )
 }
 
 /// Plans one training job. Validates the model and the training configuration first.
@@ -842,6 +838,7 @@ pub fn estimate(
     .with_offload(finetune::offloaded_bytes(model, train, &opts.finetune))
     .with_offload_activations(offloaded_activation_bytes(&ev, train, &memory)?)
     .per_node(train.gpus, opts.cluster.gpus_per_node);
+    let offloaded_activations = host_ram.offload_activation_bytes;
     let storage = storage::storage(
         p,
         train,
@@ -910,7 +907,7 @@ pub fn estimate(
                 n.push("optimizer in backward (torchtune's optimizer_in_bwd): each parameter is stepped as its gradient arrives, so the gradients above are one tensor's with its update's temporaries; clipping by the global gradient norm and gradient accumulation are impossible in this mode".into());
             }
             if opts.finetune.offload_activations {
-                n.push(offload_activations_note(&ev, train, &memory)?);
+                n.push(offload_activations_note(offloaded_activations, train));
             }
             if train.optimizer == crate::spec::Optimizer::AdamW8bit {
                 // calibration/data/published-gpu-peaks.csv B10

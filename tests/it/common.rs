@@ -102,6 +102,18 @@ impl StepPeakRow {
         err
     }
 
+    /// `estimate --json` of the row's planner command without `flag` (and its value, when the
+    /// flag takes one): the same step planned without the lever the row measured.
+    pub fn replanned_without(&self, flag: &str) -> serde_json::Value {
+        let args: Vec<&str> = self.cells["planner_cmd"].split_whitespace().collect();
+        let at = args.iter().position(|a| *a == flag).unwrap();
+        let value = args.get(at + 1).is_some_and(|a| !a.starts_with("--"));
+        let rest = [&args[..at], &args[at + 1 + usize::from(value)..]].concat();
+        let (code, out, err) = vramcal(&rest);
+        assert_eq!(code, 0, "{}: {err}", self.name);
+        serde_json::from_str(&out).unwrap()
+    }
+
     /// The plan's parameters and trainable parameters are the PyTorch model's.
     pub fn assert_counts_are_torchs(&self) {
         let (params, trainable) = (

@@ -750,17 +750,12 @@ fn compiled_block_steps_are_planned_from_their_flags() {
         // the same step eager plans higher: compiled blocks keep no fp32 norm copies and three
         // f-wide SwiGLU tensors instead of four (equal under checkpointing, whose peak here is
         // the head's, not one recomputed block's)
-        let args: Vec<&str> = row.cells["planner_cmd"].split_whitespace().collect();
-        let at = args.iter().position(|a| *a == "--compile").unwrap();
-        let eager: Vec<&str> = [&args[..at], &args[at + 2..]].concat();
-        let (code, out, err) = crate::common::vramcal(&eager);
-        assert_eq!(code, 0, "{err}");
-        let eager: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let eager = row.replanned_without("--compile");
         let (eager_act, compiled_act) = (
             eager["memory"]["activations"].as_f64().unwrap(),
             row.plan["memory"]["activations"].as_f64().unwrap(),
         );
-        if args.contains(&"--checkpointing") {
+        if row.cells["planner_cmd"].contains("--checkpointing") {
             assert!(eager_act >= compiled_act, "{}", row.name);
         } else {
             assert!(eager_act > compiled_act, "{}", row.name);
@@ -808,15 +803,7 @@ fn offloaded_activation_steps_are_planned_from_their_flags() {
             "{}",
             row.name
         );
-        let args: Vec<&str> = row.cells["planner_cmd"].split_whitespace().collect();
-        let on_device: Vec<&str> = args
-            .iter()
-            .copied()
-            .filter(|a| *a != "--offload-activations")
-            .collect();
-        let (code, out, err) = crate::common::vramcal(&on_device);
-        assert_eq!(code, 0, "{err}");
-        let on_device: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let on_device = row.replanned_without("--offload-activations");
         let activations = |p: &serde_json::Value| p["memory"]["activations"].as_u64().unwrap();
         let moved = activations(&on_device) - activations(&row.plan);
         assert!(moved > 0, "{}", row.name);
